@@ -1,0 +1,3 @@
+from hbd.cli import main
+
+raise SystemExit(main())
