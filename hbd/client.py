@@ -1,0 +1,310 @@
+"""hbd-client: keeps one link per server, pings it, detects a dead link, reconnects with backoff.
+
+A ``Link`` owns one socket at a time and walks WAITING -> CONNECTING -> UP -> WAITING ...; the
+ping schedule, pong parsing and pong-timeout rule live in ``protocol.ClientLink``. Nothing here
+blocks: connects are non-blocking with a timeout, and host names are resolved off the loop.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from hbd.backoff import Backoff
+from hbd.config import ClientConfig, load_client_config
+from hbd.daemon import Daemon
+from hbd.logs import fields, log
+from hbd.loop import EventLoop, Timer
+from hbd.protocol import ClientLink, ProtocolError
+
+RECV_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class Target:
+    host: str
+    port: int
+    name: str | None = None
+
+    @property
+    def label(self) -> str:
+        addr = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return f"{self.name} ({addr})" if self.name else addr
+
+
+def resolve(loop: EventLoop, host: str, port: int, done: Callable[[list[tuple], str | None], None]) -> None:
+    """getaddrinfo without blocking the loop: literals directly, names on a short-lived thread."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        done(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST), None)
+        return
+
+    def work() -> None:
+        try:
+            infos, err = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM), None
+        except OSError as exc:
+            infos, err = [], f"cannot resolve {host}: {exc.strerror or exc}"
+        loop.call_soon_threadsafe(lambda: done(infos, err))
+
+    threading.Thread(target=work, name=f"resolve {host}", daemon=True).start()
+
+
+class Link:
+    WAITING, CONNECTING, UP, GAVE_UP = "waiting", "connecting", "up", "gave up"
+
+    def __init__(self, client: Client, target: Target) -> None:
+        self.client = client
+        self.loop = client.loop
+        self.target = target
+        cfg = client.config
+        self.backoff = Backoff(cfg.reconnect_delay, cfg.reconnect_max_delay)
+        self.state = self.WAITING
+        self.sock: socket.socket | None = None
+        self.proto: ClientLink | None = None
+        self.timer: Timer | None = None
+        self.retries = 0  # reconnect attempts since the link was last healthy
+        self.up_since: float | None = None
+        self.healthy = False
+        self.ever_up = False
+        self._generation = 0  # invalidates callbacks (e.g. a DNS answer) of an abandoned attempt
+
+    @property
+    def cfg(self) -> ClientConfig:
+        return self.client.config
+
+    def _set_timer(self, when: float, cb: Callable[[], None]) -> None:
+        self.loop.cancel(self.timer)
+        self.timer = self.loop.call_at(when, cb)
+
+    # -- connecting -----------------------------------------------------------------------------------
+    def connect(self) -> None:
+        self.state = self.CONNECTING
+        self._generation += 1
+        gen = self._generation
+        self._set_timer(self.loop.time() + self.cfg.receive_timeout,
+                        lambda: self._failed(f"connect timed out after {self.cfg.receive_timeout:g} s"))
+        resolve(self.loop, self.target.host, self.target.port,
+                lambda infos, err: self._resolved(gen, infos, err))
+
+    def _resolved(self, gen: int, infos: list[tuple], err: str | None) -> None:
+        if gen != self._generation or self.state != self.CONNECTING:
+            return
+        if err or not infos:
+            self._failed(err or f"no address for {self.target.host}")
+            return
+        family, stype, proto, _, addr = infos[0]
+        sock = socket.socket(family, stype, proto)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        rc = sock.connect_ex(addr)
+        if rc not in (0, errno.EINPROGRESS, errno.EAGAIN):
+            self._failed(f"cannot connect: {errno.errorcode.get(rc, rc)} {_strerror(rc)}")
+            return
+        self.loop.add_writer(sock, self._on_connect)
+
+    def _on_connect(self) -> None:
+        assert self.sock is not None
+        self.loop.remove_writer(self.sock)
+        rc = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if rc:
+            self._failed(f"cannot connect: {_strerror(rc)}")
+            return
+        now = self.loop.time()
+        self.state = self.UP
+        self.up_since = now
+        self.healthy = False
+        self.proto = ClientLink(now, self.cfg.heartbeat_interval, self.cfg.pong_timeout, self.cfg.wire == "line")
+        self.loop.add_reader(self.sock, self._on_read)
+        log.info("connected to %s", self.target.label, extra=fields(peer=self.target.label, event="connected"))
+        if self.cfg.client_name:
+            self._send(f"hello {self.cfg.client_name} {self.cfg.heartbeat_interval:g}\n".encode())
+        self._tick()
+
+    def _failed(self, reason: str) -> None:
+        """A connection attempt did not work out."""
+        self._teardown()
+        self.client.log_link(self, logging.WARNING, reason, event="connect-failed")
+        self._schedule_retry()
+
+    # -- link up --------------------------------------------------------------------------------------
+    def _on_read(self) -> None:
+        assert self.sock is not None and self.proto is not None
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.lost(f"connection error: {exc.strerror or exc}")
+            return
+        if not data:
+            self.lost("server closed the connection")
+            return
+        now = self.loop.time()
+        try:
+            rtts = self.proto.feed(data, now)
+        except ProtocolError as exc:
+            self.lost(f"protocol error: {exc}")
+            return
+        for rtt in rtts:
+            log.info("pong from %s in %.1f ms", self.target.label, rtt * 1000,
+                     extra=fields(peer=self.target.label, event="pong", rtt_ms=f"{rtt * 1000:.3f}"))
+        if rtts and not self.healthy:
+            self.ever_up = True
+            if now - (self.up_since or now) >= self._healthy_after():
+                self.healthy = True
+                self.retries = 0
+                self.backoff.reset()
+
+    def _healthy_after(self) -> float:
+        return 2 * self.cfg.pong_timeout
+
+    def _tick(self) -> None:
+        """Ping when due and apply the pong timeout; re-armed at the protocol's next deadline."""
+        proto = self.proto
+        assert proto is not None
+        out = proto.poll(self.loop.time())
+        if proto.dead:
+            self.lost(f"no pong within {proto.pong_timeout:g} s")
+            return
+        if out:
+            self._send(out)
+            if self.state != self.UP:
+                return
+        self._set_timer(proto.next_deadline(), self._tick)
+
+    def _send(self, data: bytes) -> None:
+        assert self.sock is not None
+        try:
+            self.sock.send(data)  # a few bytes: a full send buffer means the link is dead anyway
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as exc:
+            self.lost(f"connection error: {exc.strerror or exc}")
+
+    def lost(self, reason: str) -> None:
+        """A link that was up went down."""
+        was = self.target.label
+        self._teardown()
+        self.client.log_link(self, logging.WARNING, f"link to {was} lost: {reason}", event="down")
+        self._schedule_retry()
+
+    # -- reconnecting --------------------------------------------------------------------------------
+    def _schedule_retry(self) -> None:
+        if self.healthy:  # a healthy link that dropped starts a fresh series of retries
+            self.healthy = False
+            self.retries = 0
+            self.backoff.reset()
+        limit = self.cfg.reconnect_attempts
+        if limit and self.retries >= limit:
+            self.state = self.GAVE_UP
+            log.error("giving up on %s after %d failed reconnect attempt%s", self.target.label,
+                      limit, "s" if limit != 1 else "", extra=fields(peer=self.target.label, event="gave-up"))
+            self.client.link_gave_up(self)
+            return
+        self.retries += 1
+        delay = self.backoff.next_delay()
+        self.state = self.WAITING
+        log.info("reconnecting to %s in %.2f s (attempt %d%s)", self.target.label, delay, self.retries,
+                 f" of {limit}" if limit else "", extra=fields(peer=self.target.label, event="retry"))
+        self._set_timer(self.loop.time() + delay, self.connect)
+
+    def _teardown(self) -> None:
+        self._generation += 1
+        self.loop.cancel(self.timer)
+        self.timer = None
+        self.proto = None
+        self.up_since = None
+        if self.sock is not None:
+            self.loop.forget(self.sock)
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self.sock.close()
+            self.sock = None
+
+    def close(self) -> None:
+        self._teardown()
+        self.state = self.GAVE_UP
+
+    def apply(self, cfg: ClientConfig) -> None:
+        """New timings for a link that stays (SIGHUP)."""
+        self.backoff.base, self.backoff.cap = cfg.reconnect_delay, cfg.reconnect_max_delay
+        if self.proto is not None:
+            self.proto.interval = cfg.heartbeat_interval
+            self.proto.pong_timeout = cfg.pong_timeout
+            self._set_timer(self.proto.next_deadline(), self._tick)
+
+    def status(self) -> str:
+        if self.state == self.UP and self.proto is not None and self.proto.rtt_last is not None:
+            return f"{self.target.label} up, rtt {self.proto.rtt_last * 1000:.1f} ms"
+        return f"{self.target.label} {self.state}"
+
+
+class Client(Daemon):
+    identifier = "hbd-client"
+
+    def __init__(self, config: ClientConfig, **kwargs: object) -> None:
+        super().__init__(config, **kwargs)  # type: ignore[arg-type]
+        self.links: list[Link] = []
+
+    @staticmethod
+    def targets(cfg: ClientConfig) -> list[Target]:
+        return [Target(cfg.host, cfg.port)]
+
+    def load(self) -> ClientConfig:
+        return load_client_config(self.config.path, self.overrides)
+
+    def start(self) -> None:
+        self.links = [Link(self, t) for t in self.targets(self.config)]
+        for link in self.links:
+            link.connect()
+        self.start_status_updates()
+
+    def prepare(self, new: ClientConfig) -> Callable[[], None]:
+        def commit() -> None:
+            if self.targets(new) != [link.target for link in self.links]:
+                for link in self.links:
+                    link.close()
+                self.links = [Link(self, t) for t in self.targets(new)]
+                for link in self.links:
+                    link.connect()
+            else:
+                for link in self.links:
+                    link.apply(new)
+
+        return commit
+
+    def shutdown(self) -> None:
+        for link in self.links:
+            link.close()
+
+    def status_text(self) -> str:
+        return "; ".join(link.status() for link in self.links)
+
+    def log_link(self, link: Link, level: int, message: str, *, event: str) -> None:
+        log.log(level, message if link.target.label in message else f"{link.target.label}: {message}",
+                extra=fields(peer=link.target.label, event=event))
+
+    def link_gave_up(self, link: Link) -> None:
+        if all(lk.state == Link.GAVE_UP for lk in self.links):
+            log.error("no server left to try; exiting")
+            self.stop(1)
+
+
+def _strerror(rc: int) -> str:
+    return os.strerror(rc)
+
+
+def run(config: ClientConfig) -> int:
+    return Client(config).run()

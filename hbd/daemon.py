@@ -1,0 +1,149 @@
+"""What the server and the client daemons share: start-up, signals, reload, watchdog, shutdown.
+
+A subclass provides ``load()`` (parse + validate its config), ``start()``, ``prepare(new)`` (do
+everything that can fail for a reload and return a commit function) and ``shutdown()``.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from typing import Any
+
+from hbd.config import ConfigError
+from hbd.logs import Logging, LogSetupError, log
+from hbd.loop import EventLoop
+from hbd.notify import Notifier
+
+STATUS_INTERVAL = 1.0
+
+
+class StartError(Exception):
+    """The daemon cannot start (or a reload cannot be applied); the message says why."""
+
+
+class Daemon:
+    identifier = "hbd"
+
+    def __init__(
+        self,
+        config: Any,
+        *,
+        loop: EventLoop | None = None,
+        notifier: Notifier | None = None,
+        logs: Logging | None = None,
+        overrides: dict[str, Any] | None = None,
+    ) -> None:
+        self.config = config
+        self.overrides = overrides or {}  # command-line settings that outlive reloads
+        self.loop = loop if loop is not None else EventLoop()
+        self.notifier = notifier if notifier is not None else Notifier()
+        self.logs = logs if logs is not None else Logging(self.identifier)
+        self.exit_code = 0
+        self.reloads_ok = 0
+        self.reloads_failed = 0
+        self.last_reload_error: str | None = None
+        self._stopping = False
+
+    # -- subclass hooks ---------------------------------------------------------------------------
+    def load(self) -> Any:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def prepare(self, new: Any) -> Callable[[], None]:
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        raise NotImplementedError
+
+    def status_text(self) -> str:
+        return ""
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def run(self) -> int:
+        """Run until stopped; return the process exit code."""
+        try:
+            self.logs.configure(self.config.log_level, self.config.log_file)
+            self.start()
+        except (LogSetupError, StartError) as exc:
+            log.error("%s: cannot start: %s", self.identifier, exc)
+            self.logs.close()
+            return 1
+        loop = self.loop
+        loop.add_signal_handler(signal.SIGTERM, self.stop)
+        loop.add_signal_handler(signal.SIGINT, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        if self.notifier.watchdog_interval:
+            self._pet_watchdog()
+        self._update_status()
+        self.notifier.ready(self.status_text())
+        try:
+            loop.run()
+        finally:
+            self.notifier.stopping()
+            self.shutdown()
+            log.info("%s stopped", self.identifier)
+            loop.close()
+            self.notifier.close()
+            self.logs.close()
+        return self.exit_code
+
+    def stop(self, exit_code: int = 0) -> None:
+        if not self._stopping:
+            self._stopping = True
+            self.exit_code = exit_code
+            self.notifier.stopping()
+            self.loop.stop()
+
+    def reload(self) -> bool:
+        """SIGHUP: validate the whole new config first; keep the old one running if anything fails."""
+        self.notifier.reloading()
+        path = self.config.path
+        log.info("reloading %s", path)
+        handler = None
+        try:
+            new = self.load()
+            handler = self.logs.prepare(new.log_file)
+            commit = self.prepare(new)
+        except (ConfigError, LogSetupError, StartError) as exc:
+            if handler is not None:
+                self.logs.discard(handler)
+            errors = exc.errors if isinstance(exc, ConfigError) else [str(exc)]
+            for line in errors:
+                log.error("reload failed: %s", line, extra={"fields": {"EVENT": "reload-failed"}})
+            log.error("reload failed: still running with the previous configuration of %s", path)
+            self.reloads_failed += 1
+            self.last_reload_error = errors[0]
+            self._update_status()
+            self.notifier.ready()
+            return False
+        self.logs.commit(new.log_level, new.log_file, handler)
+        commit()
+        self.config = new
+        self.reloads_ok += 1
+        self.last_reload_error = None
+        log.info("reloaded %s", path, extra={"fields": {"EVENT": "reloaded"}})
+        self._update_status()
+        self.notifier.ready()
+        return True
+
+    def _pet_watchdog(self) -> None:
+        # Petted from the loop itself, never a helper thread: a hung loop must starve the watchdog.
+        self.notifier.watchdog()
+        assert self.notifier.watchdog_interval
+        self.loop.call_later(self.notifier.watchdog_interval / 2, self._pet_watchdog)
+
+    def _update_status(self) -> None:
+        text = self.status_text()
+        if self.last_reload_error:
+            text += f"; last reload failed: {self.last_reload_error}"
+        self.notifier.status(text)
+
+    def start_status_updates(self) -> None:
+        def tick() -> None:
+            self._update_status()
+            self.loop.call_later(STATUS_INTERVAL, tick)
+
+        self.loop.call_later(STATUS_INTERVAL, tick)

@@ -1,0 +1,230 @@
+"""A small single-threaded event loop: selectors for I/O, a deadline heap for timers, signals.
+
+The shape is asyncio's ``_run_once``: wait in ``select()`` until the earliest deadline, run the
+I/O callbacks that are ready, then the timers that are due. I/O runs before timers on purpose:
+after a stall (SIGSTOP, CPU starvation) the pings that queued up in the kernel are read before
+any silence verdict is taken.
+
+Time enters only through ``clock`` (default ``time.monotonic``), so tests can drive virtual time.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import selectors
+import signal
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+Callback = Callable[[], Any]
+
+# A wake-up this much later than planned means our own process was not running (SIGSTOP, swap,
+# CPU starvation): daemons use it to forgive peers they could not have heard.
+STALL_THRESHOLD = 0.25
+_READ = selectors.EVENT_READ
+_WRITE = selectors.EVENT_WRITE
+
+
+class Timer:
+    __slots__ = ("callback", "cancelled", "when")
+
+    def __init__(self, when: float, callback: Callback) -> None:
+        self.when = when
+        self.callback = callback
+        self.cancelled = False  # set through EventLoop.cancel(), which keeps the count
+
+    def __lt__(self, other: Timer) -> bool:
+        return self.when < other.when
+
+
+class EventLoop:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        selector: selectors.BaseSelector | None = None,
+    ) -> None:
+        self.clock = clock
+        self.selector = selector if selector is not None else selectors.DefaultSelector()
+        self._timers: list[Timer] = []
+        self._cancelled = 0
+        self._running = False
+        self._signal_handlers: dict[int, Callback] = {}
+        self._wakeup_r: socket.socket | None = None
+        self._wakeup_w: socket.socket | None = None
+        self._wakeup()  # created now, in the loop's thread: other threads may only write to it
+        self._threadsafe: collections.deque[Callback] = collections.deque()
+        self.stall_callbacks: list[Callable[[float, float], Any]] = []
+        self.last_lag = 0.0  # how late the last wake-up was, seconds
+        self.max_lag = 0.0
+
+    # -- timers ---------------------------------------------------------------------------------
+    def time(self) -> float:
+        return self.clock()
+
+    def call_at(self, when: float, callback: Callback) -> Timer:
+        timer = Timer(when, callback)
+        heapq.heappush(self._timers, timer)
+        return timer
+
+    def call_later(self, delay: float, callback: Callback) -> Timer:
+        return self.call_at(self.clock() + delay, callback)
+
+    def cancel(self, timer: Timer | None) -> None:
+        if timer is not None and not timer.cancelled:
+            timer.cancelled = True
+            self._cancelled += 1
+
+    # -- I/O ------------------------------------------------------------------------------------
+    def add_reader(self, sock: Any, callback: Callback) -> None:
+        self._set(sock, 0, callback)
+
+    def remove_reader(self, sock: Any) -> None:
+        self._set(sock, 0, None)
+
+    def add_writer(self, sock: Any, callback: Callback) -> None:
+        self._set(sock, 1, callback)
+
+    def remove_writer(self, sock: Any) -> None:
+        self._set(sock, 1, None)
+
+    def _set(self, sock: Any, slot: int, callback: Callback | None) -> None:
+        try:
+            key = self.selector.get_key(sock)
+        except KeyError:
+            if callback is None:
+                return
+            cbs = [None, None]
+            cbs[slot] = callback
+            self.selector.register(sock, _mask(cbs), cbs)
+            return
+        cbs = key.data
+        cbs[slot] = callback
+        mask = _mask(cbs)
+        if mask:
+            self.selector.modify(sock, mask, cbs)
+        else:
+            self.selector.unregister(sock)
+
+    def forget(self, sock: Any) -> None:
+        """Drop every callback of a socket that is about to be closed."""
+        try:
+            key = self.selector.unregister(sock)
+        except (KeyError, ValueError):
+            return
+        key.data[0] = key.data[1] = None  # events already returned for it in this turn are skipped
+
+    # -- signals ----------------------------------------------------------------------------------
+    def add_signal_handler(self, signum: int, callback: Callback) -> None:
+        """Run ``callback`` from the loop (never from the signal handler) when ``signum`` arrives."""
+        if not self._signal_handlers:
+            signal.set_wakeup_fd(self._wakeup().fileno(), warn_on_full_buffer=False)
+        self._signal_handlers[signum] = callback
+        signal.signal(signum, _note_signal)
+
+    def _wakeup(self) -> socket.socket:
+        if self._wakeup_w is None:
+            self._wakeup_r, self._wakeup_w = socket.socketpair()
+            self._wakeup_r.setblocking(False)
+            self._wakeup_w.setblocking(False)
+            self.add_reader(self._wakeup_r, self._on_wakeup)
+        return self._wakeup_w
+
+    def call_soon_threadsafe(self, callback: Callback) -> None:
+        """Run ``callback`` in the loop; the only loop method another thread may call."""
+        self._threadsafe.append(callback)
+        try:
+            self._wakeup().send(b"\0")
+        except BlockingIOError:
+            pass  # the loop is already being woken
+
+    def _on_wakeup(self) -> None:
+        assert self._wakeup_r is not None
+        try:
+            data = self._wakeup_r.recv(512)
+        except BlockingIOError:
+            return
+        for signum in data:
+            handler = self._signal_handlers.get(signum)
+            if handler is not None:
+                handler()
+        while self._threadsafe:
+            self._threadsafe.popleft()()
+
+    # -- running ----------------------------------------------------------------------------------
+    def stop(self) -> None:
+        self._running = False
+
+    def run(self) -> None:
+        self._running = True
+        while self._running:
+            self.run_once()
+
+    def run_once(self, max_wait: float = 3600.0) -> None:
+        timers = self._timers
+        while timers and timers[0].cancelled:
+            heapq.heappop(timers)
+            self._cancelled -= 1
+        before = self.clock()
+        timeout = max_wait
+        if timers:
+            timeout = min(max(timers[0].when - before, 0.0), max_wait)
+        events = self.selector.select(timeout)
+        now = self.clock()
+        lag = now - before - timeout
+        self.last_lag = lag if lag > 0 else 0.0
+        if lag > self.max_lag:
+            self.max_lag = lag
+        if lag > STALL_THRESHOLD:
+            for cb in self.stall_callbacks:
+                cb(before + timeout, now)
+        for key, mask in events:
+            cbs = key.data
+            if mask & _READ:
+                cb = cbs[0]
+                if cb is not None:
+                    cb()
+            if mask & _WRITE:
+                cb = cbs[1]
+                if cb is not None:
+                    cb()
+        if timers:
+            now = self.clock()
+            while timers and timers[0].when <= now:
+                timer = heapq.heappop(timers)
+                if timer.cancelled:
+                    self._cancelled -= 1
+                    continue
+                timer.cancelled = True  # fired: a late cancel() must not count it again
+                timer.callback()
+        if self._cancelled > 4096 and self._cancelled * 2 > len(timers):
+            self._compact()
+
+    def _compact(self) -> None:
+        self._timers = [t for t in self._timers if not t.cancelled]
+        heapq.heapify(self._timers)
+        self._cancelled = 0
+
+    def close(self) -> None:
+        if self._signal_handlers:
+            signal.set_wakeup_fd(-1)
+        for signum in list(self._signal_handlers):
+            signal.signal(signum, signal.SIG_DFL)
+        self._signal_handlers.clear()
+        if self._wakeup_r is not None:
+            self.forget(self._wakeup_r)
+            self._wakeup_r.close()
+            assert self._wakeup_w is not None
+            self._wakeup_w.close()
+            self._wakeup_r = self._wakeup_w = None
+        self.selector.close()
+
+
+def _mask(cbs: list[Callback | None]) -> int:
+    return (selectors.EVENT_READ if cbs[0] else 0) | (selectors.EVENT_WRITE if cbs[1] else 0)
+
+
+def _note_signal(signum: int, frame: object) -> None:
+    """Python-level handler: the work happens in the loop, woken through the wakeup fd."""

@@ -1,0 +1,266 @@
+"""The hbd wire protocol and liveness rules, as pure state machines (sans-I/O).
+
+Nothing here touches a socket, a clock or a logger: callers feed bytes together with the current
+monotonic time and get back the bytes to send, events, and the next deadline to wake up at.
+
+Wire format (see docs/protocol.md):
+  client -> server   ``ping`` bare (legacy) or ``ping\\n`` / ``ping\\r\\n`` (line form)
+                     ``hello <name>[ <interval>]\\n`` optional greeting, once
+  server -> client   ``pong`` in the form of the ping it answers: the terminator after a ping is
+                     echoed after the pong, so a bare ping gets a bare pong and ``ping\\n`` gets
+                     ``pong\\n`` however the bytes are split across reads.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from dataclasses import dataclass
+from enum import Enum
+
+PING = b"ping"
+PONG = b"pong"
+HELLO = b"hello "
+# Longest greeting line we accept; also bounds how much a peer can make us buffer.
+MAX_LINE = 256
+# Bytes a peer may send without a valid ping before we call it garbage (blank lines, a greeting).
+MAX_JUNK = 1024
+
+_NAME_RE = re.compile(rb"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}$")
+_TOKENS = (PING, b"\r\n", b"\n", HELLO)
+
+
+class ProtocolError(Exception):
+    """The peer sent something that is not hbd protocol; the connection should be closed."""
+
+
+class PeerState(Enum):
+    UP = "UP"
+    LATE = "LATE"
+    DEAD = "DEAD"
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """A client greeted us with its name (and optionally the ping interval it intends to use)."""
+
+    name: str
+    interval: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class StateChange:
+    old: PeerState
+    new: PeerState
+    silent_for: float
+
+
+class ServerPeer:
+    """One connected client as the server sees it: framing plus the silence rule.
+
+    The peer is UP while pings arrive, LATE once silent for more than half its timeout and DEAD
+    when silent for longer than ``timeout``. Only complete, valid messages count as life: a peer
+    that trickles bytes or sends garbage does not extend its deadline.
+    """
+
+    __slots__ = ("_buf", "_echo", "_junk", "events", "last_heard", "name", "pings", "state", "timeout")
+
+    def __init__(self, now: float, timeout: float) -> None:
+        self.timeout = timeout
+        self.last_heard = now
+        self.pings = 0
+        self.state = PeerState.UP
+        self.name: str | None = None
+        self.events: list[Hello | StateChange] = []  # rare events; the caller drains it
+        self._buf = b""
+        self._echo = False  # the previous token was a ping: echo its line terminator
+        self._junk = 0
+
+    def feed(self, data: bytes, now: float) -> bytes:
+        """Consume received bytes; return the reply to send (may be empty).
+
+        Raises ProtocolError on garbage or when the peer exceeds the input bounds.
+        """
+        if data == PING and not self._buf:  # fast path: legacy clients, one ping per read
+            self._echo = True
+            self._alive(now, 1)
+            return PONG
+        buf = self._buf + data if self._buf else data
+        out: list[bytes] = []
+        pings = 0
+        pos = 0
+        end = len(buf)
+        while pos < end:
+            if buf.startswith(PING, pos):
+                pos += 4
+                pings += 1
+                out.append(PONG)
+                self._echo = True
+                continue
+            if buf.startswith(b"\n", pos) or buf.startswith(b"\r\n", pos):
+                term = b"\n" if buf[pos] == 10 else b"\r\n"
+                pos += len(term)
+                if self._echo:
+                    out.append(term)
+                    self._echo = False
+                else:
+                    self._count_junk(len(term))
+                continue
+            if buf.startswith(HELLO, pos):
+                nl = buf.find(b"\n", pos)
+                if nl < 0:
+                    if end - pos > MAX_LINE:
+                        raise ProtocolError(f"greeting line longer than {MAX_LINE} bytes")
+                    break
+                self._hello(buf[pos + len(HELLO) : nl].rstrip(b"\r"))
+                self._count_junk(nl + 1 - pos)
+                self._echo = False
+                pos = nl + 1
+                continue
+            rest = buf[pos : pos + 6]
+            if any(tok.startswith(rest) for tok in _TOKENS):
+                break  # an incomplete token at the end: wait for more bytes
+            raise ProtocolError(f"unexpected bytes {bytes(buf[pos : pos + 16])!r}")
+        self._buf = buf[pos:] if pos < end else b""
+        if pings:
+            self._alive(now, pings)
+        return b"".join(out)
+
+    def _alive(self, now: float, pings: int) -> None:
+        if self.state is not PeerState.UP:
+            self.events.append(StateChange(self.state, PeerState.UP, now - self.last_heard))
+            self.state = PeerState.UP
+        self.last_heard = now
+        self.pings += pings
+        self._junk = 0
+
+    def _count_junk(self, n: int) -> None:
+        self._junk += n
+        if self._junk > MAX_JUNK:
+            raise ProtocolError(f"more than {MAX_JUNK} bytes without a ping")
+
+    def _hello(self, line: bytes) -> None:
+        parts = line.split(b" ")
+        if len(parts) > 2 or not _NAME_RE.match(parts[0]):
+            raise ProtocolError(f"malformed greeting {line[:64]!r}")
+        interval = None
+        if len(parts) == 2:
+            try:
+                interval = float(parts[1])
+            except ValueError:
+                raise ProtocolError(f"malformed greeting interval {parts[1][:16]!r}") from None
+            if not 0 < interval < 86400:
+                raise ProtocolError(f"greeting interval out of range: {interval}")
+        self.name = parts[0].decode("ascii")
+        self.events.append(Hello(self.name, interval))
+
+    def next_deadline(self) -> float:
+        """When poll() may next change this peer's state."""
+        if self.state is PeerState.UP:
+            return self.last_heard + self.timeout / 2
+        return self.last_heard + self.timeout
+
+    def poll(self, now: float) -> StateChange | None:
+        """Apply the silence rule at ``now``; return the state change, if any."""
+        silent = now - self.last_heard
+        if silent > self.timeout:
+            new = PeerState.DEAD
+        elif silent > self.timeout / 2:
+            new = PeerState.LATE
+        else:
+            return None
+        if new is self.state:
+            return None
+        change = StateChange(self.state, new, silent)
+        self.state = new
+        return change
+
+    def extend(self, now: float) -> None:
+        """Forgive silence up to ``now``: our own loop was stalled, so we could not have heard."""
+        if self.last_heard < now:
+            self.last_heard = now
+        if self.state is PeerState.LATE:
+            self.state = PeerState.UP
+
+
+class ClientLink:
+    """One client->server link: when to ping, pong parsing, RTT and the pong-timeout rule.
+
+    ``poll(now)`` returns the bytes to send now (a ping when due); ``dead`` becomes True once a
+    ping has gone unanswered for longer than ``pong_timeout``.
+    """
+
+    __slots__ = (
+        "_buf", "_sent", "dead", "interval", "line", "next_ping", "pong_timeout", "pongs", "rtt_last",
+        "rtt_max", "rtt_sum",
+    )
+
+    def __init__(self, now: float, interval: float, pong_timeout: float, line: bool = False) -> None:
+        self.interval = interval
+        self.pong_timeout = pong_timeout
+        self.line = line
+        self.next_ping = now
+        self.dead = False
+        self.pongs = 0
+        self.rtt_last: float | None = None
+        self.rtt_max = 0.0
+        self.rtt_sum = 0.0
+        self._sent: deque[float] = deque()
+        self._buf = b""
+
+    @property
+    def rtt_avg(self) -> float | None:
+        return self.rtt_sum / self.pongs if self.pongs else None
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._sent)
+
+    def poll(self, now: float) -> bytes:
+        """Return a ping if one is due at ``now`` (else b""), and apply the pong timeout."""
+        if self._sent and now - self._sent[0] > self.pong_timeout:
+            self.dead = True
+        if self.dead or now < self.next_ping:
+            return b""
+        self._sent.append(now)
+        # Skip missed slots instead of bursting after a stall (as tornado's PeriodicCallback does).
+        self.next_ping = max(self.next_ping + self.interval, now + self.interval / 2)
+        return b"ping\n" if self.line else PING
+
+    def next_deadline(self) -> float:
+        if self.dead:
+            return float("inf")
+        if self._sent:
+            return min(self.next_ping, self._sent[0] + self.pong_timeout)
+        return self.next_ping
+
+    def feed(self, data: bytes, now: float) -> list[float]:
+        """Consume bytes from the server; return the RTT of each pong they complete."""
+        buf = self._buf + data
+        rtts: list[float] = []
+        pos = 0
+        end = len(buf)
+        while pos < end:
+            if buf.startswith(PONG, pos):
+                pos += 4
+                if self._sent:
+                    rtt = now - self._sent.popleft()
+                    rtts.append(rtt)
+                    self.pongs += 1
+                    self.rtt_last = rtt
+                    self.rtt_sum += rtt
+                    if rtt > self.rtt_max:
+                        self.rtt_max = rtt
+                continue
+            if buf.startswith(b"\n", pos):
+                pos += 1
+                continue
+            if buf.startswith(b"\r\n", pos):
+                pos += 2
+                continue
+            rest = buf[pos:]
+            if len(rest) < 4 and (PONG.startswith(rest) or rest == b"\r"):
+                break
+            raise ProtocolError(f"unexpected bytes from server {bytes(buf[pos : pos + 16])!r}")
+        self._buf = buf[pos:]
+        return rtts

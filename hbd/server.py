@@ -1,0 +1,335 @@
+"""hbd-server: accepts clients, answers every ping with a pong, closes clients that fall silent.
+
+One ``Connection`` per client wires its socket to a ``protocol.ServerPeer``; this module owns the
+sockets and timers and never parses bytes itself. Each connection has at most one timer in the
+loop's heap, armed at the peer's next deadline and re-armed lazily when it fires, so a ping costs
+no heap operation at all.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from collections.abc import Callable
+
+from hbd.config import ServerConfig, load_server_config
+from hbd.daemon import Daemon, StartError
+from hbd.logs import PeerLogLimiter, fields, log
+from hbd.loop import Timer
+from hbd.protocol import Hello, PeerState, ProtocolError, ServerPeer, StateChange
+
+ACCEPT_BATCH = 128  # accepts per readiness event: drains a reconnect storm without starving peers
+ACCEPT_PAUSE = 0.5  # out of file descriptors: stop accepting this long instead of spinning
+MAX_OUTBUF = 64 * 1024  # a peer that pings but never reads its pongs is dropped past this
+RECV_SIZE = 4096
+_FD_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+class Connection:
+    __slots__ = ("addr", "outbuf", "peer", "server", "since", "sock", "timer")
+
+    def __init__(self, server: Server, sock: socket.socket, addr: str, now: float) -> None:
+        self.server = server
+        self.sock = sock
+        self.addr = addr
+        self.since = now
+        self.peer = ServerPeer(now, server.config.heartbeat_timeout)
+        self.outbuf = b""
+        self.timer: Timer | None = None
+
+    @property
+    def label(self) -> str:
+        name = self.peer.name
+        return f"{name} ({self.addr})" if name else self.addr
+
+    def on_read(self) -> None:
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.server.drop(self, f"connection error: {exc.strerror or exc}", logging.WARNING)
+            return
+        if not data:
+            self.server.drop(self, "disconnected", logging.INFO)
+            return
+        peer = self.peer
+        try:
+            reply = peer.feed(data, self.server.clock())
+        except ProtocolError as exc:
+            self.server.reject(self, str(exc))
+            return
+        if reply:
+            self.send(reply)
+        if peer.events:
+            self.server.on_events(self)
+
+    def send(self, data: bytes) -> None:
+        if self.outbuf:
+            if len(self.outbuf) + len(data) > MAX_OUTBUF:
+                self.server.reject(self, f"does not read its pongs ({len(self.outbuf)} bytes queued)")
+                return
+            self.outbuf += data
+            return
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self.server.drop(self, f"connection error: {exc.strerror or exc}", logging.WARNING)
+            return
+        if sent < len(data):
+            self.outbuf = data[sent:]
+            self.server.loop.add_writer(self.sock, self.on_write)
+
+    def on_write(self) -> None:
+        try:
+            sent = self.sock.send(self.outbuf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.server.drop(self, f"connection error: {exc.strerror or exc}", logging.WARNING)
+            return
+        self.outbuf = self.outbuf[sent:]
+        if not self.outbuf:
+            self.server.loop.remove_writer(self.sock)
+
+    def on_timer(self) -> None:
+        self.timer = None
+        self.server.check(self)
+
+    def arm(self) -> None:
+        self.timer = self.server.loop.call_at(self.peer.next_deadline(), self.on_timer)
+
+
+class Server(Daemon):
+    identifier = "hbd-server"
+
+    def __init__(self, config: ServerConfig, **kwargs: object) -> None:
+        super().__init__(config, **kwargs)  # type: ignore[arg-type]
+        self.clock = self.loop.clock
+        self.conns: dict[int, Connection] = {}
+        self.listener: socket.socket | None = None
+        self.address: tuple[str, int] | None = None
+        self.limiter = PeerLogLimiter()
+        self.late = 0
+        self.stats = {"accepted": 0, "refused": 0, "timeouts": 0, "rejected": 0}
+        self._stall_end = float("-inf")
+        self._accept_paused = False
+        self._fd_warned_at = float("-inf")
+
+    # -- Daemon hooks --------------------------------------------------------------------------------
+    def load(self) -> ServerConfig:
+        return load_server_config(self.config.path, self.overrides)
+
+    def start(self) -> None:
+        self.listener = self._bind(self.config)
+        self.address = self.listener.getsockname()[:2]
+        self.loop.add_reader(self.listener, self.on_accept)
+        self.loop.stall_callbacks.append(self.on_stall)
+        self.start_status_updates()
+        log.info(
+            "listening on %s:%d (heartbeat_timeout %g s, max_clients %d)",
+            *self.address, self.config.heartbeat_timeout, self.config.max_clients,
+        )
+
+    def prepare(self, new: ServerConfig) -> Callable[[], None]:
+        old = self.config
+        listener = None
+        if (new.host, new.port) != (old.host, old.port) or new.backlog != old.backlog:
+            listener = self._bind(new)  # may raise StartError: the old listener keeps serving
+
+        def commit() -> None:
+            if listener is not None:
+                assert self.listener is not None
+                self.loop.forget(self.listener)
+                self.listener.close()
+                self.listener = listener
+                self.address = listener.getsockname()[:2]
+                self.loop.add_reader(listener, self.on_accept)
+                log.info("now listening on %s:%d", *self.address)
+            if new.heartbeat_timeout != old.heartbeat_timeout:
+                for conn in self.conns.values():  # new timeouts apply to connected peers too
+                    conn.peer.timeout = new.heartbeat_timeout
+                    self.loop.cancel(conn.timer)
+                    conn.arm()
+                log.info("heartbeat_timeout is now %g s", new.heartbeat_timeout)
+
+        return commit
+
+    def shutdown(self) -> None:
+        for conn in list(self.conns.values()):
+            self._close(conn)
+        if self.listener is not None:
+            self.loop.forget(self.listener)
+            self.listener.close()
+            self.listener = None
+
+    def status_text(self) -> str:
+        n = len(self.conns)
+        return f"{n} client{'s' if n != 1 else ''}, {self.late} late"
+
+    # -- listener ------------------------------------------------------------------------------------
+    def _bind(self, cfg: ServerConfig) -> socket.socket:
+        try:
+            infos = socket.getaddrinfo(cfg.host, cfg.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            family, _, _, _, addr = infos[0]
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:
+            raise StartError(f"cannot resolve listen address {cfg.host}:{cfg.port}: {exc}") from None
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+            sock.listen(cfg.backlog)
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            raise StartError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}") from None
+        return sock
+
+    def on_accept(self) -> None:
+        assert self.listener is not None
+        listener = self.listener
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _FD_ERRORS:
+                    self._pause_accepting(exc)
+                    return
+                continue  # ECONNABORTED and friends: that one connection is gone, carry on
+            if len(self.conns) >= self.config.max_clients:
+                self.stats["refused"] += 1
+                self._peer_log(
+                    logging.WARNING, addr[0], "refused %s:%d: max_clients (%d) reached",
+                    addr[0], addr[1], self.config.max_clients, event="refused",
+                )
+                sock.close()
+                continue
+            self._add(sock, f"{addr[0]}:{addr[1]}")
+
+    def _pause_accepting(self, exc: OSError) -> None:
+        now = self.clock()
+        if now - self._fd_warned_at > 10.0:
+            self._fd_warned_at = now
+            log.error(
+                "cannot accept new clients: %s (%d connected); pausing accepts for %g s",
+                exc.strerror, len(self.conns), ACCEPT_PAUSE, extra=fields(event="accept-error"),
+            )
+        self._accept_paused = True
+        self.loop.remove_reader(self.listener)
+        self.loop.call_later(ACCEPT_PAUSE, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        self._accept_paused = False
+        if self.listener is not None:
+            self.loop.add_reader(self.listener, self.on_accept)
+
+    # -- connections ---------------------------------------------------------------------------------
+    def _add(self, sock: socket.socket, addr: str) -> None:
+        sock.setblocking(False)
+        conn = Connection(self, sock, addr, self.clock())
+        self.conns[sock.fileno()] = conn
+        self.stats["accepted"] += 1
+        self.loop.add_reader(sock, conn.on_read)
+        conn.arm()
+        log.info("client %s connected", addr, extra=fields(peer=addr, event="connected"))
+
+    def check(self, conn: Connection) -> None:
+        """The connection's timer fired: apply the silence rule."""
+        now = self.clock()
+        peer = conn.peer
+        if peer.last_heard < self._stall_end and now - peer.last_heard > peer.timeout / 2:
+            # We were stalled ourselves (SIGSTOP, starvation): we may simply not have looked.
+            peer.extend(self._stall_end)
+        change = peer.poll(now)
+        if change is not None:
+            self._on_change(conn, change)
+            if change.new is PeerState.DEAD:
+                self.stats["timeouts"] += 1
+                self._close(conn)
+                return
+        conn.arm()
+
+    def on_stall(self, planned: float, woke: float) -> None:
+        self._stall_end = woke
+        log.warning(
+            "event loop stalled for %.3f s; extending client deadlines", woke - planned,
+            extra=fields(event="stall", lag_ms=round((woke - planned) * 1000)),
+        )
+
+    def on_events(self, conn: Connection) -> None:
+        events = conn.peer.events
+        conn.peer.events = []
+        for ev in events:
+            if isinstance(ev, Hello):
+                log.info(
+                    "client %s is %s%s", conn.addr, ev.name,
+                    f" (interval {ev.interval:g} s)" if ev.interval else "",
+                    extra=fields(peer=ev.name, peer_address=conn.addr, event="hello"),
+                )
+            elif isinstance(ev, StateChange):
+                self._on_change(conn, ev)
+
+    def _on_change(self, conn: Connection, change: StateChange) -> None:
+        if change.old is PeerState.LATE:
+            self.late -= 1
+        if change.new is PeerState.LATE:
+            self.late += 1
+        extra = fields(
+            peer=conn.peer.name or conn.addr, peer_address=conn.addr, event=change.new.value.lower(),
+            silent_ms=round(change.silent_for * 1000),
+        )
+        if change.new is PeerState.DEAD:
+            log.warning(
+                "client %s timed out: silent for %.3f s (heartbeat_timeout %g s); closing",
+                conn.label, change.silent_for, conn.peer.timeout, extra=extra,
+            )
+        elif change.new is PeerState.LATE:
+            log.warning("client %s is late: silent for %.3f s", conn.label, change.silent_for, extra=extra)
+        else:
+            log.info("client %s is back: ping after %.3f s", conn.label, change.silent_for, extra=extra)
+
+    def reject(self, conn: Connection, reason: str) -> None:
+        """The peer broke the protocol: log (rate-limited per source address) and close it."""
+        self.stats["rejected"] += 1
+        self._peer_log(
+            logging.WARNING, conn.addr.rsplit(":", 1)[0], "closing client %s: %s",
+            conn.label, reason, event="protocol-error", peer=conn.addr,
+        )
+        self._close(conn)
+
+    def drop(self, conn: Connection, reason: str, level: int) -> None:
+        log.log(level, "client %s %s", conn.label, reason,
+                extra=fields(peer=conn.peer.name or conn.addr, peer_address=conn.addr, event="disconnected"))
+        self._close(conn)
+
+    def _close(self, conn: Connection) -> None:
+        sock = conn.sock
+        if self.conns.pop(sock.fileno(), None) is None:
+            return
+        self.loop.cancel(conn.timer)
+        conn.timer = None
+        if conn.peer.state is PeerState.LATE:
+            self.late -= 1
+        self.loop.forget(sock)
+        try:
+            sock.shutdown(socket.SHUT_RDWR)  # the peer sees EOF now, not whenever we are collected
+        except OSError:
+            pass
+        sock.close()
+
+    def _peer_log(self, level: int, source: str, msg: str, *args: object, event: str, peer: str = "") -> None:
+        ok, suppressed = self.limiter.check(source, self.clock())
+        if not ok:
+            return
+        if suppressed:
+            msg += f" (suppressed {suppressed} similar lines from {source})"
+        log.log(level, msg, *args, extra=fields(peer=peer or source, peer_address=peer or source, event=event))
+
+
+def run(config: ServerConfig) -> int:
+    return Server(config).run()
