@@ -1,0 +1,112 @@
+from pathlib import Path
+
+import pytest
+
+from hbd.config import ClientConfig, ConfigError, ServerConfig, load_client_config, load_server_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def errors_of(loader, path: Path) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        loader(path)
+    return info.value.errors
+
+
+def test_shipped_defaults_are_valid_and_match_the_code() -> None:
+    s = load_server_config(ROOT / "etc/server.yaml")
+    c = load_client_config(ROOT / "etc/client.yaml")
+    assert (s.host, s.port, s.heartbeat_timeout) == ("0.0.0.0", 54321, 10.0)
+    assert (c.heartbeat_interval, c.pong_timeout, c.reconnect_attempts) == (2.0, 5.0, 0)
+    defaults = {k: v for k, v in vars(ServerConfig()).items() if k != "path"}
+    assert {k: v for k, v in vars(s).items() if k != "path"} == defaults
+    defaults = {k: v for k, v in vars(ClientConfig()).items() if k != "path"}
+    assert {k: v for k, v in vars(c).items() if k != "path"} == defaults
+
+
+def test_empty_file_means_defaults(tmp_path: Path) -> None:
+    assert load_server_config(write(tmp_path, "")).port == 54321
+
+
+def test_fractions_are_accepted(tmp_path: Path) -> None:
+    c = load_client_config(write(tmp_path, "heartbeat_interval: 0.2\npong_timeout: 0.5\n"))
+    assert (c.heartbeat_interval, c.pong_timeout) == (0.2, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("port: 0", "line 1: port: must be between 1 and 65535, got 0"),
+        ("port: 65536", "line 1: port: must be between 1 and 65535, got 65536"),
+        ("port: '80'", "line 1: port: must be an integer, got str '80'"),
+        ("port: true", "line 1: port: must be an integer, got bool True"),
+        ("host: x\nheartbeat_timeout: 0", "line 2: heartbeat_timeout: must be a positive number of seconds, got 0"),
+        ("heartbeat_timeout: -1", "heartbeat_timeout: must be a positive number of seconds, got -1"),
+        ("heartbeat_timeout: ten", "heartbeat_timeout: must be a number of seconds, got str 'ten'"),
+        ("heartbeat_timeout: .nan", "heartbeat_timeout: must be a positive number of seconds, got nan"),
+        ("max_clients: 0", "max_clients: must be between 1 and 1000000, got 0"),
+        ("log_level: loud", "log_level: must be one of debug, info, warning, error, got str 'loud'"),
+        ("log_file: 3", "log_file: must be a file path or null, got int 3"),
+        ("prot: 1", "line 1: prot: unknown key (known keys: backlog, heartbeat_timeout, host"),
+        ("host: ''", "host: must be a host name or IP address"),
+    ],
+)
+def test_server_errors_name_file_line_key_and_reason(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, text + "\n")
+    errors = errors_of(load_server_config, path)
+    assert len(errors) == 1
+    assert errors[0].startswith(f"{path}: ")
+    assert expected in errors[0]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("heartbeat_interval: 2\npong_timeout: 2", "line 2: pong_timeout: must be greater than heartbeat_interval (2 s), got 2"),
+        ("heartbeat_interval: 6", "pong_timeout: must be greater than heartbeat_interval (6 s), got 5"),
+        ("reconnect_attempts: -1", "reconnect_attempts: must be between 0 and 1000000, got -1"),
+        ("reconnect_delay: 5\nreconnect_max_delay: 1", "reconnect_max_delay: must be at least reconnect_delay (5 s), got 1"),
+        ("receive_timeout: 0", "receive_timeout: must be a positive number of seconds, got 0"),
+        ("wire: json", "wire: must be one of bare, line, got str 'json'"),
+        ("client_name: 'a b'", "client_name: must be a name of 1-64 printable characters without spaces"),
+    ],
+)
+def test_client_errors(tmp_path: Path, text: str, expected: str) -> None:
+    errors = errors_of(load_client_config, write(tmp_path, text + "\n"))
+    assert len(errors) == 1
+    assert expected in errors[0]
+
+
+def test_every_error_is_reported_at_once(tmp_path: Path) -> None:
+    errors = errors_of(load_server_config, write(tmp_path, "port: 0\nheartbeat_timeout: 0\nbogus: 1\n"))
+    assert len(errors) == 3
+
+
+def test_yaml_syntax_error_names_line_and_column(tmp_path: Path) -> None:
+    path = write(tmp_path, "port: 1\nhost: [unclosed\n")
+    (err,) = errors_of(load_server_config, path)
+    assert err.startswith(f"{path}: line ")
+    assert "invalid YAML" in err
+
+
+def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
+    (err,) = errors_of(load_server_config, write(tmp_path, "- a\n- b\n"))
+    assert "top level must be a mapping" in err
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    (err,) = errors_of(load_server_config, tmp_path / "nope.yaml")
+    assert err == f"{tmp_path / 'nope.yaml'}: cannot read the file: No such file or directory"
+
+
+def test_overrides_win_and_are_validated(tmp_path: Path) -> None:
+    path = write(tmp_path, "port: 1000\n")
+    assert load_server_config(path, {"port": 2000}).port == 2000
+    with pytest.raises(ConfigError):
+        load_server_config(path, {"port": 0})

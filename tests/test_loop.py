@@ -1,0 +1,144 @@
+import os
+import signal
+import socket
+
+from hbd.loop import STALL_THRESHOLD, EventLoop
+
+from virtual_time import FakeClock, VirtualSelector
+
+
+def make_loop() -> tuple[EventLoop, FakeClock, VirtualSelector]:
+    clock = FakeClock()
+    sel = VirtualSelector(clock)
+    return EventLoop(clock=clock, selector=sel), clock, sel
+
+
+def test_timers_fire_in_deadline_order_at_their_time() -> None:
+    loop, clock, _ = make_loop()
+    fired: list[tuple[str, float]] = []
+    loop.call_later(3.0, lambda: fired.append(("c", clock())))
+    loop.call_later(1.0, lambda: fired.append(("a", clock())))
+    loop.call_later(2.0, lambda: fired.append(("b", clock())))
+    for _ in range(3):
+        loop.run_once()
+    assert fired == [("a", 1001.0), ("b", 1002.0), ("c", 1003.0)]
+
+
+def test_cancelled_timer_does_not_fire() -> None:
+    loop, _, _ = make_loop()
+    fired: list[int] = []
+    t = loop.call_later(1.0, lambda: fired.append(1))
+    loop.call_later(2.0, lambda: fired.append(2))
+    loop.cancel(t)
+    loop.cancel(t)  # twice is harmless
+    loop.run_once()
+    loop.run_once()
+    assert fired == [2]
+
+
+def test_select_waits_exactly_until_the_next_deadline() -> None:
+    loop, _, sel = make_loop()
+    loop.call_later(0.25, lambda: None)
+    loop.run_once()
+    assert sel.waits == [0.25]
+
+
+def test_many_cancellations_are_compacted() -> None:
+    loop, _, _ = make_loop()
+    timers = [loop.call_later(10.0 + i, lambda: None) for i in range(10000)]
+    for t in timers[:9000]:
+        loop.cancel(t)
+    loop.call_later(0.1, lambda: None)
+    loop.run_once()
+    assert len(loop._timers) < 2000
+
+
+def test_io_runs_before_due_timers() -> None:
+    """After a stall, data that queued up is read before any silence verdict is taken."""
+    loop, clock, _ = make_loop()
+    a, b = socket.socketpair()
+    order: list[str] = []
+    loop.add_reader(a, lambda: (a.recv(10), order.append("read")))
+    loop.call_at(clock() - 1.0, lambda: order.append("timer"))
+    b.send(b"x")
+    loop.run_once()
+    assert order == ["read", "timer"]
+    a.close()
+    b.close()
+
+
+def test_reader_and_writer_on_one_socket() -> None:
+    loop, _, _ = make_loop()
+    a, b = socket.socketpair()
+    seen: list[str] = []
+    loop.add_reader(a, lambda: seen.append("r"))
+    loop.add_writer(a, lambda: (seen.append("w"), loop.remove_writer(a)))
+    b.send(b"x")
+    loop.run_once()
+    assert sorted(seen) == ["r", "w"]
+    loop.forget(a)
+    loop.forget(a)
+    a.close()
+    b.close()
+
+
+def test_closing_a_socket_in_a_callback_skips_its_pending_event() -> None:
+    loop, _, _ = make_loop()
+    pairs = [socket.socketpair() for _ in range(2)]
+    calls: list[int] = []
+
+    def close_other(i: int) -> None:
+        calls.append(i)
+        other = pairs[1 - i][0]
+        loop.forget(other)
+
+    for i, (a, b) in enumerate(pairs):
+        loop.add_reader(a, lambda i=i: close_other(i))
+        b.send(b"x")
+    loop.run_once()
+    assert len(calls) == 1
+    for a, b in pairs:
+        a.close()
+        b.close()
+
+
+def test_stall_is_reported() -> None:
+    loop, clock, _ = make_loop()
+    stalls: list[tuple[float, float]] = []
+    loop.stall_callbacks.append(lambda planned, woke: stalls.append((planned, woke)))
+    loop.call_later(1.0, lambda: clock.advance(0))
+
+    real_select = loop.selector.select
+
+    def slow_select(timeout):  # the process was stopped while waiting
+        ready = real_select(timeout)
+        clock.advance(STALL_THRESHOLD + 5)
+        return ready
+
+    loop.selector.select = slow_select  # type: ignore[method-assign]
+    loop.run_once()
+    assert stalls == [(1001.0, 1001.0 + STALL_THRESHOLD + 5)]
+
+
+def test_signal_handler_runs_in_the_loop() -> None:
+    loop = EventLoop()
+    got: list[str] = []
+    loop.add_signal_handler(signal.SIGUSR1, lambda: (got.append("usr1"), loop.stop()))
+    loop.call_later(0.01, lambda: os.kill(os.getpid(), signal.SIGUSR1))
+    loop.call_later(5.0, loop.stop)  # safety net
+    loop.run()
+    loop.close()
+    assert got == ["usr1"]
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+
+
+def test_call_soon_threadsafe_wakes_the_loop() -> None:
+    import threading
+
+    loop = EventLoop()
+    got: list[int] = []
+    threading.Timer(0.01, lambda: loop.call_soon_threadsafe(lambda: (got.append(1), loop.stop()))).start()
+    loop.call_later(5.0, loop.stop)
+    loop.run()
+    loop.close()
+    assert got == [1]

@@ -1,0 +1,182 @@
+"""The sans-I/O protocol: plain function calls and made-up times, no sockets, no sleeping."""
+
+import pytest
+
+from hbd.protocol import MAX_JUNK, MAX_LINE, ClientLink, Hello, PeerState, ProtocolError, ServerPeer, StateChange
+
+
+def feed_all(peer: ServerPeer, chunks: list[bytes], now: float = 0.0) -> bytes:
+    return b"".join(peer.feed(c, now) for c in chunks)
+
+
+# -- server side: framing ----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("chunks", "reply"),
+    [
+        ([b"ping"], b"pong"),
+        ([b"ping\n"], b"pong\n"),
+        ([b"ping\r\n"], b"pong\r\n"),
+        ([b"pingping"], b"pongpong"),
+        ([b"ping\nping\n"], b"pong\npong\n"),
+        ([b"pi", b"ng"], b"pong"),
+        ([b"p", b"i", b"n", b"g"], b"pong"),
+        ([b"ping", b"\n"], b"pong\n"),  # terminator split from its ping: still pong\n on the wire
+        ([b"ping\r", b"\n"], b"pong\r\n"),
+        ([b"pingpi", b"ngping"], b"pongpongpong"),
+        ([b"ping\npi", b"ng\n"], b"pong\npong\n"),
+        ([b"\n", b"ping"], b"pong"),  # a blank line is tolerated
+    ],
+)
+def test_server_framing(chunks: list[bytes], reply: bytes) -> None:
+    peer = ServerPeer(0.0, 10.0)
+    assert feed_all(peer, chunks) == reply
+    assert peer.pings == reply.count(b"pong")
+
+
+def test_bare_ping_gets_bare_pong_and_counts() -> None:
+    peer = ServerPeer(0.0, 10.0)
+    for i in range(3):
+        assert peer.feed(b"ping", float(i)) == b"pong"
+    assert peer.pings == 3
+    assert peer.last_heard == 2.0
+
+
+@pytest.mark.parametrize("junk", [b"GET / HTTP/1.1\r\n", b"pong", b"PING", b"pingx", b"\x00\x01", b"hello \n"])
+def test_garbage_is_a_protocol_error(junk: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        ServerPeer(0.0, 10.0).feed(junk, 0.0)
+
+
+def test_oversized_line_is_rejected_and_buffer_stays_bounded() -> None:
+    peer = ServerPeer(0.0, 10.0)
+    with pytest.raises(ProtocolError):
+        for _ in range(1000):
+            peer.feed(b"hello " + b"a" * 100, 0.0)
+    assert len(peer._buf) <= MAX_LINE + 200
+
+
+def test_one_megabyte_line_is_rejected() -> None:
+    with pytest.raises(ProtocolError):
+        ServerPeer(0.0, 10.0).feed(b"x" * 1_000_000, 0.0)
+
+
+def test_endless_blank_lines_are_junk() -> None:
+    peer = ServerPeer(0.0, 10.0)
+    with pytest.raises(ProtocolError):
+        for _ in range(MAX_JUNK + 1):
+            peer.feed(b"\n", 0.0)
+
+
+def test_junk_allowance_resets_on_ping() -> None:
+    peer = ServerPeer(0.0, 10.0)
+    for _ in range(10):
+        peer.feed(b"\n" * (MAX_JUNK // 2), 0.0)
+        peer.feed(b"ping", 0.0)
+
+
+def test_greeting_names_the_peer() -> None:
+    peer = ServerPeer(0.0, 10.0)
+    assert peer.feed(b"hello web1 2\nping\n", 0.0) == b"pong\n"
+    assert peer.name == "web1"
+    assert peer.events == [Hello("web1", 2.0)]
+
+
+def test_greeting_split_across_reads() -> None:
+    peer = ServerPeer(0.0, 10.0)
+    assert feed_all(peer, [b"hel", b"lo db", b"-2\n", b"ping"]) == b"pong"
+    assert peer.name == "db-2"
+
+
+@pytest.mark.parametrize("line", [b"hello \n", b"hello a b c\n", b"hello bad\x01name\n", b"hello x 0\n", b"hello x y\n"])
+def test_bad_greetings(line: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        ServerPeer(0.0, 10.0).feed(line, 0.0)
+
+
+def test_trickled_bytes_do_not_count_as_life() -> None:
+    peer = ServerPeer(0.0, 10.0)
+    peer.feed(b"pi", 9.0)
+    assert peer.last_heard == 0.0
+    assert peer.poll(10.5).new is PeerState.DEAD
+
+
+# -- server side: liveness ---------------------------------------------------------------------------
+def test_exact_timeout_boundaries() -> None:
+    peer = ServerPeer(100.0, 10.0)
+    assert peer.next_deadline() == 105.0
+    assert peer.poll(105.0) is None  # silent exactly half the timeout: still UP
+    change = peer.poll(105.001)
+    assert change == StateChange(PeerState.UP, PeerState.LATE, pytest.approx(5.001))
+    assert peer.next_deadline() == 110.0
+    assert peer.poll(110.0) is None  # exactly the timeout: not yet dead
+    assert peer.poll(110.001).new is PeerState.DEAD
+
+
+def test_ping_while_late_brings_peer_back_up() -> None:
+    peer = ServerPeer(0.0, 10.0)
+    peer.poll(6.0)
+    assert peer.state is PeerState.LATE
+    peer.feed(b"ping", 7.0)
+    assert peer.state is PeerState.UP
+    assert peer.events == [StateChange(PeerState.LATE, PeerState.UP, 7.0)]
+    assert peer.next_deadline() == 12.0
+
+
+def test_extend_forgives_our_own_stall() -> None:
+    peer = ServerPeer(0.0, 10.0)
+    peer.poll(6.0)
+    peer.extend(30.0)
+    assert peer.state is PeerState.UP
+    assert peer.poll(35.0) is None
+    assert peer.poll(40.5).new is PeerState.DEAD
+
+
+# -- client side ---------------------------------------------------------------------------------------
+def test_client_pings_on_schedule_and_measures_rtt() -> None:
+    link = ClientLink(0.0, interval=2.0, pong_timeout=5.0)
+    assert link.poll(0.0) == b"ping"
+    assert link.poll(1.0) == b""
+    assert link.next_deadline() == 2.0
+    assert link.feed(b"pong", 0.25) == [0.25]
+    assert link.poll(2.0) == b"ping"
+    assert link.feed(b"po", 2.1) == []
+    assert link.feed(b"ng\n", 2.5) == [0.5]
+    assert link.rtt_max == 0.5 and link.rtt_avg == pytest.approx(0.375) and link.rtt_last == 0.5
+
+
+def test_client_line_form() -> None:
+    link = ClientLink(0.0, 1.0, 3.0, line=True)
+    assert link.poll(0.0) == b"ping\n"
+    assert link.feed(b"pong\r\n", 0.1) == [0.1]
+
+
+def test_client_declares_dead_after_pong_timeout() -> None:
+    link = ClientLink(0.0, interval=2.0, pong_timeout=5.0)
+    link.poll(0.0)
+    link.poll(2.0)
+    link.poll(4.0)
+    assert link.next_deadline() == 5.0
+    link.poll(5.0)
+    assert not link.dead
+    link.poll(5.001)
+    assert link.dead
+    assert link.next_deadline() == float("inf")
+
+
+def test_client_skips_missed_slots_after_a_stall() -> None:
+    link = ClientLink(0.0, interval=1.0, pong_timeout=3.0)
+    link.poll(0.0)
+    link.feed(b"pong", 0.1)
+    assert link.poll(10.0) == b"ping"  # one ping, not ten
+    assert link.poll(10.0) == b""
+
+
+def test_client_rejects_garbage_from_server() -> None:
+    link = ClientLink(0.0, 1.0, 3.0)
+    with pytest.raises(ProtocolError):
+        link.feed(b"HTTP/1.1 400\r\n", 0.0)
+
+
+def test_unsolicited_pong_is_ignored() -> None:
+    link = ClientLink(0.0, 1.0, 3.0)
+    assert link.feed(b"pong", 0.0) == []
