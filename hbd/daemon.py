@@ -68,7 +68,7 @@ class Daemon:
             self.logs.configure(self.config.log_level, self.config.log_file)
             self.start()
         except (LogSetupError, StartError) as exc:
-            log.error("%s: cannot start: %s", self.identifier, exc)
+            log.error("cannot start: %s", exc)
             self.logs.close()
             return 1
         loop = self.loop

@@ -189,7 +189,9 @@ class Logging:
 
     def _open_file(self, path: str) -> ResilientFileHandler:
         try:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            parent = Path(path).parent
+            if not parent.exists() and not parent.is_symlink():
+                parent.mkdir(parents=True)  # convenient when run by hand; systemd makes /var/log/hbd
             handler = ResilientFileHandler(path, self._report)
         except OSError as exc:
             raise LogSetupError(f"cannot open the log file {path}: {exc.strerror or exc}") from None

@@ -1,0 +1,142 @@
+"""hbd-client as a real process against hbd-server and against a minimal legacy server."""
+
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+from daemons import free_port, start_client, start_server
+
+
+class LegacyServer:
+    """The kind of server existing users run: answers b"ping" with a bare b"pong", nothing else."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.pings = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            while not self._stop:
+                data = conn.recv(4)
+                if data != b"ping":
+                    return
+                self.pings += 1
+                conn.sendall(b"pong")
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(2)
+        self.sock.close()
+
+
+def test_client_and_server_exchange_heartbeats(tmp_path: Path, procs) -> None:
+    srv = start_server(tmp_path)
+    cli = start_client(tmp_path, srv.config["port"])
+    procs += [cli, srv]
+    cli.wait_for(r"INFO .*connected to 127\.0\.0\.1")
+    for _ in range(3):
+        cli.wait_for(r"INFO .*pong from 127\.0\.0\.1:\d+ in \d+\.\d ms", after=cli.mark())
+    srv.wait_for(r"INFO .*client 127\.0\.0\.1:\d+ connected")
+
+
+def test_client_works_with_a_bare_pong_legacy_server(tmp_path: Path, procs) -> None:
+    legacy = LegacyServer()
+    try:
+        cli = start_client(tmp_path, legacy.port)
+        procs.append(cli)
+        for _ in range(3):
+            cli.wait_for(r"pong from", after=cli.mark())
+        assert legacy.pings >= 3
+        assert cli.count("lost") == 0
+    finally:
+        legacy.close()
+
+
+def test_line_wire_and_greeting(tmp_path: Path, procs) -> None:
+    srv = start_server(tmp_path)
+    cli = start_client(tmp_path, srv.config["port"], wire="line", client_name="web1")
+    procs += [cli, srv]
+    srv.wait_for(r"client 127\.0\.0\.1:\d+ is web1 \(interval 0\.2 s\)")
+    cli.wait_for("pong from")
+    cli.stop()
+    srv.wait_for(r"client web1 \(127\.0\.0\.1:\d+\) disconnected")
+
+
+def test_client_detects_a_frozen_server_and_recovers(tmp_path: Path, procs) -> None:
+    srv = start_server(tmp_path, heartbeat_timeout=3)
+    cli = start_client(tmp_path, srv.config["port"], heartbeat_interval=0.2, pong_timeout=0.6)
+    procs += [cli, srv]
+    cli.wait_for("pong from")
+    mark = cli.mark()
+    srv.signal(signal.SIGSTOP)
+    stopped = time.monotonic()
+    t_lost, line = cli.wait_for(r"WARNING .*lost: no pong within 0\.6 s", after=mark)
+    # the first unanswered ping leaves within one interval of the freeze, then pong_timeout + 100 ms
+    assert t_lost - stopped <= 0.2 + 0.6 + 0.1 + 0.05, line
+    mark = cli.mark()
+    srv.signal(signal.SIGCONT)
+    cli.wait_for("pong from", timeout=5, after=mark)
+
+
+def test_client_reconnects_after_server_restart(tmp_path: Path, procs) -> None:
+    srv = start_server(tmp_path)
+    port = srv.config["port"]
+    cli = start_client(tmp_path, port)
+    procs.append(cli)
+    cli.wait_for("pong from")
+    srv.kill()
+    cli.wait_for(r"lost: server closed the connection|lost: connection error")
+    cli.wait_for(r"reconnecting to 127\.0\.0\.1:\d+ in \d", after=0)
+    time.sleep(0.5)
+    srv2 = start_server(tmp_path, name="server2", port=port)
+    procs.append(srv2)
+    mark = cli.mark()
+    cli.wait_for("connected to", timeout=5, after=mark)
+    cli.wait_for("pong from", after=mark)
+
+
+def test_reconnect_attempts_gives_up_with_exit_1(tmp_path: Path, procs) -> None:
+    cli = start_client(tmp_path, free_port(), reconnect_attempts=2)
+    procs.append(cli)
+    assert cli.proc.wait(10) == 1
+    out = cli.output()
+    assert out.count("cannot connect: Connection refused") == 3  # the first try + 2 reconnects
+    assert "ERROR   giving up on 127.0.0.1:" in out and "after 2 failed reconnect attempts" in out
+
+
+def test_connect_timeout(tmp_path: Path, procs) -> None:
+    # A listener whose backlog is full never completes new handshakes: the connect must time out.
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen(0)
+    fillers = []
+    for _ in range(3):
+        f = socket.socket()
+        f.setblocking(False)
+        f.connect_ex(blocker.getsockname())
+        fillers.append(f)
+    time.sleep(0.1)
+    try:
+        cli = start_client(tmp_path, blocker.getsockname()[1], receive_timeout=0.3, reconnect_attempts=1)
+        procs.append(cli)
+        assert cli.proc.wait(10) == 1
+        assert "connect timed out after 0.3 s" in cli.output()
+    finally:
+        for f in fillers:
+            f.close()
+        blocker.close()
