@@ -172,9 +172,13 @@ class Link:
         """Ping when due and apply the pong timeout; re-armed at the protocol's next deadline."""
         proto = self.proto
         assert proto is not None
+        if proto.overdue(self.loop.time()):
+            self._on_read()  # last look: never call a link dead with its pong already in our buffer
+            if self.proto is not proto:
+                return
         out = proto.poll(self.loop.time())
         if proto.dead:
-            self.lost(f"no pong within {proto.pong_timeout:g} s")
+            self.lost(f"no pong within {proto.pong_timeout:g} s (ping unanswered for {proto.silent_for:.3f} s)")
             return
         if out:
             self._send(out)
@@ -241,8 +245,7 @@ class Link:
         """New timings for a link that stays (SIGHUP)."""
         self.backoff.base, self.backoff.cap = cfg.reconnect_delay, cfg.reconnect_max_delay
         if self.proto is not None:
-            self.proto.interval = cfg.heartbeat_interval
-            self.proto.pong_timeout = cfg.pong_timeout
+            self.proto.retime(cfg.heartbeat_interval, cfg.pong_timeout)
             self._set_timer(self.proto.next_deadline(), self._tick)
 
     def status(self) -> str:

@@ -64,17 +64,19 @@ class Daemon:
     # -- lifecycle ----------------------------------------------------------------------------------
     def run(self) -> int:
         """Run until stopped; return the process exit code."""
+        loop = self.loop
+        # Handlers first: a SIGHUP during start-up must queue a reload, not kill the process.
+        loop.add_signal_handler(signal.SIGTERM, self.stop)
+        loop.add_signal_handler(signal.SIGINT, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         try:
             self.logs.configure(self.config.log_level, self.config.log_file)
             self.start()
         except (LogSetupError, StartError) as exc:
             log.error("cannot start: %s", exc)
             self.logs.close()
+            loop.close()
             return 1
-        loop = self.loop
-        loop.add_signal_handler(signal.SIGTERM, self.stop)
-        loop.add_signal_handler(signal.SIGINT, self.stop)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
         if self.notifier.watchdog_interval:
             self._pet_watchdog()
         self._update_status()

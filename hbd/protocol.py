@@ -192,7 +192,7 @@ class ClientLink:
 
     __slots__ = (
         "_buf", "_sent", "dead", "interval", "line", "next_ping", "pong_timeout", "pongs", "rtt_last",
-        "rtt_max", "rtt_sum",
+        "rtt_max", "rtt_sum", "silent_for",
     )
 
     def __init__(self, now: float, interval: float, pong_timeout: float, line: bool = False) -> None:
@@ -201,6 +201,7 @@ class ClientLink:
         self.line = line
         self.next_ping = now
         self.dead = False
+        self.silent_for = 0.0  # age of the unanswered ping when the link was declared dead
         self.pongs = 0
         self.rtt_last: float | None = None
         self.rtt_max = 0.0
@@ -216,9 +217,14 @@ class ClientLink:
     def outstanding(self) -> int:
         return len(self._sent)
 
+    def overdue(self, now: float) -> bool:
+        """True when poll(now) would declare the link dead."""
+        return bool(self._sent) and now - self._sent[0] > self.pong_timeout
+
     def poll(self, now: float) -> bytes:
         """Return a ping if one is due at ``now`` (else b""), and apply the pong timeout."""
-        if self._sent and now - self._sent[0] > self.pong_timeout:
+        if self.overdue(now):
+            self.silent_for = now - self._sent[0]
             self.dead = True
         if self.dead or now < self.next_ping:
             return b""
@@ -226,6 +232,12 @@ class ClientLink:
         # Skip missed slots instead of bursting after a stall (as tornado's PeriodicCallback does).
         self.next_ping = max(self.next_ping + self.interval, now + self.interval / 2)
         return b"ping\n" if self.line else PING
+
+    def retime(self, interval: float, pong_timeout: float) -> None:
+        """New timings (a reload): the next ping moves as if the new interval had always applied."""
+        self.next_ping += interval - self.interval
+        self.interval = interval
+        self.pong_timeout = pong_timeout
 
     def next_deadline(self) -> float:
         if self.dead:

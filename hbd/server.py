@@ -242,6 +242,13 @@ class Server(Daemon):
         """The connection's timer fired: apply the silence rule."""
         now = self.clock()
         peer = conn.peer
+        if now - peer.last_heard > peer.timeout / 2:
+            # Last look before a verdict: pings may be waiting in our buffer if this very turn of
+            # the loop was delayed (we were stopped or starved between select() and now).
+            conn.on_read()
+            if conn.sock.fileno() not in self.conns or self.conns[conn.sock.fileno()] is not conn:
+                return
+            now = self.clock()
         if peer.last_heard < self._stall_end and now - peer.last_heard > peer.timeout / 2:
             # We were stalled ourselves (SIGSTOP, starvation): we may simply not have looked.
             peer.extend(self._stall_end)

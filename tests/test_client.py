@@ -86,8 +86,10 @@ def test_client_detects_a_frozen_server_and_recovers(tmp_path: Path, procs) -> N
     srv.signal(signal.SIGSTOP)
     stopped = time.monotonic()
     t_lost, line = cli.wait_for(r"WARNING .*lost: no pong within 0\.6 s", after=mark)
-    # the first unanswered ping leaves within one interval of the freeze, then pong_timeout + 100 ms
-    assert t_lost - stopped <= 0.2 + 0.6 + 0.1 + 0.05, line
+    unanswered = float(line.split("ping unanswered for ")[1].split(" s")[0])
+    assert 0.6 <= unanswered <= 0.6 + 0.1, line  # detected within pong_timeout + 100 ms of the ping
+    # and that ping left within one interval of the freeze (generous bound for a loaded machine)
+    assert t_lost - stopped <= 0.2 + 0.6 + 0.5, line
     mark = cli.mark()
     srv.signal(signal.SIGCONT)
     cli.wait_for("pong from", timeout=5, after=mark)
