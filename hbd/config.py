@@ -126,14 +126,15 @@ class ClientConfig:
 
 
 def _check_client(cfg: dict[str, Any]) -> list[tuple[str, str]]:
+    """Rules between keys; a key that is itself invalid is missing from ``cfg`` and skipped."""
     problems = []
-    if cfg["pong_timeout"] <= cfg["heartbeat_interval"]:
+    if "pong_timeout" in cfg and "heartbeat_interval" in cfg and cfg["pong_timeout"] <= cfg["heartbeat_interval"]:
         problems.append((
             "pong_timeout",
             f"must be greater than heartbeat_interval ({cfg['heartbeat_interval']:g} s), "
             f"got {cfg['pong_timeout']:g}",
         ))
-    if cfg["reconnect_max_delay"] < cfg["reconnect_delay"]:
+    if cfg.keys() >= {"reconnect_max_delay", "reconnect_delay"} and cfg["reconnect_max_delay"] < cfg["reconnect_delay"]:
         problems.append((
             "reconnect_max_delay",
             f"must be at least reconnect_delay ({cfg['reconnect_delay']:g} s), got {cfg['reconnect_max_delay']:g}",
@@ -188,9 +189,8 @@ def _load(cls: type, path: Path, overrides: dict[str, Any]) -> Any:
             values[name] = f.metadata["conv"](data[name])
         except ValueError as exc:
             errors.append(f"{where(name)}: {exc}")
-    if not errors:
-        for key, reason in _CROSS_CHECKS.get(cls, lambda _: [])(values):
-            errors.append(f"{where(key)}: {reason}")
+    for key, reason in _CROSS_CHECKS.get(cls, lambda _: [])(values):
+        errors.append(f"{where(key)}: {reason}")
     if errors:
         raise ConfigError(errors)
     return cls(**values, path=str(path))

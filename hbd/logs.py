@@ -204,9 +204,12 @@ class Logging:
 
     def close(self) -> None:
         for h in list(log.handlers):
-            h.flush()
-            h.close()
             log.removeHandler(h)
+            try:
+                h.flush()
+                h.close()
+            except (OSError, ValueError):  # stderr already gone: nothing left to flush to
+                pass
 
 
 class PeerLogLimiter:

@@ -57,6 +57,7 @@ class EventLoop:
         self._wakeup()  # created now, in the loop's thread: other threads may only write to it
         self._threadsafe: collections.deque[Callback] = collections.deque()
         self.stall_callbacks: list[Callable[[float, float], Any]] = []
+        self._woke = float("inf")  # when the last select() returned
         self.last_lag = 0.0  # how late the last wake-up was, seconds
         self.max_lag = 0.0
 
@@ -168,11 +169,14 @@ class EventLoop:
             heapq.heappop(timers)
             self._cancelled -= 1
         before = self.clock()
+        if before - self._woke > STALL_THRESHOLD:  # the last turn itself took that long
+            for cb in self.stall_callbacks:
+                cb(self._woke, before)
         timeout = max_wait
         if timers:
             timeout = min(max(timers[0].when - before, 0.0), max_wait)
         events = self.selector.select(timeout)
-        now = self.clock()
+        now = self._woke = self.clock()
         lag = now - before - timeout
         self.last_lag = lag if lag > 0 else 0.0
         if lag > self.max_lag:

@@ -1,0 +1,53 @@
+import subprocess
+import sys
+from pathlib import Path
+
+from hbd import __version__
+from hbd.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hbd", *args], capture_output=True, text=True, cwd=ROOT, timeout=20)
+
+
+def test_version() -> None:
+    r = run("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"hbd {__version__}"
+
+
+def test_help_lists_commands_and_signals() -> None:
+    r = run("--help")
+    assert r.returncode == 0
+    for word in ("server", "client", "check-config", "SIGHUP"):
+        assert word in r.stdout
+    r = run("server", "--help")
+    assert "/etc/hbd/server.yaml" in r.stdout and "--config" in r.stdout
+
+
+def test_check_config_ok(capsys) -> None:
+    assert main(["check-config", "server", "-c", str(ROOT / "etc/server.yaml")]) == 0
+    assert main(["check-config", "client", "--config", str(ROOT / "etc/client.yaml")]) == 0
+    assert "OK" in capsys.readouterr().out
+
+
+def test_check_config_prints_every_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("port: 0\nheartbeat_interval: 9\nwhat: 1\n")
+    r = run("check-config", "client", "-c", str(bad))
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 3
+    assert all(line.startswith(f"hbd: error: {bad}: ") for line in lines)
+    assert "pong_timeout: must be greater than heartbeat_interval (9 s)" in r.stderr
+
+
+def test_missing_default_config_is_a_clear_error(tmp_path: Path) -> None:
+    r = run("server", "-c", str(tmp_path / "none.yaml"))
+    assert r.returncode == 1
+    assert "cannot read the file: No such file or directory" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_usage_exits_2() -> None:
+    assert run("frobnicate").returncode == 2
