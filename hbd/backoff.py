@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 
 class Backoff:
-    __slots__ = ("attempts", "base", "cap", "_rand")
+    __slots__ = ("_rand", "attempts", "base", "cap")
 
     def __init__(self, base: float, cap: float, rand: Callable[[], float] = random.random) -> None:
         self.base = base

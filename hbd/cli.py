@@ -7,7 +7,13 @@ import sys
 from collections.abc import Sequence
 
 from hbd import __version__
-from hbd.config import DEFAULT_CLIENT_CONFIG, DEFAULT_SERVER_CONFIG, ConfigError, load_client_config, load_server_config
+from hbd.config import (
+    DEFAULT_CLIENT_CONFIG,
+    DEFAULT_SERVER_CONFIG,
+    ConfigError,
+    load_client_config,
+    load_server_config,
+)
 
 LOADERS = {"server": load_server_config, "client": load_client_config}
 DEFAULTS = {"server": DEFAULT_SERVER_CONFIG, "client": DEFAULT_CLIENT_CONFIG}

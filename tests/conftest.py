@@ -5,7 +5,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ helpers importable as plain modules
 
-from daemons import HbdProcess  # noqa: E402
+from daemons import HbdProcess
 
 
 @pytest.fixture

@@ -68,10 +68,16 @@ def test_server_errors_name_file_line_key_and_reason(tmp_path: Path, text: str, 
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("heartbeat_interval: 2\npong_timeout: 2", "line 2: pong_timeout: must be greater than heartbeat_interval (2 s), got 2"),
+        (
+            "heartbeat_interval: 2\npong_timeout: 2",
+            "line 2: pong_timeout: must be greater than heartbeat_interval (2 s), got 2",
+        ),
         ("heartbeat_interval: 6", "pong_timeout: must be greater than heartbeat_interval (6 s), got 5"),
         ("reconnect_attempts: -1", "reconnect_attempts: must be between 0 and 1000000, got -1"),
-        ("reconnect_delay: 5\nreconnect_max_delay: 1", "reconnect_max_delay: must be at least reconnect_delay (5 s), got 1"),
+        (
+            "reconnect_delay: 5\nreconnect_max_delay: 1",
+            "reconnect_max_delay: must be at least reconnect_delay (5 s), got 1",
+        ),
         ("receive_timeout: 0", "receive_timeout: must be a positive number of seconds, got 0"),
         ("wire: json", "wire: must be one of bare, line, got str 'json'"),
         ("client_name: 'a b'", "client_name: must be a name of 1-64 printable characters without spaces"),

@@ -2,9 +2,9 @@ import os
 import signal
 import socket
 
-from hbd.loop import STALL_THRESHOLD, EventLoop
-
 from virtual_time import FakeClock, VirtualSelector
+
+from hbd.loop import STALL_THRESHOLD, EventLoop
 
 
 def make_loop() -> tuple[EventLoop, FakeClock, VirtualSelector]:

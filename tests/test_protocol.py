@@ -2,7 +2,16 @@
 
 import pytest
 
-from hbd.protocol import MAX_JUNK, MAX_LINE, ClientLink, Hello, PeerState, ProtocolError, ServerPeer, StateChange
+from hbd.protocol import (
+    MAX_JUNK,
+    MAX_LINE,
+    ClientLink,
+    Hello,
+    PeerState,
+    ProtocolError,
+    ServerPeer,
+    StateChange,
+)
 
 
 def feed_all(peer: ServerPeer, chunks: list[bytes], now: float = 0.0) -> bytes:
@@ -87,7 +96,9 @@ def test_greeting_split_across_reads() -> None:
     assert peer.name == "db-2"
 
 
-@pytest.mark.parametrize("line", [b"hello \n", b"hello a b c\n", b"hello bad\x01name\n", b"hello x 0\n", b"hello x y\n"])
+@pytest.mark.parametrize(
+    "line", [b"hello \n", b"hello a b c\n", b"hello bad\x01name\n", b"hello x 0\n", b"hello x y\n"]
+)
 def test_bad_greetings(line: bytes) -> None:
     with pytest.raises(ProtocolError):
         ServerPeer(0.0, 10.0).feed(line, 0.0)
