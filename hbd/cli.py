@@ -62,7 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check-config":
         print(f"{path}: OK")
         return 0
-    if role == "server":
+    if role == "server" and config.workers > 1:
+        from hbd.workers import Supervisor as Daemon
+    elif role == "server":
         from hbd.server import Server as Daemon
     else:
         from hbd.client import Client as Daemon  # type: ignore[assignment]

@@ -156,8 +156,8 @@ class Link:
             self.lost(f"protocol error: {exc}")
             return
         for rtt in rtts:
-            log.info("pong from %s in %.1f ms", self.target.label, rtt * 1000,
-                     extra=fields(peer=self.target.label, event="pong", rtt_ms=f"{rtt * 1000:.3f}"))
+            log.log(self.client.pong_level, "pong from %s in %.1f ms", self.target.label, rtt * 1000,
+                    extra=fields(peer=self.target.label, event="pong", rtt_ms=f"{rtt * 1000:.3f}"))
         if rtts and not self.healthy:
             self.ever_up = True
             if now - (self.up_since or now) >= self._healthy_after():
@@ -260,6 +260,9 @@ class Client(Daemon):
     def __init__(self, config: ClientConfig, **kwargs: object) -> None:
         super().__init__(config, **kwargs)  # type: ignore[arg-type]
         self.links: list[Link] = []
+        # One line per pong reads well on a terminal but is ~43k journal lines a day per link:
+        # under journald pongs are debug lines (connects, losses and retries stay info/warning).
+        self.pong_level = logging.DEBUG if self.logs.journald else logging.INFO
 
     @staticmethod
     def targets(cfg: ClientConfig) -> list[Target]:
@@ -307,7 +310,3 @@ class Client(Daemon):
 
 def _strerror(rc: int) -> str:
     return os.strerror(rc)
-
-
-def run(config: ClientConfig) -> int:
-    return Client(config).run()

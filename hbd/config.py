@@ -103,6 +103,7 @@ class ServerConfig:
     heartbeat_timeout: float = field(default=10.0, metadata={"conv": _seconds})
     max_clients: int = field(default=10000, metadata={"conv": _integer(1, 1_000_000)})
     backlog: int = field(default=4096, metadata={"conv": _integer(1, 65535)})
+    workers: int = field(default=1, metadata={"conv": _integer(1, 64)})
     log_file: str | None = field(default="/var/log/hbd/server.log", metadata={"conv": _log_file})
     log_level: str = field(default="info", metadata={"conv": _log_level})
     path: str = field(default="", metadata={"internal": True})

@@ -61,6 +61,9 @@ class Daemon:
     def status_text(self) -> str:
         return ""
 
+    def on_status_tick(self) -> None:
+        """Called every STATUS_INTERVAL seconds from the loop."""
+
     # -- lifecycle ----------------------------------------------------------------------------------
     def run(self) -> int:
         """Run until stopped; return the process exit code."""
@@ -145,6 +148,7 @@ class Daemon:
 
     def start_status_updates(self) -> None:
         def tick() -> None:
+            self.on_status_tick()
             self._update_status()
             self.loop.call_later(STATUS_INTERVAL, tick)
 

@@ -226,6 +226,18 @@ class EventLoop:
         self.selector.close()
 
 
+    def close_in_child(self) -> None:
+        """After fork(): drop this loop's descriptors without unregistering anything, because the
+        epoll instance is shared with the parent and unregistering would change the parent's loop."""
+        self._signal_handlers.clear()
+        for sock in (self._wakeup_r, self._wakeup_w):
+            if sock is not None:
+                sock.close()
+        self._wakeup_r = self._wakeup_w = None
+        self._timers.clear()
+        self.selector.close()
+
+
 def _mask(cbs: list[Callback | None]) -> int:
     return (selectors.EVENT_READ if cbs[0] else 0) | (selectors.EVENT_WRITE if cbs[1] else 0)
 

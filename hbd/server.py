@@ -12,12 +12,16 @@ import errno
 import logging
 import socket
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from hbd.config import ServerConfig, load_server_config
 from hbd.daemon import Daemon, StartError
 from hbd.logs import PeerLogLimiter, fields, log
 from hbd.loop import Timer
 from hbd.protocol import Hello, PeerState, ProtocolError, ServerPeer, StateChange
+
+if TYPE_CHECKING:
+    from hbd.workers import WorkerChannel
 
 ACCEPT_BATCH = 128  # accepts per readiness event: drains a reconnect storm without starving peers
 ACCEPT_PAUSE = 0.5  # out of file descriptors: stop accepting this long instead of spinning
@@ -106,8 +110,13 @@ class Connection:
 class Server(Daemon):
     identifier = "hbd-server"
 
-    def __init__(self, config: ServerConfig, **kwargs: object) -> None:
+    def __init__(
+        self, config: ServerConfig, *, worker: WorkerChannel | None = None, reuse_port: bool = False,
+        **kwargs: object,
+    ) -> None:
         super().__init__(config, **kwargs)  # type: ignore[arg-type]
+        self.worker = worker  # set when this process is one of several workers (hbd.workers)
+        self.reuse_port = reuse_port
         self.clock = self.loop.clock
         self.conns: dict[int, Connection] = {}
         self.listener: socket.socket | None = None
@@ -131,8 +140,20 @@ class Server(Daemon):
         self.start_status_updates()
         log.info(
             "listening on %s:%d (heartbeat_timeout %g s, max_clients %d)",
-            *self.address, self.config.heartbeat_timeout, self.config.max_clients,
+            *self.address, self.config.heartbeat_timeout, self.max_clients,
         )
+        if self.worker is not None:
+            self.worker.send("R")
+
+    @property
+    def max_clients(self) -> int:
+        """The configured limit, or this worker's share of it."""
+        cfg = self.config
+        return -(-cfg.max_clients // cfg.workers) if self.worker is not None else cfg.max_clients
+
+    def on_status_tick(self) -> None:
+        if self.worker is not None:
+            self.worker.send(f"S {len(self.conns)} {self.late}")
 
     def prepare(self, new: ServerConfig) -> Callable[[], None]:
         old = self.config
@@ -180,6 +201,8 @@ class Server(Daemon):
             raise StartError(f"cannot resolve listen address {cfg.host}:{cfg.port}: {exc}") from None
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.reuse_port:  # workers share the port; the kernel spreads connections
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind(addr)
             sock.listen(cfg.backlog)
             sock.setblocking(False)
@@ -201,11 +224,11 @@ class Server(Daemon):
                     self._pause_accepting(exc)
                     return
                 continue  # ECONNABORTED and friends: that one connection is gone, carry on
-            if len(self.conns) >= self.config.max_clients:
+            if len(self.conns) >= self.max_clients:
                 self.stats["refused"] += 1
                 self._peer_log(
                     logging.WARNING, addr[0], "refused %s:%d: max_clients (%d) reached",
-                    addr[0], addr[1], self.config.max_clients, event="refused",
+                    addr[0], addr[1], self.max_clients, event="refused",
                 )
                 sock.close()
                 continue
@@ -336,7 +359,3 @@ class Server(Daemon):
         if suppressed:
             msg += f" (suppressed {suppressed} similar lines from {source})"
         log.log(level, msg, *args, extra=fields(peer=peer or source, peer_address=peer or source, event=event))
-
-
-def run(config: ServerConfig) -> int:
-    return Server(config).run()

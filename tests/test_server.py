@@ -92,6 +92,9 @@ def test_garbage_and_oversize_close_only_that_client(tmp_path: Path, procs) -> N
     good.sendall(b"ping")
     assert recv_exactly(good, 4) == b"pong"
     good.close()
+    first = srv.wait_for(r"WARNING .*closing client .*unexpected bytes")
+    srv.wait_for(r"WARNING .*closing client .*unexpected bytes", after=srv.lines.index(first) + 1)
+    time.sleep(0.2)
     assert srv.count(r"WARNING .*closing client .*unexpected bytes") == 2  # logged once each
 
 

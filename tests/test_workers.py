@@ -1,0 +1,100 @@
+"""workers: K — a supervisor and K server processes sharing the port (real processes, real signals)."""
+
+import os
+import signal
+import time
+from pathlib import Path
+
+from daemons import connect, recv_exactly, start_server
+from test_daemon import NotifySocket
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def test_workers_share_the_port_and_report_to_the_supervisor(tmp_path: Path, procs) -> None:
+    notify = NotifySocket(tmp_path)
+    srv = start_server(tmp_path, workers=2, heartbeat_timeout=5, env={"NOTIFY_SOCKET": notify.path})
+    procs.append(srv)
+    _, ready = notify.wait_for("READY=1")
+    assert "2 workers" in ready
+    kids = children(srv.pid)
+    assert len(kids) == 2
+    socks = [connect(srv.config["port"]) for _ in range(60)]
+    for s in socks:
+        s.sendall(b"ping")
+    for s in socks:
+        assert recv_exactly(s, 4) == b"pong"
+    notify.wait_for("STATUS=60 clients, 0 late, 2 workers", timeout=5)
+    served_by = {w: srv.count(rf"hbd-server/{w} INFO +client .* connected") for w in (1, 2)}
+    assert all(served_by.values()), served_by  # the kernel spread the connections
+
+    # a worker that dies is replaced; the others keep serving
+    os.kill(kids[0], signal.SIGKILL)
+    srv.wait_for(r"ERROR .*worker \d \(pid \d+\) exited unexpectedly \(killed by SIGKILL\)")
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and (len(children(srv.pid)) != 2 or kids[0] in children(srv.pid)):
+        time.sleep(0.1)
+    assert len(children(srv.pid)) == 2
+    with connect(srv.config["port"]) as s:
+        s.sendall(b"ping")
+        assert recv_exactly(s, 4) == b"pong"
+
+    # reload reaches every worker; a broken file reaches none
+    srv.write_config({**srv.config, "heartbeat_timeout": 4})
+    mark = srv.mark()
+    srv.signal(signal.SIGHUP)
+    srv.wait_for(r"hbd-server/1 INFO +heartbeat_timeout is now 4 s", after=mark)
+    srv.wait_for(r"hbd-server/2 INFO +heartbeat_timeout is now 4 s", after=mark)
+    srv.config_path.write_text("port: [\n")
+    mark = srv.mark()
+    srv.signal(signal.SIGHUP)
+    srv.wait_for(r"hbd-server ERROR +reload failed", after=mark)
+    time.sleep(0.3)
+    assert srv.count(r"hbd-server/\d .*reload", after=mark) == 0
+
+    kids = children(srv.pid)
+    for s in socks:
+        s.close()
+    srv.signal(signal.SIGTERM)
+    assert srv.proc.wait(10) == 0
+    notify.close()
+    for k in kids:
+        assert not Path(f"/proc/{k}").exists() or "Z" in Path(f"/proc/{k}/stat").read_text().split()[2]
+
+
+def test_worker_errors_reach_the_supervisors_log_file(tmp_path: Path, procs) -> None:
+    srv = start_server(tmp_path, workers=2, heartbeat_timeout=0.3)
+    procs.append(srv)
+    with connect(srv.config["port"]) as s:
+        s.sendall(b"ping")
+        recv_exactly(s, 4)
+        s.settimeout(3)
+        assert s.recv(10) == b""
+    srv.wait_for("timed out")
+    srv.stop()
+    text = (tmp_path / "server.log").read_text()
+    assert "hbd-server WARNING worker " in text and "timed out" in text
+    assert "INFO" not in text
+    assert not list(tmp_path.glob("server.log.*"))
+
+
+def test_workers_port_in_use_fails_fast(tmp_path: Path, procs) -> None:
+    srv = start_server(tmp_path)
+    procs.append(srv)
+    from daemons import HbdProcess
+
+    other = HbdProcess("server", {**srv.config, "workers": 2, "log_file": None}, tmp_path, name="other")
+    assert other.proc.wait(10) == 1
+    other.stop()
+    assert "cannot listen on 127.0.0.1" in other.output()
