@@ -92,13 +92,18 @@ class Guest:
         out = self.run("journalctl", "-n0", "--show-cursor", "--no-pager").stdout
         return out.strip().rsplit("-- cursor: ", 1)[-1]
 
-    def journal(self, *args: str, after: str | None = None) -> list[dict[str, Any]]:
-        """Entries as dicts (journalctl -o json); args e.g. ("-u", "hbd-server", "-p", "err")."""
-        cmd = ["journalctl", "--no-pager", "-o", "json", *args]
-        if after:
-            cmd.append(f"--after-cursor={after}")
-        lines = self.run(*cmd).stdout.splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+    def journal(self, after: str, unit: str | None = None) -> list[dict[str, Any]]:
+        """Entries after a cursor() as dicts (journalctl -o json), optionally only those of one unit.
+
+        Filtering happens here, not with -u/-p: journalctl 252 combines --after-cursor with matches wrongly
+        and drops the first matching entry.
+        """
+        out = self.run("journalctl", "--no-pager", "-o", "json", f"--after-cursor={after}").stdout
+        entries = [json.loads(line) for line in out.splitlines() if line.strip()]
+        if unit:
+            name = unit if "." in unit else f"{unit}.service"
+            entries = [e for e in entries if name in (e.get("_SYSTEMD_UNIT"), e.get("UNIT"))]
+        return entries
 
 
 @contextlib.contextmanager
