@@ -20,7 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 HARNESS = ROOT / ".ci" / "sd-container.sh"
 PREPARE = ROOT / ".ci" / "systemd-prepare.sh"
 SD_WORK = Path(os.environ.get("SD_WORK", "/tmp/hbd-systemd"))
-GUEST_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "SYSTEMD_PAGER": "", "SYSTEMD_COLORS": "0"}
+GUEST_ENV = {
+    "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+    "LANG": "C.UTF-8",
+    "SYSTEMD_PAGER": "",
+    "SYSTEMD_COLORS": "0",
+}
 
 
 def unavailable() -> str | None:
@@ -35,8 +40,14 @@ def unavailable() -> str | None:
 
 def prepare() -> Path:
     """Rootfs and .deb, built when missing or stale (a no-op when all is in place); returns the .deb."""
-    out = subprocess.run(["bash", str(PREPARE)], stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                         timeout=540, check=False)
+    out = subprocess.run(
+        ["bash", str(PREPARE)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=540,
+        check=False,
+    )
     if out.returncode:
         raise RuntimeError(f"{PREPARE.name} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     debs = sorted((ROOT / "dist").glob("hbd_*_all.deb"), key=lambda p: p.stat().st_mtime)
@@ -46,8 +57,9 @@ def prepare() -> Path:
 
 
 def _harness(cmd: str, timeout: float = 120) -> None:
-    subprocess.run(["bash", "-c", f'source "{HARNESS}" && {cmd}'], stdin=subprocess.DEVNULL, check=True,
-                   timeout=timeout)
+    subprocess.run(
+        ["bash", "-c", f'source "{HARNESS}" && {cmd}'], stdin=subprocess.DEVNULL, check=True, timeout=timeout
+    )
 
 
 def wait_for(what: str, probe: Callable[[], Any], timeout: float = 10.0, every: float = 0.05) -> Any:
@@ -66,11 +78,13 @@ class Guest:
     def __init__(self) -> None:
         self.leader = (SD_WORK / "leader.pid").read_text().strip()
 
-    def run(self, *args: str, check: bool = True, input: str | None = None,
-            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *args: str, check: bool = True, input: str | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
         cmd = ["nsenter", "-t", self.leader, "-m", "-u", "-i", "-n", "-p", "-C", "--", *args]
-        out = subprocess.run(cmd, env=GUEST_ENV, input=input, capture_output=True, text=True, timeout=timeout,
-                             check=False)
+        out = subprocess.run(
+            cmd, env=GUEST_ENV, input=input, capture_output=True, text=True, timeout=timeout, check=False
+        )
         if check and out.returncode:
             raise AssertionError(f"guest: {' '.join(args)} -> rc {out.returncode}\n{out.stdout}{out.stderr}")
         return out
@@ -111,7 +125,9 @@ def booted(*nspawn_args: str) -> Iterator[Guest]:
     """Boot a fresh guest (one at a time per machine), yield it, and always tear it down."""
     SD_WORK.mkdir(parents=True, exist_ok=True)
     with open(SD_WORK / "guest.lock", "w") as lock:
-        wait_for("another run's guest to finish (guest.lock)", lambda: _try_lock(lock), timeout=600, every=0.5)
+        wait_for(
+            "another run's guest to finish (guest.lock)", lambda: _try_lock(lock), timeout=600, every=0.5
+        )
         try:
             _harness("sd_up " + " ".join(f"'{a}'" for a in nspawn_args))
             yield Guest()

@@ -81,8 +81,11 @@ def text_of(entry: dict) -> str:
 
 def daemon_entries(guest: sg.Guest, unit: str, after: str, max_priority: int = 7) -> list[dict]:
     """Journal lines the daemon itself wrote (not systemd's about it), as `journalctl -u UNIT -p N` shows."""
-    return [e for e in guest.journal(after, unit)
-            if e.get("_PID") != "1" and int(e.get("PRIORITY", 6)) <= max_priority]
+    return [
+        e
+        for e in guest.journal(after, unit)
+        if e.get("_PID") != "1" and int(e.get("PRIORITY", 6)) <= max_priority
+    ]
 
 
 def is_active(guest: sg.Guest, unit: str) -> bool:
@@ -97,12 +100,14 @@ def ensure_running(guest: sg.Guest, *units: str) -> None:
 
 
 def reload_server(guest: sg.Guest) -> list[dict]:
-    """systemctl reload, then wait until the daemon says how the reload went (it applies it asynchronously)."""
+    """systemctl reload (it returns after the daemon's RELOADING=1 ... READY=1), then the daemon's verdict."""
     cur = guest.cursor()
     guest.run("systemctl", "reload", "hbd-server")
     done = re.compile(r"\breload(ed| failed)\b")
-    return sg.wait_for("the daemon's reload result in the journal", lambda: [
-        e for e in daemon_entries(guest, "hbd-server", cur) if done.search(text_of(e))])
+    return sg.wait_for(
+        "the daemon's reload result in the journal",
+        lambda: [e for e in daemon_entries(guest, "hbd-server", cur) if done.search(text_of(e))],
+    )
 
 
 def server_config(guest: sg.Guest, **keys: object) -> None:
@@ -112,8 +117,9 @@ def server_config(guest: sg.Guest, **keys: object) -> None:
     if new != old:
         guest.write(SERVER_YAML, new)
         if is_active(guest, "hbd-server"):
-            assert not any(e.get("EVENT") == "reload-failed" or "failed" in text_of(e)
-                           for e in reload_server(guest))
+            assert not any(
+                e.get("EVENT") == "reload-failed" or "failed" in text_of(e) for e in reload_server(guest)
+            )
 
 
 # -- the guest -------------------------------------------------------------------------------------
@@ -136,8 +142,17 @@ def guest(deb):
             g.write(f"/etc/systemd/system/{unit}.service.d/test.conf", DROP_IN)
         g.run("systemctl", "daemon-reload")
         g.write(SERVER_YAML, set_keys(g.read(SERVER_YAML), port=PORT, heartbeat_timeout=30))
-        g.write(CLIENT_YAML, set_keys(g.read(CLIENT_YAML), host="127.0.0.1", port=PORT,
-                                      heartbeat_interval=0.5, pong_timeout=2, reconnect_attempts=0))
+        g.write(
+            CLIENT_YAML,
+            set_keys(
+                g.read(CLIENT_YAML),
+                host="127.0.0.1",
+                port=PORT,
+                heartbeat_interval=0.5,
+                pong_timeout=2,
+                reconnect_attempts=0,
+            ),
+        )
         yield g
 
 
@@ -163,14 +178,22 @@ def test_install_creates_system_user_conffiles_and_man_page(guest, deb):
 def test_unit_verifies_without_output(guest, unit):
     # --man=no: the minimal guest has no man-db to resolve Documentation=man:hbd(1); the page itself is
     # checked above. Any output fails, since bad keys or values only warn (rc 0).
-    out = guest.run("systemd-analyze", "verify", "--man=no", f"/lib/systemd/system/{unit}.service", check=False)
+    out = guest.run(
+        "systemd-analyze", "verify", "--man=no", f"/lib/systemd/system/{unit}.service", check=False
+    )
     assert (out.returncode, out.stdout + out.stderr) == (0, "")
 
 
 @pytest.mark.parametrize("unit", UNITS)
 def test_unit_exposure_at_most_2(guest, unit):
-    out = guest.run("systemd-analyze", "security", "--offline=yes", "--threshold=20",  # 0-100 scale
-                    f"/lib/systemd/system/{unit}.service", check=False)
+    out = guest.run(
+        "systemd-analyze",
+        "security",
+        "--offline=yes",
+        "--threshold=20",  # 0-100 scale
+        f"/lib/systemd/system/{unit}.service",
+        check=False,
+    )
     score = float(re.search(r"Overall exposure level for \S+: ([\d.]+)", out.stdout).group(1))
     assert out.returncode == 0 and score <= 2.0, out.stdout[-2000:]
 
@@ -179,11 +202,16 @@ def test_unit_exposure_at_most_2(guest, unit):
 def test_start_returns_after_ready_and_port_answers(guest):
     guest.run("systemctl", "start", "hbd-server")
     # Type=notify: start returned only after READY=1, so the listener answers now, with no retry.
-    assert (guest.show("hbd-server", "ActiveState"), guest.show("hbd-server", "SubState")) == ("active", "running")
+    assert (guest.show("hbd-server", "ActiveState"), guest.show("hbd-server", "SubState")) == (
+        "active",
+        "running",
+    )
     assert ping() == b"pong\n"
     assert guest.show("hbd-server", "StatusText")
     pid = guest.show("hbd-server", "MainPID")
-    status = dict(line.split(":", 1) for line in guest.read(f"/proc/{pid}/status").splitlines() if ":" in line)
+    status = dict(
+        line.split(":", 1) for line in guest.read(f"/proc/{pid}/status").splitlines() if ":" in line
+    )
     uid = guest.run("id", "-u", "_hbd").stdout.strip()
     assert status["Uid"].split()[:2] == [uid, uid]
     assert status["NoNewPrivs"].strip() == "1" and int(status["CapEff"], 16) == 0
@@ -194,14 +222,22 @@ def test_client_links_up_and_server_journal_shows_it(guest):
     ensure_running(guest, "hbd-server")
     cur = guest.cursor()
     guest.run("systemctl", "start", "hbd-client")
-    status = sg.wait_for("hbd-client STATUS= saying the link is up",
-                         lambda: (s := guest.show("hbd-client", "StatusText")) and re.search(r"\bup\b", s) and s)
+    status = sg.wait_for(
+        "hbd-client STATUS= saying the link is up",
+        lambda: (s := guest.show("hbd-client", "StatusText")) and re.search(r"\bup\b", s) and s,
+    )
     assert f"127.0.0.1:{PORT}" in status
-    joined = sg.wait_for("a server journal line with PEER= for the client", lambda: [
-        e for e in daemon_entries(guest, "hbd-server", cur) if e.get("PEER", "").startswith("127.0.0.1:")])
+    joined = sg.wait_for(
+        "a server journal line with PEER= for the client",
+        lambda: [
+            e for e in daemon_entries(guest, "hbd-server", cur) if e.get("PEER", "").startswith("127.0.0.1:")
+        ],
+    )
     assert joined[0]["PRIORITY"] == "6"
-    sg.wait_for("the server's STATUS= counting 1 client",
-                lambda: re.search(r"\b1 clients?\b", guest.show("hbd-server", "StatusText")))
+    sg.wait_for(
+        "the server's STATUS= counting 1 client",
+        lambda: re.search(r"\b1 clients?\b", guest.show("hbd-server", "StatusText")),
+    )
 
 
 # -- 3. reload ---------------------------------------------------------------------------------------
@@ -257,9 +293,15 @@ def test_frozen_main_loop_is_killed_by_watchdog_and_restarted(guest):
     restarts, pid = int(guest.show("hbd-server", "NRestarts")), guest.show("hbd-server", "MainPID")
     cur = guest.cursor()
     guest.run("systemctl", "kill", "-s", "SIGSTOP", "--kill-who=main", "hbd-server")
-    sg.wait_for("systemd to restart the frozen hbd-server", lambda: (
-        int(guest.show("hbd-server", "NRestarts")) > restarts and is_active(guest, "hbd-server")
-        and guest.show("hbd-server", "MainPID") not in ("0", pid)), timeout=15)
+    sg.wait_for(
+        "systemd to restart the frozen hbd-server",
+        lambda: (
+            int(guest.show("hbd-server", "NRestarts")) > restarts
+            and is_active(guest, "hbd-server")
+            and guest.show("hbd-server", "MainPID") not in ("0", pid)
+        ),
+        timeout=15,
+    )
     messages = [text_of(e) for e in guest.journal(cur, "hbd-server")]
     assert any("Watchdog timeout" in m for m in messages), messages
     assert ping() == b"pong\n"
@@ -271,15 +313,23 @@ def test_client_timeout_goes_to_journal_with_peer_and_to_log_file_info_does_not(
     server_config(guest, heartbeat_timeout=1)
     cur = guest.cursor()
     with socket.create_connection(("127.0.0.1", PORT), timeout=5) as s:
-        peer = "127.0.0.1:%d" % s.getsockname()[1]
+        peer = f"127.0.0.1:{s.getsockname()[1]}"
         s.sendall(b"ping\n")
         assert s.recv(64) == b"pong\n"
         while s.recv(64):  # then silence, until the server gives up on us
             pass
-    problems = sg.wait_for(f"a warning/error with PEER={peer}", lambda: [
-        e for e in daemon_entries(guest, "hbd-server", cur) if e.get("PEER") == peer and int(e["PRIORITY"]) <= 4])
-    log_file = sg.wait_for("the problem in /var/log/hbd/*.log", lambda: (
-        t := guest.sh("cat /var/log/hbd/*.log", check=False).stdout) and peer in t and t)
+    problems = sg.wait_for(
+        f"a warning/error with PEER={peer}",
+        lambda: [
+            e
+            for e in daemon_entries(guest, "hbd-server", cur)
+            if e.get("PEER") == peer and int(e["PRIORITY"]) <= 4
+        ],
+    )
+    log_file = sg.wait_for(
+        "the problem in /var/log/hbd/*.log",
+        lambda: (t := guest.sh("cat /var/log/hbd/*.log", check=False).stdout) and peer in t and t,
+    )
     assert text_of(problems[0]) in log_file
     entries = daemon_entries(guest, "hbd-server", cur)
     info = [text_of(e) for e in entries if e.get("PRIORITY") == "6" and peer in text_of(e)]
@@ -308,8 +358,10 @@ def test_upgrade_keeps_edited_conffile_and_restarts_running_server(guest, deb):
     guest.run("dpkg", "-i", f"/dist/{deb.name}")  # same version again: dpkg takes the upgrade path
     assert guest.read(SERVER_YAML) == edited
     assert not guest.sh("ls /etc/hbd | grep -v '[.]yaml$'", check=False).stdout  # no .dpkg-new/-dist
-    sg.wait_for("hbd-server restarted by the upgrade", lambda: is_active(guest, "hbd-server")
-                and guest.show("hbd-server", "MainPID") not in ("0", pid))
+    sg.wait_for(
+        "hbd-server restarted by the upgrade",
+        lambda: is_active(guest, "hbd-server") and guest.show("hbd-server", "MainPID") not in ("0", pid),
+    )
     assert ping() == b"pong\n"
 
 
@@ -321,8 +373,13 @@ def test_purge_stops_units_and_removes_leftovers(guest):
     for unit in UNITS:
         assert guest.show(unit, "ActiveState") != "active", unit
     assert guest.run("pgrep", "-u", "_hbd", check=False).returncode == 1  # nothing of hbd still runs
-    for path in ("/var/log/hbd", "/run/hbd", "/etc/hbd", "/lib/systemd/system/hbd-server.service",
-                 "/etc/systemd/system/multi-user.target.wants/hbd-server.service"):
+    for path in (
+        "/var/log/hbd",
+        "/run/hbd",
+        "/etc/hbd",
+        "/lib/systemd/system/hbd-server.service",
+        "/etc/systemd/system/multi-user.target.wants/hbd-server.service",
+    ):
         assert guest.run("test", "-e", path, check=False).returncode == 1, path
     with pytest.raises(OSError):
         ping()
