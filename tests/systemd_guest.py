@@ -9,6 +9,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -54,6 +55,21 @@ def prepare() -> Path:
     if not debs:
         raise RuntimeError("no dist/hbd_*_all.deb after .ci/systemd-prepare.sh")
     return debs[-1]
+
+
+def repack_newer(deb: Path, outdir: Path) -> Path:
+    """The same package with a higher version (VERSION+test1), to exercise the real upgrade path."""
+    root = outdir / "root"
+    subprocess.run(["dpkg-deb", "-R", str(deb), str(root)], check=True)
+    control = root / "DEBIAN" / "control"
+    text = control.read_text()
+    version = re.search(r"(?m)^Version: (\S+)$", text).group(1)
+    control.write_text(text.replace(f"Version: {version}", f"Version: {version}+test1"))
+    out = outdir / f"hbd_{version}+test1_all.deb"
+    subprocess.run(
+        ["dpkg-deb", "--root-owner-group", "-b", str(root), str(out)], check=True, capture_output=True
+    )
+    return out
 
 
 def _harness(cmd: str, timeout: float = 120) -> None:
