@@ -12,6 +12,7 @@ DEB_INPUTS := $(shell find hbd etc systemd debian docs/hbd.1 pyproject.toml -typ
               $(wildcard README.md)
 PYTHON_DEB ?= /usr/bin/python3
 DEB_PATH := /usr/sbin:/usr/bin:/sbin:/bin
+DEB_APT := $(shell [ "$$(id -u)" = 0 ] || echo sudo) env DEBIAN_FRONTEND=noninteractive apt-get
 
 .PHONY: deb deb-deps deb-lint systemd-test
 
@@ -21,7 +22,7 @@ deb: $(DEB_FILE)
 deb-deps:
 	@if command -v dpkg-checkbuilddeps >/dev/null && dpkg-checkbuilddeps 2>/dev/null; then :; \
 	else echo "installing build dependencies (apt-get build-dep ./)"; \
-	  apt-get update -q >/dev/null && apt-get build-dep -y -q --no-install-recommends ./ >/dev/null; fi
+	  $(DEB_APT) update -q >/dev/null && $(DEB_APT) build-dep -y -q --no-install-recommends ./ >/dev/null; fi
 
 $(DEB_FILE): $(DEB_INPUTS)
 	@test "$$(dpkg-parsechangelog -S Version 2>/dev/null || sed -n '1s/.*(\(.*\)).*/\1/p' debian/changelog)" \
@@ -29,15 +30,18 @@ $(DEB_FILE): $(DEB_INPUTS)
 	$(MAKE) -f mk/deb.mk deb-deps
 	rm -rf $(DEB_BUILD) && mkdir -p $(DEB_BUILD)/hbd-$(DEB_VERSION) dist
 	# Only what git tracks or would track (no build/, dist/, caches), so the source package is clean.
-	git ls-files -z --cached --others --exclude-standard | \
-	  tar -c --null -T - -f - | tar -x -C $(DEB_BUILD)/hbd-$(DEB_VERSION) -f -
+	if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
+	  git ls-files -z --cached --others --exclude-standard | tar -c --null -T - -f -; \
+	else tar -c --exclude-vcs --exclude=./build --exclude=./dist --exclude=__pycache__ --exclude='.*_cache' \
+	    --exclude=.hypothesis --exclude='.venv*' -f - .; fi | \
+	  tar -x -C $(DEB_BUILD)/hbd-$(DEB_VERSION) -f -
 	# Debian's own python3, not a pyenv/venv one earlier on PATH.
 	cd $(DEB_BUILD)/hbd-$(DEB_VERSION) && env -u PYTHONPATH -u VIRTUAL_ENV PATH=$(DEB_PATH) dpkg-buildpackage -us -uc
 	cp $(DEB_BUILD)/hbd_$(DEB_VERSION)_all.deb $@
 
 # Fails on any error or warning, for the binary and the source package alike.
 deb-lint: $(DEB_FILE)
-	@command -v lintian >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q lintian >/dev/null; }
+	@command -v lintian >/dev/null || { $(DEB_APT) update -q >/dev/null && $(DEB_APT) install -y -q lintian >/dev/null; }
 	lintian --fail-on error,warning --display-info --pedantic $(DEB_BUILD)/hbd_$(DEB_VERSION)_*.changes
 
 systemd-test:
