@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -140,10 +141,10 @@ class Guest:
 def booted(*nspawn_args: str) -> Iterator[Guest]:
     """Boot a fresh guest (one at a time per machine), yield it, and always tear it down."""
     SD_WORK.mkdir(parents=True, exist_ok=True)
+    # A SIGTERM (CI stopping the run) must unwind through the teardown, not leave a guest behind.
+    old_term = signal.signal(signal.SIGTERM, _interrupt)
     with open(SD_WORK / "guest.lock", "w") as lock:
-        wait_for(
-            "another run's guest to finish (guest.lock)", lambda: _try_lock(lock), timeout=600, every=0.5
-        )
+        wait_for("another run's guest to end (guest.lock)", lambda: _try_lock(lock), timeout=600, every=0.5)
         try:
             _harness("sd_up " + " ".join(f"'{a}'" for a in nspawn_args))
             yield Guest()
@@ -152,6 +153,11 @@ def booted(*nspawn_args: str) -> Iterator[Guest]:
                 log = Guest().run("journalctl", "-b", "--no-pager", "-o", "short-precise", check=False)
                 (SD_WORK / "guest-journal.txt").write_text(log.stdout + log.stderr)
             _harness("sd_down")
+            signal.signal(signal.SIGTERM, old_term)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # pytest then stops the session and still runs fixture teardowns
 
 
 def _try_lock(f: Any) -> bool:
