@@ -19,7 +19,8 @@ alive() { local s; s=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -c1); [ 
 
 sd_tools() {
   command -v systemd-nspawn >/dev/null && command -v debootstrap >/dev/null && return 0
-  apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends systemd-container debootstrap >/dev/null
+  local apt=(env DEBIAN_FRONTEND=noninteractive apt-get -q -o DPkg::Lock::Timeout=300)  # waits for another apt
+  "${apt[@]}" update >/dev/null && "${apt[@]}" install -y --no-install-recommends systemd-container debootstrap >/dev/null
 }
 
 sd_rootfs() {        # built once per machine, rebuilt when SD_PKGS changes

@@ -12,7 +12,7 @@ DEB_INPUTS := $(shell find hbd etc systemd debian docs/hbd.1 pyproject.toml -typ
               $(wildcard README.md)
 PYTHON_DEB ?= /usr/bin/python3
 DEB_PATH := /usr/sbin:/usr/bin:/sbin:/bin
-DEB_APT := $(shell [ "$$(id -u)" = 0 ] || echo sudo) env DEBIAN_FRONTEND=noninteractive apt-get
+DEB_APT := $(shell [ "$$(id -u)" = 0 ] || echo sudo) env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300
 
 .PHONY: deb deb-deps deb-lint systemd-test
 
