@@ -67,9 +67,7 @@ def repack_newer(deb: Path, outdir: Path) -> Path:
     version = re.search(r"(?m)^Version: (\S+)$", text).group(1)
     control.write_text(text.replace(f"Version: {version}", f"Version: {version}+test1"))
     out = outdir / f"hbd_{version}+test1_all.deb"
-    subprocess.run(
-        ["dpkg-deb", "--root-owner-group", "-b", str(root), str(out)], check=True, capture_output=True
-    )
+    subprocess.run(["dpkg-deb", "--root-owner-group", "-b", str(root), str(out)], check=True, capture_output=True)
     return out
 
 

@@ -82,11 +82,7 @@ def text_of(entry: dict) -> str:
 
 def daemon_entries(guest: sg.Guest, unit: str, after: str, max_priority: int = 7) -> list[dict]:
     """Journal lines the daemon itself wrote (not systemd's about it), as `journalctl -u UNIT -p N` shows."""
-    return [
-        e
-        for e in guest.journal(after, unit)
-        if e.get("_PID") != "1" and int(e.get("PRIORITY", 6)) <= max_priority
-    ]
+    return [e for e in guest.journal(after, unit) if e.get("_PID") != "1" and int(e.get("PRIORITY", 6)) <= max_priority]
 
 
 def is_active(guest: sg.Guest, unit: str) -> bool:
@@ -118,9 +114,7 @@ def server_config(guest: sg.Guest, **keys: object) -> None:
     if new != old:
         guest.write(SERVER_YAML, new)
         if is_active(guest, "hbd-server"):
-            assert not any(
-                e.get("EVENT") == "reload-failed" or "failed" in text_of(e) for e in reload_server(guest)
-            )
+            assert not any(e.get("EVENT") == "reload-failed" or "failed" in text_of(e) for e in reload_server(guest))
 
 
 # -- the guest -------------------------------------------------------------------------------------
@@ -186,9 +180,7 @@ def test_install_creates_system_user_conffiles_and_man_page(guest, deb):
 def test_unit_verifies_without_output(guest, unit):
     # --man=no: the minimal guest has no man-db to resolve Documentation=man:hbd(1); the page itself is
     # checked above. Any output fails, since bad keys or values only warn (rc 0).
-    out = guest.run(
-        "systemd-analyze", "verify", "--man=no", f"/lib/systemd/system/{unit}.service", check=False
-    )
+    out = guest.run("systemd-analyze", "verify", "--man=no", f"/lib/systemd/system/{unit}.service", check=False)
     assert (out.returncode, out.stdout + out.stderr) == (0, "")
 
 
@@ -217,9 +209,7 @@ def test_start_returns_after_ready_and_port_answers(guest):
     assert ping() == b"pong\n"
     assert guest.show("hbd-server", "StatusText")
     pid = guest.show("hbd-server", "MainPID")
-    status = dict(
-        line.split(":", 1) for line in guest.read(f"/proc/{pid}/status").splitlines() if ":" in line
-    )
+    status = dict(line.split(":", 1) for line in guest.read(f"/proc/{pid}/status").splitlines() if ":" in line)
     uid = guest.run("id", "-u", "_hbd").stdout.strip()
     assert status["Uid"].split()[:2] == [uid, uid]
     assert status["NoNewPrivs"].strip() == "1" and int(status["CapEff"], 16) == 0
@@ -237,9 +227,7 @@ def test_client_links_up_and_server_journal_shows_it(guest):
     assert f"127.0.0.1:{PORT}" in status
     joined = sg.wait_for(
         "a server journal line with PEER= for the client",
-        lambda: [
-            e for e in daemon_entries(guest, "hbd-server", cur) if e.get("PEER", "").startswith("127.0.0.1:")
-        ],
+        lambda: [e for e in daemon_entries(guest, "hbd-server", cur) if e.get("PEER", "").startswith("127.0.0.1:")],
     )
     assert joined[0]["PRIORITY"] == "6"
     sg.wait_for(
@@ -329,9 +317,7 @@ def test_client_timeout_goes_to_journal_with_peer_and_to_log_file_info_does_not(
     problems = sg.wait_for(
         f"a warning/error with PEER={peer}",
         lambda: [
-            e
-            for e in daemon_entries(guest, "hbd-server", cur)
-            if e.get("PEER") == peer and int(e["PRIORITY"]) <= 4
+            e for e in daemon_entries(guest, "hbd-server", cur) if e.get("PEER") == peer and int(e["PRIORITY"]) <= 4
         ],
     )
     log_file = sg.wait_for(
