@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# What the real-systemd tests (tests/test_systemd.py) need, on a fresh Debian 12 machine as root:
+# systemd-nspawn + debootstrap, the cached bookworm rootfs, and dist/hbd_<version>_all.deb.
+# Idempotent, and about 0 s when everything is in place. .ci/run calls it before pytest; the tests call it too.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source .ci/sd-container.sh
+t0=$SECONDS
+sd_tools
+# debootstrap (network-bound) and the package build (CPU-bound) do not depend on each other: overlap them.
+sd_rootfs & rootfs=$!
+if ! make -s -f mk/deb.mk deb >"$SD_WORK/deb-build.log" 2>&1; then
+  tail -40 "$SD_WORK/deb-build.log" >&2; echo "make deb failed (log: $SD_WORK/deb-build.log)" >&2
+  wait "$rootfs" || true; exit 1
+fi
+wait "$rootfs"
+echo "systemd test prerequisites ready in $((SECONDS - t0)) s: $(ls dist/hbd_*_all.deb | tail -1), $SD_ROOTFS"

@@ -1,0 +1,382 @@
+"""The Debian package under a real systemd: install the built .deb in a booted bookworm guest and drive the
+units with systemctl, the way an operator does. Needs root and systemd-nspawn (see tests/systemd_guest.py);
+the tests run in file order against one guest, and the last one purges the package.
+
+    /usr/bin/python3 -m pytest -m systemd tests/test_systemd.py      # or: make systemd-test
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import time
+
+import pytest
+
+try:
+    from . import systemd_guest as sg
+except ImportError:  # tests/ is not a package: pytest put it on sys.path
+    import systemd_guest as sg
+
+pytestmark = [pytest.mark.systemd, pytest.mark.timeout(600)]  # a cold first run builds rootfs and .deb
+
+SERVER_YAML = "/etc/hbd/server.yaml"
+CLIENT_YAML = "/etc/hbd/client.yaml"
+UNITS = ("hbd-server", "hbd-client")
+# Fast, deterministic failures for the tests; the packaged unit's values are for production.
+DROP_IN = """[Unit]
+StartLimitIntervalSec=0
+[Service]
+WatchdogSec=2
+RestartSec=100ms
+TimeoutAbortSec=2
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:  # the guest shares our network namespace: its port must be free here
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+PORT = _free_port()
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def set_keys(text: str, **keys: object) -> str:
+    """Replace top-level `key: ...` lines of a YAML text (or append them), keeping everything else."""
+    for key, value in keys.items():
+        line = f"{key}: {value}"
+        text, n = re.subn(rf"(?m)^{key}:.*$", line, text)
+        if not n:
+            text = text.rstrip("\n") + f"\n{line}\n"
+    return text
+
+
+def ping(port: int = PORT) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=3) as s:
+        s.sendall(b"ping\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(64)
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+
+def silent_client_lifetime(port: int = PORT, limit: float = 10.0) -> float:
+    """Connect, say nothing, and time how long the server keeps us (until EOF)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=limit) as s:
+        t0 = time.monotonic()
+        while s.recv(64):
+            pass
+        return time.monotonic() - t0
+
+
+def text_of(entry: dict) -> str:
+    msg = entry.get("MESSAGE", "")
+    return msg if isinstance(msg, str) else bytes(msg).decode(errors="replace")  # non-UTF-8 comes as a list
+
+
+def daemon_entries(guest: sg.Guest, unit: str, after: str, max_priority: int = 7) -> list[dict]:
+    """Journal lines the daemon itself wrote (not systemd's about it), as `journalctl -u UNIT -p N` shows."""
+    return [e for e in guest.journal(after, unit) if e.get("_PID") != "1" and int(e.get("PRIORITY", 6)) <= max_priority]
+
+
+def is_active(guest: sg.Guest, unit: str) -> bool:
+    return guest.show(unit, "ActiveState") == "active"
+
+
+def ensure_running(guest: sg.Guest, *units: str) -> None:
+    for unit in units:
+        if not is_active(guest, unit):
+            guest.run("systemctl", "reset-failed", unit, check=False)
+            guest.run("systemctl", "start", unit)
+
+
+def reload_server(guest: sg.Guest) -> list[dict]:
+    """systemctl reload (it returns after the daemon's RELOADING=1 ... READY=1), then the daemon's verdict."""
+    cur = guest.cursor()
+    guest.run("systemctl", "reload", "hbd-server")
+    done = re.compile(r"\breload(ed| failed)\b")
+    return sg.wait_for(
+        "the daemon's reload result in the journal",
+        lambda: [e for e in daemon_entries(guest, "hbd-server", cur) if done.search(text_of(e))],
+    )
+
+
+def server_config(guest: sg.Guest, **keys: object) -> None:
+    """Apply server settings: rewrite the conffile and reload when anything changed."""
+    old = guest.read(SERVER_YAML)
+    new = set_keys(old, **keys)
+    if new != old:
+        guest.write(SERVER_YAML, new)
+        if is_active(guest, "hbd-server"):
+            assert not any(e.get("EVENT") == "reload-failed" or "failed" in text_of(e) for e in reload_server(guest))
+
+
+# -- the guest -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def deb():
+    reason = sg.unavailable()
+    if reason and os.environ.get("CI"):
+        pytest.fail(f"CI must run the real-systemd tests, but: {reason}")  # a skip would hide the hole
+    if reason:
+        pytest.skip(reason)
+    return sg.prepare()
+
+
+@pytest.fixture(scope="module")
+def newer_deb(deb, tmp_path_factory):
+    return sg.repack_newer(deb, tmp_path_factory.mktemp("upgrade"))
+
+
+@pytest.fixture(scope="module")
+def guest(deb, newer_deb):
+    with sg.booted(f"--bind-ro={deb.parent}:/dist", f"--bind-ro={newer_deb.parent}:/upgrade") as g:
+        g.run("dpkg", "-i", f"/dist/{deb.name}")
+        # What the operator sees right after installing, before the tests touch anything.
+        g.after_install = {u: (g.show(u, "UnitFileState"), g.show(u, "ActiveState")) for u in UNITS}
+        for unit in UNITS:
+            g.run("mkdir", "-p", f"/etc/systemd/system/{unit}.service.d")
+            g.write(f"/etc/systemd/system/{unit}.service.d/test.conf", DROP_IN)
+        g.run("systemctl", "daemon-reload")
+        g.write(SERVER_YAML, set_keys(g.read(SERVER_YAML), port=PORT, heartbeat_timeout=30))
+        g.write(
+            CLIENT_YAML,
+            set_keys(
+                g.read(CLIENT_YAML),
+                host="127.0.0.1",
+                port=PORT,
+                heartbeat_interval=0.5,
+                pong_timeout=2,
+                reconnect_attempts=0,
+            ),
+        )
+        yield g
+
+
+# -- 0. the package --------------------------------------------------------------------------------
+def test_install_leaves_units_disabled_and_stopped(guest):
+    # Policy (docs/packaging.md): installed, not enabled, not started; the operator configures first.
+    for unit in UNITS:
+        assert guest.after_install[unit] == ("disabled", "inactive"), unit
+
+
+def test_install_creates_system_user_conffiles_and_man_page(guest, deb):
+    user = guest.run("getent", "passwd", "_hbd").stdout.split(":")
+    assert int(user[2]) < 1000 and user[6].strip() == "/usr/sbin/nologin"
+    conffiles = guest.run("dpkg-query", "-W", "-f=${Conffiles}", "hbd").stdout
+    assert SERVER_YAML in conffiles and CLIENT_YAML in conffiles
+    guest.run("test", "-s", "/usr/share/man/man1/hbd.1.gz")
+    version = deb.name.split("_")[1]
+    assert version in guest.run("hbd", "--version").stdout
+
+
+# -- 7. static checks of the packaged units ---------------------------------------------------------
+@pytest.mark.parametrize("unit", UNITS)
+def test_unit_verifies_without_output(guest, unit):
+    # --man=no: the minimal guest has no man-db to resolve Documentation=man:hbd(1); the page itself is
+    # checked above. Any output fails, since bad keys or values only warn (rc 0).
+    out = guest.run("systemd-analyze", "verify", "--man=no", f"/lib/systemd/system/{unit}.service", check=False)
+    assert (out.returncode, out.stdout + out.stderr) == (0, "")
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_unit_exposure_at_most_2(guest, unit):
+    out = guest.run(
+        "systemd-analyze",
+        "security",
+        "--offline=yes",
+        "--threshold=20",  # 0-100 scale
+        f"/lib/systemd/system/{unit}.service",
+        check=False,
+    )
+    score = float(re.search(r"Overall exposure level for \S+: ([\d.]+)", out.stdout).group(1))
+    assert out.returncode == 0 and score <= 2.0, out.stdout[-2000:]
+
+
+# -- 1. start ----------------------------------------------------------------------------------------
+def test_start_returns_after_ready_and_port_answers(guest):
+    guest.run("systemctl", "start", "hbd-server")
+    # Type=notify: start returned only after READY=1, so the listener answers now, with no retry.
+    assert (guest.show("hbd-server", "ActiveState"), guest.show("hbd-server", "SubState")) == (
+        "active",
+        "running",
+    )
+    assert ping() == b"pong\n"
+    assert guest.show("hbd-server", "StatusText")
+    pid = guest.show("hbd-server", "MainPID")
+    status = dict(line.split(":", 1) for line in guest.read(f"/proc/{pid}/status").splitlines() if ":" in line)
+    uid = guest.run("id", "-u", "_hbd").stdout.strip()
+    assert status["Uid"].split()[:2] == [uid, uid]
+    assert status["NoNewPrivs"].strip() == "1" and int(status["CapEff"], 16) == 0
+
+
+# -- 2. the client -------------------------------------------------------------------------------------
+def test_client_links_up_and_server_journal_shows_it(guest):
+    ensure_running(guest, "hbd-server")
+    cur = guest.cursor()
+    guest.run("systemctl", "start", "hbd-client")
+    status = sg.wait_for(
+        "hbd-client STATUS= saying the link is up",
+        lambda: (s := guest.show("hbd-client", "StatusText")) and re.search(r"\bup\b", s) and s,
+    )
+    assert f"127.0.0.1:{PORT}" in status
+    joined = sg.wait_for(
+        "a server journal line with PEER= for the client",
+        lambda: [e for e in daemon_entries(guest, "hbd-server", cur) if e.get("PEER", "").startswith("127.0.0.1:")],
+    )
+    assert joined[0]["PRIORITY"] == "6"
+    sg.wait_for(
+        "the server's STATUS= counting 1 client",
+        lambda: re.search(r"\b1 clients?\b", guest.show("hbd-server", "StatusText")),
+    )
+
+
+# -- 3. reload ---------------------------------------------------------------------------------------
+def test_reload_applies_new_heartbeat_timeout_in_place(guest):
+    ensure_running(guest, "hbd-server")
+    server_config(guest, heartbeat_timeout=30)
+    pid = guest.show("hbd-server", "MainPID")
+    server_config(guest, heartbeat_timeout=1)
+    assert is_active(guest, "hbd-server") and guest.show("hbd-server", "MainPID") == pid
+    # In effect: a silent client is now dropped after ~1 s (it was 30 s before the reload).
+    assert 0.8 <= silent_client_lifetime() < 3.0
+
+
+def test_reload_with_broken_yaml_keeps_old_config_and_logs_the_line(guest):
+    ensure_running(guest, "hbd-server")
+    server_config(guest, heartbeat_timeout=1)
+    good = guest.read(SERVER_YAML)
+    pid = guest.show("hbd-server", "MainPID")
+    lines = good.splitlines()
+    lineno = next(i for i, line in enumerate(lines, 1) if line.startswith("heartbeat_timeout:"))
+    lines[lineno - 1] = "heartbeat_timeout: 5: oops"  # a YAML syntax error on a known line
+    guest.write(SERVER_YAML, "\n".join(lines) + "\n")
+    cur = guest.cursor()
+    try:
+        reload_server(guest)
+        assert is_active(guest, "hbd-server") and guest.show("hbd-server", "MainPID") == pid
+        errors = "\n".join(text_of(e) for e in daemon_entries(guest, "hbd-server", cur, 3))
+        assert "server.yaml" in errors and re.search(rf"(line {lineno}\b|:{lineno}\b)", errors), errors
+        assert 0.8 <= silent_client_lifetime() < 3.0  # still the old heartbeat_timeout (1), not 5
+    finally:
+        guest.write(SERVER_YAML, good)
+        reload_server(guest)
+
+
+def test_reload_with_invalid_value_names_the_key(guest):
+    ensure_running(guest, "hbd-server")
+    good = guest.read(SERVER_YAML)
+    guest.write(SERVER_YAML, set_keys(good, heartbeat_timeout=-1))
+    cur = guest.cursor()
+    try:
+        reload_server(guest)
+        assert is_active(guest, "hbd-server")
+        errors = "\n".join(text_of(e) for e in daemon_entries(guest, "hbd-server", cur, 3))
+        assert "heartbeat_timeout" in errors, errors
+    finally:
+        guest.write(SERVER_YAML, good)
+        reload_server(guest)
+
+
+# -- 4. watchdog -------------------------------------------------------------------------------------
+def test_frozen_main_loop_is_killed_by_watchdog_and_restarted(guest):
+    ensure_running(guest, "hbd-server")
+    restarts, pid = int(guest.show("hbd-server", "NRestarts")), guest.show("hbd-server", "MainPID")
+    cur = guest.cursor()
+    guest.run("systemctl", "kill", "-s", "SIGSTOP", "--kill-who=main", "hbd-server")
+    sg.wait_for(
+        "systemd to restart the frozen hbd-server",
+        lambda: (
+            int(guest.show("hbd-server", "NRestarts")) > restarts
+            and is_active(guest, "hbd-server")
+            and guest.show("hbd-server", "MainPID") not in ("0", pid)
+        ),
+        timeout=15,
+    )
+    messages = [text_of(e) for e in guest.journal(cur, "hbd-server")]
+    assert any("Watchdog timeout" in m for m in messages), messages
+    assert ping() == b"pong\n"
+
+
+# -- 5. where log lines go -------------------------------------------------------------------------
+def test_client_timeout_goes_to_journal_with_peer_and_to_log_file_info_does_not(guest):
+    ensure_running(guest, "hbd-server")
+    server_config(guest, heartbeat_timeout=1)
+    cur = guest.cursor()
+    with socket.create_connection(("127.0.0.1", PORT), timeout=5) as s:
+        peer = f"127.0.0.1:{s.getsockname()[1]}"
+        s.sendall(b"ping\n")
+        assert s.recv(64) == b"pong\n"
+        while s.recv(64):  # then silence, until the server gives up on us
+            pass
+    problems = sg.wait_for(
+        f"a warning/error with PEER={peer}",
+        lambda: [
+            e for e in daemon_entries(guest, "hbd-server", cur) if e.get("PEER") == peer and int(e["PRIORITY"]) <= 4
+        ],
+    )
+    log_file = sg.wait_for(
+        "the problem in /var/log/hbd/*.log",
+        lambda: (t := guest.sh("cat /var/log/hbd/*.log", check=False).stdout) and peer in t and t,
+    )
+    assert text_of(problems[0]) in log_file
+    entries = daemon_entries(guest, "hbd-server", cur)
+    info = [text_of(e) for e in entries if e.get("PRIORITY") == "6" and peer in text_of(e)]
+    assert info and not [m for m in info if m in log_file]  # "connected" reaches the journal only
+    # Exactly once: the structured entry, not a second copy through stdout/stderr.
+    assert not [e for e in entries if e.get("_TRANSPORT") == "stdout" and peer in text_of(e)]
+
+
+# -- 6. stop, upgrade, purge -------------------------------------------------------------------------
+def test_stop_is_clean(guest):
+    ensure_running(guest, *UNITS)
+    cur = guest.cursor()
+    guest.run("systemctl", "stop", *UNITS)
+    for unit in UNITS:
+        state = {p: guest.show(unit, p) for p in ("ActiveState", "Result", "ExecMainStatus")}
+        assert state == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}, unit
+        messages = [text_of(e) for e in guest.journal(cur, unit)]
+        assert any("Deactivated successfully" in m for m in messages), messages
+        assert not [m for m in messages if "SIGKILL" in m or "Killing" in m], messages
+
+
+def test_upgrade_keeps_edited_conffile_and_restarts_only_the_running_unit(guest, newer_deb):
+    ensure_running(guest, "hbd-server")
+    guest.run("systemctl", "stop", "hbd-client")
+    edited, pid = guest.read(SERVER_YAML), guest.show("hbd-server", "MainPID")
+    assert f"port: {PORT}" in edited
+    guest.run("dpkg", "-i", f"/upgrade/{newer_deb.name}")
+    assert newer_deb.name.split("_")[1] in guest.run("dpkg-query", "-W", "-f=${Version}", "hbd").stdout
+    assert guest.read(SERVER_YAML) == edited
+    assert not guest.sh("ls /etc/hbd | grep -v '[.]yaml$'", check=False).stdout  # no .dpkg-new/-dist
+    sg.wait_for(
+        "hbd-server restarted by the upgrade",
+        lambda: is_active(guest, "hbd-server") and guest.show("hbd-server", "MainPID") not in ("0", pid),
+    )
+    assert ping() == b"pong\n"
+    assert guest.show("hbd-client", "ActiveState") == "inactive"  # not running before: not started
+
+
+def test_purge_stops_units_and_removes_leftovers(guest):
+    ensure_running(guest, *UNITS)
+    guest.run("systemctl", "enable", "hbd-server")
+    guest.run("test", "-d", "/var/log/hbd")
+    guest.run("dpkg", "--purge", "hbd")
+    for unit in UNITS:
+        assert guest.show(unit, "ActiveState") != "active", unit
+    assert guest.run("pgrep", "-u", "_hbd", check=False).returncode == 1  # nothing of hbd still runs
+    for path in (
+        "/var/log/hbd",
+        "/run/hbd",
+        "/etc/hbd",
+        "/lib/systemd/system/hbd-server.service",
+        "/etc/systemd/system/multi-user.target.wants/hbd-server.service",
+    ):
+        assert guest.run("test", "-e", path, check=False).returncode == 1, path
+    with pytest.raises(OSError):
+        ping()
