@@ -160,7 +160,7 @@ def guest(deb, newer_deb):
 
 # -- 0. the package --------------------------------------------------------------------------------
 def test_install_leaves_units_disabled_and_stopped(guest):
-    # Policy (docs/packaging.md): installed, not enabled, not started; the operator configures first.
+    # Policy (README, "Enable policy"): installed, not enabled, not started; the operator configures first.
     for unit in UNITS:
         assert guest.after_install[unit] == ("disabled", "inactive"), unit
 
