@@ -15,6 +15,9 @@ from typing import Any
 
 import yaml
 
+from hbd.access import Network, parse_allow
+from hbd.tls import TLSConfig, parse_client_tls, parse_server_tls
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_SERVER_CONFIG = "/etc/hbd/server.yaml"
 DEFAULT_CLIENT_CONFIG = "/etc/hbd/client.yaml"
@@ -104,6 +107,8 @@ class ServerConfig:
     max_clients: int = field(default=10000, metadata={"conv": _integer(1, 1_000_000)})
     backlog: int = field(default=4096, metadata={"conv": _integer(1, 65535)})
     workers: int = field(default=1, metadata={"conv": _integer(1, 64)})
+    tls: TLSConfig | None = field(default=None, metadata={"conv": parse_server_tls})
+    allow: tuple[Network, ...] | None = field(default=None, metadata={"conv": parse_allow})
     log_file: str | None = field(default="/var/log/hbd/server.log", metadata={"conv": _log_file})
     log_level: str = field(default="info", metadata={"conv": _log_level})
     path: str = field(default="", metadata={"internal": True})
@@ -121,6 +126,7 @@ class ClientConfig:
     receive_timeout: float = field(default=5.0, metadata={"conv": _seconds})
     wire: str = field(default="bare", metadata={"conv": _choice("bare", "line")})
     client_name: str | None = field(default=None, metadata={"conv": _name})
+    tls: TLSConfig | None = field(default=None, metadata={"conv": parse_client_tls})
     log_file: str | None = field(default="/var/log/hbd/client.log", metadata={"conv": _log_file})
     log_level: str = field(default="info", metadata={"conv": _log_level})
     path: str = field(default="", metadata={"internal": True})

@@ -237,6 +237,15 @@ class PeerLogLimiter:
         w[2] += 1
         return False, 0
 
+    def expired(self, now: float) -> list[tuple[str, int]]:
+        """Sources whose window has ended with lines suppressed: (source, count), each reported once."""
+        out = []
+        for source, w in self._windows.items():
+            if w[2] and now - w[0] >= self.interval:
+                out.append((source, int(w[2])))
+                w[2] = 0
+        return out
+
     def _prune(self, now: float) -> None:
         stale = [s for s, w in self._windows.items() if now - w[0] >= self.interval]
         for s in stale:

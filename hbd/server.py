@@ -14,6 +14,7 @@ import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from hbd.access import AllowList
 from hbd.config import ServerConfig, load_server_config
 from hbd.daemon import Daemon, StartError
 from hbd.logs import PeerLogLimiter, fields, log
@@ -21,6 +22,8 @@ from hbd.loop import Timer
 from hbd.protocol import Hello, PeerState, ProtocolError, ServerPeer, StateChange
 
 if TYPE_CHECKING:
+    import ssl
+
     from hbd.workers import WorkerChannel
 
 ACCEPT_BATCH = 128  # accepts per readiness event: drains a reconnect storm without starving peers
@@ -32,6 +35,9 @@ _FD_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 class Connection:
     __slots__ = ("addr", "outbuf", "peer", "server", "since", "sock", "timer")
+    # Errors that mean "try again later"; an except clause is evaluated only when something is
+    # raised, so the TLS subclass can widen this at no cost to the plain path.
+    BLOCKING: tuple[type[BaseException], ...] = (BlockingIOError, InterruptedError)
 
     def __init__(self, server: Server, sock: socket.socket, addr: str, now: float) -> None:
         self.server = server
@@ -50,7 +56,7 @@ class Connection:
     def on_read(self) -> None:
         try:
             data = self.sock.recv(RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
+        except self.BLOCKING:
             return
         except OSError as exc:
             self.server.drop(self, f"connection error: {exc.strerror or exc}", logging.WARNING)
@@ -78,7 +84,7 @@ class Connection:
             return
         try:
             sent = self.sock.send(data)
-        except (BlockingIOError, InterruptedError):
+        except self.BLOCKING:
             sent = 0
         except OSError as exc:
             self.server.drop(self, f"connection error: {exc.strerror or exc}", logging.WARNING)
@@ -90,7 +96,7 @@ class Connection:
     def on_write(self) -> None:
         try:
             sent = self.sock.send(self.outbuf)
-        except (BlockingIOError, InterruptedError):
+        except self.BLOCKING:
             return
         except OSError as exc:
             self.server.drop(self, f"connection error: {exc.strerror or exc}", logging.WARNING)
@@ -123,7 +129,9 @@ class Server(Daemon):
         self.address: tuple[str, int] | None = None
         self.limiter = PeerLogLimiter()
         self.late = 0
-        self.stats = {"accepted": 0, "refused": 0, "timeouts": 0, "rejected": 0}
+        self.stats = {"accepted": 0, "refused": 0, "timeouts": 0, "rejected": 0, "denied": 0, "tls_failed": 0}
+        self.tls_context: ssl.SSLContext | None = None
+        self.allow: AllowList | None = None
         self._stall_end = float("-inf")
         self._accept_paused = False
         self._fd_warned_at = float("-inf")
@@ -133,14 +141,19 @@ class Server(Daemon):
         return load_server_config(self.config.path, self.overrides)
 
     def start(self) -> None:
+        self.tls_context, self.allow = self._security(self.config)
         self.listener = self._bind(self.config)
         self.address = self.listener.getsockname()[:2]
         self.loop.add_reader(self.listener, self.on_accept)
         self.loop.stall_callbacks.append(self.on_stall)
         self.start_status_updates()
+        self.loop.call_later(self.limiter.interval, self._flush_suppressed)
         log.info(
-            "listening on %s:%d (heartbeat_timeout %g s, max_clients %d)",
+            "listening on %s:%d (heartbeat_timeout %g s, max_clients %d%s%s)",
             *self.address, self.config.heartbeat_timeout, self.max_clients,
+            ", TLS" + (" with client certificates" if self.config.tls and self.config.tls.require_client_cert else "")
+            if self.tls_context else "",
+            f", allow {len(self.allow.nets)} network{'s' if len(self.allow.nets) != 1 else ''}" if self.allow else "",
         )
         if self.worker is not None:
             self.worker.send("R")
@@ -157,11 +170,13 @@ class Server(Daemon):
 
     def prepare(self, new: ServerConfig) -> Callable[[], None]:
         old = self.config
+        tls_context, allow = self._security(new)  # new certificates are read on every reload
         listener = None
         if (new.host, new.port) != (old.host, old.port) or new.backlog != old.backlog:
             listener = self._bind(new)  # may raise StartError: the old listener keeps serving
 
         def commit() -> None:
+            self._commit_security(tls_context, allow)
             if listener is not None:
                 assert self.listener is not None
                 self.loop.forget(self.listener)
@@ -190,6 +205,40 @@ class Server(Daemon):
     def status_text(self) -> str:
         n = len(self.conns)
         return f"{n} client{'s' if n != 1 else ''}, {self.late} late"
+
+    # -- access control ---------------------------------------------------------------------------
+    def _security(self, cfg: ServerConfig) -> tuple[ssl.SSLContext | None, AllowList | None]:
+        context = None
+        if cfg.tls is not None:
+            from hbd import tls
+
+            try:
+                context = tls.server_context(cfg.tls)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                raise StartError(f"tls: cannot load the certificate files: {exc}") from None
+        return context, AllowList(cfg.allow) if cfg.allow else None
+
+    def _commit_security(self, context: ssl.SSLContext | None, allow: AllowList | None) -> None:
+        """New TLS and allow settings; connections they no longer admit are closed."""
+        turned_on = context is not None and self.tls_context is None
+        self.tls_context, self.allow = context, allow
+        for conn in list(self.conns.values()):
+            if allow is not None and not allow.allows(conn.addr.rsplit(":", 1)[0].strip("[]")):
+                log.warning("closing client %s: no longer in the allow list", conn.label,
+                            extra=fields(peer=conn.addr, event="denied"))
+                self._close(conn)
+            elif turned_on and type(conn) is Connection:
+                log.warning("closing client %s: TLS is now required", conn.label,
+                            extra=fields(peer=conn.addr, event="tls-required"))
+                self._close(conn)
+
+    def _flush_suppressed(self) -> None:
+        """Report lines the rate limit held back, even when the source then fell quiet."""
+        for key, n in self.limiter.expired(self.clock()):
+            source, event = key.rsplit(" ", 1)
+            log.warning("suppressed %d %r lines caused by %s in the last %g s", n, event, source,
+                        self.limiter.interval, extra=fields(peer=source, event="suppressed"))
+        self.loop.call_later(self.limiter.interval / 2, self._flush_suppressed)
 
     # -- listener ------------------------------------------------------------------------------------
     def _bind(self, cfg: ServerConfig) -> socket.socket:
@@ -224,6 +273,12 @@ class Server(Daemon):
                     self._pause_accepting(exc)
                     return
                 continue  # ECONNABORTED and friends: that one connection is gone, carry on
+            if self.allow is not None and not self.allow.allows(addr[0]):
+                self.stats["denied"] += 1
+                self._peer_log(logging.WARNING, addr[0], "denied %s:%d: not in the allow list",
+                               addr[0], addr[1], event="denied")
+                sock.close()  # before reading a byte
+                continue
             if len(self.conns) >= self.max_clients:
                 self.stats["refused"] += 1
                 self._peer_log(
@@ -254,12 +309,19 @@ class Server(Daemon):
     # -- connections ---------------------------------------------------------------------------------
     def _add(self, sock: socket.socket, addr: str) -> None:
         sock.setblocking(False)
+        self.stats["accepted"] += 1
+        if self.tls_context is not None:
+            from hbd.server_tls import TLSConnection
+
+            tconn = TLSConnection(self, sock, addr, self.clock())
+            self.conns[sock.fileno()] = tconn
+            tconn.start()  # logs "connected" once the handshake is done
+            return
         conn = Connection(self, sock, addr, self.clock())
         self.conns[sock.fileno()] = conn
-        self.stats["accepted"] += 1
         self.loop.add_reader(sock, conn.on_read)
         conn.arm()
-        log.info("client %s connected", addr, extra=fields(peer=addr, event="connected"))
+        self._peer_log(logging.INFO, addr.rsplit(":", 1)[0], "client %s connected", addr, event="connected")
 
     def check(self, conn: Connection) -> None:
         """The connection's timer fired: apply the silence rule."""
@@ -309,19 +371,21 @@ class Server(Daemon):
             self.late -= 1
         if change.new is PeerState.LATE:
             self.late += 1
-        extra = fields(
-            peer=conn.peer.name or conn.addr, peer_address=conn.addr, event=change.new.value.lower(),
-            silent_ms=round(change.silent_for * 1000),
-        )
+        # Rate-limited per source address: a flood of silent connections from one host must not
+        # flood the journal with late/timed-out lines.
+        source = conn.addr.rsplit(":", 1)[0]
+        kw = {"event": change.new.value.lower(), "peer": conn.addr, "silent_ms": round(change.silent_for * 1000)}
         if change.new is PeerState.DEAD:
-            log.warning(
-                "client %s timed out: silent for %.3f s (heartbeat_timeout %g s); closing",
-                conn.label, change.silent_for, conn.peer.timeout, extra=extra,
+            self._peer_log(
+                logging.WARNING, source, "client %s timed out: silent for %.3f s (heartbeat_timeout %g s); closing",
+                conn.label, change.silent_for, conn.peer.timeout, **kw,
             )
         elif change.new is PeerState.LATE:
-            log.warning("client %s is late: silent for %.3f s", conn.label, change.silent_for, extra=extra)
+            self._peer_log(logging.WARNING, source, "client %s is late: silent for %.3f s",
+                           conn.label, change.silent_for, **kw)
         else:
-            log.info("client %s is back: ping after %.3f s", conn.label, change.silent_for, extra=extra)
+            self._peer_log(logging.INFO, source, "client %s is back: ping after %.3f s",
+                           conn.label, change.silent_for, **kw)
 
     def reject(self, conn: Connection, reason: str) -> None:
         """The peer broke the protocol: log (rate-limited per source address) and close it."""
@@ -333,8 +397,15 @@ class Server(Daemon):
         self._close(conn)
 
     def drop(self, conn: Connection, reason: str, level: int) -> None:
-        log.log(level, "client %s %s", conn.label, reason,
-                extra=fields(peer=conn.peer.name or conn.addr, peer_address=conn.addr, event="disconnected"))
+        self._peer_log(level, conn.addr.rsplit(":", 1)[0], "client %s %s", conn.label, reason,
+                       event="disconnected", peer=conn.addr)
+        self._close(conn)
+
+    def tls_failed(self, conn: Connection, reason: str) -> None:
+        """A TLS handshake (or the TLS layer later) failed: log why, rate-limited, and close."""
+        self.stats["tls_failed"] += 1
+        self._peer_log(logging.WARNING, conn.addr.rsplit(":", 1)[0], "TLS handshake with %s failed: %s",
+                       conn.label, reason, event="tls-failed", peer=conn.addr)
         self._close(conn)
 
     def _close(self, conn: Connection) -> None:
@@ -352,10 +423,15 @@ class Server(Daemon):
             pass
         sock.close()
 
-    def _peer_log(self, level: int, source: str, msg: str, *args: object, event: str, peer: str = "") -> None:
-        ok, suppressed = self.limiter.check(source, self.clock())
+    def _peer_log(self, level: int, source: str, msg: str, *args: object, event: str, peer: str = "",
+                  **more: object) -> None:
+        """A line a peer can cause: at most a burst per source address and kind of event."""
+        if not log.isEnabledFor(level):
+            return
+        key = f"{source} {event}"
+        ok, suppressed = self.limiter.check(key, self.clock())
         if not ok:
             return
         if suppressed:
             msg += f" (suppressed {suppressed} similar lines from {source})"
-        log.log(level, msg, *args, extra=fields(peer=peer or source, peer_address=peer or source, event=event))
+        log.log(level, msg, *args, extra=fields(peer=peer or source, peer_address=peer or source, event=event, **more))

@@ -53,7 +53,7 @@ def test_fractions_are_accepted(tmp_path: Path) -> None:
         ("max_clients: 0", "max_clients: must be between 1 and 1000000, got 0"),
         ("log_level: loud", "log_level: must be one of debug, info, warning, error, got str 'loud'"),
         ("log_file: 3", "log_file: must be a file path or null, got int 3"),
-        ("prot: 1", "line 1: prot: unknown key (known keys: backlog, heartbeat_timeout, host"),
+        ("prot: 1", "line 1: prot: unknown key (known keys: allow, backlog, heartbeat_timeout, host"),
         ("host: ''", "host: must be a host name or IP address"),
     ],
 )

@@ -1,0 +1,220 @@
+"""Optional TLS: the ``tls:`` config section, SSL contexts, and a non-blocking handshake driver.
+
+Everything stays on the one selectors loop: sockets are wrapped with ``do_handshake_on_connect``
+off, and ``Handshake`` retries ``do_handshake()`` whenever the socket becomes readable or writable.
+The caller owns the handshake timeout (a loop timer), so closing a connection cancels it the usual
+way. Plain TCP stays the default; nothing here is imported on the plain path's hot loop.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+# The first byte of every TLS connection: a handshake record (ClientHello).
+TLS_HANDSHAKE_RECORD = 0x16
+WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+_SERVER_KEYS = ("cert", "key", "ca", "require_client_cert", "handshake_timeout")
+_CLIENT_KEYS = ("ca", "cert", "key", "server_hostname", "verify", "handshake_timeout")
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    cert: str | None = None
+    key: str | None = None
+    ca: str | None = None
+    require_client_cert: bool = False  # server only
+    server_hostname: str | None = None  # client only; default: the host connected to
+    verify: bool = True  # client only: check the server's certificate and name
+    handshake_timeout: float = 5.0
+
+
+# -- config parsing (called by hbd.config; raises ValueError naming the sub-key) ------------------
+def parse_server_tls(value: Any) -> TLSConfig | None:
+    cfg = _parse(value, _SERVER_KEYS)
+    if cfg is None:
+        return None
+    problems = []
+    if not cfg.cert or not cfg.key:
+        problems.append("cert and key are both required for a TLS server")
+    if cfg.require_client_cert and not cfg.ca:
+        problems.append("require_client_cert: needs ca (the CA that signs client certificates)")
+    _raise(problems)
+    _try_context(lambda: server_context(cfg))
+    return cfg
+
+
+def parse_client_tls(value: Any) -> TLSConfig | None:
+    cfg = _parse(value, _CLIENT_KEYS)
+    if cfg is None:
+        return None
+    if bool(cfg.cert) != bool(cfg.key):
+        _raise(["cert and key go together (a client certificate needs its key)"])
+    _try_context(lambda: client_context(cfg))
+    return cfg
+
+
+def _parse(value: Any, keys: tuple[str, ...]) -> TLSConfig | None:
+    if value is None or value is False:
+        return None  # plain TCP
+    if not isinstance(value, dict):
+        raise ValueError(f"must be a mapping with {', '.join(keys)}, or null for plain TCP; got {_show(value)}")
+    problems: list[str] = []
+    out: dict[str, Any] = {}
+    for k in value:
+        if k not in keys:
+            problems.append(f"{k}: unknown key (known keys: {', '.join(keys)})")
+    for k in ("cert", "key", "ca"):
+        if k in keys and value.get(k) is not None:
+            path = value[k]
+            if not isinstance(path, str) or not path:
+                problems.append(f"{k}: must be a file path, got {_show(path)}")
+                continue
+            try:
+                with open(path, "rb") as f:
+                    f.read(1)
+            except OSError as exc:
+                problems.append(f"{k}: cannot read {path}: {exc.strerror or exc}")
+                continue
+            out[k] = os.path.abspath(path)
+    for k in ("require_client_cert", "verify"):
+        if k in keys and k in value:
+            if not isinstance(value[k], bool):
+                problems.append(f"{k}: must be true or false, got {_show(value[k])}")
+            else:
+                out[k] = value[k]
+    if "server_hostname" in keys and value.get("server_hostname") is not None:
+        name = value["server_hostname"]
+        if not isinstance(name, str) or not name.strip():
+            problems.append(f"server_hostname: must be a host name, got {_show(name)}")
+        else:
+            out["server_hostname"] = name.strip()
+    if "handshake_timeout" in value:
+        t = value["handshake_timeout"]
+        if isinstance(t, bool) or not isinstance(t, int | float) or not 0 < t <= 300:
+            problems.append(f"handshake_timeout: must be seconds between 0 and 300, got {_show(t)}")
+        else:
+            out["handshake_timeout"] = float(t)
+    _raise(problems)
+    return TLSConfig(**out)
+
+
+def _raise(problems: list[str]) -> None:
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _try_context(build: Callable[[], ssl.SSLContext]) -> None:
+    """Load the files now, so a bad PEM or a key that does not match is a config error."""
+    try:
+        build()
+    except (ssl.SSLError, OSError) as exc:
+        raise ValueError(f"cannot load the certificate files: {exc.reason or exc.strerror or exc}") from None
+
+
+def _show(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}" if value is not None else "nothing (null)"
+
+
+# -- contexts ---------------------------------------------------------------------------------------
+def server_context(cfg: TLSConfig) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.num_tickets = 0  # heartbeat links are long-lived: session tickets are wasted bytes
+    assert cfg.cert and cfg.key
+    ctx.load_cert_chain(cfg.cert, cfg.key)
+    if cfg.ca:
+        ctx.load_verify_locations(cfg.ca)  # only this CA vouches for clients, not the system store
+        ctx.verify_mode = ssl.CERT_REQUIRED if cfg.require_client_cert else ssl.CERT_OPTIONAL
+    return ctx
+
+
+def client_context(cfg: TLSConfig) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cfg.verify:
+        if cfg.ca:
+            ctx.load_verify_locations(cfg.ca)
+        else:
+            ctx.load_default_certs()
+    else:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if cfg.cert and cfg.key:
+        ctx.load_cert_chain(cfg.cert, cfg.key)
+    return ctx
+
+
+# -- the handshake ------------------------------------------------------------------------------------
+class Handshake:
+    """Drives ``do_handshake()`` of a non-blocking SSLSocket from the loop's readiness events."""
+
+    __slots__ = ("done", "failed", "loop", "sock")
+
+    def __init__(self, loop: Any, sock: ssl.SSLSocket, done: Callable[[], None], failed: Callable[[str], None]) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.done = done
+        self.failed = failed
+
+    def step(self) -> None:
+        loop, sock = self.loop, self.sock
+        try:
+            sock.do_handshake()
+        except ssl.SSLWantReadError:
+            loop.remove_writer(sock)
+            loop.add_reader(sock, self.step)
+            return
+        except ssl.SSLWantWriteError:
+            loop.remove_reader(sock)
+            loop.add_writer(sock, self.step)
+            return
+        except (ssl.SSLError, OSError) as exc:
+            loop.remove_reader(sock)
+            loop.remove_writer(sock)
+            self.failed(describe(exc))
+            return
+        loop.remove_reader(sock)
+        loop.remove_writer(sock)
+        self.done()
+
+
+_NOT_TLS = {"WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "HTTP_REQUEST", "HTTPS_PROXY_REQUEST",
+            "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE", "UNEXPECTED_RECORD"}
+
+
+def describe(exc: BaseException) -> str:
+    """A TLS failure in words an operator can act on."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate rejected: {exc.verify_message or exc.reason}"
+    reason = getattr(exc, "reason", None)
+    if isinstance(exc, ssl.SSLEOFError) or (isinstance(exc, ssl.SSLError) and reason == "UNEXPECTED_EOF_WHILE_READING"):
+        return "the peer closed the connection during the TLS handshake (does it speak TLS? does it accept us?)"
+    if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+        return "no client certificate (require_client_cert is on)"
+    if reason in _NOT_TLS:
+        return f"not TLS ({reason.lower().replace('_', ' ')}): a plain-TCP peer on a TLS port?"
+    if reason and "ALERT" in reason:
+        # The peer refused the handshake and said why, e.g. TLSV1_ALERT_UNKNOWN_CA, CERTIFICATE_EXPIRED.
+        what = reason.lower().replace("_", " ").replace("sslv3 alert ", "").replace("tlsv13 alert ", "")
+        return f"the peer rejected the handshake: {what.replace('tlsv1 alert ', '')}"
+    if isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError):
+        return f"connection error: {exc.strerror or exc}"
+    return f"TLS error: {reason or exc}"
+
+
+def peer_name(sock: ssl.SSLSocket) -> str | None:
+    """The CN of the verified peer certificate, for log lines."""
+    try:
+        cert = sock.getpeercert()
+    except (ValueError, OSError):
+        return None
+    for rdn in (cert or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return value
+    return None
