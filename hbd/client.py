@@ -12,13 +12,15 @@ import ipaddress
 import logging
 import os
 import socket
+import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from hbd import tls
 from hbd.backoff import Backoff
 from hbd.config import ClientConfig, load_client_config
-from hbd.daemon import Daemon
+from hbd.daemon import Daemon, StartError
 from hbd.logs import fields, log
 from hbd.loop import EventLoop, Timer
 from hbd.protocol import ClientLink, ProtocolError
@@ -69,6 +71,7 @@ class Link:
         self.backoff = Backoff(cfg.reconnect_delay, cfg.reconnect_max_delay)
         self.state = self.WAITING
         self.sock: socket.socket | None = None
+        self.handshake: tls.Handshake | None = None
         self.proto: ClientLink | None = None
         self.timer: Timer | None = None
         self.retries = 0  # reconnect attempts since the link was last healthy
@@ -119,6 +122,30 @@ class Link:
         if rc:
             self._failed(f"cannot connect: {_strerror(rc)}")
             return
+        context = self.client.tls_context
+        if context is not None:
+            self._start_tls(context)
+            return
+        self._up()
+
+    def _start_tls(self, context: ssl.SSLContext) -> None:
+        assert self.sock is not None and self.cfg.tls is not None
+        self.loop.forget(self.sock)
+        self.sock = context.wrap_socket(self.sock, server_hostname=self.cfg.tls.server_hostname or self.target.host,
+                                        do_handshake_on_connect=False)
+        timeout = self.cfg.tls.handshake_timeout
+        self._set_timer(self.loop.time() + timeout,
+                        lambda: self._failed(f"TLS handshake not completed within {timeout:g} s"))
+        self.handshake = tls.Handshake(self.loop, self.sock, self._tls_done,
+                                       lambda reason: self._failed(f"TLS handshake failed: {reason}"))
+        self.handshake.step()
+
+    def _tls_done(self) -> None:
+        self.handshake = None
+        self._up()
+
+    def _up(self) -> None:
+        assert self.sock is not None
         now = self.loop.time()
         self.state = self.UP
         self.up_since = now
@@ -139,9 +166,16 @@ class Link:
     # -- link up --------------------------------------------------------------------------------------
     def _on_read(self) -> None:
         assert self.sock is not None and self.proto is not None
+        sock = self.sock
         try:
-            data = self.sock.recv(RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
+            data = sock.recv(RECV_SIZE)
+            if self.client.tls_context is not None:
+                while sock.pending():  # type: ignore[attr-defined]  # decrypted bytes select() cannot see
+                    data += sock.recv(RECV_SIZE)
+        except tls.WOULD_BLOCK:
+            return
+        except ssl.SSLError as exc:
+            self.lost(tls.describe(exc))
             return
         except OSError as exc:
             self.lost(f"connection error: {exc.strerror or exc}")
@@ -150,11 +184,16 @@ class Link:
             self.lost("server closed the connection")
             return
         now = self.loop.time()
+        proto = self.proto
+        was_late = proto.late
         try:
-            rtts = self.proto.feed(data, now)
+            rtts = proto.feed(data, now)
         except ProtocolError as exc:
             self.lost(f"protocol error: {exc}")
             return
+        if was_late and not proto.late:
+            log.info("%s answers again (pong after %.3f s)", self.target.label, max(rtts),
+                     extra=fields(peer=self.target.label, event="back"))
         for rtt in rtts:
             log.log(self.client.pong_level, "pong from %s in %.1f ms", self.target.label, rtt * 1000,
                     extra=fields(peer=self.target.label, event="pong", rtt_ms=f"{rtt * 1000:.3f}"))
@@ -172,11 +211,18 @@ class Link:
         """Ping when due and apply the pong timeout; re-armed at the protocol's next deadline."""
         proto = self.proto
         assert proto is not None
-        if proto.overdue(self.loop.time()):
-            self._on_read()  # last look: never call a link dead with its pong already in our buffer
+        if proto.waiting(self.loop.time()) > proto.pong_timeout / 2:
+            self._on_read()  # last look: never suspect a link whose pong is already in our buffer
             if self.proto is not proto:
                 return
+        was_late = proto.late
         out = proto.poll(self.loop.time())
+        if proto.late and not was_late and not proto.dead:
+            self.client.log_link(
+                self, logging.WARNING,
+                f"{self.target.label} is late: ping unanswered for {proto.waiting(self.loop.time()):.3f} s "
+                f"(pong_timeout {proto.pong_timeout:g} s)", event="late",
+            )
         if proto.dead:
             self.lost(f"no pong within {proto.pong_timeout:g} s (ping unanswered for {proto.silent_for:.3f} s)")
             return
@@ -190,7 +236,7 @@ class Link:
         assert self.sock is not None
         try:
             self.sock.send(data)  # a few bytes: a full send buffer means the link is dead anyway
-        except (BlockingIOError, InterruptedError):
+        except tls.WOULD_BLOCK:
             pass
         except OSError as exc:
             self.lost(f"connection error: {exc.strerror or exc}")
@@ -226,6 +272,7 @@ class Link:
         self._generation += 1
         self.loop.cancel(self.timer)
         self.timer = None
+        self.handshake = None
         self.proto = None
         self.up_since = None
         if self.sock is not None:
@@ -263,6 +310,7 @@ class Client(Daemon):
         # One line per pong reads well on a terminal but is ~43k journal lines a day per link:
         # under journald pongs are debug lines (connects, losses and retries stay info/warning).
         self.pong_level = logging.DEBUG if self.logs.journald else logging.INFO
+        self.tls_context: ssl.SSLContext | None = None
 
     @staticmethod
     def targets(cfg: ClientConfig) -> list[Target]:
@@ -271,15 +319,30 @@ class Client(Daemon):
     def load(self) -> ClientConfig:
         return load_client_config(self.config.path, self.overrides)
 
+    @staticmethod
+    def _context(cfg: ClientConfig) -> ssl.SSLContext | None:
+        if cfg.tls is None:
+            return None
+        try:
+            return tls.client_context(cfg.tls)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise StartError(f"tls: cannot load the certificate files: {exc}") from None
+
     def start(self) -> None:
+        self.tls_context = self._context(self.config)
+        self.loop.stall_callbacks.append(self.on_stall)
         self.links = [Link(self, t) for t in self.targets(self.config)]
         for link in self.links:
             link.connect()
         self.start_status_updates()
 
     def prepare(self, new: ClientConfig) -> Callable[[], None]:
+        context = self._context(new)  # certificates are re-read on every reload
+        tls_changed = new.tls != self.config.tls
+
         def commit() -> None:
-            if self.targets(new) != [link.target for link in self.links]:
+            self.tls_context = context
+            if tls_changed or self.targets(new) != [link.target for link in self.links]:
                 for link in self.links:
                     link.close()
                 self.links = [Link(self, t) for t in self.targets(new)]
@@ -294,6 +357,15 @@ class Client(Daemon):
     def shutdown(self) -> None:
         for link in self.links:
             link.close()
+
+    def on_stall(self, planned: float, woke: float) -> None:
+        """Our own loop did not run (SIGSTOP, starvation): pongs could not have been read, so the
+        wait for them counts from now, as the server does for its clients."""
+        log.warning("event loop stalled for %.3f s; extending pong deadlines", woke - planned,
+                    extra=fields(event="stall", lag_ms=round((woke - planned) * 1000)))
+        for link in self.links:
+            if link.proto is not None:
+                link.proto.extend(woke)
 
     def status_text(self) -> str:
         return "; ".join(link.status() for link in self.links)

@@ -186,13 +186,14 @@ class ServerPeer:
 class ClientLink:
     """One client->server link: when to ping, pong parsing, RTT and the pong-timeout rule.
 
-    ``poll(now)`` returns the bytes to send now (a ping when due); ``dead`` becomes True once a
-    ping has gone unanswered for longer than ``pong_timeout``.
+    ``poll(now)`` returns the bytes to send now (a ping when due); ``late`` becomes True once a
+    ping has gone unanswered for more than half of ``pong_timeout`` (a suspicion, worth a warning)
+    and ``dead`` once it has for longer than ``pong_timeout``.
     """
 
     __slots__ = (
-        "_buf", "_sent", "dead", "interval", "line", "next_ping", "pong_timeout", "pongs", "rtt_last",
-        "rtt_max", "rtt_sum", "silent_for",
+        "_buf", "_grace", "_sent", "dead", "interval", "late", "line", "next_ping", "pong_timeout", "pongs",
+        "rtt_last", "rtt_max", "rtt_sum", "silent_for",
     )
 
     def __init__(self, now: float, interval: float, pong_timeout: float, line: bool = False) -> None:
@@ -201,6 +202,8 @@ class ClientLink:
         self.line = line
         self.next_ping = now
         self.dead = False
+        self.late = False
+        self._grace = float("-inf")  # waiting is counted from here at the earliest (see extend())
         self.silent_for = 0.0  # age of the unanswered ping when the link was declared dead
         self.pongs = 0
         self.rtt_last: float | None = None
@@ -217,15 +220,30 @@ class ClientLink:
     def outstanding(self) -> int:
         return len(self._sent)
 
+    def waiting(self, now: float) -> float:
+        """How long the oldest unanswered ping has been waiting (0 if none), less forgiven time."""
+        if not self._sent:
+            return 0.0
+        start = self._sent[0]
+        return now - (start if start > self._grace else self._grace)
+
     def overdue(self, now: float) -> bool:
         """True when poll(now) would declare the link dead."""
-        return bool(self._sent) and now - self._sent[0] > self.pong_timeout
+        return bool(self._sent) and self.waiting(now) > self.pong_timeout
+
+    def extend(self, now: float) -> None:
+        """Our own process was stalled: count the wait for outstanding pongs from ``now``."""
+        self._grace = now
 
     def poll(self, now: float) -> bytes:
         """Return a ping if one is due at ``now`` (else b""), and apply the pong timeout."""
-        if self.overdue(now):
-            self.silent_for = now - self._sent[0]
-            self.dead = True
+        if self._sent:
+            waited = self.waiting(now)
+            if waited > self.pong_timeout:
+                self.silent_for = waited
+                self.dead = True
+            elif waited > self.pong_timeout / 2:
+                self.late = True
         if self.dead or now < self.next_ping:
             return b""
         self._sent.append(now)
@@ -243,7 +261,8 @@ class ClientLink:
         if self.dead:
             return float("inf")
         if self._sent:
-            return min(self.next_ping, self._sent[0] + self.pong_timeout)
+            start = max(self._sent[0], self._grace)
+            return min(self.next_ping, start + (self.pong_timeout if self.late else self.pong_timeout / 2))
         return self.next_ping
 
     def feed(self, data: bytes, now: float) -> list[float]:
@@ -275,4 +294,6 @@ class ClientLink:
                 break
             raise ProtocolError(f"unexpected bytes from server {bytes(buf[pos : pos + 16])!r}")
         self._buf = buf[pos:]
+        if rtts and self.late and self.waiting(now) <= self.pong_timeout / 2:
+            self.late = False
         return rtts

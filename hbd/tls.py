@@ -192,7 +192,7 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"certificate rejected: {exc.verify_message or exc.reason}"
     reason = getattr(exc, "reason", None)
-    if isinstance(exc, ssl.SSLEOFError) or (isinstance(exc, ssl.SSLError) and reason == "UNEXPECTED_EOF_WHILE_READING"):
+    if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError) or reason == "UNEXPECTED_EOF_WHILE_READING":
         return "the peer closed the connection during the TLS handshake (does it speak TLS? does it accept us?)"
     if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
         return "no client certificate (require_client_cert is on)"
