@@ -112,6 +112,8 @@ class ServerPeer:
                     if end - pos > MAX_LINE:
                         raise ProtocolError(f"greeting line longer than {MAX_LINE} bytes")
                     break
+                if nl - pos > MAX_LINE:  # the same limit as for a line still arriving, however split
+                    raise ProtocolError(f"greeting line longer than {MAX_LINE} bytes")
                 self._hello(buf[pos + len(HELLO) : nl].rstrip(b"\r"))
                 self._count_junk(nl + 1 - pos)
                 self._echo = False

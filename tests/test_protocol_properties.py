@@ -1,0 +1,109 @@
+"""Property-based tests of the sans-I/O protocol (hypothesis): splitting never changes the outcome,
+the input buffer stays within its cap, and arbitrary bytes raise nothing but ProtocolError."""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hbd.protocol import MAX_LINE, ClientLink, Hello, ProtocolError, ServerPeer
+
+SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+# Pieces that make streams interesting: valid messages, their fragments, and a little junk.
+PIECES = st.sampled_from([
+    b"ping", b"ping", b"ping\n", b"ping\r\n", b"\n", b"\r\n", b"\r", b"pi", b"ng", b"hello ", b"hello web1\n",
+    b"hello db-2.example:7 2.5\n", b"hello x 0\n", b"hello  \n", b"p", b"x", b"\x00", b"\xff", b"PING",
+])
+LONG_HELLO = st.integers(200, 300).map(lambda n: b"hello a 1." + b"0" * n + b"\n")  # valid, but how long?
+STREAM = st.lists(st.one_of(PIECES, LONG_HELLO, st.binary(max_size=4)), max_size=40).map(b"".join)
+
+
+def run_server(chunks: list[bytes]) -> tuple[str, bytes, int, list]:
+    """Feed chunks one read at a time; the outcome is (ok|error, replies, pings, greetings)."""
+    peer = ServerPeer(0.0, 10.0)
+    out = []
+    try:
+        for i, c in enumerate(chunks):
+            out.append(peer.feed(c, float(i)))
+            assert len(peer._buf) <= MAX_LINE, len(peer._buf)
+    except ProtocolError:
+        return "error", b"", 0, []
+    hellos = [(e.name, e.interval) for e in peer.events if isinstance(e, Hello)]
+    return "ok", b"".join(out), peer.pings, hellos
+
+
+def split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    bounds = [0, *points, len(data)]
+    return [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a] or [b""]
+
+
+@SETTINGS
+@given(STREAM, st.lists(st.integers(0, 10_000), max_size=12))
+def test_server_any_split_gives_the_same_result_as_unsplit(data: bytes, cuts: list[int]) -> None:
+    assert run_server(split(data, cuts)) == run_server([data])
+
+
+@SETTINGS
+@given(STREAM)
+def test_server_byte_at_a_time_is_the_same_as_unsplit(data: bytes) -> None:
+    assert run_server([data[i : i + 1] for i in range(len(data))] or [b""]) == run_server([data])
+
+
+@SETTINGS
+@given(st.lists(st.binary(max_size=600), max_size=20))
+def test_server_fuzz_only_protocol_errors_and_bounded_buffer(chunks: list[bytes]) -> None:
+    peer = ServerPeer(0.0, 10.0)
+    for c in chunks:
+        try:
+            reply = peer.feed(c, 1.0)
+        except ProtocolError:
+            return
+        assert len(peer._buf) <= MAX_LINE
+        assert set(reply.replace(b"pong", b"").replace(b"\r", b"").replace(b"\n", b"")) == set()
+
+
+@SETTINGS
+@given(st.lists(st.sampled_from([b"p", b"i", b"n", b"\n", b"hello", b" ", b"a"]), max_size=300))
+def test_trickled_bytes_without_a_complete_ping_never_count_as_life(pieces: list[bytes]) -> None:
+    data = b"".join(pieces)
+    peer = ServerPeer(0.0, 10.0)
+    try:
+        for i, c in enumerate(pieces):
+            peer.feed(c, float(i + 1))
+    except ProtocolError:
+        return
+    if b"ping" not in data:
+        assert peer.last_heard == 0.0 and peer.pings == 0
+    else:
+        assert peer.pings == data.count(b"ping")
+
+
+PONG_STREAM = st.lists(st.sampled_from([b"pong", b"pong\n", b"pong\r\n", b"\n", b"po", b"ng"]), max_size=30).map(
+    b"".join
+)
+
+
+def run_client(chunks: list[bytes]) -> tuple[str, int]:
+    link = ClientLink(0.0, 1.0, 3.0)
+    link._sent.extend([0.0] * 100)  # pings outstanding, so every pong is matched
+    try:
+        for c in chunks:
+            link.feed(c, 0.5)
+            assert len(link._buf) < 4
+    except ProtocolError:
+        return "error", 0
+    return "ok", link.pongs
+
+
+@SETTINGS
+@given(PONG_STREAM, st.lists(st.integers(0, 10_000), max_size=12))
+def test_client_any_split_gives_the_same_pongs(data: bytes, cuts: list[int]) -> None:
+    assert run_client(split(data, cuts)) == run_client([data])
+
+
+@SETTINGS
+@given(st.lists(st.binary(max_size=64), max_size=20))
+def test_client_fuzz_only_protocol_errors(chunks: list[bytes]) -> None:
+    run_client(chunks)
