@@ -1,0 +1,117 @@
+"""A fleet of hbd client links in one process, for herd tests: ``python3 tests/fleet.py CONFIG N``.
+
+It is hbd's own client code (``hbd.client.Client`` with N ``Link`` objects to the same server: the
+same connect, ping, backoff and full-jitter reconnect policy as N hbd-client processes, without
+N interpreters). Each link's transitions are printed as ``up|down INDEX MONOTONIC`` lines;
+CLOCK_MONOTONIC is system-wide, so the test compares them with its own clock.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hbd.client import Client, Link, Target
+from hbd.config import ClientConfig, load_client_config
+
+
+class Fleet(Client):
+    def __init__(self, config: ClientConfig, n: int, **kw: object) -> None:
+        super().__init__(config, **kw)
+        self.n = n
+
+    def targets(self, cfg: ClientConfig) -> list[Target]:  # type: ignore[override]
+        return [Target(cfg.host, cfg.port, name=str(i)) for i in range(self.n)]
+
+
+def _emit(what: str, link: Link) -> None:
+    sys.stdout.write(f"{what} {link.target.name} {time.monotonic():.6f}\n")
+    sys.stdout.flush()
+
+
+def main() -> int:
+    path, n = sys.argv[1], int(sys.argv[2])
+    duration = float(sys.argv[3]) if len(sys.argv) > 3 else 120.0
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < n + 100:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, n + 1000), hard))
+    up, lost = Link._up, Link.lost
+
+    def _up(self: Link) -> None:
+        up(self)
+        _emit("up", self)
+
+    def _lost(self: Link, reason: str) -> None:
+        _emit("down", self)
+        lost(self, reason)
+
+    Link._up = _up  # type: ignore[method-assign]
+    Link.lost = _lost  # type: ignore[method-assign]
+    fleet = Fleet(load_client_config(path), n)
+    fleet.loop.call_later(duration, fleet.stop)  # bounded: the fleet always ends by itself
+    return fleet.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+class FleetProcess:
+    """The test's side: start ``fleet.py`` and collect its events."""
+
+    def __init__(self, config: dict, n: int, tmp_path: Path, duration: float = 120.0) -> None:
+        import subprocess
+        import threading
+
+        import yaml
+
+        cfg_path = tmp_path / "fleet.yaml"
+        cfg_path.write_text(yaml.safe_dump({"log_file": None, "log_level": "error", **config}))
+        self.n = n
+        self.events: list[tuple[str, int, float]] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, str(cfg_path), str(n), str(duration)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            kind, idx, t = line.split()
+            with self._lock:
+                self.events.append((kind, int(idx), float(t)))
+
+    def up_links(self, since: float = 0.0) -> dict[int, float]:
+        """Each link's first ``up`` at or after ``since``."""
+        out: dict[int, float] = {}
+        with self._lock:
+            for kind, idx, t in self.events:
+                if kind == "up" and t >= since and idx not in out:
+                    out[idx] = t
+        return out
+
+    def wait_up(self, count: int, since: float = 0.0, timeout: float = 30.0) -> dict[int, float]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ups = self.up_links(since)
+            if len(ups) >= count:
+                return ups
+            time.sleep(0.05)
+        return self.up_links(since)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except Exception:
+            self.proc.kill()
+            self.proc.wait()
+        self._reader.join(2)
