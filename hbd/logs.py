@@ -103,6 +103,9 @@ class ResilientFileHandler(logging.handlers.RotatingFileHandler):
             self._broken_since = None
             self._report(logging.INFO, f"retrying the log file {self.baseFilename}")
         try:
+            if self.stream is not None and self._gone():
+                self.stream.close()  # deleted or moved away: writing on would lose the line
+                self.stream = None  # type: ignore[assignment]
             if self.stream is None:
                 self.stream = self._open()
             if self.shouldRollover(record):
@@ -111,6 +114,15 @@ class ResilientFileHandler(logging.handlers.RotatingFileHandler):
             self.flush()
         except Exception as exc:  # disk full, directory deleted, permissions changed...
             self._fail(exc)
+
+    def _gone(self) -> bool:
+        """True when our open file is no longer the one at baseFilename (deleted, rotated away)."""
+        try:
+            st = os.stat(self.baseFilename)
+        except OSError:
+            return True
+        fst = os.fstat(self.stream.fileno())
+        return (st.st_dev, st.st_ino) != (fst.st_dev, fst.st_ino)
 
     def handleError(self, record: logging.LogRecord) -> None:
         self._fail(sys.exc_info()[1])

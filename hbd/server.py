@@ -358,10 +358,9 @@ class Server(Daemon):
         conn.peer.events = []
         for ev in events:
             if isinstance(ev, Hello):
-                log.info(
-                    "client %s is %s%s", conn.addr, ev.name,
-                    f" (interval {ev.interval:g} s)" if ev.interval else "",
-                    extra=fields(peer=ev.name, peer_address=conn.addr, event="hello"),
+                self._peer_log(
+                    logging.INFO, conn.addr.rsplit(":", 1)[0], "client %s is %s%s", conn.addr, ev.name,
+                    f" (interval {ev.interval:g} s)" if ev.interval else "", event="hello", peer=conn.addr,
                 )
             elif isinstance(ev, StateChange):
                 self._on_change(conn, ev)

@@ -3,6 +3,8 @@ the input buffer stays within its cap, and arbitrary bytes raise nothing but Pro
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -36,7 +38,7 @@ def run_server(chunks: list[bytes]) -> tuple[str, bytes, int, list]:
 def split(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({c % (len(data) + 1) for c in cuts})
     bounds = [0, *points, len(data)]
-    return [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a] or [b""]
+    return [data[a:b] for a, b in itertools.pairwise(bounds) if b > a] or [b""]
 
 
 @SETTINGS
