@@ -96,6 +96,7 @@ class ServerPeer:
                 pings += 1
                 out.append(PONG)
                 self._echo = True
+                self._junk = 0  # here, not once per read: the allowance must not depend on splits
                 continue
             if buf.startswith(b"\n", pos) or buf.startswith(b"\r\n", pos):
                 term = b"\n" if buf[pos] == 10 else b"\r\n"
