@@ -1,0 +1,128 @@
+"""Reload safety: every kind of invalid configuration on SIGHUP keeps the old one running, logs why,
+and says so in the systemd STATUS= line."""
+
+from __future__ import annotations
+
+import signal
+import socket
+from pathlib import Path
+
+import pytest
+import yaml
+from certs import make_ca, make_cert
+from daemons import connect, recv_exactly, start_client, start_server
+from test_daemon import NotifySocket
+
+
+def _pki(tmp_path: Path):
+    ca = make_ca(tmp_path / "pki", "ca")
+    return ca, make_cert(tmp_path / "pki", ca, "server", server=True)
+
+
+def _case(name: str, tmp_path: Path, good: dict) -> tuple[str | None, str]:
+    """(new file text, or None when the case arranges the file itself; expected error regex)."""
+    path = tmp_path / "server.yaml"
+    if name == "syntax":
+        return "port: [unclosed\n", r"line 2, column 1: invalid YAML"
+    if name == "wrong-type":
+        return yaml.safe_dump({**good, "heartbeat_timeout": "soon"}), r"heartbeat_timeout: must be a number of seconds"
+    if name == "bad-port":
+        return yaml.safe_dump({**good, "port": 70000}), r"port: must be between 1 and 65535, got 70000"
+    if name == "unknown-key":
+        return yaml.safe_dump({**good, "colour": "blue"}), r"colour: unknown key"
+    if name == "not-utf8":
+        return None, r"cannot read the file: .*codec can't decode"
+    if name == "unreadable":
+        path.unlink()
+        path.mkdir()  # root reads any file, so make the path something that cannot be read as one
+        return None, r"cannot read the file: Is a directory"
+    if name == "missing-cert":
+        ca, srv = _pki(tmp_path)
+        tls = {"cert": str(tmp_path / "gone.crt"), "key": srv.key, "ca": ca.cert}
+        return yaml.safe_dump({**good, "tls": tls}), r"tls: cert: cannot read .*gone\.crt: No such file or directory"
+    if name == "bad-allow":
+        return yaml.safe_dump({**good, "allow": ["10.0.0.0/99"]}), r"allow: not an address or network"
+    if name == "log-file":
+        blocker = tmp_path / "blocker"
+        blocker.write_text("a file where a directory should be")
+        return yaml.safe_dump({**good, "log_file": str(blocker / "x.log")}), r"cannot open the log file .*x\.log"
+    if name == "port-in-use":
+        return None, r"cannot listen on 127\.0\.0\.1:\d+: Address already in use"
+    raise AssertionError(name)
+
+
+CASES = ["syntax", "wrong-type", "bad-port", "unknown-key", "not-utf8", "unreadable", "missing-cert", "bad-allow",
+         "log-file", "port-in-use"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_invalid_reload_keeps_the_old_config(tmp_path: Path, procs, case: str) -> None:
+    notify = NotifySocket(tmp_path)
+    srv = start_server(tmp_path, env={"NOTIFY_SOCKET": notify.path}, heartbeat_timeout=5)
+    procs.append(srv)
+    notify.wait_for("READY=1")
+    good = dict(srv.config)
+    port = good["port"]
+    busy = None
+    text, expected = _case(case, tmp_path, good)
+    if text is not None:
+        srv.config_path.write_text(text)
+    elif case == "not-utf8":
+        srv.config_path.write_bytes(b"port: \xff\xfe\n")
+    elif case == "port-in-use":
+        busy = socket.create_server(("127.0.0.1", 0))
+        srv.write_config({**good, "port": busy.getsockname()[1]})
+    try:
+        with connect(port) as held:  # a client connected across the failed reload
+            held.sendall(b"ping")
+            recv_exactly(held, 4)
+            mark = srv.mark()
+            srv.signal(signal.SIGHUP)
+            srv.wait_for(r"ERROR .*reload failed: .*" + expected, after=mark)
+            srv.wait_for(r"ERROR .*reload failed: still running with the previous configuration", after=mark)
+            _, status = notify.wait_for("last reload failed")
+            assert "STATUS=1 client, 0 late; last reload failed: " in status, status
+            held.sendall(b"ping")
+            assert recv_exactly(held, 4) == b"pong"
+        with connect(port) as s:  # the old listener still serves new clients
+            s.sendall(b"ping")
+            assert recv_exactly(s, 4) == b"pong"
+        assert srv.proc.poll() is None
+        # and a good file afterwards is taken, clearing the failure from STATUS=
+        if srv.config_path.is_dir():
+            srv.config_path.rmdir()
+        srv.write_config(good)
+        mark = srv.mark()
+        srv.signal(signal.SIGHUP)
+        srv.wait_for("INFO .*reloaded", after=mark)
+    finally:
+        if busy is not None:
+            busy.close()
+        notify.close()
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"pong_timeout": 0.1}, r"pong_timeout: must be greater than heartbeat_interval"),
+        ({"tls": {"cert": "/nonexistent/c.crt"}}, r"tls: cert: cannot read /nonexistent/c\.crt"),
+        ({"wire": "morse"}, r"wire: must be one of bare, line"),
+    ],
+    ids=["cross-check", "missing-cert", "bad-choice"],
+)
+def test_client_invalid_reload_keeps_pinging(tmp_path: Path, procs, change: dict, expected: str) -> None:
+    notify = NotifySocket(tmp_path)
+    srv = start_server(tmp_path)
+    cli = start_client(tmp_path, srv.config["port"], env={"NOTIFY_SOCKET": notify.path})
+    procs += [cli, srv]
+    cli.wait_for("pong from")
+    cli.write_config({**cli.config, **change})
+    mark = cli.mark()
+    cli.signal(signal.SIGHUP)
+    cli.wait_for(r"ERROR .*reload failed: .*" + expected, after=mark)
+    _, status = notify.wait_for("last reload failed")
+    assert "up, rtt" in status
+    for _ in range(3):
+        cli.wait_for("pong from", after=cli.mark())
+    assert cli.count("lost") == 0
+    notify.close()
