@@ -26,7 +26,8 @@ def free_port() -> int:
 class HbdProcess:
     """``python3 -m hbd ROLE -c FILE`` with its terminal output collected line by line."""
 
-    def __init__(self, role: str, config: dict, tmp_path: Path, env: dict | None = None, name: str = "") -> None:
+    def __init__(self, role: str, config: dict, tmp_path: Path, env: dict | None = None, name: str = "",
+                 wrap: list[str] | None = None) -> None:
         self.role = role
         self.config_path = tmp_path / f"{name or role}.yaml"
         self.write_config(config)
@@ -35,7 +36,7 @@ class HbdProcess:
         full_env.pop("JOURNAL_STREAM", None)
         full_env.update(env or {})
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hbd", role, "-c", str(self.config_path)],
+            [*(wrap or []), sys.executable, "-m", "hbd", role, "-c", str(self.config_path)],  # wrap: e.g. ip netns exec
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, cwd=ROOT, env=full_env,
         )
@@ -109,19 +110,21 @@ class HbdProcess:
         self._reader.join(2)
 
 
-def start_server(tmp_path: Path, name: str = "server", env: dict | None = None, **cfg) -> HbdProcess:
+def start_server(tmp_path: Path, name: str = "server", env: dict | None = None, wrap: list[str] | None = None,
+                 **cfg) -> HbdProcess:
     config = {"host": "127.0.0.1", "port": free_port(), "heartbeat_timeout": 1.0,
               "log_file": str(tmp_path / f"{name}.log"), "log_level": "info", **cfg}
-    srv = HbdProcess("server", config, tmp_path, env=env, name=name)
+    srv = HbdProcess("server", config, tmp_path, env=env, name=name, wrap=wrap)
     srv.wait_for(r"listening on")
     return srv
 
 
-def start_client(tmp_path: Path, port: int, name: str = "client", env: dict | None = None, **cfg) -> HbdProcess:
+def start_client(tmp_path: Path, port: int, name: str = "client", env: dict | None = None,
+                 wrap: list[str] | None = None, **cfg) -> HbdProcess:
     config = {"host": "127.0.0.1", "port": port, "heartbeat_interval": 0.2, "pong_timeout": 0.6,
               "receive_timeout": 1.0, "reconnect_delay": 0.1, "reconnect_max_delay": 0.5,
               "log_file": str(tmp_path / f"{name}.log"), "log_level": "info", **cfg}
-    return HbdProcess("client", config, tmp_path, env=env, name=name)
+    return HbdProcess("client", config, tmp_path, env=env, name=name, wrap=wrap)
 
 
 def connect(port: int, timeout: float = 3.0) -> socket.socket:
