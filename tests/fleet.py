@@ -8,6 +8,7 @@ CLOCK_MONOTONIC is system-wide, so the test compares them with its own clock.
 
 from __future__ import annotations
 
+import json
 import resource
 import sys
 import time
@@ -17,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hbd.client import Client, Link, Target
 from hbd.config import ClientConfig, load_client_config
+from hbd.protocol import ClientLink
 
 
 class Fleet(Client):
@@ -26,6 +28,22 @@ class Fleet(Client):
 
     def targets(self, cfg: ClientConfig) -> list[Target]:  # type: ignore[override]
         return [Target(cfg.host, cfg.port, name=str(i)) for i in range(self.n)]
+
+    def start(self) -> None:
+        """Like Client.start, but the links' first connects are spread over one ping interval, as
+        independent hosts would be, so their pings do not all land in the same instant."""
+        self.tls_context = self._context(self.config)
+        self.loop.stall_callbacks.append(self.on_stall)
+        self.links = [Link(self, t) for t in self.targets(self.config)]
+        step = self.config.heartbeat_interval / max(len(self.links), 1)
+        for i, link in enumerate(self.links):
+            self.loop.call_later(i * step, link.connect)
+        self.start_status_updates()
+
+    def log_link(self, link: Link, level: int, message: str, *, event: str) -> None:
+        if event == "late":
+            _emit("late", link)
+        super().log_link(link, level, message, event=event)
 
 
 def _emit(what: str, link: Link) -> None:
@@ -51,9 +69,20 @@ def main() -> int:
 
     Link._up = _up  # type: ignore[method-assign]
     Link.lost = _lost  # type: ignore[method-assign]
+    rtts: list[tuple[float, float]] = []  # (when, rtt): every pong any link got
+    feed = ClientLink.feed
+
+    def _feed(self: ClientLink, data: bytes, now: float) -> list[float]:
+        got = feed(self, data, now)
+        rtts.extend((now, r) for r in got)
+        return got
+
+    ClientLink.feed = _feed  # type: ignore[method-assign]
     fleet = Fleet(load_client_config(path), n)
     fleet.loop.call_later(duration, fleet.stop)  # bounded: the fleet always ends by itself
-    return fleet.run()
+    rc = fleet.run()
+    sys.stdout.write("stats " + json.dumps({"rtts": rtts}) + "\n")
+    return rc
 
 
 if __name__ == "__main__":
@@ -73,6 +102,7 @@ class FleetProcess:
         cfg_path.write_text(yaml.safe_dump({"log_file": None, "log_level": "error", **config}))
         self.n = n
         self.events: list[tuple[str, int, float]] = []
+        self.stats: dict = {}
         self.proc = subprocess.Popen(
             [sys.executable, __file__, str(cfg_path), str(n), str(duration)],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -84,6 +114,9 @@ class FleetProcess:
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
+            if line.startswith("stats "):
+                self.stats = json.loads(line[6:])
+                continue
             kind, idx, t = line.split()
             with self._lock:
                 self.events.append((kind, int(idx), float(t)))

@@ -13,6 +13,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,11 @@ CLIENT_CFG = {"host": SERVER_ADDR, "heartbeat_interval": 0.2, "pong_timeout": 0.
               "reconnect_delay": 0.2, "reconnect_max_delay": 1.0}
 
 
+def logged_at(line: str) -> float:
+    """The wall-clock time a daemon stamped on its log line (millisecond resolution)."""
+    return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S.%f").timestamp()
+
+
 def _seconds(line: str, after: str) -> float:
     m = re.search(after + r"(\d+\.\d+) s", line)
     assert m, line
@@ -88,16 +94,19 @@ def test_partition_is_detected_on_both_sides_and_heals(tmp_path: Path, net: Net,
         cli.wait_for("pong from", after=cli.mark())
     cmark, smark = cli.mark(), srv.mark()
     net.link("client", "down")  # every packet between them is now dropped, with no FIN or RST
-    cut = time.monotonic()  # after the command: starting `ip` can take a while on a cold cache
-    t_cli, line_cli = cli.wait_for(r"WARNING .*lost: no pong within 0\.6 s", after=cmark, timeout=5)
-    t_srv, line_srv = srv.wait_for(r"WARNING .*timed out: silent for", after=smark, timeout=5)
+    cut = time.time()  # after the command (starting `ip` can take a while on a cold cache); wall clock,
+    # to compare with the daemons' own log timestamps rather than when this busy process read them
+    _, line_cli = cli.wait_for(r"WARNING .*lost: no pong within 0\.6 s", after=cmark, timeout=5)
+    _, line_srv = srv.wait_for(r"WARNING .*timed out: silent for", after=smark, timeout=5)
+    t_cli, t_srv = logged_at(line_cli), logged_at(line_srv)
     unanswered = _seconds(line_cli, "ping unanswered for ")
     silent = _seconds(line_srv, "silent for ")
     time.sleep(1.0)  # partitioned for a while: the client's reconnects fail
     hmark = cli.mark()
     net.link("client", "up")
-    heal = time.monotonic()
-    t_up, _ = cli.wait_for(r"INFO .*connected to 169\.254\.77\.1", after=hmark, timeout=1.0 + 3)
+    heal = time.time()
+    _, line = cli.wait_for(r"INFO .*connected to 169\.254\.77\.1", after=hmark, timeout=1.0 + 3)
+    t_up = logged_at(line)
     cli.wait_for("pong from", after=hmark)
     report("network partition (veth link down)", [
         f"client: link declared dead {t_cli - cut:.3f} s after the cut; ping unanswered {unanswered:.3f} s "
@@ -125,17 +134,19 @@ def test_server_host_vanishes_without_fin_or_rst(tmp_path: Path, net: Net, procs
     cli.wait_for("pong from")
     cmark = cli.mark()
     net.link("server", "down")
-    gone = time.monotonic()
+    gone = time.time()
     srv.kill()  # its kernel's FIN/RST go nowhere: the link is down
-    t_cli, line = cli.wait_for(r"WARNING .*lost: no pong within 0\.6 s", after=cmark, timeout=5)
+    _, line = cli.wait_for(r"WARNING .*lost: no pong within 0\.6 s", after=cmark, timeout=5)
+    t_cli = logged_at(line)
     unanswered = _seconds(line, "ping unanswered for ")
     assert unanswered <= 0.7, line
     assert "server closed the connection" not in cli.output()[len(cli.output()) - 2000:]
     srv2 = start_server(tmp_path, name="server2", wrap=net.exec(net.srv_ns), port=port, **SERVER_CFG)
     procs.append(srv2)
     net.link("server", "up")
-    back = time.monotonic()
-    t_up, _ = cli.wait_for(r"INFO .*connected to 169\.254\.77\.1", after=cmark, timeout=5)
+    back = time.time()
+    _, up_line = cli.wait_for(r"INFO .*connected to 169\.254\.77\.1", after=cmark, timeout=5)
+    t_up = logged_at(up_line)
     cli.wait_for("pong from", after=cli.mark())
     report("half-open: the server host vanishes (link down, process killed)", [
         f"client: link declared dead {t_cli - gone:.3f} s later; "
