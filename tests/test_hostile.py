@@ -94,4 +94,5 @@ def test_hostile_peers_do_not_hurt_healthy_clients(tmp_path: Path, procs) -> Non
     assert result["beyond_max_refused"] >= result["beyond_max_opened"] - MAX_CLIENTS
     assert max(rss_peak) - rss_before < 50 * 1024, "server memory grew by more than 50 MiB"
     assert len(log_lines) < 200, "peer-caused lines were not rate-limited"
-    assert "suppressed" in srv.output()
+    # what the limiter held back is still reported, once its window is over
+    srv.wait_for(r"WARNING .*suppressed \d+ 'protocol-error' lines caused by 127\.0\.0\.1 in the last 10 s", timeout=15)
