@@ -276,7 +276,7 @@ class Server(Daemon):
             if self.allow is not None and not self.allow.allows(addr[0]):
                 self.stats["denied"] += 1
                 self._peer_log(logging.WARNING, addr[0], "denied %s:%d: not in the allow list",
-                               addr[0], addr[1], event="denied")
+                               addr[0], addr[1], event="denied", peer=f"{addr[0]}:{addr[1]}")
                 sock.close()  # before reading a byte
                 continue
             if len(self.conns) >= self.max_clients:
@@ -321,7 +321,8 @@ class Server(Daemon):
         self.conns[sock.fileno()] = conn
         self.loop.add_reader(sock, conn.on_read)
         conn.arm()
-        self._peer_log(logging.INFO, addr.rsplit(":", 1)[0], "client %s connected", addr, event="connected")
+        self._peer_log(logging.INFO, addr.rsplit(":", 1)[0], "client %s connected", addr, event="connected",
+                       peer=addr)
 
     def check(self, conn: Connection) -> None:
         """The connection's timer fired: apply the silence rule."""
@@ -361,6 +362,7 @@ class Server(Daemon):
                 self._peer_log(
                     logging.INFO, conn.addr.rsplit(":", 1)[0], "client %s is %s%s", conn.addr, ev.name,
                     f" (interval {ev.interval:g} s)" if ev.interval else "", event="hello", peer=conn.addr,
+                    name=ev.name,
                 )
             elif isinstance(ev, StateChange):
                 self._on_change(conn, ev)
@@ -373,7 +375,8 @@ class Server(Daemon):
         # Rate-limited per source address: a flood of silent connections from one host must not
         # flood the journal with late/timed-out lines.
         source = conn.addr.rsplit(":", 1)[0]
-        kw = {"event": change.new.value.lower(), "peer": conn.addr, "silent_ms": round(change.silent_for * 1000)}
+        kw = {"event": change.new.value.lower(), "peer": conn.addr, "name": conn.peer.name,
+              "silent_ms": round(change.silent_for * 1000)}
         if change.new is PeerState.DEAD:
             self._peer_log(
                 logging.WARNING, source, "client %s timed out: silent for %.3f s (heartbeat_timeout %g s); closing",
@@ -397,7 +400,7 @@ class Server(Daemon):
 
     def drop(self, conn: Connection, reason: str, level: int) -> None:
         self._peer_log(level, conn.addr.rsplit(":", 1)[0], "client %s %s", conn.label, reason,
-                       event="disconnected", peer=conn.addr)
+                       event="disconnected", peer=conn.addr, name=conn.peer.name)
         self._close(conn)
 
     def tls_failed(self, conn: Connection, reason: str) -> None:
@@ -423,7 +426,7 @@ class Server(Daemon):
         sock.close()
 
     def _peer_log(self, level: int, source: str, msg: str, *args: object, event: str, peer: str = "",
-                  **more: object) -> None:
+                  name: str | None = None, **more: object) -> None:
         """A line a peer can cause: at most a burst per source address and kind of event."""
         if not log.isEnabledFor(level):
             return
@@ -433,4 +436,5 @@ class Server(Daemon):
             return
         if suppressed:
             msg += f" (suppressed {suppressed} similar lines from {source})"
-        log.log(level, msg, *args, extra=fields(peer=peer or source, peer_address=peer or source, event=event, **more))
+        log.log(level, msg, *args, extra=fields(peer=name or peer or source, peer_address=peer or source, event=event,
+                                                **more))
