@@ -2,6 +2,8 @@
 # interpreter and libraries the .deb uses; `make deps` installs them with apt-get (root or sudo).
 PY ?= /usr/bin/python3
 APT_DEPS := python3 python3-yaml python3-systemd python3-pytest python3-pytest-timeout python3-hypothesis
+# reliability and TLS tests: test certificates, network namespaces, a fake wall clock
+APT_DEPS += openssl iproute2 faketime
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 

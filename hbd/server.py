@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
     from hbd.workers import WorkerChannel
 
-ACCEPT_BATCH = 128  # accepts per readiness event: drains a reconnect storm without starving peers
+ACCEPT_BATCH = 32  # accepts per loop turn: drains a reconnect storm, yet peers are served between batches
 ACCEPT_PAUSE = 0.5  # out of file descriptors: stop accepting this long instead of spinning
 MAX_OUTBUF = 64 * 1024  # a peer that pings but never reads its pongs is dropped past this
 RECV_SIZE = 4096

@@ -115,7 +115,11 @@ def start_server(tmp_path: Path, name: str = "server", env: dict | None = None, 
     config = {"host": "127.0.0.1", "port": free_port(), "heartbeat_timeout": 1.0,
               "log_file": str(tmp_path / f"{name}.log"), "log_level": "info", **cfg}
     srv = HbdProcess("server", config, tmp_path, env=env, name=name, wrap=wrap)
-    srv.wait_for(r"listening on")
+    try:
+        srv.wait_for(r"listening on")
+    except AssertionError:
+        srv.kill()  # not handed to the caller yet: nobody else would stop it
+        raise
     return srv
 
 
