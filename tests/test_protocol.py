@@ -191,3 +191,32 @@ def test_client_rejects_garbage_from_server() -> None:
 def test_unsolicited_pong_is_ignored() -> None:
     link = ClientLink(0.0, 1.0, 3.0)
     assert link.feed(b"pong", 0.0) == []
+
+
+def test_client_late_after_half_the_pong_timeout_and_back_with_the_pong() -> None:
+    link = ClientLink(0.0, interval=2.0, pong_timeout=5.0)
+    link.poll(0.0)
+    assert link.next_deadline() == 2.0
+    link.poll(2.0)  # a second ping; the first is still unanswered
+    assert link.next_deadline() == 2.5  # wake up to call it late
+    link.poll(2.4)
+    assert not link.late
+    link.poll(2.501)
+    assert link.late and not link.dead
+    assert link.next_deadline() == 4.0  # the next ping; death is due at 5.0
+    link.feed(b"pong", 3.0)  # answers the first ping; the second has waited only 1 s
+    assert not link.late
+
+
+def test_client_stall_forgiveness_counts_the_wait_from_the_resume() -> None:
+    link = ClientLink(0.0, interval=2.0, pong_timeout=5.0)
+    link.poll(0.0)
+    link.extend(4.9)  # our own process did not run until 4.9
+    assert link.waiting(6.0) == pytest.approx(1.1)
+    link.poll(6.0)
+    assert not link.dead
+    assert link.next_deadline() == 7.0  # the next ping (slots skipped); late is due at 4.9 + 2.5
+    link.poll(9.89)
+    assert not link.dead and link.late
+    link.poll(9.91)  # 5 s after the resume, not after the ping
+    assert link.dead and link.silent_for == pytest.approx(5.01)
