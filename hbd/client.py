@@ -238,6 +238,8 @@ class Link:
             self.sock.send(data)  # a few bytes: a full send buffer means the link is dead anyway
         except tls.WOULD_BLOCK:
             pass
+        except ssl.SSLError as exc:
+            self.lost(tls.describe(exc))
         except OSError as exc:
             self.lost(f"connection error: {exc.strerror or exc}")
 

@@ -193,7 +193,8 @@ def describe(exc: BaseException) -> str:
         return f"certificate rejected: {exc.verify_message or exc.reason}"
     reason = getattr(exc, "reason", None)
     if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError) or reason == "UNEXPECTED_EOF_WHILE_READING":
-        return "the peer closed the connection during the TLS handshake (does it speak TLS? does it accept us?)"
+        return ("the peer closed the connection without a TLS goodbye "
+                "(does it speak TLS? does it accept our certificate?)")
     if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
         return "no client certificate (require_client_cert is on)"
     if reason in _NOT_TLS:
