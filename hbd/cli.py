@@ -1,15 +1,19 @@
-"""Command line: ``hbd server``, ``hbd client``, ``hbd check-config``."""
+"""Command line: ``hbd server``, ``hbd client``, ``hbd check-config``, ``hbd status``."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from collections.abc import Sequence
 
 from hbd import __version__
 from hbd.config import (
     DEFAULT_CLIENT_CONFIG,
+    DEFAULT_CLIENT_SOCKET,
     DEFAULT_SERVER_CONFIG,
+    DEFAULT_SERVER_SOCKET,
     ConfigError,
     load_client_config,
     load_server_config,
@@ -17,6 +21,7 @@ from hbd.config import (
 
 LOADERS = {"server": load_server_config, "client": load_client_config}
 DEFAULTS = {"server": DEFAULT_SERVER_CONFIG, "client": DEFAULT_CLIENT_CONFIG}
+DEFAULT_SOCKETS = {"server": DEFAULT_SERVER_SOCKET, "client": DEFAULT_CLIENT_SOCKET}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,11 +40,23 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--host", help="override host from the config")
         p.add_argument("--port", type=int, help="override port from the config")
         p.add_argument("--log-file", metavar="PATH", help="override log_file from the config ('' for none)")
+        p.add_argument("--control-socket", metavar="PATH",
+                       help="override control_socket from the config ('' for none)")
     p = sub.add_parser("check-config", help="validate a configuration file",
                        description="Validate a configuration file: exit 0 if valid, else print every "
                        "error (file, line, key, reason) and exit 1.")
     p.add_argument("role", choices=("server", "client"), help="which daemon the file is for")
     _config_arg(p, None)
+    p = sub.add_parser("status", help="show a running daemon's peers",
+                       description="Ask a running daemon for its peers through its status socket and print "
+                       "a table (or the JSON document). Without ROLE or -s: the server's socket if it exists, "
+                       "else the client's. Exit 1 if the daemon cannot be reached.")
+    p.add_argument("role", nargs="?", choices=("server", "client"), help="which daemon to ask")
+    p.add_argument("-s", "--socket", metavar="PATH", help="the status socket (default /run/hbd/ROLE.sock)")
+    p.add_argument("-c", "--config", metavar="FILE", help="take control_socket from this configuration file")
+    p.add_argument("--json", action="store_true", help="print the daemon's JSON document instead of a table")
+    p.add_argument("--recent", type=int, default=10, metavar="N", help="show the last N state changes (default 10)")
+    p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS", help="give up after this long")
     return parser
 
 
@@ -50,9 +67,12 @@ def _config_arg(p: argparse.ArgumentParser, role: str | None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "status":
+        return status(args)
     role = args.role if args.command == "check-config" else args.command
     path = args.config or DEFAULTS[role]
-    overrides = {k: v for k in ("host", "port", "log_file") if (v := getattr(args, k, None)) is not None}
+    overrides = {k: v for k in ("host", "port", "log_file", "control_socket")
+                 if (v := getattr(args, k, None)) is not None}
     try:
         config = LOADERS[role](path, overrides)
     except ConfigError as exc:
@@ -69,3 +89,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         from hbd.client import Client as Daemon  # type: ignore[assignment]
     return Daemon(config, overrides=overrides).run()
+
+
+def status(args: argparse.Namespace) -> int:
+    """``hbd status``: one request to a status socket, printed as a table or as JSON."""
+    from hbd import status as st
+    from hbd.control import query
+
+    path = args.socket
+    if path is None and args.config:
+        try:
+            path = LOADERS[args.role or "server"](args.config).control_socket
+        except ConfigError as exc:
+            for line in exc.errors:
+                print(f"hbd: error: {line}", file=sys.stderr)
+            return 1
+        if path is None:
+            print(f"hbd: error: {args.config} sets no control_socket", file=sys.stderr)
+            return 1
+    if path is None:
+        roles = [args.role] if args.role else ["server", "client"]
+        candidates = [DEFAULT_SOCKETS[r] for r in roles]
+        path = next((c for c in candidates if os.path.exists(c)), candidates[0])
+    try:
+        reply = query(path, "status", timeout=args.timeout)
+        doc = json.loads(reply)
+    except OSError as exc:
+        hint = ""
+        if isinstance(exc, FileNotFoundError | ConnectionRefusedError):
+            hint = " (is the daemon running? -s names another socket)"
+        elif isinstance(exc, PermissionError):
+            hint = " (the socket is mode 0660: run as root or as a member of the daemon's group, e.g. _hbd)"
+        print(f"hbd: error: {path}: {exc.strerror or exc}{hint}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"hbd: error: {path}: not a status reply: {exc}", file=sys.stderr)
+        return 1
+    if "error" in doc:
+        print(f"hbd: error: {path}: {doc['error']}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        sys.stdout.write(st.render(doc, recent=max(args.recent, 0)))
+    return 0

@@ -23,6 +23,7 @@ from hbd.config import ClientConfig, load_client_config
 from hbd.daemon import Daemon, StartError
 from hbd.logs import fields, log
 from hbd.loop import EventLoop, Timer
+from hbd.metrics import LinkStats
 from hbd.protocol import ClientLink, ProtocolError
 
 RECV_SIZE = 4096
@@ -35,9 +36,17 @@ class Target:
     name: str | None = None
 
     @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
     def label(self) -> str:
-        addr = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-        return f"{self.name} ({addr})" if self.name else addr
+        return f"{self.name} ({self.address})" if self.name else self.address
+
+    @property
+    def peer(self) -> str:
+        """How logs (PEER=), hooks (HBD_PEER) and metrics name it: its name, else its address."""
+        return self.name or self.address
 
 
 def resolve(loop: EventLoop, host: str, port: int, done: Callable[[list[tuple], str | None], None]) -> None:
@@ -79,7 +88,13 @@ class Link:
         self.healthy = False
         self.ever_up = False
         self._generation = 0  # invalidates callbacks (e.g. a DNS answer) of an abandoned attempt
+        self.stats = LinkStats()
+        self.health: str | None = None  # up, late or down as reported to hooks; None until known
+        self.health_since = self.loop.time()
 
+    @property
+    def address(self) -> str:
+        return self.target.address
     @property
     def cfg(self) -> ClientConfig:
         return self.client.config
@@ -91,6 +106,7 @@ class Link:
     # -- connecting -----------------------------------------------------------------------------------
     def connect(self) -> None:
         self.state = self.CONNECTING
+        self.stats.connects += 1
         self._generation += 1
         gen = self._generation
         self._set_timer(self.loop.time() + self.cfg.receive_timeout,
@@ -152,7 +168,8 @@ class Link:
         self.healthy = False
         self.proto = ClientLink(now, self.cfg.heartbeat_interval, self.cfg.pong_timeout, self.cfg.wire == "line")
         self.loop.add_reader(self.sock, self._on_read)
-        log.info("connected to %s", self.target.label, extra=fields(peer=self.target.label, event="connected"))
+        log.info("connected to %s", self.target.label,
+                 extra=fields(peer=self.target.peer, peer_address=self.address, event="connected"))
         if self.cfg.client_name:
             self._send(f"hello {self.cfg.client_name} {self.cfg.heartbeat_interval:g}\n".encode())
         self._tick()
@@ -161,6 +178,7 @@ class Link:
         """A connection attempt did not work out."""
         self._teardown()
         self.client.log_link(self, logging.WARNING, reason, event="connect-failed")
+        self._set_health("down", reason)
         self._schedule_retry()
 
     # -- link up --------------------------------------------------------------------------------------
@@ -193,10 +211,14 @@ class Link:
             return
         if was_late and not proto.late:
             log.info("%s answers again (pong after %.3f s)", self.target.label, max(rtts),
-                     extra=fields(peer=self.target.label, event="back"))
+                     extra=fields(peer=self.target.peer, peer_address=self.address, event="back"))
         for rtt in rtts:
+            self.stats.pong(rtt, now)
             log.log(self.client.pong_level, "pong from %s in %.1f ms", self.target.label, rtt * 1000,
-                    extra=fields(peer=self.target.label, event="pong", rtt_ms=f"{rtt * 1000:.3f}"))
+                    extra=fields(peer=self.target.peer, peer_address=self.address, event="pong",
+                                 rtt_ms=f"{rtt * 1000:.3f}"))
+        if rtts and self.health != "up" and not proto.late:
+            self._set_health("up", "pong", rtt_ms=f"{rtts[-1] * 1000:.3f}")
         if rtts and not self.healthy:
             self.ever_up = True
             if now - (self.up_since or now) >= self._healthy_after():
@@ -215,18 +237,23 @@ class Link:
             self._on_read()  # last look: never suspect a link whose pong is already in our buffer
             if self.proto is not proto:
                 return
+        now = self.loop.time()
         was_late = proto.late
-        out = proto.poll(self.loop.time())
+        out = proto.poll(now)
         if proto.late and not was_late and not proto.dead:
+            waited = proto.waiting(now)
             self.client.log_link(
                 self, logging.WARNING,
-                f"{self.target.label} is late: ping unanswered for {proto.waiting(self.loop.time()):.3f} s "
+                f"{self.target.label} is late: ping unanswered for {waited:.3f} s "
                 f"(pong_timeout {proto.pong_timeout:g} s)", event="late",
             )
+            self._set_health("late", "no pong", silent_ms=round(waited * 1000))
         if proto.dead:
+            self.stats.timeouts += 1
             self.lost(f"no pong within {proto.pong_timeout:g} s (ping unanswered for {proto.silent_for:.3f} s)")
             return
         if out:
+            self.stats.pings += 1
             self._send(out)
             if self.state != self.UP:
                 return
@@ -248,7 +275,17 @@ class Link:
         was = self.target.label
         self._teardown()
         self.client.log_link(self, logging.WARNING, f"link to {was} lost: {reason}", event="down")
+        self._set_health("down", reason)
         self._schedule_retry()
+
+    def _set_health(self, health: str, reason: str, **extra: object) -> None:
+        """Report a state change of this server (status socket, metrics, on_change hooks)."""
+        if health == self.health:
+            return
+        old, self.health = self.health, health
+        self.health_since = self.loop.time()
+        self.client.ops.event(health, self.target.peer, self.address, name=self.target.name,
+                              previous=old, reason=reason, **extra)
 
     # -- reconnecting --------------------------------------------------------------------------------
     def _schedule_retry(self) -> None:
@@ -260,14 +297,16 @@ class Link:
         if limit and self.retries >= limit:
             self.state = self.GAVE_UP
             log.error("giving up on %s after %d failed reconnect attempt%s", self.target.label,
-                      limit, "s" if limit != 1 else "", extra=fields(peer=self.target.label, event="gave-up"))
+                      limit, "s" if limit != 1 else "",
+                      extra=fields(peer=self.target.peer, peer_address=self.address, event="gave-up"))
             self.client.link_gave_up(self)
             return
         self.retries += 1
         delay = self.backoff.next_delay()
         self.state = self.WAITING
         log.info("reconnecting to %s in %.2f s (attempt %d%s)", self.target.label, delay, self.retries,
-                 f" of {limit}" if limit else "", extra=fields(peer=self.target.label, event="retry"))
+                 f" of {limit}" if limit else "",
+                 extra=fields(peer=self.target.peer, peer_address=self.address, event="retry"))
         self._set_timer(self.loop.time() + delay, self.connect)
 
     def _teardown(self) -> None:
@@ -316,6 +355,9 @@ class Client(Daemon):
 
     @staticmethod
     def targets(cfg: ClientConfig) -> list[Target]:
+        """The servers to keep a link with: the ``servers`` list, or the single host/port."""
+        if cfg.servers:
+            return [Target(s.host, s.port or cfg.port, s.name) for s in cfg.servers]
         return [Target(cfg.host, cfg.port)]
 
     def load(self) -> ClientConfig:
@@ -344,15 +386,26 @@ class Client(Daemon):
 
         def commit() -> None:
             self.tls_context = context
-            if tls_changed or self.targets(new) != [link.target for link in self.links]:
+            # Links to servers still listed carry on undisturbed; removed ones close, new ones start
+            # (all of them when the TLS settings changed).
+            old = {} if tls_changed else {link.target: link for link in self.links}
+            if tls_changed:
                 for link in self.links:
                     link.close()
-                self.links = [Link(self, t) for t in self.targets(new)]
-                for link in self.links:
-                    link.connect()
-            else:
-                for link in self.links:
-                    link.apply(new)
+            links = []
+            for target in self.targets(new):
+                link = old.pop(target, None)
+                if link is None:
+                    link = Link(self, target)
+                    if not tls_changed:
+                        log.info("now also pinging %s", target.label)
+                    self.loop.call_later(0, link.connect)  # after the reload: with the new settings
+                links.append(link)
+                link.apply(new)
+            for link in old.values():
+                log.info("no longer pinging %s", link.target.label)
+                link.close()
+            self.links = links
 
         return commit
 
@@ -374,7 +427,7 @@ class Client(Daemon):
 
     def log_link(self, link: Link, level: int, message: str, *, event: str) -> None:
         log.log(level, message if link.target.label in message else f"{link.target.label}: {message}",
-                extra=fields(peer=link.target.label, event=event))
+                extra=fields(peer=link.target.peer, peer_address=link.address, event=event))
 
     def link_gave_up(self, link: Link) -> None:
         if all(lk.state == Link.GAVE_UP for lk in self.links):

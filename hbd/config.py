@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
+import shlex
+import shutil
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +21,14 @@ from typing import Any
 import yaml
 
 from hbd.access import Network, parse_allow
+from hbd.protocol import NAME_PATTERN
 from hbd.tls import TLSConfig, parse_client_tls, parse_server_tls
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_SERVER_CONFIG = "/etc/hbd/server.yaml"
 DEFAULT_CLIENT_CONFIG = "/etc/hbd/client.yaml"
+DEFAULT_SERVER_SOCKET = "/run/hbd/server.sock"  # /run/hbd is the units' RuntimeDirectory=
+DEFAULT_CLIENT_SOCKET = "/run/hbd/client.sock"
 
 
 class ConfigError(Exception):
@@ -84,12 +92,97 @@ def _choice(*choices: str) -> Callable[[Any], str]:
     return convert
 
 
+_NAME = re.compile(NAME_PATTERN)
+
+
 def _name(value: Any) -> str | None:
+    """A peer name as the greeting carries it; ``%H`` stands for this machine's short host name."""
     if value is None:
         return None
-    if not isinstance(value, str) or not 0 < len(value) <= 64 or not value.isprintable() or " " in value:
-        raise ValueError(f"must be a name of 1-64 printable characters without spaces, got {_show(value)}")
+    if isinstance(value, str) and "%H" in value:
+        value = value.replace("%H", socket.gethostname().split(".")[0])
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise ValueError(
+            "must be 1-64 of the characters A-Z a-z 0-9 . _ : @ -, starting with a letter or digit, "
+            f"got {_show(value)}"
+        )
     return value
+
+
+# -- keys of the operator's surface (status socket, metrics, hooks, several servers) --------------
+MAX_SOCKET_PATH = 96  # sun_path holds 107 bytes; room is left for the temporary name used to bind
+
+
+def _socket_path(value: Any) -> str | None:
+    if value is None or value == "":
+        return None  # no control socket
+    if not isinstance(value, str) or value.endswith("/"):
+        raise ValueError(f"must be a socket file path or null, got {_show(value)}")
+    if len(os.fsencode(value)) > MAX_SOCKET_PATH:
+        raise ValueError(f"must be at most {MAX_SOCKET_PATH} bytes long (a unix socket path), got {len(value)}")
+    return value
+
+
+def _endpoint(value: Any) -> tuple[str, int] | None:
+    """``{host, port}`` for the metrics listener; host defaults to 127.0.0.1 (not exposed)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not set(value) <= {"host", "port"} or "port" not in value:
+        raise ValueError(f"must be a mapping with port and optionally host, or null, got {_show(value)}")
+    return _host(value.get("host", "127.0.0.1")), _PORT(value["port"])
+
+
+def _command(value: Any) -> tuple[str, ...] | None:
+    """A hook command: a list of arguments, or a string split like a shell would (but run without one)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            argv = shlex.split(value)
+        except ValueError as exc:
+            raise ValueError(f"cannot split {value!r} into arguments: {exc}") from None
+    elif isinstance(value, list) and all(isinstance(a, str | int | float) and not isinstance(a, bool) for a in value):
+        argv = [str(a) for a in value]
+    else:
+        raise ValueError(f"must be a command (a list of arguments or a string), got {_show(value)}")
+    if not argv or not argv[0]:
+        raise ValueError("must name a program, got an empty command")
+    program = argv[0]
+    if "/" in program:
+        if not os.path.isfile(program) or not os.access(program, os.X_OK):
+            raise ValueError(f"{program} is not an executable file")
+    elif shutil.which(program) is None:
+        raise ValueError(f"{program} is not found in PATH (give the full path)")
+    return tuple(argv)
+
+
+@dataclass(frozen=True)
+class ServerEntry:
+    """One item of the client's ``servers:`` list; port None means the top-level ``port``."""
+
+    host: str
+    port: int | None = None
+    name: str | None = None
+
+
+def _servers(value: Any) -> tuple[ServerEntry, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"must be a list of servers ({{host, port, name}}), got {_show(value)}")
+    entries = []
+    for i, item in enumerate(value, 1):
+        if isinstance(item, str):
+            item = {"host": item}
+        if not isinstance(item, dict) or "host" not in item or not set(item) <= {"host", "port", "name"}:
+            raise ValueError(f"item {i} must be a mapping with host and optionally port and name, got {_show(item)}")
+        try:
+            entries.append(ServerEntry(
+                _host(item["host"]), _PORT(item["port"]) if "port" in item else None, _name(item.get("name")),
+            ))
+        except ValueError as exc:
+            raise ValueError(f"item {i}: {exc}") from None
+    return tuple(entries)
 
 
 def _show(value: Any) -> str:
@@ -111,6 +204,12 @@ class ServerConfig:
     allow: tuple[Network, ...] | None = field(default=None, metadata={"conv": parse_allow})
     log_file: str | None = field(default="/var/log/hbd/server.log", metadata={"conv": _log_file})
     log_level: str = field(default="info", metadata={"conv": _log_level})
+    control_socket: str | None = field(default=DEFAULT_SERVER_SOCKET, metadata={"conv": _socket_path})
+    metrics: tuple[str, int] | None = field(default=None, metadata={"conv": _endpoint})
+    on_change: tuple[str, ...] | None = field(default=None, metadata={"conv": _command})
+    hook_timeout: float = field(default=10.0, metadata={"conv": _seconds})
+    hook_max_concurrent: int = field(default=4, metadata={"conv": _integer(1, 1000)})
+    hook_max_queued: int = field(default=100, metadata={"conv": _integer(0, 100_000)})
     path: str = field(default="", metadata={"internal": True})
 
 
@@ -127,14 +226,35 @@ class ClientConfig:
     wire: str = field(default="bare", metadata={"conv": _choice("bare", "line")})
     client_name: str | None = field(default=None, metadata={"conv": _name})
     tls: TLSConfig | None = field(default=None, metadata={"conv": parse_client_tls})
+    servers: tuple[ServerEntry, ...] = field(default=(), metadata={"conv": _servers})
     log_file: str | None = field(default="/var/log/hbd/client.log", metadata={"conv": _log_file})
     log_level: str = field(default="info", metadata={"conv": _log_level})
+    control_socket: str | None = field(default=DEFAULT_CLIENT_SOCKET, metadata={"conv": _socket_path})
+    metrics: tuple[str, int] | None = field(default=None, metadata={"conv": _endpoint})
+    on_change: tuple[str, ...] | None = field(default=None, metadata={"conv": _command})
+    hook_timeout: float = field(default=10.0, metadata={"conv": _seconds})
+    hook_max_concurrent: int = field(default=4, metadata={"conv": _integer(1, 1000)})
+    hook_max_queued: int = field(default=100, metadata={"conv": _integer(0, 100_000)})
     path: str = field(default="", metadata={"internal": True})
 
 
-def _check_client(cfg: dict[str, Any]) -> list[tuple[str, str]]:
-    """Rules between keys; a key that is itself invalid is missing from ``cfg`` and skipped."""
+def _check_client(cfg: dict[str, Any], given: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
+    """Rules between keys; a key that is itself invalid is missing from ``cfg`` and skipped.
+    ``given`` holds the keys the file (or the command line) actually set."""
     problems = []
+    if cfg.get("servers") and "host" in given:
+        problems.append(("host", "cannot be combined with servers; list every server under servers"))
+    if cfg.get("servers") and "port" in cfg:
+        seen: set[tuple[str, int]] = set()
+        names: set[str] = set()
+        for s in cfg["servers"]:
+            key = (s.host, s.port or cfg["port"])
+            if key in seen:
+                problems.append(("servers", f"{s.host}:{key[1]} is listed twice"))
+            if s.name is not None and s.name in names:
+                problems.append(("servers", f"the name {s.name} is used twice"))
+            seen.add(key)
+            names.add(s.name or "")
     if "pong_timeout" in cfg and "heartbeat_interval" in cfg and cfg["pong_timeout"] <= cfg["heartbeat_interval"]:
         problems.append((
             "pong_timeout",
@@ -149,7 +269,9 @@ def _check_client(cfg: dict[str, Any]) -> list[tuple[str, str]]:
     return problems
 
 
-_CROSS_CHECKS: dict[type, Callable[[dict[str, Any]], list[tuple[str, str]]]] = {ClientConfig: _check_client}
+_CROSS_CHECKS: dict[type, Callable[[dict[str, Any], frozenset[str]], list[tuple[str, str]]]] = {
+    ClientConfig: _check_client,
+}
 
 
 def load_server_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ServerConfig:
@@ -196,7 +318,7 @@ def _load(cls: type, path: Path, overrides: dict[str, Any]) -> Any:
             values[name] = f.metadata["conv"](data[name])
         except ValueError as exc:
             errors.append(f"{where(name)}: {exc}")
-    for key, reason in _CROSS_CHECKS.get(cls, lambda _: [])(values):
+    for key, reason in _CROSS_CHECKS.get(cls, lambda *_: [])(values, frozenset(map(str, data))):
         errors.append(f"{where(key)}: {reason}")
     if errors:
         raise ConfigError(errors)

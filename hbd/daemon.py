@@ -11,9 +11,11 @@ from collections.abc import Callable
 from typing import Any
 
 from hbd.config import ConfigError
+from hbd.control import BindError
 from hbd.logs import Logging, LogSetupError, log
 from hbd.loop import EventLoop
 from hbd.notify import Notifier
+from hbd.ops import Ops
 
 STATUS_INTERVAL = 1.0
 
@@ -44,6 +46,7 @@ class Daemon:
         self.reloads_failed = 0
         self.last_reload_error: str | None = None
         self._stopping = False
+        self.ops = Ops(self)  # status socket, metrics, on_change hooks
 
     # -- subclass hooks ---------------------------------------------------------------------------
     def load(self) -> Any:
@@ -74,9 +77,11 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         try:
             self.logs.configure(self.config.log_level, self.config.log_file)
+            self.ops.start()
             self.start()
-        except (LogSetupError, StartError) as exc:
+        except (LogSetupError, StartError, BindError) as exc:
             log.error("cannot start: %s", exc)
+            self.ops.close()
             self.logs.close()
             loop.close()
             return 1
@@ -88,7 +93,9 @@ class Daemon:
             loop.run()
         finally:
             self.notifier.stopping()
+            self.ops.stopping()
             self.shutdown()
+            self.ops.close()
             log.info("%s stopped", self.identifier)
             loop.close()
             self.notifier.close()
@@ -111,8 +118,13 @@ class Daemon:
         try:
             new = self.load()
             handler = self.logs.prepare(new.log_file)
-            commit = self.prepare(new)
-        except (ConfigError, LogSetupError, StartError) as exc:
+            ops_commit = self.ops.prepare(new)
+            try:
+                commit = self.prepare(new)
+            except BaseException:
+                self.ops.abort()
+                raise
+        except (ConfigError, LogSetupError, StartError, BindError) as exc:
             if handler is not None:
                 self.logs.discard(handler)
             errors = exc.errors if isinstance(exc, ConfigError) else [str(exc)]
@@ -126,6 +138,7 @@ class Daemon:
             return False
         self.logs.commit(new.log_level, new.log_file, handler)
         commit()
+        ops_commit()
         self.config = new
         self.reloads_ok += 1
         self.last_reload_error = None

@@ -26,7 +26,8 @@ MAX_LINE = 256
 # Bytes a peer may send without a valid ping before we call it garbage (blank lines, a greeting).
 MAX_JUNK = 1024
 
-_NAME_RE = re.compile(rb"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}$")
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}\Z"  # a peer name in a greeting
+_NAME_RE = re.compile(NAME_PATTERN.encode())
 _TOKENS = (PING, b"\r\n", b"\n", HELLO)
 
 
@@ -35,6 +36,7 @@ class ProtocolError(Exception):
 
 
 class PeerState(Enum):
+    NEW = "NEW"  # connected, no ping yet: becomes UP with its first ping (hooks and status wait for it)
     UP = "UP"
     LATE = "LATE"
     DEAD = "DEAD"
@@ -48,6 +50,11 @@ class Hello:
     interval: float | None
 
 
+def peer_timeout(base: float, interval: float | None) -> float:
+    """A client that announced its ping interval may stay silent for at least 3 intervals."""
+    return base if interval is None else max(base, 3 * interval)
+
+
 @dataclass(frozen=True, slots=True)
 class StateChange:
     old: PeerState
@@ -58,19 +65,21 @@ class StateChange:
 class ServerPeer:
     """One connected client as the server sees it: framing plus the silence rule.
 
-    The peer is UP while pings arrive, LATE once silent for more than half its timeout and DEAD
-    when silent for longer than ``timeout``. Only complete, valid messages count as life: a peer
-    that trickles bytes or sends garbage does not extend its deadline.
+    The peer is NEW until its first ping, UP while pings arrive, LATE once silent for more than
+    half its timeout and DEAD when silent for longer than ``timeout``. Only complete, valid
+    messages count as life: a peer that trickles bytes or sends garbage does not extend its
+    deadline.
     """
 
-    __slots__ = ("_buf", "_echo", "_junk", "events", "last_heard", "name", "pings", "state", "timeout")
+    __slots__ = ("_buf", "_echo", "_junk", "events", "interval", "last_heard", "name", "pings", "state", "timeout")
 
     def __init__(self, now: float, timeout: float) -> None:
         self.timeout = timeout
         self.last_heard = now
         self.pings = 0
-        self.state = PeerState.UP
+        self.state = PeerState.NEW
         self.name: str | None = None
+        self.interval: float | None = None  # announced in the greeting
         self.events: list[Hello | StateChange] = []  # rare events; the caller drains it
         self._buf = b""
         self._echo = False  # the previous token was a ping: echo its line terminator
@@ -155,11 +164,12 @@ class ServerPeer:
             if not 0 < interval < 86400:
                 raise ProtocolError(f"greeting interval out of range: {interval}")
         self.name = parts[0].decode("ascii")
+        self.interval = interval
         self.events.append(Hello(self.name, interval))
 
     def next_deadline(self) -> float:
         """When poll() may next change this peer's state."""
-        if self.state is PeerState.UP:
+        if self.state is not PeerState.LATE:
             return self.last_heard + self.timeout / 2
         return self.last_heard + self.timeout
 
@@ -178,12 +188,16 @@ class ServerPeer:
         self.state = new
         return change
 
-    def extend(self, now: float) -> None:
-        """Forgive silence up to ``now``: our own loop was stalled, so we could not have heard."""
+    def extend(self, now: float) -> StateChange | None:
+        """Forgive silence up to ``now``: our own loop was stalled, so we could not have heard.
+        A LATE peer is UP again; the change is returned so callers keep their counts right."""
+        silent = now - self.last_heard
         if self.last_heard < now:
             self.last_heard = now
         if self.state is PeerState.LATE:
             self.state = PeerState.UP
+            return StateChange(PeerState.LATE, PeerState.UP, silent)
+        return None
 
 
 class ClientLink:

@@ -9,17 +9,19 @@ no heap operation at all.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from hbd import metrics
 from hbd.access import AllowList
 from hbd.config import ServerConfig, load_server_config
 from hbd.daemon import Daemon, StartError
 from hbd.logs import PeerLogLimiter, fields, log
 from hbd.loop import Timer
-from hbd.protocol import Hello, PeerState, ProtocolError, ServerPeer, StateChange
+from hbd.protocol import Hello, PeerState, ProtocolError, ServerPeer, StateChange, peer_timeout
 
 if TYPE_CHECKING:
     import ssl
@@ -132,6 +134,7 @@ class Server(Daemon):
         self.stats = {"accepted": 0, "refused": 0, "timeouts": 0, "rejected": 0, "denied": 0, "tls_failed": 0}
         self.tls_context: ssl.SSLContext | None = None
         self.allow: AllowList | None = None
+        self.closed_pings = 0  # pings of connections already closed (metrics add the open ones)
         self._stall_end = float("-inf")
         self._accept_paused = False
         self._fd_warned_at = float("-inf")
@@ -167,6 +170,7 @@ class Server(Daemon):
     def on_status_tick(self) -> None:
         if self.worker is not None:
             self.worker.send(f"S {len(self.conns)} {self.late}")
+            self.worker.send("M " + json.dumps(metrics.server_numbers(self.ops)))
 
     def prepare(self, new: ServerConfig) -> Callable[[], None]:
         old = self.config
@@ -187,7 +191,7 @@ class Server(Daemon):
                 log.info("now listening on %s:%d", *self.address)
             if new.heartbeat_timeout != old.heartbeat_timeout:
                 for conn in self.conns.values():  # new timeouts apply to connected peers too
-                    conn.peer.timeout = new.heartbeat_timeout
+                    conn.peer.timeout = peer_timeout(new.heartbeat_timeout, conn.peer.interval)
                     self.loop.cancel(conn.timer)
                     conn.arm()
                 log.info("heartbeat_timeout is now %g s", new.heartbeat_timeout)
@@ -337,7 +341,9 @@ class Server(Daemon):
             now = self.clock()
         if peer.last_heard < self._stall_end and now - peer.last_heard > peer.timeout / 2:
             # We were stalled ourselves (SIGSTOP, starvation): we may simply not have looked.
-            peer.extend(self._stall_end)
+            forgiven = peer.extend(self._stall_end)
+            if forgiven is not None:
+                self._on_change(conn, forgiven)
         change = peer.poll(now)
         if change is not None:
             self._on_change(conn, change)
@@ -364,6 +370,11 @@ class Server(Daemon):
                     f" (interval {ev.interval:g} s)" if ev.interval else "", event="hello", peer=conn.addr,
                     name=ev.name,
                 )
+                timeout = peer_timeout(self.config.heartbeat_timeout, ev.interval)
+                if timeout != conn.peer.timeout:  # it pings slowly: give it 3 of its intervals
+                    conn.peer.timeout = timeout
+                    self.loop.cancel(conn.timer)
+                    conn.arm()
             elif isinstance(ev, StateChange):
                 self._on_change(conn, ev)
 
@@ -385,13 +396,30 @@ class Server(Daemon):
         elif change.new is PeerState.LATE:
             self._peer_log(logging.WARNING, source, "client %s is late: silent for %.3f s",
                            conn.label, change.silent_for, **kw)
+        elif change.old is PeerState.NEW:
+            log.debug("client %s is up: first ping", conn.label, extra=fields(**kw, peer_address=conn.addr))
         else:
             self._peer_log(logging.INFO, source, "client %s is back: ping after %.3f s",
                            conn.label, change.silent_for, **kw)
+        if change.new is PeerState.DEAD:
+            event, reason = "down", "timeout"
+        elif change.new is PeerState.LATE:
+            event, reason = "late", "silent"
+        else:
+            event, reason = "up", "first ping" if change.old is PeerState.NEW else "ping"
+        if conn.peer.pings:  # one that never pinged was never reported up, so its end is no news
+            self._report(conn, event, change.old, reason, silent_ms=round(change.silent_for * 1000))
+
+    def _report(self, conn: Connection, event: str, old: PeerState, reason: str, **extra: object) -> None:
+        """A state change for the status socket, metrics and on_change hooks."""
+        self.ops.event(event, conn.peer.name or conn.addr, conn.addr, name=conn.peer.name,
+                       previous=old.value.lower(), reason=reason, **extra)
 
     def reject(self, conn: Connection, reason: str) -> None:
         """The peer broke the protocol: log (rate-limited per source address) and close it."""
         self.stats["rejected"] += 1
+        if conn.peer.pings:
+            self._report(conn, "down", conn.peer.state, "protocol error")
         self._peer_log(
             logging.WARNING, conn.addr.rsplit(":", 1)[0], "closing client %s: %s",
             conn.label, reason, event="protocol-error", peer=conn.addr,
@@ -401,6 +429,8 @@ class Server(Daemon):
     def drop(self, conn: Connection, reason: str, level: int) -> None:
         self._peer_log(level, conn.addr.rsplit(":", 1)[0], "client %s %s", conn.label, reason,
                        event="disconnected", peer=conn.addr, name=conn.peer.name)
+        if conn.peer.pings:
+            self._report(conn, "down", conn.peer.state, reason)
         self._close(conn)
 
     def tls_failed(self, conn: Connection, reason: str) -> None:
@@ -416,6 +446,7 @@ class Server(Daemon):
             return
         self.loop.cancel(conn.timer)
         conn.timer = None
+        self.closed_pings += conn.peer.pings
         if conn.peer.state is PeerState.LATE:
             self.late -= 1
         self.loop.forget(sock)

@@ -12,12 +12,13 @@ serves no clients; it owns what must exist once per service:
   writes them, so one process rotates the file.
 
 Worker -> supervisor pipe, one line per message: ``R`` ready, ``S <clients> <late>`` status,
-``L<levelno> <message>`` a log line for the file.
+``M <json>`` counters for the metrics, ``L<levelno> <message>`` a log line for the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import select
@@ -41,8 +42,9 @@ class WorkerChannel:
     """The worker's end of the pipe. Writes never block: if the supervisor is not reading, the
     line is dropped (the worker's own terminal/journald output still has it)."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, index: int = 0) -> None:
         self.fd = fd
+        self.index = index  # which worker this is (its status socket is <control_socket>.<index>)
         os.set_blocking(fd, False)
 
     def send(self, line: str) -> None:
@@ -64,7 +66,7 @@ class PipeLogHandler(logging.Handler):
 
 
 class Worker:
-    __slots__ = ("buf", "clients", "index", "last_seen", "late", "pid", "ready", "rfd")
+    __slots__ = ("buf", "clients", "index", "last_seen", "late", "numbers", "pid", "ready", "rfd")
 
     def __init__(self, index: int, pid: int, rfd: int, now: float) -> None:
         self.index = index
@@ -75,6 +77,7 @@ class Worker:
         self.ready = False
         self.clients = 0
         self.late = 0
+        self.numbers: dict = {}  # its latest counters, for the supervisor's metrics
 
 
 class Supervisor(Daemon):
@@ -191,6 +194,11 @@ class Supervisor(Daemon):
                 parts = line.split()
                 if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
                     w.clients, w.late = int(parts[1]), int(parts[2])
+            elif line.startswith("M "):
+                try:
+                    w.numbers = json.loads(line[2:])
+                except ValueError:
+                    pass
             elif line.startswith("L") and " " in line:
                 level, message = line[1:].split(" ", 1)
                 self._to_file(w, int(level) if level.isdigit() else logging.ERROR, message)
@@ -260,9 +268,10 @@ def _run_worker(sup: Supervisor, index: int, wfd: int) -> int:
         signal.signal(signum, signal.SIG_DFL)
     signal.set_wakeup_fd(-1)
     sup.loop.close_in_child()
+    sup.ops.close_in_child()
     for w in sup.workers.values():
         os.close(w.rfd)
-    channel = WorkerChannel(wfd)
+    channel = WorkerChannel(wfd, index)
     logs = Logging(f"hbd-server/{index}", journald=sup.logs.journald)
     server = Server(
         dataclasses.replace(sup.config, log_file=None), notifier=Notifier({}), logs=logs,

@@ -113,7 +113,8 @@ class HbdProcess:
 def start_server(tmp_path: Path, name: str = "server", env: dict | None = None, wrap: list[str] | None = None,
                  **cfg) -> HbdProcess:
     config = {"host": "127.0.0.1", "port": free_port(), "heartbeat_timeout": 1.0,
-              "log_file": str(tmp_path / f"{name}.log"), "log_level": "info", **cfg}
+              "log_file": str(tmp_path / f"{name}.log"), "log_level": "info",
+              "control_socket": str(tmp_path / f"{name}.sock"), **cfg}
     srv = HbdProcess("server", config, tmp_path, env=env, name=name, wrap=wrap)
     try:
         srv.wait_for(r"listening on")
@@ -127,7 +128,8 @@ def start_client(tmp_path: Path, port: int, name: str = "client", env: dict | No
                  wrap: list[str] | None = None, **cfg) -> HbdProcess:
     config = {"host": "127.0.0.1", "port": port, "heartbeat_interval": 0.2, "pong_timeout": 0.6,
               "receive_timeout": 1.0, "reconnect_delay": 0.1, "reconnect_max_delay": 0.5,
-              "log_file": str(tmp_path / f"{name}.log"), "log_level": "info", **cfg}
+              "log_file": str(tmp_path / f"{name}.log"), "log_level": "info",
+              "control_socket": str(tmp_path / f"{name}.sock"), **cfg}
     return HbdProcess("client", config, tmp_path, env=env, name=name, wrap=wrap)
 
 

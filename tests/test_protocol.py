@@ -87,7 +87,8 @@ def test_greeting_names_the_peer() -> None:
     peer = ServerPeer(0.0, 10.0)
     assert peer.feed(b"hello web1 2\nping\n", 0.0) == b"pong\n"
     assert peer.name == "web1"
-    assert peer.events == [Hello("web1", 2.0)]
+    assert peer.events == [Hello("web1", 2.0), StateChange(PeerState.NEW, PeerState.UP, 0.0)]
+    assert peer.interval == 2.0
 
 
 def test_greeting_split_across_reads() -> None:
@@ -117,7 +118,7 @@ def test_exact_timeout_boundaries() -> None:
     assert peer.next_deadline() == 105.0
     assert peer.poll(105.0) is None  # silent exactly half the timeout: still UP
     change = peer.poll(105.001)
-    assert change == StateChange(PeerState.UP, PeerState.LATE, pytest.approx(5.001))
+    assert change == StateChange(PeerState.NEW, PeerState.LATE, pytest.approx(5.001))  # never pinged
     assert peer.next_deadline() == 110.0
     assert peer.poll(110.0) is None  # exactly the timeout: not yet dead
     assert peer.poll(110.001).new is PeerState.DEAD

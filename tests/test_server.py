@@ -156,7 +156,8 @@ def test_unwritable_log_file_is_a_clear_startup_error(tmp_path: Path) -> None:
 def test_port_in_use_is_a_clear_startup_error(tmp_path: Path, procs) -> None:
     srv = start_server(tmp_path)
     procs.append(srv)
-    other = start_server.__globals__["HbdProcess"]("server", {**srv.config, "log_file": None}, tmp_path, name="b")
+    other = start_server.__globals__["HbdProcess"](
+        "server", {**srv.config, "log_file": None, "control_socket": str(tmp_path / "b.sock")}, tmp_path, name="b")
     assert other.proc.wait(10) == 1
     other.stop()
     assert "cannot listen on 127.0.0.1" in other.output() and "Address already in use" in other.output()

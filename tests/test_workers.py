@@ -94,7 +94,8 @@ def test_workers_port_in_use_fails_fast(tmp_path: Path, procs) -> None:
     procs.append(srv)
     from daemons import HbdProcess
 
-    other = HbdProcess("server", {**srv.config, "workers": 2, "log_file": None}, tmp_path, name="other")
+    other = HbdProcess("server", {**srv.config, "workers": 2, "log_file": None,
+                                  "control_socket": str(tmp_path / "other.sock")}, tmp_path, name="other")
     assert other.proc.wait(10) == 1
     other.stop()
     assert "cannot listen on 127.0.0.1" in other.output()

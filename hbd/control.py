@@ -1,0 +1,302 @@
+"""Request/response sockets served by the daemon's own loop: the status socket (and, through the
+same machinery, the metrics endpoint in ``hbd.metrics``).
+
+A connection sends one request (a line; for HTTP, a header block), gets one reply and is closed.
+Nothing here may stall the loop, whatever the peer does:
+
+- input is bounded (``max_request``) and read without blocking; an idle connection is closed;
+- a reply is an iterator of byte chunks pulled only while the output buffer is below
+  ``HIGH_WATER``, so a 2 MB status of 19,000 peers is produced a slice at a time, across loop
+  turns, as fast as the reader takes it. A chunk may be ``None``: "nothing yet", and the producer
+  calls the ``wake`` it was given when it has more (used to relay the replies of worker processes);
+- at most ``MAX_CONNECTIONS`` requests are served at once; more are closed straight away.
+
+The status socket is a unix socket (``control_socket``, mode 0660), bound under a temporary name
+and renamed into place so it never exists with looser permissions and a stale file left by a
+crashed daemon is replaced; one that a live daemon still answers on is an error, not a takeover.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+from collections.abc import Callable, Iterator
+
+from hbd.logs import log
+from hbd.loop import EventLoop, Timer
+
+Reply = Iterator[bytes | None]
+Handler = Callable[[bytes, Callable[[], None]], Reply]
+
+HIGH_WATER = 64 * 1024  # stop producing while this much output is still unsent
+MAX_CONNECTIONS = 32
+IDLE_TIMEOUT = 10.0  # a connection making no progress for this long is closed
+ACCEPT_BATCH = 16
+SOCKET_MODE = 0o660
+
+
+class BindError(Exception):
+    """A listening socket cannot be set up; the message says why."""
+
+
+class _Conn:
+    __slots__ = ("active", "closed", "inbuf", "outbuf", "reply", "sock", "timer", "waiting")
+
+    def __init__(self, sock: socket.socket, now: float) -> None:
+        self.sock = sock
+        self.inbuf = b""
+        self.outbuf = b""
+        self.reply: Reply | None = None
+        self.waiting = False  # the reply said "nothing yet"; its producer will wake us
+        self.closed = False
+        self.active = now
+        self.timer: Timer | None = None
+
+
+class RequestServer:
+    def __init__(
+        self, loop: EventLoop, sock: socket.socket, handler: Handler, *, terminator: bytes = b"\n",
+        max_request: int = 1024, too_long: bytes = b'{"error": "request too long"}\n',
+        name: str = "control socket", on_close: Callable[[], None] | None = None,
+    ) -> None:
+        self.too_long = too_long
+        self.loop = loop
+        self.sock = sock
+        self.handler = handler
+        self.terminator = terminator
+        self.max_request = max_request
+        self.name = name
+        self.conns: set[_Conn] = set()
+        self._on_close = on_close
+        sock.setblocking(False)
+        loop.add_reader(sock, self._accept)
+
+    def _accept(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    return  # the server's own accept pause handles fd exhaustion; try again later
+                continue
+            if len(self.conns) >= MAX_CONNECTIONS:
+                sock.close()
+                continue
+            sock.setblocking(False)
+            conn = _Conn(sock, self.loop.time())
+            self.conns.add(conn)
+            self.loop.add_reader(sock, lambda c=conn: self._on_read(c))
+            conn.timer = self.loop.call_later(IDLE_TIMEOUT, lambda c=conn: self._idle(c))
+
+    def _idle(self, conn: _Conn) -> None:
+        left = conn.active + IDLE_TIMEOUT - self.loop.time()
+        if left > 0:
+            conn.timer = self.loop.call_later(left, lambda: self._idle(conn))
+        else:
+            conn.timer = None
+            self._close(conn)
+
+    def _on_read(self, conn: _Conn) -> None:
+        try:
+            data = conn.sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(conn)
+            return
+        conn.active = self.loop.time()
+        if data:
+            conn.inbuf += data
+            end = conn.inbuf.find(self.terminator)
+            if end < 0:
+                if len(conn.inbuf) > self.max_request:
+                    self._respond(conn, None)
+                return
+            request = conn.inbuf[:end]
+        elif conn.inbuf:
+            request = conn.inbuf  # EOF after an unterminated request (printf status | nc -U)
+        else:
+            self._close(conn)
+            return
+        self._respond(conn, request)
+
+    def _respond(self, conn: _Conn, request: bytes | None) -> None:
+        self.loop.remove_reader(conn.sock)  # one request per connection: the rest is ignored
+        conn.inbuf = b""
+        if request is None:
+            conn.reply = iter([self.too_long])
+            self.loop.add_writer(conn.sock, lambda: self._on_write(conn))
+            return
+        try:
+            conn.reply = self.handler(request, lambda: self._wake(conn))
+        except Exception:
+            log.exception("%s: cannot answer %r", self.name, request[:64] if request else request)
+            self._close(conn)
+            return
+        self.loop.add_writer(conn.sock, lambda: self._on_write(conn))
+
+    def _wake(self, conn: _Conn) -> None:
+        if not conn.closed and conn.waiting:
+            conn.waiting = False
+            self.loop.add_writer(conn.sock, lambda: self._on_write(conn))
+
+    def _on_write(self, conn: _Conn) -> None:
+        reply = conn.reply
+        buf = [conn.outbuf] if conn.outbuf else []
+        size = len(conn.outbuf)
+        while reply is not None and size < HIGH_WATER:
+            try:
+                chunk = next(reply)
+            except StopIteration:
+                reply = conn.reply = None
+                break
+            except Exception:
+                log.exception("%s: the reply failed", self.name)
+                self._close(conn)
+                return
+            if chunk is None:
+                conn.waiting = True
+                break
+            buf.append(chunk)
+            size += len(chunk)
+        out = b"".join(buf)
+        if out:
+            try:
+                sent = conn.sock.send(out)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self._close(conn)
+                return
+            conn.outbuf = out[sent:]
+            if sent:
+                conn.active = self.loop.time()
+        else:
+            conn.outbuf = b""
+        if conn.outbuf:
+            return  # still writable interest: the socket takes more later
+        if reply is None:
+            self._close(conn)
+        elif conn.waiting:
+            self.loop.remove_writer(conn.sock)
+
+    def _close(self, conn: _Conn) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        self.conns.discard(conn)
+        self.loop.cancel(conn.timer)
+        self.loop.forget(conn.sock)
+        close = getattr(conn.reply, "close", None)
+        if close is not None:
+            close()  # a generator's finally: blocks run now (e.g. a relay closes its sources)
+        try:
+            conn.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        conn.sock.close()
+
+    def close(self) -> None:
+        for conn in list(self.conns):
+            self._close(conn)
+        self.loop.forget(self.sock)
+        self.sock.close()
+        if self._on_close is not None:
+            self._on_close()
+
+
+# -- binding --------------------------------------------------------------------------------------
+class UnixListener:
+    """A listening unix socket at ``path``; ``remove()`` unlinks it if it is still ours."""
+
+    def __init__(self, path: str, mode: int = SOCKET_MODE, backlog: int = 16) -> None:
+        self.path = path
+        if os.path.lexists(path):
+            st = os.lstat(path)
+            if not stat.S_ISSOCK(st.st_mode):
+                raise BindError(f"{path} exists and is not a socket; remove it or choose another control_socket")
+            if _answers(path):
+                raise BindError(f"{path} is in use by another running hbd; stop it or choose another control_socket")
+        tmp = f"{path}.{os.getpid()}.tmp"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            sock.bind(tmp)
+            os.chmod(tmp, mode)  # before the socket is reachable under its real name
+            sock.listen(backlog)
+            os.rename(tmp, path)  # atomically replaces a stale socket
+            st = os.stat(path)
+        except OSError as exc:
+            sock.close()
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise BindError(f"cannot create the control socket {path}: {exc.strerror or exc}") from None
+        self.sock = sock
+        self._ident = (st.st_dev, st.st_ino)
+
+    def remove(self) -> None:
+        try:
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == self._ident:  # not one a newer daemon has put there since
+                os.unlink(self.path)
+        except OSError:
+            pass
+
+
+def _answers(path: str) -> bool:
+    """Does a process accept connections on this unix socket? (Non-blocking: never waits.)"""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.setblocking(False)
+        try:
+            s.connect(path)
+        except (BlockingIOError, InterruptedError):
+            return True  # its backlog is full: very much alive
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except OSError as exc:
+            raise BindError(f"cannot check whether {path} is in use: {exc.strerror or exc}") from None
+        return True
+
+
+def bind_tcp(host: str, port: int, backlog: int = 16) -> socket.socket:
+    try:
+        family, stype, proto, _, addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, stype, proto)
+    except OSError as exc:
+        raise BindError(f"cannot resolve {host}:{port}: {exc.strerror or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise BindError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
+# -- the client side (``hbd status``) ---------------------------------------------------------------
+def query(path: str, command: str, timeout: float = 10.0, limit: int = 256 * 1024 * 1024) -> bytes:
+    """Send one command to a control socket and return the whole reply (blocking: for the CLI)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall(command.encode() + b"\n")
+        chunks = []
+        size = 0
+        while chunk := s.recv(1 << 16):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise OSError(errno.EMSGSIZE, "reply too large")
+        return b"".join(chunks)

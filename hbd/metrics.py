@@ -1,0 +1,267 @@
+"""Prometheus metrics: the text exposition format (0.0.4) over a minimal HTTP/1.0 responder.
+
+hbd writes the format itself rather than using ``prometheus_client``: that library's metric
+objects take a lock on every update and its HTTP server runs in a thread, and neither belongs on a
+single-threaded loop that must answer 19,000 pings a second. Here nothing is counted per ping that
+was not counted already (``ServerPeer.pings``, the daemons' ``stats``); values are collected from
+the daemon when a scrape arrives, and the HTTP side is a ``control.RequestServer`` on the same
+loop. The tests check the output with prometheus_client's own parser.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left
+from collections.abc import Iterable
+from typing import Any
+
+from hbd import __version__
+from hbd.control import Reply
+
+# Client ping->pong round trips, seconds: sub-millisecond on a LAN up to the longest pong_timeout.
+RTT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Histogram:
+    """Bucket counts, sum and count; ``observe`` is a bisect and two additions."""
+
+    __slots__ = ("bounds", "count", "counts", "sum")
+
+    def __init__(self, bounds: Iterable[float] = RTT_BUCKETS) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        out = []
+        total = 0
+        for bound, n in zip([*map(_num, self.bounds), "+Inf"], self.counts, strict=True):
+            total += n
+            out.append((bound, total))
+        return out
+
+
+class LinkStats:
+    """Lifetime counters of one client link (across reconnects)."""
+
+    __slots__ = ("connects", "last_pong", "pings", "rtt", "rtt_last", "rtt_max", "timeouts")
+
+    def __init__(self) -> None:
+        self.pings = 0
+        self.timeouts = 0
+        self.connects = 0  # connection attempts
+        self.rtt = Histogram()
+        self.rtt_last: float | None = None
+        self.rtt_max = 0.0
+        self.last_pong: float | None = None
+
+    def pong(self, rtt: float, now: float) -> None:
+        self.rtt.observe(rtt)
+        self.rtt_last = rtt
+        if rtt > self.rtt_max:
+            self.rtt_max = rtt
+        self.last_pong = now
+
+
+# -- exposition ------------------------------------------------------------------------------------
+def _num(v: float) -> str:
+    if isinstance(v, int):
+        return str(v)
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    if math.isnan(v):
+        return "NaN"
+    return repr(float(v))
+
+
+def _escape(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(labels: dict[str, str]) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items()) + "}"
+
+
+class Exposition:
+    """Collects metric families (each written once, its samples together) and renders the text."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self._seen: set[str] = set()
+
+    def family(self, name: str, kind: str, help_text: str) -> None:
+        assert name not in self._seen, name
+        self._seen.add(name)
+        self.lines.append(f"# HELP {name} {help_text.replace(chr(92), chr(92) * 2).replace(chr(10), ' ')}")
+        self.lines.append(f"# TYPE {name} {kind}")
+
+    def sample(self, name: str, value: float, labels: dict[str, str] | None = None) -> None:
+        self.lines.append(f"{name}{_labels(labels or {})} {_num(value)}")
+
+    def one(self, name: str, kind: str, help_text: str, value: float, labels: dict[str, str] | None = None) -> None:
+        self.family(name, kind, help_text)
+        self.sample(name, value, labels)
+
+    def histogram(self, name: str, hist: Histogram, labels: dict[str, str]) -> None:
+        for bound, n in hist.cumulative():
+            self.sample(f"{name}_bucket", n, {**labels, "le": bound})
+        self.sample(f"{name}_sum", hist.sum, labels)
+        self.sample(f"{name}_count", hist.count, labels)
+
+    def render(self) -> bytes:
+        return ("\n".join(self.lines) + "\n").encode()
+
+
+# -- what each daemon exposes ------------------------------------------------------------------------
+def collect(ops: Any) -> Exposition:
+    d = ops.daemon
+    out = Exposition()
+    out.one("hbd_info", "gauge", "Always 1; the labels say what runs.", 1,
+            {"role": ops.role, "version": __version__})
+    out.one("hbd_start_time_seconds", "gauge", "When this daemon started, Unix time.", round(ops.started_wall, 3))
+    out.family("hbd_reloads_total", "counter", "Configuration reloads (SIGHUP) by result.")
+    out.sample("hbd_reloads_total", d.reloads_ok, {"result": "ok"})
+    out.sample("hbd_reloads_total", d.reloads_failed, {"result": "failed"})
+    loop = _loop_numbers(ops)
+    out.one("hbd_loop_lag_seconds", "gauge", "How late the event loop's last wake-up was.", loop["lag"])
+    out.one("hbd_loop_lag_max_seconds", "gauge", "The latest wake-up of the event loop so far.", loop["max_lag"])
+    out.one("hbd_loop_stalls_total", "counter", "Event loop stalls (a wake-up over 250 ms late).", loop["stalls"])
+    events = _summed(ops, "events")
+    out.family("hbd_peer_events_total", "counter", "Peer state changes (what on_change hooks are run for).")
+    for event in ("up", "late", "down"):
+        out.sample("hbd_peer_events_total", events.get(event, 0), {"event": event})
+    hooks = _summed(ops, "hooks")
+    out.family("hbd_hooks_total", "counter", "on_change hook runs by outcome (dropped: the queue was full).")
+    for result in ("ok", "failed", "timeout", "error", "dropped"):
+        out.sample("hbd_hooks_total", hooks.get(result, 0), {"result": result})
+    out.one("hbd_hooks_running", "gauge", "on_change hooks running now.", hooks.get("running", 0))
+    out.one("hbd_hooks_queued", "gauge", "on_change hook runs waiting for a free slot.", hooks.get("queued", 0))
+    if ops.role == "server":
+        _collect_server(ops, out)
+    else:
+        _collect_client(ops, out)
+    return out
+
+
+def server_numbers(ops: Any) -> dict[str, Any]:
+    """One server process's counters (a worker sends these to its supervisor every second)."""
+    srv = ops.daemon
+    pings = srv.closed_pings + sum(conn.peer.pings for conn in srv.conns.values())  # at scrape time only
+    return {
+        "clients": len(srv.conns), "late": srv.late, "pings": pings, **srv.stats,
+        "events": dict(ops.events),
+        "hooks": {**ops.hooks.counts, "running": len(ops.hooks.running), "queued": len(ops.hooks.queue)},
+        "lag": ops.daemon.loop.last_lag, "max_lag": ops.daemon.loop.max_lag, "stalls": ops.stalls,
+    }
+
+
+def _workers(ops: Any) -> list[dict[str, Any]] | None:
+    """The last numbers of every worker when this is a supervisor, else None."""
+    workers = getattr(ops.daemon, "workers", None)
+    if not isinstance(workers, dict):
+        return None
+    return [getattr(w, "numbers", None) or {} for w in workers.values()]
+
+
+def _summed(ops: Any, key: str) -> dict[str, int]:
+    own = dict(ops.events) if key == "events" else {
+        **ops.hooks.counts, "running": len(ops.hooks.running), "queued": len(ops.hooks.queue)}
+    for numbers in _workers(ops) or []:
+        for k, v in numbers.get(key, {}).items():
+            own[k] = own.get(k, 0) + v
+    return own
+
+
+def _loop_numbers(ops: Any) -> dict[str, float]:
+    loop = ops.daemon.loop
+    out = {"lag": loop.last_lag, "max_lag": loop.max_lag, "stalls": ops.stalls}
+    for numbers in _workers(ops) or []:  # the worst loop among the supervisor's and the workers'
+        out["lag"] = max(out["lag"], numbers.get("lag", 0.0))
+        out["max_lag"] = max(out["max_lag"], numbers.get("max_lag", 0.0))
+        out["stalls"] += numbers.get("stalls", 0)
+    return out
+
+
+def _collect_server(ops: Any, out: Exposition) -> None:
+    workers = _workers(ops)
+    if workers is None:
+        n = server_numbers(ops)
+    else:
+        n = {}
+        for numbers in workers:
+            for k, v in numbers.items():
+                if isinstance(v, int | float):
+                    n[k] = n.get(k, 0) + v
+        out.one("hbd_server_workers", "gauge", "Worker processes running.", len(workers))
+    g = n.get
+    out.one("hbd_server_clients", "gauge", "Clients connected now.", g("clients", 0))
+    out.one("hbd_server_clients_late", "gauge", "Connected clients that are late (silent over half the timeout).",
+            g("late", 0))
+    out.one("hbd_server_pings_total", "counter", "Pings received; each one is answered with a pong.", g("pings", 0))
+    out.family("hbd_server_connections_total", "counter", "Client connections by what became of them at accept.")
+    out.sample("hbd_server_connections_total", g("accepted", 0), {"result": "accepted"})
+    out.sample("hbd_server_connections_total", g("refused", 0), {"result": "refused"})
+    out.one("hbd_server_timeouts_total", "counter", "Clients closed for silence (heartbeat_timeout).",
+            g("timeouts", 0))
+    out.one("hbd_server_protocol_errors_total", "counter", "Clients closed for breaking the protocol.",
+            g("rejected", 0))
+
+
+def _collect_client(ops: Any, out: Exposition) -> None:
+    links = ops.daemon.links
+    per = [({"server": lk.target.name or lk.address, "address": lk.address}, lk) for lk in links]
+    out.family("hbd_client_link_up", "gauge", "1 while the server answers pings (UP or LATE), else 0.")
+    for labels, lk in per:
+        out.sample("hbd_client_link_up", 1 if lk.health in ("up", "late") else 0, labels)
+    for name, attr, help_text in (
+        ("hbd_client_pings_total", "pings", "Pings sent."),
+        ("hbd_client_pong_timeouts_total", "timeouts", "Links declared dead: a ping unanswered for pong_timeout."),
+        ("hbd_client_connects_total", "connects", "Connection attempts (the first one and every reconnect)."),
+    ):
+        out.family(name, "counter", help_text)
+        for labels, lk in per:
+            out.sample(name, getattr(lk.stats, attr), labels)
+    out.family("hbd_client_pongs_total", "counter", "Pongs received.")
+    for labels, lk in per:
+        out.sample("hbd_client_pongs_total", lk.stats.rtt.count, labels)
+    out.family("hbd_client_rtt_seconds", "histogram", "Ping to pong round-trip time.")
+    for labels, lk in per:
+        out.histogram("hbd_client_rtt_seconds", lk.stats.rtt, labels)
+
+
+# -- HTTP ------------------------------------------------------------------------------------------------
+def http_reply(ops: Any, request: bytes) -> Reply:
+    """Answer one HTTP request head: GET /metrics (or /) with the exposition, else an error."""
+    line = request.split(b"\r\n", 1)[0].decode("latin-1", "replace")
+    parts = line.split()
+    if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+        yield _http(400, "Bad Request", b"bad request\n")
+        return
+    method, target = parts[0], parts[1].split("?", 1)[0]
+    if method not in ("GET", "HEAD"):
+        yield _http(405, "Method Not Allowed", b"only GET\n", extra="Allow: GET, HEAD\r\n")
+        return
+    if target == "/metrics":
+        body = collect(ops).render()
+        yield _http(200, "OK", body, content_type=CONTENT_TYPE, head_only=method == "HEAD")
+    elif target == "/":
+        yield _http(200, "OK", b'<html><body><a href="/metrics">hbd metrics</a></body></html>\n',
+                    content_type="text/html", head_only=method == "HEAD")
+    else:
+        yield _http(404, "Not Found", b"not found; try /metrics\n")
+
+
+def _http(code: int, reason: str, body: bytes, *, content_type: str = "text/plain; charset=utf-8",
+          extra: str = "", head_only: bool = False) -> bytes:
+    head = (f"HTTP/1.0 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+            f"Connection: close\r\n{extra}\r\n")
+    return head.encode() + (b"" if head_only else body)

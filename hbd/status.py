@@ -1,0 +1,342 @@
+"""What the status socket answers: one JSON document per request, produced a slice at a time.
+
+The daemon side (``document``) only snapshots and serialises; ``hbd status`` turns the JSON into a
+table (``render``). Times in the document are wall-clock epoch seconds (converted from the
+monotonic clock liveness runs on), with the daemon's own ``now`` so ages need no synchronised
+clocks. The layout is documented in docs/operations.md.
+
+With ``workers: K`` the supervisor has no peers of its own: it relays the ``peers`` reply of each
+worker's private socket (``<control_socket>.<index>``, mode 0600) into one document.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from hbd import __version__
+from hbd.control import Reply
+
+SLICE = 250  # peers serialised per chunk: ~25 KB, well under a millisecond of loop time each
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False)
+
+
+class Clock:
+    """Monotonic loop time -> wall-clock epoch seconds, fixed once per request."""
+
+    def __init__(self, loop_now: float) -> None:
+        self.wall_now = time.time()
+        self.offset = self.wall_now - loop_now
+
+    def wall(self, mono: float | None) -> float | None:
+        return None if mono is None else round(mono + self.offset, 3)
+
+
+def head(ops: Any, clock: Clock) -> dict[str, Any]:
+    d = ops.daemon
+    return {
+        "role": ops.role,
+        "version": __version__,
+        "pid": os.getpid(),
+        "now": round(clock.wall_now, 3),
+        "started": round(ops.started_wall, 3),
+        "status": d.status_text(),
+        "reloads": {"ok": d.reloads_ok, "failed": d.reloads_failed, "last_error": d.last_reload_error},
+        "loop": {"lag_ms": round(d.loop.last_lag * 1000, 3), "max_lag_ms": round(d.loop.max_lag * 1000, 3),
+                 "stalls": ops.stalls},
+        "hooks": {**ops.hooks.counts, "running": len(ops.hooks.running), "queued": len(ops.hooks.queue)},
+        "events": dict(ops.events),
+        "recent": [{**e, "time": round(e["time"], 3)} for e in ops.recent],
+    }
+
+
+# -- server ------------------------------------------------------------------------------------------
+def server_head(ops: Any, clock: Clock) -> dict[str, Any]:
+    srv = ops.daemon
+    cfg = srv.config
+    addr = srv.address
+    return {
+        **head(ops, clock),
+        "listen": f"{addr[0]}:{addr[1]}" if addr else None,
+        "config": {"heartbeat_timeout": cfg.heartbeat_timeout, "max_clients": cfg.max_clients,
+                   "workers": cfg.workers},
+    }
+
+
+def server_peers(ops: Any, clock: Clock) -> Iterator[str]:
+    """Comma-separated peer objects, SLICE at a time, from a snapshot taken at the first call."""
+    srv = ops.daemon
+    conns = list(srv.conns.values())
+    worker = getattr(getattr(srv, "worker", None), "index", None)
+    wall = clock.wall
+    for start in range(0, len(conns), SLICE):
+        out = []
+        for conn in conns[start : start + SLICE]:
+            if conn.sock.fileno() < 0:
+                continue  # closed since the snapshot
+            peer = conn.peer
+            doc = {
+                "peer": peer.name or conn.addr,
+                "name": peer.name,
+                "address": conn.addr,
+                "state": peer.state.value,
+                "connected": wall(conn.since),
+                "last_ping": wall(peer.last_heard) if peer.pings else None,
+                "pings": peer.pings,
+                "timeout": peer.timeout,
+                "interval": peer.interval,
+            }
+            if worker is not None:
+                doc["worker"] = worker
+            out.append(_dumps(doc))
+        if out:
+            yield ",".join(out)
+
+
+def server_document(ops: Any) -> Reply:
+    clock = Clock(ops.loop.time())
+    yield _dumps(server_head(ops, clock))[:-1].encode() + b',"peers":['
+    first = True
+    for chunk in server_peers(ops, clock):
+        yield (chunk if first else "," + chunk).encode()
+        first = False
+    yield b"]}\n"
+
+
+def peers_fragment(ops: Any) -> Reply:
+    """A worker's answer to the supervisor: just its peers, comma-separated."""
+    clock = Clock(ops.loop.time())
+    first = True
+    for chunk in server_peers(ops, clock):
+        yield (chunk if first else "," + chunk).encode()
+        first = False
+
+
+def supervisor_document(ops: Any, wake: Callable[[], None]) -> Reply:
+    """Relay every worker's peers into one document, one worker at a time, without blocking."""
+    sup = ops.daemon
+    clock = Clock(ops.loop.time())
+    doc = server_head_for_supervisor(ops, clock)
+    yield _dumps(doc)[:-1].encode() + b',"peers":['
+    wrote = False
+    for w in sorted(sup.workers.values(), key=lambda w: w.index):
+        relay = _Relay(ops.loop, f"{ops.control_path}.{w.index}", wake)
+        try:
+            first = True
+            while True:
+                chunk = relay.take()
+                if chunk is None:
+                    yield None
+                    continue
+                if not chunk:
+                    break
+                if first and wrote:
+                    chunk = b"," + chunk
+                first = False
+                wrote = True
+                yield chunk
+        finally:
+            relay.close()
+    yield b"]}\n"
+
+
+def server_head_for_supervisor(ops: Any, clock: Clock) -> dict[str, Any]:
+    sup = ops.daemon
+    cfg = sup.config
+    return {
+        **head(ops, clock),
+        "listen": f"{cfg.host}:{cfg.port}",
+        "config": {"heartbeat_timeout": cfg.heartbeat_timeout, "max_clients": cfg.max_clients,
+                   "workers": cfg.workers},
+        "workers": [{"index": w.index, "pid": w.pid, "clients": w.clients, "late": w.late}
+                    for w in sorted(sup.workers.values(), key=lambda w: w.index)],
+    }
+
+
+class _Relay:
+    """A non-blocking ``peers`` request to one worker socket; ``take()`` returns bytes, b"" at the
+    end, or None when nothing has arrived yet (``wake`` is called when something does)."""
+
+    def __init__(self, loop: Any, path: str, wake: Callable[[], None]) -> None:
+        self.loop = loop
+        self.wake = wake
+        self.buf: list[bytes] = []
+        self.eof = False
+        self.sock: socket.socket | None = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.setblocking(False)
+        try:
+            self.sock.connect(path)
+            self.sock.send(b"peers\n")  # a fresh unix socket always takes six bytes
+        except OSError:
+            self.close()  # that worker is restarting: its peers are missing from this reply
+            self.eof = True
+            return
+        loop.add_reader(self.sock, self._on_read)
+
+    def _on_read(self) -> None:
+        assert self.sock is not None
+        try:
+            data = self.sock.recv(1 << 16)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if data:
+            self.buf.append(data)
+            if sum(map(len, self.buf)) > 1 << 20:
+                self.loop.remove_reader(self.sock)  # backpressure: resume when taken
+        else:
+            self.eof = True
+            self.close()
+        self.wake()
+
+    def take(self) -> bytes | None:
+        if self.buf:
+            data = b"".join(self.buf)
+            self.buf = []
+            if self.sock is not None and not self.eof:
+                self.loop.add_reader(self.sock, self._on_read)
+            return data
+        return b"" if self.eof else None
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.loop.forget(self.sock)
+            self.sock.close()
+            self.sock = None
+
+
+# -- client ------------------------------------------------------------------------------------------
+def client_document(ops: Any) -> Reply:
+    cli = ops.daemon
+    cfg = cli.config
+    clock = Clock(ops.loop.time())
+    wall = clock.wall
+    now = ops.loop.time()
+    servers = []
+    for link in cli.links:
+        st = link.stats
+        proto = link.proto
+        timer = link.timer
+        servers.append({
+            "peer": link.target.label,
+            "name": link.target.name,
+            "address": link.address,
+            "state": link.health.upper() if link.health else "NEW",
+            "since": wall(link.health_since),
+            "link": link.state,
+            "last_pong": wall(st.last_pong),
+            "rtt_ms": {
+                "last": _ms(st.rtt_last),
+                "avg": _ms(st.rtt.sum / st.rtt.count) if st.rtt.count else None,
+                "max": _ms(st.rtt_max) if st.rtt.count else None,
+            },
+            "pings": st.pings,
+            "pongs": st.rtt.count,
+            "pong_timeouts": st.timeouts,
+            "connects": st.connects,
+            "retries": link.retries,
+            "outstanding": proto.outstanding if proto is not None else 0,
+            "next_attempt_in": round(max(timer.when - now, 0.0), 3)
+            if link.state == "waiting" and timer is not None else None,
+        })
+    doc = {
+        **head(ops, clock),
+        "name": cfg.client_name,
+        "config": {"heartbeat_interval": cfg.heartbeat_interval, "pong_timeout": cfg.pong_timeout,
+                   "reconnect_attempts": cfg.reconnect_attempts},
+        "servers": servers,
+    }
+    yield (_dumps(doc) + "\n").encode()
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+# -- the table (``hbd status``) ------------------------------------------------------------------------
+_ORDER = {"DEAD": 0, "DOWN": 0, "LATE": 1, "NEW": 2, "UP": 3}
+
+
+def age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 0:
+        seconds = 0.0
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
+
+
+def render(doc: dict[str, Any], recent: int = 10) -> str:
+    """The human-readable status for one daemon's document."""
+    now = doc["now"]
+    lines = [f"hbd-{doc['role']} {doc['version']} (pid {doc['pid']}), up {age(now - doc['started'])}: {doc['status']}"]
+    cfg = doc.get("config", {})
+    if doc["role"] == "server":
+        peers = doc["peers"]
+        counts = {s: sum(1 for p in peers if p["state"] == s) for s in ("UP", "LATE", "NEW")}
+        where = f"listening on {doc['listen']}" if doc.get("listen") else "not listening"
+        workers = f", {len(doc['workers'])} workers" if doc.get("workers") else ""
+        lines.append(
+            f"{where}{workers}; heartbeat_timeout {cfg.get('heartbeat_timeout', 0):g} s; "
+            f"{len(peers)} client{'s' if len(peers) != 1 else ''}: "
+            f"{counts['UP']} up, {counts['LATE']} late, {counts['NEW']} new"
+        )
+        rows = [
+            [p["name"] or "-", p["address"], p["state"], age(now - p["connected"]),
+             age(now - p["last_ping"]) + " ago" if p["last_ping"] is not None else "never",
+             str(p["pings"]), f"{p['timeout']:g}s"]
+            for p in sorted(peers, key=lambda p: (_ORDER.get(p["state"], 9), p["name"] or "~", p["address"]))
+        ]
+        header = ["PEER", "ADDRESS", "STATE", "CONNECTED", "LAST PING", "PINGS", "TIMEOUT"]
+    else:
+        servers = doc["servers"]
+        name = f"client_name {doc['name']}; " if doc.get("name") else ""
+        lines.append(f"{name}heartbeat_interval {cfg.get('heartbeat_interval', 0):g} s; "
+                     f"pong_timeout {cfg.get('pong_timeout', 0):g} s; {len(servers)} "
+                     f"server{'s' if len(servers) != 1 else ''}")
+        rows = []
+        for s in servers:
+            rtt = s["rtt_ms"]
+            note = s["link"] if s["link"] != "up" else ""
+            if s.get("next_attempt_in") is not None:
+                note = f"retry {s['retries']} in {s['next_attempt_in']:.1f}s"
+            rows.append([
+                s["name"] or "-", s["address"], s["state"], age(now - s["since"]) if s["since"] else "-",
+                age(now - s["last_pong"]) + " ago" if s["last_pong"] is not None else "never",
+                "/".join(f"{v:.1f}" if v is not None else "-" for v in (rtt["last"], rtt["avg"], rtt["max"])),
+                str(s["pong_timeouts"]), note,
+            ])
+        header = ["SERVER", "ADDRESS", "STATE", "SINCE", "LAST PONG", "RTT ms (last/avg/max)", "TIMEOUTS", ""]
+    lines.append("")
+    lines.extend(_table(header, rows) if rows else ["(no peers)"])
+    events = doc.get("recent", [])[-recent:]
+    if events and recent:
+        lines.append("")
+        lines.append("recent changes:")
+        for e in events:
+            when = time.strftime("%H:%M:%S", time.localtime(e["time"]))
+            why = f"  {e['reason']}" if e.get("reason") else ""
+            who = e["peer"] if e["peer"] == e["address"] else f"{e['peer']} ({e['address']})"
+            lines.append(f"  {when}  {e['event'].upper():<4}  {who}{why}")
+    return "\n".join(lines) + "\n"
