@@ -1,0 +1,251 @@
+"""The status socket: binding rules, the request/response server, and ``hbd status`` against real daemons."""
+
+import itertools
+import json
+import os
+import signal
+import socket
+import stat
+import time
+from pathlib import Path
+
+import pytest
+from daemons import connect, recv_exactly, start_client, start_server
+
+from hbd.cli import main
+from hbd.control import BindError, RequestServer, UnixListener, query
+from hbd.loop import EventLoop
+
+
+def status_of(path: Path) -> dict:
+    return json.loads(query(str(path), "status"))
+
+
+def wait_until(predicate, timeout: float = 5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+# -- binding ----------------------------------------------------------------------------------------
+def test_socket_mode_stale_replacement_and_live_owner(tmp_path: Path) -> None:
+    path = str(tmp_path / "s.sock")
+    first = UnixListener(path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+    with pytest.raises(BindError, match="in use by another running hbd"):
+        UnixListener(path)  # someone answers on it: never taken over
+    first.sock.close()  # a crashed daemon leaves its socket file behind
+    second = UnixListener(path)  # stale: replaced
+    assert os.path.exists(path)
+    first.remove()  # the old owner's cleanup must not delete the new socket
+    assert os.path.exists(path)
+    second.remove()
+    assert not os.path.exists(path)
+    second.sock.close()
+    Path(path).write_text("not a socket")
+    with pytest.raises(BindError, match="exists and is not a socket"):
+        UnixListener(path)
+    assert Path(path).read_text() == "not a socket"
+
+
+def test_large_reply_is_written_in_slices_without_stalling_the_loop(tmp_path: Path) -> None:
+    """A reader that takes its time gets 4 MB while timers keep running on time."""
+    loop = EventLoop()
+    listener = UnixListener(str(tmp_path / "c.sock"))
+    produced = []
+
+    def handler(request: bytes, wake):
+        assert request == b"status"
+        for i in range(400):
+            produced.append(i)
+            yield bytes([65 + i % 26]) * 10_000
+
+    server = RequestServer(loop, listener.sock, handler)
+    ticks: list[float] = []
+
+    def tick() -> None:
+        ticks.append(loop.time())
+        loop.call_later(0.01, tick)
+
+    tick()
+    client = socket.socket(socket.AF_UNIX)
+    client.connect(listener.path)
+    client.sendall(b"status\n")
+    client.setblocking(False)
+    end = time.monotonic() + 0.3
+    while time.monotonic() < end:  # the client does not read yet: only buffers' worth is produced
+        loop.run_once(0.01)
+    assert len(produced) < 100
+    data = b""
+    while True:
+        loop.run_once(0.01)
+        try:
+            chunk = client.recv(1 << 16)
+        except BlockingIOError:
+            continue
+        if not chunk:
+            break
+        data += chunk
+    assert len(data) == 4_000_000 and data[:10_000] == b"A" * 10_000
+    gaps = [b - a for a, b in itertools.pairwise(ticks)]
+    assert max(gaps) < 0.1, max(gaps)
+    assert not server.conns
+    server.close()
+    listener.remove()
+    loop.close()
+
+
+def test_request_limits(tmp_path: Path) -> None:
+    loop = EventLoop()
+    listener = UnixListener(str(tmp_path / "c.sock"))
+    server = RequestServer(loop, listener.sock, lambda req, wake: iter([b"ok " + req + b"\n"]), max_request=64)
+    socks = []
+    for payload in (b"x" * 200, b"hello\n", b"unterminated"):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(listener.path)
+        s.sendall(payload)
+        if payload == b"unterminated":
+            s.shutdown(socket.SHUT_WR)
+        s.setblocking(False)
+        socks.append(s)
+    replies = [b""] * 3
+    done = [False] * 3
+    deadline = time.monotonic() + 5
+    while not all(done) and time.monotonic() < deadline:
+        loop.run_once(0.01)
+        for i, s in enumerate(socks):
+            if done[i]:
+                continue
+            try:
+                chunk = s.recv(100)
+            except BlockingIOError:
+                continue
+            replies[i] += chunk
+            done[i] = not chunk
+    assert replies == [b'{"error": "request too long"}\n', b"ok hello\n", b"ok unterminated\n"]
+    server.close()
+    loop.close()
+
+
+# -- against real daemons ---------------------------------------------------------------------------------
+def test_status_table_and_json_with_named_and_unnamed_clients(tmp_path: Path, procs, capsys) -> None:
+    srv = start_server(tmp_path, heartbeat_timeout=2)
+    cli = start_client(tmp_path, srv.config["port"], client_name="web1", heartbeat_interval=0.2)
+    procs += [cli, srv]
+    legacy = connect(srv.config["port"])  # a plain ping client: no greeting, known by its address
+    legacy.sendall(b"ping")
+    assert recv_exactly(legacy, 4) == b"pong"
+    legacy_addr = f"127.0.0.1:{legacy.getsockname()[1]}"
+    silent = connect(srv.config["port"])  # connected, never pinged: NEW
+    sock = tmp_path / "server.sock"
+    assert stat.S_IMODE(os.stat(sock).st_mode) == 0o660
+    doc = wait_until(lambda: (d := status_of(sock)) and len(d["peers"]) == 3 and
+                     any(p["name"] == "web1" and p["pings"] >= 2 for p in d["peers"]) and d)
+    peers = {p["peer"]: p for p in doc["peers"]}
+    assert doc["role"] == "server" and doc["listen"] == f"127.0.0.1:{srv.config['port']}"
+    web1 = peers["web1"]
+    assert web1["state"] == "UP" and web1["interval"] == 0.2 and web1["timeout"] == 2
+    assert web1["last_ping"] <= doc["now"] and doc["now"] - web1["last_ping"] < 1
+    assert peers[legacy_addr]["name"] is None and peers[legacy_addr]["state"] == "UP"
+    assert peers[legacy_addr]["pings"] == 1
+    assert [p["state"] for p in doc["peers"] if p["pings"] == 0] == ["NEW"]
+    assert {"time", "event", "peer", "address", "reason"} <= set(doc["recent"][0])
+
+    assert main(["status", "-s", str(sock)]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].startswith("hbd-server ") and "3 clients" in lines[0]
+    header = next(line for line in lines if line.startswith("PEER"))
+    assert header.split() == ["PEER", "ADDRESS", "STATE", "CONNECTED", "LAST", "PING", "PINGS", "TIMEOUT"]
+    row = next(line for line in lines if line.startswith("web1 "))
+    assert " UP " in row and " ago" in row
+    assert any(line.startswith("-") and legacy_addr in line and " UP " in line for line in lines)
+    assert main(["status", "-s", str(sock), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["role"] == "server"
+
+    # the client's own socket: the server it pings, with RTTs
+    assert main(["status", "client", "-s", str(tmp_path / "client.sock")]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("-  "))
+    assert f"127.0.0.1:{srv.config['port']}" in row and " UP " in row
+    doc = status_of(tmp_path / "client.sock")
+    (server,) = doc["servers"]
+    assert doc["name"] == "web1" and server["state"] == "UP" and server["rtt_ms"]["last"] is not None
+    assert server["rtt_ms"]["max"] >= server["rtt_ms"]["avg"] > 0 and server["pongs"] >= 1
+    legacy.close()
+    silent.close()
+
+
+def test_state_changes_late_up_down_on_a_real_server(tmp_path: Path, procs) -> None:
+    srv = start_server(tmp_path, heartbeat_timeout=0.6)
+    procs.append(srv)
+    sock = tmp_path / "server.sock"
+    with connect(srv.config["port"]) as s:
+        s.sendall(b"hello db1\nping\n")
+        recv_exactly(s, 5)
+        wait_until(lambda: status_of(sock)["peers"][0]["state"] == "LATE")
+        s.sendall(b"ping\n")
+        recv_exactly(s, 5)
+        wait_until(lambda: status_of(sock)["peers"][0]["state"] == "UP")
+        s.settimeout(3)
+        assert s.recv(10) == b""  # silent: closed at the timeout
+    doc = status_of(sock)
+    assert doc["peers"] == []
+    assert [(e["event"], e["peer"], e["reason"]) for e in doc["recent"]] == [
+        ("up", "db1", "first ping"), ("late", "db1", "silent"), ("up", "db1", "ping"),
+        ("late", "db1", "silent"), ("down", "db1", "timeout"),
+    ]
+    assert doc["events"] == {"up": 2, "late": 2, "down": 1}
+
+
+def test_reload_moves_the_socket_and_stop_removes_it(tmp_path: Path, procs) -> None:
+    srv = start_server(tmp_path)
+    procs.append(srv)
+    old, new = tmp_path / "server.sock", tmp_path / "moved.sock"
+    assert old.exists()
+    srv.write_config({**srv.config, "control_socket": str(new)})
+    srv.signal(signal.SIGHUP)
+    srv.wait_for("status socket is now")
+    assert new.exists() and not old.exists()
+    assert status_of(new)["reloads"]["ok"] == 1
+    assert srv.stop() == 0
+    assert not new.exists()
+
+
+def test_status_without_a_daemon_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    assert main(["status", "-s", str(tmp_path / "nothing.sock")]) == 1
+    err = capsys.readouterr().err
+    assert "No such file or directory" in err and "is the daemon running?" in err
+
+
+def test_missing_directory_disables_the_socket_with_a_warning(tmp_path: Path, procs) -> None:
+    srv = start_server(tmp_path, control_socket=str(tmp_path / "absent" / "server.sock"))
+    procs.append(srv)
+    srv.wait_for(r"WARNING .*no status socket: the directory .*absent does not exist")
+    with connect(srv.config["port"]) as s:
+        s.sendall(b"ping")
+        assert recv_exactly(s, 4) == b"pong"
+
+
+def test_workers_status_is_one_document(tmp_path: Path, procs) -> None:
+    srv = start_server(tmp_path, workers=2, heartbeat_timeout=5)
+    procs.append(srv)
+    srv.wait_for("2 workers listening")
+    socks = [connect(srv.config["port"]) for _ in range(40)]
+    for i, s in enumerate(socks):
+        s.sendall(b"hello w%d\nping" % i)
+    for s in socks:
+        assert recv_exactly(s, 4) == b"pong"
+    sock = tmp_path / "server.sock"
+    assert stat.S_IMODE(os.stat(f"{sock}.1").st_mode) == 0o600  # the workers' own sockets
+    doc = wait_until(lambda: (d := status_of(sock)) and len(d["peers"]) == 40 and d)
+    assert sorted(p["name"] for p in doc["peers"]) == sorted(f"w{i}" for i in range(40))
+    for w in (1, 2):  # each peer is reported by the worker that serves it
+        assert sum(p["worker"] == w for p in doc["peers"]) == srv.count(rf"hbd-server/{w} INFO +client .* connected")
+    assert [w["index"] for w in doc["workers"]] == [1, 2]
+    for s in socks:
+        s.close()

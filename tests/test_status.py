@@ -1,0 +1,158 @@
+"""State changes as the status document and the hooks see them, with virtual time.
+
+The daemons run in this process on a loop whose clock only moves when it would otherwise wait
+(tests/virtual_time.py), with real loopback sockets, so every transition happens at an exact time.
+"""
+
+import json
+import socket
+from pathlib import Path
+
+from virtual_time import FakeClock, VirtualSelector
+
+from hbd import status
+from hbd.client import Client
+from hbd.config import ClientConfig, ServerConfig
+from hbd.logs import Logging
+from hbd.loop import EventLoop
+from hbd.notify import Notifier
+from hbd.server import Server
+
+
+class RunningClock(FakeClock):
+    """Virtual time that also moves a little (0.1 µs) at every reading, as a real clock does
+    while code runs: a deadline re-armed for exactly "now" (silent exactly half the timeout is
+    not yet late) then fires again a moment later instead of in the same instant forever."""
+
+    def __call__(self) -> float:
+        self.now += 1e-7
+        return self.now
+
+
+def virtual(cls, config):
+    clock = RunningClock()
+    loop = EventLoop(clock=clock, selector=VirtualSelector(clock))
+    daemon = cls(config, loop=loop, notifier=Notifier({}), logs=Logging(cls.identifier, journald=False))
+    events: list[tuple[float, str, str, str]] = []
+    real_event = daemon.ops.event
+
+    def record(event, peer, address, **kw):
+        events.append((round(clock.now - 1000.0, 3), event, peer, kw.get("reason", "")))
+        real_event(event, peer, address, **kw)
+
+    daemon.ops.event = record
+    daemon.ops.start()
+    daemon.start()
+    return daemon, clock, events
+
+
+def document(daemon) -> dict:
+    producer = status.server_document if daemon.ops.role == "server" else status.client_document
+    return json.loads(b"".join(producer(daemon.ops)))
+
+
+def run_until(loop, clock, t: float) -> None:
+    while clock.now - 1000.0 < t:
+        loop.run_once(max_wait=t - (clock.now - 1000.0))
+
+
+def test_server_up_late_up_down_in_virtual_time(tmp_path: Path) -> None:
+    cfg = ServerConfig(host="127.0.0.1", port=0, heartbeat_timeout=4.0, log_file=None,
+                       control_socket=str(tmp_path / "s.sock"))
+    srv, clock, events = virtual(Server, cfg)
+    loop = srv.loop
+    c = socket.create_connection(srv.address)
+    loop.run_once(0)  # accept
+    assert document(srv)["peers"][0]["state"] == "NEW"
+    c.sendall(b"hello app1\nping")
+    loop.run_once(0)
+    assert c.recv(4) == b"pong"
+    run_until(loop, clock, 1.0)
+    assert document(srv)["peers"][0]["state"] == "UP"
+    run_until(loop, clock, 2.5)  # silent for more than half of 4 s
+    doc = document(srv)
+    assert doc["peers"][0]["state"] == "LATE" and doc["peers"][0]["name"] == "app1"
+    c.sendall(b"ping")
+    loop.run_once(0)
+    assert c.recv(4) == b"pong"
+    run_until(loop, clock, 3.0)
+    assert document(srv)["peers"][0]["state"] == "UP"
+    run_until(loop, clock, 8.0)  # last ping at 2.5: dead just after 6.5
+    assert document(srv)["peers"] == []
+    assert c.recv(10) == b""
+    assert [e[1:] for e in events] == [
+        ("up", "app1", "first ping"), ("late", "app1", "silent"), ("up", "app1", "ping"),
+        ("late", "app1", "silent"), ("down", "app1", "timeout"),
+    ]
+    times = [e[0] for e in events]
+    assert times[1] == 2.0 and times[2] == 2.5 and times[3] == 4.5 and times[4] == 6.5
+    c.close()
+    srv.ops.close()
+    srv.shutdown()
+    loop.close()
+
+
+def test_announced_interval_stretches_the_timeout(tmp_path: Path) -> None:
+    cfg = ServerConfig(host="127.0.0.1", port=0, heartbeat_timeout=4.0, log_file=None, control_socket=None)
+    srv, clock, events = virtual(Server, cfg)
+    loop = srv.loop
+    c = socket.create_connection(srv.address)
+    loop.run_once(0)
+    c.sendall(b"hello slow 5\nping")  # pings every 5 s: may be silent for 15 s, not 4
+    loop.run_once(0)
+    run_until(loop, clock, 14.0)
+    assert [e[1] for e in events] == ["up", "late"] and events[1][0] == 7.5
+    assert document(srv)["peers"][0]["timeout"] == 15.0
+    run_until(loop, clock, 16.0)
+    assert [e[1] for e in events] == ["up", "late", "down"] and events[2][0] == 15.0
+    c.close()
+    srv.shutdown()
+    loop.close()
+
+
+def test_unreported_peer_never_fires(tmp_path: Path) -> None:
+    """A connection that never pings (a port scan) is closed at its timeout without any event."""
+    cfg = ServerConfig(host="127.0.0.1", port=0, heartbeat_timeout=2.0, log_file=None, control_socket=None)
+    srv, clock, events = virtual(Server, cfg)
+    c = socket.create_connection(srv.address)
+    run_until(srv.loop, clock, 3.0)
+    assert c.recv(10) == b"" and events == []
+    c.close()
+    srv.shutdown()
+    srv.loop.close()
+
+
+def test_client_up_late_up_down_in_virtual_time() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    cfg = ClientConfig(servers=(), host="127.0.0.1", port=port, heartbeat_interval=1.0, pong_timeout=3.0,
+                       reconnect_delay=10.0, reconnect_max_delay=10.0, log_file=None, control_socket=None)
+    cli, clock, events = virtual(Client, cfg)
+    loop = cli.loop
+    loop.run_once(0)  # connected
+    peer, _ = listener.accept()
+    loop.run_once(0)
+    assert peer.recv(4) == b"ping"
+    peer.sendall(b"pong")
+    run_until(loop, clock, 0.5)
+    doc = document(cli)
+    assert doc["servers"][0]["state"] == "UP" and doc["servers"][0]["rtt_ms"]["last"] < 0.01
+    # the next ping (at 1.0) goes unanswered: LATE at 2.5 (half of pong_timeout)
+    run_until(loop, clock, 2.4)
+    assert document(cli)["servers"][0]["state"] == "UP"
+    run_until(loop, clock, 2.6)
+    assert document(cli)["servers"][0]["state"] == "LATE"
+    assert peer.recv(8) == b"pingping"  # the pings of 1.0 and 2.0
+    peer.sendall(b"pongpong")
+    loop.run_once(0)
+    assert document(cli)["servers"][0]["state"] == "UP"
+    run_until(loop, clock, 7.0)  # pings at 3, 4, 5 unanswered: late at 4.5, dead at 6.0
+    doc = document(cli)
+    assert doc["servers"][0]["state"] == "DOWN"  # until a pong on a new connection
+    assert doc["servers"][0]["pong_timeouts"] == 1 and doc["servers"][0]["pongs"] == 3
+    assert [e[1:3] for e in events] == [(ev, f"127.0.0.1:{port}") for ev in ("up", "late", "up", "late", "down")]
+    assert [e[0] for e in events] == [0.0, 2.5, 2.6, 4.5, 6.0]
+    peer.close()
+    listener.close()
+    cli.shutdown()
+    loop.close()
