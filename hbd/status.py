@@ -226,7 +226,7 @@ def client_document(ops: Any) -> Reply:
         proto = link.proto
         timer = link.timer
         servers.append({
-            "peer": link.target.label,
+            "peer": link.target.peer,
             "name": link.target.name,
             "address": link.address,
             "state": link.health.upper() if link.health else "NEW",

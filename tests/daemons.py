@@ -130,6 +130,8 @@ def start_client(tmp_path: Path, port: int, name: str = "client", env: dict | No
               "receive_timeout": 1.0, "reconnect_delay": 0.1, "reconnect_max_delay": 0.5,
               "log_file": str(tmp_path / f"{name}.log"), "log_level": "info",
               "control_socket": str(tmp_path / f"{name}.sock"), **cfg}
+    if "servers" in cfg:
+        del config["host"]  # the list replaces it; port stays as the default port of its items
     return HbdProcess("client", config, tmp_path, env=env, name=name, wrap=wrap)
 
 

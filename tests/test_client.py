@@ -142,3 +142,67 @@ def test_connect_timeout(tmp_path: Path, procs) -> None:
         for f in fillers:
             f.close()
         blocker.close()
+
+
+# -- several servers ------------------------------------------------------------------------------------
+def test_several_servers_one_down_with_hooks_and_status(tmp_path: Path, procs) -> None:
+    import json
+
+    from hbd.control import query
+
+    srv = start_server(tmp_path)
+    procs.append(srv)
+    backup_port = free_port()
+    hook = tmp_path / "hook.sh"
+    hook.write_text(f'#!/bin/sh\necho "$HBD_EVENT $HBD_PEER $HBD_ADDRESS $HBD_ROLE" >> {tmp_path}/events\n')
+    hook.chmod(0o755)
+    cli = start_client(tmp_path, srv.config["port"], on_change=str(hook), servers=[
+        {"host": "127.0.0.1", "name": "main"},
+        {"host": "127.0.0.1", "port": backup_port, "name": "backup"},
+    ])
+    procs.append(cli)
+    cli.wait_for(r"pong from main \(127\.0\.0\.1:\d+\)")
+    cli.wait_for(rf"backup \(127\.0\.0\.1:{backup_port}\): cannot connect: Connection refused")
+    doc = json.loads(query(str(tmp_path / "client.sock"), "status"))
+    states = {s["peer"]: s["state"] for s in doc["servers"]}
+    assert states == {"main": "UP", "backup": "DOWN"}
+    for _ in range(3):  # the dead one does not disturb the live one
+        cli.wait_for("pong from main", after=cli.mark())
+
+    backup = start_server(tmp_path, name="backup", port=backup_port)  # it comes back
+    procs.append(backup)
+    cli.wait_for(r"pong from backup", timeout=5)
+    events = tmp_path / "events"
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and "up backup" not in events.read_text():
+        time.sleep(0.05)
+    lines = events.read_text().splitlines()
+    assert f"down backup 127.0.0.1:{backup_port} client" in lines
+    assert f"up main 127.0.0.1:{srv.config['port']} client" in lines
+    assert lines[-1] == f"up backup 127.0.0.1:{backup_port} client"
+    assert cli.count("lost") == 0
+
+
+def test_reload_adds_a_server_without_touching_the_others(tmp_path: Path, procs) -> None:
+    a = start_server(tmp_path, name="a")
+    b = start_server(tmp_path, name="b")
+    cli = start_client(tmp_path, a.config["port"])
+    procs += [cli, a, b]
+    cli.wait_for("pong from")
+    config = {k: v for k, v in cli.config.items() if k != "host"}
+    cli.write_config({**config, "servers": [{"host": "127.0.0.1", "port": a.config["port"]},
+                                           {"host": "127.0.0.1", "port": b.config["port"], "name": "b"}]})
+    mark = cli.mark()
+    cli.signal(signal.SIGHUP)
+    cli.wait_for(r"now also pinging b \(127\.0\.0\.1", after=mark)
+    cli.wait_for(r"pong from b ", after=mark)
+    assert cli.count("lost", after=mark) == 0 and cli.count("connected to 127", after=mark) == 0
+    b.wait_for("is web|connected")
+
+
+def test_exit_1_only_when_every_server_gave_up(tmp_path: Path, procs) -> None:
+    cli = start_client(tmp_path, free_port(), reconnect_attempts=1, servers=[
+        {"host": "127.0.0.1", "port": free_port()}, {"host": "127.0.0.1", "port": free_port()}])
+    procs.append(cli)
+    assert cli.proc.wait(10) == 1
+    assert cli.count("giving up on") == 2 and "no server left to try" in cli.output()

@@ -1,8 +1,9 @@
+import socket
 from pathlib import Path
 
 import pytest
 
-from hbd.config import ClientConfig, ConfigError, ServerConfig, load_client_config, load_server_config
+from hbd.config import ClientConfig, ConfigError, ServerConfig, ServerEntry, load_client_config, load_server_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,6 +82,24 @@ def test_server_errors_name_file_line_key_and_reason(tmp_path: Path, text: str, 
         ("receive_timeout: 0", "receive_timeout: must be a positive number of seconds, got 0"),
         ("wire: json", "wire: must be one of bare, line, got str 'json'"),
         ("client_name: 'a b'", "client_name: must be 1-64 of the characters A-Z a-z 0-9 . _ : @ -"),
+        ("client_name: wëb", "client_name: must be 1-64 of the characters"),  # the server would refuse it
+        ("host: a\nservers: [b]", "line 1: host: cannot be combined with servers"),
+        ("servers: []", "servers: must be a list of servers"),
+        ("servers: [{port: 1}]", "servers: item 1 must be a mapping with host"),
+        ("servers: [{host: a, port: 0}]", "servers: item 1: must be between 1 and 65535, got 0"),
+        ("servers: [{host: a, nick: x}]", "servers: item 1 must be a mapping with host"),
+        ("servers: [{host: a, name: 'x y'}]", "servers: item 1: must be 1-64 of the characters"),
+        ("servers: [a, {host: a, port: 54321}]", "servers: a:54321 is listed twice"),
+        ("servers: [{host: a, name: n}, {host: b, name: n}]", "servers: the name n is used twice"),
+        ("metrics: {host: x}", "metrics: must be a mapping with port and optionally host"),
+        ("metrics: 9100", "metrics: must be a mapping with port"),
+        ("on_change: /nonexistent/hook", "on_change: /nonexistent/hook is not an executable file"),
+        ("on_change: no-such-hook-program", "on_change: no-such-hook-program is not found in PATH"),
+        ("on_change: []", "on_change: must name a program"),
+        ("on_change: 'sh -c \"unclosed'", "on_change: cannot split"),
+        ("hook_max_concurrent: 0", "hook_max_concurrent: must be between 1 and 1000, got 0"),
+        ("control_socket: /run/hbd/", "control_socket: must be a socket file path or null"),
+        ("control_socket: /" + "x" * 100, "control_socket: must be at most 96 bytes long"),
     ],
 )
 def test_client_errors(tmp_path: Path, text: str, expected: str) -> None:
@@ -116,3 +135,27 @@ def test_overrides_win_and_are_validated(tmp_path: Path) -> None:
     assert load_server_config(path, {"port": 2000}).port == 2000
     with pytest.raises(ConfigError):
         load_server_config(path, {"port": 0})
+
+
+def test_operator_keys(tmp_path: Path) -> None:
+    c = load_client_config(write(tmp_path, """
+port: 7000
+servers:
+  - db1.example
+  - {host: 10.0.0.2, port: 7001, name: backup}
+metrics: {port: 9101}
+on_change: /bin/echo "two words" x
+control_socket: null
+client_name: "%H-hb"
+"""))
+    assert c.servers == (ServerEntry("db1.example"), ServerEntry("10.0.0.2", 7001, "backup"))
+    from hbd.client import Client, Target
+
+    assert Client.targets(c) == [Target("db1.example", 7000), Target("10.0.0.2", 7001, "backup")]
+    assert c.metrics == ("127.0.0.1", 9101) and c.control_socket is None
+    assert c.on_change == ("/bin/echo", "two words", "x")
+    assert c.client_name == socket.gethostname().split(".")[0] + "-hb"
+    s = load_server_config(write(tmp_path, "on_change: [sh, -c, 'echo $1']\nmetrics: {host: '::', port: 9100}\n"))
+    assert s.on_change == ("sh", "-c", "echo $1") and s.metrics == ("::", 9100)
+    assert (s.control_socket, s.hook_timeout, s.hook_max_concurrent, s.hook_max_queued) == (
+        "/run/hbd/server.sock", 10.0, 4, 100)

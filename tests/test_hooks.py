@@ -1,0 +1,185 @@
+"""on_change hooks: arguments and environment, timeout kill, concurrency cap, bounded queue, failures,
+and a real server that keeps answering pings on time while hooks sleep."""
+
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from daemons import connect, recv_exactly, start_server
+
+from hbd.control import query
+from hbd.hooks import HookRunner
+from hbd.logs import log
+from hbd.loop import EventLoop
+
+
+@pytest.fixture
+def runner():
+    loop = EventLoop()
+    r = HookRunner(loop, "server")
+    yield r
+    for job in list(r.running.values()):  # nothing may outlive a test
+        os.killpg(job.proc.pid, signal.SIGKILL)
+        job.proc.wait()
+    loop.close()
+
+
+@pytest.fixture
+def records():
+    lines: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record)
+
+    handler = Keep(logging.DEBUG)
+    log.addHandler(handler)
+    old = log.level
+    log.setLevel(logging.DEBUG)
+    yield lines
+    log.removeHandler(handler)
+    log.setLevel(old)
+
+
+def drive(r: HookRunner, until, timeout: float = 5.0) -> float:
+    """Run the loop until ``until()`` holds; return the largest number of hooks running at once."""
+    most = 0
+    deadline = time.monotonic() + timeout
+    while not until():
+        assert time.monotonic() < deadline, f"timed out; counts {r.counts}, running {len(r.running)}"
+        r.loop.run_once(0.02)
+        most = max(most, len(r.running))
+    return most
+
+
+def script(tmp_path: Path, body: str) -> str:
+    path = tmp_path / "hook.sh"
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_arguments_and_environment(tmp_path: Path, runner: HookRunner, monkeypatch) -> None:
+    monkeypatch.setenv("HOOK_OUT", str(tmp_path / "out"))
+    hook = script(tmp_path, 'exec > "$HOOK_OUT"; echo "$@"; env | grep ^HBD_ | sort\n')
+    runner.configure([hook, "--flag"], timeout=5, max_running=2, max_queued=10)
+    runner.fire("up", "web1", "10.0.0.7:40112", {"name": "web1", "previous": "new", "reason": "first ping"})
+    drive(runner, lambda: runner.counts["ok"] == 1)
+    args, *env = (tmp_path / "out").read_text().splitlines()
+    assert args == "--flag up web1 10.0.0.7:40112 server"
+    env = dict(line.split("=", 1) for line in env)
+    assert env.pop("HBD_TIME").replace(".", "").isdigit()
+    assert env == {"HBD_ADDRESS": "10.0.0.7:40112", "HBD_EVENT": "up", "HBD_NAME": "web1", "HBD_PEER": "web1",
+                   "HBD_PREVIOUS": "new", "HBD_REASON": "first ping", "HBD_ROLE": "server"}
+
+
+def test_a_hook_past_its_timeout_is_killed_with_its_children(tmp_path: Path, runner: HookRunner, records,
+                                                           monkeypatch) -> None:
+    monkeypatch.setenv("HOOK_OUT", str(tmp_path))
+    hook = script(tmp_path, 'sleep 30 & echo $! > "$HOOK_OUT/child"; wait\n')
+    runner.configure([hook], timeout=0.3, max_running=1, max_queued=10)
+    t0 = time.monotonic()
+    runner.fire("down", "db1", "10.0.0.8:5000")
+    drive(runner, lambda: not runner.running)
+    assert 0.3 <= time.monotonic() - t0 < 2.0
+    assert runner.counts == {"ok": 0, "failed": 0, "timeout": 1, "error": 0, "dropped": 0}
+    child = int((tmp_path / "child").read_text())
+    try:  # the hook's own child died too (at most a zombie waiting for its new parent)
+        assert Path(f"/proc/{child}/stat").read_text().split()[2] == "Z"
+    except FileNotFoundError:
+        pass
+    assert any("still running after 0.3" in r.getMessage() and r.levelno == logging.WARNING for r in records)
+
+
+def test_at_most_max_concurrent_run_at_once(tmp_path: Path, runner: HookRunner) -> None:
+    runner.configure(["/bin/sh", "-c", "sleep 0.1"], timeout=5, max_running=2, max_queued=10)
+    t0 = time.monotonic()
+    for i in range(6):
+        runner.fire("up", f"p{i}", "a:1")
+    assert len(runner.running) == 2 and len(runner.queue) == 4
+    most = drive(runner, lambda: runner.counts["ok"] == 6)
+    assert most == 2
+    assert time.monotonic() - t0 >= 0.3  # three rounds of two
+
+
+def test_a_full_queue_drops_the_oldest_and_says_so_once(tmp_path: Path, runner: HookRunner, records,
+                                                       monkeypatch) -> None:
+    monkeypatch.setenv("HOOK_OUT", str(tmp_path / "ran"))
+    hook = script(tmp_path, 'echo "$2" >> "$HOOK_OUT"; sleep 0.05\n')
+    runner.configure([hook], timeout=5, max_running=1, max_queued=2)
+    for i in range(1, 7):
+        runner.fire("late", f"e{i}", "a:1")
+    drive(runner, lambda: runner.counts["ok"] == 3)
+    assert (tmp_path / "ran").read_text().split() == ["e1", "e5", "e6"]
+    assert runner.counts["dropped"] == 3
+    warnings = [r.getMessage() for r in records if "hook queue full" in r.getMessage()]
+    assert len(warnings) == 1 and "the last late for e2" in warnings[0]
+
+
+def test_failures_are_logged(tmp_path: Path, runner: HookRunner, records) -> None:
+    runner.configure(["/bin/sh", "-c", "exit 3"], timeout=5, max_running=2, max_queued=10)
+    runner.fire("down", "web2", "a:1")
+    drive(runner, lambda: runner.counts["failed"] == 1)
+    runner.configure([str(tmp_path / "missing")], timeout=5, max_running=2, max_queued=10)
+    runner.fire("down", "web3", "a:1")
+    assert runner.counts["error"] == 1
+    messages = [(r.levelno, r.getMessage()) for r in records]
+    assert (logging.WARNING, "on_change hook for down web2 failed: exit status 3") in [
+        (lvl, m.split(" after ")[0]) for lvl, m in messages]
+    assert any(lvl == logging.ERROR and "cannot run the on_change hook" in m and "web3" in m for lvl, m in messages)
+
+
+def test_sleeping_hooks_and_a_flapping_peer_do_not_delay_pongs(tmp_path: Path, procs) -> None:
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    hook = script(tmp_path, f"echo $$ > {pids}/$$; exec sleep 30\n")
+    srv = start_server(tmp_path, heartbeat_timeout=5, on_change=[hook], hook_timeout=20,
+                       hook_max_concurrent=3, hook_max_queued=5, env={"HOOK_TAG": str(tmp_path)})
+    procs.append(srv)
+    port = srv.config["port"]
+    try:
+        steady = connect(port)
+        rtts = []
+        flaps = 0
+        t_end = time.monotonic() + 1.5
+        while time.monotonic() < t_end:
+            with connect(port) as f:  # a peer that comes up and goes down again and again
+                f.sendall(b"ping")
+                recv_exactly(f, 4)
+                flaps += 1
+            t0 = time.perf_counter()
+            steady.sendall(b"ping")
+            assert recv_exactly(steady, 4) == b"pong"
+            rtts.append(time.perf_counter() - t0)
+            time.sleep(0.01)
+        doc = json.loads(query(str(tmp_path / "server.sock"), "status"))
+        hooks = doc["hooks"]
+        assert hooks["running"] == 3 and hooks["queued"] == 5
+        assert hooks["dropped"] == doc["events"]["up"] + doc["events"]["down"] - 8 > 0
+        assert len(list(pids.iterdir())) == 3  # three sleeping hooks, no more
+        assert flaps > 20
+        rtts.sort()
+        assert rtts[len(rtts) // 2] < 0.005 and rtts[-1] < 0.1, (rtts[len(rtts) // 2], rtts[-1])
+        srv.wait_for(r"WARNING .*hook queue full")
+        steady.close()
+    finally:
+        srv.stop()  # first: killing a running hook would start a queued one
+        for pid in hooks_tagged(str(tmp_path)):
+            os.kill(pid, signal.SIGKILL)
+
+
+def hooks_tagged(tag: str) -> list[int]:
+    """Our hooks still running (they outlive the daemon, in their own sessions), found by their environment."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            env = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if entry.isdigit() and f"HOOK_TAG={tag}".encode() in env:
+            found.append(int(entry))
+    return found
