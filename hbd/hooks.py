@@ -8,9 +8,10 @@ ROLE``) and as ``HBD_*`` environment variables. Hooks never hold up the event lo
 - children are reaped on SIGCHLD, delivered through the loop's wakeup fd, with ``waitpid(pid,
   WNOHANG)`` for our own children only (a supervisor's ``waitpid(-1)`` is never disturbed);
 - a hook still running after ``hook_timeout`` is killed with its whole process group;
-- at most ``hook_max_concurrent`` run at once; later events wait in a queue of at most
-  ``hook_max_queued``. When it is full the oldest waiting event is dropped with a warning, so a
-  flapping peer costs a bounded number of processes and a bounded amount of memory.
+- at most ``hook_max_concurrent`` run at once, and at most START_RATE start per second; later
+  events wait in a queue of at most ``hook_max_queued``. When it is full the oldest waiting event
+  is dropped with a warning, so a flapping peer (or 19,000 clients reconnecting at once) costs a
+  bounded number of processes, a bounded share of the loop and a bounded amount of memory.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from hbd.logs import fields, log
 from hbd.loop import EventLoop, Timer
 
 DROP_REPORT_INTERVAL = 10.0  # at most one "dropped" warning per this many seconds
+# Starting a process costs the loop ~3 ms when hbd holds 19,000 sockets (fork copies the page and
+# fd tables): however quickly hooks finish, at most this many start per second (~6% of the loop).
+START_RATE = 20.0
 RECHECK_AFTER_KILL = 1.0
 
 
@@ -60,6 +64,9 @@ class HookRunner:
         self._sigchld = False
         self._dropped_unreported = 0
         self._drop_reported_at = float("-inf")
+        self._bucket = 0.0
+        self._bucket_at = float("-inf")  # full at the first use
+        self._pump_timer: Timer | None = None
 
     def configure(self, command: Sequence[str] | None, timeout: float, max_running: int, max_queued: int) -> None:
         """Apply (new) settings; runs already started keep the timeout they started with."""
@@ -89,15 +96,13 @@ class HookRunner:
         for key, value in dict(extra).items():
             env[f"HBD_{key.upper()}"] = "" if value is None else str(value)
         job = Job(event, peer, [*self.command, event, peer, address, self.role], env)
-        if len(self.running) < self.max_running and not self.queue:
-            self._start(job)
-            return
-        if self.max_queued == 0:
+        if self.max_queued == 0 and (len(self.running) >= self.max_running or self._tokens() < 1):
             self._dropped(job)
             return
-        if len(self.queue) >= self.max_queued:
+        if len(self.queue) >= max(self.max_queued, 1):
             self._drop_oldest()
         self.queue.append(job)
+        self._pump()
 
     def _drop_oldest(self) -> None:
         self._dropped(self.queue.popleft())
@@ -116,9 +121,25 @@ class HookRunner:
             self._drop_reported_at = now
             self._dropped_unreported = 0
 
+    def _tokens(self) -> float:
+        """Process starts allowed right now: a bucket of ``max_running``, refilled START_RATE a second."""
+        now = self.loop.time()
+        self._bucket = min(float(self.max_running), self._bucket + (now - self._bucket_at) * START_RATE)
+        self._bucket_at = now
+        return self._bucket
+
     def _pump(self) -> None:
         while self.queue and len(self.running) < self.max_running:
+            if self._tokens() < 1:
+                if self._pump_timer is None:  # a start is due once the bucket has a token again
+                    self._pump_timer = self.loop.call_later((1 - self._bucket) / START_RATE, self._pump_later)
+                return
+            self._bucket -= 1
             self._start(self.queue.popleft())
+
+    def _pump_later(self) -> None:
+        self._pump_timer = None
+        self._pump()
 
     # -- processes ----------------------------------------------------------------------------------
     def _start(self, job: Job) -> None:
@@ -196,6 +217,8 @@ class HookRunner:
         """Stop queueing; hooks already running finish on their own (they are in their own session)."""
         self.enabled = False
         self.queue.clear()
+        self.loop.cancel(self._pump_timer)
+        self._pump_timer = None
         for job in self.running.values():
             self.loop.cancel(job.timer)
 

@@ -106,6 +106,23 @@ def test_at_most_max_concurrent_run_at_once(tmp_path: Path, runner: HookRunner) 
     assert time.monotonic() - t0 >= 0.3  # three rounds of two
 
 
+def test_process_starts_are_rate_limited(runner: HookRunner, monkeypatch) -> None:
+    """Forking costs the loop milliseconds with many sockets open: a burst of fast hooks is paced."""
+    import hbd.hooks
+
+    monkeypatch.setattr(hbd.hooks, "START_RATE", 100.0)
+    starts: list[float] = []
+    real_start = runner._start
+    monkeypatch.setattr(runner, "_start", lambda job: (starts.append(runner.loop.time()), real_start(job)))
+    runner.configure(["/bin/true"], timeout=5, max_running=5, max_queued=20)
+    for i in range(15):
+        runner.fire("up", f"p{i}", "a:1")
+    drive(runner, lambda: runner.counts["ok"] == 15)
+    assert len(starts) == 15
+    for k in range(5, 15):  # a burst of 5, then 100 a second
+        assert starts[k] - starts[0] >= (k - 4) / 100 - 0.002, (k, starts[k] - starts[0])
+
+
 def test_a_full_queue_drops_the_oldest_and_says_so_once(tmp_path: Path, runner: HookRunner, records,
                                                        monkeypatch) -> None:
     monkeypatch.setenv("HOOK_OUT", str(tmp_path / "ran"))
@@ -136,7 +153,7 @@ def test_failures_are_logged(tmp_path: Path, runner: HookRunner, records) -> Non
 def test_sleeping_hooks_and_a_flapping_peer_do_not_delay_pongs(tmp_path: Path, procs) -> None:
     pids = tmp_path / "pids"
     pids.mkdir()
-    hook = script(tmp_path, f"echo $$ > {pids}/$$; exec sleep 30\n")
+    hook = script(tmp_path, f"echo $$ > {pids}/$$; exec sleep 30 >/dev/null 2>&1\n")  # not holding our pipe
     srv = start_server(tmp_path, heartbeat_timeout=5, on_change=[hook], hook_timeout=20,
                        hook_max_concurrent=3, hook_max_queued=5, env={"HOOK_TAG": str(tmp_path)})
     procs.append(srv)
