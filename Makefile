@@ -4,6 +4,8 @@ PY ?= /usr/bin/python3
 APT_DEPS := python3 python3-yaml python3-systemd python3-pytest python3-pytest-timeout python3-hypothesis
 # reliability and TLS tests: test certificates, network namespaces, a fake wall clock
 APT_DEPS += openssl iproute2 faketime
+# metrics tests: prometheus_client's parser checks hbd's exposition (hbd itself never imports it)
+APT_DEPS += python3-prometheus-client
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
@@ -27,15 +29,18 @@ deps:
 demo: deps
 	@mkdir -p demo-logs
 	@echo "hbd demo: server and client on 127.0.0.1:54321; errors also go to demo-logs/. Ctrl-C stops both."
+	@echo "          in another terminal: $(PY) -m hbd status -s demo-logs/server.sock   (or client.sock)"
 	@trap 'kill $$srv 2>/dev/null; wait $$srv' EXIT INT TERM; \
-	$(PY) -m hbd server -c etc/server.yaml --host 127.0.0.1 --log-file demo-logs/server.log & srv=$$!; \
-	sleep 0.5; $(PY) -m hbd client -c etc/client.yaml --host 127.0.0.1 --log-file demo-logs/client.log
+	$(PY) -m hbd server -c etc/server.yaml --host 127.0.0.1 --log-file demo-logs/server.log \
+		--control-socket demo-logs/server.sock & srv=$$!; \
+	sleep 0.5; $(PY) -m hbd client -c etc/client.yaml --host 127.0.0.1 --log-file demo-logs/client.log \
+		--control-socket demo-logs/client.sock
 
 run-server: deps
-	$(PY) -m hbd server -c etc/server.yaml --log-file demo-logs/server.log
+	$(PY) -m hbd server -c etc/server.yaml --log-file demo-logs/server.log --control-socket demo-logs/server.sock
 
 run-client: deps
-	$(PY) -m hbd client -c etc/client.yaml --log-file demo-logs/client.log
+	$(PY) -m hbd client -c etc/client.yaml --log-file demo-logs/client.log --control-socket demo-logs/client.sock
 
 test: deps
 	$(PY) -m pytest -q $(PYTEST_ARGS)
