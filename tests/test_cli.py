@@ -20,7 +20,7 @@ def test_version() -> None:
 def test_help_lists_commands_and_signals() -> None:
     r = run("--help")
     assert r.returncode == 0
-    for word in ("server", "client", "check-config", "SIGHUP"):
+    for word in ("server", "client", "check-config", "status", "SIGHUP"):
         assert word in r.stdout
     r = run("server", "--help")
     assert "/etc/hbd/server.yaml" in r.stdout and "--config" in r.stdout

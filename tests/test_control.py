@@ -207,6 +207,14 @@ def test_reload_moves_the_socket_and_stop_removes_it(tmp_path: Path, procs) -> N
     procs.append(srv)
     old, new = tmp_path / "server.sock", tmp_path / "moved.sock"
     assert old.exists()
+    taken = UnixListener(str(tmp_path / "taken.sock"))  # a path someone else serves: the reload fails
+    srv.write_config({**srv.config, "control_socket": taken.path})
+    srv.signal(signal.SIGHUP)
+    srv.wait_for(r"ERROR .*reload failed: .*taken\.sock is in use by another running hbd")
+    assert status_of(old)["reloads"] == {"ok": 0, "failed": 1, "last_error": f"{taken.path} is in use by another "
+                                         "running hbd; stop it or choose another control_socket"}
+    taken.sock.close()
+    taken.remove()
     srv.write_config({**srv.config, "control_socket": str(new)})
     srv.signal(signal.SIGHUP)
     srv.wait_for("status socket is now")
