@@ -36,13 +36,14 @@ RECHECK_AFTER_KILL = 1.0
 class Job:
     """One hook run: what to run, and once started, its process and timeout timer."""
 
-    __slots__ = ("args", "env", "event", "killed", "peer", "proc", "started", "timer")
+    __slots__ = ("address", "event", "extra", "killed", "peer", "proc", "started", "timer", "when")
 
-    def __init__(self, event: str, peer: str, args: list[str], env: dict[str, str]) -> None:
+    def __init__(self, event: str, peer: str, address: str, extra: dict[str, object]) -> None:
         self.event = event
         self.peer = peer
-        self.args = args
-        self.env = env
+        self.address = address
+        self.extra = extra
+        self.when = time.time()
         self.proc: subprocess.Popen[bytes] | None = None
         self.started = 0.0
         self.timer: Timer | None = None
@@ -85,17 +86,7 @@ class HookRunner:
         """Queue a run of the hook for this event (nothing happens without ``on_change``)."""
         if self.command is None or not self.enabled:
             return
-        env = dict(os.environ)
-        env.update({
-            "HBD_EVENT": event,
-            "HBD_PEER": peer,
-            "HBD_ADDRESS": address,
-            "HBD_ROLE": self.role,
-            "HBD_TIME": f"{time.time():.3f}",
-        })
-        for key, value in dict(extra).items():
-            env[f"HBD_{key.upper()}"] = "" if value is None else str(value)
-        job = Job(event, peer, [*self.command, event, peer, address, self.role], env)
+        job = Job(event, peer, address, dict(extra))  # cheap: a storm mostly ends in the drop below
         if self.max_queued == 0 and (len(self.running) >= self.max_running or self._tokens() < 1):
             self._dropped(job)
             return
@@ -146,14 +137,25 @@ class HookRunner:
         if not self._sigchld:  # registered on first use: a process that never runs hooks keeps its own
             self.loop.add_signal_handler(signal.SIGCHLD, self._reap)
             self._sigchld = True
+        assert self.command is not None
+        env = dict(os.environ)
+        env.update({
+            "HBD_EVENT": job.event,
+            "HBD_PEER": job.peer,
+            "HBD_ADDRESS": job.address,
+            "HBD_ROLE": self.role,
+            "HBD_TIME": f"{job.when:.3f}",  # when it happened: a queued run starts later
+        })
+        for key, value in job.extra.items():
+            env[f"HBD_{key.upper()}"] = "" if value is None else str(value)
+        args = [*self.command, job.event, job.peer, job.address, self.role]
         try:
             proc = subprocess.Popen(
-                job.args, env=job.env, stdin=subprocess.DEVNULL, close_fds=True,
-                start_new_session=True, cwd="/",
+                args, env=env, stdin=subprocess.DEVNULL, close_fds=True, start_new_session=True, cwd="/",
             )
         except (OSError, subprocess.SubprocessError) as exc:
             self.counts["error"] += 1
-            log.error("cannot run the on_change hook %s for %s %s: %s", job.args[0], job.event, job.peer,
+            log.error("cannot run the on_change hook %s for %s %s: %s", args[0], job.event, job.peer,
                       getattr(exc, "strerror", None) or exc, extra=fields(event="hook-failed", peer=job.peer))
             return
         job.proc = proc
