@@ -107,7 +107,7 @@ class HookRunner:
                 "hook queue full (%d running, %d waiting): dropped %d event%s, the last %s for %s",
                 len(self.running), len(self.queue), self._dropped_unreported,
                 "s" if self._dropped_unreported != 1 else "", job.event, job.peer,
-                extra=fields(event="hook-dropped", peer=job.peer),
+                extra=fields(event="hook-dropped", peer=job.peer, peer_address=job.address),
             )
             self._drop_reported_at = now
             self._dropped_unreported = 0
@@ -156,14 +156,15 @@ class HookRunner:
         except (OSError, subprocess.SubprocessError) as exc:
             self.counts["error"] += 1
             log.error("cannot run the on_change hook %s for %s %s: %s", args[0], job.event, job.peer,
-                      getattr(exc, "strerror", None) or exc, extra=fields(event="hook-failed", peer=job.peer))
+                      getattr(exc, "strerror", None) or exc,
+                      extra=fields(event="hook-failed", peer=job.peer, peer_address=job.address))
             return
         job.proc = proc
         job.started = self.loop.time()
         job.timer = self.loop.call_at(job.started + self.timeout, lambda: self._expire(job))
         self.running[proc.pid] = job
         log.debug("hook %s %s started (pid %d)", job.event, job.peer, proc.pid,
-                  extra=fields(event="hook-started", peer=job.peer))
+                  extra=fields(event="hook-started", peer=job.peer, peer_address=job.address))
 
     def _reap(self) -> None:
         """SIGCHLD: collect every hook that has finished."""
@@ -184,12 +185,12 @@ class HookRunner:
         if rc == 0:
             self.counts["ok"] += 1
             log.debug("hook %s %s done in %.3f s", job.event, job.peer, took,
-                      extra=fields(event="hook-done", peer=job.peer))
+                      extra=fields(event="hook-done", peer=job.peer, peer_address=job.address))
             return
         self.counts["failed"] += 1
         how = f"killed by {_signame(-rc)}" if rc < 0 else f"exit status {rc}"
         log.warning("on_change hook for %s %s failed: %s after %.3f s", job.event, job.peer, how, took,
-                    extra=fields(event="hook-failed", peer=job.peer))
+                    extra=fields(event="hook-failed", peer=job.peer, peer_address=job.address))
 
     def _expire(self, job: Job) -> None:
         """The hook outlived ``hook_timeout``: kill its process group (again, until it is gone)."""
@@ -205,7 +206,7 @@ class HookRunner:
             self.counts["timeout"] += 1
             log.warning("on_change hook for %s %s still running after %g s; killing it (pid %d)",
                         job.event, job.peer, self.loop.time() - job.started, proc.pid,
-                        extra=fields(event="hook-timeout", peer=job.peer))
+                        extra=fields(event="hook-timeout", peer=job.peer, peer_address=job.address))
         _killpg(proc.pid)
         # Normally reaped on its SIGCHLD; this re-check only guards against a lost signal.
         job.timer = self.loop.call_later(RECHECK_AFTER_KILL, lambda: self._expire(job))
