@@ -207,13 +207,17 @@ def _collect_server(ops: Any, out: Exposition) -> None:
     out.one("hbd_server_clients_late", "gauge", "Connected clients that are late (silent over half the timeout).",
             g("late", 0))
     out.one("hbd_server_pings_total", "counter", "Pings received; each one is answered with a pong.", g("pings", 0))
-    out.family("hbd_server_connections_total", "counter", "Client connections by what became of them at accept.")
+    out.family("hbd_server_connections_total", "counter",
+               "Client connections by what became of them at accept (refused: max_clients; denied: allow).")
     out.sample("hbd_server_connections_total", g("accepted", 0), {"result": "accepted"})
     out.sample("hbd_server_connections_total", g("refused", 0), {"result": "refused"})
+    out.sample("hbd_server_connections_total", g("denied", 0), {"result": "denied"})
     out.one("hbd_server_timeouts_total", "counter", "Clients closed for silence (heartbeat_timeout).",
             g("timeouts", 0))
     out.one("hbd_server_protocol_errors_total", "counter", "Clients closed for breaking the protocol.",
             g("rejected", 0))
+    out.one("hbd_server_tls_failures_total", "counter", "TLS handshakes (or TLS sessions) that failed.",
+            g("tls_failed", 0))
 
 
 def _collect_client(ops: Any, out: Exposition) -> None:

@@ -436,6 +436,8 @@ class Server(Daemon):
     def tls_failed(self, conn: Connection, reason: str) -> None:
         """A TLS handshake (or the TLS layer later) failed: log why, rate-limited, and close."""
         self.stats["tls_failed"] += 1
+        if conn.peer.pings:  # the TLS layer failed on a link that was up
+            self._report(conn, "down", conn.peer.state, f"TLS error: {reason}")
         self._peer_log(logging.WARNING, conn.addr.rsplit(":", 1)[0], "TLS handshake with %s failed: %s",
                        conn.label, reason, event="tls-failed", peer=conn.addr)
         self._close(conn)
