@@ -194,11 +194,18 @@ class EventLoop:
                 cb = cbs[1]
                 if cb is not None:
                     cb()
-        if timers:
-            now = self.clock()
+        if timers and timers[0].when <= (now := self.clock()):
+            # Take every due timer first, then run them: a callback that re-arms at a time that is
+            # already due runs on the next turn instead of spinning inside this one.
+            due = []
             while timers and timers[0].when <= now:
                 timer = heapq.heappop(timers)
                 if timer.cancelled:
+                    self._cancelled -= 1
+                    continue
+                due.append(timer)
+            for timer in due:
+                if timer.cancelled:  # cancelled by an earlier callback of this turn
                     self._cancelled -= 1
                     continue
                 timer.cancelled = True  # fired: a late cancel() must not count it again

@@ -142,3 +142,32 @@ def test_call_soon_threadsafe_wakes_the_loop() -> None:
     loop.run()
     loop.close()
     assert got == [1]
+
+
+def test_timer_rearmed_at_a_due_time_runs_next_turn_not_forever() -> None:
+    loop, clock, _ = make_loop()
+    runs: list[float] = []
+
+    def rearm() -> None:
+        runs.append(clock())
+        if len(runs) < 3:
+            loop.call_at(clock(), rearm)  # already due: must wait for the next turn
+
+    loop.call_later(1.0, rearm)
+    loop.run_once()
+    assert runs == [1001.0]
+    loop.run_once()
+    loop.run_once()
+    assert len(runs) == 3
+
+
+def test_a_callback_can_cancel_another_due_timer() -> None:
+    loop, clock, _ = make_loop()
+    fired: list[str] = []
+    second = loop.call_later(1.0, lambda: fired.append("second"))
+    loop.call_later(0.5, lambda: (fired.append("first"), loop.cancel(second)))
+    loop.call_later(5.0, lambda: None)
+    clock.advance(1.5)  # both are due in the same turn
+    loop.run_once()
+    assert fired == ["first"]
+    assert loop._cancelled == 0
