@@ -1,0 +1,55 @@
+"""Deadlines for many connections, filed in coarse time slots (a hashed timing wheel).
+
+With one heap entry per connection, every connection that pings on time would be re-armed through
+an O(log N) heap operation about once per timeout. Here a connection is filed under the slot its
+deadline falls in (an append to a list); only slots are kept in a heap, and there are at most
+(timeout / resolution) of them however many connections there are. A slot fires at its end, so
+a verdict comes at most ``resolution`` seconds after the exact deadline.
+
+Entries are never removed: the owner remembers which slot an item is filed under, and an entry
+whose item has been re-filed or closed since is skipped when its slot fires.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class DeadlineWheel(Generic[T]):
+    __slots__ = ("_slots", "_ticks", "resolution")
+
+    def __init__(self, resolution: float) -> None:
+        self.resolution = resolution
+        self._slots: dict[int, list[T]] = {}
+        self._ticks: list[int] = []  # heap of the slots in use
+
+    def add(self, when: float, item: T) -> int:
+        """File ``item`` for ``when``; returns the slot, which the caller keeps to recognise the entry."""
+        tick = -int(-when // self.resolution)  # ceil: never fire before the deadline
+        slot = self._slots.get(tick)
+        if slot is None:
+            self._slots[tick] = [item]
+            heapq.heappush(self._ticks, tick)
+        else:
+            slot.append(item)
+        return tick
+
+    def next_time(self) -> float | None:
+        """When the earliest slot is due, or None when nothing is filed."""
+        return self._ticks[0] * self.resolution if self._ticks else None
+
+    def pop_due(self, now: float) -> list[tuple[int, list[T]]]:
+        """Remove and return every slot due at ``now``, earliest first."""
+        due = []
+        ticks = self._ticks
+        limit = now / self.resolution
+        while ticks and ticks[0] <= limit:
+            tick = heapq.heappop(ticks)
+            due.append((tick, self._slots.pop(tick)))
+        return due
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self._slots.values())
