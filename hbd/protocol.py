@@ -80,7 +80,9 @@ class ServerPeer:
         self.state = PeerState.NEW
         self.name: str | None = None
         self.interval: float | None = None  # announced in the greeting
-        self.events: list[Hello | StateChange] = []  # rare events; the caller drains it
+        # Rare events (greetings, state changes) for the caller to drain; None rather than an empty
+        # list per peer, which would cost 56 bytes for each of thousands of connections.
+        self.events: list[Hello | StateChange] | None = None
         self._buf = b""
         self._echo = False  # the previous token was a ping: echo its line terminator
         self._junk = 0
@@ -140,11 +142,17 @@ class ServerPeer:
 
     def _alive(self, now: float, pings: int) -> None:
         if self.state is not PeerState.UP:
-            self.events.append(StateChange(self.state, PeerState.UP, now - self.last_heard))
+            self._event(StateChange(self.state, PeerState.UP, now - self.last_heard))
             self.state = PeerState.UP
         self.last_heard = now
         self.pings += pings
         self._junk = 0
+
+    def _event(self, event: Hello | StateChange) -> None:
+        if self.events is None:
+            self.events = [event]
+        else:
+            self.events.append(event)
 
     def _count_junk(self, n: int) -> None:
         self._junk += n
@@ -165,7 +173,7 @@ class ServerPeer:
                 raise ProtocolError(f"greeting interval out of range: {interval}")
         self.name = parts[0].decode("ascii")
         self.interval = interval
-        self.events.append(Hello(self.name, interval))
+        self._event(Hello(self.name, interval))
 
     def next_deadline(self) -> float:
         """When poll() may next change this peer's state."""

@@ -390,8 +390,8 @@ class Server(Daemon):
         )
 
     def on_events(self, conn: Connection) -> None:
-        events = conn.peer.events
-        conn.peer.events = []
+        events = conn.peer.events or []
+        conn.peer.events = None
         for ev in events:
             if isinstance(ev, Hello):
                 self._peer_log(

@@ -31,7 +31,7 @@ def run_server(chunks: list[bytes]) -> tuple[str, bytes, int, list]:
             assert len(peer._buf) <= MAX_LINE, len(peer._buf)
     except ProtocolError:
         return "error", b"", 0, []
-    hellos = [(e.name, e.interval) for e in peer.events if isinstance(e, Hello)]
+    hellos = [(e.name, e.interval) for e in (peer.events or []) if isinstance(e, Hello)]
     return "ok", b"".join(out), peer.pings, hellos
 
 
