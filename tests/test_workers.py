@@ -56,6 +56,8 @@ def test_workers_share_the_port_and_report_to_the_supervisor(tmp_path: Path, pro
     srv.signal(signal.SIGHUP)
     srv.wait_for(r"hbd-server/1 INFO +heartbeat_timeout is now 4 s", after=mark)
     srv.wait_for(r"hbd-server/2 INFO +heartbeat_timeout is now 4 s", after=mark)
+    for w in (1, 2):  # each worker's last line of that reload, so none comes after the next mark
+        srv.wait_for(rf"hbd-server/{w} INFO +reloaded ", after=mark)
     srv.config_path.write_text("port: [\n")
     mark = srv.mark()
     srv.signal(signal.SIGHUP)
