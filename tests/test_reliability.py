@@ -189,7 +189,7 @@ def test_wall_clock_jumps_change_no_verdict(tmp_path: Path, procs) -> None:
             s.settimeout(5)
             assert s.recv(10) == b""  # closed for silence...
             silent = time.monotonic() - heard
-        assert 0.95 <= silent <= 1.15, f"after a {jump} s jump a silent peer was closed after {silent:.3f} s"
+        assert 0.95 <= silent <= 1.3, f"after a {jump} s jump a silent peer was closed after {silent:.3f} s"
         cli.wait_for("pong from", after=cli.mark())
     stamps = [datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S.%f").timestamp() for _, line in srv.lines]
     steps = [b - a for a, b in itertools.pairwise(stamps)]
