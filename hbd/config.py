@@ -193,18 +193,10 @@ _PORT = _integer(1, 65535)
 
 
 @dataclass(frozen=True)
-class ServerConfig:
-    host: str = field(default="0.0.0.0", metadata={"conv": _host})
-    port: int = field(default=54321, metadata={"conv": _PORT})
-    heartbeat_timeout: float = field(default=10.0, metadata={"conv": _seconds})
-    max_clients: int = field(default=10000, metadata={"conv": _integer(1, 1_000_000)})
-    backlog: int = field(default=4096, metadata={"conv": _integer(1, 65535)})
-    workers: int = field(default=1, metadata={"conv": _integer(1, 64)})
-    tls: TLSConfig | None = field(default=None, metadata={"conv": parse_server_tls})
-    allow: tuple[Network, ...] | None = field(default=None, metadata={"conv": parse_allow})
-    log_file: str | None = field(default="/var/log/hbd/server.log", metadata={"conv": _log_file})
+class _DaemonConfig:
+    """Keys both daemons have."""
+
     log_level: str = field(default="info", metadata={"conv": _log_level})
-    control_socket: str | None = field(default=DEFAULT_SERVER_SOCKET, metadata={"conv": _socket_path})
     metrics: tuple[str, int] | None = field(default=None, metadata={"conv": _endpoint})
     on_change: tuple[str, ...] | None = field(default=None, metadata={"conv": _command})
     hook_timeout: float = field(default=10.0, metadata={"conv": _seconds})
@@ -214,7 +206,21 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
-class ClientConfig:
+class ServerConfig(_DaemonConfig):
+    host: str = field(default="0.0.0.0", metadata={"conv": _host})
+    port: int = field(default=54321, metadata={"conv": _PORT})
+    heartbeat_timeout: float = field(default=10.0, metadata={"conv": _seconds})
+    max_clients: int = field(default=10000, metadata={"conv": _integer(1, 1_000_000)})
+    backlog: int = field(default=4096, metadata={"conv": _integer(1, 65535)})
+    workers: int = field(default=1, metadata={"conv": _integer(1, 64)})
+    tls: TLSConfig | None = field(default=None, metadata={"conv": parse_server_tls})
+    allow: tuple[Network, ...] | None = field(default=None, metadata={"conv": parse_allow})
+    log_file: str | None = field(default="/var/log/hbd/server.log", metadata={"conv": _log_file})
+    control_socket: str | None = field(default=DEFAULT_SERVER_SOCKET, metadata={"conv": _socket_path})
+
+
+@dataclass(frozen=True)
+class ClientConfig(_DaemonConfig):
     host: str = field(default="127.0.0.1", metadata={"conv": _host})
     port: int = field(default=54321, metadata={"conv": _PORT})
     reconnect_attempts: int = field(default=0, metadata={"conv": _integer(0, 1_000_000)})
@@ -228,14 +234,7 @@ class ClientConfig:
     tls: TLSConfig | None = field(default=None, metadata={"conv": parse_client_tls})
     servers: tuple[ServerEntry, ...] = field(default=(), metadata={"conv": _servers})
     log_file: str | None = field(default="/var/log/hbd/client.log", metadata={"conv": _log_file})
-    log_level: str = field(default="info", metadata={"conv": _log_level})
     control_socket: str | None = field(default=DEFAULT_CLIENT_SOCKET, metadata={"conv": _socket_path})
-    metrics: tuple[str, int] | None = field(default=None, metadata={"conv": _endpoint})
-    on_change: tuple[str, ...] | None = field(default=None, metadata={"conv": _command})
-    hook_timeout: float = field(default=10.0, metadata={"conv": _seconds})
-    hook_max_concurrent: int = field(default=4, metadata={"conv": _integer(1, 1000)})
-    hook_max_queued: int = field(default=100, metadata={"conv": _integer(0, 100_000)})
-    path: str = field(default="", metadata={"internal": True})
 
 
 def _check_client(cfg: dict[str, Any], given: frozenset[str] = frozenset()) -> list[tuple[str, str]]:

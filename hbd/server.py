@@ -66,6 +66,10 @@ class Connection:
         except OSError as exc:
             self.server.drop(self, f"connection error: {exc.strerror or exc}", logging.WARNING)
             return
+        self.received(data)
+
+    def received(self, data: bytes) -> None:
+        """Bytes from the peer (b"" at end of file), after any TLS layer."""
         if not data:
             self.server.drop(self, "disconnected", logging.INFO)
             return

@@ -11,7 +11,6 @@ import socket
 import ssl
 
 from hbd import tls
-from hbd.protocol import ProtocolError
 from hbd.server import RECV_SIZE, Connection
 
 SNIFF, HANDSHAKE, UP = 0, 1, 2
@@ -102,17 +101,5 @@ class TLSConnection(Connection):
         except OSError as exc:
             self.server.drop(self, f"connection error: {exc.strerror or exc}", logging.WARNING)
             return
-        if not data:
-            self.server.drop(self, "disconnected", logging.INFO)
-            return
-        peer = self.peer
-        try:
-            reply = peer.feed(data, self.server.clock())
-        except ProtocolError as exc:
-            self.server.reject(self, str(exc))
-            return
-        if reply:
-            self.send(reply)
-        if peer.events:
-            self.server.on_events(self)
+        self.received(data)
 
