@@ -20,6 +20,8 @@ from enum import Enum
 
 PING = b"ping"
 PONG = b"pong"
+PING_LINE = b"ping\n"
+PONG_LINE = b"pong\n"
 HELLO = b"hello "
 # Longest greeting line we accept; also bounds how much a peer can make us buffer.
 MAX_LINE = 256
@@ -92,10 +94,15 @@ class ServerPeer:
 
         Raises ProtocolError on garbage or when the peer exceeds the input bounds.
         """
-        if data == PING and not self._buf:  # fast path: legacy clients, one ping per read
-            self._echo = True
-            self._alive(now, 1)
-            return PONG
+        if not self._buf:  # fast paths: one whole ping per read, as clients send them
+            if data == PING:
+                self._echo = True
+                self._alive(now, 1)
+                return PONG
+            if data == PING_LINE:
+                self._echo = False
+                self._alive(now, 1)
+                return PONG_LINE
         buf = self._buf + data if self._buf else data
         out: list[bytes] = []
         pings = 0

@@ -349,10 +349,17 @@ class Server(Daemon):
     def _on_wheel(self) -> None:
         self._wheel_timer = None
         self._in_wheel = True
+        now = self.clock()
+        add = self.wheel.add
         try:
-            for slot, conns in self.wheel.pop_due(self.clock()):
+            for slot, conns in self.wheel.pop_due(now):
                 for conn in conns:
-                    if conn.slot == slot:  # else re-filed or closed since
+                    if conn.slot != slot:
+                        continue  # re-filed or closed since
+                    when = conn.peer.next_deadline()
+                    if when > now:  # it pinged since it was filed (the usual case): just re-file
+                        conn.slot = add(when, conn)
+                    else:
                         conn.slot = -1
                         self.check(conn)
         finally:
