@@ -83,6 +83,10 @@ def tree_cpu_s(pids: list[int]) -> float:
     return sum(cpu_s(p) for p in pids)
 
 
+def tree_sched_s(pids: list[int]) -> float:
+    return sum(sched_s(p) for p in pids)
+
+
 def tree_status(pids: list[int]) -> dict[str, int]:
     """Sum of VmRSS/VmHWM/Threads over a process tree (workers count as one server)."""
     tot: dict[str, int] = {"VmRSS": 0, "VmHWM": 0, "Threads": 0}
