@@ -41,7 +41,7 @@ def reply(buf: bytes) -> tuple[bytes, bytes]:
     """(bytes to send, tail to keep) for a buffer that is not exactly one ping."""
     n = buf.count(PING)
     out = (PONG + b"\n" if b"\n" in buf else PONG) * n
-    tail = buf[buf.rfind(PING) + len(PING):] if n else buf
+    tail = buf[buf.rfind(PING) + len(PING) :] if n else buf
     tail = tail.lstrip(b"\r\n")
     return out, tail if PING.startswith(tail) else b""
 

@@ -43,8 +43,17 @@ from bench.stats import summary
 mono = time.monotonic
 CONNECTING, OPEN, CLOSED = 0, 1, 2
 NSLOTS = 100  # ping phases per interval: a slot list is cheaper than a per-ping heap entry
-ERRORS = ("refused", "connect_timeout", "connect_error", "fd_exhausted", "reset",
-          "closed_by_peer", "send_error", "bad_reply", "unexpected_pong")
+ERRORS = (
+    "refused",
+    "connect_timeout",
+    "connect_error",
+    "fd_exhausted",
+    "reset",
+    "closed_by_peer",
+    "send_error",
+    "bad_reply",
+    "unexpected_pong",
+)
 
 
 @dataclass(frozen=True)
@@ -60,8 +69,9 @@ class Schedule:
         return self.end + self.grace + 1.0
 
 
-def make_schedule(start: float, conns: int, rate: float, settle: float, duration: float,
-                  detect_wait: float, grace: float) -> Schedule:
+def make_schedule(
+    start: float, conns: int, rate: float, settle: float, duration: float, detect_wait: float, grace: float
+) -> Schedule:
     ramp = conns / rate if rate > 0 else 0.0
     ss = start + ramp + settle
     se = ss + duration
@@ -155,21 +165,26 @@ def worker(a: argparse.Namespace, sch: Schedule, n: int, wid: int) -> dict[str, 
             E[why] += 1
         close(c, now)
 
-    def send_ping(c: Conn) -> None:
+    def send_ping(c: Conn, k: int = 1) -> None:
+        """Send k pings in one write (k > 1 only in closed mode with --depth)."""
         t = mono()
-        c.out.append(t)
+        if k == 1:
+            c.out.append(t)
+        else:
+            c.out.extend((t,) * k)
         c.last_ping = t
-        st["outstanding"] += 1
-        C["pings_total"] += 1
+        st["outstanding"] += k
+        C["pings_total"] += k
         if ss <= t < se:
-            C["pings"] += 1
+            C["pings"] += k
+        data = ping * k if k > 1 else ping
         if c.wbuf:
-            c.wbuf += ping
+            c.wbuf += data
             return
         try:
-            k = c.sock.send(ping)
+            sent = c.sock.send(data)
         except BlockingIOError:
-            k = 0
+            sent = 0
         except ConnectionResetError:
             lost(c, "reset", t)
             return
@@ -177,8 +192,8 @@ def worker(a: argparse.Namespace, sch: Schedule, n: int, wid: int) -> dict[str, 
             E["send_error"] += 1
             close(c, t)
             return
-        if k < len(ping):
-            c.wbuf = ping[k:]
+        if sent < len(data):
+            c.wbuf = data[sent:]
             ep.modify(c.fd, select.EPOLLIN | select.EPOLLOUT)
 
     def flush(c: Conn, now: float) -> None:
@@ -201,7 +216,7 @@ def worker(a: argparse.Namespace, sch: Schedule, n: int, wid: int) -> dict[str, 
             k = 1
         else:
             k = data.count(pong)
-            tail = data[data.rfind(pong) + plen:] if k else data
+            tail = data[data.rfind(pong) + plen :] if k else data
             if k * plen + len(tail) != len(data) or not pong.startswith(tail):
                 E["bad_reply"] += 1
                 tail = b""
@@ -221,7 +236,7 @@ def worker(a: argparse.Namespace, sch: Schedule, n: int, wid: int) -> dict[str, 
                 C["pongs"] += 1
                 rtt.append(now - t)
         if closed_loop and k and now < se:
-            send_ping(c)
+            send_ping(c, k)  # as many new pings as pongs came back: depth stays constant
 
     while mono() < sch.start:
         time.sleep(min(0.05, max(0.0, sch.start - mono())))
@@ -320,7 +335,7 @@ def worker(a: argparse.Namespace, sch: Schedule, n: int, wid: int) -> dict[str, 
                 ep.modify(fd, select.EPOLLIN)
                 if closed_loop:
                     if now < se:
-                        send_ping(c)
+                        send_ping(c, a.depth)
                 else:
                     slots[rng.randrange(NSLOTS)].append(c)
                 continue
@@ -355,10 +370,22 @@ def worker(a: argparse.Namespace, sch: Schedule, n: int, wid: int) -> dict[str, 
     for c in list(conns.values()):
         close(c, now)  # counts still-outstanding pings as missed
     ep.close()
-    return {"n": n, "nofile": nofile, "errors": E, "counts": C, "connected": connected,
-            "open_at_end": open_at_end, "silenced": len(silent_conns), "undetected": undetected,
-            "rtt": rtt.tobytes(), "conn_lat": conn_lat.tobytes(), "detect": detect.tobytes(),
-            "lag": lag.tobytes(), "cpu_window_s": cpu_se - cpu_ss, "cpu_total_s": cpu_now() - cpu0}
+    return {
+        "n": n,
+        "nofile": nofile,
+        "errors": E,
+        "counts": C,
+        "connected": connected,
+        "open_at_end": open_at_end,
+        "silenced": len(silent_conns),
+        "undetected": undetected,
+        "rtt": rtt.tobytes(),
+        "conn_lat": conn_lat.tobytes(),
+        "detect": detect.tobytes(),
+        "lag": lag.tobytes(),
+        "cpu_window_s": cpu_se - cpu_ss,
+        "cpu_total_s": cpu_now() - cpu0,
+    }
 
 
 def _arr(b: bytes) -> array:
@@ -383,23 +410,37 @@ def merge(a: argparse.Namespace, sch: Schedule, parts: list[dict[str, Any]]) -> 
     window = sch.se - sch.ss
     cpu_w = [r["cpu_window_s"] for r in parts]
     out: dict[str, Any] = {
-        "mode": a.mode, "conns": a.conns, "procs": len(parts), "rate": a.rate, "interval": a.interval,
-        "wire": a.wire, "window_s": round(window, 3), "schedule": asdict(sch),
+        "mode": a.mode,
+        "conns": a.conns,
+        "procs": len(parts),
+        "rate": a.rate,
+        "interval": a.interval,
+        "wire": a.wire,
+        "window_s": round(window, 3),
+        "schedule": asdict(sch),
         "connected": sum(r["connected"] for r in parts),
         "open_at_end": sum(r["open_at_end"] for r in parts),
         "nofile": min(r["nofile"] for r in parts),
-        "errors": E, "errors_total": sum(E.values()), **C,
-        "rtt_ms": summary(rtt, 1000.0), "connect_ms": summary(cl, 1000.0),
+        "errors": E,
+        "errors_total": sum(E.values()),
+        **C,
+        "rtt_ms": summary(rtt, 1000.0),
+        "connect_ms": summary(cl, 1000.0),
         "lag_ms": summary(lag, 1000.0),
         "gen_cpu_pct": round(100.0 * sum(cpu_w) / window, 1) if window > 0 else None,
         "gen_cpu_max_proc_pct": round(100.0 * max(cpu_w) / window, 1) if window > 0 else None,
     }
     if a.mode == "closed":
         out["throughput"] = round(C.get("pongs", 0) / window, 1) if window > 0 else None
+        out["depth"] = a.depth
     else:
-        out["silent"] = {"frac": a.silent_frac, "silenced": sum(r["silenced"] for r in parts),
-                         "detected": len(det), "undetected": sum(r["undetected"] for r in parts),
-                         "detect_ms": summary(det, 1000.0, 1)}
+        out["silent"] = {
+            "frac": a.silent_frac,
+            "silenced": sum(r["silenced"] for r in parts),
+            "detected": len(det),
+            "undetected": sum(r["undetected"] for r in parts),
+            "detect_ms": summary(det, 1000.0, 1),
+        }
     return out
 
 
@@ -462,6 +503,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--procs", type=int, default=1, help="worker processes (N/K conns each)")
     ap.add_argument("--mode", choices=("open", "closed"), default="open")
     ap.add_argument("--wire", choices=("line", "bare"), default="line")
+    ap.add_argument(
+        "--depth",
+        type=int,
+        default=1,
+        help="closed mode: pings in flight per conn (1: ping only when the pong is back)",
+    )
     ap.add_argument("--rate", type=float, default=1000.0, help="total connect rate, conn/s (0: at once)")
     ap.add_argument("--interval", type=float, default=1.0, help="open mode: seconds between pings")
     ap.add_argument("--settle", type=float, default=2.0, help="seconds between ramp end and window")
@@ -472,8 +519,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--grace", type=float, default=2.0, help="max wait for outstanding pongs at the end")
     ap.add_argument("--connect-timeout", type=float, default=10.0)
     ap.add_argument("--start-at", type=float, default=None, help="absolute time.monotonic() to start")
-    ap.add_argument("--cpus", type=lambda s: {int(x) for x in s.split(",")}, default=None,
-                    help="pin workers to these CPUs, e.g. 1")
+    ap.add_argument(
+        "--cpus", type=lambda s: {int(x) for x in s.split(",")}, default=None, help="pin workers to these CPUs, e.g. 1"
+    )
     ap.add_argument("--seed", type=int, default=1)
     return ap
 

@@ -12,23 +12,36 @@ def plot(recs: list[dict[str, Any]], path: Path, title: str) -> bool:
     """Write the plot; False (and no file) when matplotlib is missing, so the run still succeeds."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return False
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    names = sorted({r["server"] for r in recs if r.get("kind") == "open" and r.get("ok")},
-                   key=lambda s: list(COLORS).index(s) if s in COLORS else 99)
+    names = sorted(
+        {r["server"] for r in recs if r.get("kind") == "open" and r.get("ok")},
+        key=lambda s: list(COLORS).index(s) if s in COLORS else 99,
+    )
     for name in names:
-        rs = sorted((r for r in recs if r.get("kind") == "open" and r.get("ok") and r["server"] == name),
-                    key=lambda r: r["n"])
+        rs = sorted(
+            (r for r in recs if r.get("kind") == "open" and r.get("ok") and r["server"] == name), key=lambda r: r["n"]
+        )
         ns = [r["n"] for r in rs]
         ax1.plot(ns, [r["cpu_us_per_ping"] for r in rs], "o-", label=name, color=COLORS.get(name))
         ax2.plot(ns, [r["rss_per_conn_b"] for r in rs], "o-", label=name, color=COLORS.get(name))
-    ax1.set(xscale="log", xlabel="concurrent clients N (1 ping/s each)", ylabel="server CPU per ping/pong (µs)",
-            title="CPU per ping/pong")
-    ax2.set(xscale="log", yscale="log", xlabel="concurrent clients N", ylabel="RSS per connection (bytes)",
-            title="RSS per connection (peak - idle) / N")
+    ax1.set(
+        xscale="log",
+        xlabel="concurrent clients N (1 ping/s each)",
+        ylabel="server CPU per ping/pong (µs)",
+        title="CPU per ping/pong",
+    )
+    ax2.set(
+        xscale="log",
+        yscale="log",
+        xlabel="concurrent clients N",
+        ylabel="RSS per connection (bytes)",
+        title="RSS per connection (peak - idle) / N",
+    )
     ax2.axhline(1024, color="tab:green", ls=":", lw=1, label="1 KB target")
     ax1.set_ylim(bottom=0)
     for ax in (ax1, ax2):

@@ -11,7 +11,7 @@ def _stat_fields(pid: int) -> list[str]:
     with open(f"/proc/{pid}/stat", "rb") as f:
         data = f.read().decode()
     # comm may contain spaces or ')': split after the last ')'; fields[0] is the state (field 3)
-    return data[data.rindex(")") + 2:].split()
+    return data[data.rindex(")") + 2 :].split()
 
 
 def cpu_s(pid: int) -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -35,8 +36,10 @@ def summarize(raw: Path, top: int) -> str:
             continue
         n = int(count)
         total += n
-        frames = [f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0].rsplit("/", 1)[-1] + ")"
-                  if " (" in f else f for f in stack.split(";")]
+        frames = [
+            f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0].rsplit("/", 1)[-1] + ")" if " (" in f else f
+            for f in stack.split(";")
+        ]
         own[frames[-1]] += n
         for f in set(frames):
             incl[f] += n
@@ -68,15 +71,35 @@ def main() -> int:
             start_at = time.monotonic() + 1.0
             duration = a.seconds + 4.0
             sch = make_schedule(start_at, a.n, FULL.rate, FULL.settle, duration, 0.0, 2.0)
-            cmd = gen_command(srv.port, a.n, max(1, -(-a.n // FULL.conns_per_gen)), "open", start_at, FULL,
-                              duration, 0.0, 0.0, gcpu, FULL.rate) + ["--wire", a.wire]
-            gen = subprocess.Popen(cmd, cwd=servers.REPO, stdout=subprocess.DEVNULL,
-                                   env={"PYTHONPATH": str(servers.REPO)})
+            m = dataclasses.replace(FULL, wire=a.wire)
+            cmd = gen_command(
+                srv.port, a.n, max(1, -(-a.n // m.conns_per_gen)), "open", start_at, m, duration, 0.0, 0.0, gcpu, m.rate
+            )
+            gen = subprocess.Popen(
+                cmd, cwd=servers.REPO, stdout=subprocess.DEVNULL, env={"PYTHONPATH": str(servers.REPO)}
+            )
             sleep_until(sch.ss + 2.0)
             raw = a.out or tmp / "spy.txt"
-            subprocess.run([spy, "record", "-p", str(srv.pid), "-d", str(int(a.seconds)), "-r", str(a.rate),
-                            "-f", "raw", "-o", str(raw), "--nonblocking"],
-                           check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.run(
+                [
+                    spy,
+                    "record",
+                    "-p",
+                    str(srv.pid),
+                    "-d",
+                    str(int(a.seconds)),
+                    "-r",
+                    str(a.rate),
+                    "-f",
+                    "raw",
+                    "-o",
+                    str(raw),
+                    "--nonblocking",
+                ],
+                check=False,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             gen.wait(timeout=sch.hard_end - time.monotonic() + 20)
             print(summarize(raw, a.top))
         finally:

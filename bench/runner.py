@@ -35,19 +35,60 @@ def sleep_until(t: float) -> None:
         time.sleep(min(d, 0.5))
 
 
-def gen_command(port: int, n: int, procs: int, mode: str, start_at: float, m: Mode, duration: float,
-                detect_wait: float, silent_frac: float, cpus: set[int] | None, rate: float) -> list[str]:
-    cmd = [servers.PYTHON, "-m", "bench.loadgen", "--port", str(port), "-n", str(n), "--procs", str(procs),
-           "--mode", mode, "--rate", str(rate), "--interval", str(m.interval), "--settle", str(m.settle),
-           "--duration", str(duration), "--detect-wait", str(detect_wait), "--silent-frac", str(silent_frac),
-           "--deadline", str(GRACE), "--grace", str(GRACE), "--start-at", repr(start_at)]
+def gen_command(
+    port: int,
+    n: int,
+    procs: int,
+    mode: str,
+    start_at: float,
+    m: Mode,
+    duration: float,
+    detect_wait: float,
+    silent_frac: float,
+    cpus: set[int] | None,
+    rate: float,
+) -> list[str]:
+    cmd = [
+        servers.PYTHON,
+        "-m",
+        "bench.loadgen",
+        "--port",
+        str(port),
+        "-n",
+        str(n),
+        "--procs",
+        str(procs),
+        "--mode",
+        mode,
+        "--rate",
+        str(rate),
+        "--interval",
+        str(m.interval),
+        "--settle",
+        str(m.settle),
+        "--duration",
+        str(duration),
+        "--detect-wait",
+        str(detect_wait),
+        "--silent-frac",
+        str(silent_frac),
+        "--deadline",
+        str(GRACE),
+        "--grace",
+        str(GRACE),
+        "--start-at",
+        repr(start_at),
+        "--wire",
+        m.wire,
+    ]
     if cpus:
         cmd += ["--cpus", ",".join(map(str, sorted(cpus)))]
     return cmd
 
 
-def drive(srv: servers.Running, cmd: list[str], start_at: float, sch_ss: float, sch_se: float,
-          hard_end: float) -> dict[str, Any]:
+def drive(
+    srv: servers.Running, cmd: list[str], start_at: float, sch_ss: float, sch_se: float, hard_end: float
+) -> dict[str, Any]:
     """Run the generator; sample the server's CPU at the window edges and its peak threads in between."""
     env = {**os.environ, "PYTHONPATH": str(servers.REPO)}
     gen = subprocess.Popen(cmd, cwd=servers.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -84,7 +125,7 @@ def drive(srv: servers.Running, cmd: list[str], start_at: float, sch_ss: float, 
 def run_open(name: str, n: int, m: Mode, tmp: Path) -> dict[str, Any]:
     """One server at N heartbeat clients: CPU/ping, RSS/conn, RTT, connect, errors, detection."""
     scpu, gcpu = cpu_split()
-    rec: dict[str, Any] = {"kind": "open", "mode": m.name, "server": name, "n": n}
+    rec: dict[str, Any] = {"kind": "open", "mode": m.name, "server": name, "n": n, "wire": m.wire}
     try:
         srv = servers.start(name, tmp, timeout=m.timeout, cpus=scpu)
     except RuntimeError as e:
@@ -93,12 +134,14 @@ def run_open(name: str, n: int, m: Mode, tmp: Path) -> dict[str, Any]:
         time.sleep(min(0.5, m.lead))
         idle = procstat.tree_status(srv.pids())
         duration = m.hold_duration if n == max(m.ns) else m.duration
-        detect_wait = m.timeout + m.detect_extra if m.silent_frac > 0 else 0.0
+        # the floor never closes anyone: no detection phase; the thread checker needs up to 1 s more
+        silent = m.silent_frac if name != "floor" else 0.0
+        extra = m.detect_extra if name == "thread" else min(1.0, m.detect_extra)
+        detect_wait = m.timeout + extra if silent > 0 else 0.0
         procs = max(1, math.ceil(n / m.conns_per_gen))
         start_at = time.monotonic() + m.lead
         sch = make_schedule(start_at, n, m.rate, m.settle, duration, detect_wait, GRACE)
-        cmd = gen_command(srv.port, n, procs, "open", start_at, m, duration, detect_wait, m.silent_frac,
-                          gcpu, m.rate)
+        cmd = gen_command(srv.port, n, procs, "open", start_at, m, duration, detect_wait, silent, gcpu, m.rate)
         s = drive(srv, cmd, start_at, sch.ss, sch.se, sch.hard_end)
     finally:
         srv.stop()
@@ -109,30 +152,51 @@ def run_open(name: str, n: int, m: Mode, tmp: Path) -> dict[str, Any]:
     win = s["t1"] - s["t0"]
     pongs = g["pongs"]
     rss_idle = idle.get("VmRSS", 0)
-    rec.update({
-        "ok": True, "alive": s["alive"], "window_s": round(win, 2), "connected": g["connected"],
-        "pings": g["pings"], "pongs": pongs, "missed": g["missed"], "errors": g["errors_total"],
-        "error_kinds": {k: v for k, v in g["errors"].items() if v},
-        "cpu_us_per_ping": round(cpu / pongs * 1e6, 2) if pongs else None,
-        "cpu_pct": round(100.0 * cpu / win, 1) if win > 0 else None,
-        "cpu_ticks_us_per_ping": round((s["tick1"] - s["tick0"]) / pongs * 1e6, 2) if pongs else None,
-        "rss_idle_kb": rss_idle // 1024, "rss_peak_kb": s["hwm"] // 1024,
-        "rss_per_conn_b": round((s["hwm"] - rss_idle) / n) if n else None,
-        "threads": s["threads_max"],
-        "rtt_ms": _pick(g["rtt_ms"]), "connect_ms": _pick(g["connect_ms"]),
-        "detect_ms": _pick(g["silent"]["detect_ms"], ("n", "p50", "p99", "max")),
-        "silenced": g["silent"]["silenced"], "undetected": g["silent"]["undetected"],
-        "timeout_s": m.timeout, "gen_procs": g["procs"], "gen_cpu_pct": g["gen_cpu_pct"],
-        "gen_cpu_max_proc_pct": g["gen_cpu_max_proc_pct"], "gen_lag_p99_ms": g["lag_ms"]["p99"],
-        "pinned": {"server": sorted(scpu) if scpu else None, "gen": sorted(gcpu) if gcpu else None},
-    })
+    rec.update(
+        {
+            "ok": True,
+            "alive": s["alive"],
+            "window_s": round(win, 2),
+            "connected": g["connected"],
+            "pings": g["pings"],
+            "pongs": pongs,
+            "missed": g["missed"],
+            "errors": g["errors_total"],
+            "error_kinds": {k: v for k, v in g["errors"].items() if v},
+            "cpu_us_per_ping": round(cpu / pongs * 1e6, 2) if pongs else None,
+            "cpu_pct": round(100.0 * cpu / win, 1) if win > 0 else None,
+            "cpu_ticks_us_per_ping": round((s["tick1"] - s["tick0"]) / pongs * 1e6, 2) if pongs else None,
+            "rss_idle_kb": rss_idle // 1024,
+            "rss_peak_kb": s["hwm"] // 1024,
+            "rss_per_conn_b": round((s["hwm"] - rss_idle) / n) if n else None,
+            "threads": s["threads_max"],
+            "rtt_ms": _pick(g["rtt_ms"]),
+            "connect_ms": _pick(g["connect_ms"]),
+            "detect_ms": _pick(g["silent"]["detect_ms"], ("n", "p50", "p99", "max")),
+            "silenced": g["silent"]["silenced"],
+            "undetected": g["silent"]["undetected"],
+            "timeout_s": m.timeout,
+            "gen_procs": g["procs"],
+            "gen_cpu_pct": g["gen_cpu_pct"],
+            "gen_cpu_max_proc_pct": g["gen_cpu_max_proc_pct"],
+            "gen_lag_p99_ms": g["lag_ms"]["p99"],
+            "pinned": {"server": sorted(scpu) if scpu else None, "gen": sorted(gcpu) if gcpu else None},
+        }
+    )
     return rec
 
 
-def run_closed(name: str, workers: int, m: Mode, tmp: Path) -> dict[str, Any]:
+def run_closed(name: str, workers: int, depth: int, m: Mode, tmp: Path) -> dict[str, Any]:
     """Throughput with every conn pinging as soon as its pong returns; no CPU pinning."""
-    rec: dict[str, Any] = {"kind": "closed", "mode": m.name, "server": name, "workers": workers,
-                           "n": m.closed_conns}
+    rec: dict[str, Any] = {
+        "kind": "closed",
+        "mode": m.name,
+        "server": name,
+        "workers": workers,
+        "depth": depth,
+        "n": m.closed_conns,
+        "wire": m.wire,
+    }
     try:
         # hbd gets the key only for K > 1: its default is one loop, and a core without the option runs
         w = workers if (name == "floor" or workers > 1) else None
@@ -144,8 +208,8 @@ def run_closed(name: str, workers: int, m: Mode, tmp: Path) -> dict[str, Any]:
         start_at = time.monotonic() + m.lead
         rate = 10000.0
         sch = make_schedule(start_at, m.closed_conns, rate, m.settle, m.closed_duration, 0.0, GRACE)
-        cmd = gen_command(srv.port, m.closed_conns, 2, "closed", start_at, m, m.closed_duration, 0.0, 0.0,
-                          None, rate)
+        cmd = gen_command(srv.port, m.closed_conns, 2, "closed", start_at, m, m.closed_duration, 0.0, 0.0, None, rate)
+        cmd += ["--depth", str(depth)]
         s = drive(srv, cmd, start_at, sch.ss, sch.se, sch.hard_end)
     finally:
         srv.stop()
@@ -154,12 +218,21 @@ def run_closed(name: str, workers: int, m: Mode, tmp: Path) -> dict[str, Any]:
         return {**rec, "ok": False, "error": f"load generator failed: {s.get('gen_error')}"}
     win = s["t1"] - s["t0"]
     cpu = s["cpu1"] - s["cpu0"]
-    rec.update({
-        "ok": True, "window_s": round(win, 2), "throughput": g["throughput"], "errors": g["errors_total"],
-        "missed": g["missed"], "server_cpu_pct": round(100.0 * cpu / win, 1),
-        "cpu_us_per_ping": round(cpu / g["pongs"] * 1e6, 2) if g["pongs"] else None,
-        "rtt_ms": _pick(g["rtt_ms"]), "gen_procs": g["procs"], "gen_cpu_pct": g["gen_cpu_pct"],
-    })
+    rec.update(
+        {
+            "ok": True,
+            "window_s": round(win, 2),
+            "throughput": g["throughput"],
+            "errors": g["errors_total"],
+            "missed": g["missed"],
+            "server_cpu_pct": round(100.0 * cpu / win, 1),
+            "pongs_per_server_cpu_s": round(g["pongs"] / cpu) if cpu > 0 else None,
+            "cpu_us_per_ping": round(cpu / g["pongs"] * 1e6, 2) if g["pongs"] else None,
+            "rtt_ms": _pick(g["rtt_ms"]),
+            "gen_procs": g["procs"],
+            "gen_cpu_pct": g["gen_cpu_pct"],
+        }
+    )
     return rec
 
 
@@ -183,9 +256,15 @@ def run_client_idle(m: Mode, tmp: Path) -> dict[str, Any]:
             cli.stop()
     finally:
         floor.stop()
-    return {**rec, "ok": alive, "connected": connected, "seconds": round(t1 - t0, 1),
-            "cpu_pct": round(100.0 * (c1 - c0) / (t1 - t0), 4), "rss_kb": st.get("VmRSS", 0) // 1024,
-            "rss_peak_kb": st.get("VmHWM", 0) // 1024}
+    return {
+        **rec,
+        "ok": alive,
+        "connected": connected,
+        "seconds": round(t1 - t0, 1),
+        "cpu_pct": round(100.0 * (c1 - c0) / (t1 - t0), 4),
+        "rss_kb": st.get("VmRSS", 0) // 1024,
+        "rss_peak_kb": st.get("VmHWM", 0) // 1024,
+    }
 
 
 def _established_to(port: int) -> int:

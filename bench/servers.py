@@ -46,15 +46,20 @@ def hbd_server_yaml(port: int, timeout: float, log_file: Path, workers: int | No
 
 
 def hbd_client_yaml(port: int, interval: float, log_file: Path) -> str:
-    return "\n".join([
-        "host: 127.0.0.1",
-        f"port: {port}",
-        f"heartbeat_interval: {interval}",
-        f"pong_timeout: {interval * 3}",
-        "wire: line",
-        f"log_file: {log_file}",
-        "log_level: info",
-    ]) + "\n"
+    return (
+        "\n".join(
+            [
+                "host: 127.0.0.1",
+                f"port: {port}",
+                f"heartbeat_interval: {interval}",
+                f"pong_timeout: {interval * 3}",
+                "wire: line",
+                f"log_file: {log_file}",
+                "log_level: info",
+            ]
+        )
+        + "\n"
+    )
 
 
 @dataclass
@@ -102,8 +107,9 @@ def _preexec(cpus: set[int] | None) -> None:
         os.sched_setaffinity(0, cpus)
 
 
-def command(name: str, port: int, tmp: Path, timeout: float, workers: int | None,
-            max_clients: int = 100_000) -> list[str]:
+def command(
+    name: str, port: int, tmp: Path, timeout: float, workers: int | None, max_clients: int = 100_000
+) -> list[str]:
     if name == "floor":
         return [PYTHON, "-m", "bench.floor_server", "--port", str(port), "--workers", str(workers or 1)]
     if name == "thread":
@@ -115,8 +121,15 @@ def command(name: str, port: int, tmp: Path, timeout: float, workers: int | None
     raise ValueError(f"unknown server {name!r}")
 
 
-def start(name: str, tmp: Path, *, timeout: float, workers: int | None = None,
-          cpus: set[int] | None = None, client_of: int | None = None) -> Running:
+def start(
+    name: str,
+    tmp: Path,
+    *,
+    timeout: float,
+    workers: int | None = None,
+    cpus: set[int] | None = None,
+    client_of: int | None = None,
+) -> Running:
     """Start a server (or, with client_of=PORT, an hbd client of that port) and wait until it is up."""
     port = free_port()
     if client_of is not None:
@@ -129,8 +142,15 @@ def start(name: str, tmp: Path, *, timeout: float, workers: int | None = None,
     out = tmp / f"{name}-{port}.out"
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"}
     with open(out, "wb") as f:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=f,
-                                stderr=subprocess.STDOUT, preexec_fn=lambda: _preexec(cpus))
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            preexec_fn=lambda: _preexec(cpus),
+        )
     srv = Running(name, proc, port, out)
     if client_of is None and not wait_ready(srv):
         srv.stop()

@@ -22,5 +22,11 @@ def summary(vals: Iterable[float], scale: float = 1.0, nd: int = 3) -> dict[str,
     def r(x: float | None) -> float | None:
         return None if x is None else round(x * scale, nd)
 
-    return {"n": len(v), "p50": r(pct(v, 50)), "p90": r(pct(v, 90)), "p99": r(pct(v, 99)),
-            "max": r(v[-1]), "mean": r(sum(v) / len(v))}
+    return {
+        "n": len(v),
+        "p50": r(pct(v, 50)),
+        "p90": r(pct(v, 90)),
+        "p99": r(pct(v, 99)),
+        "max": r(v[-1]),
+        "mean": r(sum(v) / len(v)),
+    }
