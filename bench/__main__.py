@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = a.out or (RESULTS if m.name == "full" else RESULTS / "tmp")
     stem = a.name or m.name
     out_dir.mkdir(parents=True, exist_ok=True)
-    jsonl, png = out_dir / f"{stem}.jsonl", out_dir / f"{stem}.png"
+    jsonl, png, md = out_dir / f"{stem}.jsonl", out_dir / f"{stem}.png", out_dir / f"{stem}.md"
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(jsonl, "w") as f:
         for r in recs:
             f.write(json.dumps(r) + "\n")
+    md.write_text(report.markdown(recs))
     print()
     print(report.table(recs))
     title = (
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Linux {mach['kernel']}, Python {mach['python']}; server pinned to 1 core"
     )
     drew = plot.plot(recs, png, title)
-    print(f"\nwrote {jsonl}" + (f" and {png}" if drew else " (no plot: python3-matplotlib missing)"))
+    print(f"\nwrote {jsonl}, {md}" + (f" and {png}" if drew else " (no plot: python3-matplotlib missing)"))
     print(f"wall time {mach['wall_s']:.0f} s")
     return 0
 

@@ -42,6 +42,7 @@ from bench.stats import summary
 
 mono = time.monotonic
 CONNECTING, OPEN, CLOSED = 0, 1, 2
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 NSLOTS = 100  # ping phases per interval: a slot list is cheaper than a per-ping heap entry
 ERRORS = (
     "refused",
@@ -127,6 +128,9 @@ def worker(a: argparse.Namespace, sch: Schedule, n: int, wid: int) -> dict[str, 
     pong = b"pong\n" if a.wire == "line" else b"pong"
     plen = len(pong)
     addr = loopback_addr(a.host, a.port)
+    # Our own source address per worker: a run's 19000 ports in TIME_WAIT would otherwise crowd
+    # the next run (same port range, 28k ports) and slow its connect()s down.
+    src = loopback_addr(f"{a.src_net}.{wid + 1}", 0)[0] if a.src_net else None
     rate = a.rate / a.procs
     ep = select.epoll()
     conns: dict[int, Conn] = {}
@@ -261,6 +265,9 @@ def worker(a: argparse.Namespace, sch: Schedule, n: int, wid: int) -> dict[str, 
                 E["fd_exhausted" if e.errno in (errno.EMFILE, errno.ENFILE) else "connect_error"] += 1
                 continue
             s.setblocking(False)
+            if src is not None:
+                s.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)  # port chosen at connect()
+                s.bind((src, 0))
             c = Conn(s, mono())
             if idx in silent_idx:
                 to_silence.append(c)
@@ -522,6 +529,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--cpus", type=lambda s: {int(x) for x in s.split(",")}, default=None, help="pin workers to these CPUs, e.g. 1"
     )
+    ap.add_argument("--src-net", default=None, help="bind worker i to source address SRC_NET.(i+1), e.g. 127.1.7")
     ap.add_argument("--seed", type=int, default=1)
     return ap
 

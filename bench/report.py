@@ -242,3 +242,59 @@ def table(recs: list[Rec]) -> str:
             verdict = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
             lines.append(f"  {verdict:>6}  {t['name']:<24} {t['limit']:<34} {t['at']:<24} {t['value']!s}")
     return "\n".join(lines)
+
+
+def markdown(recs: list[Rec]) -> str:
+    """The open-loop, closed-loop and target tables as Markdown, for docs/performance.md."""
+    mach = next((r for r in recs if r.get("kind") == "machine"), {})
+    out = [
+        f"Run {mach.get('date', '?')} at commit {mach.get('commit', '?')}: {mach.get('nproc')} x "
+        f"{mach.get('cpu_model')}, {mach.get('mem_gb')} GB, Linux {mach.get('kernel')}, "
+        f"Python {mach.get('python')}; fd limit {mach.get('nofile')}.",
+        "",
+        "| server | N | CPU µs/ping | x floor | CPU % | RSS B/conn | x floor | threads | RTT p50/p99/max ms "
+        "| connect p99 ms | errors | missed | detect p99 ms | generator CPU % |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in recs:
+        if r.get("kind") != "open":
+            continue
+        if not r.get("ok"):
+            out.append(f"| {r['server']} | {r['n']} | {r.get('error', 'failed')} |" + " |" * 11)
+            continue
+        rtt = r["rtt_ms"]
+        out.append(
+            f"| {r['server']} | {r['n']} | {_f(r['cpu_us_per_ping'], 2)} | {_f(r.get('cpu_x_floor'), 2)} "
+            f"| {_f(r['cpu_pct'])} | {r['rss_per_conn_b']} | {_f(r.get('rss_x_floor'), 2)} | {r['threads']} "
+            f"| {_f(rtt['p50'], 2)} / {_f(rtt['p99'], 2)} / {_f(rtt['max'], 1)} | {_f(r['connect_ms']['p99'], 2)} "
+            f"| {r['errors']} | {r['missed']} | {_f(r['detect_ms']['p99'], 0)} | {_f(r['gen_cpu_pct'])} |"
+        )
+    closed = [r for r in recs if r.get("kind") == "closed"]
+    if closed:
+        out += [
+            "",
+            "| closed loop | workers | conns | pongs/s | server CPU % | pongs per server CPU-s | generator CPU % |",
+            "|---|--:|--:|--:|--:|--:|--:|",
+        ]
+        for r in closed:
+            if r.get("ok"):
+                out.append(
+                    f"| {r['server']} | {r['workers']} | {r['n']} | {r['throughput']:.0f} | {r['server_cpu_pct']} "
+                    f"| {r.get('pongs_per_server_cpu_s')} | {r['gen_cpu_pct']} |"
+                )
+            else:
+                out.append(f"| {r['server']} | {r['workers']} | {r.get('error', 'failed')} | | | | |")
+    cl = next((r for r in recs if r.get("kind") == "client_idle" and r.get("ok")), None)
+    if cl:
+        out += [
+            "",
+            f"hbd client idle, heartbeat_interval 1 s, {cl['seconds']} s: {cl['cpu_pct']:.3f} % of one "
+            f"core, RSS {cl['rss_kb'] / 1024:.1f} MB.",
+        ]
+    tg = [r for r in recs if r.get("kind") == "target"]
+    if tg:
+        out += ["", "| target | limit | measured | where | verdict |", "|---|---|---|---|---|"]
+        for t in tg:
+            verdict = {True: "met", False: "**missed**", None: "n/a"}[t["met"]]
+            out.append(f"| {t['name']} | {t['limit']} | {t['value']} | {t['at']} | {verdict} |")
+    return "\n".join(out) + "\n"

@@ -7,6 +7,7 @@ the server's CPU time is its own and "19000 clients on one core" is literal. Clo
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -20,6 +21,15 @@ from bench.loadgen import make_schedule
 from bench.modes import Mode
 
 GRACE = 2.0  # s to wait for outstanding pongs at the end; also the generator's miss deadline
+
+
+_runs = itertools.count()
+
+
+def next_src_net() -> str:
+    """A fresh 127.x.y network (loopback) per generator run, so no run inherits another's TIME_WAITs."""
+    i = next(_runs) + (os.getpid() % 50) * 1000
+    return f"127.{1 + i // 250 % 250}.{1 + i % 250}"
 
 
 def cpu_split() -> tuple[set[int] | None, set[int] | None]:
@@ -83,6 +93,7 @@ def gen_command(
     ]
     if cpus:
         cmd += ["--cpus", ",".join(map(str, sorted(cpus)))]
+    cmd += ["--src-net", next_src_net()]
     return cmd
 
 
