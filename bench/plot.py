@@ -29,6 +29,13 @@ def plot(recs: list[dict[str, Any]], path: Path, title: str) -> bool:
         ns = [r["n"] for r in rs]
         ax1.plot(ns, [r["cpu_us_per_ping"] for r in rs], "o-", label=name, color=COLORS.get(name))
         ax2.plot(ns, [r["rss_per_conn_b"] for r in rs], "o-", label=name, color=COLORS.get(name))
+        for r in rs:  # a run that dropped clients is a failure, whatever it cost: mark it
+            if r["errors"] > 0.01 * r["n"]:
+                for ax, y in ((ax1, r["cpu_us_per_ping"]), (ax2, r["rss_per_conn_b"])):
+                    ax.plot([r["n"]], [y], "x", ms=12, mew=2, color="black")
+                    ax.annotate(
+                        f"{r['errors']} errors", (r["n"], y), textcoords="offset points", xytext=(-20, -16), fontsize=7
+                    )
     ax1.set(
         xscale="log",
         xlabel="concurrent clients N (1 ping/s each)",
@@ -53,3 +60,23 @@ def plot(recs: list[dict[str, Any]], path: Path, title: str) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def main() -> None:
+    """Redraw a plot from a results file: python3 -m bench.plot bench/results/full.jsonl"""
+    import json
+    import sys
+
+    src = Path(sys.argv[1])
+    recs = [json.loads(line) for line in src.read_text().splitlines() if line.strip()]
+    mach = next((r for r in recs if r.get("kind") == "machine"), {})
+    title = (
+        f"hbd bench ({src.stem}) {mach.get('date')}: {mach.get('nproc')} x {mach.get('cpu_model')}, "
+        f"Linux {mach.get('kernel')}, Python {mach.get('python')}; server pinned to 1 core"
+    )
+    if not plot(recs, src.with_suffix(".png"), title):
+        sys.exit("matplotlib missing: apt-get install python3-matplotlib")
+
+
+if __name__ == "__main__":
+    main()
