@@ -132,8 +132,10 @@ def targets(recs: list[Rec]) -> list[Rec]:
                 "gen_cpu_pct": [c1["gen_cpu_pct"], c2["gen_cpu_pct"]],
                 "server_cpu_pct": [c1["server_cpu_pct"], c2["server_cpu_pct"]],
             }
-            name = "workers2_vs_1" if srv == "hbd" else "floor_workers2_vs_1 (ceiling)"
-            add(name, val, ">= 1.7x", None if x is None else x >= 1.7, "closed loop, measured")
+            if srv == "hbd":
+                add("workers2_vs_1", val, ">= 1.7x", None if x is None else x >= 1.7, "closed loop, measured")
+            else:  # not a target: what this machine and generator can show at all
+                add("floor_workers2_vs_1", val, "reference ceiling", None, "closed loop, measured")
         elif srv == "hbd":
             add("workers2_vs_1", None, ">= 1.7x", None, "not measured")
     cl = next((r for r in recs if r.get("kind") == "client_idle"), None)
@@ -298,3 +300,23 @@ def markdown(recs: list[Rec]) -> str:
             verdict = {True: "met", False: "**missed**", None: "n/a"}[t["met"]]
             out.append(f"| {t['name']} | {t['limit']} | {t['value']} | {t['at']} | {verdict} |")
     return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    """Re-render a results file's targets and Markdown: python3 -m bench.report bench/results/full.jsonl"""
+    import json
+    import sys
+    from pathlib import Path
+
+    src = Path(sys.argv[1])
+    recs = [json.loads(line) for line in src.read_text().splitlines() if line.strip()]
+    recs = [r for r in recs if r.get("kind") != "target"]
+    add_ratios(recs)
+    recs += targets(recs)
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    src.with_suffix(".md").write_text(markdown(recs))
+    print(table(recs))
+
+
+if __name__ == "__main__":
+    main()
