@@ -1,0 +1,25 @@
+# Performance benchmark (issue 5). Included by the top Makefile; also works alone:
+#   make -f mk/bench.mk bench | bench-quick
+# bench        full run (~15 min): N = 100..19000, writes bench/results/full.{jsonl,png} (committed)
+# bench-quick  CI-sized run (< 2 min): N = 100, 1000, writes bench/results/tmp/quick.{jsonl,png}
+# Both run on Debian's python3 and install what they miss with apt-get (root, or sudo):
+# python3-yaml for hbd itself, python3-matplotlib for the PNG (the run still works without it).
+
+BENCH_PY ?= /usr/bin/python3
+BENCH_APT := $(shell [ "$$(id -u)" = 0 ] || echo sudo) env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300
+BENCH_ARGS ?=
+
+.PHONY: bench bench-quick bench-deps
+
+bench-deps:
+	@$(BENCH_PY) -c 'import yaml, matplotlib' 2>/dev/null || { \
+	  echo "installing python3-yaml python3-matplotlib"; \
+	  $(BENCH_APT) update -q >/dev/null && \
+	  $(BENCH_APT) install -y -q --no-install-recommends python3-yaml python3-matplotlib >/dev/null \
+	  || echo "bench: could not install python3-matplotlib; the run will skip the PNG"; }
+
+bench: bench-deps
+	$(BENCH_PY) -m bench --mode full $(BENCH_ARGS)
+
+bench-quick: bench-deps
+	$(BENCH_PY) -m bench --mode quick $(BENCH_ARGS)

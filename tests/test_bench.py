@@ -1,0 +1,57 @@
+"""Smoke test of the benchmark harness (bench/) at tiny N, so the benchmark cannot silently rot.
+
+Runs the real runner in its 'smoke' mode: the floor, hbd and thread-per-client servers on
+127.0.0.1 with 20 clients for about a second each, plus one closed-loop run per server.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # bench/ is not an installed package
+
+from bench import __main__ as bench_main  # noqa: E402
+from bench.floor_server import reply  # noqa: E402
+from bench.loadgen import loopback_addr  # noqa: E402
+
+
+def test_floor_reply_framing() -> None:
+    assert reply(b"pingping") == (b"pongpong", b"")
+    assert reply(b"ping\nping\n") == (b"pong\npong\n", b"")
+    assert reply(b"ping\npi") == (b"pong\n", b"pi")
+    assert reply(b"xyz") == (b"", b"")
+
+
+def test_loadgen_refuses_non_loopback() -> None:
+    assert loopback_addr("127.0.0.1", 1) == ("127.0.0.1", 1)
+    with pytest.raises(SystemExit):
+        loopback_addr("192.0.2.1", 1)  # TEST-NET: rejected before any packet is sent
+
+
+def test_runner_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench_main.main(["--mode", "smoke", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    recs = [json.loads(line) for line in (tmp_path / "smoke.jsonl").read_text().splitlines()]
+    kinds = {r["kind"] for r in recs}
+    assert {"machine", "open", "closed", "target"} <= kinds
+    opened = {r["server"]: r for r in recs if r["kind"] == "open"}
+    assert set(opened) == {"floor", "hbd", "thread"}
+    for name, r in opened.items():
+        assert r["ok"], r
+        assert r["connected"] == 20 and r["pongs"] > 0, r
+        assert r["errors"] == 0 and r["missed"] == 0, r
+        assert r["cpu_us_per_ping"] > 0 and r["threads"] >= 1
+        if name != "floor":  # the silent quarter is closed by the server, within timeout + checker slack
+            assert r["silenced"] == 5 and r["undetected"] == 0, r
+            assert r["detect_ms"]["p99"] < 1000 * (r["timeout_s"] + 1.1)
+    assert opened["hbd"]["cpu_x_floor"] is not None
+    assert opened["thread"]["threads"] >= 20  # one per client
+    for r in recs:
+        if r["kind"] == "closed":
+            assert r["ok"] and r["throughput"] > 0 and r["errors"] == 0, r
+    assert "targets:" in out and "us/ping" in out
