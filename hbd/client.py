@@ -212,11 +212,14 @@ class Link:
         if was_late and not proto.late:
             log.info("%s answers again (pong after %.3f s)", self.target.label, max(rtts),
                      extra=fields(peer=self.target.peer, peer_address=self.address, event="back"))
+        level = self.client.pong_level
+        logged = log.isEnabledFor(level)  # else skip building the fields of a line nobody sees
         for rtt in rtts:
             self.stats.pong(rtt, now)
-            log.log(self.client.pong_level, "pong from %s in %.1f ms", self.target.label, rtt * 1000,
-                    extra=fields(peer=self.target.peer, peer_address=self.address, event="pong",
-                                 rtt_ms=f"{rtt * 1000:.3f}"))
+            if logged:
+                log.log(level, "pong from %s in %.1f ms", self.target.label, rtt * 1000,
+                        extra=fields(peer=self.target.peer, peer_address=self.address, event="pong",
+                                     rtt_ms=f"{rtt * 1000:.3f}"))
         if rtts and self.health != "up" and not proto.late:
             self._set_health("up", "pong", rtt_ms=f"{rtts[-1] * 1000:.3f}")
         if rtts and not self.healthy:

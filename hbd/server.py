@@ -376,8 +376,8 @@ class Server(Daemon):
             # Last look before a verdict: pings may be waiting in our buffer if this very turn of
             # the loop was delayed (we were stopped or starved between select() and now).
             conn.on_read()
-            if conn.sock.fileno() not in self.conns or self.conns[conn.sock.fileno()] is not conn:
-                return
+            if self.conns.get(conn.sock.fileno()) is not conn:
+                return  # that read found the end of the connection
             now = self.clock()
         if peer.last_heard < self._stall_end and now - peer.last_heard > peer.timeout / 2:
             # We were stalled ourselves (SIGSTOP, starvation): we may simply not have looked.
