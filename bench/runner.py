@@ -156,11 +156,9 @@ def run_open(name: str, n: int, m: Mode, tmp: Path) -> dict[str, Any]:
         s = drive(srv, cmd, start_at, sch.ss, sch.se, sch.hard_end)
     finally:
         srv.stop()
-    g = s.get("gen")
+    g, win, cpu = _window(s)
     if g is None:
         return {**rec, "ok": False, "error": f"load generator failed: {s.get('gen_error')}"}
-    cpu = s["cpu1"] - s["cpu0"]
-    win = s["t1"] - s["t0"]
     pongs = g["pongs"]
     rss_idle = idle.get("VmRSS", 0)
     rec.update(
@@ -197,6 +195,14 @@ def run_open(name: str, n: int, m: Mode, tmp: Path) -> dict[str, Any]:
     return rec
 
 
+def _window(s: dict[str, Any]) -> tuple[dict[str, Any] | None, float, float]:
+    """The generator's result (None if it failed), the measurement window and the server CPU in it."""
+    g = s.get("gen")
+    if g is None:
+        return None, 0.0, 0.0
+    return g, s["t1"] - s["t0"], s["cpu1"] - s["cpu0"]
+
+
 def run_closed(name: str, workers: int, depth: int, m: Mode, tmp: Path) -> dict[str, Any]:
     """Throughput with every conn pinging as soon as its pong returns; no CPU pinning."""
     rec: dict[str, Any] = {
@@ -224,11 +230,9 @@ def run_closed(name: str, workers: int, depth: int, m: Mode, tmp: Path) -> dict[
         s = drive(srv, cmd, start_at, sch.ss, sch.se, sch.hard_end)
     finally:
         srv.stop()
-    g = s.get("gen")
+    g, win, cpu = _window(s)
     if g is None:
         return {**rec, "ok": False, "error": f"load generator failed: {s.get('gen_error')}"}
-    win = s["t1"] - s["t0"]
-    cpu = s["cpu1"] - s["cpu0"]
     rec.update(
         {
             "ok": True,
