@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import sys
@@ -14,7 +15,9 @@ from hbd.config import (
     DEFAULT_CLIENT_SOCKET,
     DEFAULT_SERVER_CONFIG,
     DEFAULT_SERVER_SOCKET,
+    ClientConfig,
     ConfigError,
+    ServerConfig,
     load_client_config,
     load_server_config,
 )
@@ -69,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "status":
         return status(args)
+    if args.command in ("server", "client"):
+        _enable_faulthandler()
     role = args.role if args.command == "check-config" else args.command
     path = args.config or DEFAULTS[role]
     overrides = {k: v for k in ("host", "port", "log_file", "control_socket")
@@ -76,9 +81,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = LOADERS[role](path, overrides)
     except ConfigError as exc:
-        for line in exc.errors:
-            print(f"hbd: error: {line}", file=sys.stderr)
-        return 1
+        if args.command == "check-config":
+            for line in exc.errors:
+                print(f"hbd: error: {line}", file=sys.stderr)
+            return 1
+        from hbd.daemon import EXIT_CONFIG
+        from hbd.logs import report_start_errors
+
+        report_start_errors(f"hbd-{role}", exc.errors, _start_log_file(role, path, overrides))
+        return EXIT_CONFIG  # permanent: the units do not restart on it
     if args.command == "check-config":
         print(f"{path}: OK")
         return 0
@@ -89,6 +100,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         from hbd.client import Client as Daemon  # type: ignore[assignment]
     return Daemon(config, overrides=overrides).run()
+
+
+def _enable_faulthandler() -> None:
+    """A fatal signal (the watchdog's SIGABRT, SIGSEGV...) dumps every thread's Python stack to stderr,
+    which is the journal under systemd: a hung loop shows where it hung."""
+    try:
+        faulthandler.enable(file=sys.stderr, all_threads=True)
+    except (AttributeError, ValueError, OSError):  # stderr is not a real file (tests capture it)
+        pass
+
+
+def _start_log_file(role: str, path: str, overrides: dict) -> str | None:
+    """Where an invalid configuration is reported: --log-file, else the file's own log_file if that much
+    of it reads, else the default."""
+    if "log_file" in overrides:
+        return overrides["log_file"] or None
+    default = (ServerConfig if role == "server" else ClientConfig).log_file
+    try:
+        import yaml
+
+        with open(path, encoding="utf-8") as f:
+            doc = yaml.safe_load(f.read(1 << 20))
+    except (OSError, ValueError, yaml.YAMLError):
+        return default
+    value = doc.get("log_file", default) if isinstance(doc, dict) else default
+    if value is None:
+        return None  # log_file: null
+    return value if isinstance(value, str) and value else default
 
 
 def status(args: argparse.Namespace) -> int:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from hbd import tls
 from hbd.backoff import Backoff
 from hbd.config import ClientConfig, load_client_config
-from hbd.daemon import Daemon, StartError
+from hbd.daemon import EXIT_GAVE_UP, Daemon, StartError
 from hbd.logs import fields, log
 from hbd.loop import EventLoop, Timer
 from hbd.metrics import LinkStats
@@ -91,6 +91,8 @@ class Link:
         self.stats = LinkStats()
         self.health: str | None = None  # up, late or down as reported to hooks; None until known
         self.health_since = self.loop.time()
+        self.down_reason: str | None = None  # why the last attempt failed or the link was lost (STATUS=)
+        self.retry_at: float | None = None  # when the next attempt is due
 
     @property
     def address(self) -> str:
@@ -165,6 +167,7 @@ class Link:
         now = self.loop.time()
         self.state = self.UP
         self.up_since = now
+        self.down_reason = None
         self.healthy = False
         self.proto = ClientLink(now, self.cfg.heartbeat_interval, self.cfg.pong_timeout, self.cfg.wire == "line")
         self.loop.add_reader(self.sock, self._on_read)
@@ -177,6 +180,7 @@ class Link:
     def _failed(self, reason: str) -> None:
         """A connection attempt did not work out."""
         self._teardown()
+        self.down_reason = reason
         self.client.log_link(self, logging.WARNING, reason, event="connect-failed")
         self._set_health("down", reason)
         self._schedule_retry()
@@ -277,6 +281,7 @@ class Link:
         """A link that was up went down."""
         was = self.target.label
         self._teardown()
+        self.down_reason = reason
         self.client.log_link(self, logging.WARNING, f"link to {was} lost: {reason}", event="down")
         self._set_health("down", reason)
         self._schedule_retry()
@@ -307,6 +312,7 @@ class Link:
         self.retries += 1
         delay = self.backoff.next_delay()
         self.state = self.WAITING
+        self.retry_at = self.loop.time() + delay
         log.info("reconnecting to %s in %.2f s (attempt %d%s)", self.target.label, delay, self.retries,
                  f" of {limit}" if limit else "",
                  extra=fields(peer=self.target.peer, peer_address=self.address, event="retry"))
@@ -340,9 +346,18 @@ class Link:
             self._set_timer(self.proto.next_deadline(), self._tick)
 
     def status(self) -> str:
-        if self.state == self.UP and self.proto is not None and self.proto.rtt_last is not None:
-            return f"{self.target.label} up, rtt {self.proto.rtt_last * 1000:.1f} ms"
-        return f"{self.target.label} {self.state}"
+        """This link in the STATUS= line: up with its RTT, or DOWN with why and what happens next."""
+        if self.state == self.UP:
+            if self.proto is not None and self.proto.rtt_last is not None:
+                return f"{self.target.label} up, rtt {self.proto.rtt_last * 1000:.1f} ms"
+            return f"{self.target.label} up"
+        if self.down_reason is None:
+            return f"{self.target.label} {self.state}"  # the first attempt, still under way
+        if self.state == self.WAITING and self.retry_at is not None:
+            nxt = f"retry in {max(self.retry_at - self.loop.time(), 0.0):.1f} s"
+        else:
+            nxt = self.state  # connecting, gave up
+        return f"{self.target.label} DOWN ({_short(self.down_reason)}), {nxt}"
 
 
 class Client(Daemon):
@@ -434,8 +449,16 @@ class Client(Daemon):
 
     def link_gave_up(self, link: Link) -> None:
         if all(lk.state == Link.GAVE_UP for lk in self.links):
-            log.error("no server left to try; exiting")
-            self.stop(1)
+            log.error("no server left to try; exiting (status %d)", EXIT_GAVE_UP)
+            self.stop(EXIT_GAVE_UP)
+
+
+def _short(reason: str) -> str:
+    """"cannot connect: Connection refused" -> "connection refused", for the one-line status."""
+    reason = reason.removeprefix("cannot connect: ")
+    if len(reason) > 1 and reason[0].isupper() and reason[1].islower():
+        reason = reason[0].lower() + reason[1:]
+    return reason
 
 
 def _strerror(rc: int) -> str:

@@ -18,6 +18,9 @@ from hbd.notify import Notifier
 from hbd.ops import Ops
 
 STATUS_INTERVAL = 1.0
+# Exit statuses of permanent failures, which the units do not restart (RestartPreventExitStatus=).
+EXIT_CONFIG = 78  # EX_CONFIG (sysexits.h): the configuration is invalid
+EXIT_GAVE_UP = 79  # the client gave up on every server after reconnect_attempts
 
 
 class StartError(Exception):

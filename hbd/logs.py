@@ -7,7 +7,9 @@
   file stops being writable (disk full, directory removed) hbd keeps running, says so once, and
   tries to reopen the file later.
 
-Log calls attach journald fields with ``extra={"fields": {...}}`` (see ``fields()``).
+Log calls attach journald fields with ``extra={"fields": {...}}`` (see ``fields()``). In the journal
+each line names its real call site (CODE_FILE/CODE_LINE/CODE_FUNC), and hbd's own events carry a
+MESSAGE_ID that the shipped catalog (systemd/hbd.catalog) explains under ``journalctl -x``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,24 @@ DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 FILE_MAX_BYTES = 10 * 1024 * 1024
 FILE_BACKUPS = 5
 REOPEN_AFTER = 30.0  # seconds between attempts to reopen a log file that failed
+
+# EVENT -> MESSAGE_ID (fixed for good: the catalog and operators' filters use them).
+MESSAGE_ID_PEER_UP = "4bcc48b795fd4a5cbd2e1ae9a91c4fed"
+MESSAGE_ID_PEER_LATE = "99a25e5b634b475c82a4a103db35b8cf"
+MESSAGE_ID_PEER_DOWN = "09010e11864e480da4335f47854b5474"
+MESSAGE_ID_RELOAD_FAILED = "602b364036c342178d930a301717e81e"
+MESSAGE_ID_RELOADED = "174894cc30da44ca8d1f6302ceac85cc"
+MESSAGE_ID_GAVE_UP = "3daae44b5a194eda94414d284defef2a"
+MESSAGE_IDS = {
+    "up": MESSAGE_ID_PEER_UP,  # server: a late client pings again
+    "back": MESSAGE_ID_PEER_UP,  # client: a late server answers again
+    "late": MESSAGE_ID_PEER_LATE,
+    "dead": MESSAGE_ID_PEER_DOWN,  # server: a client timed out
+    "down": MESSAGE_ID_PEER_DOWN,  # client: a link was lost
+    "reload-failed": MESSAGE_ID_RELOAD_FAILED,
+    "reloaded": MESSAGE_ID_RELOADED,
+    "gave-up": MESSAGE_ID_GAVE_UP,
+}
 
 _SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
@@ -71,10 +91,18 @@ class JournalHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             extra = getattr(record, "fields", None) or {}
+            message_id = MESSAGE_IDS.get(extra.get("EVENT"))  # type: ignore[arg-type]
+            if message_id is not None:
+                extra = {"MESSAGE_ID": message_id, **extra}
+            # The record's call site: left to itself, send() would name this very line.
+            code = {"CODE_FILE": record.pathname, "CODE_LINE": record.lineno}
+            if record.funcName:
+                code["CODE_FUNC"] = record.funcName
             _journal.send(
                 self.format(record),
                 PRIORITY=str(_priority(record.levelno)),
                 SYSLOG_IDENTIFIER=self.identifier,
+                **code,
                 **{k: str(v) for k, v in extra.items()},
             )
         except Exception:
@@ -222,6 +250,31 @@ class Logging:
                 h.close()
             except (OSError, ValueError):  # stderr already gone: nothing left to flush to
                 pass
+
+
+def report_start_errors(identifier: str, lines: list[str], log_file: str | None) -> None:
+    """Errors from before the daemon's logging exists (an invalid configuration at start): on a
+    terminal ``hbd: error: ...`` lines as ever; under journald at priority err under the daemon's
+    identifier (not stdout's "hbd" at info); and in the log file when it can be opened."""
+    journald = under_journald()
+    if journald and _journal is not None:
+        for line in lines:
+            _journal.send(f"error: {line}", PRIORITY="3", SYSLOG_IDENTIFIER=identifier, EVENT="start-failed",
+                          CODE_FILE=__file__, CODE_FUNC="report_start_errors")
+    else:
+        prefix = "<3>" if journald else ""  # journald reads the priority from the prefix
+        for line in lines:
+            print(f"{prefix}hbd: error: {line}", file=sys.stderr)
+    if not log_file:
+        return
+    try:
+        with open(log_file, "a", encoding="utf-8") as f:  # only if it exists or can be created
+            now = time.time()
+            stamp = f"{time.strftime(DATE_FORMAT, time.localtime(now))}.{int(now % 1 * 1000):03d}"
+            for line in lines:
+                f.write(f"{stamp} {identifier} ERROR   {line}\n")
+    except OSError:
+        pass  # nowhere better to say it: the terminal/journal has it
 
 
 class PeerLogLimiter:

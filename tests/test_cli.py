@@ -44,9 +44,35 @@ def test_check_config_prints_every_error(tmp_path: Path) -> None:
 
 
 def test_missing_default_config_is_a_clear_error(tmp_path: Path) -> None:
-    r = run("server", "-c", str(tmp_path / "none.yaml"))
-    assert r.returncode == 1
+    r = run("server", "-c", str(tmp_path / "none.yaml"), "--log-file", "")
+    assert r.returncode == 78  # EX_CONFIG: permanent, the units do not restart on it
     assert "cannot read the file: No such file or directory" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_invalid_config_at_start_exits_78_and_reaches_the_log_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    log_file = tmp_path / "client.log"
+    bad.write_text(f"port: 0\nlog_file: {log_file}\n")
+    r = run("client", "-c", str(bad))
+    assert r.returncode == 78
+    assert r.stderr.startswith(f"hbd: error: {bad}: ") and "port" in r.stderr
+    text = log_file.read_text()  # the file named in the invalid config, since it could be opened
+    assert "hbd-client ERROR" in text and f"{bad}: " in text and "port" in text
+    r = run("client", "-c", str(bad), "--log-file", str(tmp_path / "other.log"))
+    assert r.returncode == 78 and "port" in (tmp_path / "other.log").read_text()
+
+
+def test_start_error_under_journald_is_priority_err_under_the_daemon_identifier(tmp_path, monkeypatch) -> None:
+    from hbd import logs
+
+    sent = []
+    monkeypatch.setattr(logs, "_journal", type("J", (), {"send": staticmethod(lambda m, **kw: sent.append((m, kw)))}))
+    monkeypatch.setattr(logs, "under_journald", lambda: True)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("port: 0\n")
+    assert main(["server", "-c", str(bad), "--log-file", ""]) == 78
+    assert sent and all(kw["PRIORITY"] == "3" and kw["SYSLOG_IDENTIFIER"] == "hbd-server" for _, kw in sent)
+    assert "port" in sent[0][0]
 
 
 def test_bad_usage_exits_2() -> None:

@@ -112,10 +112,10 @@ def test_client_reconnects_after_server_restart(tmp_path: Path, procs) -> None:
     cli.wait_for("pong from", after=mark)
 
 
-def test_reconnect_attempts_gives_up_with_exit_1(tmp_path: Path, procs) -> None:
+def test_reconnect_attempts_gives_up_with_exit_79(tmp_path: Path, procs) -> None:
     cli = start_client(tmp_path, free_port(), reconnect_attempts=2)
     procs.append(cli)
-    assert cli.proc.wait(10) == 1
+    assert cli.proc.wait(10) == 79
     out = cli.output()
     assert out.count("cannot connect: Connection refused") == 3  # the first try + 2 reconnects
     assert "ERROR   giving up on 127.0.0.1:" in out and "after 2 failed reconnect attempts" in out
@@ -136,7 +136,7 @@ def test_connect_timeout(tmp_path: Path, procs) -> None:
     try:
         cli = start_client(tmp_path, blocker.getsockname()[1], receive_timeout=0.3, reconnect_attempts=1)
         procs.append(cli)
-        assert cli.proc.wait(10) == 1
+        assert cli.proc.wait(10) == 79
         assert "connect timed out after 0.3 s" in cli.output()
     finally:
         for f in fillers:
@@ -200,9 +200,9 @@ def test_reload_adds_a_server_without_touching_the_others(tmp_path: Path, procs)
     b.wait_for("is web|connected")
 
 
-def test_exit_1_only_when_every_server_gave_up(tmp_path: Path, procs) -> None:
+def test_exit_79_only_when_every_server_gave_up(tmp_path: Path, procs) -> None:
     cli = start_client(tmp_path, free_port(), reconnect_attempts=1, servers=[
         {"host": "127.0.0.1", "port": free_port()}, {"host": "127.0.0.1", "port": free_port()}])
     procs.append(cli)
-    assert cli.proc.wait(10) == 1
+    assert cli.proc.wait(10) == 79
     assert cli.count("giving up on") == 2 and "no server left to try" in cli.output()

@@ -236,3 +236,15 @@ def test_server_stall_does_not_kill_pinging_clients(tmp_path: Path, procs) -> No
     assert srv.count("timed out") == 0
     for s in socks:
         s.close()
+
+
+def test_client_status_says_down_why_and_when_it_retries(tmp_path: Path, procs) -> None:
+    notify = NotifySocket(tmp_path)
+    port = free_port()  # nothing listens there
+    cli = start_client(tmp_path, port, reconnect_delay=3, reconnect_max_delay=3,
+                       env={"NOTIFY_SOCKET": notify.path})
+    procs.append(cli)
+    _, status = notify.wait_for(f"STATUS=127.0.0.1:{port} DOWN (connection refused), retry in ", timeout=5)
+    delay = float(status.split("retry in ")[1].split()[0])
+    assert 1.0 <= delay <= 3.0, status  # counts down from the 3 s backoff, refreshed every second
+    notify.close()

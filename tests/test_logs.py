@@ -58,6 +58,25 @@ def test_journald_gets_each_line_once_with_priority_and_fields(monkeypatch, caps
     assert "client timed out" in (tmp_path / "x.log").read_text()
 
 
+def test_journald_names_the_call_site_and_gives_events_a_message_id(monkeypatch, fresh) -> None:
+    fake = FakeJournal()
+    monkeypatch.setattr(logs, "_journal", fake)
+    lg = Logging("hbd-server", journald=True)
+    fresh.append(lg)
+    lg.configure("info", None)
+    line = sys._getframe().f_lineno + 1
+    log.warning("client x timed out", extra=fields(peer="10.0.0.1:5000", event="dead"))
+    log.info("client joined", extra=fields(event="connected"))
+    down, joined = fake.sent
+    assert (down["CODE_FILE"], down["CODE_LINE"]) == (__file__, line)  # not logs.py's emit()
+    assert down["CODE_FUNC"] == "test_journald_names_the_call_site_and_gives_events_a_message_id"
+    assert down["MESSAGE_ID"] == logs.MESSAGE_ID_PEER_DOWN and "MESSAGE_ID" not in joined
+    ids = set(logs.MESSAGE_IDS.values())
+    assert all(len(i) == 32 and int(i, 16) for i in ids)
+    catalog = (Path(__file__).resolve().parents[1] / "systemd" / "hbd.catalog").read_text()
+    assert all(f"-- {i}\n" in catalog for i in ids)  # every id is explained by the shipped catalog
+
+
 def test_journald_without_python_systemd_uses_priority_prefixes(monkeypatch, capsys, fresh) -> None:
     monkeypatch.setattr(logs, "_journal", None)
     lg = Logging("hbd-server", journald=True)
