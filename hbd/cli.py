@@ -6,6 +6,8 @@ import argparse
 import faulthandler
 import json
 import os
+import signal
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -60,6 +62,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the daemon's JSON document instead of a table")
     p.add_argument("--recent", type=int, default=10, metavar="N", help="show the last N state changes (default 10)")
     p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS", help="give up after this long")
+    p = sub.add_parser("reload", help="reload a running daemon and wait for its verdict",
+                       description="Ask a running daemon to reload its configuration through its status socket "
+                       "and wait for the answer: exit 0 when the new configuration is applied, 1 when it is "
+                       "rejected (the reasons go to stderr) or the daemon cannot be asked. Without a reachable "
+                       "socket and with --pid: validate the file here, send SIGHUP and exit 0/1 by that "
+                       "validation alone (the daemon's own verdict is then only in its log). The units' "
+                       "ExecReload= runs it.")
+    p.add_argument("role", nargs="?", choices=("server", "client"), default="server",
+                   help="which daemon (default server)")
+    p.add_argument("-s", "--socket", metavar="PATH", help="the status socket (default: control_socket of -c, "
+                   "else /run/hbd/ROLE.sock)")
+    p.add_argument("-c", "--config", metavar="FILE", help="the daemon's configuration file (default "
+                   "/etc/hbd/ROLE.yaml)")
+    p.add_argument("--pid", type=int, metavar="PID", help="the daemon's process (systemd: $MAINPID): the socket "
+                   "must belong to it, and without a socket it gets SIGHUP")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="give up waiting for the answer after this long (default 30)")
     return parser
 
 
@@ -72,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "status":
         return status(args)
+    if args.command == "reload":
+        return reload(args)
     if args.command in ("server", "client"):
         _enable_faulthandler()
     role = args.role if args.command == "check-config" else args.command
@@ -128,6 +149,93 @@ def _start_log_file(role: str, path: str, overrides: dict) -> str | None:
     if value is None:
         return None  # log_file: null
     return value if isinstance(value, str) and value else default
+
+
+def reload(args: argparse.Namespace) -> int:
+    """``hbd reload``: ask the daemon to reload over its status socket, wait for applied/rejected."""
+    from hbd.control import server_pid
+
+    path = args.config or DEFAULTS[args.role]
+    config, errors = None, []
+    if args.config or not args.socket or args.pid:  # for the socket's path, or to judge without a socket
+        try:
+            config = LOADERS[args.role](path)
+        except ConfigError as exc:
+            errors = exc.errors  # the daemon will reject it too; it still gets asked, so it logs the reason
+    if args.socket:
+        candidates = [args.socket]
+    else:
+        # The running daemon listens where the *current* config said; the new file may name another
+        # socket or not read at all: try its socket, then the default.
+        candidates = [c for c in (config.control_socket if config else None, DEFAULT_SOCKETS[args.role]) if c]
+        if config is not None and config.control_socket is None:
+            candidates = []  # control_socket: null: no socket to ask
+    problems, mismatched = [], False
+    for candidate in dict.fromkeys(candidates):
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(args.timeout)
+                s.connect(candidate)
+                pid = server_pid(s)
+                if args.pid and pid and pid != args.pid:
+                    problems.append(f"{candidate}: belongs to pid {pid}, not {args.pid}")
+                    mismatched = True
+                    continue
+                s.sendall(b"reload\n")
+                reply = _read_reply(s)
+        except OSError as exc:
+            if isinstance(exc, TimeoutError | socket.timeout):
+                print(f"hbd: error: {candidate}: no answer within {args.timeout:g} s; the reload may still "
+                      "be applied (see the daemon's log)", file=sys.stderr)
+                return 1
+            problems.append(f"{candidate}: {exc.strerror or exc}")
+            continue
+        try:
+            doc = json.loads(reply)
+        except ValueError:
+            print(f"hbd: error: {candidate}: no answer to the reload (the daemon stopped?)", file=sys.stderr)
+            return 1
+        if "error" in doc:
+            print(f"hbd: error: {candidate}: {doc['error']}", file=sys.stderr)
+            return 1
+        if doc.get("reload") == "ok":
+            print(f"hbd: {path}: reloaded")
+            return 0
+        for line in doc.get("errors") or ["rejected"]:
+            print(f"hbd: error: reload failed: {line}", file=sys.stderr)
+        print(f"hbd: error: still running with the previous configuration", file=sys.stderr)
+        return 1
+    if not args.pid or mismatched:  # a socket of another process: something is off, signal nobody
+        where = "; ".join(problems) or f"{path} sets no control_socket"
+        for line in errors:  # what the daemon would say, as far as this side can tell
+            print(f"hbd: error: {line}", file=sys.stderr)
+        print(f"hbd: error: cannot ask the daemon to reload: {where} (--pid PID sends SIGHUP instead)",
+              file=sys.stderr)
+        return 1
+    # No socket to ask: SIGHUP as `kill -HUP` would, judged by this validation alone.
+    try:
+        os.kill(args.pid, signal.SIGHUP)
+    except OSError as exc:
+        print(f"hbd: error: cannot signal pid {args.pid}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    if errors:
+        for line in errors:
+            print(f"hbd: error: reload failed: {line}", file=sys.stderr)
+        print("hbd: error: still running with the previous configuration", file=sys.stderr)
+        return 1
+    print(f"hbd: {path} is valid; sent SIGHUP to pid {args.pid} (no status socket: the daemon's verdict "
+          "is only in its log)", file=sys.stderr)
+    return 0
+
+
+def _read_reply(s: socket.socket, limit: int = 1 << 20) -> bytes:
+    data = b""
+    while not data.endswith(b"\n") and len(data) < limit:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 def status(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ import errno
 import os
 import socket
 import stat
+import struct
 from collections.abc import Callable, Iterator
 
 from hbd.logs import log
@@ -69,6 +70,7 @@ class RequestServer:
         self.max_request = max_request
         self.name = name
         self.conns: set[_Conn] = set()
+        self.peer_uid: int | None = None  # while the handler runs: the unix peer's uid (SO_PEERCRED)
         self._on_close = on_close
         sock.setblocking(False)
         loop.add_reader(sock, self._accept)
@@ -131,6 +133,7 @@ class RequestServer:
             conn.reply = iter([self.too_long])
             self.loop.add_writer(conn.sock, lambda: self._on_write(conn))
             return
+        self.peer_uid = _peer_uid(conn.sock)
         try:
             conn.reply = self.handler(request, lambda: self._wake(conn))
         except Exception:
@@ -200,6 +203,12 @@ class RequestServer:
             pass
         conn.sock.close()
 
+    def retire(self) -> None:
+        """Stop accepting (the socket is being replaced) but finish the requests under way: a reload
+        that moves the status socket still answers the ``hbd reload`` that asked for it."""
+        self.loop.forget(self.sock)
+        self.sock.close()
+
     def close(self) -> None:
         for conn in list(self.conns):
             self._close(conn)
@@ -207,6 +216,15 @@ class RequestServer:
         self.sock.close()
         if self._on_close is not None:
             self._on_close()
+
+
+def _peer_uid(sock: socket.socket) -> int | None:
+    if sock.family != socket.AF_UNIX:
+        return None
+    try:
+        return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
+    except OSError:
+        return None
 
 
 # -- binding --------------------------------------------------------------------------------------
@@ -285,7 +303,15 @@ def bind_tcp(host: str, port: int, backlog: int = 16) -> socket.socket:
     return sock
 
 
-# -- the client side (``hbd status``) ---------------------------------------------------------------
+# -- the client side (``hbd status``, ``hbd reload``) -------------------------------------------------
+def server_pid(sock: socket.socket) -> int:
+    """The pid of the process that listens on a connected unix socket (0 if unknown)."""
+    try:
+        return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+    except OSError:
+        return 0
+
+
 def query(path: str, command: str, timeout: float = 10.0, limit: int = 256 * 1024 * 1024) -> bytes:
     """Send one command to a control socket and return the whole reply (blocking: for the CLI)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:

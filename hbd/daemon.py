@@ -48,6 +48,9 @@ class Daemon:
         self.reloads_ok = 0
         self.reloads_failed = 0
         self.last_reload_error: str | None = None
+        self.last_reload_errors: list[str] = []
+        self._reload_waiters: list[Callable[[list[str]], None]] = []  # asked, not yet started
+        self._reload_running = False  # started; its verdict not yet known (workers still answering)
         self._stopping = False
         self.ops = Ops(self)  # status socket, metrics, on_change hooks
 
@@ -136,8 +139,10 @@ class Daemon:
             log.error("reload failed: still running with the previous configuration of %s", path)
             self.reloads_failed += 1
             self.last_reload_error = errors[0]
+            self.last_reload_errors = errors
             self._update_status()
             self.notifier.ready()
+            self.on_reloaded(errors)
             return False
         self.logs.commit(new.log_level, new.log_file, handler)
         commit()
@@ -145,10 +150,45 @@ class Daemon:
         self.config = new
         self.reloads_ok += 1
         self.last_reload_error = None
+        self.last_reload_errors = []
         log.info("reloaded %s", path, extra={"fields": {"EVENT": "reloaded"}})
         self._update_status()
         self.notifier.ready()
+        self.on_reloaded([])
         return True
+
+    def on_reloaded(self, errors: list[str]) -> None:
+        """After every reload, however asked for (a worker reports it to its supervisor)."""
+
+    # -- reload asked for over the control socket (``hbd reload``, the units' ExecReload=) ---------------
+    def request_reload(self, done: Callable[[list[str]], None]) -> None:
+        """Reload from the loop, then call ``done(errors)`` ([] = applied). Requests that arrive while
+        one is pending share the next reload, so a flood of them costs one reload at a time."""
+        self._reload_waiters.append(done)
+        if not self._reload_running and len(self._reload_waiters) == 1:
+            self.loop.call_later(0, self._run_requested_reload)
+
+    def _run_requested_reload(self) -> None:
+        waiters, self._reload_waiters = self._reload_waiters, []
+        if not waiters or self._stopping:
+            for done in waiters:
+                done(["the daemon is stopping"])
+            return
+        self._reload_running = True
+
+        def finished(errors: list[str]) -> None:
+            self._reload_running = False
+            for done in waiters:
+                done(errors)
+            if self._reload_waiters:  # asked again meanwhile: that needs a reload of its own
+                self.loop.call_later(0, self._run_requested_reload)
+
+        ok = self.reload()
+        self.reload_verdict(list(self.last_reload_errors) if not ok else [], finished)
+
+    def reload_verdict(self, errors: list[str], finished: Callable[[list[str]], None]) -> None:
+        """The answer for a requested reload; the supervisor overrides it to wait for its workers."""
+        finished(errors)
 
     def _pet_watchdog(self) -> None:
         # Petted from the loop itself, never a helper thread: a hung loop must starve the watchdog.

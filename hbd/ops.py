@@ -39,6 +39,7 @@ class Ops:
         self.started_wall = time.time()
         self.control_path: str | None = None
         self.control: RequestServer | None = None
+        self._retired: list[RequestServer] = []  # moved-away status sockets finishing their requests
         self._listener: UnixListener | None = None
         self.metrics_address: tuple[str, int] | None = None
         self.metrics: RequestServer | None = None
@@ -94,7 +95,7 @@ class Ops:
         def commit() -> None:
             self._pending = (None, None)
             if path != self.control_path:
-                self._close_control()
+                self._close_control(retire=True)
                 self._install_control(path, listener)
                 if listener is not None:
                     log.info("status socket is now %s", path)
@@ -158,7 +159,9 @@ class Ops:
         self.control_path = path
         self._listener = listener
         if listener is not None:
-            self.control = RequestServer(self.loop, listener.sock, self._handle, name="status socket")
+            server = RequestServer(self.loop, listener.sock,
+                                   lambda req, wake: self._handle(req, wake, server.peer_uid), name="status socket")
+            self.control = server
             log.info("status socket %s", path)
 
     def _install_metrics(self, address: tuple[str, int] | None, sock: Any) -> None:
@@ -172,9 +175,16 @@ class Ops:
             host, port = sock.getsockname()[:2]
             log.info("metrics on http://%s:%d/metrics", host, port)
 
-    def _close_control(self) -> None:
+    def _close_control(self, retire: bool = False) -> None:
+        for old in self._retired:
+            old.close()
+        self._retired = []
         if self.control is not None:
-            self.control.close()
+            if retire:
+                self.control.retire()  # e.g. the `hbd reload` that moved it still gets its answer
+                self._retired.append(self.control)
+            else:
+                self.control.close()
             self.control = None
         if self._listener is not None:
             self._listener.remove()
@@ -192,7 +202,7 @@ class Ops:
         )
 
     # -- requests ------------------------------------------------------------------------------------
-    def _handle(self, request: bytes, wake: Callable[[], None]) -> Reply:
+    def _handle(self, request: bytes, wake: Callable[[], None], uid: int | None = None) -> Reply:
         words = request.decode("ascii", "replace").split()
         command = words[0].lower() if words else ""
         if command == "status":
@@ -205,7 +215,30 @@ class Ops:
             return status.peers_fragment(self)
         if command == "metrics":
             return iter([metrics.collect(self).render()])
-        return iter([json.dumps({"error": f"unknown command {command!r}; try: status, metrics"}).encode() + b"\n"])
+        if command == "reload" and self._worker_index is None:
+            return self._reload_reply(wake, uid)
+        return iter([json.dumps({"error": f"unknown command {command!r}; try: status, metrics, reload"}).encode()
+                     + b"\n"])
+
+    def _reload_reply(self, wake: Callable[[], None], uid: int | None) -> Reply:
+        """``reload``: reload on the loop, answer once it is applied or rejected (JSON line)."""
+        if uid not in (0, os.geteuid()):
+            # Reading the status is for the socket's group; a reload only for root and the daemon's own
+            # user (the units' ExecReload= runs as it).
+            yield json.dumps({"error": "reload: permission denied (only root or the daemon's user)"}).encode() + b"\n"
+            return
+        verdict: list[list[str]] = []
+
+        def done(errors: list[str]) -> None:
+            verdict.append(errors)
+            wake()
+
+        self.daemon.request_reload(done)
+        while not verdict:
+            yield None  # the loop goes on; done() wakes this connection
+        errors = verdict[0]
+        doc = {"reload": "ok"} if not errors else {"reload": "failed", "errors": errors}
+        yield json.dumps(doc).encode() + b"\n"
 
     # -- events --------------------------------------------------------------------------------------
     def event(self, event: str, peer: str, address: str, *, name: str | None = None,

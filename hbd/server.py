@@ -174,6 +174,10 @@ class Server(Daemon):
         cfg = self.config
         return -(-cfg.max_clients // cfg.workers) if self.worker is not None else cfg.max_clients
 
+    def on_reloaded(self, errors: list[str]) -> None:
+        if self.worker is not None:  # the supervisor's answer to `hbd reload` waits for this
+            self.worker.send("H ok" if not errors else f"H failed {errors[0]}")
+
     def on_status_tick(self) -> None:
         if self.worker is not None:
             self.worker.send(f"S {len(self.conns)} {self.late}")

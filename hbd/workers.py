@@ -12,7 +12,9 @@ serves no clients; it owns what must exist once per service:
   writes them, so one process rotates the file.
 
 Worker -> supervisor pipe, one line per message: ``R`` ready, ``S <clients> <late>`` status,
-``M <json>`` counters for the metrics, ``L<levelno> <message>`` a log line for the file.
+``M <json>`` counters for the metrics, ``L<levelno> <message>`` a log line for the file,
+``H ok`` / ``H failed <reason>`` the outcome of a reload (the supervisor's ``hbd reload`` answer
+waits for every worker's, at most RELOAD_TIMEOUT).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ READY_TIMEOUT = 10.0  # a worker that does not listen within this is a start-up 
 HANG_AFTER = 10.0  # a worker silent this long (it reports every second) is killed and restarted
 RESTART_DELAY = 1.0
 STOP_TIMEOUT = 5.0
+RELOAD_TIMEOUT = 5.0  # how long a requested reload waits for the workers' outcomes
 
 
 class WorkerChannel:
@@ -66,7 +69,7 @@ class PipeLogHandler(logging.Handler):
 
 
 class Worker:
-    __slots__ = ("buf", "clients", "index", "last_seen", "late", "numbers", "pid", "ready", "rfd")
+    __slots__ = ("buf", "clients", "index", "last_seen", "late", "numbers", "pid", "ready", "reload", "rfd")
 
     def __init__(self, index: int, pid: int, rfd: int, now: float) -> None:
         self.index = index
@@ -78,6 +81,7 @@ class Worker:
         self.clients = 0
         self.late = 0
         self.numbers: dict = {}  # its latest counters, for the supervisor's metrics
+        self.reload: str | None = None  # its latest reload outcome ("ok" or the reason it failed)
 
 
 class Supervisor(Daemon):
@@ -87,6 +91,7 @@ class Supervisor(Daemon):
         super().__init__(config, **kwargs)  # type: ignore[arg-type]
         self.workers: dict[int, Worker] = {}  # by pid
         self._stopping_workers = False
+        self._hupped: set[int] = set()  # pids sent SIGHUP by the latest reload
 
     def load(self) -> ServerConfig:
         return load_server_config(self.config.path, self.overrides)
@@ -158,10 +163,13 @@ class Supervisor(Daemon):
 
         def commit() -> None:
             by_index = sorted(self.workers.values(), key=lambda w: w.index)
+            self._hupped = set()
             for w in by_index:
                 if w.index > new.workers:
                     _kill(w.pid, signal.SIGTERM)  # surplus: stops; _reap will not replace it
                 else:
+                    w.reload = None
+                    self._hupped.add(w.pid)
                     _kill(w.pid, signal.SIGHUP)
             running = {w.index for w in by_index}
             for index in range(1, new.workers + 1):
@@ -169,6 +177,28 @@ class Supervisor(Daemon):
                     self._spawn(index)
 
         return commit
+
+    def reload_verdict(self, errors: list[str], finished: Callable[[list[str]], None]) -> None:
+        """A valid file was passed on: the answer is the workers' (each validates it again, e.g. the
+        TLS files), collected from the pipe; a worker that dies or stays silent counts as a failure."""
+        if errors:
+            finished(errors)
+            return
+        deadline = self.loop.time() + RELOAD_TIMEOUT
+
+        def check() -> None:
+            pending = [pid for pid in self._hupped if pid in self.workers and self.workers[pid].reload is None]
+            gone = [pid for pid in self._hupped if pid not in self.workers]
+            if pending and self.loop.time() < deadline:
+                self.loop.call_later(0.02, check)
+                return
+            failed = [f"worker {w.index}: {w.reload}" for w in sorted(self.workers.values(), key=lambda w: w.index)
+                      if w.pid in self._hupped and w.reload not in (None, "ok")]
+            failed += [f"worker {self.workers[pid].index}: no answer within {RELOAD_TIMEOUT:g} s" for pid in pending]
+            failed += [f"a worker (pid {pid}) exited during the reload" for pid in gone]
+            finished(failed)
+
+        check()
 
     # -- the pipe ---------------------------------------------------------------------------------------
     def _on_pipe(self, w: Worker) -> bool:
@@ -194,6 +224,8 @@ class Supervisor(Daemon):
                 parts = line.split()
                 if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
                     w.clients, w.late = int(parts[1]), int(parts[2])
+            elif line.startswith("H "):
+                w.reload = "ok" if line == "H ok" else line.removeprefix("H failed ").strip() or "failed"
             elif line.startswith("M "):
                 try:
                     w.numbers = json.loads(line[2:])

@@ -246,5 +246,5 @@ def test_client_status_says_down_why_and_when_it_retries(tmp_path: Path, procs) 
     procs.append(cli)
     _, status = notify.wait_for(f"STATUS=127.0.0.1:{port} DOWN (connection refused), retry in ", timeout=5)
     delay = float(status.split("retry in ")[1].split()[0])
-    assert 1.0 <= delay <= 3.0, status  # counts down from the 3 s backoff, refreshed every second
+    assert 0.0 <= delay <= 3.0, status  # counts down from the (jittered) 3 s backoff, refreshed every second
     notify.close()
