@@ -7,6 +7,7 @@ the tests run in file order against one guest, and the last one purges the packa
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -96,15 +97,21 @@ def ensure_running(guest: sg.Guest, *units: str) -> None:
             guest.run("systemctl", "start", unit)
 
 
-def reload_server(guest: sg.Guest) -> list[dict]:
-    """systemctl reload (it returns after the daemon's RELOADING=1 ... READY=1), then the daemon's verdict."""
+def reload_server(guest: sg.Guest, ok: bool = True) -> list[dict]:
+    """systemctl reload (ExecReload=hbd reload: it returns after the daemon's verdict, and fails when the
+    file is rejected), then the daemon's verdict as logged."""
     cur = guest.cursor()
-    guest.run("systemctl", "reload", "hbd-server")
+    out = guest.run("systemctl", "reload", "hbd-server", check=False)
+    assert (out.returncode == 0) == ok, out.stdout + out.stderr
     done = re.compile(r"\breload(ed| failed)\b")
     return sg.wait_for(
         "the daemon's reload result in the journal",
         lambda: [e for e in daemon_entries(guest, "hbd-server", cur) if done.search(text_of(e))],
     )
+
+
+def status_json(guest: sg.Guest, role: str = "server") -> dict:
+    return json.loads(guest.run("hbd", "status", role, "--json").stdout)
 
 
 def server_config(guest: sg.Guest, **keys: object) -> None:
@@ -258,10 +265,14 @@ def test_reload_with_broken_yaml_keeps_old_config_and_logs_the_line(guest):
     guest.write(SERVER_YAML, "\n".join(lines) + "\n")
     cur = guest.cursor()
     try:
-        reload_server(guest)
+        reload_server(guest, ok=False)  # systemctl reload exits non-zero
         assert is_active(guest, "hbd-server") and guest.show("hbd-server", "MainPID") == pid
         errors = "\n".join(text_of(e) for e in daemon_entries(guest, "hbd-server", cur, 3))
         assert "server.yaml" in errors and re.search(rf"(line {lineno}\b|:{lineno}\b)", errors), errors
+        # The reason where the operator looks: systemctl status (its journal excerpt and STATUS=).
+        status = guest.run("systemctl", "status", "--no-pager", "-n", "20", "hbd-server", check=False).stdout
+        assert "reload failed" in status and re.search(rf"(line {lineno}\b|:{lineno}\b)", status), status
+        assert guest.show("hbd-server", "ReloadResult") == "exit-code"
         assert 0.8 <= silent_client_lifetime() < 3.0  # still the old heartbeat_timeout (1), not 5
     finally:
         guest.write(SERVER_YAML, good)
@@ -274,13 +285,31 @@ def test_reload_with_invalid_value_names_the_key(guest):
     guest.write(SERVER_YAML, set_keys(good, heartbeat_timeout=-1))
     cur = guest.cursor()
     try:
-        reload_server(guest)
+        reload_server(guest, ok=False)
         assert is_active(guest, "hbd-server")
         errors = "\n".join(text_of(e) for e in daemon_entries(guest, "hbd-server", cur, 3))
         assert "heartbeat_timeout" in errors, errors
     finally:
         guest.write(SERVER_YAML, good)
         reload_server(guest)
+
+
+def test_reload_returns_only_after_the_daemon_applied_it(guest):
+    ensure_running(guest, "hbd-server")
+    for timeout in (7, 3, 30):
+        guest.write(SERVER_YAML, set_keys(guest.read(SERVER_YAML), heartbeat_timeout=timeout))
+        guest.run("systemctl", "reload", "hbd-server")
+        # No waiting: when systemctl returns, the daemon runs the new configuration.
+        assert status_json(guest)["config"]["heartbeat_timeout"] == timeout
+
+
+def test_reload_by_hand_with_kill_hup_still_works(guest):
+    ensure_running(guest, "hbd-server")
+    guest.write(SERVER_YAML, set_keys(guest.read(SERVER_YAML), heartbeat_timeout=9))
+    guest.run("systemctl", "kill", "-s", "SIGHUP", "--kill-who=main", "hbd-server")
+    sg.wait_for("the new heartbeat_timeout", lambda: status_json(guest)["config"]["heartbeat_timeout"] == 9)
+    assert is_active(guest, "hbd-server")
+    server_config(guest, heartbeat_timeout=30)
 
 
 # -- 4. watchdog -------------------------------------------------------------------------------------
@@ -300,6 +329,9 @@ def test_frozen_main_loop_is_killed_by_watchdog_and_restarted(guest):
     )
     messages = [text_of(e) for e in guest.journal(cur, "hbd-server")]
     assert any("Watchdog timeout" in m for m in messages), messages
+    # systemd follows SIGABRT with SIGCONT, so faulthandler runs and leaves the stack of the hung loop.
+    assert any("most recent call first" in m for m in messages), messages
+    assert any(re.search(r'File ".*/hbd/loop\.py", line \d+', m) for m in messages), messages
     assert ping() == b"pong\n"
 
 
@@ -330,6 +362,95 @@ def test_client_timeout_goes_to_journal_with_peer_and_to_log_file_info_does_not(
     assert info and not [m for m in info if m in log_file]  # "connected" reaches the journal only
     # Exactly once: the structured entry, not a second copy through stdout/stderr.
     assert not [e for e in entries if e.get("_TRANSPORT") == "stdout" and peer in text_of(e)]
+
+
+def test_journal_names_the_call_site_and_journalctl_x_explains_a_peer_down(guest):
+    ensure_running(guest, "hbd-server")
+    server_config(guest, heartbeat_timeout=1)
+    cur = guest.cursor()
+    with socket.create_connection(("127.0.0.1", PORT), timeout=5) as s:
+        s.sendall(b"ping\n")
+        assert s.recv(64) == b"pong\n"
+        while s.recv(64):  # silent until the server declares us down and closes
+            pass
+    down = sg.wait_for(
+        "the server's peer-down entry",
+        lambda: [e for e in daemon_entries(guest, "hbd-server", cur) if e.get("EVENT") == "dead"],
+    )[0]
+    assert down["MESSAGE_ID"] == "09010e11864e480da4335f47854b5474"
+    assert down["CODE_FILE"].endswith("/hbd/server.py") and down["CODE_FUNC"] != "emit", down
+    assert int(down["CODE_LINE"]) > 0
+    # The package's catalog was compiled at install (systemd's dpkg trigger runs journalctl --update-catalog).
+    out = guest.run("journalctl", "-x", "-u", "hbd-server", "--no-pager", "-n", "200").stdout
+    assert "Subject: hbd: peer" in out and "is down" in out and "heartbeat_timeout" in out, out[-3000:]
+
+
+# -- 8. permanent failures, ordering, what the client says ------------------------------------------
+def test_config_error_at_start_fails_once_with_78_and_err_in_the_journal(guest):
+    guest.run("systemctl", "stop", *UNITS)
+    good = guest.read(SERVER_YAML)
+    guest.write(SERVER_YAML, set_keys(good, heartbeat_timeout="-5"))
+    cur = guest.cursor()
+    try:
+        out = guest.run("systemctl", "start", "hbd-server", check=False)
+        assert out.returncode != 0
+        time.sleep(1.5)  # RestartSec=100ms (drop-in): a restart loop would have restarted by now
+        state = {p: guest.show("hbd-server", p) for p in ("ActiveState", "Result", "NRestarts", "ExecMainStatus")}
+        assert state == {"ActiveState": "failed", "Result": "exit-code", "NRestarts": "0", "ExecMainStatus": "78"}
+        errors = [e for e in daemon_entries(guest, "hbd-server", cur, 3) if "heartbeat_timeout" in text_of(e)]
+        assert errors and errors[0]["SYSLOG_IDENTIFIER"] == "hbd-server" and errors[0]["PRIORITY"] == "3", errors
+        # As the operator asks it (no cursor: journalctl 252 mishandles --after-cursor with matches).
+        err = guest.run("journalctl", "-u", "hbd-server", "-p", "err", "--no-pager", "-n", "50").stdout
+        assert "heartbeat_timeout" in err and "hbd-server[" in err, err
+        assert "heartbeat_timeout" in guest.read("/var/log/hbd/server.log")
+    finally:
+        guest.write(SERVER_YAML, good)
+        guest.run("systemctl", "reset-failed", "hbd-server", check=False)
+
+
+def test_client_that_gave_up_stays_stopped_with_79(guest):
+    guest.run("systemctl", "stop", *UNITS)
+    good = guest.read(CLIENT_YAML)
+    guest.write(CLIENT_YAML, set_keys(good, reconnect_attempts=1, reconnect_delay=0.1, reconnect_max_delay=0.2))
+    try:
+        guest.run("systemctl", "start", "hbd-client")
+        sg.wait_for("hbd-client to give up", lambda: guest.show("hbd-client", "ActiveState") == "failed")
+        time.sleep(1.5)  # RestartSec=100ms: it would be running again by now
+        state = {p: guest.show("hbd-client", p) for p in ("ActiveState", "NRestarts", "ExecMainStatus")}
+        assert state == {"ActiveState": "failed", "NRestarts": "0", "ExecMainStatus": "79"}
+    finally:
+        guest.write(CLIENT_YAML, good)
+        guest.run("systemctl", "reset-failed", "hbd-client", check=False)
+
+
+def test_client_status_says_down_why_and_when_it_retries(guest):
+    guest.run("systemctl", "stop", *UNITS)
+    guest.run("systemctl", "start", "hbd-client")
+    try:
+        status = sg.wait_for(
+            "the client's STATUS= for a dead server",
+            lambda: (s := guest.show("hbd-client", "StatusText")) and "DOWN" in s and s,
+        )
+        assert re.search(rf"127\.0\.0\.1:{PORT} DOWN \(connection refused\), (retry in [\d.]+ s|connecting)", status), status
+    finally:
+        guest.run("systemctl", "stop", "hbd-client")
+
+
+def test_client_unit_starts_after_the_server(guest):
+    assert "hbd-server.service" in guest.show("hbd-client", "After").split()
+    assert "hbd-server.service" not in guest.show("hbd-client", "Requires").split()
+    guest.run("systemctl", "stop", *UNITS)
+    cur = guest.cursor()
+    guest.run("systemctl", "start", "hbd-client", "hbd-server")  # one transaction, client named first
+    entries = guest.journal(cur)
+    started = next(i for i, e in enumerate(entries) if e.get("UNIT") == "hbd-server.service"
+                   and e.get("_PID") == "1" and "Started" in text_of(e))
+    starting = next(i for i, e in enumerate(entries) if e.get("UNIT") == "hbd-client.service"
+                    and e.get("_PID") == "1" and "Starting" in text_of(e))
+    assert started < starting  # the client began once the server was ready (Type=notify)
+    time.sleep(1)
+    client = [text_of(e) for e in daemon_entries(guest, "hbd-client", cur)]
+    assert not [m for m in client if "refused" in m], client
 
 
 # -- 6. stop, upgrade, purge -------------------------------------------------------------------------
