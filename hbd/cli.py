@@ -185,47 +185,54 @@ def reload(args: argparse.Namespace) -> int:
                 reply = _read_reply(s)
         except OSError as exc:
             if isinstance(exc, TimeoutError | socket.timeout):
-                print(f"hbd: error: {candidate}: no answer within {args.timeout:g} s; the reload may still "
-                      "be applied (see the daemon's log)", file=sys.stderr)
+                _error(f"hbd: error: {candidate}: no answer within {args.timeout:g} s; the reload may still "
+                       "be applied (see the daemon's log)")
                 return 1
             problems.append(f"{candidate}: {exc.strerror or exc}")
             continue
         try:
             doc = json.loads(reply)
         except ValueError:
-            print(f"hbd: error: {candidate}: no answer to the reload (the daemon stopped?)", file=sys.stderr)
+            _error(f"hbd: error: {candidate}: no answer to the reload (the daemon stopped?)")
             return 1
         if "error" in doc:
-            print(f"hbd: error: {candidate}: {doc['error']}", file=sys.stderr)
+            _error(f"hbd: error: {candidate}: {doc['error']}")
             return 1
         if doc.get("reload") == "ok":
             print(f"hbd: {path}: reloaded")
             return 0
         for line in doc.get("errors") or ["rejected"]:
-            print(f"hbd: error: reload failed: {line}", file=sys.stderr)
-        print(f"hbd: error: still running with the previous configuration", file=sys.stderr)
+            _error(f"hbd: error: reload failed: {line}")
+        _error("hbd: error: still running with the previous configuration")
         return 1
     if not args.pid or mismatched:  # a socket of another process: something is off, signal nobody
         where = "; ".join(problems) or f"{path} sets no control_socket"
         for line in errors:  # what the daemon would say, as far as this side can tell
-            print(f"hbd: error: {line}", file=sys.stderr)
-        print(f"hbd: error: cannot ask the daemon to reload: {where} (--pid PID sends SIGHUP instead)",
-              file=sys.stderr)
+            _error(f"hbd: error: {line}")
+        _error(f"hbd: error: cannot ask the daemon to reload: {where} (--pid PID sends SIGHUP instead)")
         return 1
     # No socket to ask: SIGHUP as `kill -HUP` would, judged by this validation alone.
     try:
         os.kill(args.pid, signal.SIGHUP)
     except OSError as exc:
-        print(f"hbd: error: cannot signal pid {args.pid}: {exc.strerror or exc}", file=sys.stderr)
+        _error(f"hbd: error: cannot signal pid {args.pid}: {exc.strerror or exc}")
         return 1
     if errors:
         for line in errors:
-            print(f"hbd: error: reload failed: {line}", file=sys.stderr)
-        print("hbd: error: still running with the previous configuration", file=sys.stderr)
+            _error(f"hbd: error: reload failed: {line}")
+        _error("hbd: error: still running with the previous configuration")
         return 1
     print(f"hbd: {path} is valid; sent SIGHUP to pid {args.pid} (no status socket: the daemon's verdict "
           "is only in its log)", file=sys.stderr)
     return 0
+
+
+def _error(line: str) -> None:
+    """An error line of `hbd reload`: under systemd (ExecReload=) its stderr is the journal, where the
+    "<3>" prefix makes it priority err."""
+    from hbd.logs import under_journald
+
+    print(f"<3>{line}" if under_journald() else line, file=sys.stderr)
 
 
 def _read_reply(s: socket.socket, limit: int = 1 << 20) -> bytes:

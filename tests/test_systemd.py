@@ -273,6 +273,9 @@ def test_reload_with_broken_yaml_keeps_old_config_and_logs_the_line(guest):
         status = guest.run("systemctl", "status", "--no-pager", "-n", "20", "hbd-server", check=False).stdout
         assert "reload failed" in status and re.search(rf"(line {lineno}\b|:{lineno}\b)", status), status
         assert guest.show("hbd-server", "ReloadResult") == "exit-code"
+        # hbd reload's own lines (ExecReload=) are errors too, not info lines of the unit's stderr.
+        assert [e for e in daemon_entries(guest, "hbd-server", cur, 3)
+                if e.get("SYSLOG_IDENTIFIER") == "hbd" and "reload failed" in text_of(e)]
         assert 0.8 <= silent_client_lifetime() < 3.0  # still the old heartbeat_timeout (1), not 5
     finally:
         guest.write(SERVER_YAML, good)
@@ -434,6 +437,22 @@ def test_client_status_says_down_why_and_when_it_retries(guest):
         assert re.search(rf"127\.0\.0\.1:{PORT} DOWN \(connection refused\), (retry in [\d.]+ s|connecting)", status), status
     finally:
         guest.run("systemctl", "stop", "hbd-client")
+
+
+def test_client_reload_fails_on_a_broken_file_and_succeeds_on_a_good_one(guest):
+    ensure_running(guest, "hbd-client")
+    good = guest.read(CLIENT_YAML)
+    guest.write(CLIENT_YAML, set_keys(good, pong_timeout=-3))
+    try:
+        out = guest.run("systemctl", "reload", "hbd-client", check=False)
+        assert out.returncode != 0 and is_active(guest, "hbd-client")
+        status = guest.run("systemctl", "status", "--no-pager", "-n", "20", "hbd-client", check=False).stdout
+        assert "reload failed" in status and "pong_timeout" in status, status
+    finally:
+        guest.write(CLIENT_YAML, good)
+    guest.run("systemctl", "reload", "hbd-client")
+    assert "last reload failed" not in guest.show("hbd-client", "StatusText")
+    guest.run("systemctl", "stop", "hbd-client")
 
 
 def test_client_unit_starts_after_the_server(guest):
