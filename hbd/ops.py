@@ -144,7 +144,7 @@ class Ops:
             # /run/hbd comes from the unit's RuntimeDirectory=; run by hand, there is none. Expected
             # there, so an informational line on the terminal, not a warning for the error log.
             log.info("no status socket: the directory %s does not exist (set control_socket to a path in an "
-                        "existing directory, or null)", directory, extra=fields(event="control-disabled"))
+                     "existing directory, or null)", directory, extra=fields(event="control-disabled"))
             return None
         return UnixListener(path, mode=0o600 if self._worker_index is not None else 0o660)
 
