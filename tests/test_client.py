@@ -206,3 +206,37 @@ def test_exit_79_only_when_every_server_gave_up(tmp_path: Path, procs) -> None:
     procs.append(cli)
     assert cli.proc.wait(10) == 79
     assert cli.count("giving up on") == 2 and "no server left to try" in cli.output()
+
+
+def test_link_status_says_down_why_and_when_it_retries_in_virtual_time(tmp_path: Path) -> None:
+    from virtual_time import FakeClock, VirtualSelector
+
+    from hbd.client import Client, Link, Target
+    from hbd.config import load_client_config
+    from hbd.logs import Logging
+    from hbd.loop import EventLoop
+    from hbd.notify import Notifier
+
+    cfg_file = tmp_path / "client.yaml"
+    cfg_file.write_text("host: 127.0.0.1\nport: 54321\nreconnect_delay: 4\nreconnect_max_delay: 4\nlog_file: null\n")
+    clock = FakeClock()
+    loop = EventLoop(clock=clock, selector=VirtualSelector(clock))
+    logs = Logging("hbd-client", journald=False)
+    try:
+        client = Client(load_client_config(cfg_file), loop=loop, notifier=Notifier({}), logs=logs)
+        link = Link(client, Target("127.0.0.1", 54321))
+        link.backoff._rand = lambda: 0.8  # 0.8 x 4 s
+        assert link.status() == "127.0.0.1:54321 waiting"  # nothing tried yet: no reason to give
+        link._failed("cannot connect: Connection refused")
+        assert link.status() == "127.0.0.1:54321 DOWN (connection refused), retry in 3.2 s"
+        clock.advance(2.0)
+        assert link.status() == "127.0.0.1:54321 DOWN (connection refused), retry in 1.2 s"
+        link.state = Link.CONNECTING
+        assert link.status() == "127.0.0.1:54321 DOWN (connection refused), connecting"
+        link.lost("no pong within 2 s")
+        assert link.status().startswith("127.0.0.1:54321 DOWN (no pong within 2 s), retry in ")
+        link.close()
+        assert link.status() == "127.0.0.1:54321 DOWN (no pong within 2 s), gave up"
+    finally:
+        logs.close()
+        loop.close()

@@ -125,3 +125,36 @@ def test_only_root_or_the_daemons_user_may_reload(tmp_path: Path, procs) -> None
         shutil.rmtree(sockdir, ignore_errors=True)
     assert out.returncode == 1 and "permission denied" in out.stderr, out.stderr
     assert srv.count("reloading") == 0
+
+
+def test_requests_that_arrive_together_share_one_reload(tmp_path: Path) -> None:
+    """Cost bound: a burst of `reload` requests runs the reload once, not once per request, and every
+    requester gets the verdict; a request during a reload gets a reload of its own afterwards."""
+    from virtual_time import FakeClock, VirtualSelector
+
+    from hbd.client import Client
+    from hbd.config import load_client_config
+    from hbd.logs import Logging
+    from hbd.loop import EventLoop
+    from hbd.notify import Notifier
+
+    cfg_file = tmp_path / "client.yaml"
+    cfg_file.write_text("host: 127.0.0.1\nport: 54321\nlog_file: null\ncontrol_socket: null\n")
+    clock = FakeClock()
+    loop = EventLoop(clock=clock, selector=VirtualSelector(clock))
+    logs = Logging("hbd-client", journald=False)
+    try:
+        client = Client(load_client_config(cfg_file), loop=loop, notifier=Notifier({}), logs=logs)
+        answers: list[list[str]] = []
+        for _ in range(10):
+            client.request_reload(answers.append)
+        assert client.reloads_ok == 0  # nothing runs inside the request: the loop does it
+        loop.run_once(max_wait=0.01)
+        assert client.reloads_ok == 1 and answers == [[]] * 10
+        cfg_file.write_text("port: 0\n")
+        client.request_reload(answers.append)
+        loop.run_once(max_wait=0.01)
+        assert client.reloads_failed == 1 and "port" in answers[-1][0]
+    finally:
+        logs.close()
+        loop.close()
