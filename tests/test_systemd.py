@@ -301,9 +301,15 @@ def test_reload_returns_only_after_the_daemon_applied_it(guest):
     ensure_running(guest, "hbd-server")
     for timeout in (7, 3, 30):
         guest.write(SERVER_YAML, set_keys(guest.read(SERVER_YAML), heartbeat_timeout=timeout))
+        cur = guest.cursor()
         guest.run("systemctl", "reload", "hbd-server")
         # No waiting: when systemctl returns, the daemon runs the new configuration.
         assert status_json(guest)["config"]["heartbeat_timeout"] == timeout
+        # And systemd called the reload done only after the daemon had done it (journal order).
+        entries = guest.journal(cur, "hbd-server")
+        applied = next(i for i, e in enumerate(entries) if e.get("EVENT") == "reloaded")
+        done = next(i for i, e in enumerate(entries) if e.get("_PID") == "1" and "Reloaded" in text_of(e))
+        assert applied < done, [text_of(e) for e in entries]
 
 
 def test_reload_by_hand_with_kill_hup_still_works(guest):
