@@ -209,7 +209,8 @@ def reload(args: argparse.Namespace) -> int:
         where = "; ".join(problems) or f"{path} sets no control_socket"
         for line in errors:  # what the daemon would say, as far as this side can tell
             _error(f"hbd: error: {line}")
-        _error(f"hbd: error: cannot ask the daemon to reload: {where} (--pid PID sends SIGHUP instead)")
+        hint = "" if args.pid else " (--pid PID sends SIGHUP instead)"
+        _error(f"hbd: error: cannot ask the daemon to reload: {where}{hint}")
         return 1
     # No socket to ask: SIGHUP as `kill -HUP` would, judged by this validation alone.
     try:
