@@ -267,8 +267,11 @@ def report_start_errors(identifier: str, lines: list[str], log_file: str | None)
             print(f"{prefix}hbd: error: {line}", file=sys.stderr)
     if not log_file:
         return
+    # Root by hand does not create it: a root-owned file in /var/log/hbd would stop the service (as _hbd)
+    # from opening it later.
+    flags = os.O_WRONLY | os.O_APPEND | (os.O_CREAT if journald or os.geteuid() != 0 else 0)
     try:
-        with open(log_file, "a", encoding="utf-8") as f:  # only if it exists or can be created
+        with open(os.open(log_file, flags, 0o640), "a", encoding="utf-8") as f:
             now = time.time()
             stamp = f"{time.strftime(DATE_FORMAT, time.localtime(now))}.{int(now % 1 * 1000):03d}"
             for line in lines:

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,11 +54,16 @@ def test_invalid_config_at_start_exits_78_and_reaches_the_log_file(tmp_path: Pat
     bad = tmp_path / "bad.yaml"
     log_file = tmp_path / "client.log"
     bad.write_text(f"port: 0\nlog_file: {log_file}\n")
+    if os.geteuid() == 0:  # root by hand appends to an existing file, never creates one (see logs.py)
+        r = run("client", "-c", str(bad))
+        assert r.returncode == 78 and not log_file.exists()
+        log_file.touch()
     r = run("client", "-c", str(bad))
     assert r.returncode == 78
     assert r.stderr.startswith(f"hbd: error: {bad}: ") and "port" in r.stderr
     text = log_file.read_text()  # the file named in the invalid config, since it could be opened
     assert "hbd-client ERROR" in text and f"{bad}: " in text and "port" in text
+    (tmp_path / "other.log").touch()
     r = run("client", "-c", str(bad), "--log-file", str(tmp_path / "other.log"))
     assert r.returncode == 78 and "port" in (tmp_path / "other.log").read_text()
 
