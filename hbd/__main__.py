@@ -1,3 +1,3 @@
-from hbd.cli import main
+from hbd.entry import main
 
 raise SystemExit(main())

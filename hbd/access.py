@@ -8,6 +8,8 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
+from hbd.quote import quote, show
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -20,17 +22,21 @@ def parse_allow(value: Any) -> tuple[Network, ...] | None:
     if not isinstance(value, list) or not value:
         raise ValueError(
             "must be a list of addresses or networks such as 10.0.0.0/8 (leave it out to allow everyone), "
-            f"got {type(value).__name__} {value!r}"
+            f"got {show(value)}"
         )
     nets: list[Network] = []
     bad: list[str] = []
     for item in value:
+        if isinstance(item, bool) or not isinstance(item, str | int):
+            bad.append(quote(item))
+            continue
         try:
             nets.append(ipaddress.ip_network(str(item).strip(), strict=False))
         except ValueError:
-            bad.append(repr(item))
+            bad.append(quote(item))
     if bad:
-        raise ValueError(f"not an address or network: {', '.join(bad)}")
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise ValueError(f"not an address or network: {', '.join(bad[:3])}{more}")
     return tuple(nets)
 
 

@@ -50,23 +50,32 @@ class Target:
 
 
 def resolve(loop: EventLoop, host: str, port: int, done: Callable[[list[tuple], str | None], None]) -> None:
-    """getaddrinfo without blocking the loop: literals directly, names on a short-lived thread."""
+    """getaddrinfo without blocking the loop: literals directly, names on a short-lived thread.
+    ``done`` always comes, with addresses or with a reason (never an exception, whatever the name)."""
     try:
         ipaddress.ip_address(host)
     except ValueError:
         pass
     else:
-        done(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST), None)
+        try:
+            infos, err = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST), None
+        except (OSError, ValueError) as exc:  # e.g. an IPv6 zone naming no interface
+            infos, err = [], f"cannot use the address {host}: {_why(exc)}"
+        done(infos, err)
         return
 
     def work() -> None:
         try:
             infos, err = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM), None
-        except OSError as exc:
-            infos, err = [], f"cannot resolve {host}: {exc.strerror or exc}"
+        except Exception as exc:  # UnicodeError for a name the IDNA codec refuses is a ValueError
+            infos, err = [], f"cannot resolve {host}: {_why(exc)}"
         loop.call_soon_threadsafe(lambda: done(infos, err))
 
     threading.Thread(target=work, name=f"resolve {host}", daemon=True).start()
+
+
+def _why(exc: BaseException) -> str:
+    return (exc.strerror if isinstance(exc, OSError) else None) or str(exc) or type(exc).__name__
 
 
 class Link:
@@ -88,6 +97,7 @@ class Link:
         self.healthy = False
         self.ever_up = False
         self._generation = 0  # invalidates callbacks (e.g. a DNS answer) of an abandoned attempt
+        self.resolving = False
         self.stats = LinkStats()
         self.health: str | None = None  # up, late or down as reported to hooks; None until known
         self.health_since = self.loop.time()
@@ -111,16 +121,22 @@ class Link:
         self.stats.connects += 1
         self._generation += 1
         gen = self._generation
-        self._set_timer(self.loop.time() + self.cfg.receive_timeout,
-                        lambda: self._failed(f"connect timed out after {self.cfg.receive_timeout:g} s"))
+        self.resolving = True
+        self._set_timer(self.loop.time() + self.cfg.receive_timeout, self._connect_timed_out)
         resolve(self.loop, self.target.host, self.target.port,
                 lambda infos, err: self._resolved(gen, infos, err))
+
+    def _connect_timed_out(self) -> None:
+        what = f"resolving {self.target.host}" if self.resolving else "connect"
+        self._failed(f"{what} timed out after {self.cfg.receive_timeout:g} s",
+                     event="resolve-failed" if self.resolving else "connect-failed")
 
     def _resolved(self, gen: int, infos: list[tuple], err: str | None) -> None:
         if gen != self._generation or self.state != self.CONNECTING:
             return
+        self.resolving = False
         if err or not infos:
-            self._failed(err or f"no address for {self.target.host}")
+            self._failed(err or f"no address for {self.target.host}", event="resolve-failed")
             return
         family, stype, proto, _, addr = infos[0]
         sock = socket.socket(family, stype, proto)
@@ -177,11 +193,15 @@ class Link:
             self._send(f"hello {self.cfg.client_name} {self.cfg.heartbeat_interval:g}\n".encode())
         self._tick()
 
-    def _failed(self, reason: str) -> None:
+    def _failed(self, reason: str, event: str = "connect-failed") -> None:
         """A connection attempt did not work out."""
         self._teardown()
         self.down_reason = reason
-        self.client.log_link(self, logging.WARNING, reason, event="connect-failed")
+        if event == "resolve-failed":  # rate-limited: a name that does not resolve fails on every retry
+            self.client.peer_log.log(logging.WARNING, self.address, "%s: %s", self.target.label, reason,
+                                     event=event, peer=self.target.peer, peer_address=self.address)
+        else:
+            self.client.log_link(self, logging.WARNING, reason, event=event)
         self._set_health("down", reason)
         self._schedule_retry()
 

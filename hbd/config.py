@@ -7,12 +7,14 @@ running the old configuration when it is invalid.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import re
 import shlex
 import shutil
 import socket
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,7 @@ import yaml
 
 from hbd.access import Network, parse_allow
 from hbd.protocol import NAME_PATTERN
+from hbd.quote import cut, quote, show
 from hbd.tls import TLSConfig, parse_client_tls, parse_server_tls
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -29,6 +32,14 @@ DEFAULT_SERVER_CONFIG = "/etc/hbd/server.yaml"
 DEFAULT_CLIENT_CONFIG = "/etc/hbd/client.yaml"
 DEFAULT_SERVER_SOCKET = "/run/hbd/server.sock"  # /run/hbd is the units' RuntimeDirectory=
 DEFAULT_CLIENT_SOCKET = "/run/hbd/client.sock"
+
+# Bounds on what a configuration file may cost to load, whatever it holds (it is read on SIGHUP by
+# the running daemon, from the event loop): a real file is a few KB and a few levels deep.
+MAX_CONFIG_BYTES = 64 * 1024  # ~1000 servers; parsing this much takes ~0.1 s on a slow machine
+MAX_DEPTH = 32  # nesting of lists and mappings, aliases expanded
+MAX_NODES = 50_000  # values in the document, aliases expanded (a YAML "billion laughs" stops here)
+MAX_ERRORS = 20  # error lines reported for one file
+MAX_ERROR_LINE = 500  # characters per error line
 
 
 class ConfigError(Exception):
@@ -45,7 +56,7 @@ def _integer(lo: int, hi: int) -> Callable[[Any], int]:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"must be an integer, got {_show(value)}")
         if not lo <= value <= hi:
-            raise ValueError(f"must be between {lo} and {hi}, got {value}")
+            raise ValueError(f"must be between {lo} and {hi}, got {quote(value)}")
         return value
 
     return convert
@@ -55,16 +66,37 @@ def _seconds(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"must be a number of seconds, got {_show(value)}")
     if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"must be a positive number of seconds, got {value}")
+        raise ValueError(f"must be a positive number of seconds, got {quote(value)}")
     if value > 86400:
-        raise ValueError(f"must be at most 86400 seconds, got {value}")
+        raise ValueError(f"must be at most 86400 seconds, got {quote(value)}")
     return float(value)
 
 
+_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\Z")
+
+
 def _host(value: Any) -> str:
+    """An IP address or a host name (RFC 1123 labels; ``_`` is tolerated as resolvers do): checked
+    here, so that a name the resolver cannot even encode (``127.0.0..1``) is a configuration error
+    rather than an exception at start, reload or connect."""
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"must be a host name or IP address, got {_show(value)}")
-    return value.strip()
+    host = value.strip()
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    name = host[:-1] if host.endswith(".") else host
+    labels = name.split(".")
+    if not host.isascii() or len(name) > 253 or not all(_LABEL.match(label) for label in labels):
+        raise ValueError(
+            "must be an IP address or a host name (dot-separated labels of 1-63 letters, digits, - or _, "
+            f"at most 253 characters), got {quote(host)}"
+        )
+    if all(label.isdigit() for label in labels):
+        raise ValueError(f"is not a valid IP address, got {quote(host)}")
+    return host
 
 
 def _log_file(value: Any) -> str | None:
@@ -73,7 +105,7 @@ def _log_file(value: Any) -> str | None:
     if not isinstance(value, str):
         raise ValueError(f"must be a file path or null, got {_show(value)}")
     if value.endswith("/"):
-        raise ValueError(f"must be a file path, not a directory: {value}")
+        raise ValueError(f"must be a file path, not a directory: {quote(value)}")
     return value
 
 
@@ -140,7 +172,7 @@ def _command(value: Any) -> tuple[str, ...] | None:
         try:
             argv = shlex.split(value)
         except ValueError as exc:
-            raise ValueError(f"cannot split {value!r} into arguments: {exc}") from None
+            raise ValueError(f"cannot split {quote(value)} into arguments: {exc}") from None
     elif isinstance(value, list) and all(isinstance(a, str | int | float) and not isinstance(a, bool) for a in value):
         argv = [str(a) for a in value]
     else:
@@ -185,8 +217,7 @@ def _servers(value: Any) -> tuple[ServerEntry, ...]:
     return tuple(entries)
 
 
-def _show(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}" if value is not None else "nothing (null)"
+_show = show
 
 
 _PORT = _integer(1, 65535)
@@ -282,24 +313,30 @@ def load_client_config(path: str | Path, overrides: dict[str, Any] | None = None
 
 
 def _load(cls: type, path: Path, overrides: dict[str, Any]) -> Any:
+    result = _validate(cls, path, overrides)
+    if isinstance(result, list):  # error lines: a bounded number of bounded lines
+        if len(result) > MAX_ERRORS:
+            result = [*result[:MAX_ERRORS], f"{path}: ... and {len(result) - MAX_ERRORS} more errors"]
+        raise ConfigError([cut(e, MAX_ERROR_LINE) for e in result])
+    return result
+
+
+def _validate(cls: type, path: Path, overrides: dict[str, Any]) -> Any:
+    """The config object, or the list of error lines."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ConfigError([f"{path}: cannot read the file: {reason}"]) from None
-    try:
-        data = yaml.safe_load(text)
-        lines = _key_lines(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError([f"{path}: {_yaml_error(exc)}"]) from None
+        text = _read(path)
+        data, lines = _parse(text)
+    except ConfigError as exc:
+        return [f"{path}: {e}" for e in exc.errors]
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError([f"{path}: the top level must be a mapping of keys to values, got {_show(data)}"])
+        return [f"{path}: the top level must be a mapping of keys to values, got {_show(data)}"]
     data = {**data, **overrides}
 
     def where(key: str) -> str:
         line = lines.get(key)
+        key = cut(key)
         return f"{path}: line {line}: {key}" if line else f"{path}: {key}"
 
     errors: list[str] = []
@@ -317,24 +354,137 @@ def _load(cls: type, path: Path, overrides: dict[str, Any]) -> Any:
             values[name] = f.metadata["conv"](data[name])
         except ValueError as exc:
             errors.append(f"{where(name)}: {exc}")
+        except Exception as exc:  # a value no converter foresaw: still an error line, never a traceback
+            errors.append(f"{where(name)}: invalid value {_show(data[name])} ({type(exc).__name__})")
     for key, reason in _CROSS_CHECKS.get(cls, lambda *_: [])(values, frozenset(map(str, data))):
         errors.append(f"{where(key)}: {reason}")
     if errors:
-        raise ConfigError(errors)
+        return errors
     return cls(**values, path=str(path))
 
 
-def _key_lines(text: str) -> dict[str, int]:
-    """Top-level key -> 1-based line number, for error messages."""
-    node = yaml.compose(text, Loader=yaml.SafeLoader)
-    if not isinstance(node, yaml.MappingNode):
-        return {}
-    return {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
+def _read(path: Path) -> str:
+    """The file's text; refuses anything but a regular file of at most MAX_CONFIG_BYTES, without
+    ever blocking (a FIFO, /dev/zero, a socket or a directory is an error, not a hang)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        raise ConfigError([f"cannot read the file: {_reason(exc)}"]) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError([f"cannot read the file: not a regular file ({_file_kind(st.st_mode)})"])
+        if st.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError([f"too large: {st.st_size} bytes (at most {MAX_CONFIG_BYTES})"])
+        data = b""
+        while len(data) <= MAX_CONFIG_BYTES:  # st_size can be wrong (a file growing, /proc)
+            chunk = os.read(fd, MAX_CONFIG_BYTES + 1 - len(data))
+            if not chunk:
+                break
+            data += chunk
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError([f"too large: more than {MAX_CONFIG_BYTES} bytes"])
+    except OSError as exc:
+        raise ConfigError([f"cannot read the file: {_reason(exc)}"]) from None
+    finally:
+        os.close(fd)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError([f"line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x})"]) from None
+
+
+def _reason(exc: BaseException) -> str:
+    return (exc.strerror if isinstance(exc, OSError) and exc.strerror else None) or cut(str(exc), 80)
+
+
+def _file_kind(mode: int) -> str:
+    for test, what in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return what
+    return "not a plain file"
+
+
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: ~4x faster
+
+
+def _parse(text: str) -> tuple[Any, dict[str, int]]:
+    """YAML text -> (data, top-level key -> line), with bounded cost: nesting and the number of
+    values (aliases expanded) are checked before any Python object is built."""
+    try:
+        depth = 0
+        for event in yaml.parse(text, Loader=_Loader):  # a flat stream: never recursive
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise ConfigError([f"line {event.start_mark.line + 1}: nested deeper than {MAX_DEPTH} levels"])
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+        loader = _Loader(text)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None, {}
+            _check_size(node)
+            data = loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as exc:
+        raise ConfigError([_yaml_error(exc)]) from None
+    except (RecursionError, MemoryError):
+        raise ConfigError([f"too complex (at most {MAX_DEPTH} levels and {MAX_NODES} values)"]) from None
+    except ConfigError:
+        raise
+    except Exception as exc:  # e.g. a date like 2024-02-30, an integer of 5000 digits
+        raise ConfigError([f"invalid value: {cut(str(exc), 80)}"]) from None
+    lines = {}
+    if isinstance(node, yaml.MappingNode):
+        lines = {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
+    return data, lines
+
+
+def _check_size(root: yaml.Node) -> None:
+    """Refuse a document whose values, aliases expanded, exceed MAX_NODES or MAX_DEPTH. An alias
+    costs nothing to parse but everything to walk: 9 aliases to 9 aliases... is a billion values."""
+    done: dict[int, tuple[int, int]] = {}  # id(node) -> (values below and including it, depth)
+    open_: set[int] = set()
+    stack: list[yaml.Node] = [root]
+    while stack:
+        node = stack[-1]
+        if id(node) in done:
+            stack.pop()
+            continue
+        kids = _children(node)
+        if id(node) not in open_:
+            open_.add(id(node))
+            for kid in kids:
+                if id(kid) in open_ and id(kid) not in done:
+                    raise ConfigError([f"line {kid.start_mark.line + 1}: an alias refers to a value containing it"])
+                if id(kid) not in done:
+                    stack.append(kid)
+            continue
+        stack.pop()
+        size = 1 + sum(done[id(k)][0] for k in kids)
+        depth = 1 + max((done[id(k)][1] for k in kids), default=0)
+        if size > MAX_NODES or depth > MAX_DEPTH:
+            what = f"more than {MAX_NODES} values" if size > MAX_NODES else f"nested deeper than {MAX_DEPTH} levels"
+            raise ConfigError([f"line {node.start_mark.line + 1}: {what} once aliases are expanded"])
+        done[id(node)] = (size, depth)
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
 
 
 def _yaml_error(exc: yaml.YAMLError) -> str:
     mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc)
+    problem = cut(getattr(exc, "problem", None) or str(exc), 120)
     if mark is not None:
         return f"line {mark.line + 1}, column {mark.column + 1}: invalid YAML: {problem}"
     return f"invalid YAML: {problem}"

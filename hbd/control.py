@@ -291,8 +291,8 @@ def bind_tcp(host: str, port: int, backlog: int = 16) -> socket.socket:
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
         sock = socket.socket(family, stype, proto)
-    except OSError as exc:
-        raise BindError(f"cannot resolve {host}:{port}: {exc.strerror or exc}") from None
+    except (OSError, ValueError) as exc:  # UnicodeError (a ValueError) for a name IDNA refuses
+        raise BindError(f"cannot resolve {host}:{port}: {getattr(exc, 'strerror', None) or exc}") from None
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(addr)

@@ -12,7 +12,8 @@ from typing import Any
 
 from hbd.config import ConfigError
 from hbd.control import BindError
-from hbd.logs import Logging, LogSetupError, log
+from hbd.entry import STRAY_SIGNALS, take_hup
+from hbd.logs import Logging, LogSetupError, PeerLog, log
 from hbd.loop import EventLoop
 from hbd.notify import Notifier
 from hbd.ops import Ops
@@ -52,6 +53,7 @@ class Daemon:
         self._reload_waiters: list[Callable[[list[str]], None]] = []  # asked, not yet started
         self._reload_running = False  # started; its verdict not yet known (workers still answering)
         self._stopping = False
+        self.peer_log = PeerLog(self.loop.clock)  # lines peers can cause, rate-limited all together
         self.ops = Ops(self)  # status socket, metrics, on_change hooks
 
     # -- subclass hooks ---------------------------------------------------------------------------
@@ -81,6 +83,13 @@ class Daemon:
         loop.add_signal_handler(signal.SIGTERM, self.stop)
         loop.add_signal_handler(signal.SIGINT, self.stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGUSR1, self.log_status)
+        loop.add_signal_handler(signal.SIGUSR2, self.reopen_logs)
+        for signum in STRAY_SIGNALS:  # by default they would kill us; they mean nothing here
+            if signum not in (signal.SIGUSR1, signal.SIGUSR2):
+                loop.add_signal_handler(signum, _ignore)
+        if take_hup():  # a SIGHUP came during start-up, before the loop could take it: reload once running
+            loop.call_later(0, self.reload)
         try:
             self.logs.configure(self.config.log_level, self.config.log_file)
             self.ops.start()
@@ -190,6 +199,20 @@ class Daemon:
         """The answer for a requested reload; the supervisor overrides it to wait for its workers."""
         finished(errors)
 
+    def log_status(self) -> None:
+        """SIGUSR1: one line saying how the daemon is doing."""
+        text = self.status_text() or "running"
+        reloads = f"{self.reloads_ok} reloads ok, {self.reloads_failed} failed"
+        if self.last_reload_error:
+            reloads += f" (last: {self.last_reload_error})"
+        log.info("status: %s; %s; loop lag max %.1f ms", text, reloads, self.loop.max_lag * 1000,
+                 extra={"fields": {"EVENT": "status"}})
+
+    def reopen_logs(self) -> None:
+        """SIGUSR2: reopen the log file (after logrotate moved it away)."""
+        self.logs.reopen()
+        log.info("log file reopened", extra={"fields": {"EVENT": "log-reopened"}})
+
     def _pet_watchdog(self) -> None:
         # Petted from the loop itself, never a helper thread: a hung loop must starve the watchdog.
         self.notifier.watchdog()
@@ -204,8 +227,13 @@ class Daemon:
 
     def start_status_updates(self) -> None:
         def tick() -> None:
+            self.peer_log.flush()
             self.on_status_tick()
             self._update_status()
             self.loop.call_later(STATUS_INTERVAL, tick)
 
         self.loop.call_later(STATUS_INTERVAL, tick)
+
+
+def _ignore() -> None:
+    """A signal that means nothing to hbd: caught (so it cannot kill us) and dropped."""

@@ -16,6 +16,7 @@ ROLE``) and as ``HBD_*`` environment variables. Hooks never hold up the event lo
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -23,7 +24,7 @@ import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 
-from hbd.logs import fields, log
+from hbd.logs import PeerLog, fields, log
 from hbd.loop import EventLoop, Timer
 
 DROP_REPORT_INTERVAL = 10.0  # at most one "dropped" warning per this many seconds
@@ -68,6 +69,9 @@ class HookRunner:
         self._bucket = 0.0
         self._bucket_at = float("-inf")  # full at the first use
         self._pump_timer: Timer | None = None
+        # Failures are rate-limited like every line a peer can cause (a flapping peer fails the
+        # hook on every flip); the daemon shares its own PeerLog here so one budget covers all.
+        self.peer_log = PeerLog(loop.time)
 
     def configure(self, command: Sequence[str] | None, timeout: float, max_running: int, max_queued: int) -> None:
         """Apply (new) settings; runs already started keep the timeout they started with."""
@@ -155,9 +159,9 @@ class HookRunner:
             )
         except (OSError, subprocess.SubprocessError) as exc:
             self.counts["error"] += 1
-            log.error("cannot run the on_change hook %s for %s %s: %s", args[0], job.event, job.peer,
-                      getattr(exc, "strerror", None) or exc,
-                      extra=fields(event="hook-failed", peer=job.peer, peer_address=job.address))
+            self.peer_log.log(logging.ERROR, _source(job), "cannot run the on_change hook %s for %s %s: %s",
+                              args[0], job.event, job.peer, getattr(exc, "strerror", None) or exc,
+                              event="hook-failed", peer=job.peer, peer_address=job.address)
             return
         job.proc = proc
         job.started = self.loop.time()
@@ -189,8 +193,9 @@ class HookRunner:
             return
         self.counts["failed"] += 1
         how = f"killed by {_signame(-rc)}" if rc < 0 else f"exit status {rc}"
-        log.warning("on_change hook for %s %s failed: %s after %.3f s", job.event, job.peer, how, took,
-                    extra=fields(event="hook-failed", peer=job.peer, peer_address=job.address))
+        self.peer_log.log(logging.WARNING, _source(job), "on_change hook for %s %s failed: %s after %.3f s",
+                          job.event, job.peer, how, took, event="hook-failed", peer=job.peer,
+                          peer_address=job.address)
 
     def _expire(self, job: Job) -> None:
         """The hook outlived ``hook_timeout``: kill its process group (again, until it is gone)."""
@@ -204,9 +209,10 @@ class HookRunner:
         if not job.killed:
             job.killed = True
             self.counts["timeout"] += 1
-            log.warning("on_change hook for %s %s still running after %g s; killing it (pid %d)",
-                        job.event, job.peer, self.loop.time() - job.started, proc.pid,
-                        extra=fields(event="hook-timeout", peer=job.peer, peer_address=job.address))
+            self.peer_log.log(logging.WARNING, _source(job),
+                              "on_change hook for %s %s still running after %g s; killing it (pid %d)",
+                              job.event, job.peer, self.loop.time() - job.started, proc.pid,
+                              event="hook-timeout", peer=job.peer, peer_address=job.address)
         _killpg(proc.pid)
         # Normally reaped on its SIGCHLD; this re-check only guards against a lost signal.
         job.timer = self.loop.call_later(RECHECK_AFTER_KILL, lambda: self._expire(job))
@@ -224,6 +230,11 @@ class HookRunner:
         self._pump_timer = None
         for job in self.running.values():
             self.loop.cancel(job.timer)
+
+
+def _source(job: Job) -> str:
+    """The rate limit's source: the peer's host, without the port that changes with each connection."""
+    return job.address.rsplit(":", 1)[0] if ":" in job.address else job.address
 
 
 def _killpg(pid: int) -> None:

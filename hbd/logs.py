@@ -17,8 +17,11 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import os
+import stat
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +146,17 @@ class ResilientFileHandler(logging.handlers.RotatingFileHandler):
         except Exception as exc:  # disk full, directory deleted, permissions changed...
             self._fail(exc)
 
+    def reopen(self) -> None:
+        """Close the file and open baseFilename again now (SIGUSR2; also retries a broken file)."""
+        self._broken_since = None
+        try:
+            if self.stream is not None:
+                self.stream.close()
+            self.stream = None  # type: ignore[assignment]
+            self.stream = self._open()
+        except Exception as exc:
+            self._fail(exc)
+
     def _gone(self) -> bool:
         """True when our open file is no longer the one at baseFilename (deleted, rotated away)."""
         try:
@@ -227,8 +241,19 @@ class Logging:
         if handler is not None:
             handler.setLevel(max(lvl, logging.WARNING))  # the file holds problems only
 
+    def reopen(self) -> None:
+        """Reopen the log file (logrotate moved it away: SIGUSR2); nothing without one."""
+        if self.file_handler is not None:
+            self.file_handler.reopen()
+
     def _open_file(self, path: str) -> ResilientFileHandler:
         try:
+            try:
+                mode = os.stat(path).st_mode
+            except FileNotFoundError:
+                mode = stat.S_IFREG
+            if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISDIR(mode):  # open() would block or fail
+                raise LogSetupError(f"cannot open the log file {path}: not a regular file")
             parent = Path(path).parent
             if not parent.exists() and not parent.is_symlink():
                 parent.mkdir(parents=True)  # convenient when run by hand; systemd makes /var/log/hbd
@@ -280,43 +305,128 @@ def report_start_errors(identifier: str, lines: list[str], log_file: str | None)
         pass  # nowhere better to say it: the terminal/journal has it
 
 
-class PeerLogLimiter:
-    """Rate limit for log lines a peer can cause: at most ``burst`` per ``interval`` per source
-    address; the rest are counted and reported as "suppressed N" with the next line allowed."""
+PEER_BURST = 5  # lines per source address and kind of line per window
+PEER_KIND_BURST = 10  # lines per kind of line per window, all sources together
+PEER_TOTAL_BURST = 30  # peer-caused lines per window, all sources and kinds together
+PEER_INTERVAL = 10.0  # the window, seconds
 
-    def __init__(self, burst: int = 5, interval: float = 10.0, max_sources: int = 10000) -> None:
+
+@dataclass(frozen=True)
+class Suppressed:
+    """What the limiter held back of one kind of line in one window."""
+
+    kind: str
+    lines: int
+    sources: int  # distinct sources (a lower bound past the limiter's max_sources)
+    source: str | None  # the source, when there was only one
+    interval: float
+
+
+class PeerLogLimiter:
+    """Rate limit for log lines a peer can cause (sans-I/O: ``now`` comes in, decisions go out).
+
+    A line is logged only while three fixed windows of ``interval`` seconds all have room: its
+    source address and kind (``burst``), its kind from every source (``kind_burst``) and all
+    peer-caused lines together (``total_burst``). So one noisy host cannot drown the others, and
+    many hosts together (250 loopback addresses, a botnet) cannot fill the disk either. What is
+    held back is counted per kind and reported by ``expired()`` once that kind's window is over,
+    as one summary per kind: N lines from M sources.
+    """
+
+    def __init__(self, burst: int = PEER_BURST, interval: float = PEER_INTERVAL, max_sources: int = 10000,
+                 kind_burst: int = PEER_KIND_BURST, total_burst: int = PEER_TOTAL_BURST) -> None:
         self.burst = burst
+        self.kind_burst = kind_burst
+        self.total_burst = total_burst
         self.interval = interval
         self.max_sources = max_sources
-        self._windows: dict[str, list[float | int]] = {}  # source -> [window start, count, suppressed]
+        self._windows: dict[tuple[str, str], list[float]] = {}  # (source, kind) -> [start, count]
+        self._kinds: dict[str, _KindWindow] = {}
+        self._total = [float("-inf"), 0.0]  # [start, count]
+        self._ready: list[Suppressed] = []  # summaries of windows that ended, not yet collected
 
-    def check(self, source: str, now: float) -> tuple[bool, int]:
-        """Return (log this line?, lines suppressed since the last one logged for this source)."""
-        w = self._windows.get(source)
+    def check(self, source: str, kind: str, now: float) -> bool:
+        """Log this line? (If not, it is counted for the kind's summary.)"""
+        kw = self._kinds.get(kind)
+        if kw is None or now - kw.start >= self.interval:
+            if kw is not None:
+                self._close(kw, kind)
+            kw = self._kinds[kind] = _KindWindow(now)
+        total = self._total
+        if now - total[0] >= self.interval:
+            total[0], total[1] = now, 0
+        key = (source, kind)
+        w = self._windows.get(key)
         if w is None or now - w[0] >= self.interval:
-            suppressed = int(w[2]) if w is not None else 0
-            if len(self._windows) >= self.max_sources:
+            if w is None and len(self._windows) >= self.max_sources:
                 self._prune(now)
-            self._windows[source] = [now, 1, 0]
-            return True, suppressed
-        if w[1] < self.burst:
+            w = self._windows[key] = [now, 0]
+        if w[1] < self.burst and kw.logged < self.kind_burst and total[1] < self.total_burst:
             w[1] += 1
-            return True, 0
-        w[2] += 1
-        return False, 0
+            kw.logged += 1
+            total[1] += 1
+            return True
+        kw.suppressed += 1
+        if len(kw.sources) < self.max_sources:
+            kw.sources.add(source)
+        return False
 
-    def expired(self, now: float) -> list[tuple[str, int]]:
-        """Sources whose window has ended with lines suppressed: (source, count), each reported once."""
-        out = []
-        for source, w in self._windows.items():
-            if w[2] and now - w[0] >= self.interval:
-                out.append((source, int(w[2])))
-                w[2] = 0
+    def expired(self, now: float) -> list[Suppressed]:
+        """Summaries of the windows that have ended with lines held back, each reported once."""
+        for kind, kw in list(self._kinds.items()):
+            if now - kw.start >= self.interval:
+                del self._kinds[kind]
+                self._close(kw, kind)
+        out, self._ready = self._ready, []
         return out
 
+    def _close(self, kw: _KindWindow, kind: str) -> None:
+        if kw.suppressed:
+            only = next(iter(kw.sources)) if len(kw.sources) == 1 else None
+            self._ready.append(Suppressed(kind, kw.suppressed, len(kw.sources), only, self.interval))
+
     def _prune(self, now: float) -> None:
-        stale = [s for s, w in self._windows.items() if now - w[0] >= self.interval]
-        for s in stale:
-            del self._windows[s]
+        stale = [k for k, w in self._windows.items() if now - w[0] >= self.interval]
+        for k in stale:
+            del self._windows[k]
         if len(self._windows) >= self.max_sources:  # under a flood from many sources: start over
             self._windows.clear()
+
+
+class _KindWindow:
+    __slots__ = ("logged", "sources", "start", "suppressed")
+
+    def __init__(self, start: float) -> None:
+        self.start = start
+        self.logged = 0
+        self.suppressed = 0
+        self.sources: set[str] = set()
+
+
+class PeerLog:
+    """Logs the lines a peer can cause through one ``PeerLogLimiter`` shared by the whole daemon
+    (server lines, hook failures, resolve errors...); ``flush()`` writes the summaries."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, limiter: PeerLogLimiter | None = None) -> None:
+        self.clock = clock
+        self.limiter = limiter if limiter is not None else PeerLogLimiter()
+
+    def log(self, level: int, source: str, msg: str, *args: object, event: str, **extra: Any) -> bool:
+        """Log ``msg % args`` unless the limit for ``source`` and ``event`` is reached; True if logged."""
+        if not log.isEnabledFor(level):
+            return False
+        if not self.limiter.check(source, event, self.clock()):
+            return False
+        log.log(level, msg, *args, extra=fields(event=event, **extra))
+        return True
+
+    def flush(self) -> None:
+        """Log one summary per kind of line held back in a window that has ended."""
+        for s in self.limiter.expired(self.clock()):
+            if s.source is not None:
+                log.warning("suppressed %d %r lines caused by %s in the last %g s", s.lines, s.kind, s.source,
+                            s.interval, extra=fields(peer=s.source, event="suppressed", kind=s.kind))
+            else:
+                log.warning("suppressed %d %r lines from %d%s sources in the last %g s", s.lines, s.kind,
+                            s.sources, "+" if s.sources >= self.limiter.max_sources else "", s.interval,
+                            extra=fields(event="suppressed", kind=s.kind, sources=s.sources))

@@ -33,6 +33,8 @@ class Ops:
         self.loop = daemon.loop
         self.role = "client" if daemon.identifier.startswith("hbd-client") else "server"
         self.hooks = HookRunner(self.loop, self.role)
+        if hasattr(daemon, "peer_log"):
+            self.hooks.peer_log = daemon.peer_log  # one budget for every line peers can cause
         self.events = {"up": 0, "late": 0, "down": 0}
         self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT)
         self.stalls = 0

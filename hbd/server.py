@@ -19,7 +19,7 @@ from hbd import metrics
 from hbd.access import AllowList
 from hbd.config import ServerConfig, load_server_config
 from hbd.daemon import Daemon, StartError
-from hbd.logs import PeerLogLimiter, fields, log
+from hbd.logs import fields, log
 from hbd.loop import Timer
 from hbd.protocol import Hello, PeerState, ProtocolError, ServerPeer, StateChange, peer_timeout
 from hbd.wheel import DeadlineWheel
@@ -136,7 +136,6 @@ class Server(Daemon):
         self._in_wheel = False
         self.listener: socket.socket | None = None
         self.address: tuple[str, int] | None = None
-        self.limiter = PeerLogLimiter()
         self.late = 0
         self.stats = {"accepted": 0, "refused": 0, "timeouts": 0, "rejected": 0, "denied": 0, "tls_failed": 0}
         self.tls_context: ssl.SSLContext | None = None
@@ -157,7 +156,6 @@ class Server(Daemon):
         self.loop.add_reader(self.listener, self.on_accept)
         self.loop.stall_callbacks.append(self.on_stall)
         self.start_status_updates()
-        self.loop.call_later(self.limiter.interval, self._flush_suppressed)
         log.info(
             "listening on %s:%d (heartbeat_timeout %g s, max_clients %d%s%s)",
             *self.address, self.config.heartbeat_timeout, self.max_clients,
@@ -247,21 +245,14 @@ class Server(Daemon):
                             extra=fields(peer=conn.addr, event="tls-required"))
                 self._close(conn)
 
-    def _flush_suppressed(self) -> None:
-        """Report lines the rate limit held back, even when the source then fell quiet."""
-        for key, n in self.limiter.expired(self.clock()):
-            source, event = key.rsplit(" ", 1)
-            log.warning("suppressed %d %r lines caused by %s in the last %g s", n, event, source,
-                        self.limiter.interval, extra=fields(peer=source, event="suppressed"))
-        self.loop.call_later(self.limiter.interval / 2, self._flush_suppressed)
-
     # -- listener ------------------------------------------------------------------------------------
     def _bind(self, cfg: ServerConfig) -> socket.socket:
         try:
+            # A host name here is resolved blocking (at start, or on a reload that changes host/port).
             infos = socket.getaddrinfo(cfg.host, cfg.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
             family, _, _, _, addr = infos[0]
             sock = socket.socket(family, socket.SOCK_STREAM)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # UnicodeError (a ValueError) for a name IDNA refuses
             raise StartError(f"cannot resolve listen address {cfg.host}:{cfg.port}: {exc}") from None
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -504,14 +495,6 @@ class Server(Daemon):
 
     def _peer_log(self, level: int, source: str, msg: str, *args: object, event: str, peer: str = "",
                   name: str | None = None, **more: object) -> None:
-        """A line a peer can cause: at most a burst per source address and kind of event."""
-        if not log.isEnabledFor(level):
-            return
-        key = f"{source} {event}"
-        ok, suppressed = self.limiter.check(key, self.clock())
-        if not ok:
-            return
-        if suppressed:
-            msg += f" (suppressed {suppressed} similar lines from {source})"
-        log.log(level, msg, *args, extra=fields(peer=name or peer or source, peer_address=peer or source, event=event,
-                                                **more))
+        """A line a peer can cause: rate-limited per source address and kind, per kind, and in total."""
+        self.peer_log.log(level, source, msg, *args, event=event, peer=name or peer or source,
+                          peer_address=peer or source, **more)

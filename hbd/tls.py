@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import os
 import ssl
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from hbd.quote import cut, show
 
 # The first byte of every TLS connection: a handshake record (ClientHello).
 TLS_HANDSHAKE_RECORD = 0x16
@@ -74,11 +77,9 @@ def _parse(value: Any, keys: tuple[str, ...]) -> TLSConfig | None:
             if not isinstance(path, str) or not path:
                 problems.append(f"{k}: must be a file path, got {_show(path)}")
                 continue
-            try:
-                with open(path, "rb") as f:
-                    f.read(1)
-            except OSError as exc:
-                problems.append(f"{k}: cannot read {path}: {exc.strerror or exc}")
+            why = _unreadable(path)
+            if why:
+                problems.append(f"{k}: cannot read {cut(path, 200)}: {why}")
                 continue
             out[k] = os.path.abspath(path)
     for k in ("require_client_cert", "verify"):
@@ -108,16 +109,43 @@ def _raise(problems: list[str]) -> None:
         raise ValueError("; ".join(problems))
 
 
+MAX_PEM_BYTES = 1024 * 1024  # a certificate chain or key file; more is not a PEM file we want
+
+
+def _unreadable(path: str) -> str | None:
+    """Why ``path`` cannot be a certificate or key file, or None. Never blocks: a FIFO, a device
+    or a directory is refused before the ssl module would read it (for ever, or without end)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        return (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            return "it is a directory"
+        if not stat.S_ISREG(st.st_mode):
+            return "not a regular file"
+        if st.st_size > MAX_PEM_BYTES:
+            return f"too large ({st.st_size} bytes, at most {MAX_PEM_BYTES})"
+        os.read(fd, 1)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    finally:
+        os.close(fd)
+    return None
+
+
 def _try_context(build: Callable[[], ssl.SSLContext]) -> None:
     """Load the files now, so a bad PEM or a key that does not match is a config error."""
     try:
         build()
-    except (ssl.SSLError, OSError) as exc:
-        raise ValueError(f"cannot load the certificate files: {exc.reason or exc.strerror or exc}") from None
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        # ssl.SSLError has .reason; a plain OSError (the file vanished, a directory) has only .strerror
+        why = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise ValueError(f"cannot load the certificate files: {cut(str(why), 120)}") from None
 
 
-def _show(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}" if value is not None else "nothing (null)"
+_show = show
 
 
 # -- contexts ---------------------------------------------------------------------------------------

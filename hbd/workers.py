@@ -323,8 +323,8 @@ def check_bind(cfg: ServerConfig) -> None:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             s.bind(addr)
-    except OSError as exc:
-        raise StartError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}") from None
+    except (OSError, ValueError) as exc:  # UnicodeError (a ValueError) for a name IDNA refuses
+        raise StartError(f"cannot listen on {cfg.host}:{cfg.port}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
 def _kill(pid: int, sig: int) -> None:

@@ -79,8 +79,9 @@ def test_allowed_sources_ping_and_a_reload_can_evict(tmp_path: Path, procs) -> N
 
 def test_limiter_reports_what_it_suppressed_once() -> None:
     lim = PeerLogLimiter(burst=2, interval=10.0)
-    assert [lim.check("a", 0.0)[0] for _ in range(5)] == [True, True, False, False, False]
+    assert [lim.check("a", "denied", 0.0) for _ in range(5)] == [True, True, False, False, False]
     assert lim.expired(5.0) == []  # window still open
-    assert lim.expired(10.0) == [("a", 3)]
+    assert [(s.kind, s.lines, s.source) for s in lim.expired(10.0)] == [("denied", 3, "a")]
     assert lim.expired(11.0) == []  # reported once
-    assert lim.check("a", 12.0) == (True, 0)  # and not again with the next line
+    assert lim.check("a", "denied", 12.0)
+    assert lim.expired(30.0) == []  # and not again

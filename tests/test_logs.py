@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from hbd import logs
-from hbd.logs import Logging, PeerLogLimiter, fields, log, under_journald
+from hbd.logs import Logging, PeerLogLimiter, Suppressed, fields, log, under_journald
 
 
 class FakeJournal:
@@ -155,16 +155,19 @@ def test_prepare_failure_changes_nothing(tmp_path: Path, fresh) -> None:
 
 def test_peer_log_limiter() -> None:
     lim = PeerLogLimiter(burst=3, interval=10.0)
-    assert [lim.check("1.2.3.4", 0.0)[0] for _ in range(5)] == [True, True, True, False, False]
-    assert lim.check("5.6.7.8", 0.0) == (True, 0)  # other sources are not affected
-    assert lim.check("1.2.3.4", 10.0) == (True, 2)  # the summary comes with the next line
+    assert [lim.check("1.2.3.4", "late", 0.0) for _ in range(5)] == [True, True, True, False, False]
+    assert lim.check("5.6.7.8", "late", 0.0)  # other sources are not affected
+    assert lim.check("1.2.3.4", "dead", 0.0)  # nor other kinds of line
+    assert lim.check("1.2.3.4", "late", 10.0)  # a new window
+    assert lim.expired(10.0) == [Suppressed("late", 2, 1, "1.2.3.4", 10.0)]
 
 
 def test_peer_log_limiter_is_bounded() -> None:
     lim = PeerLogLimiter(burst=1, interval=10.0, max_sources=100)
     for i in range(1000):
-        lim.check(f"10.0.{i // 256}.{i % 256}", 0.0)
+        lim.check(f"10.0.{i // 256}.{i % 256}", "late", 0.0)
     assert len(lim._windows) <= 100
+    assert all(len(kw.sources) <= 100 for kw in lim._kinds.values())
 
 
 def test_priorities() -> None:
