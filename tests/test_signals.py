@@ -1,0 +1,130 @@
+"""Stray and early signals: HUP during start-up is queued, USR1 logs a status line, USR2 reopens
+the log file, ALRM and friends are ignored; none of them kills a daemon or leaves its socket behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from daemons import HbdProcess, connect, free_port, recv_exactly, start_client, start_server
+
+from hbd import entry
+
+
+def caught(pid: int, signum: int) -> bool:
+    """True once the process has a handler for ``signum`` (SigCgt in /proc/PID/status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    for line in status.splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
+
+
+def server_config(tmp_path: Path) -> dict:
+    return {"host": "127.0.0.1", "port": free_port(), "heartbeat_timeout": 5.0, "log_level": "info",
+            "log_file": str(tmp_path / "server.log"), "control_socket": str(tmp_path / "server.sock")}
+
+
+def serves(port: int) -> bool:
+    with connect(port) as s:
+        s.sendall(b"ping")
+        return recv_exactly(s, 4) == b"pong"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM])
+def test_a_signal_storm_from_the_first_line_of_hbd(tmp_path: Path, procs, sig: int) -> None:
+    """Signals sent in a tight loop from the moment hbd's first line has run (before that the
+    interpreter itself is starting: see the README) for 0.5 s: the daemon survives and serves."""
+    cfg = server_config(tmp_path)
+    srv = HbdProcess("server", cfg, tmp_path)
+    procs.append(srv)
+    deadline = time.monotonic() + 10
+    while not caught(srv.pid, sig):
+        assert srv.proc.poll() is None and time.monotonic() < deadline, srv.output()
+    # caught before the heavy imports (ssl, yaml: ~0.1 s of start-up), not only once the loop runs
+    maps = Path(f"/proc/{srv.pid}/maps").read_text()
+    assert "_ssl" not in maps and "_yaml" not in maps, "the signal was caught only after the heavy imports"
+    sent = 0
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 0.5:
+        os.kill(srv.pid, sig)
+        sent += 1
+    assert srv.proc.poll() is None, f"killed by the {sent} signals:\n{srv.output()}"
+    srv.wait_for(r"listening on")
+    assert serves(cfg["port"])
+    if sig == signal.SIGHUP:  # at least the one queued during start-up is acted upon
+        srv.wait_for(r"reloaded ")
+    assert "Traceback" not in srv.output()
+    assert srv.stop() == 0
+    assert not Path(cfg["control_socket"]).exists()
+
+
+def test_usr1_logs_a_status_line(tmp_path: Path, procs) -> None:
+    srv = start_server(tmp_path)
+    procs.append(srv)
+    with connect(srv.config["port"]) as s:
+        s.sendall(b"ping")
+        recv_exactly(s, 4)
+        srv.signal(signal.SIGUSR1)
+        srv.wait_for(r"INFO +status: 1 client, 0 late; 0 reloads ok, 0 failed; loop lag max \d+\.\d ms")
+    cli = start_client(tmp_path, srv.config["port"])
+    procs.append(cli)
+    cli.wait_for(r"pong from")
+    cli.signal(signal.SIGUSR1)
+    cli.wait_for(r"INFO +status: 127\.0\.0\.1:\d+ up, rtt")
+
+
+def test_usr2_reopens_the_log_file(tmp_path: Path, procs) -> None:
+    srv = start_server(tmp_path)
+    procs.append(srv)
+    log_file = Path(srv.config["log_file"])
+    assert log_file.exists()
+    rotated = log_file.with_name("server.log.1")
+    log_file.rename(rotated)  # what logrotate does, before it signals the daemon
+    srv.signal(signal.SIGUSR2)
+    srv.wait_for(r"log file reopened")
+    assert log_file.exists()
+    with connect(srv.config["port"]) as s:  # a warning: goes to the new file, not the old one
+        s.sendall(b"garbage!\n")
+        s.settimeout(3)
+        s.recv(10)
+    srv.wait_for(r"WARNING .*closing client")
+    deadline = time.monotonic() + 5
+    while "closing client" not in log_file.read_text():
+        assert time.monotonic() < deadline, log_file.read_text()
+        time.sleep(0.05)
+    assert "closing client" not in rotated.read_text()
+
+
+@pytest.mark.parametrize("name", ["SIGALRM", "SIGVTALRM", "SIGPROF", "SIGIO", "SIGPWR", "SIGUSR1", "SIGUSR2"])
+def test_stray_signals_do_not_kill(tmp_path: Path, procs, name: str) -> None:
+    srv = start_server(tmp_path)
+    procs.append(srv)
+    for _ in range(3):
+        srv.signal(getattr(signal, name))
+    time.sleep(0.2)
+    assert srv.proc.poll() is None, srv.output()
+    assert serves(srv.config["port"])
+    assert srv.stop() == 0
+    assert not Path(srv.config["control_socket"]).exists()
+
+
+def test_early_hup_is_remembered_once() -> None:
+    old = {s: signal.getsignal(s) for s in (signal.SIGHUP, *entry.STRAY_SIGNALS)}
+    try:
+        entry.catch_signals()
+        assert not entry.take_hup()
+        os.kill(os.getpid(), signal.SIGALRM)
+        os.kill(os.getpid(), signal.SIGHUP)
+        time.sleep(0.01)  # Python runs the handler at the next bytecode boundary
+        assert entry.take_hup()
+        assert not entry.take_hup()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
