@@ -1,5 +1,7 @@
 """TLS and mTLS between real hbd processes; certificates made with the openssl command line."""
 
+import os
+import re
 import signal
 import socket
 import ssl
@@ -7,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from certs import Pair, make_ca, make_cert
 from daemons import connect, recv_exactly, start_client, start_server
 
@@ -209,3 +212,72 @@ def _write(tmp_path: Path, text: str) -> Path:
 def test_no_tls_section_means_plain_tcp(tmp_path: Path) -> None:
     assert load_server_config(_write(tmp_path, "port: 1234\n")).tls is None
     assert socket  # plain TCP is covered by the rest of the suite
+
+
+# -- certificate files that cannot be loaded are configuration errors (issue 15, point 15) -------------
+def _bad_cert(tmp_path: Path, pki, case: str) -> tuple[dict, str]:
+    """A tls section whose files cannot be used, and the error expected for it."""
+    bad = tmp_path / f"bad-{case}"
+    good = {"cert": pki["server"].cert, "key": pki["server"].key}
+    if case == "directory":
+        bad.mkdir()
+        return {**good, "cert": str(bad)}, r"tls: cert: cannot read .*: it is a directory"
+    if case == "missing":
+        return {**good, "key": str(bad)}, r"tls: key: cannot read .*: No such file or directory"
+    if case == "garbage":
+        bad.write_text("-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n")
+        return {**good, "cert": str(bad)}, r"tls: cannot load the certificate files: \S+"
+    if case == "mismatch":
+        return {**good, "key": pki["client"].key}, r"tls: cannot load the certificate files: KEY_VALUES_MISMATCH"
+    if case == "fifo":
+        os.mkfifo(bad)
+        return {**good, "cert": str(bad)}, r"tls: cert: cannot read .*: not a regular file"
+    if case == "dev-zero":
+        bad.symlink_to("/dev/zero")
+        return {**good, "key": str(bad)}, r"tls: key: cannot read .*: not a regular file"
+    raise AssertionError(case)
+
+
+TLS_CASES = ["directory", "missing", "garbage", "mismatch", "fifo", "dev-zero"]
+
+
+@pytest.mark.parametrize("case", TLS_CASES)
+def test_unusable_certificate_files_are_config_errors(tmp_path: Path, pki, case: str) -> None:
+    section, expected = _bad_cert(tmp_path, pki, case)
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump({"tls": section}))
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError) as info:
+        load_server_config(p)
+    assert time.monotonic() - t0 < 1.0  # a FIFO or /dev/zero is refused, never read
+    (e,) = info.value.errors
+    assert re.search(expected, e), e
+    p.write_text(yaml.safe_dump({"tls": {**section, "ca": pki["ca"].cert}}))
+    with pytest.raises(ConfigError):
+        load_client_config(p)
+
+
+def test_a_plain_oserror_while_loading_is_a_config_error() -> None:
+    """The file can vanish between the check and the load: ssl then raises a plain OSError, which
+    has no .reason (this used to be an AttributeError, a traceback instead of an error line)."""
+    from hbd import tls
+
+    def vanished():
+        raise FileNotFoundError(2, "No such file or directory")
+
+    with pytest.raises(ValueError, match="cannot load the certificate files: No such file or directory"):
+        tls._try_context(vanished)
+
+
+@pytest.mark.parametrize("case", TLS_CASES)
+def test_reload_with_unusable_certificates_keeps_serving(tmp_path: Path, procs, pki, case: str) -> None:
+    srv = start_server(tmp_path, heartbeat_timeout=5)
+    procs.append(srv)
+    section, _ = _bad_cert(tmp_path, pki, case)
+    srv.write_config({**srv.config, "tls": section})
+    srv.signal(signal.SIGHUP)
+    srv.wait_for(r"reload failed: still running with the previous configuration")
+    with connect(srv.config["port"]) as s:
+        s.sendall(b"ping")
+        assert recv_exactly(s, 4) == b"pong"
+    assert "Traceback" not in srv.output()
