@@ -342,9 +342,9 @@ def _validate(cls: type, path: Path, overrides: dict[str, Any]) -> Any:
     errors: list[str] = []
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     values: dict[str, Any] = {}
+    known = ", ".join(sorted(fields))
     for key in data:
         if not isinstance(key, str) or key not in fields:
-            known = ", ".join(sorted(fields))
             errors.append(f"{where(str(key))}: unknown key (known keys: {known})")
     for name, f in fields.items():
         if name not in data:
@@ -448,30 +448,42 @@ def _parse(text: str) -> tuple[Any, dict[str, int]]:
 def _check_size(root: yaml.Node) -> None:
     """Refuse a document whose values, aliases expanded, exceed MAX_NODES or MAX_DEPTH. An alias
     costs nothing to parse but everything to walk: 9 aliases to 9 aliases... is a billion values."""
-    done: dict[int, tuple[int, int]] = {}  # id(node) -> (values below and including it, depth)
+    scalar = yaml.ScalarNode
+    if isinstance(root, scalar):
+        return
+    done: dict[int, tuple[int, int]] = {}  # id(collection) -> (values in it and below, depth)
     open_: set[int] = set()
     stack: list[yaml.Node] = [root]
-    while stack:
+    while stack:  # depth-first, without recursion; each collection is summed once however often aliased
         node = stack[-1]
-        if id(node) in done:
+        nid = id(node)
+        if nid in done:
             stack.pop()
             continue
         kids = _children(node)
-        if id(node) not in open_:
-            open_.add(id(node))
+        if nid not in open_:
+            open_.add(nid)
             for kid in kids:
-                if id(kid) in open_ and id(kid) not in done:
+                if isinstance(kid, scalar) or id(kid) in done:
+                    continue
+                if id(kid) in open_:
                     raise ConfigError([f"line {kid.start_mark.line + 1}: an alias refers to a value containing it"])
-                if id(kid) not in done:
-                    stack.append(kid)
+                stack.append(kid)
             continue
         stack.pop()
-        size = 1 + sum(done[id(k)][0] for k in kids)
-        depth = 1 + max((done[id(k)][1] for k in kids), default=0)
+        size, depth = 1, 1
+        for kid in kids:
+            if isinstance(kid, scalar):
+                size += 1
+                depth = max(depth, 2)
+            else:
+                n, d = done[id(kid)]
+                size += n
+                depth = max(depth, d + 1)
         if size > MAX_NODES or depth > MAX_DEPTH:
             what = f"more than {MAX_NODES} values" if size > MAX_NODES else f"nested deeper than {MAX_DEPTH} levels"
             raise ConfigError([f"line {node.start_mark.line + 1}: {what} once aliases are expanded"])
-        done[id(node)] = (size, depth)
+        done[nid] = (size, depth)
 
 
 def _children(node: yaml.Node) -> list[yaml.Node]:

@@ -196,7 +196,8 @@ def test_sighup_with_any_file_keeps_the_server_serving(tmp_path: Path, procs, ca
     assert "Traceback" not in srv.output()
     # how long the loop was busy with the reload, from the daemon's own timestamps
     stamps = [_stamp(ln) for ln in lines if "reloading " in ln or "reload failed: still running" in ln]
-    assert len(stamps) == 2 and stamps[1] - stamps[0] < 0.5, lines  # ~10 ms measured; generous for a busy host
+    assert len(stamps) == 2 and stamps[1] - stamps[0] < 0.5, lines  # <= 41 ms measured; generous for a busy host
+    print(f"{case}: the reload held the loop for {(stamps[1] - stamps[0]) * 1000:.0f} ms")
     t0 = time.monotonic()
     assert srv.stop(timeout=5) == 0
     assert time.monotonic() - t0 < 5

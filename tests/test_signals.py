@@ -56,6 +56,7 @@ def test_a_signal_storm_from_the_first_line_of_hbd(tmp_path: Path, procs, sig: i
         os.kill(srv.pid, sig)
         sent += 1
     assert srv.proc.poll() is None, f"killed by the {sent} signals:\n{srv.output()}"
+    print(f"{signal.Signals(sig).name}: {sent} signals in 0.5 s from the first line of hbd; still running")
     srv.wait_for(r"listening on")
     assert serves(cfg["port"])
     if sig == signal.SIGHUP:  # at least the one queued during start-up is acted upon
