@@ -139,10 +139,12 @@ class Daemon:
             except BaseException:
                 self.ops.abort()
                 raise
-        except (ConfigError, LogSetupError, StartError, BindError) as exc:
+        except Exception as exc:  # whatever it is, the running configuration stays
             if handler is not None:
                 self.logs.discard(handler)
-            errors = exc.errors if isinstance(exc, ConfigError) else [str(exc)]
+            if not isinstance(exc, ConfigError | LogSetupError | StartError | BindError):
+                log.error("reload failed: unexpected error", exc_info=True)  # a bug: one traceback
+            errors = exc.errors if isinstance(exc, ConfigError) else [str(exc) or type(exc).__name__]
             for line in errors:
                 log.error("reload failed: %s", line, extra={"fields": {"EVENT": "reload-failed"}})
             log.error("reload failed: still running with the previous configuration of %s", path)

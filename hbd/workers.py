@@ -31,6 +31,7 @@ from collections.abc import Callable
 
 from hbd.config import ServerConfig, load_server_config
 from hbd.daemon import Daemon, StartError
+from hbd.entry import catch_signals, take_hup
 from hbd.logs import Logging, fields, log
 from hbd.notify import Notifier
 
@@ -296,9 +297,11 @@ def _run_worker(sup: Supervisor, index: int, wfd: int) -> int:
     """In the forked child: drop the supervisor's loop and signal state, then serve."""
     from hbd.server import Server
 
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)
     signal.set_wakeup_fd(-1)
+    take_hup()
+    catch_signals()  # a HUP (or a stray USR1...) before the worker's loop runs must not kill it
     sup.loop.close_in_child()
     sup.ops.close_in_child()
     for w in sup.workers.values():

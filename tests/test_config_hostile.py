@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from daemons import ROOT, connect, recv_exactly, start_server
+from daemons import ROOT, connect, recv_exactly, start_client, start_server
 
 from hbd.client import resolve
 from hbd.config import MAX_CONFIG_BYTES, MAX_ERROR_LINE, MAX_ERRORS, ConfigError, load_client_config, load_server_config
@@ -208,3 +208,56 @@ def _stamp(line: str) -> float:
     assert m, line
     h, mi, sec, ms = map(int, m.groups())
     return h * 3600 + mi * 60 + sec + ms / 1000
+
+
+def test_a_client_whose_server_name_does_not_resolve_says_so_briefly(tmp_path: Path, procs) -> None:
+    cli = start_client(tmp_path, 54321, host="nosuchhost.invalid", reconnect_delay=0.05, reconnect_max_delay=0.1)
+    procs.append(cli)
+    cli.wait_for(r"WARNING .*nosuchhost\.invalid:54321: cannot resolve nosuchhost\.invalid: ")
+    deadline = time.monotonic() + 10
+    while cli.count(r"reconnecting to") < 20:
+        assert time.monotonic() < deadline and cli.proc.poll() is None, cli.output()
+        time.sleep(0.05)
+    out = cli.output()
+    assert cli.count(r"cannot resolve") == 5, out  # rate-limited: 5 per 10 s for one server
+    assert "Traceback" not in out and "timed out" not in out
+
+
+def test_a_log_file_that_is_a_fifo_is_an_error_not_a_hang(tmp_path: Path, procs) -> None:
+    fifo = tmp_path / "log.fifo"
+    os.mkfifo(fifo)
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(yaml.safe_dump({"host": "127.0.0.1", "port": 1, "log_file": str(fifo)}))
+    rc, out, took = _hbd("server", "-c", str(cfg), "--control-socket", "", timeout=20)
+    assert rc != 0 and "cannot open the log file" in out and "not a regular file" in out, out
+    srv = start_server(tmp_path, heartbeat_timeout=5)
+    procs.append(srv)
+    srv.write_config({**srv.config, "log_file": str(fifo)})
+    srv.signal(signal.SIGHUP)
+    srv.wait_for(r"reload failed: .*cannot open the log file .*not a regular file")
+    with connect(srv.config["port"]) as s:
+        s.sendall(b"ping")
+        assert recv_exactly(s, 4) == b"pong"
+
+
+def test_an_unexpected_error_during_a_reload_keeps_the_old_config(tmp_path: Path) -> None:
+    from hbd.daemon import Daemon
+    from hbd.logs import Logging
+    from hbd.notify import Notifier
+
+    class Broken(Daemon):
+        def load(self):
+            raise RuntimeError("a bug")
+
+    path = tmp_path / "s.yaml"
+    path.write_text("port: 1234\n")
+    cfg = load_server_config(path)
+    loop = EventLoop()
+    logs = Logging("hbd-test", journald=False)
+    try:
+        d = Broken(cfg, loop=loop, notifier=Notifier({}), logs=logs)
+        assert d.reload() is False
+        assert d.config is cfg and d.reloads_failed == 1 and d.last_reload_error == "a bug"
+    finally:
+        logs.close()
+        loop.close()
