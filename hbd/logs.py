@@ -355,17 +355,18 @@ class PeerLogLimiter:
         total = self._total
         if now - total[0] >= self.interval:
             total[0], total[1] = now, 0
-        key = (source, kind)
-        w = self._windows.get(key)
-        if w is None or now - w[0] >= self.interval:
-            if w is None and len(self._windows) >= self.max_sources:
-                self._prune(now)
-            w = self._windows[key] = [now, 0]
-        if w[1] < self.burst and kw.logged < self.kind_burst and total[1] < self.total_burst:
-            w[1] += 1
-            kw.logged += 1
-            total[1] += 1
-            return True
+        if kw.logged < self.kind_burst and total[1] < self.total_burst:  # else: no per-source work at all
+            key = (source, kind)
+            w = self._windows.get(key)
+            if w is None or now - w[0] >= self.interval:
+                if w is None and len(self._windows) >= self.max_sources:
+                    self._prune(now)
+                w = self._windows[key] = [now, 0]
+            if w[1] < self.burst:
+                w[1] += 1
+                kw.logged += 1
+                total[1] += 1
+                return True
         kw.suppressed += 1
         if len(kw.sources) < self.max_sources:
             kw.sources.add(source)
