@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 
 from hbd.logs import log
 from hbd.loop import EventLoop, Timer
+from hbd.names import listen_info
 
 Reply = Iterator[bytes | None]
 Handler = Callable[[bytes, Callable[[], None]], Reply]
@@ -287,12 +288,10 @@ def _answers(path: str) -> bool:
 
 def bind_tcp(host: str, port: int, backlog: int = 16) -> socket.socket:
     try:
-        family, stype, proto, _, addr = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
+        family, stype, proto, _, addr = listen_info(host, port)  # a host name: bounded wait
         sock = socket.socket(family, stype, proto)
-    except (OSError, ValueError) as exc:  # UnicodeError (a ValueError) for a name IDNA refuses
-        raise BindError(f"cannot resolve {host}:{port}: {getattr(exc, 'strerror', None) or exc}") from None
+    except OSError as exc:
+        raise BindError(f"cannot resolve {host}:{port}: {exc.strerror or exc}") from None
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(addr)

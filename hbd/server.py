@@ -21,6 +21,7 @@ from hbd.config import ServerConfig, load_server_config
 from hbd.daemon import Daemon, StartError
 from hbd.logs import fields, log
 from hbd.loop import Timer
+from hbd.names import listen_info
 from hbd.protocol import Hello, PeerState, ProtocolError, ServerPeer, StateChange, peer_timeout
 from hbd.wheel import DeadlineWheel
 
@@ -248,12 +249,10 @@ class Server(Daemon):
     # -- listener ------------------------------------------------------------------------------------
     def _bind(self, cfg: ServerConfig) -> socket.socket:
         try:
-            # A host name here is resolved blocking (at start, or on a reload that changes host/port).
-            infos = socket.getaddrinfo(cfg.host, cfg.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-            family, _, _, _, addr = infos[0]
+            family, _, _, _, addr = listen_info(cfg.host, cfg.port)  # a host name: bounded wait
             sock = socket.socket(family, socket.SOCK_STREAM)
-        except (OSError, ValueError) as exc:  # UnicodeError (a ValueError) for a name IDNA refuses
-            raise StartError(f"cannot resolve listen address {cfg.host}:{cfg.port}: {exc}") from None
+        except OSError as exc:
+            raise StartError(f"cannot resolve listen address {cfg.host}:{cfg.port}: {exc.strerror or exc}") from None
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if self.reuse_port:  # workers share the port; the kernel spreads connections

@@ -33,6 +33,7 @@ from hbd.config import ServerConfig, load_server_config
 from hbd.daemon import Daemon, StartError
 from hbd.entry import catch_signals, take_hup
 from hbd.logs import Logging, fields, log
+from hbd.names import listen_info
 from hbd.notify import Notifier
 
 READY_TIMEOUT = 10.0  # a worker that does not listen within this is a start-up failure
@@ -319,15 +320,13 @@ def _run_worker(sup: Supervisor, index: int, wfd: int) -> int:
 def check_bind(cfg: ServerConfig) -> None:
     """Fail fast with a clear error if the workers could not listen on host:port."""
     try:
-        family, stype, proto, _, addr = socket.getaddrinfo(
-            cfg.host, cfg.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
+        family, stype, proto, _, addr = listen_info(cfg.host, cfg.port)  # a host name: bounded wait
         with socket.socket(family, stype, proto) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             s.bind(addr)
-    except (OSError, ValueError) as exc:  # UnicodeError (a ValueError) for a name IDNA refuses
-        raise StartError(f"cannot listen on {cfg.host}:{cfg.port}: {getattr(exc, 'strerror', None) or exc}") from None
+    except OSError as exc:
+        raise StartError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}") from None
 
 
 def _kill(pid: int, sig: int) -> None:

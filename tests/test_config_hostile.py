@@ -261,3 +261,39 @@ def test_an_unexpected_error_during_a_reload_keeps_the_old_config(tmp_path: Path
     finally:
         logs.close()
         loop.close()
+
+
+def test_a_listen_host_name_that_does_not_answer_costs_at_most_the_bound(monkeypatch) -> None:
+    """A reload runs on the loop: a listen host name (server port, metrics) whose DNS server does
+    not answer holds it RESOLVE_TIMEOUT, not glibc's 30 s; and hanging lookups do not pile up."""
+    import socket as socket_mod
+
+    from hbd import names
+
+    real = socket_mod.getaddrinfo
+    release = __import__("threading").Event()
+
+    def hanging(host, *args, **kw):
+        if host == "slow.example":
+            release.wait(10)
+        return real("127.0.0.1", *args, **kw)
+
+    monkeypatch.setattr(socket_mod, "getaddrinfo", hanging)
+    try:
+        for _ in range(names.MAX_PENDING):
+            t0 = time.monotonic()
+            with pytest.raises(OSError, match=r"resolving slow\.example took more than 0\.1 s"):
+                names.listen_info("slow.example", 1)
+            assert time.monotonic() - t0 < 0.5
+        with pytest.raises(OSError, match="earlier lookups have not answered yet"):
+            names.listen_info("localhost", 1)
+    finally:
+        release.set()
+    deadline = time.monotonic() + 5
+    while names._pending and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert names._pending == 0
+    assert names.listen_info("localhost", 1)[4][1] == 1  # once they have answered, lookups work again
+    monkeypatch.undo()
+    with pytest.raises(OSError, match="invalid host name"):
+        names.listen_info("127.0.0..1", 1)
