@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="hbd: heartbeat daemon. A TCP server that answers ping with pong and closes silent "
         "clients, and a client that pings servers and reconnects when a link dies.",
         epilog="Signals: SIGHUP reloads the configuration (an invalid file keeps the old one running); "
-        "SIGTERM or SIGINT stops cleanly.",
+        "SIGUSR1 logs a status line; SIGUSR2 reopens the log file; SIGTERM or SIGINT stops cleanly.",
     )
     parser.add_argument("--version", action="version", version=f"hbd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
