@@ -129,3 +129,32 @@ def test_early_hup_is_remembered_once() -> None:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def test_a_hup_during_start_up_reloads_once_the_loop_runs(tmp_path: Path) -> None:
+    from hbd.config import load_server_config
+    from hbd.daemon import Daemon
+    from hbd.logs import Logging
+    from hbd.loop import EventLoop
+    from hbd.notify import Notifier
+
+    class Probe(Daemon):
+        reloads = 0
+
+        def start(self) -> None:
+            self.loop.call_later(0.05, self.stop)
+
+        def shutdown(self) -> None:
+            pass
+
+        def reload(self) -> bool:
+            Probe.reloads += 1
+            return True
+
+    path = tmp_path / "s.yaml"
+    path.write_text(f"log_file: null\ncontrol_socket: {tmp_path / 's.sock'}\n")
+    entry.take_hup()
+    entry._hup_pending = True  # what the start-up handler records
+    d = Probe(load_server_config(path), loop=EventLoop(), notifier=Notifier({}), logs=Logging("t", journald=False))
+    assert d.run() == 0
+    assert Probe.reloads == 1 and not entry.take_hup()
