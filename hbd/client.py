@@ -98,6 +98,7 @@ class Link:
         self.ever_up = False
         self._generation = 0  # invalidates callbacks (e.g. a DNS answer) of an abandoned attempt
         self.resolving = False
+        self._lookup_pending = False
         self.stats = LinkStats()
         self.health: str | None = None  # up, late or down as reported to hooks; None until known
         self.health_since = self.loop.time()
@@ -123,6 +124,9 @@ class Link:
         gen = self._generation
         self.resolving = True
         self._set_timer(self.loop.time() + self.cfg.receive_timeout, self._connect_timed_out)
+        if self._lookup_pending:  # a DNS server that does not answer: one lookup thread per link at most
+            return
+        self._lookup_pending = True
         resolve(self.loop, self.target.host, self.target.port,
                 lambda infos, err: self._resolved(gen, infos, err))
 
@@ -132,6 +136,7 @@ class Link:
                      event="resolve-failed" if self.resolving else "connect-failed")
 
     def _resolved(self, gen: int, infos: list[tuple], err: str | None) -> None:
+        self._lookup_pending = False
         if gen != self._generation or self.state != self.CONNECTING:
             return
         self.resolving = False

@@ -297,3 +297,37 @@ def test_a_listen_host_name_that_does_not_answer_costs_at_most_the_bound(monkeyp
     monkeypatch.undo()
     with pytest.raises(OSError, match="invalid host name"):
         names.listen_info("127.0.0..1", 1)
+
+
+def test_a_dns_server_that_does_not_answer_costs_one_lookup_thread_per_link(tmp_path: Path, monkeypatch) -> None:
+    """Attempts time out ("resolving ... timed out") while the one lookup hangs; no thread pile-up."""
+    from virtual_time import FakeClock, VirtualSelector
+
+    from hbd import client as client_mod
+    from hbd.logs import Logging
+    from hbd.notify import Notifier
+
+    calls: list = []
+    monkeypatch.setattr(client_mod, "resolve", lambda loop, host, port, done: calls.append(done))
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"host": "slow.example", "receive_timeout": 1, "reconnect_delay": 0.1,
+                                    "reconnect_max_delay": 0.2, "log_file": None, "control_socket": None}))
+    clock = FakeClock()
+    loop = EventLoop(clock=clock, selector=VirtualSelector(clock))
+    logs = Logging("t", journald=False)
+    c = client_mod.Client(load_client_config(path), loop=loop, notifier=Notifier({}), logs=logs)
+    try:
+        c.start()
+        link = c.links[0]
+        while clock() < 1000.0 + 20:
+            loop.run_once()
+        assert len(calls) == 1 and link.stats.connects > 10
+        calls[0]([], "cannot resolve slow.example: it answered at last")  # the lookup ends
+        connects = link.stats.connects
+        while link.stats.connects == connects:
+            loop.run_once()
+        assert len(calls) == 2  # the next attempt looks the name up again
+    finally:
+        c.shutdown()
+        logs.close()
+        loop.close()
