@@ -22,6 +22,7 @@ from hbd.config import (
     ServerConfig,
     load_client_config,
     load_server_config,
+    read_document,
 )
 
 LOADERS = {"server": load_server_config, "client": load_client_config}
@@ -138,13 +139,7 @@ def _start_log_file(role: str, path: str, overrides: dict) -> str | None:
     if "log_file" in overrides:
         return overrides["log_file"] or None
     default = (ServerConfig if role == "server" else ClientConfig).log_file
-    try:
-        import yaml
-
-        with open(path, encoding="utf-8") as f:
-            doc = yaml.safe_load(f.read(1 << 20))
-    except (OSError, ValueError, yaml.YAMLError):
-        return default
+    doc = read_document(path)  # never hangs or explodes, whatever the path names and holds
     value = doc.get("log_file", default) if isinstance(doc, dict) else default
     if value is None:
         return None  # log_file: null

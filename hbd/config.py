@@ -363,6 +363,15 @@ def _validate(cls: type, path: Path, overrides: dict[str, Any]) -> Any:
     return cls(**values, path=str(path))
 
 
+def read_document(path: str | Path) -> Any:
+    """The file's YAML document with the loader's bounds (size, kind of file, nesting, aliases), or
+    None if it cannot be read or parsed: for a second look at a file already found invalid."""
+    try:
+        return _parse(_read(Path(path)))[0]
+    except ConfigError:
+        return None
+
+
 def _read(path: Path) -> str:
     """The file's text; refuses anything but a regular file of at most MAX_CONFIG_BYTES, without
     ever blocking (a FIFO, /dev/zero, a socket or a directory is an error, not a hang)."""

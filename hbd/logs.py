@@ -295,6 +295,7 @@ def report_start_errors(identifier: str, lines: list[str], log_file: str | None)
     # Root by hand does not create it: a root-owned file in /var/log/hbd would stop the service (as _hbd)
     # from opening it later.
     flags = os.O_WRONLY | os.O_APPEND | (os.O_CREAT if journald or os.geteuid() != 0 else 0)
+    flags |= os.O_NONBLOCK  # a FIFO without a reader is an error (ENXIO), not a hang
     try:
         with open(os.open(log_file, flags, 0o640), "a", encoding="utf-8") as f:
             now = time.time()

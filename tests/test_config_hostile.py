@@ -170,7 +170,9 @@ def test_check_config_and_start_fail_briefly(tmp_path: Path, case: str) -> None:
     assert rc != 0 and "Traceback" not in out and out.startswith("hbd: error: "), out[:2000]
     check_short(out.splitlines())
     assert took < 5.0  # an interpreter start and the load; the loader itself is checked above
-    rc, out, took = _hbd("server", "-c", str(path), "--log-file", "", "--control-socket", "")
+    # no --log-file: at start an invalid config is also reported in the file's own log_file, which
+    # means reading the file a second time, as carefully as the first
+    rc, out, took = _hbd("server", "-c", str(path), "--control-socket", "", timeout=10)
     assert rc != 0 and "Traceback" not in out, out[:2000]
     check_short(out.splitlines())
     assert took < 5.0
@@ -230,6 +232,9 @@ def test_a_log_file_that_is_a_fifo_is_an_error_not_a_hang(tmp_path: Path, procs)
     cfg.write_text(yaml.safe_dump({"host": "127.0.0.1", "port": 1, "log_file": str(fifo)}))
     rc, out, took = _hbd("server", "-c", str(cfg), "--control-socket", "", timeout=20)
     assert rc != 0 and "cannot open the log file" in out and "not a regular file" in out, out
+    cfg.write_text(yaml.safe_dump({"port": 0, "log_file": str(fifo)}))  # invalid: reported to log_file too
+    rc, out, took = _hbd("server", "-c", str(cfg), "--control-socket", "", timeout=20)
+    assert rc != 0 and "port: must be between 1 and 65535" in out and took < 5, out
     srv = start_server(tmp_path, heartbeat_timeout=5)
     procs.append(srv)
     srv.write_config({**srv.config, "log_file": str(fifo)})
