@@ -413,13 +413,15 @@ class PeerLog:
         self.clock = clock
         self.limiter = limiter if limiter is not None else PeerLogLimiter()
 
-    def log(self, level: int, source: str, msg: str, *args: object, event: str, **extra: Any) -> bool:
-        """Log ``msg % args`` unless the limit for ``source`` and ``event`` is reached; True if logged."""
+    def log(self, level: int, source: str, msg: str, *args: object, event: str, stacklevel: int = 2,
+            **extra: Any) -> bool:
+        """Log ``msg % args`` unless the limit for ``source`` and ``event`` is reached; True if logged.
+        ``stacklevel`` as for logging: the default names our caller as the line's call site (CODE_FILE)."""
         if not log.isEnabledFor(level):
             return False
         if not self.limiter.check(source, event, self.clock()):
             return False
-        log.log(level, msg, *args, extra=fields(event=event, **extra))
+        log.log(level, msg, *args, extra=fields(event=event, **extra), stacklevel=stacklevel)
         return True
 
     def flush(self) -> None:

@@ -496,4 +496,4 @@ class Server(Daemon):
                   name: str | None = None, **more: object) -> None:
         """A line a peer can cause: rate-limited per source address and kind, per kind, and in total."""
         self.peer_log.log(level, source, msg, *args, event=event, peer=name or peer or source,
-                          peer_address=peer or source, **more)
+                          peer_address=peer or source, stacklevel=3, **more)  # call site: our caller

@@ -189,3 +189,15 @@ def test_a_server_attacked_from_250_addresses_logs_a_few_lines(tmp_path: Path, p
     kinds = [re.search(r"'([a-z-]+)' lines", ln).group(1) for ln in summaries]
     assert sorted(kinds) == sorted(set(kinds)) and "protocol-error" in kinds, summaries  # one per kind
     assert len(file_lines) <= PEER_TOTAL_BURST + len(summaries) + 2
+
+
+def test_peer_lines_name_their_real_call_site(records) -> None:
+    """journald's CODE_FILE/CODE_FUNC come from the record: the limiter must not take their place."""
+    pl = PeerLog(FakeClock(0.0))
+
+    def caller() -> None:
+        pl.log(logging.WARNING, "192.0.2.1", "client timed out", event="dead")
+
+    caller()
+    (r,) = records
+    assert r.pathname == __file__ and r.funcName == "caller"
