@@ -196,6 +196,8 @@ class Link:
                  extra=fields(peer=self.target.peer, peer_address=self.address, event="connected"))
         if self.cfg.client_name:
             self._send(f"hello {self.cfg.client_name} {self.cfg.heartbeat_interval:g}\n".encode())
+            if self.state != self.UP:  # the send found the connection reset: torn down, retry is set
+                return
         self._tick()
 
     def _failed(self, reason: str, event: str = "connect-failed") -> None:
@@ -236,6 +238,7 @@ class Link:
         try:
             rtts = proto.feed(data, now)
         except ProtocolError as exc:
+            self.healthy = False  # a server breaking the protocol gets no fresh series of quick retries
             self.lost(f"protocol error: {exc}")
             return
         if was_late and not proto.late:
@@ -363,6 +366,23 @@ class Link:
         self._teardown()
         self.state = self.GAVE_UP
 
+    def owns(self, fileobj: object, callback: object) -> bool:
+        """Does a failing callback belong to this link (its socket, or its one timer)?"""
+        return (fileobj is not None and fileobj is self.sock) or (
+            fileobj is None and self.timer is not None and self.timer.callback is callback)
+
+    def internal_error(self, exc: Exception) -> None:
+        """A bug hit while serving this link: drop the connection and reconnect as after any loss."""
+        if self.state == self.GAVE_UP:
+            return
+        self.healthy = False
+        try:
+            self.lost(f"internal error: {exc!r}")
+        except Exception:  # the link's state is too broken to report: start over regardless
+            self._teardown()
+            self.state = self.WAITING
+            self._set_timer(self.loop.time() + self.backoff.next_delay(), self.connect)
+
     def apply(self, cfg: ClientConfig) -> None:
         """New timings for a link that stays (SIGHUP)."""
         self.backoff.base, self.backoff.cap = cfg.reconnect_delay, cfg.reconnect_max_delay
@@ -442,7 +462,9 @@ class Client(Daemon):
                     link = Link(self, target)
                     if not tls_changed:
                         log.info("now also pinging %s", target.label)
-                    self.loop.call_later(0, link.connect)  # after the reload: with the new settings
+                    # After the reload, with the new settings; a link's one timer, so that closing
+                    # it (another reload in this turn) cancels the connect too.
+                    link._set_timer(self.loop.time(), link.connect)
                 links.append(link)
                 link.apply(new)
             for link in old.values():
@@ -467,6 +489,14 @@ class Client(Daemon):
 
     def status_text(self) -> str:
         return "; ".join(link.status() for link in self.links)
+
+    def contain(self, fileobj: object, callback: object, exc: Exception) -> str | None:
+        """An unexpected error while serving one link: that link reconnects, the others go on."""
+        for link in self.links:
+            if link.owns(fileobj, callback):
+                link.internal_error(exc)
+                return f"the link to {link.target.label} (reconnecting)"
+        return super().contain(fileobj, callback, exc)
 
     def log_link(self, link: Link, level: int, message: str, *, event: str) -> None:
         log.log(level, message if link.target.label in message else f"{link.target.label}: {message}",

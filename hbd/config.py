@@ -241,6 +241,7 @@ class ServerConfig(_DaemonConfig):
     host: str = field(default="0.0.0.0", metadata={"conv": _host})
     port: int = field(default=54321, metadata={"conv": _PORT})
     heartbeat_timeout: float = field(default=10.0, metadata={"conv": _seconds})
+    max_interval: float = field(default=60.0, metadata={"conv": _seconds})  # longest interval a greeting counts
     max_clients: int = field(default=10000, metadata={"conv": _integer(1, 1_000_000)})
     backlog: int = field(default=4096, metadata={"conv": _integer(1, 65535)})
     workers: int = field(default=1, metadata={"conv": _integer(1, 64)})

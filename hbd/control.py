@@ -4,12 +4,19 @@ same machinery, the metrics endpoint in ``hbd.metrics``).
 A connection sends one request (a line; for HTTP, a header block), gets one reply and is closed.
 Nothing here may stall the loop, whatever the peer does:
 
-- input is bounded (``max_request``) and read without blocking; an idle connection is closed;
+- input is bounded (``max_request``) and read without blocking; the whole request must arrive within
+  ``REQUEST_DEADLINE`` of the accept (a total, not an idle timer that each byte resets: a peer
+  trickling a byte now and then is closed all the same), and a reply that makes no progress for
+  ``IDLE_TIMEOUT`` is dropped;
 - a reply is an iterator of byte chunks pulled only while the output buffer is below
   ``HIGH_WATER``, so a 2 MB status of 19,000 peers is produced a slice at a time, across loop
   turns, as fast as the reader takes it. A chunk may be ``None``: "nothing yet", and the producer
   calls the ``wake`` it was given when it has more (used to relay the replies of worker processes);
-- at most ``MAX_CONNECTIONS`` requests are served at once; more are closed straight away.
+- at most ``MAX_CONNECTIONS`` requests are served at once. When a new one comes and the table is
+  full, the oldest connection that has not sent a whole request yet makes room (then one whose
+  reply has stalled for a second); only when every slot is busy answering is the newcomer closed.
+  So slow or silent peers cannot keep ``hbd status`` or a scrape out;
+- out of file descriptors, accepts pause (``hbd.accept``) instead of spinning.
 
 The status socket is a unix socket (``control_socket``, mode 0660), bound under a temporary name
 and renamed into place so it never exists with looser permissions and a stale file left by a
@@ -25,7 +32,8 @@ import stat
 import struct
 from collections.abc import Callable, Iterator
 
-from hbd.logs import log
+from hbd.accept import ACCEPT_PAUSE, Acceptor
+from hbd.logs import fields, log
 from hbd.loop import EventLoop, Timer
 from hbd.names import listen_info
 
@@ -34,7 +42,10 @@ Handler = Callable[[bytes, Callable[[], None]], Reply]
 
 HIGH_WATER = 64 * 1024  # stop producing while this much output is still unsent
 MAX_CONNECTIONS = 32
-IDLE_TIMEOUT = 10.0  # a connection making no progress for this long is closed
+IDLE_TIMEOUT = 10.0  # a reply making no progress for this long is dropped
+REQUEST_DEADLINE = 3.0  # the whole request must have arrived this long after the accept
+STALLED_REPLY = 1.0  # a full table evicts a reply that has made no progress for this long
+LOG_EVERY = 10.0  # lines about slow or evicted peers: at most one per this many seconds
 ACCEPT_BATCH = 16
 SOCKET_MODE = 0o660
 
@@ -44,10 +55,11 @@ class BindError(Exception):
 
 
 class _Conn:
-    __slots__ = ("active", "closed", "inbuf", "outbuf", "reply", "sock", "timer", "waiting")
+    __slots__ = ("active", "closed", "inbuf", "outbuf", "reply", "requested", "sock", "timer", "waiting")
 
     def __init__(self, sock: socket.socket, now: float) -> None:
         self.sock = sock
+        self.requested = False  # the whole request has arrived
         self.inbuf = b""
         self.outbuf = b""
         self.reply: Reply | None = None
@@ -70,30 +82,71 @@ class RequestServer:
         self.terminator = terminator
         self.max_request = max_request
         self.name = name
-        self.conns: set[_Conn] = set()
+        self.conns: dict[_Conn, None] = {}  # in the order they came: the first is the oldest
         self.peer_uid: int | None = None  # while the handler runs: the unix peer's uid (SO_PEERCRED)
         self._on_close = on_close
+        self.dropped = {"slow": 0, "evicted": 0, "refused": 0}
+        self._logged_at = float("-inf")
+        self._held = 0  # drops not logged since the last line
         sock.setblocking(False)
-        loop.add_reader(sock, self._accept)
+        self.acceptor = Acceptor(loop, sock, self._accept, self._accept_failed, batch=ACCEPT_BATCH)
 
-    def _accept(self) -> None:
-        for _ in range(ACCEPT_BATCH):
-            try:
-                sock, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    return  # the server's own accept pause handles fd exhaustion; try again later
-                continue
-            if len(self.conns) >= MAX_CONNECTIONS:
-                sock.close()
-                continue
-            sock.setblocking(False)
-            conn = _Conn(sock, self.loop.time())
-            self.conns.add(conn)
-            self.loop.add_reader(sock, lambda c=conn: self._on_read(c))
-            conn.timer = self.loop.call_later(IDLE_TIMEOUT, lambda c=conn: self._idle(c))
+    def _accept(self, sock: socket.socket, _addr: object) -> None:
+        if len(self.conns) >= MAX_CONNECTIONS and not self._make_room():
+            self._drop_note("refused")
+            sock.close()
+            return
+        sock.setblocking(False)
+        conn = _Conn(sock, self.loop.time())
+        self.conns[conn] = None
+        self.loop.add_reader(sock, lambda c=conn: self._on_read(c))
+        conn.timer = self.loop.call_later(REQUEST_DEADLINE, lambda c=conn: self._too_slow(c))
+
+    def _accept_failed(self, exc: OSError) -> None:
+        log.error("%s: cannot accept: %s; pausing accepts for %g s", self.name, exc.strerror, ACCEPT_PAUSE,
+                  extra=fields(event="accept-error"))
+
+    def _make_room(self) -> bool:
+        """The table is full: close the oldest connection still sending its request, else one whose
+        reply has stalled. False if every slot is busy answering."""
+        now = self.loop.time()
+        victim = next((c for c in self.conns if not c.requested), None)
+        if victim is None:
+            victim = next((c for c in self.conns if not c.waiting and now - c.active >= STALLED_REPLY), None)
+        if victim is None:
+            return False
+        self._drop_note("evicted")
+        self._close(victim)
+        return True
+
+    def _too_slow(self, conn: _Conn) -> None:
+        conn.timer = None
+        self._drop_note("slow")
+        self._close(conn)
+
+    def _drop_note(self, kind: str) -> None:
+        """Count a connection closed for being slow (or refused), and say so at most every LOG_EVERY."""
+        self.dropped[kind] += 1
+        now = self.loop.time()
+        if now - self._logged_at < LOG_EVERY:
+            self._held += 1
+            return
+        self._logged_at = now
+        held, self._held = self._held, 0
+        what = {"slow": f"no whole request within {REQUEST_DEADLINE:g} s of connecting",
+                "evicted": f"all {MAX_CONNECTIONS} slots taken, this one still without a whole request",
+                "refused": f"all {MAX_CONNECTIONS} slots busy answering"}[kind]
+        log.warning("%s: closed a connection: %s%s", self.name, what,
+                    f" ({held} more closed since the last such line)" if held else "",
+                    extra=fields(event="request-dropped"))
+
+    def contain(self, fileobj: object) -> bool:
+        """A callback on ``fileobj`` raised: if it is one of our connections, close it."""
+        for conn in self.conns:
+            if conn.sock is fileobj:
+                self._close(conn)
+                return True
+        return False
 
     def _idle(self, conn: _Conn) -> None:
         left = conn.active + IDLE_TIMEOUT - self.loop.time()
@@ -130,6 +183,10 @@ class RequestServer:
     def _respond(self, conn: _Conn, request: bytes | None) -> None:
         self.loop.remove_reader(conn.sock)  # one request per connection: the rest is ignored
         conn.inbuf = b""
+        conn.requested = True
+        conn.active = self.loop.time()
+        self.loop.cancel(conn.timer)  # from now on, the reply must make progress
+        conn.timer = self.loop.call_later(IDLE_TIMEOUT, lambda c=conn: self._idle(c))
         if request is None:
             conn.reply = iter([self.too_long])
             self.loop.add_writer(conn.sock, lambda: self._on_write(conn))
@@ -192,7 +249,7 @@ class RequestServer:
         if conn.closed:
             return
         conn.closed = True
-        self.conns.discard(conn)
+        self.conns.pop(conn, None)
         self.loop.cancel(conn.timer)
         self.loop.forget(conn.sock)
         close = getattr(conn.reply, "close", None)
@@ -213,7 +270,7 @@ class RequestServer:
     def close(self) -> None:
         for conn in list(self.conns):
             self._close(conn)
-        self.loop.forget(self.sock)
+        self.acceptor.close()
         self.sock.close()
         if self._on_close is not None:
             self._on_close()

@@ -22,6 +22,9 @@ STATUS_INTERVAL = 1.0
 # Exit statuses of permanent failures, which the units do not restart (RestartPreventExitStatus=).
 EXIT_CONFIG = 78  # EX_CONFIG (sysexits.h): the configuration is invalid
 EXIT_GAVE_UP = 79  # the client gave up on every server after reconnect_attempts
+# Tracebacks of unexpected errors: at most this many per window, then one summary line.
+ERROR_BURST = 5
+ERROR_WINDOW = 60.0
 
 
 class StartError(Exception):
@@ -55,6 +58,10 @@ class Daemon:
         self._stopping = False
         self.peer_log = PeerLog(self.loop.clock)  # lines peers can cause, rate-limited all together
         self.ops = Ops(self)  # status socket, metrics, on_change hooks
+        self.internal_errors = 0
+        self._errors_logged: list[float] = []  # when the recent tracebacks were logged
+        self._errors_held = 0  # tracebacks left out since the last one logged
+        self.loop.on_error = self.callback_failed
 
     # -- subclass hooks ---------------------------------------------------------------------------
     def load(self) -> Any:
@@ -71,6 +78,34 @@ class Daemon:
 
     def status_text(self) -> str:
         return ""
+
+    def contain(self, fileobj: Any, callback: Any, exc: Exception) -> str | None:
+        """A callback raised ``exc``: close the connection it served (``fileobj`` for I/O, None
+        for a timer) and say which one, or return None when it belongs to none."""
+        if self.ops.contain(fileobj):
+            return "a status or metrics request"
+        return None
+
+    # -- unexpected errors ------------------------------------------------------------------------
+    def callback_failed(self, fileobj: Any, callback: Any, exc: Exception) -> None:
+        """The loop's error handler: close what the failing callback served, log one traceback
+        (rate-limited: a peer that can trigger a bug must not flood the log) and go on serving."""
+        self.internal_errors += 1
+        try:
+            what = self.contain(fileobj, callback, exc)
+        except Exception as again:  # never let the handler itself take the process down
+            what = f"(closing it failed too: {again!r})"
+        now = self.loop.time()
+        recent = self._errors_logged = [t for t in self._errors_logged if now - t < ERROR_WINDOW]
+        if len(recent) >= ERROR_BURST:
+            self._errors_held += 1
+            return
+        recent.append(now)
+        held, self._errors_held = self._errors_held, 0
+        log.error("internal error in %s%s%s; carrying on", getattr(callback, "__qualname__", "a callback"),
+                  f" serving {what}" if what else "",
+                  f" ({held} more since the last one logged)" if held else "",
+                  exc_info=exc, extra={"fields": {"EVENT": "internal-error"}})
 
     def on_status_tick(self) -> None:
         """Called every STATUS_INTERVAL seconds from the loop."""

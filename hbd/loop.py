@@ -60,6 +60,9 @@ class EventLoop:
         self._woke = float("inf")  # when the last select() returned
         self.last_lag = 0.0  # how late the last wake-up was, seconds
         self.max_lag = 0.0
+        # Called as on_error(fileobj or None, callback, exc) when a callback raises; the daemons
+        # close what the callback belonged to and carry on. None: the exception propagates.
+        self.on_error: Callable[[Any, Callback, Exception], Any] | None = None
 
     # -- timers ---------------------------------------------------------------------------------
     def time(self) -> float:
@@ -186,14 +189,18 @@ class EventLoop:
                 cb(before + timeout, now)
         for key, mask in events:
             cbs = key.data
-            if mask & _READ:
-                cb = cbs[0]
-                if cb is not None:
-                    cb()
-            if mask & _WRITE:
-                cb = cbs[1]
-                if cb is not None:
-                    cb()
+            cb = None
+            try:  # free unless something raises (3.11): no cost per event on the normal path
+                if mask & _READ:
+                    cb = cbs[0]
+                    if cb is not None:
+                        cb()
+                if mask & _WRITE:
+                    cb = cbs[1]
+                    if cb is not None:
+                        cb()
+            except Exception as exc:
+                self.report_error(key.fileobj, cb, exc)
         if timers and timers[0].when <= (now := self.clock()):
             # Take every due timer first, then run them: a callback that re-arms at a time that is
             # already due runs on the next turn instead of spinning inside this one.
@@ -209,9 +216,19 @@ class EventLoop:
                     self._cancelled -= 1
                     continue
                 timer.cancelled = True  # fired: a late cancel() must not count it again
-                timer.callback()
+                try:
+                    timer.callback()
+                except Exception as exc:
+                    self.report_error(None, timer.callback, exc)
         if self._cancelled > 4096 and self._cancelled * 2 > len(timers):
             self._compact()
+
+    def report_error(self, fileobj: Any, callback: Callback | None, exc: Exception) -> None:
+        """One callback raised: the others of this turn still run (one bad connection must not
+        take the process, or the peers served after it in this turn, down with it)."""
+        if self.on_error is None:
+            raise exc
+        self.on_error(fileobj, callback, exc)  # type: ignore[arg-type]
 
     def _compact(self) -> None:
         self._timers = [t for t in self._timers if not t.cancelled]

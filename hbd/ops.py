@@ -127,6 +127,11 @@ class Ops:
         self._close_control()
         self._close_metrics()
 
+    def contain(self, fileobj: Any) -> bool:
+        """A callback on ``fileobj`` raised: close it if it is one of our request connections."""
+        return fileobj is not None and any(
+            server is not None and server.contain(fileobj) for server in (self.control, self.metrics))
+
     def close_in_child(self) -> None:
         """After fork() in a worker: drop our descriptors without unlinking the parent's socket."""
         for server in (self.control, self.metrics):

@@ -5,7 +5,8 @@ monotonic time and get back the bytes to send, events, and the next deadline to 
 
 Wire format (see docs/protocol.md):
   client -> server   ``ping`` bare (legacy) or ``ping\\n`` / ``ping\\r\\n`` (line form)
-                     ``hello <name>[ <interval>]\\n`` optional greeting, once
+                     ``hello <name>[ <interval>]\\n`` optional greeting, before the first ping;
+                     repeated later only to change the interval (same name, at most once a second)
   server -> client   ``pong`` in the form of the ping it answers: the terminator after a ping is
                      echoed after the pong, so a bare ping gets a bare pong and ``ping\\n`` gets
                      ``pong\\n`` however the bytes are split across reads.
@@ -27,6 +28,8 @@ HELLO = b"hello "
 MAX_LINE = 256
 # Bytes a peer may send without a valid ping before we call it garbage (blank lines, a greeting).
 MAX_JUNK = 1024
+# A connection may greet again (a client reload changed its interval) at most this often.
+GREETING_GAP = 1.0
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}\Z"  # a peer name in a greeting
 _NAME_RE = re.compile(NAME_PATTERN.encode())
@@ -73,7 +76,7 @@ class ServerPeer:
     deadline.
     """
 
-    __slots__ = ("_buf", "_echo", "_junk", "events", "interval", "last_heard", "name", "pings", "state", "timeout")
+    __slots__ = ("_buf", "_echo", "_greeted", "_junk", "events", "interval", "last_heard", "name", "pings", "state", "timeout")
 
     def __init__(self, now: float, timeout: float) -> None:
         self.timeout = timeout
@@ -88,6 +91,7 @@ class ServerPeer:
         self._buf = b""
         self._echo = False  # the previous token was a ping: echo its line terminator
         self._junk = 0
+        self._greeted = float("-inf")  # when the last greeting came
 
     def feed(self, data: bytes, now: float) -> bytes:
         """Consume received bytes; return the reply to send (may be empty).
@@ -133,7 +137,7 @@ class ServerPeer:
                     break
                 if nl - pos > MAX_LINE:  # the same limit as for a line still arriving, however split
                     raise ProtocolError(f"greeting line longer than {MAX_LINE} bytes")
-                self._hello(buf[pos + len(HELLO) : nl].rstrip(b"\r"))
+                self._hello(buf[pos + len(HELLO) : nl].rstrip(b"\r"), now, bool(pings or self.pings))
                 self._count_junk(nl + 1 - pos)
                 self._echo = False
                 pos = nl + 1
@@ -166,7 +170,7 @@ class ServerPeer:
         if self._junk > MAX_JUNK:
             raise ProtocolError(f"more than {MAX_JUNK} bytes without a ping")
 
-    def _hello(self, line: bytes) -> None:
+    def _hello(self, line: bytes, now: float, pinged: bool) -> None:
         parts = line.split(b" ")
         if len(parts) > 2 or not _NAME_RE.match(parts[0]):
             raise ProtocolError(f"malformed greeting {line[:64]!r}")
@@ -178,7 +182,16 @@ class ServerPeer:
                 raise ProtocolError(f"malformed greeting interval {parts[1][:16]!r}") from None
             if not 0 < interval < 86400:
                 raise ProtocolError(f"greeting interval out of range: {interval}")
-        self.name = parts[0].decode("ascii")
+        name = parts[0].decode("ascii")
+        if self.name is None:
+            if pinged:  # else a peer could ping at one pace and then claim a slower one
+                raise ProtocolError("greeting after the first ping")
+        elif name != self.name:
+            raise ProtocolError(f"greeting as {name!r} on a connection that greeted as {self.name!r}")
+        elif now - self._greeted < GREETING_GAP:
+            raise ProtocolError(f"greetings more often than once every {GREETING_GAP:g} s")
+        self._greeted = now
+        self.name = name
         self.interval = interval
         self._event(Hello(self.name, interval))
 
@@ -305,15 +318,16 @@ class ClientLink:
         end = len(buf)
         while pos < end:
             if buf.startswith(PONG, pos):
+                if not self._sent:  # more pongs than pings: not an answer, and not a sign of life
+                    raise ProtocolError("pong without a ping")
                 pos += 4
-                if self._sent:
-                    rtt = now - self._sent.popleft()
-                    rtts.append(rtt)
-                    self.pongs += 1
-                    self.rtt_last = rtt
-                    self.rtt_sum += rtt
-                    if rtt > self.rtt_max:
-                        self.rtt_max = rtt
+                rtt = now - self._sent.popleft()
+                rtts.append(rtt)
+                self.pongs += 1
+                self.rtt_last = rtt
+                self.rtt_sum += rtt
+                if rtt > self.rtt_max:
+                    self.rtt_max = rtt
                 continue
             if buf.startswith(b"\n", pos):
                 pos += 1

@@ -8,7 +8,6 @@ costs no timer operation at all and the loop's heap holds one timer for all conn
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import socket
@@ -16,6 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from hbd import metrics
+from hbd.accept import ACCEPT_PAUSE, Acceptor
 from hbd.access import AllowList
 from hbd.config import ServerConfig, load_server_config
 from hbd.daemon import Daemon, StartError
@@ -31,11 +31,9 @@ if TYPE_CHECKING:
     from hbd.workers import WorkerChannel
 
 ACCEPT_BATCH = 32  # accepts per loop turn: drains a reconnect storm, yet peers are served between batches
-ACCEPT_PAUSE = 0.5  # out of file descriptors: stop accepting this long instead of spinning
 MAX_OUTBUF = 64 * 1024  # a peer that pings but never reads its pongs is dropped past this
 RECV_SIZE = 4096
 WHEEL_RESOLUTION = 0.01  # verdicts come at most this late; the issue allows 100 ms, benchmarks 50
-_FD_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
 class Connection:
@@ -116,8 +114,16 @@ class Connection:
             self.server.loop.remove_writer(self.sock)
 
     def arm(self) -> None:
-        """(Re)file the connection under its next deadline; an older filing becomes stale."""
-        self.slot = self.server.file(self, self.peer.next_deadline())
+        """(Re)file the connection under its next deadline. A connection stays filed once: if its
+        filing is due no later than the new deadline it stays (the wheel re-files it lazily then, as
+        after a ping), else it is moved; so no sequence of messages can pile up entries."""
+        server = self.server
+        when = self.peer.next_deadline()
+        if self.slot != -1:
+            if server.wheel.tick(when) >= self.slot:
+                return
+            server.wheel.discard(self.slot, self)
+        self.slot = server.file(self, when)
 
 
 class Server(Daemon):
@@ -136,6 +142,7 @@ class Server(Daemon):
         self._wheel_timer: Timer | None = None
         self._in_wheel = False
         self.listener: socket.socket | None = None
+        self.acceptor: Acceptor | None = None
         self.address: tuple[str, int] | None = None
         self.late = 0
         self.stats = {"accepted": 0, "refused": 0, "timeouts": 0, "rejected": 0, "denied": 0, "tls_failed": 0}
@@ -143,8 +150,6 @@ class Server(Daemon):
         self.allow: AllowList | None = None
         self.closed_pings = 0  # pings of connections already closed (metrics add the open ones)
         self._stall_end = float("-inf")
-        self._accept_paused = False
-        self._fd_warned_at = float("-inf")
 
     # -- Daemon hooks --------------------------------------------------------------------------------
     def load(self) -> ServerConfig:
@@ -154,7 +159,7 @@ class Server(Daemon):
         self.tls_context, self.allow = self._security(self.config)
         self.listener = self._bind(self.config)
         self.address = self.listener.getsockname()[:2]
-        self.loop.add_reader(self.listener, self.on_accept)
+        self.acceptor = self._acceptor(self.listener)
         self.loop.stall_callbacks.append(self.on_stall)
         self.start_status_updates()
         log.info(
@@ -192,16 +197,16 @@ class Server(Daemon):
         def commit() -> None:
             self._commit_security(tls_context, allow)
             if listener is not None:
-                assert self.listener is not None
-                self.loop.forget(self.listener)
+                assert self.listener is not None and self.acceptor is not None
+                self.acceptor.close()
                 self.listener.close()
                 self.listener = listener
                 self.address = listener.getsockname()[:2]
-                self.loop.add_reader(listener, self.on_accept)
+                self.acceptor = self._acceptor(listener)
                 log.info("now listening on %s:%d", *self.address)
             if new.heartbeat_timeout != old.heartbeat_timeout:
                 for conn in self.conns.values():  # new timeouts apply to connected peers too
-                    conn.peer.timeout = peer_timeout(new.heartbeat_timeout, conn.peer.interval)
+                    conn.peer.timeout = self.timeout_for(conn.peer, new)
                     if conn.slot != -1:  # not still in a TLS handshake
                         conn.arm()
                 log.info("heartbeat_timeout is now %g s", new.heartbeat_timeout)
@@ -211,8 +216,10 @@ class Server(Daemon):
     def shutdown(self) -> None:
         for conn in list(self.conns.values()):
             self._close(conn)
+        if self.acceptor is not None:
+            self.acceptor.close()
+            self.acceptor = None
         if self.listener is not None:
-            self.loop.forget(self.listener)
             self.listener.close()
             self.listener = None
 
@@ -265,51 +272,31 @@ class Server(Daemon):
             raise StartError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}") from None
         return sock
 
-    def on_accept(self) -> None:
-        assert self.listener is not None
-        listener = self.listener
-        for _ in range(ACCEPT_BATCH):
-            try:
-                sock, addr = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in _FD_ERRORS:
-                    self._pause_accepting(exc)
-                    return
-                continue  # ECONNABORTED and friends: that one connection is gone, carry on
-            if self.allow is not None and not self.allow.allows(addr[0]):
-                self.stats["denied"] += 1
-                self._peer_log(logging.WARNING, addr[0], "denied %s:%d: not in the allow list",
-                               addr[0], addr[1], event="denied", peer=f"{addr[0]}:{addr[1]}")
-                sock.close()  # before reading a byte
-                continue
-            if len(self.conns) >= self.max_clients:
-                self.stats["refused"] += 1
-                self._peer_log(
-                    logging.WARNING, addr[0], "refused %s:%d: max_clients (%d) reached",
-                    addr[0], addr[1], self.max_clients, event="refused",
-                )
-                sock.close()
-                continue
-            self._add(sock, f"{addr[0]}:{addr[1]}")
+    def _acceptor(self, listener: socket.socket) -> Acceptor:
+        return Acceptor(self.loop, listener, self.on_accept, self._accept_failed, batch=ACCEPT_BATCH)
 
-    def _pause_accepting(self, exc: OSError) -> None:
-        now = self.clock()
-        if now - self._fd_warned_at > 10.0:
-            self._fd_warned_at = now
-            log.error(
-                "cannot accept new clients: %s (%d connected); pausing accepts for %g s",
-                exc.strerror, len(self.conns), ACCEPT_PAUSE, extra=fields(event="accept-error"),
+    def on_accept(self, sock: socket.socket, addr: tuple) -> None:
+        if self.allow is not None and not self.allow.allows(addr[0]):
+            self.stats["denied"] += 1
+            self._peer_log(logging.WARNING, addr[0], "denied %s:%d: not in the allow list",
+                           addr[0], addr[1], event="denied", peer=f"{addr[0]}:{addr[1]}")
+            sock.close()  # before reading a byte
+            return
+        if len(self.conns) >= self.max_clients:
+            self.stats["refused"] += 1
+            self._peer_log(
+                logging.WARNING, addr[0], "refused %s:%d: max_clients (%d) reached",
+                addr[0], addr[1], self.max_clients, event="refused",
             )
-        self._accept_paused = True
-        self.loop.remove_reader(self.listener)
-        self.loop.call_later(ACCEPT_PAUSE, self._resume_accepting)
+            sock.close()
+            return
+        self._add(sock, f"{addr[0]}:{addr[1]}")
 
-    def _resume_accepting(self) -> None:
-        self._accept_paused = False
-        if self.listener is not None:
-            self.loop.add_reader(self.listener, self.on_accept)
+    def _accept_failed(self, exc: OSError) -> None:
+        log.error(
+            "cannot accept new clients: %s (%d connected); pausing accepts for %g s",
+            exc.strerror, len(self.conns), ACCEPT_PAUSE, extra=fields(event="accept-error"),
+        )
 
     # -- connections ---------------------------------------------------------------------------------
     def _add(self, sock: socket.socket, addr: str) -> None:
@@ -349,13 +336,16 @@ class Server(Daemon):
             for slot, conns in self.wheel.pop_due(now):
                 for conn in conns:
                     if conn.slot != slot:
-                        continue  # re-filed or closed since
+                        continue  # closed since
                     when = conn.peer.next_deadline()
                     if when > now:  # it pinged since it was filed (the usual case): just re-file
                         conn.slot = add(when, conn)
                     else:
                         conn.slot = -1
-                        self.check(conn)
+                        try:
+                            self.check(conn)
+                        except Exception as exc:  # that connection only: the others are still due
+                            self.loop.report_error(conn.sock, self.check, exc)
         finally:
             self._in_wheel = False
         when = self.wheel.next_time()
@@ -395,21 +385,32 @@ class Server(Daemon):
         )
 
     def on_events(self, conn: Connection) -> None:
-        events = conn.peer.events or []
-        conn.peer.events = None
+        peer = conn.peer
+        events = peer.events or []
+        peer.events = None
         for ev in events:
             if isinstance(ev, Hello):
+                cap = self.config.max_interval
                 self._peer_log(
-                    logging.INFO, conn.addr.rsplit(":", 1)[0], "client %s is %s%s", conn.addr, ev.name,
-                    f" (interval {ev.interval:g} s)" if ev.interval else "", event="hello", peer=conn.addr,
-                    name=ev.name,
+                    logging.INFO, conn.addr.rsplit(":", 1)[0], "client %s is %s%s%s", conn.addr, ev.name,
+                    f" (interval {ev.interval:g} s)" if ev.interval else "",
+                    f" (counted as max_interval {cap:g} s)" if ev.interval and ev.interval > cap else "",
+                    event="hello", peer=conn.addr, name=ev.name,
                 )
-                timeout = peer_timeout(self.config.heartbeat_timeout, ev.interval)
-                if timeout != conn.peer.timeout:  # it pings slowly: give it 3 of its intervals
-                    conn.peer.timeout = timeout
-                    conn.arm()
             elif isinstance(ev, StateChange):
                 self._on_change(conn, ev)
+        timeout = self.timeout_for(peer, self.config)
+        if timeout != peer.timeout and self.conns.get(conn.sock.fileno()) is conn:
+            peer.timeout = timeout  # a greeting or the first ping: it may ping slowly from now on
+            conn.arm()
+
+    @staticmethod
+    def timeout_for(peer: ServerPeer, cfg: ServerConfig) -> float:
+        """heartbeat_timeout until the first ping, whatever the greeting announced (a greeting
+        alone must not hold a slot); then 3 intervals, the interval capped by max_interval."""
+        if not peer.pings or peer.interval is None:
+            return cfg.heartbeat_timeout
+        return peer_timeout(cfg.heartbeat_timeout, min(peer.interval, cfg.max_interval))
 
     def _on_change(self, conn: Connection, change: StateChange) -> None:
         if change.old is PeerState.LATE:
@@ -442,6 +443,22 @@ class Server(Daemon):
             event, reason = "up", "first ping" if change.old is PeerState.NEW else "ping"
         if conn.peer.pings:  # one that never pinged was never reported up, so its end is no news
             self._report(conn, event, change.old, reason, silent_ms=round(change.silent_for * 1000))
+
+    def contain(self, fileobj: object, callback: object, exc: Exception) -> str | None:
+        """An unexpected error while serving one connection: close that one (see Daemon)."""
+        conn = getattr(callback, "__self__", None)  # a timer of that connection (TLS handshake)
+        if not isinstance(conn, Connection) and fileobj is not None:
+            try:
+                conn = self.conns.get(fileobj.fileno())  # type: ignore[attr-defined]
+            except (OSError, ValueError):  # already closed
+                conn = None
+        if isinstance(conn, Connection) and conn.server is self and self.conns.get(conn.sock.fileno()) is conn:
+            self.stats["rejected"] += 1
+            if conn.peer.pings:
+                self._report(conn, "down", conn.peer.state, "internal error")
+            self._close(conn)
+            return f"client {conn.label} (closed)"
+        return super().contain(fileobj, callback, exc)
 
     def _report(self, conn: Connection, event: str, old: PeerState, reason: str, **extra: object) -> None:
         """A state change for the status socket, metrics and on_change hooks."""

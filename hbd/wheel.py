@@ -6,8 +6,10 @@ deadline falls in (an append to a list); only slots are kept in a heap, and ther
 (timeout / resolution) of them however many connections there are. A slot fires at its end, so
 a verdict comes at most ``resolution`` seconds after the exact deadline.
 
-Entries are never removed: the owner remembers which slot an item is filed under, and an entry
-whose item has been re-filed or closed since is skipped when its slot fires.
+The owner remembers which slot an item is filed under. An entry whose item has been closed since
+is skipped when its slot fires; an item whose deadline moves earlier is taken out of its old slot
+(``discard``), one whose deadline moves later stays where it is and is re-filed when that slot
+fires. So an item has at most one entry, and memory is bounded by the items, whatever they send.
 """
 
 from __future__ import annotations
@@ -26,9 +28,13 @@ class DeadlineWheel(Generic[T]):
         self._slots: dict[int, list[T]] = {}
         self._ticks: list[int] = []  # heap of the slots in use
 
+    def tick(self, when: float) -> int:
+        """The slot ``when`` falls in."""
+        return -int(-when // self.resolution)  # ceil: never fire before the deadline
+
     def add(self, when: float, item: T) -> int:
         """File ``item`` for ``when``; returns the slot, which the caller keeps to recognise the entry."""
-        tick = -int(-when // self.resolution)  # ceil: never fire before the deadline
+        tick = -int(-when // self.resolution)
         slot = self._slots.get(tick)
         if slot is None:
             self._slots[tick] = [item]
@@ -36,6 +42,15 @@ class DeadlineWheel(Generic[T]):
         else:
             slot.append(item)
         return tick
+
+    def discard(self, tick: int, item: T) -> None:
+        """Take ``item`` out of slot ``tick`` (an emptied slot stays until due: its tick is in the heap)."""
+        slot = self._slots.get(tick)
+        if slot is not None:
+            try:
+                slot.remove(item)
+            except ValueError:
+                pass
 
     def next_time(self) -> float | None:
         """When the earliest slot is due, or None when nothing is filed."""

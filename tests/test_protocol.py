@@ -189,9 +189,16 @@ def test_client_rejects_garbage_from_server() -> None:
         link.feed(b"HTTP/1.1 400\r\n", 0.0)
 
 
-def test_unsolicited_pong_is_ignored() -> None:
+def test_more_pongs_than_pings_is_a_protocol_error() -> None:
+    """A pong nobody asked for is no sign of life (a server streaming pongs looked UP at 0.1 ms)."""
     link = ClientLink(0.0, 1.0, 3.0)
-    assert link.feed(b"pong", 0.0) == []
+    with pytest.raises(ProtocolError, match="pong without a ping"):
+        link.feed(b"pong", 0.0)
+    link = ClientLink(0.0, 1.0, 3.0, line=True)
+    assert link.poll(0.0) == b"ping\n"
+    with pytest.raises(ProtocolError, match="pong without a ping"):
+        link.feed(b"pong\npong\n", 0.001)  # the first one answers the ping, the second nothing
+    assert link.rtt_last is None or link.pongs <= 1
 
 
 def test_client_late_after_half_the_pong_timeout_and_back_with_the_pong() -> None:
