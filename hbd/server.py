@@ -118,7 +118,9 @@ class Connection:
         filing is due no later than the new deadline it stays (the wheel re-files it lazily then, as
         after a ping), else it is moved; so no sequence of messages can pile up entries."""
         server = self.server
-        when = self.peer.next_deadline()
+        # Never at or before now: the rules are strict (silent for MORE than the timeout), so a
+        # check exactly at the deadline changes nothing and must not be re-filed for the same instant.
+        when = max(self.peer.next_deadline(), server.clock() + WHEEL_RESOLUTION)
         if self.slot != -1:
             if server.wheel.tick(when) >= self.slot:
                 return

@@ -9,7 +9,9 @@ a verdict comes at most ``resolution`` seconds after the exact deadline.
 The owner remembers which slot an item is filed under. An entry whose item has been closed since
 is skipped when its slot fires; an item whose deadline moves earlier is taken out of its old slot
 (``discard``), one whose deadline moves later stays where it is and is re-filed when that slot
-fires. So an item has at most one entry, and memory is bounded by the items, whatever they send.
+fires. So an item has at most one entry; a slot emptied that way leaves its tick in the heap until
+due or until such ticks outnumber the live ones (then the heap is rebuilt, as the loop compacts
+its timers). Memory is bounded by the items filed, whatever they send.
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ T = TypeVar("T")
 
 
 class DeadlineWheel(Generic[T]):
-    __slots__ = ("_slots", "_ticks", "resolution")
+    __slots__ = ("_orphans", "_slots", "_ticks", "resolution")
 
     def __init__(self, resolution: float) -> None:
         self.resolution = resolution
         self._slots: dict[int, list[T]] = {}
         self._ticks: list[int] = []  # heap of the slots in use
+        self._orphans = 0  # ticks in the heap whose slot has been emptied by discard()
 
     def tick(self, when: float) -> int:
         """The slot ``when`` falls in."""
@@ -44,26 +47,42 @@ class DeadlineWheel(Generic[T]):
         return tick
 
     def discard(self, tick: int, item: T) -> None:
-        """Take ``item`` out of slot ``tick`` (an emptied slot stays until due: its tick is in the heap)."""
+        """Take ``item`` out of slot ``tick``."""
         slot = self._slots.get(tick)
-        if slot is not None:
-            try:
-                slot.remove(item)
-            except ValueError:
-                pass
+        if slot is None:
+            return
+        try:
+            slot.remove(item)
+        except ValueError:
+            return
+        if not slot:
+            del self._slots[tick]
+            self._orphans += 1
+            if self._orphans > 1024 and self._orphans * 2 > len(self._ticks):
+                self._ticks = list(self._slots)
+                heapq.heapify(self._ticks)
+                self._orphans = 0
 
     def next_time(self) -> float | None:
         """When the earliest slot is due, or None when nothing is filed."""
+        ticks = self._ticks
+        while ticks and ticks[0] not in self._slots:
+            heapq.heappop(ticks)
+            self._orphans -= 1
         return self._ticks[0] * self.resolution if self._ticks else None
 
     def pop_due(self, now: float) -> list[tuple[int, list[T]]]:
         """Remove and return every slot due at ``now``, earliest first."""
         due = []
         ticks = self._ticks
-        limit = now / self.resolution
-        while ticks and ticks[0] <= limit:
+        res = self.resolution
+        while ticks and ticks[0] * res <= now:  # the product next_time() gives: never due "a bit later"
             tick = heapq.heappop(ticks)
-            due.append((tick, self._slots.pop(tick)))
+            slot = self._slots.pop(tick, None)
+            if slot is None:
+                self._orphans -= 1
+                continue
+            due.append((tick, slot))
         return due
 
     def __len__(self) -> int:

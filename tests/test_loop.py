@@ -171,3 +171,51 @@ def test_a_callback_can_cancel_another_due_timer() -> None:
     loop.run_once()
     assert fired == ["first"]
     assert loop._cancelled == 0
+
+
+def test_a_raising_callback_does_not_stop_the_others_of_its_turn() -> None:
+    """With on_error set (the daemons set it), an exception in one connection's callback goes to
+    the handler with that connection's socket; the other ready sockets and due timers still run."""
+    loop, _, _ = make_loop()
+    errors: list[tuple[object, str]] = []
+    loop.on_error = lambda fileobj, cb, exc: errors.append((fileobj, str(exc)))
+    pairs = [socket.socketpair() for _ in range(3)]
+    served: list[int] = []
+
+    def reader(i: int):
+        def cb() -> None:
+            pairs[i][0].recv(16)
+            if i == 1:
+                raise RuntimeError("bug while serving connection 1")
+            served.append(i)
+        return cb
+
+    try:
+        for i, (a, b) in enumerate(pairs):
+            loop.add_reader(a, reader(i))
+            b.send(b"x")
+        fired: list[str] = []
+        loop.call_later(0, lambda: (_ for _ in ()).throw(ValueError("bad timer")))
+        loop.call_later(0, lambda: fired.append("next timer"))
+        loop.run_once(0)
+        loop.run_once(0)
+        assert sorted(served) == [0, 2]
+        assert (pairs[1][0], "bug while serving connection 1") in errors
+        assert (None, "bad timer") in errors
+        assert fired == ["next timer"]
+    finally:
+        for a, b in pairs:
+            loop.forget(a)
+            a.close()
+            b.close()
+
+
+def test_without_an_error_handler_exceptions_propagate() -> None:
+    loop, _, _ = make_loop()
+    loop.call_later(0, lambda: 1 / 0)
+    try:
+        loop.run_once(0)
+    except ZeroDivisionError:
+        pass
+    else:
+        raise AssertionError("the exception was swallowed")

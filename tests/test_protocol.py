@@ -228,3 +228,34 @@ def test_client_stall_forgiveness_counts_the_wait_from_the_resume() -> None:
     assert not link.dead and link.late
     link.poll(9.91)  # 5 s after the resume, not after the ping
     assert link.dead and link.silent_for == pytest.approx(5.01)
+
+
+def test_greeting_must_come_before_the_first_ping() -> None:
+    peer = ServerPeer(0.0, 10.0)
+    assert peer.feed(b"ping", 0.0) == b"pong"
+    with pytest.raises(ProtocolError, match="greeting after the first ping"):
+        peer.feed(b"hello web1 2\n", 0.5)
+
+
+def test_a_later_greeting_may_change_the_interval_only_and_not_too_often() -> None:
+    peer = ServerPeer(0.0, 10.0)
+    peer.feed(b"hello web1 2\nping\n", 0.0)
+    peer.events = None
+    peer.feed(b"hello web1 5\n", 1.0)  # a client reload changed its heartbeat_interval
+    assert peer.events == [Hello("web1", 5.0)] and peer.interval == 5.0 and peer.name == "web1"
+    with pytest.raises(ProtocolError, match="more often than once every 1 s"):
+        peer.feed(b"hello web1 6\n", 1.5)
+    other = ServerPeer(0.0, 10.0)
+    other.feed(b"hello web1 2\nping\n", 0.0)
+    with pytest.raises(ProtocolError, match="greeting as 'db1' on a connection that greeted as 'web1'"):
+        other.feed(b"hello db1 2\n", 5.0)
+
+
+def test_the_greeting_rate_limit_does_not_depend_on_how_bytes_are_split() -> None:
+    whole = ServerPeer(0.0, 10.0)
+    with pytest.raises(ProtocolError):
+        whole.feed(b"hello a 2\nhello a 3\n", 0.0)
+    split = ServerPeer(0.0, 10.0)
+    split.feed(b"hello a 2\nhel", 0.0)
+    with pytest.raises(ProtocolError):
+        split.feed(b"lo a 3\n", 0.0)

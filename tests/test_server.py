@@ -190,3 +190,172 @@ def test_ipv6_listener(tmp_path: Path, procs) -> None:
     with socket.create_connection(("::1", srv.config["port"]), timeout=3) as s:
         s.sendall(b"ping")
         assert recv_exactly(s, 4) == b"pong"
+
+
+# -- in-process, virtual time: greetings, the deadline wheel, errors in one connection --------------
+def _virtual_server(**cfg):
+    import logging
+
+    from virtual_time import FakeClock, VirtualSelector
+
+    from hbd.config import ServerConfig
+    from hbd.loop import EventLoop
+    from hbd.server import Server
+
+    clock = FakeClock()
+    loop = EventLoop(clock, VirtualSelector(clock))
+    srv = Server(ServerConfig(**{"heartbeat_timeout": 10.0, **cfg}), loop=loop)
+    logging.getLogger("hbd").setLevel(logging.INFO)
+    return srv, clock
+
+
+def _pair(srv) -> tuple:
+    a, b = socket.socketpair()
+    b.setblocking(False)
+    srv._add(a, f"127.0.0.1:{a.fileno()}")
+    return srv.conns[a.fileno()], b
+
+
+def _drain(b: socket.socket) -> bytes:
+    out = b""
+    try:
+        while chunk := b.recv(65536):
+            out += chunk
+    except BlockingIOError:
+        pass
+    return out
+
+
+def test_greeting_churn_keeps_one_wheel_entry_per_connection() -> None:
+    """12,500 valid greetings with ever-changing long intervals (the attack that grew the server by
+    ~3 MB/s): every connection stays filed once, the wheel's structures stay as small as the
+    number of connections, and no announced interval counts beyond max_interval."""
+    import random
+
+    srv, clock = _virtual_server(max_interval=60.0)
+    pairs = [_pair(srv) for _ in range(50)]
+    rng = random.Random(15)
+    try:
+        for conn, b in pairs:
+            conn.sock.setblocking(True)
+            b.send(b"hello w%d 2\nping" % conn.sock.fileno())
+        srv.loop.run_once(0)
+        for _ in range(250):
+            clock.advance(1.0)  # the rate limit allows one greeting a second
+            for conn, b in pairs:
+                b.send(b"hello w%d %d\nping" % (conn.sock.fileno(), rng.randint(1, 86399)))
+            srv.loop.run_once(0)
+            for _, b in pairs:
+                _drain(b)
+            wheel = srv.wheel
+            assert len(wheel) <= len(pairs)
+            assert len(wheel._slots) <= len(pairs)
+            assert len(wheel._ticks) <= 2 * len(pairs) + 1025
+        assert len(srv.conns) == len(pairs)  # valid messages: nobody was closed
+        assert all(c.peer.timeout <= 3 * 60.0 for c, _ in pairs)
+    finally:
+        for _, b in pairs:
+            b.close()
+        srv.shutdown()
+
+
+def test_a_greeting_does_not_postpone_the_first_ping() -> None:
+    """`hello x 86399` and nothing else used to hold a slot for three days: the first ping is due
+    within heartbeat_timeout whatever the greeting announced."""
+    srv, clock = _virtual_server(heartbeat_timeout=2.0)
+    conn, b = _pair(srv)
+    try:
+        t0 = clock()
+        b.send(b"hello x 86399\n")
+        while srv.conns and clock() < t0 + 100:
+            srv.loop.run_once()
+        assert not srv.conns
+        assert clock() - t0 <= 2.0 + 0.1
+    finally:
+        b.close()
+        srv.shutdown()
+
+
+def test_an_announced_interval_is_capped_by_max_interval() -> None:
+    srv, clock = _virtual_server(heartbeat_timeout=2.0, max_interval=5.0)
+    conn, b = _pair(srv)
+    try:
+        b.send(b"hello slow 4\nping")
+        srv.loop.run_once(0)
+        assert conn.peer.timeout == 12.0  # 3 x 4 s
+        clock.advance(1.0)
+        b.send(b"hello slow 1000\n")  # a re-greeting (a client reload): capped
+        srv.loop.run_once(0)
+        assert conn.peer.interval == 1000.0 and conn.peer.timeout == 15.0
+        t0 = clock()
+        while srv.conns and clock() < t0 + 100:
+            srv.loop.run_once()
+        assert 15.0 - 1.0 < clock() - t0 + 1.0 <= 15.0 + 0.1  # silent since the ping at t0 - 1
+    finally:
+        b.close()
+        srv.shutdown()
+
+
+class _Records(list):
+    """Log records of the hbd logger (it does not propagate, so caplog does not see them)."""
+
+    def __enter__(self):
+        import logging
+
+        from hbd.logs import log
+
+        self.handler = logging.Handler()
+        self.handler.emit = self.append  # type: ignore[method-assign]
+        log.addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from hbd.logs import log
+
+        log.removeHandler(self.handler)
+
+
+def test_an_exception_in_one_connection_closes_it_alone() -> None:
+    """An unexpected error while handling one connection (read path, then deadline path) closes
+    that connection with one logged traceback; the server serves the others."""
+    from hbd.protocol import ServerPeer
+
+    class Broken(ServerPeer):
+        __slots__ = ()
+
+        def feed(self, data: bytes, now: float) -> bytes:
+            raise RuntimeError("injected bug")
+
+    class BrokenDeadline(ServerPeer):
+        __slots__ = ()
+
+        def poll(self, now: float):
+            raise RuntimeError("injected bug in the deadline path")
+
+    srv, clock = _virtual_server(heartbeat_timeout=2.0)
+    (bad, bad_b), (good, good_b), (late, late_b) = _pair(srv), _pair(srv), _pair(srv)
+    bad.peer = Broken(clock(), 2.0)
+    late.peer = BrokenDeadline(clock(), 2.0)
+    records = _Records()
+    with records:
+        try:
+            bad_b.send(b"ping")
+            good_b.send(b"ping")
+            srv.loop.run_once(0)
+            assert bad.sock.fileno() == -1 and good.sock.fileno() in srv.conns
+            assert good_b.recv(16) == b"pong"
+            errors = [r for r in records if "internal error" in r.getMessage()]
+            assert len(errors) == 1 and errors[0].exc_info is not None
+            assert "injected bug" in str(errors[0].exc_info[1])
+            for _ in range(20):  # `late` never pings: its deadline check raises; `good` keeps pinging
+                clock.advance(0.5)
+                good_b.send(b"ping")
+                srv.loop.run_once(0)
+                assert good_b.recv(16) == b"pong"
+            assert late.sock.fileno() == -1
+            assert list(srv.conns.values()) == [good]
+            assert len([r for r in records if "internal error" in r.getMessage()]) == 2
+        finally:
+            for s in (bad_b, good_b, late_b):
+                s.close()
+            srv.shutdown()
