@@ -240,3 +240,149 @@ def test_link_status_says_down_why_and_when_it_retries_in_virtual_time(tmp_path:
     finally:
         logs.close()
         loop.close()
+
+
+def test_an_exception_serving_one_link_reconnects_that_link_only() -> None:
+    """An unexpected error in one link's handler (here: its pong parser) drops and retries that
+    link, with one logged traceback; the process and the other link carry on."""
+    from hbd.client import Client
+    from hbd.config import ClientConfig, ServerEntry
+    from hbd.logs import log
+    from hbd.loop import EventLoop
+    from hbd.protocol import ClientLink
+
+    class Broken(ClientLink):
+        __slots__ = ()
+
+        def feed(self, data: bytes, now: float) -> list[float]:
+            raise RuntimeError("injected bug")
+
+    a, b = LegacyServer(), LegacyServer()
+    records: list = []
+    handler = __import__("logging").Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    loop = EventLoop()
+    cfg = ClientConfig(servers=(ServerEntry("127.0.0.1", a.port, "a"), ServerEntry("127.0.0.1", b.port, "b")),
+                       heartbeat_interval=0.05, pong_timeout=1.0, reconnect_delay=0.05, reconnect_max_delay=0.1,
+                       log_file=None, control_socket=None)
+    client = Client(cfg, loop=loop)
+    log.addHandler(handler)  # after the daemon set up its logging
+    try:
+        client.start()
+        link_a, link_b = client.links
+
+        def run_until(cond, limit: float = 5.0) -> None:
+            end = time.monotonic() + limit
+            while not cond() and time.monotonic() < end:
+                loop.run_once(0.01)
+            assert cond()
+
+        run_until(lambda: link_a.proto is not None and link_a.proto.pongs and link_b.proto is not None
+                  and link_b.proto.pongs)
+        first = link_a.proto
+        assert first is not None
+        link_a.proto = Broken(loop.time(), 0.05, 1.0)
+        run_until(lambda: link_a.stats.connects >= 2 and link_a.proto is not None and link_a.proto.pongs > 0)
+        pongs_b = link_b.stats.rtt.count
+        run_until(lambda: link_b.stats.rtt.count > pongs_b + 3)
+        tracebacks = [r for r in records if r.exc_info]
+        assert len(tracebacks) == 1 and "injected bug" in str(tracebacks[0].exc_info[1])
+        assert "serving the link to a" in tracebacks[0].getMessage()
+        assert link_b.stats.connects == 1  # never dropped
+    finally:
+        log.removeHandler(handler)
+        client.shutdown()
+        loop.close()
+        a.close()
+        b.close()
+
+
+def test_link_lifecycle_survives_any_order_of_connect_reset_eof_silence_and_reload() -> None:
+    """Servers that answer, reset, close or stay silent at random, and reloads every 50 ms that add
+    and remove servers and change the timings: no link ever hits an unexpected error."""
+    import random
+    import struct
+
+    from hbd.client import Client
+    from hbd.config import ClientConfig, ServerEntry
+    from hbd.logs import log
+    from hbd.loop import EventLoop
+
+    rng = random.Random(15)
+    stop = threading.Event()
+
+    def chaotic(listener: socket.socket) -> None:
+        listener.settimeout(0.05)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            mode = rng.choice(["reset", "close", "answer", "silent", "answer-then-reset"])
+            try:
+                if mode in ("reset", "answer-then-reset"):
+                    if mode == "answer-then-reset":
+                        conn.settimeout(0.5)
+                        if conn.recv(64):
+                            conn.send(b"pong")
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    conn.close()
+                elif mode == "close":
+                    conn.close()
+                elif mode == "answer":
+                    conn.settimeout(0.3)
+                    for _ in range(3):
+                        data = conn.recv(64)
+                        if not data:
+                            break
+                        conn.send(b"pong" * data.count(b"ping"))
+                    conn.close()
+                else:
+                    threading.Timer(0.5, conn.close).start()
+            except OSError:
+                conn.close()
+
+    listeners = [socket.create_server(("127.0.0.1", 0)) for _ in range(3)]
+    threads = [threading.Thread(target=chaotic, args=(ls,), daemon=True) for ls in listeners]
+    for t in threads:
+        t.start()
+    ports = [ls.getsockname()[1] for ls in listeners]
+
+    def config(i: int) -> ClientConfig:
+        chosen = [p for j, p in enumerate(ports) if (i >> j) & 1 or j == i % 3]
+        return ClientConfig(servers=tuple(ServerEntry("127.0.0.1", p, f"s{p}") for p in chosen),
+                            client_name="web1" if i % 2 else None, heartbeat_interval=0.02 + 0.01 * (i % 3),
+                            pong_timeout=0.1, receive_timeout=0.2, reconnect_delay=0.01, reconnect_max_delay=0.05,
+                            log_file=None, control_socket=None, log_level="error")
+
+    loop = EventLoop()
+    client = Client(config(0), loop=loop)
+    records: list = []
+    handler = __import__("logging").Handler(level=40)
+    handler.emit = records.append  # type: ignore[method-assign]
+    log.addHandler(handler)
+    try:
+        client.start()
+        end = time.monotonic() + 3.0
+        i = 0
+        next_reload = time.monotonic()
+        while time.monotonic() < end:
+            loop.run_once(0.005)
+            if time.monotonic() >= next_reload:
+                i += 1
+                new = config(i)
+                client.prepare(new)()
+                client.config = new
+                next_reload += 0.05
+        assert i >= 30
+        assert [r.getMessage() for r in records if r.exc_info or "internal error" in r.getMessage()] == []
+        assert sum(link.stats.connects for link in client.links) > 0
+    finally:
+        log.removeHandler(handler)
+        stop.set()
+        client.shutdown()
+        loop.close()
+        for ls in listeners:
+            ls.close()

@@ -131,6 +131,73 @@ def test_request_limits(tmp_path: Path) -> None:
     loop.close()
 
 
+def test_a_request_must_arrive_whole_within_the_deadline_however_it_trickles(tmp_path: Path) -> None:
+    """A byte every second does not keep a connection: the deadline counts from the accept."""
+    from virtual_time import FakeClock, VirtualSelector
+
+    from hbd.control import REQUEST_DEADLINE
+
+    clock = FakeClock()
+    loop = EventLoop(clock, VirtualSelector(clock))
+    listener = UnixListener(str(tmp_path / "c.sock"))
+    server = RequestServer(loop, listener.sock, lambda req, wake: iter([b"ok\n"]))
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(listener.path)
+    loop.run_once(0)  # accepted
+    t0 = clock()
+    assert len(server.conns) == 1
+    while server.conns and clock() - t0 < 60:
+        s.send(b"s")
+        loop.run_once(0)
+        clock.advance(0.5)
+        loop.run_once(0)
+    assert not server.conns
+    assert REQUEST_DEADLINE <= clock() - t0 <= REQUEST_DEADLINE + 1.0
+    assert server.dropped["slow"] == 1
+    s.close()
+    server.close()
+    listener.remove()
+    loop.close()
+
+
+def test_a_full_table_makes_room_by_closing_the_oldest_incomplete_request(tmp_path: Path) -> None:
+    from hbd.control import MAX_CONNECTIONS
+
+    loop = EventLoop()
+    listener = UnixListener(str(tmp_path / "c.sock"), backlog=64)
+    server = RequestServer(loop, listener.sock, lambda req, wake: iter([b"ok " + req + b"\n"]))
+    slow = []
+    for _ in range(MAX_CONNECTIONS + 8):  # more slow ones than slots
+        c = socket.socket(socket.AF_UNIX)
+        c.connect(listener.path)
+        c.send(b"st")
+        slow.append(c)
+        loop.run_once(0)
+    assert len(server.conns) == MAX_CONNECTIONS
+    client = socket.socket(socket.AF_UNIX)
+    client.connect(listener.path)
+    client.sendall(b"status\n")
+    client.setblocking(False)
+    reply = b""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        loop.run_once(0.01)
+        try:
+            chunk = client.recv(100)
+        except BlockingIOError:
+            continue
+        if not chunk:
+            break
+        reply += chunk
+    assert reply == b"ok status\n"
+    assert server.dropped["evicted"] >= 9 and server.dropped["refused"] == 0
+    for c in [*slow, client]:
+        c.close()
+    server.close()
+    listener.remove()
+    loop.close()
+
+
 # -- against real daemons ---------------------------------------------------------------------------------
 def test_status_table_and_json_with_named_and_unnamed_clients(tmp_path: Path, procs, capsys) -> None:
     srv = start_server(tmp_path, heartbeat_timeout=2)
