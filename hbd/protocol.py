@@ -76,7 +76,9 @@ class ServerPeer:
     deadline.
     """
 
-    __slots__ = ("_buf", "_echo", "_greeted", "_junk", "events", "interval", "last_heard", "name", "pings", "state", "timeout")
+    __slots__ = (
+        "_buf", "_echo", "_greeted", "_junk", "events", "interval", "last_heard", "name", "pings", "state", "timeout",
+    )
 
     def __init__(self, now: float, timeout: float) -> None:
         self.timeout = timeout

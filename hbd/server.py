@@ -206,12 +206,13 @@ class Server(Daemon):
                 self.address = listener.getsockname()[:2]
                 self.acceptor = self._acceptor(listener)
                 log.info("now listening on %s:%d", *self.address)
-            if new.heartbeat_timeout != old.heartbeat_timeout:
+            if new.heartbeat_timeout != old.heartbeat_timeout or new.max_interval != old.max_interval:
                 for conn in self.conns.values():  # new timeouts apply to connected peers too
                     conn.peer.timeout = self.timeout_for(conn.peer, new)
                     if conn.slot != -1:  # not still in a TLS handshake
                         conn.arm()
-                log.info("heartbeat_timeout is now %g s", new.heartbeat_timeout)
+                if new.heartbeat_timeout != old.heartbeat_timeout:
+                    log.info("heartbeat_timeout is now %g s", new.heartbeat_timeout)
 
         return commit
 
