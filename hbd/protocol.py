@@ -6,7 +6,7 @@ monotonic time and get back the bytes to send, events, and the next deadline to 
 Wire format (see docs/protocol.md):
   client -> server   ``ping`` bare (legacy) or ``ping\\n`` / ``ping\\r\\n`` (line form)
                      ``hello <name>[ <interval>]\\n`` optional greeting, before the first ping;
-                     repeated later only to change the interval (same name, at most once a second)
+                     repeated later only to change the interval (same name, about once a second)
   server -> client   ``pong`` in the form of the ping it answers: the terminator after a ping is
                      echoed after the pong, so a bare ping gets a bare pong and ``ping\\n`` gets
                      ``pong\\n`` however the bytes are split across reads.
@@ -28,8 +28,10 @@ HELLO = b"hello "
 MAX_LINE = 256
 # Bytes a peer may send without a valid ping before we call it garbage (blank lines, a greeting).
 MAX_JUNK = 1024
-# A connection may greet again (a client reload changed its interval) at most this often.
+# A connection may greet again (a client reload changed its interval) once per GREETING_GAP
+# seconds on average, with bursts of GREETING_BURST (network and scheduling jitter).
 GREETING_GAP = 1.0
+GREETING_BURST = 3
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}\Z"  # a peer name in a greeting
 _NAME_RE = re.compile(NAME_PATTERN.encode())
@@ -77,7 +79,7 @@ class ServerPeer:
     """
 
     __slots__ = (
-        "_buf", "_echo", "_greeted", "_junk", "events", "interval", "last_heard", "name", "pings", "state", "timeout",
+        "_buf", "_echo", "_greeted", "_greetings", "_junk", "events", "interval", "last_heard", "name", "pings", "state", "timeout",
     )
 
     def __init__(self, now: float, timeout: float) -> None:
@@ -93,7 +95,8 @@ class ServerPeer:
         self._buf = b""
         self._echo = False  # the previous token was a ping: echo its line terminator
         self._junk = 0
-        self._greeted = float("-inf")  # when the last greeting came
+        self._greeted = 0.0  # when the last greeting came
+        self._greetings = float(GREETING_BURST)  # greetings allowed now (a token bucket)
 
     def feed(self, data: bytes, now: float) -> bytes:
         """Consume received bytes; return the reply to send (may be empty).
@@ -190,8 +193,10 @@ class ServerPeer:
                 raise ProtocolError("greeting after the first ping")
         elif name != self.name:
             raise ProtocolError(f"greeting as {name!r} on a connection that greeted as {self.name!r}")
-        elif now - self._greeted < GREETING_GAP:
+        tokens = min(GREETING_BURST, self._greetings + (now - self._greeted) / GREETING_GAP)
+        if tokens < 1:
             raise ProtocolError(f"greetings more often than once every {GREETING_GAP:g} s")
+        self._greetings = tokens - 1
         self._greeted = now
         self.name = name
         self.interval = interval

@@ -243,8 +243,12 @@ def test_a_later_greeting_may_change_the_interval_only_and_not_too_often() -> No
     peer.events = None
     peer.feed(b"hello web1 5\n", 1.0)  # a client reload changed its heartbeat_interval
     assert peer.events == [Hello("web1", 5.0)] and peer.interval == 5.0 and peer.name == "web1"
+    peer.feed(b"hello web1 6\nhello web1 7\n", 1.5)  # a burst of 3 is allowed (jitter)...
     with pytest.raises(ProtocolError, match="more often than once every 1 s"):
-        peer.feed(b"hello web1 6\n", 1.5)
+        peer.feed(b"hello web1 8\n", 1.6)  # ...but not more than one a second on average
+    steady = ServerPeer(0.0, 10.0)
+    for i in range(1000):  # one a second, for ever
+        steady.feed(b"hello web1 %d\nping" % (i % 50 + 1), float(i))
     other = ServerPeer(0.0, 10.0)
     other.feed(b"hello web1 2\nping\n", 0.0)
     with pytest.raises(ProtocolError, match="greeting as 'db1' on a connection that greeted as 'web1'"):
@@ -254,8 +258,8 @@ def test_a_later_greeting_may_change_the_interval_only_and_not_too_often() -> No
 def test_the_greeting_rate_limit_does_not_depend_on_how_bytes_are_split() -> None:
     whole = ServerPeer(0.0, 10.0)
     with pytest.raises(ProtocolError):
-        whole.feed(b"hello a 2\nhello a 3\n", 0.0)
+        whole.feed(b"hello a 2\nhello a 3\nhello a 4\nhello a 5\n", 0.0)
     split = ServerPeer(0.0, 10.0)
-    split.feed(b"hello a 2\nhel", 0.0)
+    split.feed(b"hello a 2\nhello a 3\nhello a 4\nhel", 0.0)
     with pytest.raises(ProtocolError):
-        split.feed(b"lo a 3\n", 0.0)
+        split.feed(b"lo a 5\n", 0.0)
