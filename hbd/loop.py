@@ -150,12 +150,21 @@ class EventLoop:
             data = self._wakeup_r.recv(512)
         except BlockingIOError:
             return
+        # One at a time: a handler that raises must not lose the signals read with it (a SIGTERM
+        # behind a failing SIGHUP) nor the callbacks other threads queued (a DNS answer).
         for signum in data:
             handler = self._signal_handlers.get(signum)
             if handler is not None:
-                handler()
+                try:
+                    handler()
+                except Exception as exc:
+                    self.report_error(None, handler, exc)
         while self._threadsafe:
-            self._threadsafe.popleft()()
+            callback = self._threadsafe.popleft()
+            try:
+                callback()
+            except Exception as exc:
+                self.report_error(None, callback, exc)
 
     # -- running ----------------------------------------------------------------------------------
     def stop(self) -> None:

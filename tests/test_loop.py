@@ -219,3 +219,26 @@ def test_without_an_error_handler_exceptions_propagate() -> None:
         pass
     else:
         raise AssertionError("the exception was swallowed")
+
+
+def test_a_raising_signal_handler_loses_neither_the_next_signal_nor_threadsafe_callbacks() -> None:
+    loop, _, _ = make_loop()
+    errors: list[str] = []
+    loop.on_error = lambda fileobj, cb, exc: errors.append(str(exc))
+    seen: list[str] = []
+
+    def bad_reload() -> None:
+        raise RuntimeError("reload blew up")
+
+    loop.add_signal_handler(signal.SIGHUP, bad_reload)
+    loop.add_signal_handler(signal.SIGUSR2, lambda: seen.append("usr2"))
+    try:
+        loop.call_soon_threadsafe(lambda: seen.append("threadsafe"))
+        os.kill(os.getpid(), signal.SIGHUP)
+        os.kill(os.getpid(), signal.SIGUSR2)
+        for _ in range(3):
+            loop.run_once(0)
+        assert errors == ["reload blew up"]
+        assert sorted(seen) == ["threadsafe", "usr2"]
+    finally:
+        loop.close()
