@@ -79,7 +79,8 @@ class ServerPeer:
     """
 
     __slots__ = (
-        "_buf", "_echo", "_greeted", "_greetings", "_junk", "events", "interval", "last_heard", "name", "pings", "state", "timeout",
+        "_buf", "_echo", "_greeted", "_greetings", "_junk", "events", "interval", "last_heard", "name", "pings",
+        "state", "timeout",
     )
 
     def __init__(self, now: float, timeout: float) -> None:
