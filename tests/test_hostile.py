@@ -221,7 +221,7 @@ def test_a_server_streaming_pongs_is_a_protocol_error_not_an_up_link(tmp_path: P
         assert re.search(r"^hbd_client_pongs_total\{[^}]*\} 0$", numbers, re.M), numbers
         assert cli.count("pong from") == 0
         attempts = flood.accepted
-        assert attempts <= 12  # backoff: 0.2, 0.4, 0.8, 1, 1, ... s
+        assert attempts <= 30  # backoff with full jitter: up to 0.2, 0.4, 0.8, 1, 1, ... s (not a tight loop)
     finally:
         flood.close()
     report("server streaming unsolicited pongs", [f"client CPU {cpu * 1000:.0f} ms in 3 s; link never up; "
