@@ -264,7 +264,7 @@ class RequestServer:
     def retire(self) -> None:
         """Stop accepting (the socket is being replaced) but finish the requests under way: a reload
         that moves the status socket still answers the ``hbd reload`` that asked for it."""
-        self.loop.forget(self.sock)
+        self.acceptor.close()  # also cancels a pending resume (out of descriptors)
         self.sock.close()
 
     def close(self) -> None:
