@@ -239,7 +239,7 @@ class Link:
             rtts = proto.feed(data, now)
         except ProtocolError as exc:
             self.healthy = False  # a server breaking the protocol gets no fresh series of quick retries
-            self.lost(f"protocol error: {exc}")
+            self.lost(f"protocol error: {exc}", peer_caused=True)
             return
         if was_late and not proto.late:
             log.info("%s answers again (pong after %.3f s)", self.target.label, max(rtts),
@@ -305,12 +305,17 @@ class Link:
         except OSError as exc:
             self.lost(f"connection error: {exc.strerror or exc}")
 
-    def lost(self, reason: str) -> None:
-        """A link that was up went down."""
+    def lost(self, reason: str, peer_caused: bool = False) -> None:
+        """A link that was up went down. ``peer_caused``: the server broke the protocol, a line it
+        could make us write on every reconnect, so it goes through the peer-line rate limit."""
         was = self.target.label
         self._teardown()
         self.down_reason = reason
-        self.client.log_link(self, logging.WARNING, f"link to {was} lost: {reason}", event="down")
+        if peer_caused:
+            self.client.peer_log.log(logging.WARNING, self.address, "link to %s lost: %s", was, reason,
+                                     event="protocol-error", peer=self.target.peer, peer_address=self.address)
+        else:
+            self.client.log_link(self, logging.WARNING, f"link to {was} lost: {reason}", event="down")
         self._set_health("down", reason)
         self._schedule_retry()
 
