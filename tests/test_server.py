@@ -181,10 +181,10 @@ def test_many_clients_in_one_thread(tmp_path: Path, procs) -> None:
 def test_ipv6_listener(tmp_path: Path, procs) -> None:
     if not socket.has_ipv6:
         pytest.skip("no IPv6")
-    try:
-        socket.create_server(("::1", 0)).close()
-    except OSError:
-        pytest.skip("no IPv6 loopback")
+    try:  # without family= create_server makes an AF_INET socket, which cannot bind ::1
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback (::1): {exc.strerror or exc}")
     srv = start_server(tmp_path, host="::1")
     procs.append(srv)
     with socket.create_connection(("::1", srv.config["port"]), timeout=3) as s:
