@@ -19,6 +19,9 @@ from hbd.notify import Notifier
 from hbd.ops import Ops
 
 STATUS_INTERVAL = 1.0
+# Every signal a daemon's loop handles. The supervisor blocks them across fork() (hbd/workers.py) and the
+# worker keeps them blocked until run() has installed its own handlers.
+LOOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, *STRAY_SIGNALS})
 # Exit statuses of permanent failures, which the units do not restart (RestartPreventExitStatus=).
 EXIT_CONFIG = 78  # EX_CONFIG (sysexits.h): the configuration is invalid
 EXIT_GAVE_UP = 79  # the client gave up on every server after reconnect_attempts
@@ -123,6 +126,8 @@ class Daemon:
         for signum in STRAY_SIGNALS:  # by default they would kill us; they mean nothing here
             if signum not in (signal.SIGUSR1, signal.SIGUSR2):
                 loop.add_signal_handler(signum, _ignore)
+        # A new worker starts with these blocked (hbd/workers.py): what arrived meanwhile is delivered now, here.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, LOOP_SIGNALS)
         if take_hup():  # a SIGHUP came during start-up, before the loop could take it: reload once running
             loop.call_later(0, self.reload)
         try:

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 
 from hbd.config import ServerConfig, load_server_config
-from hbd.daemon import Daemon, StartError
+from hbd.daemon import LOOP_SIGNALS, Daemon, StartError
 from hbd.entry import catch_signals, take_hup
 from hbd.logs import Logging, fields, log
 from hbd.names import listen_info
@@ -41,6 +41,10 @@ HANG_AFTER = 10.0  # a worker silent this long (it reports every second) is kill
 RESTART_DELAY = 1.0
 STOP_TIMEOUT = 5.0
 RELOAD_TIMEOUT = 5.0  # how long a requested reload waits for the workers' outcomes
+# The supervisor's signals (LOOP_SIGNALS) are blocked across fork() and in a new worker until its own loop
+# handles them (Daemon.run unblocks them): until then the worker still has the supervisor's handlers, whose
+# wakeup fd is the supervisor's (a SIGHUP meant for the worker would reload the supervisor). A signal sent
+# meanwhile stays pending and reaches the worker's own handler.
 
 
 class WorkerChannel:
@@ -103,21 +107,23 @@ class Supervisor(Daemon):
         check_bind(self.config)
         self.loop.add_signal_handler(signal.SIGCHLD, self._reap)
         for index in range(1, self.config.workers + 1):
-            self._spawn(index)
+            self._spawn(index, self.config)
         self._wait_ready()
         self.start_status_updates()
         log.info("%d workers listening on %s:%d", len(self.workers), self.config.host, self.config.port)
 
-    def _spawn(self, index: int) -> None:
+    def _spawn(self, index: int, config: ServerConfig) -> None:
         rfd, wfd = os.pipe()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, LOOP_SIGNALS)
         pid = os.fork()
         if pid == 0:  # the worker
             os.close(rfd)
             code = 70
             try:
-                code = _run_worker(self, index, wfd)
+                code = _run_worker(self, config, index, wfd)
             finally:
                 os._exit(code)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.close(wfd)
         os.set_blocking(rfd, False)
         worker = Worker(index, pid, rfd, self.loop.time())
@@ -137,6 +143,7 @@ class Supervisor(Daemon):
             for w in pending:
                 if w.rfd in readable and not self._on_pipe(w):
                     _, status = os.waitpid(w.pid, 0)
+                    self._forget(w)  # reaped: shutdown() must not wait for it
                     self.shutdown()
                     raise StartError(f"worker {w.index} exited during start-up (status {status})")
 
@@ -176,7 +183,7 @@ class Supervisor(Daemon):
             running = {w.index for w in by_index}
             for index in range(1, new.workers + 1):
                 if index not in running:
-                    self._spawn(index)
+                    self._spawn(index, new)  # self.config is still the old one here
 
         return commit
 
@@ -269,7 +276,7 @@ class Supervisor(Daemon):
 
     def _restart(self, index: int) -> None:
         if not self._stopping_workers and all(w.index != index for w in self.workers.values()):
-            self._spawn(index)
+            self._spawn(index, self.config)
 
     def _forget(self, w: Worker) -> None:
         self.workers.pop(w.pid, None)
@@ -294,8 +301,8 @@ class Supervisor(Daemon):
                 _kill(w.pid, signal.SIGKILL)  # _reap restarts it
 
 
-def _run_worker(sup: Supervisor, index: int, wfd: int) -> int:
-    """In the forked child: drop the supervisor's loop and signal state, then serve."""
+def _run_worker(sup: Supervisor, config: ServerConfig, index: int, wfd: int) -> int:
+    """In the forked child (LOOP_SIGNALS blocked): drop the supervisor's loop and signal state, then serve."""
     from hbd.server import Server
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
@@ -310,7 +317,7 @@ def _run_worker(sup: Supervisor, index: int, wfd: int) -> int:
     channel = WorkerChannel(wfd, index)
     logs = Logging(f"hbd-server/{index}", journald=sup.logs.journald)
     server = Server(
-        dataclasses.replace(sup.config, log_file=None), notifier=Notifier({}), logs=logs,
+        dataclasses.replace(config, log_file=None), notifier=Notifier({}), logs=logs,
         overrides={**sup.overrides, "log_file": None}, worker=channel, reuse_port=True,
     )
     log.addHandler(PipeLogHandler(channel))

@@ -75,6 +75,29 @@ def test_workers_share_the_port_and_report_to_the_supervisor(tmp_path: Path, pro
         assert not Path(f"/proc/{k}").exists() or "Z" in Path(f"/proc/{k}/stat").read_text().split()[2]
 
 
+def test_a_signal_for_a_starting_worker_waits_for_its_own_handlers(tmp_path: Path, procs) -> None:
+    # The supervisor signals its workers (SIGHUP on reload, SIGTERM at stop) whenever it needs to, also
+    # while one it just restarted is still starting. Such a signal must neither kill the new worker nor
+    # run the supervisor's handler it inherited (whose wakeup fd is the supervisor's: a reload nobody
+    # asked for); the worker handles it as its own once it runs.
+    srv = start_server(tmp_path, workers=2, heartbeat_timeout=5)
+    procs.append(srv)
+    srv.wait_for(r"hbd-server INFO +2 workers listening")
+    old = children(srv.pid)
+    os.kill(old[0], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while not (new := [k for k in children(srv.pid) if k not in old]):  # as early as possible after fork
+        assert time.monotonic() < deadline, srv.output()
+        time.sleep(0.001)
+    mark = srv.mark()
+    os.kill(new[0], signal.SIGHUP)
+    srv.wait_for(r"hbd-server/\d INFO +reloaded ", after=mark, timeout=10)
+    time.sleep(0.3)
+    assert srv.count(r"hbd-server INFO +reloading", after=mark) == 0, srv.output()
+    assert "killed by SIGHUP" not in srv.output()
+    assert new[0] in children(srv.pid)
+
+
 def test_worker_errors_reach_the_supervisors_log_file(tmp_path: Path, procs) -> None:
     srv = start_server(tmp_path, workers=2, heartbeat_timeout=0.3)
     procs.append(srv)
@@ -101,3 +124,30 @@ def test_workers_port_in_use_fails_fast(tmp_path: Path, procs) -> None:
     assert other.proc.wait(10) == 1
     other.stop()
     assert "cannot listen on 127.0.0.1" in other.output()
+
+
+def test_a_worker_that_dies_during_start_up_is_a_clean_start_error(tmp_path: Path, procs) -> None:
+    from daemons import HbdProcess, free_port
+
+    srv = HbdProcess("server", {"host": "127.0.0.1", "port": free_port(), "workers": 2, "log_file": None,
+                                "control_socket": None}, tmp_path)
+    procs.append(srv)
+    deadline = time.monotonic() + 10
+    while not (kids := children(srv.pid)):  # the first worker, long before it listens
+        assert time.monotonic() < deadline and srv.proc.poll() is None, srv.output()
+        time.sleep(0.001)
+    os.kill(kids[0], signal.SIGKILL)
+    assert srv.proc.wait(10) == 1
+    srv.stop()
+    assert "exited during start-up" in srv.output() and "Traceback" not in srv.output(), srv.output()
+
+
+def test_a_worker_added_by_a_reload_runs_the_new_configuration(tmp_path: Path, procs) -> None:
+    srv = start_server(tmp_path, workers=2, heartbeat_timeout=5)
+    procs.append(srv)
+    srv.wait_for(r"hbd-server INFO +2 workers listening")
+    srv.write_config({**srv.config, "workers": 3, "heartbeat_timeout": 4})
+    mark = srv.mark()
+    srv.signal(signal.SIGHUP)
+    _, line = srv.wait_for(r"hbd-server/3 INFO +listening on", after=mark)
+    assert "heartbeat_timeout 4 s" in line
