@@ -1,48 +1,56 @@
 # hbd developer targets. Everything runs on Debian's python3 with Debian's packages, the same
-# interpreter and libraries the .deb uses; `make deps` installs them with apt-get (root or sudo).
+# interpreter and libraries the .deb uses; targets install what they miss with apt-get (as root, or
+# through sudo; with nothing missing they need neither). `make help` lists them.
 PY ?= /usr/bin/python3
-APT_DEPS := python3 python3-yaml python3-systemd python3-pytest python3-pytest-timeout python3-hypothesis
-# reliability and TLS tests: test certificates, network namespaces, a fake wall clock
-APT_DEPS += openssl iproute2 faketime
-# metrics tests: prometheus_client's parser checks hbd's exposition (hbd itself never imports it)
-APT_DEPS += python3-prometheus-client
-SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PORT ?= 54321
+# hbd itself (make demo, run-server, run-client)
+RUN_DEPS := python3 python3-yaml python3-systemd
+# the test suite: hbd, pytest, and for the reliability and TLS tests test certificates, network
+# namespaces and a fake wall clock; prometheus_client's parser checks hbd's metrics exposition (hbd
+# itself never imports it); groff renders the man page in tests/test_manpage.py. The real-systemd tests
+# (root only) get theirs from .ci/systemd-prepare.sh: systemd-container, debootstrap, build deps.
+APT_DEPS := $(RUN_DEPS) python3-pytest python3-pytest-timeout python3-hypothesis
+APT_DEPS += openssl iproute2 faketime python3-prometheus-client groff-base
 PYTEST_ARGS ?=
 
-.PHONY: help deps demo run-server run-client test test-fast lint clean
+.PHONY: help deps demo-deps demo run-server run-client test test-fast lint clean
 help:
-	@echo "make demo        server + client on 127.0.0.1 (Ctrl-C stops both)"
-	@echo "make test        the whole test suite (systemd tests need root)"
-	@echo "make test-fast   unit and integration tests only"
-	@echo "make run-server  / make run-client   one daemon with the repo's configs"
-	@echo "make lint        ruff"
-	@echo "make deb         the Debian package in dist/"
-	@echo "make bench       / make bench-quick  performance benchmarks"
+	@echo "make demo        server + client on 127.0.0.1:$(PORT) in this terminal (Ctrl-C stops both); PORT=N for another port"
+	@echo "make test        the whole test suite; as root also the real-systemd tests (it installs and prepares them)"
+	@echo "make test-fast   unit and integration tests only (no systemd, no slow tests)"
+	@echo "make deps        install the test suite's Debian packages"
+	@echo "make run-server  / make run-client   one daemon in the foreground with the repo's configs (logs in demo-logs/)"
+	@echo "make lint        ruff (installed into a local venv, .venv-lint/)"
+	@echo "make deb         the Debian package: dist/hbd_<version>_all.deb"
+	@echo "make deb-lint    lintian on the binary and source packages (fails on any error or warning)"
+	@echo "make systemd-test  only the real-systemd tests (root)"
+	@echo "make bench       full benchmark, about 11 min; make bench-quick: about 2 min"
+	@echo "make clean       remove demo-logs, build, dist and caches"
 
 deps:
-	@missing=$$(for p in $(APT_DEPS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-		echo "installing:" $$missing; \
-		$(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
-	fi
+	@sh mk/apt-need.sh "make $(or $(MAKECMDGOALS),deps)" $(APT_DEPS)
 
-demo: deps
+demo-deps:
+	@sh mk/apt-need.sh "make demo" $(RUN_DEPS)
+
+# A plain command line, so make runs the script with no shell in between: Ctrl-C ends it quietly.
+demo: demo-deps
+	@sh mk/demo.sh $(PY) $(PORT)
+
+run-server: demo-deps
 	@mkdir -p demo-logs
-	@echo "hbd demo: server and client on 127.0.0.1:54321; errors also go to demo-logs/. Ctrl-C stops both."
-	@echo "          in another terminal: $(PY) -m hbd status -s demo-logs/server.sock   (or client.sock)"
-	@trap 'kill $$srv 2>/dev/null; wait $$srv' EXIT INT TERM; \
-	$(PY) -m hbd server -c etc/server.yaml --host 127.0.0.1 --log-file demo-logs/server.log \
-		--control-socket demo-logs/server.sock & srv=$$!; \
-	sleep 0.5; $(PY) -m hbd client -c etc/client.yaml --host 127.0.0.1 --log-file demo-logs/client.log \
-		--control-socket demo-logs/client.sock
+	$(PY) -m hbd server -c etc/server.yaml --port $(PORT) --log-file demo-logs/server.log --control-socket demo-logs/server.sock
 
-run-server: deps
-	$(PY) -m hbd server -c etc/server.yaml --log-file demo-logs/server.log --control-socket demo-logs/server.sock
+run-client: demo-deps
+	@mkdir -p demo-logs
+	$(PY) -m hbd client -c etc/client.yaml --port $(PORT) --log-file demo-logs/client.log --control-socket demo-logs/client.sock
 
-run-client: deps
-	$(PY) -m hbd client -c etc/client.yaml --log-file demo-logs/client.log --control-socket demo-logs/client.sock
-
+# As root, the real-systemd tests run too: .ci/systemd-prepare.sh installs their tools and builds the
+# container's root file system and the .deb first (a few seconds when all is in place). Without root they
+# are skipped, and the run ends with a summary of every skip and its reason (tests/conftest.py).
 test: deps
+	@if [ "$$(id -u)" = 0 ]; then bash .ci/systemd-prepare.sh; \
+	else echo "make test: not root: the real-systemd tests will be skipped"; fi
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: deps

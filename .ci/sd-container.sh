@@ -18,9 +18,12 @@ el() { awk "BEGIN{printf \"%.2f\", $EPOCHREALTIME - $1}"; }   # seconds since $1
 alive() { local s; s=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -c1); [ -n "$s" ] && [ "$s" != Z ]; }
 
 sd_tools() {
-  command -v systemd-nspawn >/dev/null && command -v debootstrap >/dev/null && return 0
+  command -v systemd-nspawn >/dev/null && command -v debootstrap >/dev/null && command -v nsenter >/dev/null \
+    && return 0
   local apt=(env DEBIAN_FRONTEND=noninteractive apt-get -q -o DPkg::Lock::Timeout=300)  # waits for another apt
-  "${apt[@]}" update >/dev/null && "${apt[@]}" install -y --no-install-recommends systemd-container debootstrap >/dev/null
+  echo "installing systemd-container debootstrap util-linux (systemd-nspawn, nsenter)"
+  "${apt[@]}" update >/dev/null && "${apt[@]}" install -y --no-install-recommends \
+    systemd-container debootstrap util-linux >/dev/null
 }
 
 sd_rootfs() {        # built once per machine, rebuilt when SD_PKGS changes

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What the real-systemd tests (tests/test_systemd.py) need, on a fresh Debian 12 machine as root:
 # systemd-nspawn + debootstrap, the cached bookworm rootfs, and dist/hbd_<version>_all.deb.
-# Idempotent, and about 0 s when everything is in place. .ci/run calls it before pytest; the tests call it too.
+# Idempotent, and about 0 s when everything is in place. `make test` (and so .ci/run) calls it as root before
+# pytest; the systemd tests call it too (tests/systemd_guest.py prepare()).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source .ci/sd-container.sh

@@ -1,3 +1,5 @@
+import collections
+import os
 import sys
 from pathlib import Path
 
@@ -15,3 +17,33 @@ def procs():
     yield started
     for p in started:
         p.stop()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """In CI (CI set) a real-systemd test must run: its skip is a failure, whatever skipped it."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get("CI") and item.get_closest_marker("systemd") is not None:
+        report.outcome = "failed"
+        report.longrepr = f"CI must run the real-systemd tests, but this one was skipped: {_reason(report)}"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """Every run ends with what was skipped and why (a skip must never pass unnoticed)."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    if not skipped:
+        return
+    by_reason: dict[str, list[str]] = collections.defaultdict(list)
+    for report in skipped:
+        by_reason[_reason(report)].append(report.nodeid)
+    terminalreporter.section(f"{len(skipped)} skipped, and why", sep="-", yellow=True, bold=True)
+    for reason, nodeids in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
+        more = f" and {len(nodeids) - 1} more" if len(nodeids) > 1 else ""
+        terminalreporter.line(f"{reason}: {nodeids[0] or '(module)'}{more}")
+
+
+def _reason(report: pytest.TestReport) -> str:
+    if isinstance(report.longrepr, tuple):  # (path, line, "Skipped: reason")
+        return str(report.longrepr[2]).removeprefix("Skipped: ")
+    return str(report.longrepr)
