@@ -1,7 +1,7 @@
 # Performance benchmark (issue 5). Included by the top Makefile; also works alone:
 #   make -f mk/bench.mk bench | bench-quick
-# bench        full run (~15 min): N = 100..19000, writes bench/results/full.{jsonl,png} (committed)
-# bench-quick  CI-sized run (< 2 min): N = 100, 1000, writes bench/results/tmp/quick.{jsonl,png}
+# bench        full run (about 11 min; 662 s in the committed run): N = 100..19000, writes bench/results/full.{jsonl,png} (committed)
+# bench-quick  CI-sized run (about 2 min): N = 100, 1000, writes bench/results/tmp/quick.{jsonl,png}
 # Both run on Debian's python3 and install what they miss with apt-get (root, or sudo):
 # python3-yaml for hbd itself, python3-matplotlib for the PNG (the run still works without it).
 
