@@ -22,6 +22,8 @@ deb: $(DEB_FILE)
 # dpkg-checkbuilddeps comes with dpkg-dev, which a fresh machine lacks; apt-get build-dep reads debian/control.
 deb-deps:
 	@if command -v dpkg-checkbuilddeps >/dev/null && dpkg-checkbuilddeps 2>/dev/null; then :; \
+	elif [ "$$(id -u)" != 0 ] && ! command -v sudo >/dev/null; then \
+	  echo "make deb needs the package's build dependencies; run as root: apt-get build-dep $(CURDIR)" >&2; exit 1; \
 	else echo "installing build dependencies (apt-get build-dep ./)"; \
 	  $(DEB_APT) update -q >/dev/null && $(DEB_APT) build-dep -y -q --no-install-recommends ./ >/dev/null; fi
 
