@@ -3,24 +3,26 @@
 
 def _version() -> str:
     """debian/changelog is the one place the version is set. The package build writes it into
-    hbd/_version.py (debian/rules); a checkout reads the changelog's top entry."""
+    hbd/_version.py (debian/rules); a checkout reads the changelog's top entry. Only cheap imports:
+    this runs before hbd.entry catches signals."""
     try:
         from hbd._version import VERSION
     except ImportError:
         pass
     else:
         return VERSION
-    import re
-    from pathlib import Path
+    import os
 
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "debian", "changelog")
     try:
-        with open(Path(__file__).resolve().parent.parent / "debian" / "changelog", encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             top = f.readline()
     except OSError:
         return "unknown"
     # "hbd (EPOCH:UPSTREAM-REVISION) ...": the upstream part is hbd's own version
-    m = re.match(r"\S+ \((?:\d+:)?([^)\s]+?)(?:-[^-)\s]+)?\)", top)
-    return m.group(1) if m else "unknown"
+    version = top.partition("(")[2].partition(")")[0]
+    version = version.partition(":")[2] or version
+    return version.rpartition("-")[0] or version or "unknown"
 
 
 __version__ = _version()
