@@ -20,7 +20,7 @@ help:
 	@echo "make test-fast   unit and integration tests only (no systemd, no slow tests)"
 	@echo "make deps        install the test suite's Debian packages"
 	@echo "make run-server  / make run-client   one daemon in the foreground with the repo's configs (logs in demo-logs/)"
-	@echo "make lint        ruff (installed into a local venv, .venv-lint/)"
+	@echo "make lint        ruff check, ruff format --check and mypy (pinned, in a local venv .venv-lint/)"
 	@echo "make deb         the Debian package: dist/hbd_<version>_all.deb"
 	@echo "make deb-lint    lintian on the binary and source packages (fails on any error or warning)"
 	@echo "make systemd-test  only the real-systemd tests (root)"
@@ -56,10 +56,18 @@ test: deps
 test-fast: deps
 	$(PY) -m pytest -q -m "not systemd and not slow" $(PYTEST_ARGS)
 
+# Quality gates, run by .ci/run: pinned versions in a local venv (python3-venv from apt), so a new ruff or
+# mypy release can never turn CI red on its own.
+LINT_PINS := ruff==0.17.6 mypy==2.4.1 types-PyYAML==6.0.12.20261122
+LINT_VENV := .venv-lint
 lint:
-	@[ -x .venv-lint/bin/ruff ] || { $(PY) -m venv .venv-lint && .venv-lint/bin/pip install -q ruff; }
-	.venv-lint/bin/ruff check hbd tests $(wildcard bench)
-	.venv-lint/bin/ruff format --check hbd tests $(wildcard bench) || true
+	@sh mk/apt-need.sh "make lint" python3-venv
+	@[ "$$(cat $(LINT_VENV)/.pins 2>/dev/null)" = "$(LINT_PINS)" ] || { rm -rf $(LINT_VENV) && \
+	  $(PY) -m venv $(LINT_VENV) && $(LINT_VENV)/bin/pip install -q --disable-pip-version-check $(LINT_PINS) && \
+	  echo "$(LINT_PINS)" >$(LINT_VENV)/.pins; }
+	$(LINT_VENV)/bin/ruff check hbd tests bench
+	$(LINT_VENV)/bin/ruff format --check hbd tests bench
+	$(LINT_VENV)/bin/mypy hbd
 
 clean:
 	rm -rf demo-logs build dist .pytest_cache .ruff_cache *.egg-info
