@@ -195,7 +195,7 @@ class Link:
         log.info("connected to %s", self.target.label,
                  extra=fields(peer=self.target.peer, peer_address=self.address, event="connected"))
         if self.cfg.client_name:
-            self._send(f"hello {self.cfg.client_name} {self.cfg.heartbeat_interval:g}\n".encode())
+            self._send(_greeting(self.cfg))
             if self.state != self.UP:  # the send found the connection reset: torn down, retry is set
                 return
         self._tick()
@@ -324,9 +324,10 @@ class Link:
         if health == self.health:
             return
         old, self.health = self.health, health
-        self.health_since = self.loop.time()
+        now = self.loop.time()
+        standing, self.health_since = now - self.health_since, now
         self.client.ops.event(health, self.target.peer, self.address, name=self.target.name,
-                              previous=old, reason=reason, **extra)
+                              previous=old, reason=reason, standing=standing, **extra)
 
     # -- reconnecting --------------------------------------------------------------------------------
     def _schedule_retry(self) -> None:
@@ -389,11 +390,26 @@ class Link:
             self._set_timer(self.loop.time() + self.backoff.next_delay(), self.connect)
 
     def apply(self, cfg: ClientConfig) -> None:
-        """New timings for a link that stays (SIGHUP)."""
+        """New settings for a link that stays (SIGHUP; ``self.cfg`` is still the old config)."""
+        old = self.cfg
         self.backoff.base, self.backoff.cap = cfg.reconnect_delay, cfg.reconnect_max_delay
-        if self.proto is not None:
-            self.proto.retime(cfg.heartbeat_interval, cfg.pong_timeout)
-            self._set_timer(self.proto.next_deadline(), self._tick)
+        if self.proto is None:
+            return  # not connected: the next connection greets with the new settings
+        if cfg.client_name != old.client_name:
+            # A connection keeps the name it greeted with: reconnect under the new one, once the
+            # reload is done (connect() reads the config). Not a failure: the health stays as it is.
+            log.info("client_name is now %s: reconnecting to %s", cfg.client_name, self.target.label,
+                     extra=fields(peer=self.target.peer, peer_address=self.address, event="rename"))
+            self._teardown()
+            self.state = self.WAITING
+            self._set_timer(self.loop.time(), self.connect)
+            return
+        self.proto.retime(cfg.heartbeat_interval, cfg.pong_timeout)
+        self._set_timer(self.proto.next_deadline(), self._tick)
+        if cfg.client_name and cfg.heartbeat_interval != old.heartbeat_interval:
+            # Tell the server at once, on this connection, before pings slow down: its timeout
+            # follows the announced interval, and a greeting is the only way to announce it.
+            self._send(_greeting(cfg))
 
     def status(self) -> str:
         """This link in the STATUS= line: up with its RTT, or DOWN with why and what happens next."""
@@ -519,6 +535,10 @@ def _short(reason: str) -> str:
     if len(reason) > 1 and reason[0].isupper() and reason[1].islower():
         reason = reason[0].lower() + reason[1:]
     return reason
+
+
+def _greeting(cfg: ClientConfig) -> bytes:
+    return f"hello {cfg.client_name} {cfg.heartbeat_interval:g}\n".encode()
 
 
 def _strerror(rc: int) -> str:

@@ -9,19 +9,31 @@ ROLE``) and as ``HBD_*`` environment variables. Hooks never hold up the event lo
   WNOHANG)`` for our own children only (a supervisor's ``waitpid(-1)`` is never disturbed);
 - a hook still running after ``hook_timeout`` is killed with its whole process group;
 - at most ``hook_max_concurrent`` run at once, and at most START_RATE start per second; later
-  events wait in a queue of at most ``hook_max_queued``. When it is full the oldest waiting event
-  is dropped with a warning, so a flapping peer (or 19,000 clients reconnecting at once) costs a
-  bounded number of processes, a bounded share of the loop and a bounded amount of memory.
+  events wait, so a flapping peer (or 19,000 clients reconnecting at once) costs a bounded number
+  of processes, a bounded share of the loop and a bounded amount of memory.
+
+Waiting is fair per peer (a peer is its name or address together with its address, as the hook
+sees them): each peer has at most one waiting run, its latest change. A change that comes while
+the previous one still waits replaces it, keeps its place in line and counts it (``HBD_COALESCED``),
+so a flapping peer only loses its own intermediate flips. The hooks of one peer run one after the
+other, in the order of its changes, never two at once. At most ``hook_max_queued`` peers wait; when
+one more comes, the change of the least established peer is dropped (``standing``: how long the
+peer had held its previous state or connection; ties: the one waiting longest), with a warning. A
+stranger that connects and leaves at once, from however many addresses, only pushes out the likes
+of itself; a peer that was up for a while keeps its place unless more than ``hook_max_queued``
+such peers change at once.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import os
 import signal
 import subprocess
 import time
-from collections import deque
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
 from hbd.logs import PeerLog, fields, log
@@ -37,13 +49,18 @@ RECHECK_AFTER_KILL = 1.0
 class Job:
     """One hook run: what to run, and once started, its process and timeout timer."""
 
-    __slots__ = ("address", "event", "extra", "killed", "peer", "proc", "started", "timer", "when")
+    __slots__ = ("address", "coalesced", "event", "extra", "key", "killed", "peer", "proc", "seq", "standing",
+                 "started", "timer", "when")
 
-    def __init__(self, event: str, peer: str, address: str, extra: dict[str, object]) -> None:
+    def __init__(self, event: str, peer: str, address: str, extra: dict[str, object], standing: float = 0.0) -> None:
         self.event = event
         self.peer = peer
         self.address = address
         self.extra = extra
+        self.key = f"{peer} {address}"
+        self.standing = standing
+        self.coalesced = 0  # earlier changes of this peer that this run replaces
+        self.seq = 0
         self.when = time.time()
         self.proc: subprocess.Popen[bytes] | None = None
         self.started = 0.0
@@ -59,9 +76,12 @@ class HookRunner:
         self.timeout = 10.0
         self.max_running = 4
         self.max_queued = 100
-        self.queue: deque[Job] = deque()
+        self.queue: OrderedDict[str, Job] = OrderedDict()  # by peer key: its latest waiting change
         self.running: dict[int, Job] = {}  # by pid
-        self.counts = {"ok": 0, "failed": 0, "timeout": 0, "error": 0, "dropped": 0}
+        self.counts = {"ok": 0, "failed": 0, "timeout": 0, "error": 0, "dropped": 0, "coalesced": 0}
+        self._busy: set[str] = set()  # peers with a run going: their next one waits for its end
+        self._order: list[tuple[float, int, str]] = []  # heap (standing, seq, key): who is dropped first
+        self._seq = itertools.count()
         self.enabled = True  # off while the daemon stops: closing every peer is not news
         self._sigchld = False
         self._dropped_unreported = 0
@@ -81,26 +101,62 @@ class HookRunner:
         self.max_queued = max_queued
         if self.command is None:
             self.queue.clear()
+            self._order.clear()
         while len(self.queue) > max_queued:
-            self._drop_oldest()
+            victim = self._least_established()
+            assert victim is not None
+            del self.queue[victim.key]
+            self._dropped(victim)
         self._pump()
 
     # -- events -------------------------------------------------------------------------------------
-    def fire(self, event: str, peer: str, address: str, extra: Mapping[str, object] = ()) -> None:
-        """Queue a run of the hook for this event (nothing happens without ``on_change``)."""
+    def fire(self, event: str, peer: str, address: str, extra: Mapping[str, object] = (),
+             standing: float = 0.0) -> None:
+        """Queue a run of the hook for this event (nothing happens without ``on_change``).
+
+        ``standing``: how long the peer had held its previous state (or its connection), seconds;
+        when too many peers wait, the least established one's change is dropped first."""
         if self.command is None or not self.enabled:
             return
-        job = Job(event, peer, address, dict(extra))  # cheap: a storm mostly ends in the drop below
-        if self.max_queued == 0 and (len(self.running) >= self.max_running or self._tokens() < 1):
+        job = Job(event, peer, address, dict(extra), standing)  # cheap: a storm mostly ends in a drop
+        waiting = self.queue.get(job.key)
+        if waiting is not None:  # its previous change has not run yet: replaced, in the same place in line
+            job.coalesced = waiting.coalesced + 1
+            self.counts["coalesced"] += 1
+            self.queue[job.key] = job
+            self._rank(job)
+            return
+        if self.max_queued == 0 and (len(self.running) >= self.max_running or self._tokens() < 1
+                                     or job.key in self._busy):
             self._dropped(job)
             return
         if len(self.queue) >= max(self.max_queued, 1):
-            self._drop_oldest()
-        self.queue.append(job)
+            victim = self._least_established()
+            if victim is None or job.standing < victim.standing:
+                self._dropped(job)  # the newcomer is the least established of all
+                return
+            del self.queue[victim.key]
+            self._dropped(victim)
+        self.queue[job.key] = job
+        self._rank(job)
         self._pump()
 
-    def _drop_oldest(self) -> None:
-        self._dropped(self.queue.popleft())
+    def _rank(self, job: Job) -> None:
+        job.seq = next(self._seq)
+        heapq.heappush(self._order, (job.standing, job.seq, job.key))
+        if len(self._order) > 2 * len(self.queue) + 64:  # entries of started or replaced runs pile up
+            self._order = [(j.standing, j.seq, j.key) for j in self.queue.values()]
+            heapq.heapify(self._order)
+
+    def _least_established(self) -> Job | None:
+        order = self._order
+        while order:
+            _, seq, key = order[0]
+            job = self.queue.get(key)
+            if job is not None and job.seq == seq:
+                return job
+            heapq.heappop(order)  # started or replaced since
+        return None
 
     def _dropped(self, job: Job) -> None:
         self.counts["dropped"] += 1
@@ -125,12 +181,17 @@ class HookRunner:
 
     def _pump(self) -> None:
         while self.queue and len(self.running) < self.max_running:
+            # The first in line whose peer has no run going (at most max_running are skipped).
+            job = next((j for j in self.queue.values() if j.key not in self._busy), None)
+            if job is None:
+                return  # each waits for its peer's run to end; _reap() pumps again
             if self._tokens() < 1:
                 if self._pump_timer is None:  # a start is due once the bucket has a token again
                     self._pump_timer = self.loop.call_later((1 - self._bucket) / START_RATE, self._pump_later)
                 return
             self._bucket -= 1
-            self._start(self.queue.popleft())
+            del self.queue[job.key]
+            self._start(job)
 
     def _pump_later(self) -> None:
         self._pump_timer = None
@@ -149,6 +210,7 @@ class HookRunner:
             "HBD_ADDRESS": job.address,
             "HBD_ROLE": self.role,
             "HBD_TIME": f"{job.when:.3f}",  # when it happened: a queued run starts later
+            "HBD_COALESCED": str(job.coalesced),  # changes of this peer replaced by this one, never run
         })
         for key, value in job.extra.items():
             env[f"HBD_{key.upper()}"] = "" if value is None else str(value)
@@ -167,6 +229,7 @@ class HookRunner:
         job.started = self.loop.time()
         job.timer = self.loop.call_at(job.started + self.timeout, lambda: self._expire(job))
         self.running[proc.pid] = job
+        self._busy.add(job.key)
         log.debug("hook %s %s started (pid %d)", job.event, job.peer, proc.pid,
                   extra=fields(event="hook-started", peer=job.peer, peer_address=job.address))
 
@@ -181,6 +244,7 @@ class HookRunner:
     def _finished(self, job: Job) -> None:
         assert job.proc is not None
         del self.running[job.proc.pid]
+        self._busy.discard(job.key)
         self.loop.cancel(job.timer)
         if job.killed:
             return  # already reported as timed out
@@ -226,6 +290,7 @@ class HookRunner:
         """Stop queueing; hooks already running finish on their own (they are in their own session)."""
         self.enabled = False
         self.queue.clear()
+        self._order.clear()
         self.loop.cancel(self._pump_timer)
         self._pump_timer = None
         for job in self.running.values():

@@ -21,8 +21,10 @@ from typing import Any
 
 Callback = Callable[[], Any]
 
-# A wake-up this much later than planned means our own process was not running (SIGSTOP, swap,
-# CPU starvation): daemons use it to forgive peers they could not have heard.
+# A wake-up this much later than planned, or this much of a turn spent not running (wall time
+# minus our thread's CPU time), means our own process was stopped or starved (SIGSTOP, swap, CPU
+# starvation): daemons use it to forgive peers they could not have heard. A turn that is long
+# because we were working is not a stall: that time is ours, and peers' silence still counts.
 STALL_THRESHOLD = 0.25
 _READ = selectors.EVENT_READ
 _WRITE = selectors.EVENT_WRITE
@@ -45,8 +47,11 @@ class EventLoop:
         self,
         clock: Callable[[], float] = time.monotonic,
         selector: selectors.BaseSelector | None = None,
+        cpu_clock: Callable[[], float] | None = None,
     ) -> None:
         self.clock = clock
+        # CPU time of the loop's thread; with a virtual clock (tests) every second of a turn is work.
+        self.cpu_clock = cpu_clock or (time.thread_time if clock is time.monotonic else clock)
         self.selector = selector if selector is not None else selectors.DefaultSelector()
         self._timers: list[Timer] = []
         self._cancelled = 0
@@ -57,8 +62,10 @@ class EventLoop:
         self._wakeup()  # created now, in the loop's thread: other threads may only write to it
         self._threadsafe: collections.deque[Callback] = collections.deque()
         self.stall_callbacks: list[Callable[[float, float], Any]] = []
-        self._woke = float("inf")  # when the last select() returned
-        self.last_lag = 0.0  # how late the last wake-up was, seconds
+        # Lag: how long something that became ready could wait for the loop to look at it, i.e. how
+        # late a wake-up was plus how long the turn after it took (busy turns count, not only late
+        # wake-ups), seconds.
+        self.last_lag = 0.0
         self.max_lag = 0.0
         # Called as on_error(fileobj or None, callback, exc) when a callback raises; the daemons
         # close what the callback belonged to and carry on. None: the exception propagates.
@@ -181,21 +188,15 @@ class EventLoop:
             heapq.heappop(timers)
             self._cancelled -= 1
         before = self.clock()
-        if before - self._woke > STALL_THRESHOLD:  # the last turn itself took that long
-            for cb in self.stall_callbacks:
-                cb(self._woke, before)
         timeout = max_wait
         if timers:
             timeout = min(max(timers[0].when - before, 0.0), max_wait)
         events = self.selector.select(timeout)
-        now = self._woke = self.clock()
-        lag = now - before - timeout
-        self.last_lag = lag if lag > 0 else 0.0
-        if lag > self.max_lag:
-            self.max_lag = lag
-        if lag > STALL_THRESHOLD:
-            for cb in self.stall_callbacks:
-                cb(before + timeout, now)
+        now = seg = woke = self.clock()
+        cpu = self.cpu_clock()
+        late = now - before - timeout
+        if late > STALL_THRESHOLD:  # we were not running while we waited
+            self._stalled(before + timeout, now)
         for key, mask in events:
             cbs = key.data
             cb = None
@@ -211,6 +212,8 @@ class EventLoop:
             except Exception as exc:
                 self.report_error(key.fileobj, cb, exc)
         if timers and timers[0].when <= (now := self.clock()):
+            cpu = self._check_turn(seg, cpu, now)  # a stop in the middle of the I/O, before verdicts
+            seg = now
             # Take every due timer first, then run them: a callback that re-arms at a time that is
             # already due runs on the next turn instead of spinning inside this one.
             due = []
@@ -229,6 +232,12 @@ class EventLoop:
                     timer.callback()
                 except Exception as exc:
                     self.report_error(None, timer.callback, exc)
+        end = self.clock()
+        self._check_turn(seg, cpu, end)
+        lag = (late if late > 0 else 0.0) + (end - woke)
+        self.last_lag = lag
+        if lag > self.max_lag:
+            self.max_lag = lag
         if self._cancelled > 4096 and self._cancelled * 2 > len(timers):
             self._compact()
 
@@ -238,6 +247,19 @@ class EventLoop:
         if self.on_error is None:
             raise exc
         self.on_error(fileobj, callback, exc)  # type: ignore[arg-type]
+
+    def _check_turn(self, start: float, cpu_start: float, end: float) -> float:
+        """A stretch of a turn that took much longer than the CPU it used: we were stopped or starved
+        in the middle of it. Returns the CPU clock now, for the next stretch."""
+        cpu = self.cpu_clock()
+        idle = (end - start) - (cpu - cpu_start)
+        if idle > STALL_THRESHOLD:
+            self._stalled(end - idle, end)
+        return cpu
+
+    def _stalled(self, planned: float, woke: float) -> None:
+        for cb in self.stall_callbacks:
+            cb(planned, woke)
 
     def _compact(self) -> None:
         self._timers = [t for t in self._timers if not t.cancelled]

@@ -140,8 +140,9 @@ def collect(ops: Any) -> Exposition:
     for event in ("up", "late", "down"):
         out.sample("hbd_peer_events_total", events.get(event, 0), {"event": event})
     hooks = _summed(ops, "hooks")
-    out.family("hbd_hooks_total", "counter", "on_change hook runs by outcome (dropped: the queue was full).")
-    for result in ("ok", "failed", "timeout", "error", "dropped"):
+    out.family("hbd_hooks_total", "counter", "on_change hook runs by outcome (dropped: the queue was full; "
+               "coalesced: replaced by a later change of the same peer before it ran).")
+    for result in ("ok", "failed", "timeout", "error", "dropped", "coalesced"):
         out.sample("hbd_hooks_total", hooks.get(result, 0), {"result": result})
     out.one("hbd_hooks_running", "gauge", "on_change hooks running now.", hooks.get("running", 0))
     out.one("hbd_hooks_queued", "gauge", "on_change hook runs waiting for a free slot.", hooks.get("queued", 0))

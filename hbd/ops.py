@@ -249,13 +249,14 @@ class Ops:
 
     # -- events --------------------------------------------------------------------------------------
     def event(self, event: str, peer: str, address: str, *, name: str | None = None,
-              previous: str | None = None, reason: str = "", **extra: object) -> None:
-        """A peer changed state (``up``, ``late``, ``down``): count it, remember it, run the hook."""
+              previous: str | None = None, reason: str = "", standing: float = 0.0, **extra: object) -> None:
+        """A peer changed state (``up``, ``late``, ``down``): count it, remember it, run the hook.
+        ``standing``: how established the peer was (see hbd.hooks: who waits when hooks pile up)."""
         self.events[event] += 1
         self.recent.append({"time": time.time(), "event": event, "peer": peer, "address": address,
                             "previous": previous, "reason": reason})
         self.hooks.fire(event, peer, address, {"name": name or "", "previous": previous or "",
-                                                "reason": reason, **extra})
+                                                "reason": reason, **extra}, standing)
 
     def _stalled(self, planned: float, woke: float) -> None:
         self.stalls += 1

@@ -73,7 +73,8 @@ class ServerPeer:
     """One connected client as the server sees it: framing plus the silence rule.
 
     The peer is NEW until its first ping, UP while pings arrive, LATE once silent for more than
-    half its timeout and DEAD when silent for longer than ``timeout``. Only complete, valid
+    half its timeout and DEAD when silent for longer than ``timeout``. A NEW peer is never LATE:
+    it goes straight to DEAD at its timeout (it was never up, so there is nothing to suspect). Only complete, valid
     messages count as life: a peer that trickles bytes or sends garbage does not extend its
     deadline.
     """
@@ -205,16 +206,16 @@ class ServerPeer:
 
     def next_deadline(self) -> float:
         """When poll() may next change this peer's state."""
-        if self.state is not PeerState.LATE:
+        if self.state is PeerState.UP:
             return self.last_heard + self.timeout / 2
-        return self.last_heard + self.timeout
+        return self.last_heard + self.timeout  # LATE, or NEW: never LATE, closed at its timeout
 
     def poll(self, now: float) -> StateChange | None:
         """Apply the silence rule at ``now``; return the state change, if any."""
         silent = now - self.last_heard
         if silent > self.timeout:
             new = PeerState.DEAD
-        elif silent > self.timeout / 2:
+        elif silent > self.timeout / 2 and self.state is not PeerState.NEW:
             new = PeerState.LATE
         else:
             return None
@@ -223,17 +224,6 @@ class ServerPeer:
         change = StateChange(self.state, new, silent)
         self.state = new
         return change
-
-    def extend(self, now: float) -> StateChange | None:
-        """Forgive silence up to ``now``: our own loop was stalled, so we could not have heard.
-        A LATE peer is UP again; the change is returned so callers keep their counts right."""
-        silent = now - self.last_heard
-        if self.last_heard < now:
-            self.last_heard = now
-        if self.state is PeerState.LATE:
-            self.state = PeerState.UP
-            return StateChange(PeerState.LATE, PeerState.UP, silent)
-        return None
 
 
 class ClientLink:

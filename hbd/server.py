@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -34,6 +35,7 @@ ACCEPT_BATCH = 32  # accepts per loop turn: drains a reconnect storm, yet peers 
 MAX_OUTBUF = 64 * 1024  # a peer that pings but never reads its pongs is dropped past this
 RECV_SIZE = 4096
 WHEEL_RESOLUTION = 0.01  # verdicts come at most this late; the issue allows 100 ms, benchmarks 50
+STALLS_KEPT = 32  # recent stalls of our own loop remembered for forgiveness; older ones are forgotten
 
 
 class Connection:
@@ -78,10 +80,10 @@ class Connection:
         except ProtocolError as exc:
             self.server.reject(self, str(exc))
             return
+        if peer.events:  # before the reply: a send that finds the peer gone reports its end after this
+            self.server.on_events(self)
         if reply:
             self.send(reply)
-        if peer.events:
-            self.server.on_events(self)
 
     def send(self, data: bytes) -> None:
         if self.outbuf:
@@ -113,14 +115,14 @@ class Connection:
         if not self.outbuf:
             self.server.loop.remove_writer(self.sock)
 
-    def arm(self) -> None:
+    def arm(self, forgiven: float = 0.0) -> None:
         """(Re)file the connection under its next deadline. A connection stays filed once: if its
         filing is due no later than the new deadline it stays (the wheel re-files it lazily then, as
         after a ping), else it is moved; so no sequence of messages can pile up entries."""
         server = self.server
         # Never at or before now: the rules are strict (silent for MORE than the timeout), so a
         # check exactly at the deadline changes nothing and must not be re-filed for the same instant.
-        when = max(self.peer.next_deadline(), server.clock() + WHEEL_RESOLUTION)
+        when = max(self.peer.next_deadline() + forgiven, server.clock() + WHEEL_RESOLUTION)
         if self.slot != -1:
             if server.wheel.tick(when) >= self.slot:
                 return
@@ -151,7 +153,7 @@ class Server(Daemon):
         self.tls_context: ssl.SSLContext | None = None
         self.allow: AllowList | None = None
         self.closed_pings = 0  # pings of connections already closed (metrics add the open ones)
-        self._stall_end = float("-inf")
+        self._stalls: deque[tuple[float, float]] = deque(maxlen=STALLS_KEPT)  # (from, to) we did not run
 
     # -- Daemon hooks --------------------------------------------------------------------------------
     def load(self) -> ServerConfig:
@@ -366,24 +368,33 @@ class Server(Daemon):
             if self.conns.get(conn.sock.fileno()) is not conn:
                 return  # that read found the end of the connection
             now = self.clock()
-        if peer.last_heard < self._stall_end and now - peer.last_heard > peer.timeout / 2:
-            # We were stalled ourselves (SIGSTOP, starvation): we may simply not have looked.
-            forgiven = peer.extend(self._stall_end)
-            if forgiven is not None:
-                self._on_change(conn, forgiven)
-        change = peer.poll(now)
+        # Time our own loop did not run (SIGSTOP, starvation) is not the peer's silence: we could not
+        # have heard it. Only that time is forgiven, never time we spent working, and forgiving never
+        # makes a peer UP: only a ping does.
+        forgiven = self.forgiven(peer.last_heard, now) if self._stalls else 0.0
+        change = peer.poll(now - forgiven)
         if change is not None:
             self._on_change(conn, change)
             if change.new is PeerState.DEAD:
                 self.stats["timeouts"] += 1
                 self._close(conn)
                 return
-        conn.arm()
+        conn.arm(forgiven)
+
+    def forgiven(self, since: float, now: float) -> float:
+        """Seconds of [since, now] during which our loop was stalled."""
+        total = 0.0
+        for start, end in self._stalls:
+            lo = start if start > since else since
+            hi = end if end < now else now
+            if hi > lo:
+                total += hi - lo
+        return total
 
     def on_stall(self, planned: float, woke: float) -> None:
-        self._stall_end = woke
+        self._stalls.append((planned, woke))
         log.warning(
-            "event loop stalled for %.3f s; extending client deadlines", woke - planned,
+            "event loop stalled for %.3f s; extending client deadlines by that much", woke - planned,
             extra=fields(event="stall", lag_ms=round((woke - planned) * 1000)),
         )
 
@@ -402,6 +413,8 @@ class Server(Daemon):
                 )
             elif isinstance(ev, StateChange):
                 self._on_change(conn, ev)
+                if ev.old is PeerState.NEW and conn.slot != -1:
+                    conn.arm()  # filed at the first-ping deadline; LATE comes sooner for a peer that is up
         timeout = self.timeout_for(peer, self.config)
         if timeout != peer.timeout and self.conns.get(conn.sock.fileno()) is conn:
             peer.timeout = timeout  # a greeting or the first ping: it may ping slowly from now on
@@ -425,6 +438,12 @@ class Server(Daemon):
         source = conn.addr.rsplit(":", 1)[0]
         kw = {"event": change.new.value.lower(), "peer": conn.addr, "name": conn.peer.name,
               "silent_ms": round(change.silent_for * 1000)}
+        if change.old is PeerState.NEW and change.new is PeerState.DEAD:
+            # Never pinged (a port scan, a client that is not hbd): not a peer we ever reported, so
+            # its end is no warning, no state change and no hook; the line is rate-limited.
+            self._peer_log(logging.INFO, source, "closing client %s: no ping within %g s", conn.label,
+                           conn.peer.timeout, **{**kw, "event": "no-ping"})
+            return
         if change.new is PeerState.DEAD:
             self._peer_log(
                 logging.WARNING, source, "client %s timed out: silent for %.3f s (heartbeat_timeout %g s); closing",
@@ -466,10 +485,12 @@ class Server(Daemon):
     def _report(self, conn: Connection, event: str, old: PeerState, reason: str, **extra: object) -> None:
         """A state change for the status socket, metrics and on_change hooks."""
         self.ops.event(event, conn.peer.name or conn.addr, conn.addr, name=conn.peer.name,
-                       previous=old.value.lower(), reason=reason, **extra)
+                       previous=old.value.lower(), reason=reason, standing=self.clock() - conn.since, **extra)
 
     def reject(self, conn: Connection, reason: str) -> None:
         """The peer broke the protocol: log (rate-limited per source address) and close it."""
+        if conn.peer.events:  # what it did before comes out first
+            self.on_events(conn)
         self.stats["rejected"] += 1
         if conn.peer.pings:
             self._report(conn, "down", conn.peer.state, "protocol error")
@@ -480,6 +501,8 @@ class Server(Daemon):
         self._close(conn)
 
     def drop(self, conn: Connection, reason: str, level: int) -> None:
+        if conn.peer.events:  # what it did before comes out first
+            self.on_events(conn)
         self._peer_log(level, conn.addr.rsplit(":", 1)[0], "client %s %s", conn.label, reason,
                        event="disconnected", peer=conn.addr, name=conn.peer.name)
         if conn.peer.pings:
@@ -488,6 +511,8 @@ class Server(Daemon):
 
     def tls_failed(self, conn: Connection, reason: str) -> None:
         """A TLS handshake (or the TLS layer later) failed: log why, rate-limited, and close."""
+        if conn.peer.events:  # what it did before comes out first
+            self.on_events(conn)
         self.stats["tls_failed"] += 1
         if conn.peer.pings:  # the TLS layer failed on a link that was up
             self._report(conn, "down", conn.peer.state, f"TLS error: {reason}")

@@ -27,9 +27,9 @@ class TLSConnection(Connection):
         self.server.loop.add_reader(self.sock, self._sniff)
         self.arm()
 
-    def arm(self) -> None:
+    def arm(self, forgiven: float = 0.0) -> None:
         if self.state == UP:
-            super().arm()
+            super().arm(forgiven)
             return
         assert self.server.config.tls is not None
         timeout = self.server.config.tls.handshake_timeout

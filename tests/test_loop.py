@@ -242,3 +242,40 @@ def test_a_raising_signal_handler_loses_neither_the_next_signal_nor_threadsafe_c
         assert sorted(seen) == ["threadsafe", "usr2"]
     finally:
         loop.close()
+
+
+def test_a_long_turn_of_work_is_no_stall_but_shows_in_the_lag() -> None:
+    """Time spent working (here a callback that "takes" 0.4 s) is ours: no stall, but the lag says so."""
+    loop, clock, _ = make_loop()
+    stalls: list[tuple[float, float]] = []
+    loop.stall_callbacks.append(lambda planned, woke: stalls.append((planned, woke)))
+    for i in range(5):
+        loop.call_later(0.1 * (i + 1), lambda: clock.advance(0.4))
+    for _ in range(5):
+        loop.run_once()
+    assert stalls == []
+    assert loop.max_lag >= 0.4
+
+
+def test_a_stop_in_the_middle_of_a_turn_is_a_stall() -> None:
+    """Wall time that passes without our thread using CPU (SIGSTOP mid-turn, starvation) is a stall,
+    reported before the turn's timers take any verdict."""
+    clock = FakeClock()
+    cpu = FakeClock(0.0)
+    loop = EventLoop(clock=clock, selector=VirtualSelector(clock), cpu_clock=cpu)
+    a, b = socket.socketpair()
+    order: list[str] = []
+    loop.stall_callbacks.append(lambda planned, woke: order.append(f"stall {woke - planned:.1f}"))
+
+    def read() -> None:
+        a.recv(10)
+        cpu.advance(0.1)  # worked 0.1 s ...
+        clock.advance(2.1)  # ... and was stopped for 2 s
+
+    loop.add_reader(a, read)
+    loop.call_at(clock() + 1.0, lambda: order.append("verdict"))
+    b.send(b"x")
+    loop.run_once()
+    assert order == ["stall 2.0", "verdict"]
+    a.close()
+    b.close()

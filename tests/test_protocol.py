@@ -114,11 +114,12 @@ def test_trickled_bytes_do_not_count_as_life() -> None:
 
 # -- server side: liveness ---------------------------------------------------------------------------
 def test_exact_timeout_boundaries() -> None:
-    peer = ServerPeer(100.0, 10.0)
+    peer = ServerPeer(90.0, 10.0)
+    peer.feed(b"ping", 100.0)
     assert peer.next_deadline() == 105.0
     assert peer.poll(105.0) is None  # silent exactly half the timeout: still UP
     change = peer.poll(105.001)
-    assert change == StateChange(PeerState.NEW, PeerState.LATE, pytest.approx(5.001))  # never pinged
+    assert change == StateChange(PeerState.UP, PeerState.LATE, pytest.approx(5.001))
     assert peer.next_deadline() == 110.0
     assert peer.poll(110.0) is None  # exactly the timeout: not yet dead
     assert peer.poll(110.001).new is PeerState.DEAD
@@ -126,6 +127,8 @@ def test_exact_timeout_boundaries() -> None:
 
 def test_ping_while_late_brings_peer_back_up() -> None:
     peer = ServerPeer(0.0, 10.0)
+    peer.feed(b"ping", 0.0)
+    peer.events = None
     peer.poll(6.0)
     assert peer.state is PeerState.LATE
     peer.feed(b"ping", 7.0)
@@ -134,13 +137,12 @@ def test_ping_while_late_brings_peer_back_up() -> None:
     assert peer.next_deadline() == 12.0
 
 
-def test_extend_forgives_our_own_stall() -> None:
+def test_a_peer_that_never_pinged_is_never_late_and_dies_at_its_timeout() -> None:
     peer = ServerPeer(0.0, 10.0)
-    peer.poll(6.0)
-    peer.extend(30.0)
-    assert peer.state is PeerState.UP
-    assert peer.poll(35.0) is None
-    assert peer.poll(40.5).new is PeerState.DEAD
+    assert peer.next_deadline() == 10.0
+    assert peer.poll(6.0) is None and peer.poll(10.0) is None
+    assert peer.state is PeerState.NEW
+    assert peer.poll(10.5) == StateChange(PeerState.NEW, PeerState.DEAD, 10.5)
 
 
 # -- client side ---------------------------------------------------------------------------------------

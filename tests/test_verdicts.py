@@ -1,0 +1,201 @@
+"""hbd must not lie: verdicts, events and loop figures that match what happened.
+
+Busy turns are not stalls (a silent peer dies on time however busy the loop), only time we did not
+run is forgiven and forgiving never makes a peer UP, events leave in the order they happened, and a
+connection that never pinged stays NEW and is closed quietly. Deadline rules in virtual time
+(tests/virtual_time.py) with real loopback sockets; the burst-load figure with real processes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from daemons import ROOT, start_server
+from test_status import RunningClock, document, run_until, virtual
+from virtual_time import VirtualSelector
+
+from hbd.config import ServerConfig
+from hbd.control import query
+from hbd.logs import Logging, log
+from hbd.loop import EventLoop
+from hbd.notify import Notifier
+from hbd.server import WHEEL_RESOLUTION, Server
+
+TURN = 0.3  # a turn of the loop "takes" this long: more than the stall threshold (0.25 s)
+
+
+class Keep(logging.Handler):
+    """Keeps the log records (added after the daemon's Logging, which replaces hbd's handlers)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        log.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def close(self) -> None:
+        log.removeHandler(self)
+        super().close()
+
+
+def by_peer(events: list[tuple[float, str, str, str]]) -> dict[str, list[tuple[float, str]]]:
+    out: dict[str, list[tuple[float, str]]] = {}
+    for t, event, peer, _reason in events:
+        out.setdefault(peer, []).append((t, event))
+    return out
+
+
+def test_busy_turns_forgive_nothing_and_a_silent_peer_dies_on_time(tmp_path: Path) -> None:
+    """Every turn takes 0.3 s of work (a handler advancing the virtual clock): no stall, no
+    forgiveness, no `up` without a ping; the silent peer is late and dead at its deadlines plus at
+    most one turn; the loop lag shows the busy turns."""
+    cfg = ServerConfig(host="127.0.0.1", port=0, heartbeat_timeout=2.0, log_file=None,
+                       control_socket=str(tmp_path / "s.sock"))
+    srv, clock, events = virtual(Server, cfg)
+    loop = srv.loop
+    busy_r, busy_w = socket.socketpair()
+    busy_w.send(b"x")  # never read: ready on every turn
+    loop.add_reader(busy_r, lambda: clock.advance(TURN))
+    silent, pinger, never = (socket.create_connection(srv.address) for _ in range(3))
+    loop.run_once(0)  # accepts all three
+    assert len(srv.conns) == 3
+    silent.sendall(b"hello silent\nping")
+    pinger.sendall(b"hello pinger\nping")
+    pinger.setblocking(False)
+    start = clock.now
+    next_ping = 0.4
+    while clock.now - start < 5.0:
+        loop.run_once()
+        if clock.now - start >= next_ping:
+            pinger.sendall(b"ping")
+            next_ping += 0.4
+        try:
+            pinger.recv(4096)
+        except BlockingIOError:
+            pass
+    seen = by_peer(events)
+    assert [e for _, e in seen["silent"]] == ["up", "late", "down"], seen["silent"]
+    (t_up, _), (t_late, _), (t_down, _) = seen["silent"]
+    margin = TURN + WHEEL_RESOLUTION + 1e-3  # the verdict waits for the turn in progress, then a wheel slot
+    assert 1.0 < t_late - t_up <= 1.0 + margin
+    assert 2.0 < t_down - t_up <= 2.0 + margin
+    assert [e for _, e in seen["pinger"]] == ["up"]  # pinging every 0.4 s through it all: never late
+    assert set(seen) == {"silent", "pinger"}  # the connection that never pinged: no event at all
+    assert silent.recv(100) == b"pong" and silent.recv(100) == b""  # closed
+    never.settimeout(1)
+    assert never.recv(100) == b""
+    assert srv.ops.stalls == 0
+    doc = document(srv)
+    assert doc["loop"]["stalls"] == 0 and doc["loop"]["max_lag_ms"] >= TURN * 1000
+    for s in (silent, pinger, never, busy_r, busy_w):
+        s.close()
+    srv.ops.close()
+    srv.shutdown()
+    loop.close()
+
+
+def test_only_the_time_we_did_not_run_is_forgiven_and_never_as_an_up(tmp_path: Path) -> None:
+    """Stopped for 1 s (select() returns 1 s late) while a peer is LATE: its death moves by exactly
+    that second; it stays LATE (no `up` without a ping), and the stall is counted."""
+    cfg = ServerConfig(host="127.0.0.1", port=0, heartbeat_timeout=2.0, log_file=None, control_socket=None)
+    srv, clock, events = virtual(Server, cfg)
+    loop = srv.loop
+    c = socket.create_connection(srv.address)
+    loop.run_once(0)
+    c.sendall(b"hello p\nping")
+    loop.run_once(0)
+    t_up = events[0][0]
+    run_until(loop, clock, t_up + 1.5)  # LATE since 1.0
+    assert srv.late == 1
+    real_select = loop.selector.select
+
+    def stopped_select(timeout=None):  # the process is SIGSTOPped for 1 s while it waits
+        loop.selector.select = real_select
+        ready = real_select(timeout)
+        clock.advance(1.0)
+        return ready
+
+    loop.selector.select = stopped_select
+    run_until(loop, clock, t_up + 4.0)
+    assert [e[1] for e in events] == ["up", "late", "down"]
+    assert srv.ops.stalls == 1
+    t_down = events[2][0]
+    assert 3.0 < t_down - t_up <= 3.0 + WHEEL_RESOLUTION + 1e-3  # 2 s timeout + the 1 s we were stopped
+    c.close()
+    srv.shutdown()
+    loop.close()
+
+
+def test_ping_then_reset_is_reported_up_then_down(tmp_path: Path) -> None:
+    """Clients that send a ping and reset the connection at once: every one is reported `up` (its
+    ping) before `down` (the reset), never the other way round."""
+    cfg = ServerConfig(host="127.0.0.1", port=0, heartbeat_timeout=5.0, log_file=None,
+                       control_socket=str(tmp_path / "s.sock"))
+    srv, clock, events = virtual(Server, cfg)
+    loop = srv.loop
+    for _ in range(10):
+        socks = [socket.create_connection(srv.address) for _ in range(20)]
+        loop.run_once(0)  # accepted (ACCEPT_BATCH is 32)
+        for s in socks:
+            s.sendall(b"ping")
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()  # RST
+        for _ in range(3):
+            loop.run_once(0)
+    seen = by_peer(events)
+    assert len(seen) >= 150, f"only {len(seen)} of 200 pings were read before their reset"
+    wrong = {peer: [e for _, e in evs] for peer, evs in seen.items() if [e for _, e in evs] != ["up", "down"]}
+    assert not wrong, wrong
+    recent: dict[str, list[str]] = {}  # what the status socket shows, oldest first
+    for e in srv.ops.recent:
+        recent.setdefault(e["peer"], []).append(e["event"])
+    assert all(evs in (["up", "down"], ["down"]) for evs in recent.values()), recent  # ["down"]: its up scrolled out
+    assert srv.conns == {}
+    srv.ops.close()
+    srv.shutdown()
+    loop.close()
+
+
+def test_a_connection_that_never_pings_stays_new_and_is_closed_quietly(tmp_path: Path) -> None:
+    cfg = ServerConfig(host="127.0.0.1", port=0, heartbeat_timeout=2.0, log_file=None,
+                       control_socket=str(tmp_path / "s.sock"))
+    srv, clock, events = virtual(Server, cfg)
+    keep = Keep()
+    records = keep.records
+    loop = srv.loop
+    c = socket.create_connection(srv.address)
+    c2 = socket.create_connection(srv.address)
+    loop.run_once(0)
+    c2.sendall(b"hello quiet 0.5\n")  # a greeting is not a ping
+    loop.run_once(0)
+    t0 = clock.now - 1000.0
+    run_until(loop, clock, t0 + 1.5)
+    doc = document(srv)
+    assert [p["state"] for p in doc["peers"]] == ["NEW", "NEW"]
+    assert srv.late == 0 and "0 late" in srv.status_text()
+    run_until(loop, clock, t0 + 2.0 + WHEEL_RESOLUTION + 1e-3)
+    assert document(srv)["peers"] == []
+    assert c.recv(10) == b"" and c2.recv(10) == b""
+    assert events == [] and srv.ops.events == {"up": 0, "late": 0, "down": 0}
+    mine = [r for r in records if "no ping" in r.getMessage()]
+    assert len(mine) == 2 and all(r.levelno == logging.INFO for r in mine)
+    assert not [r for r in records if r.levelno >= logging.WARNING], [r.getMessage() for r in records]
+    assert srv.stats["timeouts"] == 2
+    keep.close()
+    c.close()
+    c2.close()
+    srv.ops.close()
+    srv.shutdown()
+    loop.close()
