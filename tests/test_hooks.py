@@ -208,3 +208,94 @@ def hooks_tagged(tag: str) -> list[int]:
         if entry.isdigit() and f"HOOK_TAG={tag}".encode() in env:
             found.append(int(entry))
     return found
+
+
+# -- fairness per peer ----------------------------------------------------------------------------
+def test_a_flood_of_strangers_never_pushes_out_an_established_peers_change(tmp_path: Path, runner: HookRunner,
+                                                                           monkeypatch) -> None:
+    monkeypatch.setenv("HOOK_OUT", str(tmp_path / "ran"))
+    hook = script(tmp_path, 'echo "$1 $2" >> "$HOOK_OUT"\n')
+    runner.configure([hook], timeout=5, max_running=1, max_queued=5)
+    port = 40000
+    for i in range(1, 6):
+        for _ in range(40):  # connections that come and go within a millisecond, from many addresses
+            port += 1
+            runner.fire("up", f"10.0.{i}.9:{port}", f"10.0.{i}.9:{port}", standing=0.001)
+            runner.fire("down", f"10.0.{i}.9:{port}", f"10.0.{i}.9:{port}", standing=0.001)
+        runner.fire("down", f"web{i}", f"10.0.0.{i}:5000", standing=30.0)  # up for 30 s
+    assert len(runner.queue) <= 5
+    drive(runner, lambda: not runner.queue and not runner.running)
+    ran = (tmp_path / "ran").read_text().splitlines()
+    assert [line for line in ran if line.startswith("down web")] == [f"down web{i}" for i in range(1, 6)]
+    assert runner.counts["coalesced"] > 0 and runner.counts["dropped"] > 0
+
+
+def test_a_flapping_peer_is_coalesced_counted_and_run_in_order(tmp_path: Path, runner: HookRunner,
+                                                             monkeypatch) -> None:
+    """Changes of one peer that come while its hook runs wait as one run of the latest, with the
+    count of those it replaced; one peer's hooks never overlap; other peers are not held up."""
+    monkeypatch.setenv("HOOK_OUT", str(tmp_path / "ran"))
+    hook = script(tmp_path, 'echo "start $1 $2 $HBD_COALESCED" >> "$HOOK_OUT"; sleep 0.2; '
+                            'echo "end $1 $2" >> "$HOOK_OUT"\n')
+    runner.configure([hook], timeout=5, max_running=4, max_queued=10)
+    runner.fire("up", "flap", "a:1")
+    for event in ("late", "up", "late", "down"):
+        runner.fire(event, "flap", "a:1")
+    runner.fire("down", "other", "b:1")
+    assert len(runner.running) == 2 and len(runner.queue) == 1  # "other" did not wait for "flap"
+    drive(runner, lambda: not runner.queue and not runner.running)
+    ran = [line for line in (tmp_path / "ran").read_text().splitlines() if line.split()[2] == "flap"]
+    assert ran == ["start up flap 0", "end up flap", "start down flap 3", "end down flap"]
+    assert runner.counts == {"ok": 3, "failed": 0, "timeout": 0, "error": 0, "dropped": 0, "coalesced": 3}
+
+
+def test_memory_stays_bounded_under_distinct_peers(runner: HookRunner) -> None:
+    runner.configure(["/bin/true"], timeout=5, max_running=1, max_queued=50)
+    runner._bucket_at = runner.loop.time()  # no tokens: nothing starts, everything waits
+    runner._bucket = 0.0
+    for i in range(20000):
+        runner.fire("down", f"p{i}", f"10.{i // 256 % 256}.{i % 256}.1:1", standing=i % 7)
+    assert len(runner.queue) == 50 and len(runner._order) <= 2 * 50 + 64
+    assert runner.counts["dropped"] == 20000 - 50 - len(runner.running)  # a start or two as real time passes
+    assert min(j.standing for j in runner.queue.values()) == 6  # the most established waited
+
+
+def test_a_flapping_stranger_does_not_cost_real_peers_their_down_hooks(tmp_path: Path, procs) -> None:
+    """A stranger connects, pings and leaves as fast as it can while 5 named peers go down: the 5
+    `down` hooks all run."""
+    out = tmp_path / "ran"
+    hook = script(tmp_path, f'echo "$1 $2 $HBD_COALESCED" >> {out}; sleep 0.05\n')
+    srv = start_server(tmp_path, heartbeat_timeout=5, on_change=[hook], hook_max_concurrent=2,
+                       hook_max_queued=20)
+    procs.append(srv)
+    port = srv.config["port"]
+    real = []
+    for i in range(1, 6):
+        s = connect(port)
+        s.sendall(f"hello web{i}\nping".encode())
+        assert recv_exactly(s, 4) == b"pong"
+        real.append(s)
+    time.sleep(1.0)  # established
+    flaps = 0
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 3.0:
+        with connect(port) as f:
+            f.sendall(b"ping")
+            recv_exactly(f, 4)
+        flaps += 1
+        if real and time.monotonic() - t0 > 1.0:
+            real.pop().close()  # one real peer goes down every few milliseconds, amid the flapping
+        time.sleep(0.004)  # ~200 a second, as in the issue
+    rate = flaps / 3.0
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        downs = [line for line in out.read_text().splitlines() if line.startswith("down web")] if out.exists() else []
+        if len(downs) == 5:
+            break
+        time.sleep(0.1)
+    doc = json.loads(query(str(tmp_path / "server.sock"), "status"))
+    print(f"\nflapping stranger at {rate:.0f} connections/s; real down hooks run: {len(downs)}/5; "
+          f"hooks {doc['hooks']}")
+    assert rate > 50
+    assert sorted(downs) == [f"down web{i} 0" for i in range(1, 6)], downs
+    assert doc["hooks"]["dropped"] + doc["hooks"]["coalesced"] > 0  # the stranger did lose its own
