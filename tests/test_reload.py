@@ -3,8 +3,10 @@ and says so in the systemd STATUS= line."""
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -126,3 +128,48 @@ def test_client_invalid_reload_keeps_pinging(tmp_path: Path, procs, change: dict
         cli.wait_for("pong from", after=cli.mark())
     assert cli.count("lost") == 0
     notify.close()
+
+
+def _server_peers(srv) -> list[dict]:
+    from hbd.control import query
+
+    return json.loads(query(str(srv.config["control_socket"]), "status"))["peers"]
+
+
+def test_client_reload_of_the_interval_tells_the_server_on_the_open_connection(tmp_path: Path, procs) -> None:
+    """0.5 s -> 3 s: the client greets again at once, the server's timeout follows (3 x 3 s), and the
+    link carries on: nothing late, nothing down, no reconnect."""
+    srv = start_server(tmp_path, heartbeat_timeout=1.0)
+    cli = start_client(tmp_path, srv.config["port"], client_name="web1", heartbeat_interval=0.5, pong_timeout=1.5)
+    procs += [cli, srv]
+    cli.wait_for("pong from")
+    assert [(p["name"], p["timeout"]) for p in _server_peers(srv)] == [("web1", 1.5)]
+    smark, cmark = srv.mark(), cli.mark()
+    cli.write_config({**cli.config, "heartbeat_interval": 3, "pong_timeout": 5})
+    cli.signal(signal.SIGHUP)
+    cli.wait_for("reloaded", after=cmark)
+    srv.wait_for(r"client .* is web1 \(interval 3 s\)", after=smark)
+    assert [(p["name"], p["timeout"], p["interval"]) for p in _server_peers(srv)] == [("web1", 9.0, 3.0)]
+    time.sleep(8.0)  # two or three pings at the new interval
+    assert srv.count(r"late|timed out|disconnected|connected", after=smark) == 0, srv.output()
+    assert cli.count(r"lost|late|connected to|reconnecting", after=cmark) == 0, cli.output()
+    assert cli.count("pong from", after=cmark) >= 2
+    assert srv.count(r"is web1 \(interval", after=smark) == 1  # one greeting per reload
+
+
+def test_client_reload_of_the_name_reconnects_under_the_new_name(tmp_path: Path, procs) -> None:
+    srv = start_server(tmp_path, heartbeat_timeout=2.0)
+    cli = start_client(tmp_path, srv.config["port"], client_name="web1", heartbeat_interval=0.2, pong_timeout=1.0)
+    procs += [cli, srv]
+    cli.wait_for("pong from")
+    cmark = cli.mark()
+    cli.write_config({**cli.config, "client_name": "web2"})
+    cli.signal(signal.SIGHUP)
+    cli.wait_for("client_name is now web2: reconnecting", after=cmark)
+    cli.wait_for("connected to", after=cmark)
+    cli.wait_for("pong from", after=cli.mark())
+    deadline = time.monotonic() + 5
+    while [p["name"] for p in _server_peers(srv)] != ["web2"]:
+        assert time.monotonic() < deadline, _server_peers(srv)
+        time.sleep(0.1)
+    assert cli.count(r"lost|WARNING", after=cmark) == 0, cli.output()
