@@ -199,3 +199,78 @@ def test_a_connection_that_never_pings_stays_new_and_is_closed_quietly(tmp_path:
     srv.ops.close()
     srv.shutdown()
     loop.close()
+
+
+BURSTS = r"""
+import selectors, socket, sys, time
+port, n, burst, period, duration = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
+sel = selectors.DefaultSelector()
+socks = []
+for _ in range(n):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.setblocking(False)
+    sel.register(s, selectors.EVENT_READ)
+    socks.append(s)
+print("connected", flush=True)
+payload = b"ping" * burst
+end = time.monotonic() + duration
+next_burst = time.monotonic()
+while time.monotonic() < end:
+    now = time.monotonic()
+    if now >= next_burst:
+        for s in socks:
+            try:
+                s.send(payload)
+            except BlockingIOError:
+                pass
+        next_burst += period
+    for key, _ in sel.select(max(0.0, next_burst - time.monotonic())):
+        try:
+            key.fileobj.recv(65536)
+        except BlockingIOError:
+            pass
+"""
+
+
+@pytest.mark.slow
+def test_a_silent_peer_dies_on_time_under_bursts_of_pings_from_1500_connections(tmp_path: Path, procs) -> None:
+    """Real processes: 1500 connections send bursts of pings, so the server's turns are long; a
+    peer that pinged once and one that never pinged are closed at their timeout plus a bounded
+    margin, and the loop lag reported by the status socket shows the long turns."""
+    n, timeout = 1500, 2.0
+    srv = start_server(tmp_path, heartbeat_timeout=timeout, max_clients=n + 10)
+    procs.append(srv)
+    port = srv.config["port"]
+    gen = subprocess.Popen([sys.executable, "-c", BURSTS, str(port), str(n), "500", "0.25", "12"],
+                           stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert gen.stdout is not None and gen.stdout.readline().strip() == "connected"
+        time.sleep(2.0)  # the bursts are under way
+        mark = srv.mark()
+        silent = socket.create_connection(("127.0.0.1", port))
+        never = socket.create_connection(("127.0.0.1", port))
+        silent.sendall(b"hello silent\nping")
+        silent.settimeout(10)
+        assert silent.recv(4) == b"pong"
+        t_ping = time.monotonic()
+        never.settimeout(10)
+        t_never = time.monotonic()
+        assert silent.recv(10) == b""
+        took = time.monotonic() - t_ping
+        assert never.recv(10) == b""
+        took_never = time.monotonic() - t_never
+        doc = json.loads(query(str(tmp_path / "server.sock"), "status"))
+        loop = doc["loop"]
+        print(f"\n{n} connections in bursts of 500 pings every 0.25 s: a silent peer closed {took:.3f} s after its "
+              f"ping, one that never pinged after {took_never:.3f} s (heartbeat_timeout {timeout:g} s); "
+              f"max loop lag {loop['max_lag_ms']:.0f} ms, stalls {loop['stalls']}")
+        assert timeout <= took <= timeout + 1.0
+        assert took_never <= timeout + 1.0
+        assert srv.count("is back", after=mark) == 0  # no up without a ping
+        assert srv.count(r"silent .*is late", after=mark) == 1
+        assert loop["max_lag_ms"] > 10  # busy turns show (the figure used to stay at a few ms)
+        silent.close()
+        never.close()
+    finally:
+        gen.kill()
+        gen.wait()
