@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
+import re
 import socket
 import struct
 import subprocess
@@ -21,14 +20,11 @@ from pathlib import Path
 
 import pytest
 from daemons import ROOT, start_server
-from test_status import RunningClock, document, run_until, virtual
-from virtual_time import VirtualSelector
+from test_status import document, run_until, virtual
 
 from hbd.config import ServerConfig
 from hbd.control import query
-from hbd.logs import Logging, log
-from hbd.loop import EventLoop
-from hbd.notify import Notifier
+from hbd.logs import log
 from hbd.server import WHEEL_RESOLUTION, Server
 
 TURN = 0.3  # a turn of the loop "takes" this long: more than the stall threshold (0.25 s)
@@ -158,6 +154,7 @@ def test_ping_then_reset_is_reported_up_then_down(tmp_path: Path) -> None:
     assert len(seen) >= 150, f"only {len(seen)} of 200 pings were read before their reset"
     wrong = {peer: [e for _, e in evs] for peer, evs in seen.items() if [e for _, e in evs] != ["up", "down"]}
     assert not wrong, wrong
+    print(f"\nping + reset: {len(seen)} of 200 reported, all up then down")
     recent: dict[str, list[str]] = {}  # what the status socket shows, oldest first
     for e in srv.ops.recent:
         recent.setdefault(e["peer"], []).append(e["event"])
@@ -203,7 +200,8 @@ def test_a_connection_that_never_pings_stays_new_and_is_closed_quietly(tmp_path:
 
 BURSTS = r"""
 import selectors, socket, sys, time
-port, n, burst, period, duration = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
+port, n, burst = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+period, duration = float(sys.argv[4]), float(sys.argv[5])
 sel = selectors.DefaultSelector()
 socks = []
 for _ in range(n):
@@ -247,25 +245,25 @@ def test_a_silent_peer_dies_on_time_under_bursts_of_pings_from_1500_connections(
         assert gen.stdout is not None and gen.stdout.readline().strip() == "connected"
         time.sleep(2.0)  # the bursts are under way
         mark = srv.mark()
-        silent = socket.create_connection(("127.0.0.1", port))
-        never = socket.create_connection(("127.0.0.1", port))
+        silent = socket.create_connection(("127.0.0.1", port), timeout=30)
+        never = socket.create_connection(("127.0.0.1", port), timeout=30)
         silent.sendall(b"hello silent\nping")
-        silent.settimeout(10)
         assert silent.recv(4) == b"pong"
-        t_ping = time.monotonic()
-        never.settimeout(10)
-        t_never = time.monotonic()
+        t_ping = t_never = time.monotonic()
         assert silent.recv(10) == b""
         took = time.monotonic() - t_ping
         assert never.recv(10) == b""
         took_never = time.monotonic() - t_never
         doc = json.loads(query(str(tmp_path / "server.sock"), "status"))
         loop = doc["loop"]
+        # On a loaded machine the server may be starved (a turn with far less CPU than wall time):
+        # that time, and only that, is forgiven. It is logged, so the bound can allow for it.
+        stalled = sum(float(m) for m in re.findall(r"event loop stalled for ([\d.]+) s", srv.output()))
         print(f"\n{n} connections in bursts of 500 pings every 0.25 s: a silent peer closed {took:.3f} s after its "
               f"ping, one that never pinged after {took_never:.3f} s (heartbeat_timeout {timeout:g} s); "
-              f"max loop lag {loop['max_lag_ms']:.0f} ms, stalls {loop['stalls']}")
-        assert timeout <= took <= timeout + 1.0
-        assert took_never <= timeout + 1.0
+              f"max loop lag {loop['max_lag_ms']:.0f} ms, stalls {loop['stalls']} ({stalled:.3f} s not running)")
+        assert timeout <= took <= timeout + 1.0 + stalled
+        assert took_never <= timeout + 1.0 + stalled
         assert srv.count("is back", after=mark) == 0  # no up without a ping
         assert srv.count(r"silent .*is late", after=mark) == 1
         assert loop["max_lag_ms"] > 10  # busy turns show (the figure used to stay at a few ms)
