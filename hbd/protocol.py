@@ -74,9 +74,9 @@ class ServerPeer:
 
     The peer is NEW until its first ping, UP while pings arrive, LATE once silent for more than
     half its timeout and DEAD when silent for longer than ``timeout``. A NEW peer is never LATE:
-    it goes straight to DEAD at its timeout (it was never up, so there is nothing to suspect). Only complete, valid
-    messages count as life: a peer that trickles bytes or sends garbage does not extend its
-    deadline.
+    it goes straight to DEAD at its timeout (it was never up, so there is nothing to suspect).
+    Only complete, valid messages count as life: a peer that trickles bytes or sends garbage does
+    not extend its deadline.
     """
 
     __slots__ = (

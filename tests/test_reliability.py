@@ -208,6 +208,8 @@ def test_deleted_log_directory_keeps_serving_and_logs_again_once_it_is_back(tmp_
 
     def silent_client() -> None:
         with connect(port) as s:
+            s.sendall(b"ping")  # up, then silent (one that never pings is closed with an info line only)
+            assert recv_exactly(s, 4) == b"pong"
             s.settimeout(3)
             assert s.recv(10) == b""  # closed by its timeout: a warning line
 
