@@ -27,6 +27,9 @@ from hbd.metrics import LinkStats
 from hbd.protocol import ClientLink, ProtocolError
 
 RECV_SIZE = 4096
+# hbd servers refuse greetings closer together than this on one connection: a reload's new
+# greeting waits for it (and the new ping pace with it, so the server knows first).
+GREETING_GAP = 1.0
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,8 @@ class Link:
         self.health_since = self.loop.time()
         self.down_reason: str | None = None  # why the last attempt failed or the link was lost (STATUS=)
         self.retry_at: float | None = None  # when the next attempt is due
+        self._greeted_at = float("-inf")  # when this connection last sent a greeting
+        self._greet_timer: Timer | None = None  # a reload's greeting waiting for GREETING_GAP
 
     @property
     def address(self) -> str:
@@ -195,6 +200,7 @@ class Link:
         log.info("connected to %s", self.target.label,
                  extra=fields(peer=self.target.peer, peer_address=self.address, event="connected"))
         if self.cfg.client_name:
+            self._greeted_at = now
             self._send(_greeting(self.cfg))
             if self.state != self.UP:  # the send found the connection reset: torn down, retry is set
                 return
@@ -356,6 +362,8 @@ class Link:
         self._generation += 1
         self.loop.cancel(self.timer)
         self.timer = None
+        self.loop.cancel(self._greet_timer)
+        self._greet_timer = None
         self.handshake = None
         self.proto = None
         self.up_since = None
@@ -404,12 +412,28 @@ class Link:
             self.state = self.WAITING
             self._set_timer(self.loop.time(), self.connect)
             return
+        if cfg.client_name and (cfg.heartbeat_interval != old.heartbeat_interval or self._greet_timer is not None):
+            self._regreet(cfg)
+        else:
+            self._retime(cfg)
+
+    def _retime(self, cfg: ClientConfig) -> None:
+        assert self.proto is not None
         self.proto.retime(cfg.heartbeat_interval, cfg.pong_timeout)
         self._set_timer(self.proto.next_deadline(), self._tick)
-        if cfg.client_name and cfg.heartbeat_interval != old.heartbeat_interval:
-            # Tell the server at once, on this connection, before pings slow down: its timeout
-            # follows the announced interval, and a greeting is the only way to announce it.
-            self._send(_greeting(cfg))
+
+    def _regreet(self, cfg: ClientConfig) -> None:
+        """Tell the server the new interval on this connection, then ping at the new pace: its
+        timeout follows the announced interval, and a greeting is the only way to announce it."""
+        self.loop.cancel(self._greet_timer)
+        self._greet_timer = None
+        now = self.loop.time()
+        if now < self._greeted_at + GREETING_GAP:  # the old pace until the server can be told
+            self._greet_timer = self.loop.call_at(self._greeted_at + GREETING_GAP, lambda: self._regreet(cfg))
+            return
+        self._retime(cfg)
+        self._greeted_at = now
+        self._send(_greeting(cfg))
 
     def status(self) -> str:
         """This link in the STATUS= line: up with its RTT, or DOWN with why and what happens next."""

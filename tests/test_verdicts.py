@@ -272,3 +272,59 @@ def test_a_silent_peer_dies_on_time_under_bursts_of_pings_from_1500_connections(
     finally:
         gen.kill()
         gen.wait()
+
+
+def test_client_greets_again_on_an_interval_reload_at_most_once_a_second() -> None:
+    """hbd servers refuse greetings closer together than 1 s on a connection: a reload's greeting
+    (and the new ping pace with it) waits for that, and a reload that keeps the interval sends none."""
+    import dataclasses
+
+    from hbd.client import Client
+    from hbd.config import ClientConfig
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    cfg = ClientConfig(servers=(), host="127.0.0.1", port=listener.getsockname()[1], heartbeat_interval=0.5,
+                       pong_timeout=1.5, client_name="web1", log_file=None, control_socket=None)
+    cli, clock, _events = virtual(Client, cfg)
+    loop = cli.loop
+    loop.run_once(0)
+    peer, _ = listener.accept()
+    peer.setblocking(False)
+    got: list[tuple[float, bytes]] = []
+
+    def run(until: float) -> None:
+        while clock.now - 1000.0 < until:
+            loop.run_once(max_wait=0.05)
+            try:
+                data = peer.recv(4096)
+            except BlockingIOError:
+                continue
+            got.append((round(clock.now - 1000.0, 2), data))
+            peer.sendall(b"pong" * data.count(b"ping"))
+
+    def reload(**changes: float) -> None:
+        new = dataclasses.replace(cli.config, **changes)
+        cli.prepare(new)()
+        cli.config = new
+
+    run(0.3)
+    assert got[0][1] == b"hello web1 0.5\nping"
+    reload(heartbeat_interval=3.0, pong_timeout=5.0)
+    run(0.9)
+    assert all(b"hello" not in d for _, d in got[1:])  # not yet: the first greeting was at 0.0
+    run(1.1)
+    greetings = [(t, d) for t, d in got if b"hello" in d]
+    assert greetings[-1][1] == b"hello web1 3\n" and 1.0 <= greetings[-1][0] <= 1.1
+    reload(pong_timeout=6.0)  # same interval: no greeting
+    reload(heartbeat_interval=2.0, pong_timeout=6.0)  # within 1 s of the last greeting: waits for 2.0
+    run(7.0)
+    greetings = [(t, d) for t, d in got if b"hello" in d]
+    assert [d for _, d in greetings] == [b"hello web1 0.5\nping", b"hello web1 3\n", b"hello web1 2\n"]
+    assert 2.0 <= greetings[2][0] <= 2.1
+    pings = [t for t, d in got if b"ping" in d]
+    assert pings[:2] == [0.05, 0.5] and len(pings) >= 4  # the old pace while the greeting waited ...
+    assert all(1.9 <= b - a <= 2.1 for a, b in zip(pings[2:], pings[3:]))  # ... then the announced pace
+    peer.close()
+    listener.close()
+    cli.shutdown()
+    loop.close()
