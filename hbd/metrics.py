@@ -132,9 +132,11 @@ def collect(ops: Any) -> Exposition:
     out.sample("hbd_reloads_total", d.reloads_ok, {"result": "ok"})
     out.sample("hbd_reloads_total", d.reloads_failed, {"result": "failed"})
     loop = _loop_numbers(ops)
-    out.one("hbd_loop_lag_seconds", "gauge", "How late the event loop's last wake-up was.", loop["lag"])
-    out.one("hbd_loop_lag_max_seconds", "gauge", "The latest wake-up of the event loop so far.", loop["max_lag"])
-    out.one("hbd_loop_stalls_total", "counter", "Event loop stalls (a wake-up over 250 ms late).", loop["stalls"])
+    out.one("hbd_loop_lag_seconds", "gauge", "How long something ready could wait for the event loop in its last "
+            "turn: how late the wake-up was plus how long the turn took.", loop["lag"])
+    out.one("hbd_loop_lag_max_seconds", "gauge", "The largest event loop lag so far.", loop["max_lag"])
+    out.one("hbd_loop_stalls_total", "counter", "Times the process did not run for over 250 ms (a wake-up that "
+            "late, or a turn that much longer than the CPU it used).", loop["stalls"])
     events = _summed(ops, "events")
     out.family("hbd_peer_events_total", "counter", "Peer state changes (what on_change hooks are run for).")
     for event in ("up", "late", "down"):
