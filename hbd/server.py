@@ -35,7 +35,7 @@ ACCEPT_BATCH = 32  # accepts per loop turn: drains a reconnect storm, yet peers 
 MAX_OUTBUF = 64 * 1024  # a peer that pings but never reads its pongs is dropped past this
 RECV_SIZE = 4096
 WHEEL_RESOLUTION = 0.01  # verdicts come at most this late; the issue allows 100 ms, benchmarks 50
-STALLS_KEPT = 32  # recent stalls of our own loop remembered for forgiveness; older ones are forgotten
+STALLS_KEPT = 256  # recent stalls of our own loop remembered for forgiveness; older ones are forgotten
 
 
 class Connection:
@@ -384,7 +384,9 @@ class Server(Daemon):
     def forgiven(self, since: float, now: float) -> float:
         """Seconds of [since, now] during which our loop was stalled."""
         total = 0.0
-        for start, end in self._stalls:
+        for start, end in reversed(self._stalls):  # newest first: only those in the silence count
+            if end <= since:
+                break
             lo = start if start > since else since
             hi = end if end < now else now
             if hi > lo:
