@@ -524,13 +524,13 @@ class Client(Daemon):
             link.close()
 
     def on_stall(self, planned: float, woke: float) -> None:
-        """Our own loop did not run (SIGSTOP, starvation): pongs could not have been read, so the
-        wait for them counts from now, as the server does for its clients."""
-        log.warning("event loop stalled for %.3f s; extending pong deadlines", woke - planned,
+        """Our own loop did not run (SIGSTOP, starvation): pongs could not have been read, so that
+        time does not count as waiting for them, as the server does for its clients."""
+        log.warning("event loop stalled for %.3f s; extending pong deadlines by that much", woke - planned,
                     extra=fields(event="stall", lag_ms=round((woke - planned) * 1000)))
         for link in self.links:
             if link.proto is not None:
-                link.proto.extend(woke)
+                link.proto.extend(planned, woke)
 
     def status_text(self) -> str:
         return "; ".join(link.status() for link in self.links)

@@ -32,6 +32,7 @@ MAX_JUNK = 1024
 # seconds on average, with bursts of GREETING_BURST (network and scheduling jitter).
 GREETING_GAP = 1.0
 GREETING_BURST = 3
+STALLS_KEPT = 16  # our own stalls a client link remembers to forgive their time (see ClientLink.extend)
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}\Z"  # a peer name in a greeting
 _NAME_RE = re.compile(NAME_PATTERN.encode())
@@ -235,7 +236,7 @@ class ClientLink:
     """
 
     __slots__ = (
-        "_buf", "_grace", "_sent", "dead", "interval", "late", "line", "next_ping", "pong_timeout", "pongs",
+        "_buf", "_sent", "_stalls", "dead", "interval", "late", "line", "next_ping", "pong_timeout", "pongs",
         "rtt_last", "rtt_max", "rtt_sum", "silent_for",
     )
 
@@ -246,7 +247,7 @@ class ClientLink:
         self.next_ping = now
         self.dead = False
         self.late = False
-        self._grace = float("-inf")  # waiting is counted from here at the earliest (see extend())
+        self._stalls: deque[tuple[float, float]] | None = None  # when our process did not run (extend())
         self.silent_for = 0.0  # age of the unanswered ping when the link was declared dead
         self.pongs = 0
         self.rtt_last: float | None = None
@@ -268,15 +269,28 @@ class ClientLink:
         if not self._sent:
             return 0.0
         start = self._sent[0]
-        return now - (start if start > self._grace else self._grace)
+        return now - start - self._forgiven(start, now)
+
+    def _forgiven(self, since: float, now: float) -> float:
+        """Seconds of [since, now] during which our own process did not run."""
+        total = 0.0
+        for start, end in self._stalls or ():
+            lo = start if start > since else since
+            hi = end if end < now else now
+            if hi > lo:
+                total += hi - lo
+        return total
 
     def overdue(self, now: float) -> bool:
         """True when poll(now) would declare the link dead."""
         return bool(self._sent) and self.waiting(now) > self.pong_timeout
 
-    def extend(self, now: float) -> None:
-        """Our own process was stalled: count the wait for outstanding pongs from ``now``."""
-        self._grace = now
+    def extend(self, planned: float, woke: float) -> None:
+        """Our own process did not run from ``planned`` to ``woke`` (stopped or starved): that time
+        does not count as waiting for a pong; time we spent working does."""
+        if self._stalls is None:
+            self._stalls = deque(maxlen=STALLS_KEPT)
+        self._stalls.append((planned, woke))
 
     def poll(self, now: float) -> bytes:
         """Return a ping if one is due at ``now`` (else b""), and apply the pong timeout."""
@@ -304,7 +318,7 @@ class ClientLink:
         if self.dead:
             return float("inf")
         if self._sent:
-            start = max(self._sent[0], self._grace)
+            start = self._sent[0] + self._forgiven(self._sent[0], float("inf"))
             return min(self.next_ping, start + (self.pong_timeout if self.late else self.pong_timeout / 2))
         return self.next_ping
 

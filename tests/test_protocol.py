@@ -218,17 +218,20 @@ def test_client_late_after_half_the_pong_timeout_and_back_with_the_pong() -> Non
     assert not link.late
 
 
-def test_client_stall_forgiveness_counts_the_wait_from_the_resume() -> None:
+def test_client_stall_forgiveness_is_exactly_the_time_we_did_not_run() -> None:
     link = ClientLink(0.0, interval=2.0, pong_timeout=5.0)
     link.poll(0.0)
-    link.extend(4.9)  # our own process did not run until 4.9
-    assert link.waiting(6.0) == pytest.approx(1.1)
+    link.extend(1.0, 4.9)  # our own process did not run from 1.0 to 4.9
+    assert link.waiting(6.0) == pytest.approx(2.1)
     link.poll(6.0)
-    assert not link.dead
-    assert link.next_deadline() == 7.0  # the next ping (slots skipped); late is due at 4.9 + 2.5
-    link.poll(9.89)
+    assert not link.dead and not link.late
+    assert link.next_deadline() == pytest.approx(6.4)  # late: 2.5 s of waiting, plus the 3.9 s forgiven
+    link.poll(6.41)
     assert not link.dead and link.late
-    link.poll(9.91)  # 5 s after the resume, not after the ping
+    assert link.next_deadline() == 7.0  # the next ping (slots skipped); death is due at 8.9
+    link.poll(8.89)
+    assert not link.dead
+    link.poll(8.91)  # 5 s of waiting that we were there for
     assert link.dead and link.silent_for == pytest.approx(5.01)
 
 
@@ -265,3 +268,12 @@ def test_the_greeting_rate_limit_does_not_depend_on_how_bytes_are_split() -> Non
     split.feed(b"hello a 2\nhello a 3\nhello a 4\nhel", 0.0)
     with pytest.raises(ProtocolError):
         split.feed(b"lo a 5\n", 0.0)
+
+
+def test_client_busy_time_is_not_forgiven() -> None:
+    """Only stalls (time we did not run) are forgiven; with none, the pong timeout runs as is."""
+    link = ClientLink(0.0, interval=10.0, pong_timeout=5.0)
+    link.poll(0.0)
+    link.extend(7.0, 8.0)  # a stall after the verdict was due changes nothing before it
+    link.poll(5.01)
+    assert link.dead
