@@ -374,6 +374,8 @@ class Server(Daemon):
         forgiven = self.forgiven(peer.last_heard, now) if self._stalls else 0.0
         change = peer.poll(now - forgiven)
         if change is not None:
+            if forgiven:  # logs and hooks tell the whole silence
+                change = StateChange(change.old, change.new, change.silent_for + forgiven)
             self._on_change(conn, change)
             if change.new is PeerState.DEAD:
                 self.stats["timeouts"] += 1
