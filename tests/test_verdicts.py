@@ -8,6 +8,7 @@ connection that never pinged stays NEW and is closed quietly. Deadline rules in 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
@@ -139,7 +140,7 @@ def test_ping_then_reset_is_reported_up_then_down(tmp_path: Path) -> None:
     ping) before `down` (the reset), never the other way round."""
     cfg = ServerConfig(host="127.0.0.1", port=0, heartbeat_timeout=5.0, log_file=None,
                        control_socket=str(tmp_path / "s.sock"))
-    srv, clock, events = virtual(Server, cfg)
+    srv, _clock, events = virtual(Server, cfg)
     loop = srv.loop
     for _ in range(10):
         socks = [socket.create_connection(srv.address) for _ in range(20)]
@@ -323,7 +324,7 @@ def test_client_greets_again_on_an_interval_reload_at_most_once_a_second() -> No
     assert 2.0 <= greetings[2][0] <= 2.1
     pings = [t for t, d in got if b"ping" in d]
     assert pings[:2] == [0.05, 0.5] and len(pings) >= 4  # the old pace while the greeting waited ...
-    assert all(1.9 <= b - a <= 2.1 for a, b in zip(pings[2:], pings[3:]))  # ... then the announced pace
+    assert all(1.9 <= b - a <= 2.1 for a, b in itertools.pairwise(pings[2:]))  # ... then the announced pace
     peer.close()
     listener.close()
     cli.shutdown()
