@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from daemons import free_port
 
 ROOT = Path(__file__).resolve().parents[1]

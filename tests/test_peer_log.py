@@ -130,7 +130,7 @@ def test_hook_failures_of_a_flapping_peer_are_rate_limited(tmp_path: Path, runne
     runner.peer_log = PeerLog(clock)
     runner.configure(["/bin/sh", "-c", "exit 3"], timeout=5, max_running=4, max_queued=100)
     for i in range(30):  # one peer flapping: a new port per connection, the same host
-        runner.fire("up" if i % 2 else "down", "10.0.0.7:%d" % (40000 + i), "10.0.0.7:%d" % (40000 + i))
+        runner.fire("up" if i % 2 else "down", f"10.0.0.7:{40000 + i}", f"10.0.0.7:{40000 + i}")
     deadline = time.monotonic() + 20
     while runner.counts["failed"] < 30:
         assert time.monotonic() < deadline, runner.counts
@@ -146,7 +146,7 @@ def test_hook_failures_of_a_flapping_peer_are_rate_limited(tmp_path: Path, runne
 def test_a_missing_hook_program_is_rate_limited(tmp_path: Path, runner: HookRunner, records) -> None:
     runner.configure([str(tmp_path / "gone")], timeout=5, max_running=4, max_queued=100)
     for i in range(20):
-        runner.fire("down", "web%d" % i, "192.0.2.%d:80" % i)  # 20 peers: the kind budget applies
+        runner.fire("down", f"web{i}", f"192.0.2.{i}:80")  # 20 peers: the kind budget applies
     deadline = time.monotonic() + 10
     while runner.counts["error"] < 20:
         assert time.monotonic() < deadline, runner.counts
@@ -164,7 +164,7 @@ def test_a_server_attacked_from_250_addresses_logs_a_few_lines(tmp_path: Path, p
     t0 = time.monotonic()
     sent = 0
     while time.monotonic() - t0 < 9.0:  # inside one 10 s window of the limiter
-        for i in range(25):
+        for _ in range(25):
             s = socket.socket()
             s.bind((f"127.0.0.{2 + (sent % 250)}", 0))
             s.settimeout(2)

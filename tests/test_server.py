@@ -263,7 +263,7 @@ def test_a_greeting_does_not_postpone_the_first_ping() -> None:
     """`hello x 86399` and nothing else used to hold a slot for three days: the first ping is due
     within heartbeat_timeout whatever the greeting announced."""
     srv, clock = _virtual_server(heartbeat_timeout=2.0)
-    conn, b = _pair(srv)
+    _conn, b = _pair(srv)
     try:
         t0 = clock()
         b.send(b"hello x 86399\n")

@@ -440,7 +440,8 @@ def test_client_status_says_down_why_and_when_it_retries(guest):
             "the client's STATUS= for a dead server",
             lambda: (s := guest.show("hbd-client", "StatusText")) and "DOWN" in s and s,
         )
-        assert re.search(rf"127\.0\.0\.1:{PORT} DOWN \(connection refused\), (retry in [\d.]+ s|connecting)", status), status
+        pattern = rf"127\.0\.0\.1:{PORT} DOWN \(connection refused\), (retry in [\d.]+ s|connecting)"
+        assert re.search(pattern, status), status
     finally:
         guest.run("systemctl", "stop", "hbd-client")
 
