@@ -26,7 +26,10 @@ from hbd.control import query
 
 HEALTHY, INTERVAL, TIMEOUT, MAX_CLIENTS = 100, 0.2, 2.0, 400
 DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never an http_proxy (package builds set one)
-RTT_FLOOR = 0.001  # loopback RTTs are ~0.1-0.3 ms: "2x" of that is scheduler noise, so the baseline is at least 1 ms
+# Loopback RTTs are ~0.1-0.3 ms: "2x" of that is scheduler noise on a shared 2-core machine (2-2.5 ms p99 was
+# seen with other test suites running), so the baseline is at least 10 ms. What this still catches is the loop
+# being held: a hostile peer that blocks it for 20 ms or more pushes the p99 of ~1200 pongs past the bound.
+RTT_FLOOR = 0.010
 
 
 def p99(values: list[float]) -> float:
