@@ -5,12 +5,10 @@ def _version() -> str:
     """debian/changelog is the one place the version is set. The package build writes it into
     hbd/_version.py (debian/rules); a checkout reads the changelog's top entry. Only cheap imports:
     this runs before hbd.entry catches signals."""
-    try:
-        from hbd._version import VERSION
+    try:  # by name: the module exists only in a built package, and a type checker of the checkout must not miss it
+        return str(__import__("hbd._version", fromlist=["VERSION"]).VERSION)
     except ImportError:
         pass
-    else:
-        return VERSION
     import os
 
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "debian", "changelog")

@@ -429,7 +429,8 @@ def _parse(text: str) -> tuple[Any, dict[str, int]]:
             if isinstance(event, yaml.CollectionStartEvent):
                 depth += 1
                 if depth > MAX_DEPTH:
-                    raise ConfigError([f"line {event.start_mark.line + 1}: nested deeper than {MAX_DEPTH} levels"])
+                    line = event.start_mark.line + 1 if event.start_mark else 0
+                    raise ConfigError([f"line {line}: nested deeper than {MAX_DEPTH} levels"])
             elif isinstance(event, yaml.CollectionEndEvent):
                 depth -= 1
         loader = _Loader(text)

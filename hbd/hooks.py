@@ -35,6 +35,7 @@ import subprocess
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 
 from hbd.logs import PeerLog, fields, log
 from hbd.loop import EventLoop, Timer
@@ -110,7 +111,7 @@ class HookRunner:
         self._pump()
 
     # -- events -------------------------------------------------------------------------------------
-    def fire(self, event: str, peer: str, address: str, extra: Mapping[str, object] = (),
+    def fire(self, event: str, peer: str, address: str, extra: Mapping[str, object] = MappingProxyType({}),
              standing: float = 0.0) -> None:
         """Queue a run of the hook for this event (nothing happens without ``on_change``).
 

@@ -136,7 +136,7 @@ class ResilientFileHandler(logging.handlers.RotatingFileHandler):
         try:
             if self.stream is not None and self._gone():
                 self.stream.close()  # deleted or moved away: writing on would lose the line
-                self.stream = None  # type: ignore[assignment]
+                self.stream = None
             if self.stream is None:
                 self.stream = self._open()
             if self.shouldRollover(record):
@@ -152,7 +152,7 @@ class ResilientFileHandler(logging.handlers.RotatingFileHandler):
         try:
             if self.stream is not None:
                 self.stream.close()
-            self.stream = None  # type: ignore[assignment]
+            self.stream = None
             self.stream = self._open()
         except Exception as exc:
             self._fail(exc)
@@ -162,6 +162,8 @@ class ResilientFileHandler(logging.handlers.RotatingFileHandler):
         try:
             st = os.stat(self.baseFilename)
         except OSError:
+            return True
+        if self.stream is None:
             return True
         fst = os.fstat(self.stream.fileno())
         return (st.st_dev, st.st_ino) != (fst.st_dev, fst.st_ino)
@@ -182,7 +184,7 @@ class ResilientFileHandler(logging.handlers.RotatingFileHandler):
                 self.stream.close()
         except OSError:
             pass
-        self.stream = None  # type: ignore[assignment]
+        self.stream = None
 
 
 class Logging:
@@ -265,7 +267,7 @@ class Logging:
 
     def _report(self, level: int, message: str) -> None:
         """A problem with the log file itself: tell journald/stderr only, never the file."""
-        self.main.handle(log.makeRecord(LOGGER, level, __file__, 0, message, None, None))
+        self.main.handle(log.makeRecord(LOGGER, level, __file__, 0, message, (), None))
 
     def close(self) -> None:
         for h in list(log.handlers):

@@ -107,7 +107,7 @@ class EventLoop:
         except KeyError:
             if callback is None:
                 return
-            cbs = [None, None]
+            cbs: list[Callback | None] = [None, None]
             cbs[slot] = callback
             self.selector.register(sock, _mask(cbs), cbs)
             return
@@ -241,7 +241,7 @@ class EventLoop:
         if self._cancelled > 4096 and self._cancelled * 2 > len(timers):
             self._compact()
 
-    def report_error(self, fileobj: Any, callback: Callback | None, exc: Exception) -> None:
+    def report_error(self, fileobj: Any, callback: Callable[..., Any] | None, exc: Exception) -> None:
         """One callback raised: the others of this turn still run (one bad connection must not
         take the process, or the peers served after it in this turn, down with it)."""
         if self.on_error is None:

@@ -242,7 +242,8 @@ def peer_name(sock: ssl.SSLSocket) -> str | None:
         cert = sock.getpeercert()
     except (ValueError, OSError):
         return None
-    for rdn in (cert or {}).get("subject", ()):
+    subject: Any = (cert or {}).get("subject", ())
+    for rdn in subject:
         for key, value in rdn:
             if key == "commonName":
                 return value
