@@ -8,6 +8,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ helpers importable as plain modules
 
 from daemons import HbdProcess
+from virtual_time import vclock, vloop, vselector  # noqa: F401  (fixtures: virtual time for every test module)
 
 
 @pytest.fixture

@@ -1,110 +1,31 @@
-"""A fleet of hbd client links in one process, for herd tests: ``python3 tests/fleet.py CONFIG N``.
-
-It is hbd's own client code (``hbd.client.Client`` with N ``Link`` objects to the same server: the
-same connect, ping, backoff and full-jitter reconnect policy as N hbd-client processes, without
-N interpreters). Each link's transitions are printed as ``up|down INDEX MONOTONIC`` lines;
-CLOCK_MONOTONIC is system-wide, so the test compares them with its own clock.
-"""
+"""The test's side of a client fleet: ``FleetProcess`` runs ``fleet_main.py`` (N hbd client links in one
+process) and collects each link's ``up``/``down``/``late`` lines and the pongs' RTTs."""
 
 from __future__ import annotations
 
 import json
-import resource
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import yaml
 
-from hbd.client import Client, Link, Target
-from hbd.config import ClientConfig, load_client_config
-from hbd.protocol import ClientLink
-
-
-class Fleet(Client):
-    def __init__(self, config: ClientConfig, n: int, **kw: object) -> None:
-        super().__init__(config, **kw)
-        self.n = n
-
-    def targets(self, cfg: ClientConfig) -> list[Target]:  # type: ignore[override]
-        return [Target(cfg.host, cfg.port, name=str(i)) for i in range(self.n)]
-
-    def start(self) -> None:
-        """Like Client.start, but the links' first connects are spread over one ping interval, as
-        independent hosts would be, so their pings do not all land in the same instant."""
-        self.tls_context = self._context(self.config)
-        self.loop.stall_callbacks.append(self.on_stall)
-        self.links = [Link(self, t) for t in self.targets(self.config)]
-        step = self.config.heartbeat_interval / max(len(self.links), 1)
-        for i, link in enumerate(self.links):
-            self.loop.call_later(i * step, link.connect)
-        self.start_status_updates()
-
-    def log_link(self, link: Link, level: int, message: str, *, event: str) -> None:
-        if event == "late":
-            _emit("late", link)
-        super().log_link(link, level, message, event=event)
-
-
-def _emit(what: str, link: Link) -> None:
-    sys.stdout.write(f"{what} {link.target.name} {time.monotonic():.6f}\n")
-    sys.stdout.flush()
-
-
-def main() -> int:
-    path, n = sys.argv[1], int(sys.argv[2])
-    duration = float(sys.argv[3]) if len(sys.argv) > 3 else 120.0
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < n + 100:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, n + 1000), hard))
-    up, lost = Link._up, Link.lost
-
-    def _up(self: Link) -> None:
-        up(self)
-        _emit("up", self)
-
-    def _lost(self: Link, reason: str) -> None:
-        _emit("down", self)
-        lost(self, reason)
-
-    Link._up = _up  # type: ignore[method-assign]
-    Link.lost = _lost  # type: ignore[method-assign]
-    rtts: list[tuple[float, float]] = []  # (when, rtt): every pong any link got
-    feed = ClientLink.feed
-
-    def _feed(self: ClientLink, data: bytes, now: float) -> list[float]:
-        got = feed(self, data, now)
-        rtts.extend((now, r) for r in got)
-        return got
-
-    ClientLink.feed = _feed  # type: ignore[method-assign]
-    fleet = Fleet(load_client_config(path), n)
-    fleet.loop.call_later(duration, fleet.stop)  # bounded: the fleet always ends by itself
-    rc = fleet.run()
-    sys.stdout.write("stats " + json.dumps({"rtts": rtts}) + "\n")
-    return rc
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+FLEET_MAIN = Path(__file__).resolve().parent / "fleet_main.py"
 
 
 class FleetProcess:
-    """The test's side: start ``fleet.py`` and collect its events."""
+    """The test's side: start ``fleet_main.py`` and collect its events."""
 
     def __init__(self, config: dict, n: int, tmp_path: Path, duration: float = 120.0) -> None:
-        import subprocess
-        import threading
-
-        import yaml
-
         cfg_path = tmp_path / "fleet.yaml"
         cfg_path.write_text(yaml.safe_dump({"log_file": None, "log_level": "error", **config}))
         self.n = n
         self.events: list[tuple[str, int, float]] = []
         self.stats: dict = {}
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, str(cfg_path), str(n), str(duration)],
+            [sys.executable, str(FLEET_MAIN), str(cfg_path), str(n), str(duration)],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         self._lock = threading.Lock()

@@ -208,19 +208,15 @@ def test_exit_79_only_when_every_server_gave_up(tmp_path: Path, procs) -> None:
     assert cli.count("giving up on") == 2 and "no server left to try" in cli.output()
 
 
-def test_link_status_says_down_why_and_when_it_retries_in_virtual_time(tmp_path: Path) -> None:
-    from virtual_time import FakeClock, VirtualSelector
-
+def test_link_status_says_down_why_and_when_it_retries_in_virtual_time(tmp_path: Path, vclock, vloop) -> None:
     from hbd.client import Client, Link, Target
     from hbd.config import load_client_config
     from hbd.logs import Logging
-    from hbd.loop import EventLoop
     from hbd.notify import Notifier
 
     cfg_file = tmp_path / "client.yaml"
     cfg_file.write_text("host: 127.0.0.1\nport: 54321\nreconnect_delay: 4\nreconnect_max_delay: 4\nlog_file: null\n")
-    clock = FakeClock()
-    loop = EventLoop(clock=clock, selector=VirtualSelector(clock))
+    clock, loop = vclock, vloop
     logs = Logging("hbd-client", journald=False)
     try:
         client = Client(load_client_config(cfg_file), loop=loop, notifier=Notifier({}), logs=logs)
@@ -239,7 +235,6 @@ def test_link_status_says_down_why_and_when_it_retries_in_virtual_time(tmp_path:
         assert link.status() == "127.0.0.1:54321 DOWN (no pong within 2 s), gave up"
     finally:
         logs.close()
-        loop.close()
 
 
 def test_an_exception_serving_one_link_reconnects_that_link_only() -> None:

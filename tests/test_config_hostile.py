@@ -304,10 +304,10 @@ def test_a_listen_host_name_that_does_not_answer_costs_at_most_the_bound(monkeyp
         names.listen_info("127.0.0..1", 1)
 
 
-def test_a_dns_server_that_does_not_answer_costs_one_lookup_thread_per_link(tmp_path: Path, monkeypatch) -> None:
+def test_a_dns_server_that_does_not_answer_costs_one_lookup_thread_per_link(
+    tmp_path: Path, monkeypatch, vclock, vloop
+) -> None:
     """Attempts time out ("resolving ... timed out") while the one lookup hangs; no thread pile-up."""
-    from virtual_time import FakeClock, VirtualSelector
-
     from hbd import client as client_mod
     from hbd.logs import Logging
     from hbd.notify import Notifier
@@ -317,8 +317,7 @@ def test_a_dns_server_that_does_not_answer_costs_one_lookup_thread_per_link(tmp_
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"host": "slow.example", "receive_timeout": 1, "reconnect_delay": 0.1,
                                     "reconnect_max_delay": 0.2, "log_file": None, "control_socket": None}))
-    clock = FakeClock()
-    loop = EventLoop(clock=clock, selector=VirtualSelector(clock))
+    clock, loop = vclock, vloop
     logs = Logging("t", journald=False)
     c = client_mod.Client(load_client_config(path), loop=loop, notifier=Notifier({}), logs=logs)
     try:
@@ -335,4 +334,3 @@ def test_a_dns_server_that_does_not_answer_costs_one_lookup_thread_per_link(tmp_
     finally:
         c.shutdown()
         logs.close()
-        loop.close()

@@ -131,14 +131,11 @@ def test_request_limits(tmp_path: Path) -> None:
     loop.close()
 
 
-def test_a_request_must_arrive_whole_within_the_deadline_however_it_trickles(tmp_path: Path) -> None:
+def test_a_request_must_arrive_whole_within_the_deadline_however_it_trickles(tmp_path: Path, vclock, vloop) -> None:
     """A byte every second does not keep a connection: the deadline counts from the accept."""
-    from virtual_time import FakeClock, VirtualSelector
-
     from hbd.control import REQUEST_DEADLINE
 
-    clock = FakeClock()
-    loop = EventLoop(clock, VirtualSelector(clock))
+    clock, loop = vclock, vloop
     listener = UnixListener(str(tmp_path / "c.sock"))
     server = RequestServer(loop, listener.sock, lambda req, wake: iter([b"ok\n"]))
     s = socket.socket(socket.AF_UNIX)
@@ -157,7 +154,6 @@ def test_a_request_must_arrive_whole_within_the_deadline_however_it_trickles(tmp
     s.close()
     server.close()
     listener.remove()
-    loop.close()
 
 
 def test_a_full_table_makes_room_by_closing_the_oldest_incomplete_request(tmp_path: Path) -> None:

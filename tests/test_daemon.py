@@ -8,49 +8,7 @@ from pathlib import Path
 
 import pytest
 from daemons import HbdProcess, connect, free_port, recv_exactly, start_client, start_server
-
-
-class NotifySocket:
-    """Plays systemd's side of sd_notify: a unix datagram socket that collects messages."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.path = str(tmp_path / "notify.sock")
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.messages: list[tuple[float, str]] = []
-
-    def wait_for(self, needle: str, timeout: float = 5.0) -> tuple[float, str]:
-        deadline = time.monotonic() + timeout
-        for t, m in self.messages:
-            if needle in m:
-                return t, m
-        while time.monotonic() < deadline:
-            self.sock.settimeout(max(deadline - time.monotonic(), 0.01))
-            try:
-                m = self.sock.recv(4096).decode()
-            except TimeoutError:
-                break
-            self.messages.append((time.monotonic(), m))
-            if needle in m:
-                return self.messages[-1]
-        raise AssertionError(f"no notify message with {needle!r}; got {[m for _, m in self.messages]}")
-
-    def collect(self, needle: str, seconds: float) -> list[float]:
-        """Arrival times of messages containing ``needle`` over the next ``seconds``."""
-        times = []
-        end = time.monotonic() + seconds
-        while (left := end - time.monotonic()) > 0:
-            self.sock.settimeout(left)
-            try:
-                m = self.sock.recv(4096).decode()
-            except TimeoutError:
-                break
-            if needle in m:
-                times.append(time.monotonic())
-        return times
-
-    def close(self) -> None:
-        self.sock.close()
+from helpers import NotifySocket
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from daemons import ROOT, connect, free_port, recv_exactly, start_client, start_server
 from fleet import FleetProcess
-from test_reliability import report
+from helpers import report
 
 from hbd.control import query
 

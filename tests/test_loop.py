@@ -7,14 +7,8 @@ from virtual_time import FakeClock, VirtualSelector
 from hbd.loop import STALL_THRESHOLD, EventLoop
 
 
-def make_loop() -> tuple[EventLoop, FakeClock, VirtualSelector]:
-    clock = FakeClock()
-    sel = VirtualSelector(clock)
-    return EventLoop(clock=clock, selector=sel), clock, sel
-
-
-def test_timers_fire_in_deadline_order_at_their_time() -> None:
-    loop, clock, _ = make_loop()
+def test_timers_fire_in_deadline_order_at_their_time(vloop: EventLoop, vclock: FakeClock) -> None:
+    loop, clock = vloop, vclock
     fired: list[tuple[str, float]] = []
     loop.call_later(3.0, lambda: fired.append(("c", clock())))
     loop.call_later(1.0, lambda: fired.append(("a", clock())))
@@ -24,8 +18,8 @@ def test_timers_fire_in_deadline_order_at_their_time() -> None:
     assert fired == [("a", 1001.0), ("b", 1002.0), ("c", 1003.0)]
 
 
-def test_cancelled_timer_does_not_fire() -> None:
-    loop, _, _ = make_loop()
+def test_cancelled_timer_does_not_fire(vloop: EventLoop) -> None:
+    loop = vloop
     fired: list[int] = []
     t = loop.call_later(1.0, lambda: fired.append(1))
     loop.call_later(2.0, lambda: fired.append(2))
@@ -36,15 +30,16 @@ def test_cancelled_timer_does_not_fire() -> None:
     assert fired == [2]
 
 
-def test_select_waits_exactly_until_the_next_deadline() -> None:
-    loop, _, sel = make_loop()
+def test_select_waits_exactly_until_the_next_deadline(vloop: EventLoop, vselector: VirtualSelector) -> None:
+    loop = vloop
+    sel = vselector
     loop.call_later(0.25, lambda: None)
     loop.run_once()
     assert sel.waits == [0.25]
 
 
-def test_many_cancellations_are_compacted() -> None:
-    loop, _, _ = make_loop()
+def test_many_cancellations_are_compacted(vloop: EventLoop) -> None:
+    loop = vloop
     timers = [loop.call_later(10.0 + i, lambda: None) for i in range(10000)]
     for t in timers[:9000]:
         loop.cancel(t)
@@ -53,9 +48,9 @@ def test_many_cancellations_are_compacted() -> None:
     assert len(loop._timers) < 2000
 
 
-def test_io_runs_before_due_timers() -> None:
+def test_io_runs_before_due_timers(vloop: EventLoop, vclock: FakeClock) -> None:
     """After a stall, data that queued up is read before any silence verdict is taken."""
-    loop, clock, _ = make_loop()
+    loop, clock = vloop, vclock
     a, b = socket.socketpair()
     order: list[str] = []
     loop.add_reader(a, lambda: (a.recv(10), order.append("read")))
@@ -67,8 +62,8 @@ def test_io_runs_before_due_timers() -> None:
     b.close()
 
 
-def test_reader_and_writer_on_one_socket() -> None:
-    loop, _, _ = make_loop()
+def test_reader_and_writer_on_one_socket(vloop: EventLoop) -> None:
+    loop = vloop
     a, b = socket.socketpair()
     seen: list[str] = []
     loop.add_reader(a, lambda: seen.append("r"))
@@ -82,8 +77,8 @@ def test_reader_and_writer_on_one_socket() -> None:
     b.close()
 
 
-def test_closing_a_socket_in_a_callback_skips_its_pending_event() -> None:
-    loop, _, _ = make_loop()
+def test_closing_a_socket_in_a_callback_skips_its_pending_event(vloop: EventLoop) -> None:
+    loop = vloop
     pairs = [socket.socketpair() for _ in range(2)]
     calls: list[int] = []
 
@@ -102,8 +97,8 @@ def test_closing_a_socket_in_a_callback_skips_its_pending_event() -> None:
         b.close()
 
 
-def test_stall_is_reported() -> None:
-    loop, clock, _ = make_loop()
+def test_stall_is_reported(vloop: EventLoop, vclock: FakeClock) -> None:
+    loop, clock = vloop, vclock
     stalls: list[tuple[float, float]] = []
     loop.stall_callbacks.append(lambda planned, woke: stalls.append((planned, woke)))
     loop.call_later(1.0, lambda: clock.advance(0))
@@ -144,8 +139,8 @@ def test_call_soon_threadsafe_wakes_the_loop() -> None:
     assert got == [1]
 
 
-def test_timer_rearmed_at_a_due_time_runs_next_turn_not_forever() -> None:
-    loop, clock, _ = make_loop()
+def test_timer_rearmed_at_a_due_time_runs_next_turn_not_forever(vloop: EventLoop, vclock: FakeClock) -> None:
+    loop, clock = vloop, vclock
     runs: list[float] = []
 
     def rearm() -> None:
@@ -161,8 +156,8 @@ def test_timer_rearmed_at_a_due_time_runs_next_turn_not_forever() -> None:
     assert len(runs) == 3
 
 
-def test_a_callback_can_cancel_another_due_timer() -> None:
-    loop, clock, _ = make_loop()
+def test_a_callback_can_cancel_another_due_timer(vloop: EventLoop, vclock: FakeClock) -> None:
+    loop, clock = vloop, vclock
     fired: list[str] = []
     second = loop.call_later(1.0, lambda: fired.append("second"))
     loop.call_later(0.5, lambda: (fired.append("first"), loop.cancel(second)))
@@ -173,10 +168,10 @@ def test_a_callback_can_cancel_another_due_timer() -> None:
     assert loop._cancelled == 0
 
 
-def test_a_raising_callback_does_not_stop_the_others_of_its_turn() -> None:
+def test_a_raising_callback_does_not_stop_the_others_of_its_turn(vloop: EventLoop) -> None:
     """With on_error set (the daemons set it), an exception in one connection's callback goes to
     the handler with that connection's socket; the other ready sockets and due timers still run."""
-    loop, _, _ = make_loop()
+    loop = vloop
     errors: list[tuple[object, str]] = []
     loop.on_error = lambda fileobj, cb, exc: errors.append((fileobj, str(exc)))
     pairs = [socket.socketpair() for _ in range(3)]
@@ -210,8 +205,8 @@ def test_a_raising_callback_does_not_stop_the_others_of_its_turn() -> None:
             b.close()
 
 
-def test_without_an_error_handler_exceptions_propagate() -> None:
-    loop, _, _ = make_loop()
+def test_without_an_error_handler_exceptions_propagate(vloop: EventLoop) -> None:
+    loop = vloop
     loop.call_later(0, lambda: 1 / 0)
     try:
         loop.run_once(0)
@@ -221,8 +216,8 @@ def test_without_an_error_handler_exceptions_propagate() -> None:
         raise AssertionError("the exception was swallowed")
 
 
-def test_a_raising_signal_handler_loses_neither_the_next_signal_nor_threadsafe_callbacks() -> None:
-    loop, _, _ = make_loop()
+def test_a_raising_signal_handler_loses_neither_the_next_signal_nor_threadsafe_callbacks(vloop: EventLoop) -> None:
+    loop = vloop
     errors: list[str] = []
     loop.on_error = lambda fileobj, cb, exc: errors.append(str(exc))
     seen: list[str] = []
@@ -244,9 +239,9 @@ def test_a_raising_signal_handler_loses_neither_the_next_signal_nor_threadsafe_c
         loop.close()
 
 
-def test_a_long_turn_of_work_is_no_stall_but_shows_in_the_lag() -> None:
+def test_a_long_turn_of_work_is_no_stall_but_shows_in_the_lag(vloop: EventLoop, vclock: FakeClock) -> None:
     """Time spent working (here a callback that "takes" 0.4 s) is ours: no stall, but the lag says so."""
-    loop, clock, _ = make_loop()
+    loop, clock = vloop, vclock
     stalls: list[tuple[float, float]] = []
     loop.stall_callbacks.append(lambda planned, woke: stalls.append((planned, woke)))
     for i in range(5):

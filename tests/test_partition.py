@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from daemons import start_client, start_server
-from test_reliability import report
+from helpers import report
 
 IP = shutil.which("ip")
 SERVER_ADDR, CLIENT_ADDR = "169.254.77.1", "169.254.77.2"

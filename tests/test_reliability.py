@@ -15,15 +15,7 @@ from pathlib import Path
 import pytest
 from daemons import connect, recv_exactly, start_client, start_server
 from fleet import FleetProcess
-
-
-def report(title: str, lines: list[str]) -> None:
-    text = "\n".join([f"== {title}", *lines, ""])
-    print("\n" + text)
-    path = os.environ.get("HBD_REPORT")
-    if path:
-        with open(path, "a") as f:
-            f.write(text + "\n")
+from helpers import report
 
 
 def max_in_window(times: list[float], width: float) -> int:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from certs import make_ca, make_cert
 from daemons import connect, recv_exactly, start_client, start_server
-from test_daemon import NotifySocket
+from helpers import NotifySocket
 
 
 def _pki(tmp_path: Path):

@@ -127,21 +127,17 @@ def test_only_root_or_the_daemons_user_may_reload(tmp_path: Path, procs) -> None
     assert srv.count("reloading") == 0
 
 
-def test_requests_that_arrive_together_share_one_reload(tmp_path: Path) -> None:
+def test_requests_that_arrive_together_share_one_reload(tmp_path: Path, vloop) -> None:
     """Cost bound: a burst of `reload` requests runs the reload once, not once per request, and every
     requester gets the verdict; a request during a reload gets a reload of its own afterwards."""
-    from virtual_time import FakeClock, VirtualSelector
-
     from hbd.client import Client
     from hbd.config import load_client_config
     from hbd.logs import Logging
-    from hbd.loop import EventLoop
     from hbd.notify import Notifier
 
     cfg_file = tmp_path / "client.yaml"
     cfg_file.write_text("host: 127.0.0.1\nport: 54321\nlog_file: null\ncontrol_socket: null\n")
-    clock = FakeClock()
-    loop = EventLoop(clock=clock, selector=VirtualSelector(clock))
+    loop = vloop
     logs = Logging("hbd-client", journald=False)
     try:
         client = Client(load_client_config(cfg_file), loop=loop, notifier=Notifier({}), logs=logs)
@@ -157,4 +153,3 @@ def test_requests_that_arrive_together_share_one_reload(tmp_path: Path) -> None:
         assert client.reloads_failed == 1 and "port" in answers[-1][0]
     finally:
         logs.close()
-        loop.close()

@@ -193,20 +193,20 @@ def test_ipv6_listener(tmp_path: Path, procs) -> None:
 
 
 # -- in-process, virtual time: greetings, the deadline wheel, errors in one connection --------------
-def _virtual_server(**cfg):
+@pytest.fixture
+def virtual_server(vclock, vloop):
+    """``virtual_server(**config)`` -> (an in-process Server on the virtual loop, its clock)."""
     import logging
 
-    from virtual_time import FakeClock, VirtualSelector
-
     from hbd.config import ServerConfig
-    from hbd.loop import EventLoop
     from hbd.server import Server
 
-    clock = FakeClock()
-    loop = EventLoop(clock, VirtualSelector(clock))
-    srv = Server(ServerConfig(**{"heartbeat_timeout": 10.0, **cfg}), loop=loop)
-    logging.getLogger("hbd").setLevel(logging.INFO)
-    return srv, clock
+    def make(**cfg):
+        srv = Server(ServerConfig(**{"heartbeat_timeout": 10.0, **cfg}), loop=vloop)
+        logging.getLogger("hbd").setLevel(logging.INFO)
+        return srv, vclock
+
+    return make
 
 
 def _pair(srv) -> tuple:
@@ -226,13 +226,13 @@ def _drain(b: socket.socket) -> bytes:
     return out
 
 
-def test_greeting_churn_keeps_one_wheel_entry_per_connection() -> None:
+def test_greeting_churn_keeps_one_wheel_entry_per_connection(virtual_server) -> None:
     """12,500 valid greetings with ever-changing long intervals (the attack that grew the server by
     ~3 MB/s): every connection stays filed once, the wheel's structures stay as small as the
     number of connections, and no announced interval counts beyond max_interval."""
     import random
 
-    srv, clock = _virtual_server(max_interval=60.0)
+    srv, clock = virtual_server(max_interval=60.0)
     pairs = [_pair(srv) for _ in range(50)]
     rng = random.Random(15)
     try:
@@ -259,10 +259,10 @@ def test_greeting_churn_keeps_one_wheel_entry_per_connection() -> None:
         srv.shutdown()
 
 
-def test_a_greeting_does_not_postpone_the_first_ping() -> None:
+def test_a_greeting_does_not_postpone_the_first_ping(virtual_server) -> None:
     """`hello x 86399` and nothing else used to hold a slot for three days: the first ping is due
     within heartbeat_timeout whatever the greeting announced."""
-    srv, clock = _virtual_server(heartbeat_timeout=2.0)
+    srv, clock = virtual_server(heartbeat_timeout=2.0)
     _conn, b = _pair(srv)
     try:
         t0 = clock()
@@ -276,8 +276,8 @@ def test_a_greeting_does_not_postpone_the_first_ping() -> None:
         srv.shutdown()
 
 
-def test_an_announced_interval_is_capped_by_max_interval() -> None:
-    srv, clock = _virtual_server(heartbeat_timeout=2.0, max_interval=5.0)
+def test_an_announced_interval_is_capped_by_max_interval(virtual_server) -> None:
+    srv, clock = virtual_server(heartbeat_timeout=2.0, max_interval=5.0)
     conn, b = _pair(srv)
     try:
         b.send(b"hello slow 4\nping")
@@ -315,7 +315,7 @@ class _Records(list):
         log.removeHandler(self.handler)
 
 
-def test_an_exception_in_one_connection_closes_it_alone() -> None:
+def test_an_exception_in_one_connection_closes_it_alone(virtual_server) -> None:
     """An unexpected error while handling one connection (read path, then deadline path) closes
     that connection with one logged traceback; the server serves the others."""
     from hbd.protocol import ServerPeer
@@ -332,7 +332,7 @@ def test_an_exception_in_one_connection_closes_it_alone() -> None:
         def poll(self, now: float):
             raise RuntimeError("injected bug in the deadline path")
 
-    srv, clock = _virtual_server(heartbeat_timeout=2.0)
+    srv, clock = virtual_server(heartbeat_timeout=2.0)
     (bad, bad_b), (good, good_b), (late, late_b) = _pair(srv), _pair(srv), _pair(srv)
     bad.peer = Broken(clock(), 2.0)
     late.peer = BrokenDeadline(clock(), 2.0)

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from daemons import connect, recv_exactly, start_server
-from test_daemon import NotifySocket
+from helpers import NotifySocket
 
 
 def children(pid: int) -> list[int]:

@@ -1,7 +1,17 @@
 """Virtual time for loop tests (like asyncio's TestLoop): select() never blocks; it advances the
-clock by the time the loop asked to wait, so timers fire in order without any sleeping."""
+clock by the time the loop asked to wait, so timers fire in order without any sleeping.
+
+Tests take the fixtures (registered in conftest.py): ``vclock`` (a FakeClock at 1000.0),
+``vselector`` (a VirtualSelector on it) and ``vloop`` (an EventLoop on both, closed after the test)."""
+
+from __future__ import annotations
 
 import selectors
+from collections.abc import Iterator
+
+import pytest
+
+from hbd.loop import EventLoop
 
 
 class FakeClock:
@@ -27,3 +37,26 @@ class VirtualSelector(selectors.DefaultSelector):  # type: ignore[misc, valid-ty
             self.waits.append(timeout)
             self.clock.advance(timeout)
         return ready
+
+
+def run_until(loop: EventLoop, clock: FakeClock, when: float) -> None:
+    """Turn the loop until virtual time reaches ``when`` (a turn with nothing due jumps to its deadline)."""
+    while clock() < when:
+        loop.run_once(max(when - clock(), 0.0))
+
+
+@pytest.fixture
+def vclock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def vselector(vclock: FakeClock) -> VirtualSelector:
+    return VirtualSelector(vclock)
+
+
+@pytest.fixture
+def vloop(vclock: FakeClock, vselector: VirtualSelector) -> Iterator[EventLoop]:
+    loop = EventLoop(clock=vclock, selector=vselector)
+    yield loop
+    loop.close()
