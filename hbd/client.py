@@ -1,6 +1,6 @@
 """hbd-client: keeps one link per server, pings it, detects a dead link, reconnects with backoff.
 
-A ``Link`` owns one socket at a time and walks WAITING -> CONNECTING -> UP -> WAITING ...; the
+A ``Link`` owns one socket at a time and walks WAITING -> CONNECTING -> UP -> WAITING ... (LinkState); the
 ping schedule, pong parsing and pong-timeout rule live in ``protocol.ClientLink``. Nothing here
 blocks: connects are non-blocking with a timeout, and host names are resolved off the loop.
 """
@@ -16,6 +16,7 @@ import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 
 from hbd import tls
 from hbd.backoff import Backoff
@@ -24,7 +25,7 @@ from hbd.daemon import EXIT_GAVE_UP, Daemon, StartError
 from hbd.logs import fields, log
 from hbd.loop import EventLoop, Timer
 from hbd.metrics import LinkStats
-from hbd.protocol import ClientLink, ProtocolError
+from hbd.protocol import Answers, ClientLink, ProtocolError
 
 RECV_SIZE = 4096
 # hbd servers refuse greetings closer together than this on one connection: a reload's new
@@ -81,16 +82,31 @@ def _why(exc: BaseException) -> str:
     return (exc.strerror if isinstance(exc, OSError) else None) or str(exc) or type(exc).__name__
 
 
-class Link:
-    WAITING, CONNECTING, UP, GAVE_UP = "waiting", "connecting", "up", "gave up"
+class LinkState(StrEnum):
+    """Where a Link's connection is (a StrEnum: status shows the value as it is)."""
 
+    WAITING = "waiting"  # for the first connect or the next retry
+    CONNECTING = "connecting"  # resolving, connecting, TLS handshake
+    UP = "up"  # connected: pinging
+    GAVE_UP = "gave up"  # reconnect_attempts used up, or closed (shutdown, removed by a reload)
+
+
+class Health(StrEnum):
+    """The server's health as reported to status, metrics and on_change hooks (the event names)."""
+
+    UP = "up"
+    LATE = "late"
+    DOWN = "down"
+
+
+class Link:
     def __init__(self, client: Client, target: Target) -> None:
         self.client = client
         self.loop = client.loop
         self.target = target
         cfg = client.config
         self.backoff = Backoff(cfg.reconnect_delay, cfg.reconnect_max_delay)
-        self.state = self.WAITING
+        self.state = LinkState.WAITING
         self.sock: socket.socket | None = None
         self.handshake: tls.Handshake | None = None
         self.proto: ClientLink | None = None
@@ -103,7 +119,7 @@ class Link:
         self.resolving = False
         self._lookup_pending = False
         self.stats = LinkStats()
-        self.health: str | None = None  # up, late or down as reported to hooks; None until known
+        self.health: Health | None = None  # as reported to hooks; None until known
         self.health_since = self.loop.time()
         self.down_reason: str | None = None  # why the last attempt failed or the link was lost (STATUS=)
         self.retry_at: float | None = None  # when the next attempt is due
@@ -123,7 +139,7 @@ class Link:
 
     # -- connecting -----------------------------------------------------------------------------------
     def connect(self) -> None:
-        self.state = self.CONNECTING
+        self.state = LinkState.CONNECTING
         self.stats.connects += 1
         self._generation += 1
         gen = self._generation
@@ -142,7 +158,7 @@ class Link:
 
     def _resolved(self, gen: int, infos: list[tuple], err: str | None) -> None:
         self._lookup_pending = False
-        if gen != self._generation or self.state != self.CONNECTING:
+        if gen != self._generation or self.state is not LinkState.CONNECTING:
             return
         self.resolving = False
         if err or not infos:
@@ -191,7 +207,7 @@ class Link:
     def _up(self) -> None:
         assert self.sock is not None
         now = self.loop.time()
-        self.state = self.UP
+        self.state = LinkState.UP
         self.up_since = now
         self.down_reason = None
         self.healthy = False
@@ -202,7 +218,7 @@ class Link:
         if self.cfg.client_name:
             self._greeted_at = now
             self._send(_greeting(self.cfg))
-            if self.state != self.UP:  # the send found the connection reset: torn down, retry is set
+            if self.state is not LinkState.UP:  # the send found the connection reset: torn down, retry is set
                 return
         self._tick()
 
@@ -215,7 +231,7 @@ class Link:
                                      event=event, peer=self.target.peer, peer_address=self.address)
         else:
             self.client.log_link(self, logging.WARNING, reason, event=event)
-        self._set_health("down", reason)
+        self._set_health(Health.DOWN, reason)
         self._schedule_retry()
 
     # -- link up --------------------------------------------------------------------------------------
@@ -240,14 +256,14 @@ class Link:
             return
         now = self.loop.time()
         proto = self.proto
-        was_late = proto.late
+        was_late = proto.answers is Answers.LATE
         try:
             rtts = proto.feed(data, now)
         except ProtocolError as exc:
             self.healthy = False  # a server breaking the protocol gets no fresh series of quick retries
             self.lost(f"protocol error: {exc}", peer_caused=True)
             return
-        if was_late and not proto.late:
+        if was_late and proto.answers is Answers.ANSWERING:
             log.info("%s answers again (pong after %.3f s)", self.target.label, max(rtts),
                      extra=fields(peer=self.target.peer, peer_address=self.address, event="back"))
         level = self.client.pong_level
@@ -258,8 +274,8 @@ class Link:
                 log.log(level, "pong from %s in %.1f ms", self.target.label, rtt * 1000,
                         extra=fields(peer=self.target.peer, peer_address=self.address, event="pong",
                                      rtt_ms=f"{rtt * 1000:.3f}"))
-        if rtts and self.health != "up" and not proto.late:
-            self._set_health("up", "pong", rtt_ms=f"{rtts[-1] * 1000:.3f}")
+        if rtts and self.health is not Health.UP and proto.answers is Answers.ANSWERING:
+            self._set_health(Health.UP, "pong", rtt_ms=f"{rtts[-1] * 1000:.3f}")
         if rtts and not self.healthy:
             self.ever_up = True
             if now - (self.up_since or now) >= self._healthy_after():
@@ -279,24 +295,24 @@ class Link:
             if self.proto is not proto:
                 return
         now = self.loop.time()
-        was_late = proto.late
+        was_late = proto.answers is Answers.LATE
         out = proto.poll(now)
-        if proto.late and not was_late and not proto.dead:
+        if proto.answers is Answers.LATE and not was_late:
             waited = proto.waiting(now)
             self.client.log_link(
                 self, logging.WARNING,
                 f"{self.target.label} is late: ping unanswered for {waited:.3f} s "
                 f"(pong_timeout {proto.pong_timeout:g} s)", event="late",
             )
-            self._set_health("late", "no pong", silent_ms=round(waited * 1000))
-        if proto.dead:
+            self._set_health(Health.LATE, "no pong", silent_ms=round(waited * 1000))
+        if proto.answers is Answers.DEAD:
             self.stats.timeouts += 1
             self.lost(f"no pong within {proto.pong_timeout:g} s (ping unanswered for {proto.silent_for:.3f} s)")
             return
         if out:
             self.stats.pings += 1
             self._send(out)
-            if self.state != self.UP:
+            if self.state is not LinkState.UP:
                 return
         self._set_timer(proto.next_deadline(), self._tick)
 
@@ -322,10 +338,10 @@ class Link:
                                      event="protocol-error", peer=self.target.peer, peer_address=self.address)
         else:
             self.client.log_link(self, logging.WARNING, f"link to {was} lost: {reason}", event="down")
-        self._set_health("down", reason)
+        self._set_health(Health.DOWN, reason)
         self._schedule_retry()
 
-    def _set_health(self, health: str, reason: str, **extra: object) -> None:
+    def _set_health(self, health: Health, reason: str, **extra: object) -> None:
         """Report a state change of this server (status socket, metrics, on_change hooks)."""
         if health == self.health:
             return
@@ -343,7 +359,7 @@ class Link:
             self.backoff.reset()
         limit = self.cfg.reconnect_attempts
         if limit and self.retries >= limit:
-            self.state = self.GAVE_UP
+            self.state = LinkState.GAVE_UP
             log.error("giving up on %s after %d failed reconnect attempt%s", self.target.label,
                       limit, "s" if limit != 1 else "",
                       extra=fields(peer=self.target.peer, peer_address=self.address, event="gave-up"))
@@ -351,7 +367,7 @@ class Link:
             return
         self.retries += 1
         delay = self.backoff.next_delay()
-        self.state = self.WAITING
+        self.state = LinkState.WAITING
         self.retry_at = self.loop.time() + delay
         log.info("reconnecting to %s in %.2f s (attempt %d%s)", self.target.label, delay, self.retries,
                  f" of {limit}" if limit else "",
@@ -378,7 +394,7 @@ class Link:
 
     def close(self) -> None:
         self._teardown()
-        self.state = self.GAVE_UP
+        self.state = LinkState.GAVE_UP
 
     def owns(self, fileobj: object, callback: object) -> bool:
         """Does a failing callback belong to this link (its socket, or its one timer)?"""
@@ -387,14 +403,14 @@ class Link:
 
     def internal_error(self, exc: Exception) -> None:
         """A bug hit while serving this link: drop the connection and reconnect as after any loss."""
-        if self.state == self.GAVE_UP:
+        if self.state is LinkState.GAVE_UP:
             return
         self.healthy = False
         try:
             self.lost(f"internal error: {exc!r}")
         except Exception:  # the link's state is too broken to report: start over regardless
             self._teardown()
-            self.state = self.WAITING
+            self.state = LinkState.WAITING
             self._set_timer(self.loop.time() + self.backoff.next_delay(), self.connect)
 
     def apply(self, cfg: ClientConfig) -> None:
@@ -409,7 +425,7 @@ class Link:
             log.info("client_name is now %s: reconnecting to %s", cfg.client_name, self.target.label,
                      extra=fields(peer=self.target.peer, peer_address=self.address, event="rename"))
             self._teardown()
-            self.state = self.WAITING
+            self.state = LinkState.WAITING
             self._set_timer(self.loop.time(), self.connect)
             return
         if cfg.client_name and (cfg.heartbeat_interval != old.heartbeat_interval or self._greet_timer is not None):
@@ -437,13 +453,13 @@ class Link:
 
     def status(self) -> str:
         """This link in the STATUS= line: up with its RTT, or DOWN with why and what happens next."""
-        if self.state == self.UP:
+        if self.state is LinkState.UP:
             if self.proto is not None and self.proto.rtt_last is not None:
                 return f"{self.target.label} up, rtt {self.proto.rtt_last * 1000:.1f} ms"
             return f"{self.target.label} up"
         if self.down_reason is None:
             return f"{self.target.label} {self.state}"  # the first attempt, still under way
-        if self.state == self.WAITING and self.retry_at is not None:
+        if self.state is LinkState.WAITING and self.retry_at is not None:
             nxt = f"retry in {max(self.retry_at - self.loop.time(), 0.0):.1f} s"
         else:
             nxt = self.state  # connecting, gave up
@@ -548,7 +564,7 @@ class Client(Daemon):
                 extra=fields(peer=link.target.peer, peer_address=link.address, event=event))
 
     def link_gave_up(self, link: Link) -> None:
-        if all(lk.state == Link.GAVE_UP for lk in self.links):
+        if all(lk.state is LinkState.GAVE_UP for lk in self.links):
             log.error("no server left to try; exiting (status %d)", EXIT_GAVE_UP)
             self.stop(EXIT_GAVE_UP)
 

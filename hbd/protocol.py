@@ -227,16 +227,22 @@ class ServerPeer:
         return change
 
 
+class Answers(Enum):
+    """Does the server answer our pings (``ClientLink.answers``)? ANSWERING -> LATE -> ANSWERING, or -> DEAD (final)."""
+
+    ANSWERING = "answering"
+    LATE = "late"  # a ping unanswered for more than half of pong_timeout: a suspicion, worth a warning
+    DEAD = "dead"  # a ping unanswered for longer than pong_timeout: the connection is given up
+
+
 class ClientLink:
     """One client->server link: when to ping, pong parsing, RTT and the pong-timeout rule.
 
-    ``poll(now)`` returns the bytes to send now (a ping when due); ``late`` becomes True once a
-    ping has gone unanswered for more than half of ``pong_timeout`` (a suspicion, worth a warning)
-    and ``dead`` once it has for longer than ``pong_timeout``.
+    ``poll(now)`` returns the bytes to send now (a ping when due) and moves ``answers`` (see Answers).
     """
 
     __slots__ = (
-        "_buf", "_sent", "_stalls", "dead", "interval", "late", "line", "next_ping", "pong_timeout", "pongs",
+        "_buf", "_sent", "_stalls", "answers", "interval", "line", "next_ping", "pong_timeout", "pongs",
         "rtt_last", "rtt_max", "rtt_sum", "silent_for",
     )
 
@@ -245,8 +251,7 @@ class ClientLink:
         self.pong_timeout = pong_timeout
         self.line = line
         self.next_ping = now
-        self.dead = False
-        self.late = False
+        self.answers = Answers.ANSWERING
         self._stalls: deque[tuple[float, float]] | None = None  # when our process did not run (extend())
         self.silent_for = 0.0  # age of the unanswered ping when the link was declared dead
         self.pongs = 0
@@ -298,10 +303,10 @@ class ClientLink:
             waited = self.waiting(now)
             if waited > self.pong_timeout:
                 self.silent_for = waited
-                self.dead = True
-            elif waited > self.pong_timeout / 2:
-                self.late = True
-        if self.dead or now < self.next_ping:
+                self.answers = Answers.DEAD
+            elif waited > self.pong_timeout / 2 and self.answers is Answers.ANSWERING:
+                self.answers = Answers.LATE
+        if self.answers is Answers.DEAD or now < self.next_ping:
             return b""
         self._sent.append(now)
         # Skip missed slots instead of bursting after a stall (as tornado's PeriodicCallback does).
@@ -315,11 +320,12 @@ class ClientLink:
         self.pong_timeout = pong_timeout
 
     def next_deadline(self) -> float:
-        if self.dead:
+        if self.answers is Answers.DEAD:
             return float("inf")
         if self._sent:
             start = self._sent[0] + self._forgiven(self._sent[0], float("inf"))
-            return min(self.next_ping, start + (self.pong_timeout if self.late else self.pong_timeout / 2))
+            late = self.answers is Answers.LATE
+            return min(self.next_ping, start + (self.pong_timeout if late else self.pong_timeout / 2))
         return self.next_ping
 
     def feed(self, data: bytes, now: float) -> list[float]:
@@ -352,6 +358,6 @@ class ClientLink:
                 break
             raise ProtocolError(f"unexpected bytes from server {bytes(buf[pos : pos + 16])!r}")
         self._buf = buf[pos:]
-        if rtts and self.late and self.waiting(now) <= self.pong_timeout / 2:
-            self.late = False
+        if rtts and self.answers is Answers.LATE and self.waiting(now) <= self.pong_timeout / 2:
+            self.answers = Answers.ANSWERING
         return rtts

@@ -9,11 +9,16 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+from enum import Enum
 
 from hbd import tls
 from hbd.server import RECV_SIZE, Connection
 
-SNIFF, HANDSHAKE, UP = 0, 1, 2
+
+class TlsState(Enum):
+    SNIFF = "sniff"  # waiting for the first bytes: a TLS ClientHello or not
+    HANDSHAKE = "handshake"
+    UP = "up"  # handshake done: a plain Connection from here on
 
 
 class TLSConnection(Connection):
@@ -21,14 +26,14 @@ class TLSConnection(Connection):
     BLOCKING = tls.WOULD_BLOCK
 
     def start(self) -> None:
-        self.state = SNIFF
+        self.state: TlsState = TlsState.SNIFF
         self.subject: str | None = None
         self.handshake: tls.Handshake | None = None
         self.server.loop.add_reader(self.sock, self._sniff)
         self.arm()
 
     def arm(self, forgiven: float = 0.0) -> None:
-        if self.state == UP:
+        if self.state is TlsState.UP:
             super().arm(forgiven)
             return
         assert self.server.config.tls is not None
@@ -54,14 +59,14 @@ class TLSConnection(Connection):
         assert server.tls_context is not None
         server.loop.forget(self.sock)  # wrap_socket() detaches the plain socket object
         self.sock = server.tls_context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
-        self.state = HANDSHAKE
+        self.state = TlsState.HANDSHAKE
         self.handshake = tls.Handshake(server.loop, self.sock, self._handshake_done, self._handshake_failed)
         self.handshake.step()
 
     def _handshake_done(self) -> None:
         server = self.server
         server.loop.cancel(self.timer)
-        self.state = UP
+        self.state = TlsState.UP
         self.handshake = None
         self.subject = tls.peer_name(self.sock)  # type: ignore[arg-type]
         self.peer.last_heard = server.clock()  # silence is counted from when the link is usable
@@ -80,13 +85,13 @@ class TLSConnection(Connection):
         self.timer = None
         if self.handshake is not None:
             self.handshake.step()  # last look: the final flight may be queued after our own stall
-        if self.state != UP and self.server.conns.get(self.sock.fileno()) is self:
+        if self.state is not TlsState.UP and self.server.conns.get(self.sock.fileno()) is self:
             assert self.server.config.tls is not None
             timeout = self.server.config.tls.handshake_timeout
             self.server.tls_failed(self, f"no TLS handshake within handshake_timeout ({timeout:g} s)")
 
     def on_read(self) -> None:
-        if self.state != UP:
+        if self.state is not TlsState.UP:
             return  # a last-look read from the server while the handshake is still running
         sock = self.sock
         try:

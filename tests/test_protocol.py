@@ -5,6 +5,7 @@ import pytest
 from hbd.protocol import (
     MAX_JUNK,
     MAX_LINE,
+    Answers,
     ClientLink,
     Hello,
     PeerState,
@@ -171,9 +172,9 @@ def test_client_declares_dead_after_pong_timeout() -> None:
     link.poll(4.0)
     assert link.next_deadline() == 5.0
     link.poll(5.0)
-    assert not link.dead
+    assert link.answers is not Answers.DEAD
     link.poll(5.001)
-    assert link.dead
+    assert link.answers is Answers.DEAD
     assert link.next_deadline() == float("inf")
 
 
@@ -210,12 +211,12 @@ def test_client_late_after_half_the_pong_timeout_and_back_with_the_pong() -> Non
     link.poll(2.0)  # a second ping; the first is still unanswered
     assert link.next_deadline() == 2.5  # wake up to call it late
     link.poll(2.4)
-    assert not link.late
+    assert link.answers is Answers.ANSWERING
     link.poll(2.501)
-    assert link.late and not link.dead
+    assert link.answers is Answers.LATE
     assert link.next_deadline() == 4.0  # the next ping; death is due at 5.0
     link.feed(b"pong", 3.0)  # answers the first ping; the second has waited only 1 s
-    assert not link.late
+    assert link.answers is Answers.ANSWERING
 
 
 def test_client_stall_forgiveness_is_exactly_the_time_we_did_not_run() -> None:
@@ -224,15 +225,15 @@ def test_client_stall_forgiveness_is_exactly_the_time_we_did_not_run() -> None:
     link.extend(1.0, 4.9)  # our own process did not run from 1.0 to 4.9
     assert link.waiting(6.0) == pytest.approx(2.1)
     link.poll(6.0)
-    assert not link.dead and not link.late
+    assert link.answers is Answers.ANSWERING
     assert link.next_deadline() == pytest.approx(6.4)  # late: 2.5 s of waiting, plus the 3.9 s forgiven
     link.poll(6.41)
-    assert not link.dead and link.late
+    assert link.answers is Answers.LATE
     assert link.next_deadline() == 7.0  # the next ping (slots skipped); death is due at 8.9
     link.poll(8.89)
-    assert not link.dead
+    assert link.answers is not Answers.DEAD
     link.poll(8.91)  # 5 s of waiting that we were there for
-    assert link.dead and link.silent_for == pytest.approx(5.01)
+    assert link.answers is Answers.DEAD and link.silent_for == pytest.approx(5.01)
 
 
 def test_greeting_must_come_before_the_first_ping() -> None:
@@ -276,4 +277,4 @@ def test_client_busy_time_is_not_forgiven() -> None:
     link.poll(0.0)
     link.extend(7.0, 8.0)  # a stall after the verdict was due changes nothing before it
     link.poll(5.01)
-    assert link.dead
+    assert link.answers is Answers.DEAD
