@@ -1,7 +1,7 @@
 """hbd-client: keeps one link per server, pings it, detects a dead link, reconnects with backoff.
 
-A ``Link`` owns one socket at a time and walks WAITING -> CONNECTING -> UP -> WAITING ... (LinkState); the
-ping schedule, pong parsing and pong-timeout rule live in ``protocol.ClientLink``. Nothing here
+A ``Link`` owns one socket at a time and walks WAITING -> CONNECTING -> UP -> WAITING ... (hbd.link.Lifecycle
+decides); the ping schedule, pong parsing and pong-timeout rule live in ``protocol.ClientLink``. Nothing here
 blocks: connects are non-blocking with a timeout, and host names are resolved off the loop.
 """
 
@@ -16,12 +16,11 @@ import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import StrEnum
 
 from hbd import tls
-from hbd.backoff import Backoff
 from hbd.config import ClientConfig, load_client_config
 from hbd.daemon import EXIT_GAVE_UP, Daemon, StartError
+from hbd.link import GaveUp, HealthChange, Lifecycle, LinkState
 from hbd.logs import fields, log
 from hbd.loop import EventLoop, Timer
 from hbd.metrics import LinkStats
@@ -82,53 +81,40 @@ def _why(exc: BaseException) -> str:
     return (exc.strerror if isinstance(exc, OSError) else None) or str(exc) or type(exc).__name__
 
 
-class LinkState(StrEnum):
-    """Where a Link's connection is (a StrEnum: status shows the value as it is)."""
-
-    WAITING = "waiting"  # for the first connect or the next retry
-    CONNECTING = "connecting"  # resolving, connecting, TLS handshake
-    UP = "up"  # connected: pinging
-    GAVE_UP = "gave up"  # reconnect_attempts used up, or closed (shutdown, removed by a reload)
-
-
-class Health(StrEnum):
-    """The server's health as reported to status, metrics and on_change hooks (the event names)."""
-
-    UP = "up"
-    LATE = "late"
-    DOWN = "down"
-
-
 class Link:
+    """One server's link: the socket, its one timer and the log lines. What state it is in and what
+    comes next is decided by ``hbd.link.Lifecycle`` (``self.life``); pings and pongs by ``ClientLink``."""
+
     def __init__(self, client: Client, target: Target) -> None:
         self.client = client
         self.loop = client.loop
         self.target = target
         cfg = client.config
-        self.backoff = Backoff(cfg.reconnect_delay, cfg.reconnect_max_delay)
-        self.state = LinkState.WAITING
+        self.life = Lifecycle(self.loop.time(), reconnect_delay=cfg.reconnect_delay,
+                              reconnect_max_delay=cfg.reconnect_max_delay,
+                              reconnect_attempts=cfg.reconnect_attempts, pong_timeout=cfg.pong_timeout)
+        self.backoff = self.life.backoff
         self.sock: socket.socket | None = None
         self.handshake: tls.Handshake | None = None
         self.proto: ClientLink | None = None
         self.timer: Timer | None = None
-        self.retries = 0  # reconnect attempts since the link was last healthy
-        self.up_since: float | None = None
-        self.healthy = False
-        self.ever_up = False
         self._generation = 0  # invalidates callbacks (e.g. a DNS answer) of an abandoned attempt
         self.resolving = False
         self._lookup_pending = False
         self.stats = LinkStats()
-        self.health: Health | None = None  # as reported to hooks; None until known
-        self.health_since = self.loop.time()
-        self.down_reason: str | None = None  # why the last attempt failed or the link was lost (STATUS=)
-        self.retry_at: float | None = None  # when the next attempt is due
         self._greeted_at = float("-inf")  # when this connection last sent a greeting
         self._greet_timer: Timer | None = None  # a reload's greeting waiting for GREETING_GAP
+
+    # What status and metrics read: the lifecycle's view.
+    state = property(lambda self: self.life.state)
+    health = property(lambda self: self.life.health)
+    health_since = property(lambda self: self.life.health_since)
+    retries = property(lambda self: self.life.retries)
 
     @property
     def address(self) -> str:
         return self.target.address
+
     @property
     def cfg(self) -> ClientConfig:
         return self.client.config
@@ -139,7 +125,7 @@ class Link:
 
     # -- connecting -----------------------------------------------------------------------------------
     def connect(self) -> None:
-        self.state = LinkState.CONNECTING
+        self.life.attempt(self.loop.time())
         self.stats.connects += 1
         self._generation += 1
         gen = self._generation
@@ -207,10 +193,7 @@ class Link:
     def _up(self) -> None:
         assert self.sock is not None
         now = self.loop.time()
-        self.state = LinkState.UP
-        self.up_since = now
-        self.down_reason = None
-        self.healthy = False
+        self.life.connected(now)
         self.proto = ClientLink(now, self.cfg.heartbeat_interval, self.cfg.pong_timeout, self.cfg.wire == "line")
         self.loop.add_reader(self.sock, self._on_read)
         log.info("connected to %s", self.target.label,
@@ -224,15 +207,12 @@ class Link:
 
     def _failed(self, reason: str, event: str = "connect-failed") -> None:
         """A connection attempt did not work out."""
-        self._teardown()
-        self.down_reason = reason
         if event == "resolve-failed":  # rate-limited: a name that does not resolve fails on every retry
             self.client.peer_log.log(logging.WARNING, self.address, "%s: %s", self.target.label, reason,
                                      event=event, peer=self.target.peer, peer_address=self.address)
         else:
             self.client.log_link(self, logging.WARNING, reason, event=event)
-        self._set_health(Health.DOWN, reason)
-        self._schedule_retry()
+        self._down(reason)
 
     # -- link up --------------------------------------------------------------------------------------
     def _on_read(self) -> None:
@@ -260,8 +240,10 @@ class Link:
         try:
             rtts = proto.feed(data, now)
         except ProtocolError as exc:
-            self.healthy = False  # a server breaking the protocol gets no fresh series of quick retries
+            # A server breaking the protocol gets no fresh series of quick retries.
             self.lost(f"protocol error: {exc}", peer_caused=True)
+            return
+        if not rtts:
             return
         if was_late and proto.answers is Answers.ANSWERING:
             log.info("%s answers again (pong after %.3f s)", self.target.label, max(rtts),
@@ -269,22 +251,12 @@ class Link:
         level = self.client.pong_level
         logged = log.isEnabledFor(level)  # else skip building the fields of a line nobody sees
         for rtt in rtts:
-            self.stats.pong(rtt, now)
+            self.stats.pong(rtt, now)  # the one place an RTT is counted
             if logged:
                 log.log(level, "pong from %s in %.1f ms", self.target.label, rtt * 1000,
                         extra=fields(peer=self.target.peer, peer_address=self.address, event="pong",
                                      rtt_ms=f"{rtt * 1000:.3f}"))
-        if rtts and self.health is not Health.UP and proto.answers is Answers.ANSWERING:
-            self._set_health(Health.UP, "pong", rtt_ms=f"{rtts[-1] * 1000:.3f}")
-        if rtts and not self.healthy:
-            self.ever_up = True
-            if now - (self.up_since or now) >= self._healthy_after():
-                self.healthy = True
-                self.retries = 0
-                self.backoff.reset()
-
-    def _healthy_after(self) -> float:
-        return 2 * self.cfg.pong_timeout
+        self._report(self.life.pong(now, proto.answers is Answers.ANSWERING), rtt_ms=f"{rtts[-1] * 1000:.3f}")
 
     def _tick(self) -> None:
         """Ping when due and apply the pong timeout; re-armed at the protocol's next deadline."""
@@ -304,7 +276,7 @@ class Link:
                 f"{self.target.label} is late: ping unanswered for {waited:.3f} s "
                 f"(pong_timeout {proto.pong_timeout:g} s)", event="late",
             )
-            self._set_health(Health.LATE, "no pong", silent_ms=round(waited * 1000))
+            self._report(self.life.late(now), silent_ms=round(waited * 1000))
         if proto.answers is Answers.DEAD:
             self.stats.timeouts += 1
             self.lost(f"no pong within {proto.pong_timeout:g} s (ping unanswered for {proto.silent_for:.3f} s)")
@@ -327,52 +299,38 @@ class Link:
         except OSError as exc:
             self.lost(f"connection error: {exc.strerror or exc}")
 
-    def lost(self, reason: str, peer_caused: bool = False) -> None:
+    def lost(self, reason: str, peer_caused: bool = False, *, fresh_series: bool = True) -> None:
         """A link that was up went down. ``peer_caused``: the server broke the protocol, a line it
-        could make us write on every reconnect, so it goes through the peer-line rate limit."""
+        could make us write on every reconnect, so it goes through the peer-line rate limit (and
+        gets no fresh series of quick retries, nor does a link that hit a bug: ``fresh_series``)."""
         was = self.target.label
-        self._teardown()
-        self.down_reason = reason
         if peer_caused:
             self.client.peer_log.log(logging.WARNING, self.address, "link to %s lost: %s", was, reason,
                                      event="protocol-error", peer=self.target.peer, peer_address=self.address)
         else:
             self.client.log_link(self, logging.WARNING, f"link to {was} lost: {reason}", event="down")
-        self._set_health(Health.DOWN, reason)
-        self._schedule_retry()
+        self._down(reason, fresh_series=fresh_series and not peer_caused)
 
-    def _set_health(self, health: Health, reason: str, **extra: object) -> None:
-        """Report a state change of this server (status socket, metrics, on_change hooks)."""
-        if health == self.health:
-            return
-        old, self.health = self.health, health
-        now = self.loop.time()
-        standing, self.health_since = now - self.health_since, now
-        self.client.ops.event(health, self.target.peer, self.address, name=self.target.name,
-                              previous=old, reason=reason, standing=standing, **extra)
-
-    # -- reconnecting --------------------------------------------------------------------------------
-    def _schedule_retry(self) -> None:
-        if self.healthy:  # a healthy link that dropped starts a fresh series of retries
-            self.healthy = False
-            self.retries = 0
-            self.backoff.reset()
-        limit = self.cfg.reconnect_attempts
-        if limit and self.retries >= limit:
-            self.state = LinkState.GAVE_UP
+    def _down(self, reason: str, fresh_series: bool = True) -> None:
+        self._teardown()
+        change, nxt = self.life.down(self.loop.time(), reason, fresh_series=fresh_series)
+        self._report(change)
+        if isinstance(nxt, GaveUp):
             log.error("giving up on %s after %d failed reconnect attempt%s", self.target.label,
-                      limit, "s" if limit != 1 else "",
+                      nxt.attempts, "s" if nxt.attempts != 1 else "",
                       extra=fields(peer=self.target.peer, peer_address=self.address, event="gave-up"))
             self.client.link_gave_up(self)
             return
-        self.retries += 1
-        delay = self.backoff.next_delay()
-        self.state = LinkState.WAITING
-        self.retry_at = self.loop.time() + delay
-        log.info("reconnecting to %s in %.2f s (attempt %d%s)", self.target.label, delay, self.retries,
-                 f" of {limit}" if limit else "",
+        log.info("reconnecting to %s in %.2f s (attempt %d%s)", self.target.label, nxt.delay, nxt.attempt,
+                 f" of {nxt.limit}" if nxt.limit else "",
                  extra=fields(peer=self.target.peer, peer_address=self.address, event="retry"))
-        self._set_timer(self.loop.time() + delay, self.connect)
+        self._set_timer(nxt.at, self.connect)
+
+    def _report(self, change: HealthChange | None, **extra: object) -> None:
+        """Report a state change of this server (status socket, metrics, on_change hooks)."""
+        if change is not None:
+            self.client.ops.event(change.new, self.target.peer, self.address, name=self.target.name,
+                                  previous=change.old, reason=change.reason, standing=change.standing, **extra)
 
     def _teardown(self) -> None:
         self._generation += 1
@@ -382,7 +340,6 @@ class Link:
         self._greet_timer = None
         self.handshake = None
         self.proto = None
-        self.up_since = None
         if self.sock is not None:
             self.loop.forget(self.sock)
             try:
@@ -394,7 +351,7 @@ class Link:
 
     def close(self) -> None:
         self._teardown()
-        self.state = LinkState.GAVE_UP
+        self.life.close()
 
     def owns(self, fileobj: object, callback: object) -> bool:
         """Does a failing callback belong to this link (its socket, or its one timer)?"""
@@ -405,18 +362,17 @@ class Link:
         """A bug hit while serving this link: drop the connection and reconnect as after any loss."""
         if self.state is LinkState.GAVE_UP:
             return
-        self.healthy = False
         try:
-            self.lost(f"internal error: {exc!r}")
+            self.lost(f"internal error: {exc!r}", fresh_series=False)
         except Exception:  # the link's state is too broken to report: start over regardless
             self._teardown()
-            self.state = LinkState.WAITING
-            self._set_timer(self.loop.time() + self.backoff.next_delay(), self.connect)
+            self._set_timer(self.life.restart(self.loop.time()).at, self.connect)
 
     def apply(self, cfg: ClientConfig) -> None:
         """New settings for a link that stays (SIGHUP; ``self.cfg`` is still the old config)."""
         old = self.cfg
-        self.backoff.base, self.backoff.cap = cfg.reconnect_delay, cfg.reconnect_max_delay
+        self.life.retime(reconnect_delay=cfg.reconnect_delay, reconnect_max_delay=cfg.reconnect_max_delay,
+                         reconnect_attempts=cfg.reconnect_attempts, pong_timeout=cfg.pong_timeout)
         if self.proto is None:
             return  # not connected: the next connection greets with the new settings
         if cfg.client_name != old.client_name:
@@ -425,8 +381,7 @@ class Link:
             log.info("client_name is now %s: reconnecting to %s", cfg.client_name, self.target.label,
                      extra=fields(peer=self.target.peer, peer_address=self.address, event="rename"))
             self._teardown()
-            self.state = LinkState.WAITING
-            self._set_timer(self.loop.time(), self.connect)
+            self._set_timer(self.life.redial(self.loop.time()), self.connect)
             return
         if cfg.client_name and (cfg.heartbeat_interval != old.heartbeat_interval or self._greet_timer is not None):
             self._regreet(cfg)
@@ -453,17 +408,9 @@ class Link:
 
     def status(self) -> str:
         """This link in the STATUS= line: up with its RTT, or DOWN with why and what happens next."""
-        if self.state is LinkState.UP:
-            if self.proto is not None and self.proto.rtt_last is not None:
-                return f"{self.target.label} up, rtt {self.proto.rtt_last * 1000:.1f} ms"
-            return f"{self.target.label} up"
-        if self.down_reason is None:
-            return f"{self.target.label} {self.state}"  # the first attempt, still under way
-        if self.state is LinkState.WAITING and self.retry_at is not None:
-            nxt = f"retry in {max(self.retry_at - self.loop.time(), 0.0):.1f} s"
-        else:
-            nxt = self.state  # connecting, gave up
-        return f"{self.target.label} DOWN ({_short(self.down_reason)}), {nxt}"
+        st = self.stats
+        fresh = self.life.up_since is not None and st.last_pong is not None and st.last_pong >= self.life.up_since
+        return self.life.status(self.target.label, self.loop.time(), st.rtt_last if fresh else None)
 
 
 class Client(Daemon):
@@ -567,14 +514,6 @@ class Client(Daemon):
         if all(lk.state is LinkState.GAVE_UP for lk in self.links):
             log.error("no server left to try; exiting (status %d)", EXIT_GAVE_UP)
             self.stop(EXIT_GAVE_UP)
-
-
-def _short(reason: str) -> str:
-    """"cannot connect: Connection refused" -> "connection refused", for the one-line status."""
-    reason = reason.removeprefix("cannot connect: ")
-    if len(reason) > 1 and reason[0].isupper() and reason[1].islower():
-        reason = reason[0].lower() + reason[1:]
-    return reason
 
 
 def _greeting(cfg: ClientConfig) -> bytes:

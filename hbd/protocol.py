@@ -14,6 +14,7 @@ Wire format (see docs/protocol.md):
 
 from __future__ import annotations
 
+import math
 import re
 from collections import deque
 from dataclasses import dataclass
@@ -242,8 +243,7 @@ class ClientLink:
     """
 
     __slots__ = (
-        "_buf", "_sent", "_stalls", "answers", "interval", "line", "next_ping", "pong_timeout", "pongs",
-        "rtt_last", "rtt_max", "rtt_sum", "silent_for",
+        "_buf", "_sent", "_stalls", "answers", "interval", "line", "next_ping", "pong_timeout", "pongs", "silent_for",
     )
 
     def __init__(self, now: float, interval: float, pong_timeout: float, line: bool = False) -> None:
@@ -254,16 +254,9 @@ class ClientLink:
         self.answers = Answers.ANSWERING
         self._stalls: deque[tuple[float, float]] | None = None  # when our process did not run (extend())
         self.silent_for = 0.0  # age of the unanswered ping when the link was declared dead
-        self.pongs = 0
-        self.rtt_last: float | None = None
-        self.rtt_max = 0.0
-        self.rtt_sum = 0.0
+        self.pongs = 0  # answers on this connection (RTTs are returned by feed(), counted by the caller once)
         self._sent: deque[float] = deque()
         self._buf = b""
-
-    @property
-    def rtt_avg(self) -> float | None:
-        return self.rtt_sum / self.pongs if self.pongs else None
 
     @property
     def outstanding(self) -> int:
@@ -325,7 +318,10 @@ class ClientLink:
         if self._sent:
             start = self._sent[0] + self._forgiven(self._sent[0], float("inf"))
             late = self.answers is Answers.LATE
-            return min(self.next_ping, start + (self.pong_timeout if late else self.pong_timeout / 2))
+            # The first instant at which poll() finds the wait *longer* than the limit: waking exactly at
+            # the limit would find nothing to do and re-arm for the same time (a spin in virtual time).
+            return min(self.next_ping, math.nextafter(start + (self.pong_timeout if late else self.pong_timeout / 2),
+                                                      math.inf))
         return self.next_ping
 
     def feed(self, data: bytes, now: float) -> list[float]:
@@ -342,10 +338,6 @@ class ClientLink:
                 rtt = now - self._sent.popleft()
                 rtts.append(rtt)
                 self.pongs += 1
-                self.rtt_last = rtt
-                self.rtt_sum += rtt
-                if rtt > self.rtt_max:
-                    self.rtt_max = rtt
                 continue
             if buf.startswith(b"\n", pos):
                 pos += 1

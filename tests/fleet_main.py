@@ -64,9 +64,9 @@ def main() -> int:
         up(self)
         _emit("up", self)
 
-    def _lost(self: Link, reason: str, peer_caused: bool = False) -> None:
+    def _lost(self: Link, reason: str, *args: object, **kw: object) -> None:
         _emit("down", self)
-        lost(self, reason, peer_caused)
+        lost(self, reason, *args, **kw)  # type: ignore[arg-type]
 
     Link._up = _up  # type: ignore[method-assign]
     Link.lost = _lost  # type: ignore[method-assign]

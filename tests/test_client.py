@@ -209,7 +209,7 @@ def test_exit_79_only_when_every_server_gave_up(tmp_path: Path, procs) -> None:
 
 
 def test_link_status_says_down_why_and_when_it_retries_in_virtual_time(tmp_path: Path, vclock, vloop) -> None:
-    from hbd.client import Client, Link, LinkState, Target
+    from hbd.client import Client, Link, Target
     from hbd.config import load_client_config
     from hbd.logs import Logging
     from hbd.notify import Notifier
@@ -223,11 +223,13 @@ def test_link_status_says_down_why_and_when_it_retries_in_virtual_time(tmp_path:
         link = Link(client, Target("127.0.0.1", 54321))
         link.backoff._rand = lambda: 0.8  # 0.8 x 4 s
         assert link.status() == "127.0.0.1:54321 waiting"  # nothing tried yet: no reason to give
+        link.connect()
+        assert link.status() == "127.0.0.1:54321 connecting"
         link._failed("cannot connect: Connection refused")
         assert link.status() == "127.0.0.1:54321 DOWN (connection refused), retry in 3.2 s"
         clock.advance(2.0)
         assert link.status() == "127.0.0.1:54321 DOWN (connection refused), retry in 1.2 s"
-        link.state = LinkState.CONNECTING
+        link.connect()  # under way: 127.0.0.1 needs no lookup, the connect is non-blocking
         assert link.status() == "127.0.0.1:54321 DOWN (connection refused), connecting"
         link.lost("no pong within 2 s")
         assert link.status().startswith("127.0.0.1:54321 DOWN (no pong within 2 s), retry in ")
