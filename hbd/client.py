@@ -81,6 +81,103 @@ def _why(exc: BaseException) -> str:
     return (exc.strerror if isinstance(exc, OSError) else None) or str(exc) or type(exc).__name__
 
 
+class Dialer:
+    """One connection attempt of a link: the name lookup (off the loop, one in flight at most), a
+    non-blocking connect and the TLS handshake; the link's one timer (``set_timer``) bounds each step.
+    It ends in ``up(sock)`` or ``failed(reason, event)``; ``abandon()`` drops an attempt under way."""
+
+    def __init__(self, loop: EventLoop, target: Target, set_timer: Callable[[float, Callable[[], None]], None],
+                 up: Callable[[socket.socket], None], failed: Callable[[str, str], None]) -> None:
+        self.loop, self.target, self._set_timer, self._up, self._failed = loop, target, set_timer, up, failed
+        self.sock: socket.socket | None = None
+        self.handshake: tls.Handshake | None = None
+        self.resolving = False
+        self._generation = 0  # invalidates callbacks (e.g. a DNS answer) of an abandoned attempt
+        self._lookup_pending = False
+        self._timeout = 0.0
+        self._tls: tuple[ssl.SSLContext, str, float] | None = None  # context, server name, handshake timeout
+
+    def start(self, cfg: ClientConfig, context: ssl.SSLContext | None) -> None:
+        self._generation += 1
+        gen = self._generation
+        self._timeout = cfg.receive_timeout
+        self._tls = None if context is None or cfg.tls is None else (
+            context, cfg.tls.server_hostname or self.target.host, cfg.tls.handshake_timeout)
+        self.resolving = True
+        self._set_timer(self.loop.time() + self._timeout, self._timed_out)
+        if self._lookup_pending:  # a DNS server that does not answer: one lookup thread per link at most
+            return
+        self._lookup_pending = True
+        resolve(self.loop, self.target.host, self.target.port,
+                lambda infos, err: self._resolved(gen, infos, err))
+
+    def _timed_out(self) -> None:
+        what = f"resolving {self.target.host}" if self.resolving else "connect"
+        self._failed(f"{what} timed out after {self._timeout:g} s",
+                     "resolve-failed" if self.resolving else "connect-failed")
+
+    def _resolved(self, gen: int, infos: list[tuple], err: str | None) -> None:
+        self._lookup_pending = False
+        if gen != self._generation:  # the attempt was abandoned meanwhile
+            return
+        self.resolving = False
+        if err or not infos:
+            self._failed(err or f"no address for {self.target.host}", "resolve-failed")
+            return
+        family, stype, proto, _, addr = infos[0]
+        sock = socket.socket(family, stype, proto)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        rc = sock.connect_ex(addr)
+        if rc not in (0, errno.EINPROGRESS, errno.EAGAIN):
+            self._failed(f"cannot connect: {errno.errorcode.get(rc, rc)} {_strerror(rc)}", "connect-failed")
+            return
+        self.loop.add_writer(sock, self._on_connect)
+
+    def _on_connect(self) -> None:
+        assert self.sock is not None
+        self.loop.remove_writer(self.sock)
+        rc = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if rc:
+            self._failed(f"cannot connect: {_strerror(rc)}", "connect-failed")
+        elif self._tls is not None:
+            self._start_tls(*self._tls)
+        else:
+            self._done()
+
+    def _start_tls(self, context: ssl.SSLContext, server_hostname: str, timeout: float) -> None:
+        assert self.sock is not None
+        self.loop.forget(self.sock)
+        self.sock = context.wrap_socket(self.sock, server_hostname=server_hostname, do_handshake_on_connect=False)
+        self._set_timer(self.loop.time() + timeout,
+                        lambda: self._failed(f"TLS handshake not completed within {timeout:g} s", "connect-failed"))
+        self.handshake = tls.Handshake(self.loop, self.sock, self._done,
+                                       lambda reason: self._failed(f"TLS handshake failed: {reason}", "connect-failed"))
+        self.handshake.step()
+
+    def _done(self) -> None:
+        sock, self.sock, self.handshake = self.sock, None, None
+        assert sock is not None
+        self._up(sock)
+
+    def abandon(self) -> None:
+        self._generation += 1
+        self.handshake = None
+        _close(self.loop, self.sock)
+        self.sock = None
+
+
+def _close(loop: EventLoop, sock: socket.socket | None) -> None:
+    if sock is not None:
+        loop.forget(sock)
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sock.close()
+
+
 class Link:
     """One server's link: the socket, its one timer and the log lines. What state it is in and what
     comes next is decided by ``hbd.link.Lifecycle`` (``self.life``); pings and pongs by ``ClientLink``."""
@@ -94,13 +191,10 @@ class Link:
                               reconnect_max_delay=cfg.reconnect_max_delay,
                               reconnect_attempts=cfg.reconnect_attempts, pong_timeout=cfg.pong_timeout)
         self.backoff = self.life.backoff
-        self.sock: socket.socket | None = None
-        self.handshake: tls.Handshake | None = None
+        self.sock: socket.socket | None = None  # once connected (the dialer holds it until then)
         self.proto: ClientLink | None = None
         self.timer: Timer | None = None
-        self._generation = 0  # invalidates callbacks (e.g. a DNS answer) of an abandoned attempt
-        self.resolving = False
-        self._lookup_pending = False
+        self.dialer = Dialer(self.loop, target, self._set_timer, self._up, self._failed)
         self.stats = LinkStats()
         self._greeted_at = float("-inf")  # when this connection last sent a greeting
         self._greet_timer: Timer | None = None  # a reload's greeting waiting for GREETING_GAP
@@ -127,71 +221,10 @@ class Link:
     def connect(self) -> None:
         self.life.attempt(self.loop.time())
         self.stats.connects += 1
-        self._generation += 1
-        gen = self._generation
-        self.resolving = True
-        self._set_timer(self.loop.time() + self.cfg.receive_timeout, self._connect_timed_out)
-        if self._lookup_pending:  # a DNS server that does not answer: one lookup thread per link at most
-            return
-        self._lookup_pending = True
-        resolve(self.loop, self.target.host, self.target.port,
-                lambda infos, err: self._resolved(gen, infos, err))
+        self.dialer.start(self.cfg, self.client.tls_context)
 
-    def _connect_timed_out(self) -> None:
-        what = f"resolving {self.target.host}" if self.resolving else "connect"
-        self._failed(f"{what} timed out after {self.cfg.receive_timeout:g} s",
-                     event="resolve-failed" if self.resolving else "connect-failed")
-
-    def _resolved(self, gen: int, infos: list[tuple], err: str | None) -> None:
-        self._lookup_pending = False
-        if gen != self._generation or self.state is not LinkState.CONNECTING:
-            return
-        self.resolving = False
-        if err or not infos:
-            self._failed(err or f"no address for {self.target.host}", event="resolve-failed")
-            return
-        family, stype, proto, _, addr = infos[0]
-        sock = socket.socket(family, stype, proto)
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def _up(self, sock: socket.socket) -> None:
         self.sock = sock
-        rc = sock.connect_ex(addr)
-        if rc not in (0, errno.EINPROGRESS, errno.EAGAIN):
-            self._failed(f"cannot connect: {errno.errorcode.get(rc, rc)} {_strerror(rc)}")
-            return
-        self.loop.add_writer(sock, self._on_connect)
-
-    def _on_connect(self) -> None:
-        assert self.sock is not None
-        self.loop.remove_writer(self.sock)
-        rc = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if rc:
-            self._failed(f"cannot connect: {_strerror(rc)}")
-            return
-        context = self.client.tls_context
-        if context is not None:
-            self._start_tls(context)
-            return
-        self._up()
-
-    def _start_tls(self, context: ssl.SSLContext) -> None:
-        assert self.sock is not None and self.cfg.tls is not None
-        self.loop.forget(self.sock)
-        self.sock = context.wrap_socket(self.sock, server_hostname=self.cfg.tls.server_hostname or self.target.host,
-                                        do_handshake_on_connect=False)
-        timeout = self.cfg.tls.handshake_timeout
-        self._set_timer(self.loop.time() + timeout,
-                        lambda: self._failed(f"TLS handshake not completed within {timeout:g} s"))
-        self.handshake = tls.Handshake(self.loop, self.sock, self._tls_done,
-                                       lambda reason: self._failed(f"TLS handshake failed: {reason}"))
-        self.handshake.step()
-
-    def _tls_done(self) -> None:
-        self.handshake = None
-        self._up()
-
-    def _up(self) -> None:
-        assert self.sock is not None
         now = self.loop.time()
         self.life.connected(now)
         self.proto = ClientLink(now, self.cfg.heartbeat_interval, self.cfg.pong_timeout, self.cfg.wire == "line")
@@ -333,21 +366,14 @@ class Link:
                                   previous=change.old, reason=change.reason, standing=change.standing, **extra)
 
     def _teardown(self) -> None:
-        self._generation += 1
+        self.dialer.abandon()
         self.loop.cancel(self.timer)
         self.timer = None
         self.loop.cancel(self._greet_timer)
         self._greet_timer = None
-        self.handshake = None
         self.proto = None
-        if self.sock is not None:
-            self.loop.forget(self.sock)
-            try:
-                self.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            self.sock.close()
-            self.sock = None
+        _close(self.loop, self.sock)
+        self.sock = None
 
     def close(self) -> None:
         self._teardown()
@@ -355,7 +381,7 @@ class Link:
 
     def owns(self, fileobj: object, callback: object) -> bool:
         """Does a failing callback belong to this link (its socket, or its one timer)?"""
-        return (fileobj is not None and fileobj is self.sock) or (
+        return (fileobj is not None and fileobj in (self.sock, self.dialer.sock)) or (
             fileobj is None and self.timer is not None and self.timer.callback is callback)
 
     def internal_error(self, exc: Exception) -> None:

@@ -60,8 +60,8 @@ def main() -> int:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, n + 1000), hard))
     up, lost = Link._up, Link.lost
 
-    def _up(self: Link) -> None:
-        up(self)
+    def _up(self: Link, *args: object) -> None:
+        up(self, *args)  # type: ignore[arg-type]
         _emit("up", self)
 
     def _lost(self: Link, reason: str, *args: object, **kw: object) -> None:
