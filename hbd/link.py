@@ -66,14 +66,33 @@ class Lifecycle:
     after a connect: only then does its next loss start a fresh series of quick retries."""
 
     __slots__ = (
-        "_healthy", "attempts_limit", "backoff", "down_reason", "health", "health_since", "pong_timeout", "retry_at",
-        "state", "up_since",
+        "_healthy",
+        "attempts_limit",
+        "backoff",
+        "down_reason",
+        "health",
+        "health_since",
+        "pong_timeout",
+        "retry_at",
+        "state",
+        "up_since",
     )
 
-    def __init__(self, now: float, *, reconnect_delay: float, reconnect_max_delay: float, reconnect_attempts: int,
-                 pong_timeout: float, rand: Callable[[], float] | None = None) -> None:
-        self.backoff = Backoff(reconnect_delay, reconnect_max_delay) if rand is None else \
-            Backoff(reconnect_delay, reconnect_max_delay, rand)
+    def __init__(
+        self,
+        now: float,
+        *,
+        reconnect_delay: float,
+        reconnect_max_delay: float,
+        reconnect_attempts: int,
+        pong_timeout: float,
+        rand: Callable[[], float] | None = None,
+    ) -> None:
+        self.backoff = (
+            Backoff(reconnect_delay, reconnect_max_delay)
+            if rand is None
+            else Backoff(reconnect_delay, reconnect_max_delay, rand)
+        )
         self.attempts_limit = reconnect_attempts
         self.pong_timeout = pong_timeout
         self.state = LinkState.WAITING
@@ -89,8 +108,9 @@ class Lifecycle:
         """Reconnect attempts since the link was last healthy."""
         return self.backoff.attempts
 
-    def retime(self, *, reconnect_delay: float, reconnect_max_delay: float, reconnect_attempts: int,
-               pong_timeout: float) -> None:
+    def retime(
+        self, *, reconnect_delay: float, reconnect_max_delay: float, reconnect_attempts: int, pong_timeout: float
+    ) -> None:
         """A reload: new timings; the series of retries under way carries on."""
         self.backoff.base, self.backoff.cap = reconnect_delay, reconnect_max_delay
         self.attempts_limit = reconnect_attempts
@@ -200,7 +220,7 @@ class Lifecycle:
 
 
 def _short(reason: str) -> str:
-    """"cannot connect: Connection refused" -> "connection refused", for the one-line status."""
+    """ "cannot connect: Connection refused" -> "connection refused", for the one-line status."""
     reason = reason.removeprefix("cannot connect: ")
     if len(reason) > 1 and reason[0].isupper() and reason[1].islower():
         reason = reason[0].lower() + reason[1:]

@@ -26,7 +26,10 @@ class FleetProcess:
         self.stats: dict = {}
         self.proc = subprocess.Popen(
             [sys.executable, str(FLEET_MAIN), str(cfg_path), str(n), str(duration)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         self._lock = threading.Lock()
         self._reader = threading.Thread(target=self._read, daemon=True)

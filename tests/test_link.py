@@ -3,6 +3,7 @@ client.Link driving it in virtual time against a real loopback server."""
 
 from __future__ import annotations
 
+import itertools
 import socket
 
 import pytest
@@ -117,9 +118,13 @@ def test_status_says_what_is_happening() -> None:
     assert life.status("s", 2.0, None) == "s gave up"  # closed while up: nothing went wrong
 
 
-EVENTS = st.lists(st.tuples(st.sampled_from(["attempt", "connected", "pong", "late_pong", "late", "down", "blame",
-                                             "reload", "close"]),
-                            st.floats(0.0, 5.0)), max_size=60)
+EVENTS = st.lists(
+    st.tuples(
+        st.sampled_from(["attempt", "connected", "pong", "late_pong", "late", "down", "blame", "reload", "close"]),
+        st.floats(0.0, 5.0),
+    ),
+    max_size=60,
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -245,13 +250,21 @@ class Answerer:
 
 
 def test_client_link_counts_each_pong_once_and_reports_what_happens_in_virtual_time(vclock, vloop) -> None:
-    from hbd.client import Client
-    from hbd.config import ClientConfig, ServerEntry
     from virtual_time import run_until
 
+    from hbd.client import Client
+    from hbd.config import ClientConfig, ServerEntry
+
     srv = Answerer(vloop)
-    cfg = ClientConfig(servers=(ServerEntry("127.0.0.1", srv.port, "a"),), heartbeat_interval=1.0, pong_timeout=2.0,
-                       reconnect_delay=0.5, reconnect_max_delay=0.5, log_file=None, control_socket=None)
+    cfg = ClientConfig(
+        servers=(ServerEntry("127.0.0.1", srv.port, "a"),),
+        heartbeat_interval=1.0,
+        pong_timeout=2.0,
+        reconnect_delay=0.5,
+        reconnect_max_delay=0.5,
+        log_file=None,
+        control_socket=None,
+    )
     client = Client(cfg, loop=vloop)
     events: list[str] = []
     client.ops.event = lambda event, *a, **kw: events.append(str(event))  # type: ignore[method-assign]
@@ -271,7 +284,7 @@ def test_client_link_counts_each_pong_once_and_reports_what_happens_in_virtual_t
         srv.reset_all()
         run_until(vloop, vclock, 1000.0 + 24.0)
         assert events[seen:] == ["down", "up"] and link.stats.connects == connects + 1
-        assert all(a != b for a, b in zip(events, events[1:]))  # each change reported once
+        assert all(a != b for a, b in itertools.pairwise(events))  # each change reported once
         assert link.stats.rtt.count == srv.pongs  # one count per pong, across reconnects
     finally:
         client.shutdown()
