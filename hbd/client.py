@@ -332,21 +332,20 @@ class Link:
         except OSError as exc:
             self.lost(f"connection error: {exc.strerror or exc}")
 
-    def lost(self, reason: str, peer_caused: bool = False, *, fresh_series: bool = True) -> None:
+    def lost(self, reason: str, peer_caused: bool = False) -> None:
         """A link that was up went down. ``peer_caused``: the server broke the protocol, a line it
-        could make us write on every reconnect, so it goes through the peer-line rate limit (and
-        gets no fresh series of quick retries, nor does a link that hit a bug: ``fresh_series``)."""
+        could make us write on every reconnect, so it goes through the peer-line rate limit."""
         was = self.target.label
         if peer_caused:
             self.client.peer_log.log(logging.WARNING, self.address, "link to %s lost: %s", was, reason,
                                      event="protocol-error", peer=self.target.peer, peer_address=self.address)
         else:
             self.client.log_link(self, logging.WARNING, f"link to {was} lost: {reason}", event="down")
-        self._down(reason, fresh_series=fresh_series and not peer_caused)
+        self._down(reason)
 
-    def _down(self, reason: str, fresh_series: bool = True) -> None:
+    def _down(self, reason: str) -> None:
         self._teardown()
-        change, nxt = self.life.down(self.loop.time(), reason, fresh_series=fresh_series)
+        change, nxt = self.life.down(self.loop.time(), reason)
         self._report(change)
         if isinstance(nxt, GaveUp):
             log.error("giving up on %s after %d failed reconnect attempt%s", self.target.label,
@@ -389,7 +388,7 @@ class Link:
         if self.state is LinkState.GAVE_UP:
             return
         try:
-            self.lost(f"internal error: {exc!r}", fresh_series=False)
+            self.lost(f"internal error: {exc!r}")
         except Exception:  # the link's state is too broken to report: start over regardless
             self._teardown()
             self._set_timer(self.life.restart(self.loop.time()).at, self.connect)

@@ -148,17 +148,15 @@ class Lifecycle:
             raise LinkError(f"late while {self.state}")
         return self._report(now, Health.LATE, "no pong")
 
-    def down(self, now: float, reason: str, *, fresh_series: bool = True) -> tuple[HealthChange | None, Retry | GaveUp]:
-        """The attempt failed or the link was lost: report DOWN and retry (or give up).
-        ``fresh_series=False``: the server broke the protocol (or we had a bug), so even a healthy link
-        gets no fresh series of quick retries."""
+    def down(self, now: float, reason: str) -> tuple[HealthChange | None, Retry | GaveUp]:
+        """The attempt failed or the link was lost: report DOWN and retry (or give up). The series of
+        retries restarts only after a healthy period (see pong()), so a server that breaks the protocol
+        or resets every connection early meets a growing backoff."""
         if self.state not in (LinkState.CONNECTING, LinkState.UP):
             raise LinkError(f"down while {self.state}")
         self.up_since = None
         self.down_reason = reason
         change = self._report(now, Health.DOWN, reason)
-        if self._healthy and fresh_series:
-            self.backoff.reset()
         self._healthy = False
         return change, self._next(now)
 

@@ -66,7 +66,7 @@ def test_backoff_grows_until_healthy_and_restarts_after_a_healthy_period() -> No
     assert isinstance(nxt, Retry) and nxt.delay == 1.0
 
 
-def test_a_protocol_error_gets_no_fresh_series_of_quick_retries() -> None:
+def test_only_a_healthy_period_restarts_the_series_of_retries() -> None:
     life = make()
     for t in range(2):
         life.attempt(float(t))
@@ -74,15 +74,15 @@ def test_a_protocol_error_gets_no_fresh_series_of_quick_retries() -> None:
     life.attempt(5.0)
     life.connected(5.0)
     life.pong(10.0, answering=True)  # healthy: the backoff restarts at the base ...
-    _, nxt = life.down(11.0, "protocol error: junk", fresh_series=False)
+    _, nxt = life.down(11.0, "protocol error: junk")
     assert isinstance(nxt, Retry) and nxt.delay == 1.0 and nxt.attempt == 1
     life.attempt(12.0)
     life.connected(12.0)
     life.pong(20.0, answering=True)
-    life.down(21.0, "protocol error: junk", fresh_series=False)
+    life.down(21.0, "protocol error: junk")
     life.attempt(22.0)
     life.connected(22.0)
-    _, nxt = life.down(22.5, "protocol error: junk", fresh_series=False)  # ... but a broken server's grows
+    _, nxt = life.down(22.5, "protocol error: junk")  # ... but a broken server's grows
     assert isinstance(nxt, Retry) and nxt.attempt == 2
 
 
@@ -120,7 +120,7 @@ def test_status_says_what_is_happening() -> None:
 
 EVENTS = st.lists(
     st.tuples(
-        st.sampled_from(["attempt", "connected", "pong", "late_pong", "late", "down", "blame", "reload", "close"]),
+        st.sampled_from(["attempt", "connected", "pong", "late_pong", "late", "down", "reload", "close"]),
         st.floats(0.0, 5.0),
     ),
     max_size=60,
@@ -157,8 +157,8 @@ def test_any_order_of_events_keeps_the_invariants(events: list[tuple[str, float]
             elif name == "late":
                 change = life.late(now)
                 assert before is LinkState.UP and life.health is Health.LATE
-            elif name in ("down", "blame"):
-                change, nxt = life.down(now, "lost", fresh_series=name == "down")
+            elif name == "down":
+                change, nxt = life.down(now, "lost")
                 assert before in (LinkState.CONNECTING, LinkState.UP)
                 assert life.health is Health.DOWN and life.up_since is None
                 if isinstance(nxt, Retry):
@@ -178,7 +178,7 @@ def test_any_order_of_events_keeps_the_invariants(events: list[tuple[str, float]
         except LinkError:
             assert life.state is before  # refused events change nothing
             continue
-        if name in ("pong", "late", "down", "blame") and change is not None:
+        if name in ("pong", "late", "down") and change is not None:
             assert change.old is reported and change.new is life.health and life.health_since == now
             reported = change.new
         assert life.health is reported  # what hooks and status were told is what the link is
