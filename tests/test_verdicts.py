@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from daemons import ROOT, start_server
-from test_status import document, run_until, virtual
+from inprocess import document, run_until, virtual
 
 from hbd.config import ServerConfig
 from hbd.control import query
