@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from hbd import tls
 from hbd.config import ClientConfig, load_client_config
 from hbd.daemon import EXIT_GAVE_UP, Daemon, StartError
-from hbd.link import GaveUp, HealthChange, Lifecycle, LinkState
+from hbd.link import GaveUp, HealthChange, Lifecycle, LinkState, Retry
 from hbd.logs import fields, log
 from hbd.loop import EventLoop, Timer
 from hbd.metrics import LinkStats
@@ -186,6 +186,7 @@ class Link:
         self.client = client
         self.loop = client.loop
         self.target = target
+        self.address = target.address
         cfg = client.config
         self.life = Lifecycle(self.loop.time(), reconnect_delay=cfg.reconnect_delay,
                               reconnect_max_delay=cfg.reconnect_max_delay,
@@ -204,10 +205,6 @@ class Link:
     health = property(lambda self: self.life.health)
     health_since = property(lambda self: self.life.health_since)
     retries = property(lambda self: self.life.retries)
-
-    @property
-    def address(self) -> str:
-        return self.target.address
 
     @property
     def cfg(self) -> ClientConfig:
@@ -281,14 +278,11 @@ class Link:
         if was_late and proto.answers is Answers.ANSWERING:
             log.info("%s answers again (pong after %.3f s)", self.target.label, max(rtts),
                      extra=fields(peer=self.target.peer, peer_address=self.address, event="back"))
-        level = self.client.pong_level
-        logged = log.isEnabledFor(level)  # else skip building the fields of a line nobody sees
+        logged = log.isEnabledFor(self.client.pong_level)  # else skip building lines nobody sees
         for rtt in rtts:
             self.stats.pong(rtt, now)  # the one place an RTT is counted
             if logged:
-                log.log(level, "pong from %s in %.1f ms", self.target.label, rtt * 1000,
-                        extra=fields(peer=self.target.peer, peer_address=self.address, event="pong",
-                                     rtt_ms=f"{rtt * 1000:.3f}"))
+                self.client.log_pong(self, rtt)
         self._report(self.life.pong(now, proto.answers is Answers.ANSWERING), rtt_ms=f"{rtts[-1] * 1000:.3f}")
 
     def _tick(self) -> None:
@@ -348,14 +342,9 @@ class Link:
         change, nxt = self.life.down(self.loop.time(), reason)
         self._report(change)
         if isinstance(nxt, GaveUp):
-            log.error("giving up on %s after %d failed reconnect attempt%s", self.target.label,
-                      nxt.attempts, "s" if nxt.attempts != 1 else "",
-                      extra=fields(peer=self.target.peer, peer_address=self.address, event="gave-up"))
-            self.client.link_gave_up(self)
+            self.client.link_gave_up(self, nxt)
             return
-        log.info("reconnecting to %s in %.2f s (attempt %d%s)", self.target.label, nxt.delay, nxt.attempt,
-                 f" of {nxt.limit}" if nxt.limit else "",
-                 extra=fields(peer=self.target.peer, peer_address=self.address, event="retry"))
+        self.client.log_retry(self, nxt)
         self._set_timer(nxt.at, self.connect)
 
     def _report(self, change: HealthChange | None, **extra: object) -> None:
@@ -535,7 +524,20 @@ class Client(Daemon):
         log.log(level, message if link.target.label in message else f"{link.target.label}: {message}",
                 extra=fields(peer=link.target.peer, peer_address=link.address, event=event))
 
-    def link_gave_up(self, link: Link) -> None:
+    def log_pong(self, link: Link, rtt: float) -> None:
+        log.log(self.pong_level, "pong from %s in %.1f ms", link.target.label, rtt * 1000,
+                extra=fields(peer=link.target.peer, peer_address=link.address, event="pong",
+                             rtt_ms=f"{rtt * 1000:.3f}"))
+
+    def log_retry(self, link: Link, nxt: Retry) -> None:
+        log.info("reconnecting to %s in %.2f s (attempt %d%s)", link.target.label, nxt.delay, nxt.attempt,
+                 f" of {nxt.limit}" if nxt.limit else "",
+                 extra=fields(peer=link.target.peer, peer_address=link.address, event="retry"))
+
+    def link_gave_up(self, link: Link, gave_up: GaveUp) -> None:
+        log.error("giving up on %s after %d failed reconnect attempt%s", link.target.label,
+                  gave_up.attempts, "s" if gave_up.attempts != 1 else "",
+                  extra=fields(peer=link.target.peer, peer_address=link.address, event="gave-up"))
         if all(lk.state is LinkState.GAVE_UP for lk in self.links):
             log.error("no server left to try; exiting (status %d)", EXIT_GAVE_UP)
             self.stop(EXIT_GAVE_UP)
