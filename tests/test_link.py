@@ -120,7 +120,7 @@ def test_status_says_what_is_happening() -> None:
 
 EVENTS = st.lists(
     st.tuples(
-        st.sampled_from(["attempt", "connected", "pong", "late_pong", "late", "down", "reload", "close"]),
+        st.sampled_from(["attempt", "connected", "pong", "late_pong", "late", "down", "reload", "redial", "close"]),
         st.floats(0.0, 5.0),
     ),
     max_size=60,
@@ -167,6 +167,11 @@ def test_any_order_of_events_keeps_the_invariants(events: list[tuple[str, float]
                     assert not limit or nxt.attempt <= limit
                 else:
                     assert life.state is LinkState.GAVE_UP and limit and life.retries >= limit
+            elif name == "redial":  # a reload renamed the client: reconnect at once, health as it was
+                health = life.health
+                assert life.redial(now) == now == life.retry_at
+                assert before is LinkState.UP and life.state is LinkState.WAITING and life.health is health
+                continue
             elif name == "reload":
                 life.retime(reconnect_delay=0.5, reconnect_max_delay=4.0, reconnect_attempts=limit, pong_timeout=1.0)
                 assert life.state is before
