@@ -20,10 +20,11 @@ from hbd.accept import ACCEPT_PAUSE, Acceptor
 from hbd.access import AllowList
 from hbd.config import ServerConfig, load_server_config
 from hbd.daemon import Daemon, StartError
+from hbd.connection import Connection
 from hbd.logs import fields, log
 from hbd.loop import Timer
 from hbd.names import listen_info
-from hbd.protocol import Hello, PeerState, ProtocolError, ServerPeer, StateChange, peer_timeout
+from hbd.protocol import Hello, PeerState, ServerPeer, StateChange, peer_timeout
 from hbd.wheel import DeadlineWheel
 
 if TYPE_CHECKING:
@@ -32,102 +33,8 @@ if TYPE_CHECKING:
     from hbd.workers import WorkerChannel
 
 ACCEPT_BATCH = 32  # accepts per loop turn: drains a reconnect storm, yet peers are served between batches
-MAX_OUTBUF = 64 * 1024  # a peer that pings but never reads its pongs is dropped past this
-RECV_SIZE = 4096
 WHEEL_RESOLUTION = 0.01  # verdicts come at most this late; the issue allows 100 ms, benchmarks 50
 STALLS_KEPT = 256  # recent stalls of our own loop remembered for forgiveness; older ones are forgotten
-
-
-class Connection:
-    __slots__ = ("addr", "outbuf", "peer", "server", "since", "slot", "sock", "timer")
-    # Errors that mean "try again later"; an except clause is evaluated only when something is
-    # raised, so the TLS subclass can widen this at no cost to the plain path.
-    BLOCKING: tuple[type[BaseException], ...] = (BlockingIOError, InterruptedError)
-
-    def __init__(self, server: Server, sock: socket.socket, addr: str, now: float) -> None:
-        self.server = server
-        self.sock = sock
-        self.addr = addr
-        self.since = now
-        self.peer = ServerPeer(now, server.config.heartbeat_timeout)
-        self.outbuf = b""
-        self.timer: Timer | None = None  # only for the TLS handshake timeout
-        self.slot = -1  # the deadline-wheel slot this connection is filed under; -1: none
-
-    @property
-    def label(self) -> str:
-        name = self.peer.name
-        return f"{name} ({self.addr})" if name else self.addr
-
-    def on_read(self) -> None:
-        try:
-            data = self.sock.recv(RECV_SIZE)
-        except self.BLOCKING:
-            return
-        except OSError as exc:
-            self.server.drop(self, f"connection error: {exc.strerror or exc}", logging.WARNING)
-            return
-        self.received(data)
-
-    def received(self, data: bytes) -> None:
-        """Bytes from the peer (b"" at end of file), after any TLS layer."""
-        if not data:
-            self.server.drop(self, "disconnected", logging.INFO)
-            return
-        peer = self.peer
-        try:
-            reply = peer.feed(data, self.server.clock())
-        except ProtocolError as exc:
-            self.server.reject(self, str(exc))
-            return
-        if peer.events:  # before the reply: a send that finds the peer gone reports its end after this
-            self.server.on_events(self)
-        if reply:
-            self.send(reply)
-
-    def send(self, data: bytes) -> None:
-        if self.outbuf:
-            if len(self.outbuf) + len(data) > MAX_OUTBUF:
-                self.server.reject(self, f"does not read its pongs ({len(self.outbuf)} bytes queued)")
-                return
-            self.outbuf += data
-            return
-        try:
-            sent = self.sock.send(data)
-        except self.BLOCKING:
-            sent = 0
-        except OSError as exc:
-            self.server.drop(self, f"connection error: {exc.strerror or exc}", logging.WARNING)
-            return
-        if sent < len(data):
-            self.outbuf = data[sent:]
-            self.server.loop.add_writer(self.sock, self.on_write)
-
-    def on_write(self) -> None:
-        try:
-            sent = self.sock.send(self.outbuf)
-        except self.BLOCKING:
-            return
-        except OSError as exc:
-            self.server.drop(self, f"connection error: {exc.strerror or exc}", logging.WARNING)
-            return
-        self.outbuf = self.outbuf[sent:]
-        if not self.outbuf:
-            self.server.loop.remove_writer(self.sock)
-
-    def arm(self, forgiven: float = 0.0) -> None:
-        """(Re)file the connection under its next deadline. A connection stays filed once: if its
-        filing is due no later than the new deadline it stays (the wheel re-files it lazily then, as
-        after a ping), else it is moved; so no sequence of messages can pile up entries."""
-        server = self.server
-        # Never at or before now: the rules are strict (silent for MORE than the timeout), so a
-        # check exactly at the deadline changes nothing and must not be re-filed for the same instant.
-        when = max(self.peer.next_deadline() + forgiven, server.clock() + WHEEL_RESOLUTION)
-        if self.slot != -1:
-            if server.wheel.tick(when) >= self.slot:
-                return
-            server.wheel.discard(self.slot, self)
-        self.slot = server.file(self, when)
 
 
 class Server(Daemon):
@@ -307,19 +214,38 @@ class Server(Daemon):
     def _add(self, sock: socket.socket, addr: str) -> None:
         sock.setblocking(False)
         self.stats["accepted"] += 1
+        timeout = self.config.heartbeat_timeout
         if self.tls_context is not None:
             from hbd.server_tls import TLSConnection
 
-            tconn = TLSConnection(self, sock, addr, self.clock())
-            self.conns[sock.fileno()] = tconn
-            tconn.start()  # logs "connected" once the handshake is done
-            return
-        conn = Connection(self, sock, addr, self.clock())
+            assert self.config.tls is not None
+            conn: Connection = TLSConnection(self, sock, addr, self.clock(), timeout, self.tls_context,
+                                             self.config.tls.handshake_timeout)
+        else:
+            conn = Connection(self, sock, addr, self.clock(), timeout)
         self.conns[sock.fileno()] = conn
-        self.loop.add_reader(sock, conn.on_read)
-        conn.arm()
-        self._peer_log(logging.INFO, addr.rsplit(":", 1)[0], "client %s connected", addr, event="connected",
-                       peer=addr)
+        conn.start()  # calls connected() once the link is usable (TLS: after the handshake)
+
+    # -- the connections' owner (hbd.connection.Owner) -------------------------------------------------
+    def is_open(self, conn: Connection) -> bool:
+        return self.conns.get(conn.sock.fileno()) is conn
+
+    def connected(self, conn: Connection, how: str) -> None:
+        self._peer_log(logging.INFO, conn.source, "client %s connected%s", conn.addr, how, event="connected",
+                       peer=conn.addr)
+
+    def arm(self, conn: Connection, forgiven: float = 0.0) -> None:
+        """(Re)file the connection under its next deadline. A connection stays filed once: if its
+        filing is due no later than the new deadline it stays (the wheel re-files it lazily then, as
+        after a ping), else it is moved; so no sequence of messages can pile up entries."""
+        # Never at or before now: the rules are strict (silent for MORE than the timeout), so a
+        # check exactly at the deadline changes nothing and must not be re-filed for the same instant.
+        when = max(conn.peer.next_deadline() + forgiven, self.clock() + WHEEL_RESOLUTION)
+        if conn.slot != -1:
+            if self.wheel.tick(when) >= conn.slot:
+                return
+            self.wheel.discard(conn.slot, conn)
+        conn.slot = self.file(conn, when)
 
     # -- deadlines -------------------------------------------------------------------------------------
     def file(self, conn: Connection, when: float) -> int:
@@ -478,7 +404,7 @@ class Server(Daemon):
                 conn = self.conns.get(fileobj.fileno())  # type: ignore[attr-defined]
             except (OSError, ValueError):  # already closed
                 conn = None
-        if isinstance(conn, Connection) and conn.server is self and self.conns.get(conn.sock.fileno()) is conn:
+        if isinstance(conn, Connection) and conn.owner is self and self.is_open(conn):
             self.stats["rejected"] += 1
             if conn.peer.pings:
                 self._report(conn, "down", conn.peer.state, "internal error")
