@@ -30,7 +30,7 @@ from hbd.wheel import DeadlineWheel
 if TYPE_CHECKING:
     import ssl
 
-    from hbd.workers import WorkerChannel
+    from hbd.workers_codec import WorkerChannel
 
 ACCEPT_BATCH = 32  # accepts per loop turn: drains a reconnect storm, yet peers are served between batches
 WHEEL_RESOLUTION = 0.01  # verdicts come at most this late; the issue allows 100 ms, benchmarks 50

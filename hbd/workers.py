@@ -31,10 +31,11 @@ from collections.abc import Callable
 
 from hbd.config import ServerConfig, load_server_config
 from hbd.daemon import LOOP_SIGNALS, Daemon, StartError
-from hbd.entry import catch_signals, take_hup
+from hbd.early import catch_signals, take_hup
 from hbd.logs import Logging, fields, log
 from hbd.names import listen_info
 from hbd.notify import Notifier
+from hbd.workers_codec import PipeLogHandler, WorkerChannel
 
 READY_TIMEOUT = 10.0  # a worker that does not listen within this is a start-up failure
 HANG_AFTER = 10.0  # a worker silent this long (it reports every second) is killed and restarted
@@ -45,33 +46,6 @@ RELOAD_TIMEOUT = 5.0  # how long a requested reload waits for the workers' outco
 # handles them (Daemon.run unblocks them): until then the worker still has the supervisor's handlers, whose
 # wakeup fd is the supervisor's (a SIGHUP meant for the worker would reload the supervisor). A signal sent
 # meanwhile stays pending and reaches the worker's own handler.
-
-
-class WorkerChannel:
-    """The worker's end of the pipe. Writes never block: if the supervisor is not reading, the
-    line is dropped (the worker's own terminal/journald output still has it)."""
-
-    def __init__(self, fd: int, index: int = 0) -> None:
-        self.fd = fd
-        self.index = index  # which worker this is (its status socket is <control_socket>.<index>)
-        os.set_blocking(fd, False)
-
-    def send(self, line: str) -> None:
-        try:
-            os.write(self.fd, (line.replace("\n", " ") + "\n").encode("utf-8", "replace"))
-        except (BlockingIOError, BrokenPipeError):
-            pass
-
-
-class PipeLogHandler(logging.Handler):
-    """In a worker: warnings and errors go up the pipe for the supervisor's log file."""
-
-    def __init__(self, channel: WorkerChannel) -> None:
-        super().__init__(logging.WARNING)
-        self.channel = channel
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.channel.send(f"L{record.levelno} {record.getMessage()}")
 
 
 class Worker:
