@@ -23,7 +23,7 @@ from hbd.daemon import Daemon, StartError
 from hbd.connection import Connection
 from hbd.logs import fields, log
 from hbd.loop import Timer
-from hbd.names import listen_info
+from hbd.names import bind_tcp
 from hbd.protocol import Hello, PeerState, ServerPeer, StateChange, peer_timeout
 from hbd.wheel import DeadlineWheel
 
@@ -103,7 +103,7 @@ class Server(Daemon):
         tls_context, allow = self._security(new)  # new certificates are read on every reload
         listener = None
         if (new.host, new.port) != (old.host, old.port) or new.backlog != old.backlog:
-            listener = self._bind(new)  # may raise StartError: the old listener keeps serving
+            listener = self._bind(new)  # may raise BindError: the old listener keeps serving
 
         def commit() -> None:
             self._commit_security(tls_context, allow)
@@ -167,22 +167,7 @@ class Server(Daemon):
 
     # -- listener ------------------------------------------------------------------------------------
     def _bind(self, cfg: ServerConfig) -> socket.socket:
-        try:
-            family, _, _, _, addr = listen_info(cfg.host, cfg.port)  # a host name: bounded wait
-            sock = socket.socket(family, socket.SOCK_STREAM)
-        except OSError as exc:
-            raise StartError(f"cannot resolve listen address {cfg.host}:{cfg.port}: {exc.strerror or exc}") from None
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if self.reuse_port:  # workers share the port; the kernel spreads connections
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind(addr)
-            sock.listen(cfg.backlog)
-            sock.setblocking(False)
-        except OSError as exc:
-            sock.close()
-            raise StartError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}") from None
-        return sock
+        return bind_tcp(cfg.host, cfg.port, cfg.backlog, reuse_port=self.reuse_port)  # raises BindError
 
     def _acceptor(self, listener: socket.socket) -> Acceptor:
         return Acceptor(self.loop, listener, self.on_accept, self._accept_failed, batch=ACCEPT_BATCH)

@@ -25,7 +25,6 @@ import logging
 import os
 import select
 import signal
-import socket
 import time
 from collections.abc import Callable
 
@@ -33,7 +32,7 @@ from hbd.config import ServerConfig, load_server_config
 from hbd.daemon import LOOP_SIGNALS, Daemon, StartError
 from hbd.early import catch_signals, take_hup
 from hbd.logs import Logging, fields, log
-from hbd.names import listen_info
+from hbd.names import bind_tcp
 from hbd.notify import Notifier
 from hbd.workers_codec import PipeLogHandler, WorkerChannel
 
@@ -299,15 +298,8 @@ def _run_worker(sup: Supervisor, config: ServerConfig, index: int, wfd: int) -> 
 
 
 def check_bind(cfg: ServerConfig) -> None:
-    """Fail fast with a clear error if the workers could not listen on host:port."""
-    try:
-        family, stype, proto, _, addr = listen_info(cfg.host, cfg.port)  # a host name: bounded wait
-        with socket.socket(family, stype, proto) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            s.bind(addr)
-    except OSError as exc:
-        raise StartError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}") from None
+    """Fail fast with a clear error (BindError) if the workers could not listen on host:port."""
+    bind_tcp(cfg.host, cfg.port, None, reuse_port=True).close()
 
 
 def _kill(pid: int, sig: int) -> None:
