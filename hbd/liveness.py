@@ -80,9 +80,9 @@ class Liveness:
                             self.loop.report_error(conn.sock, self.check, exc)
         finally:
             self._in_wheel = False
-        when = self.wheel.next_time()
-        if when is not None:
-            self._timer = self.loop.call_at(when, self._on_wheel)
+        due = self.wheel.next_time()
+        if due is not None:
+            self._timer = self.loop.call_at(due, self._on_wheel)
 
     def check(self, conn: Connection) -> None:
         """The connection's deadline came: apply the silence rule."""

@@ -9,8 +9,7 @@ server keeps the registry of connections and decides admission, closing and what
 
 from __future__ import annotations
 
-import json
-import logging
+import dataclasses
 import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -26,6 +25,7 @@ from hbd.liveness import WHEEL_RESOLUTION, Liveness  # noqa: F401 (WHEEL_RESOLUT
 from hbd.logs import fields, log
 from hbd.protocol import Hello, PeerState, ServerPeer, StateChange, peer_timeout
 from hbd.server_report import ServerReport
+from hbd.workers_codec import Numbers, Ready, Reloaded, Status
 
 if TYPE_CHECKING:
     import ssl
@@ -57,6 +57,8 @@ class Server(Daemon):
 
     # -- Daemon hooks --------------------------------------------------------------------------------
     def load(self) -> ServerConfig:
+        if self.worker is not None and self.worker.config is not None:  # validated by the supervisor
+            return dataclasses.replace(self.worker.config, log_file=None)  # the supervisor writes the file
         return load_server_config(self.config.path, self.overrides)
 
     def start(self) -> None:
@@ -73,7 +75,8 @@ class Server(Daemon):
             f", allow {len(self.allow.nets)} network{'s' if len(self.allow.nets) != 1 else ''}" if self.allow else "",
         )
         if self.worker is not None:
-            self.worker.send("R")
+            self.worker.attach(self.loop, self.reload)  # the supervisor's Reload(config)
+            self.worker.send(Ready())
 
     @property
     def max_clients(self) -> int:
@@ -83,12 +86,12 @@ class Server(Daemon):
 
     def on_reloaded(self, errors: list[str]) -> None:
         if self.worker is not None:  # the supervisor's answer to `hbd reload` waits for this
-            self.worker.send("H ok" if not errors else f"H failed {errors[0]}")
+            self.worker.send(Reloaded(errors[0] if errors else None))
 
     def on_status_tick(self) -> None:
         if self.worker is not None:
-            self.worker.send(f"S {len(self.conns)} {self.late}")
-            self.worker.send("M " + json.dumps(metrics.server_numbers(self.ops)))
+            self.worker.send(Status(len(self.conns), self.late))
+            self.worker.send(Numbers(metrics.server_numbers(self.ops)))
 
     def prepare(self, new: ServerConfig) -> Callable[[], None]:
         old = self.config

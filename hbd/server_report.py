@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from hbd.connection import Connection
 from hbd.logs import PeerLog, fields, log
@@ -56,7 +57,7 @@ class ServerReport:
         if change.new is PeerState.LATE:
             self.late += 1
         source = conn.source
-        kw = {"event": change.new.value.lower(), "peer": conn.addr, "name": conn.peer.name,
+        kw: dict[str, Any] = {"event": change.new.value.lower(), "peer": conn.addr, "name": conn.peer.name,
               "silent_ms": round(change.silent_for * 1000)}
         if change.old is PeerState.NEW and change.new is PeerState.DEAD:
             # Never pinged (a port scan, a client that is not hbd): not a peer we ever reported, so

@@ -44,7 +44,7 @@ class Owner:
     def drop(self, conn: Connection, reason: str, level: int) -> None:
         self.closed.append(conn)
 
-    reject = tls_failed = lambda self, conn, reason: self.closed.append(conn)  # noqa: E731
+    reject = tls_failed = lambda self, conn, reason: self.closed.append(conn)
 
 
 def run_until(loop: EventLoop, clock: FakeClock, t: float) -> None:
