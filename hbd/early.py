@@ -14,8 +14,12 @@ import signal
 # Signals that mean nothing to hbd (or nothing before the loop runs) but would kill it by default.
 # They are caught with a Python handler, not SIG_IGN: an exec'd hook then gets the default back.
 STRAY_SIGNALS = tuple(
-    s for s in (getattr(signal, n, None) for n in ("SIGUSR1", "SIGUSR2", "SIGALRM", "SIGVTALRM", "SIGPROF",
-                                                    "SIGIO", "SIGPWR", "SIGSTKFLT")) if s is not None
+    s
+    for s in (
+        getattr(signal, n, None)
+        for n in ("SIGUSR1", "SIGUSR2", "SIGALRM", "SIGVTALRM", "SIGPROF", "SIGIO", "SIGPWR", "SIGSTKFLT")
+    )
+    if s is not None
 )
 
 _hup_pending = False

@@ -16,8 +16,14 @@ ACCEPT_BATCH = 32  # accepts per loop turn: drains a reconnect storm, yet peers 
 
 
 class Listener:
-    def __init__(self, loop: EventLoop, on_accept: Callable[[socket.socket, Any], None],
-                 clients: Callable[[], int], *, reuse_port: bool = False) -> None:
+    def __init__(
+        self,
+        loop: EventLoop,
+        on_accept: Callable[[socket.socket, Any], None],
+        clients: Callable[[], int],
+        *,
+        reuse_port: bool = False,
+    ) -> None:
         self.loop = loop
         self.on_accept = on_accept
         self.clients = clients  # how many are connected, for the line about pausing accepts
@@ -40,7 +46,10 @@ class Listener:
     def _accept_failed(self, exc: OSError) -> None:
         log.error(
             "cannot accept new clients: %s (%d connected); pausing accepts for %g s",
-            exc.strerror, self.clients(), ACCEPT_PAUSE, extra=fields(event="accept-error"),
+            exc.strerror,
+            self.clients(),
+            ACCEPT_PAUSE,
+            extra=fields(event="accept-error"),
         )
 
     def close(self) -> None:

@@ -25,8 +25,12 @@ class Liveness:
     """``on_verdict(conn, change)`` hears every state change a deadline decides; after a DEAD one
     the connection is no longer filed (the owner closes it). ``is_open(conn)``: still held."""
 
-    def __init__(self, loop: EventLoop, on_verdict: Callable[[Connection, StateChange], None],
-                 is_open: Callable[[Connection], bool]) -> None:
+    def __init__(
+        self,
+        loop: EventLoop,
+        on_verdict: Callable[[Connection, StateChange], None],
+        is_open: Callable[[Connection], bool],
+    ) -> None:
         self.loop = loop
         self.clock = loop.clock
         self.on_verdict = on_verdict
@@ -124,6 +128,7 @@ class Liveness:
         """The loop woke late (a stall callback): deadlines that fell in the stall are forgiven."""
         self._stalls.append((planned, woke))
         log.warning(
-            "event loop stalled for %.3f s; extending client deadlines by that much", woke - planned,
+            "event loop stalled for %.3f s; extending client deadlines by that much",
+            woke - planned,
             extra=fields(event="stall", lag_ms=round((woke - planned) * 1000)),
         )

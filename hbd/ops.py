@@ -21,9 +21,9 @@ from typing import Any
 
 from hbd import metrics, status
 from hbd.control import BindError, Reply, RequestServer, UnixListener
-from hbd.names import bind_tcp
 from hbd.hooks import HookRunner
 from hbd.logs import fields, log
+from hbd.names import bind_tcp
 
 RECENT = 50  # state changes kept for the status reply
 

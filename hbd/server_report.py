@@ -30,25 +30,40 @@ class ServerReport:
     # -- admission ----------------------------------------------------------------------------------
     def denied(self, host: str, port: int) -> None:
         self.stats["denied"] += 1
-        self._peer_log(logging.WARNING, host, "denied %s:%d: not in the allow list", host, port,
-                       event="denied", peer=f"{host}:{port}")
+        self._peer_log(
+            logging.WARNING,
+            host,
+            "denied %s:%d: not in the allow list",
+            host,
+            port,
+            event="denied",
+            peer=f"{host}:{port}",
+        )
 
     def refused(self, host: str, port: int, max_clients: int) -> None:
         self.stats["refused"] += 1
-        self._peer_log(logging.WARNING, host, "refused %s:%d: max_clients (%d) reached", host, port, max_clients,
-                       event="refused")
+        self._peer_log(
+            logging.WARNING, host, "refused %s:%d: max_clients (%d) reached", host, port, max_clients, event="refused"
+        )
 
     def connected(self, conn: Connection, how: str) -> None:
-        self._peer_log(logging.INFO, conn.source, "client %s connected%s", conn.addr, how, event="connected",
-                       peer=conn.addr)
+        self._peer_log(
+            logging.INFO, conn.source, "client %s connected%s", conn.addr, how, event="connected", peer=conn.addr
+        )
 
     # -- what peers do --------------------------------------------------------------------------------
     def hello(self, conn: Connection, ev: Hello, cap: float) -> None:
         self._peer_log(
-            logging.INFO, conn.source, "client %s is %s%s%s", conn.addr, ev.name,
+            logging.INFO,
+            conn.source,
+            "client %s is %s%s%s",
+            conn.addr,
+            ev.name,
             f" (interval {ev.interval:g} s)" if ev.interval else "",
             f" (counted as max_interval {cap:g} s)" if ev.interval and ev.interval > cap else "",
-            event="hello", peer=conn.addr, name=ev.name,
+            event="hello",
+            peer=conn.addr,
+            name=ev.name,
         )
 
     def changed(self, conn: Connection, change: StateChange) -> None:
@@ -57,27 +72,44 @@ class ServerReport:
         if change.new is PeerState.LATE:
             self.late += 1
         source = conn.source
-        kw: dict[str, Any] = {"event": change.new.value.lower(), "peer": conn.addr, "name": conn.peer.name,
-              "silent_ms": round(change.silent_for * 1000)}
+        kw: dict[str, Any] = {
+            "event": change.new.value.lower(),
+            "peer": conn.addr,
+            "name": conn.peer.name,
+            "silent_ms": round(change.silent_for * 1000),
+        }
         if change.old is PeerState.NEW and change.new is PeerState.DEAD:
             # Never pinged (a port scan, a client that is not hbd): not a peer we ever reported, so
             # its end is no warning, no state change and no hook; the line is rate-limited.
-            self._peer_log(logging.INFO, source, "closing client %s: no ping within %g s", conn.label,
-                           conn.peer.timeout, **{**kw, "event": "no-ping"})
+            self._peer_log(
+                logging.INFO,
+                source,
+                "closing client %s: no ping within %g s",
+                conn.label,
+                conn.peer.timeout,
+                **{**kw, "event": "no-ping"},
+            )
             return
         if change.new is PeerState.DEAD:
             self._peer_log(
-                logging.WARNING, source, "client %s timed out: silent for %.3f s (heartbeat_timeout %g s); closing",
-                conn.label, change.silent_for, conn.peer.timeout, **kw,
+                logging.WARNING,
+                source,
+                "client %s timed out: silent for %.3f s (heartbeat_timeout %g s); closing",
+                conn.label,
+                change.silent_for,
+                conn.peer.timeout,
+                **kw,
             )
         elif change.new is PeerState.LATE:
-            self._peer_log(logging.WARNING, source, "client %s is late: silent for %.3f s",
-                           conn.label, change.silent_for, **kw)
+            self._peer_log(
+                logging.WARNING, source, "client %s is late: silent for %.3f s", conn.label, change.silent_for, **kw
+            )
         elif change.old is PeerState.NEW:
             log.debug("client %s is up: first ping", conn.label, extra=fields(**kw, peer_address=conn.addr))
         else:
-            self._peer_log(logging.INFO, source, "client %s is back: ping after %.3f s",
-                           conn.label, change.silent_for, **kw)
+            self._peer_log(
+                logging.INFO, source, "client %s is back: ping after %.3f s", conn.label, change.silent_for, **kw
+            )
         if change.new is PeerState.DEAD:
             event, reason = "down", "timeout"
         elif change.new is PeerState.LATE:
@@ -92,19 +124,41 @@ class ServerReport:
         """It broke the protocol."""
         self.stats["rejected"] += 1
         self.down(conn, "protocol error")
-        self._peer_log(logging.WARNING, conn.source, "closing client %s: %s", conn.label, reason,
-                       event="protocol-error", peer=conn.addr)
+        self._peer_log(
+            logging.WARNING,
+            conn.source,
+            "closing client %s: %s",
+            conn.label,
+            reason,
+            event="protocol-error",
+            peer=conn.addr,
+        )
 
     def dropped(self, conn: Connection, reason: str, level: int) -> None:
-        self._peer_log(level, conn.source, "client %s %s", conn.label, reason,
-                       event="disconnected", peer=conn.addr, name=conn.peer.name)
+        self._peer_log(
+            level,
+            conn.source,
+            "client %s %s",
+            conn.label,
+            reason,
+            event="disconnected",
+            peer=conn.addr,
+            name=conn.peer.name,
+        )
         self.down(conn, reason)
 
     def tls_failed(self, conn: Connection, reason: str) -> None:
         self.stats["tls_failed"] += 1
         self.down(conn, f"TLS error: {reason}")  # the TLS layer failed on a link that was up
-        self._peer_log(logging.WARNING, conn.source, "TLS handshake with %s failed: %s", conn.label, reason,
-                       event="tls-failed", peer=conn.addr)
+        self._peer_log(
+            logging.WARNING,
+            conn.source,
+            "TLS handshake with %s failed: %s",
+            conn.label,
+            reason,
+            event="tls-failed",
+            peer=conn.addr,
+        )
 
     def failed(self, conn: Connection) -> None:
         """An unexpected error while serving it (a bug, contained to that connection)."""
@@ -123,11 +177,37 @@ class ServerReport:
 
     def _report(self, conn: Connection, event: str, old: PeerState, reason: str, **extra: object) -> None:
         """A state change for the status socket, metrics and on_change hooks."""
-        self.event(event, conn.peer.name or conn.addr, conn.addr, name=conn.peer.name,
-                   previous=old.value.lower(), reason=reason, standing=self.clock() - conn.since, **extra)
+        self.event(
+            event,
+            conn.peer.name or conn.addr,
+            conn.addr,
+            name=conn.peer.name,
+            previous=old.value.lower(),
+            reason=reason,
+            standing=self.clock() - conn.since,
+            **extra,
+        )
 
-    def _peer_log(self, level: int, source: str, msg: str, *args: object, event: str, peer: str = "",
-                  name: str | None = None, **more: object) -> None:
+    def _peer_log(
+        self,
+        level: int,
+        source: str,
+        msg: str,
+        *args: object,
+        event: str,
+        peer: str = "",
+        name: str | None = None,
+        **more: object,
+    ) -> None:
         """A line a peer can cause: rate-limited per source address and kind, per kind, and in total."""
-        self.peer_log.log(level, source, msg, *args, event=event, peer=name or peer or source,
-                          peer_address=peer or source, stacklevel=3, **more)  # call site: our caller
+        self.peer_log.log(
+            level,
+            source,
+            msg,
+            *args,
+            event=event,
+            peer=name or peer or source,
+            peer_address=peer or source,
+            stacklevel=3,
+            **more,
+        )  # call site: our caller

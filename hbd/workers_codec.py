@@ -84,8 +84,9 @@ def encode(msg: Message) -> bytes:
     if isinstance(msg, Reload):
         kind, payload = DOWN_KINDS[Reload], pickle.dumps(msg.config, protocol=pickle.HIGHEST_PROTOCOL)
     else:
-        fields = {"values": msg.values} if isinstance(msg, Numbers) else {
-            k: getattr(msg, k) for k in type(msg).__slots__}  # type: ignore[union-attr]
+        fields = (
+            {"values": msg.values} if isinstance(msg, Numbers) else {k: getattr(msg, k) for k in type(msg).__slots__}
+        )
         kind, payload = UP_KINDS[type(msg)], json.dumps(fields).encode()
     if len(payload) > MAX_FRAME:
         raise CodecError(f"{type(msg).__name__}: {len(payload)} bytes is more than a frame holds ({MAX_FRAME})")
@@ -111,7 +112,7 @@ class Decoder:
                 raise CodecError(f"not a frame: kind {kind}, {size} bytes")
             if len(buf) < HEADER.size + size:
                 break
-            payload, buf = buf[HEADER.size:HEADER.size + size], buf[HEADER.size + size:]
+            payload, buf = buf[HEADER.size : HEADER.size + size], buf[HEADER.size + size :]
             out.append(self._message(cls, payload))
         self.buf = buf
         return out
@@ -125,7 +126,7 @@ class Decoder:
             msg = cls(**fields)
         except (ValueError, TypeError) as exc:
             raise CodecError(f"bad {cls.__name__} frame: {exc}") from None
-        return msg  # type: ignore[no-any-return]
+        return msg
 
 
 class WorkerChannel:

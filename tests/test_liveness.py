@@ -92,7 +92,10 @@ def test_a_stall_of_our_own_is_forgiven() -> None:
         loop.run_once(0)
         assert PeerState.DEAD not in [v[1] for v in owner.verdicts]  # not killed for our own stall
         run_until(loop, clock, 20.0)
-        assert owner.verdicts[-1][1] is PeerState.DEAD and 5.0 + 4.0 <= owner.verdicts[-1][0] <= 9.0 + WHEEL_RESOLUTION + 1e-9
+        assert (
+            owner.verdicts[-1][1] is PeerState.DEAD
+            and 5.0 + 4.0 <= owner.verdicts[-1][0] <= 9.0 + WHEEL_RESOLUTION + 1e-9
+        )
     finally:
         a.close()
         b.close()

@@ -23,15 +23,21 @@ from hbd.workers_codec import (
     encode,
 )
 
-UP = [Ready(), Status(12, 3), Numbers({"clients": 12, "pings": 40}), LogLine(30, "client x timed out ünï"),
-      Reloaded(None), Reloaded("tls: cannot load the certificate files")]
+UP = [
+    Ready(),
+    Status(12, 3),
+    Numbers({"clients": 12, "pings": 40}),
+    LogLine(30, "client x timed out ünï"),
+    Reloaded(None),
+    Reloaded("tls: cannot load the certificate files"),
+]
 
 
 def test_every_message_round_trips_even_one_byte_at_a_time() -> None:
     data = b"".join(encode(m) for m in UP)
     assert Decoder().feed(data) == UP
     dec = Decoder()
-    got = [m for i in range(len(data)) for m in dec.feed(data[i:i + 1])]
+    got = [m for i in range(len(data)) for m in dec.feed(data[i : i + 1])]
     assert got == UP and dec.buf == b""
 
 
