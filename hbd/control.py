@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator
 from hbd.accept import ACCEPT_PAUSE, Acceptor
 from hbd.logs import fields, log
 from hbd.loop import EventLoop, Timer
-from hbd.names import listen_info
+from hbd.names import BindError
 
 Reply = Iterator[bytes | None]
 Handler = Callable[[bytes, Callable[[], None]], Reply]
@@ -48,10 +48,6 @@ STALLED_REPLY = 1.0  # a full table evicts a reply that has made no progress for
 LOG_EVERY = 10.0  # lines about slow or evicted peers: at most one per this many seconds
 ACCEPT_BATCH = 16
 SOCKET_MODE = 0o660
-
-
-class BindError(Exception):
-    """A listening socket cannot be set up; the message says why."""
 
 
 class _Conn:
@@ -341,22 +337,6 @@ def _answers(path: str) -> bool:
         except OSError as exc:
             raise BindError(f"cannot check whether {path} is in use: {exc.strerror or exc}") from None
         return True
-
-
-def bind_tcp(host: str, port: int, backlog: int = 16) -> socket.socket:
-    try:
-        family, stype, proto, _, addr = listen_info(host, port)  # a host name: bounded wait
-        sock = socket.socket(family, stype, proto)
-    except OSError as exc:
-        raise BindError(f"cannot resolve {host}:{port}: {exc.strerror or exc}") from None
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(addr)
-        sock.listen(backlog)
-    except OSError as exc:
-        sock.close()
-        raise BindError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    return sock
 
 
 # -- the client side (``hbd status``, ``hbd reload``) -------------------------------------------------

@@ -12,7 +12,7 @@ from typing import Any
 
 from hbd.config import ConfigError
 from hbd.control import BindError
-from hbd.entry import STRAY_SIGNALS, take_hup
+from hbd.early import STRAY_SIGNALS, take_hup
 from hbd.logs import Logging, LogSetupError, PeerLog, log
 from hbd.loop import EventLoop
 from hbd.notify import Notifier

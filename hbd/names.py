@@ -1,4 +1,5 @@
-"""Listen addresses (the server's port, the metrics endpoint) resolved in bounded time.
+"""Listen addresses (the server's port, the metrics endpoint) resolved in bounded time, and the one
+helper that binds a TCP listener to them.
 
 An IP address needs no lookup. A host name is looked up on a short-lived thread that the caller
 waits for at most RESOLVE_TIMEOUT: a reload runs on the event loop, and a DNS server that does not
@@ -17,6 +18,33 @@ MAX_PENDING = 4  # lookups still running in the background (a DNS that hangs): r
 
 _pending = 0
 _lock = threading.Lock()
+
+
+class BindError(Exception):
+    """A listening socket cannot be set up; the message says why."""
+
+
+def bind_tcp(host: str, port: int, backlog: int | None = 16, *, reuse_port: bool = False) -> socket.socket:
+    """A non-blocking TCP socket bound to ``host``:``port`` and listening (``backlog`` None: bound
+    only, to check that the address can be had). ``reuse_port``: several processes share the port
+    (the workers) and the kernel spreads the connections over them. Raises BindError."""
+    try:
+        family, stype, proto, _, addr = listen_info(host, port)  # a host name: bounded wait
+        sock = socket.socket(family, stype, proto)
+    except OSError as exc:
+        raise BindError(f"cannot resolve listen address {host}:{port}: {exc.strerror or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(addr)
+        if backlog is not None:
+            sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise BindError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
 
 
 def listen_info(host: str, port: int, timeout: float = RESOLVE_TIMEOUT) -> tuple:

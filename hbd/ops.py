@@ -20,9 +20,10 @@ from collections.abc import Callable
 from typing import Any
 
 from hbd import metrics, status
-from hbd.control import BindError, Reply, RequestServer, UnixListener, bind_tcp
+from hbd.control import BindError, Reply, RequestServer, UnixListener
 from hbd.hooks import HookRunner
 from hbd.logs import fields, log
+from hbd.names import bind_tcp
 
 RECENT = 50  # state changes kept for the status reply
 

@@ -6,35 +6,45 @@ serves no clients; it owns what must exist once per service:
 
 - sd_notify: READY=1 only once every worker listens, STATUS= summed over the workers, WATCHDOG=1
   from its own loop. A worker that stops reporting (hung loop) is killed and restarted.
-- SIGHUP: the supervisor validates the new file first; only a valid file is passed on (SIGHUP to
-  each worker, which reloads itself). SIGTERM/SIGINT: stop every worker, then exit.
+- The configuration: the supervisor reads and validates the file; a worker starts with that
+  validated configuration and, on SIGHUP, is sent the new one (``Reload``): workers never read the
+  file, so they cannot end up on a different version of it. SIGTERM/SIGINT: stop every worker, then exit.
 - The error log file: workers send their warning and error lines up a pipe and the supervisor
   writes them, so one process rotates the file.
 
-Worker -> supervisor pipe, one line per message: ``R`` ready, ``S <clients> <late>`` status,
-``M <json>`` counters for the metrics, ``L<levelno> <message>`` a log line for the file,
-``H ok`` / ``H failed <reason>`` the outcome of a reload (the supervisor's ``hbd reload`` answer
-waits for every worker's, at most RELOAD_TIMEOUT).
+The messages (ready, status, counters, log lines, reload outcomes up; Reload down) are framed by
+hbd.workers_codec. The supervisor's ``hbd reload`` answer waits for every worker's outcome, at most
+RELOAD_TIMEOUT.
 """
-
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
 import os
 import select
 import signal
-import socket
 import time
 from collections.abc import Callable
 
 from hbd.config import ServerConfig, load_server_config
 from hbd.daemon import LOOP_SIGNALS, Daemon, StartError
-from hbd.entry import catch_signals, take_hup
+from hbd.early import catch_signals, take_hup
 from hbd.logs import Logging, fields, log
-from hbd.names import listen_info
+from hbd.names import bind_tcp
 from hbd.notify import Notifier
+from hbd.workers_codec import (
+    CodecError,
+    Decoder,
+    LogLine,
+    Message,
+    Numbers,
+    PipeLogHandler,
+    Ready,
+    Reload,
+    Reloaded,
+    Status,
+    WorkerChannel,
+    encode,
+)
 
 READY_TIMEOUT = 10.0  # a worker that does not listen within this is a start-up failure
 HANG_AFTER = 10.0  # a worker silent this long (it reports every second) is killed and restarted
@@ -47,41 +57,17 @@ RELOAD_TIMEOUT = 5.0  # how long a requested reload waits for the workers' outco
 # meanwhile stays pending and reaches the worker's own handler.
 
 
-class WorkerChannel:
-    """The worker's end of the pipe. Writes never block: if the supervisor is not reading, the
-    line is dropped (the worker's own terminal/journald output still has it)."""
-
-    def __init__(self, fd: int, index: int = 0) -> None:
-        self.fd = fd
-        self.index = index  # which worker this is (its status socket is <control_socket>.<index>)
-        os.set_blocking(fd, False)
-
-    def send(self, line: str) -> None:
-        try:
-            os.write(self.fd, (line.replace("\n", " ") + "\n").encode("utf-8", "replace"))
-        except (BlockingIOError, BrokenPipeError):
-            pass
-
-
-class PipeLogHandler(logging.Handler):
-    """In a worker: warnings and errors go up the pipe for the supervisor's log file."""
-
-    def __init__(self, channel: WorkerChannel) -> None:
-        super().__init__(logging.WARNING)
-        self.channel = channel
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.channel.send(f"L{record.levelno} {record.getMessage()}")
-
-
 class Worker:
-    __slots__ = ("buf", "clients", "index", "last_seen", "late", "numbers", "pid", "ready", "reload", "rfd")
+    __slots__ = ("clients", "decoder", "index", "last_seen", "late", "numbers", "outbuf", "pid", "ready", "reload",
+                 "rfd", "wfd")
 
-    def __init__(self, index: int, pid: int, rfd: int, now: float) -> None:
+    def __init__(self, index: int, pid: int, rfd: int, wfd: int, now: float) -> None:
         self.index = index
         self.pid = pid
-        self.rfd = rfd
-        self.buf = b""
+        self.rfd = rfd  # its messages to us
+        self.wfd = wfd  # ours to it (Reload)
+        self.outbuf = b""  # what the pipe to it did not take yet
+        self.decoder = Decoder()
         self.last_seen = now
         self.ready = False
         self.clients = 0
@@ -113,20 +99,25 @@ class Supervisor(Daemon):
         log.info("%d workers listening on %s:%d", len(self.workers), self.config.host, self.config.port)
 
     def _spawn(self, index: int, config: ServerConfig) -> None:
-        rfd, wfd = os.pipe()
+        """A worker serving the (validated) ``config``: it gets it from our memory, across the fork."""
+        rfd, up = os.pipe()
+        down, wfd = os.pipe()
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, LOOP_SIGNALS)
         pid = os.fork()
         if pid == 0:  # the worker
             os.close(rfd)
+            os.close(wfd)
             code = 70
             try:
-                code = _run_worker(self, config, index, wfd)
+                code = _run_worker(self, config, index, up, down)
             finally:
                 os._exit(code)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        os.close(wfd)
+        os.close(up)
+        os.close(down)
         os.set_blocking(rfd, False)
-        worker = Worker(index, pid, rfd, self.loop.time())
+        os.set_blocking(wfd, False)
+        worker = Worker(index, pid, rfd, wfd, self.loop.time())
         self.workers[pid] = worker
         self.loop.add_reader(rfd, lambda: self._on_pipe(worker))
 
@@ -179,7 +170,7 @@ class Supervisor(Daemon):
                 else:
                     w.reload = None
                     self._hupped.add(w.pid)
-                    _kill(w.pid, signal.SIGHUP)
+                    self._send(w, Reload(new))
             running = {w.index for w in by_index}
             for index in range(1, new.workers + 1):
                 if index not in running:
@@ -188,8 +179,9 @@ class Supervisor(Daemon):
         return commit
 
     def reload_verdict(self, errors: list[str], finished: Callable[[list[str]], None]) -> None:
-        """A valid file was passed on: the answer is the workers' (each validates it again, e.g. the
-        TLS files), collected from the pipe; a worker that dies or stays silent counts as a failure."""
+        """A valid configuration was passed on: the answer is the workers' (each applies it, e.g. loads
+        the TLS files and binds), collected from the pipe; a worker that dies or stays silent counts as a
+        failure."""
         if errors:
             finished(errors)
             return
@@ -222,28 +214,44 @@ class Supervisor(Daemon):
             self.loop.forget(w.rfd)
             return False
         w.last_seen = self.loop.time()
-        *lines, w.buf = (w.buf + data).split(b"\n")
-        if len(w.buf) > 65536:
-            w.buf = b""
-        for raw in lines:
-            line = raw.decode("utf-8", "replace")
-            if line == "R":
-                w.ready = True
-            elif line.startswith("S "):
-                parts = line.split()
-                if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
-                    w.clients, w.late = int(parts[1]), int(parts[2])
-            elif line.startswith("H "):
-                w.reload = "ok" if line == "H ok" else line.removeprefix("H failed ").strip() or "failed"
-            elif line.startswith("M "):
-                try:
-                    w.numbers = json.loads(line[2:])
-                except ValueError:
-                    pass
-            elif line.startswith("L") and " " in line:
-                level, message = line[1:].split(" ", 1)
-                self._to_file(w, int(level) if level.isdigit() else logging.ERROR, message)
+        try:
+            messages = w.decoder.feed(data)
+        except CodecError as exc:  # a bug (the other end is ours): say so, carry on with the next frames
+            log.error("worker %d: %s", w.index, exc)
+            return True
+        for msg in messages:
+            self._on_message(w, msg)
         return True
+
+    def _on_message(self, w: Worker, msg: Message) -> None:
+        if isinstance(msg, Ready):
+            w.ready = True
+        elif isinstance(msg, Status):
+            w.clients, w.late = msg.clients, msg.late
+        elif isinstance(msg, Reloaded):
+            w.reload = "ok" if msg.error is None else msg.error or "failed"
+        elif isinstance(msg, Numbers):
+            w.numbers = msg.values
+        elif isinstance(msg, LogLine):
+            self._to_file(w, msg.level, msg.message)
+
+    def _send(self, w: Worker, msg: Message) -> None:
+        """To a worker, never blocking: what its pipe does not take now is written when it can."""
+        w.outbuf += encode(msg)
+        self._flush(w)
+
+    def _flush(self, w: Worker) -> None:
+        try:
+            sent = os.write(w.wfd, w.outbuf) if w.outbuf else 0
+        except BlockingIOError:
+            sent = 0
+        except OSError:  # it is gone: _reap forgets it
+            sent, w.outbuf = 0, b""
+        w.outbuf = w.outbuf[sent:]
+        if w.outbuf:
+            self.loop.add_writer(w.wfd, lambda: self._flush(w))
+        else:
+            self.loop.remove_writer(w.wfd)
 
     def _to_file(self, w: Worker, level: int, message: str) -> None:
         handler = self.logs.file_handler
@@ -280,11 +288,12 @@ class Supervisor(Daemon):
 
     def _forget(self, w: Worker) -> None:
         self.workers.pop(w.pid, None)
-        self.loop.forget(w.rfd)
-        try:
-            os.close(w.rfd)
-        except OSError:
-            pass
+        for fd in (w.rfd, w.wfd):
+            self.loop.forget(fd)
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def status_text(self) -> str:
         clients = sum(w.clients for w in self.workers.values())
@@ -301,8 +310,9 @@ class Supervisor(Daemon):
                 _kill(w.pid, signal.SIGKILL)  # _reap restarts it
 
 
-def _run_worker(sup: Supervisor, config: ServerConfig, index: int, wfd: int) -> int:
-    """In the forked child (LOOP_SIGNALS blocked): drop the supervisor's loop and signal state, then serve."""
+def _run_worker(sup: Supervisor, config: ServerConfig, index: int, up: int, down: int) -> int:
+    """In the forked child (LOOP_SIGNALS blocked): drop the supervisor's loop and signal state, then serve
+    ``config``."""
     from hbd.server import Server
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
@@ -314,7 +324,8 @@ def _run_worker(sup: Supervisor, config: ServerConfig, index: int, wfd: int) -> 
     sup.ops.close_in_child()
     for w in sup.workers.values():
         os.close(w.rfd)
-    channel = WorkerChannel(wfd, index)
+        os.close(w.wfd)
+    channel = WorkerChannel(up, index, config, rfd=down)
     logs = Logging(f"hbd-server/{index}", journald=sup.logs.journald)
     server = Server(
         dataclasses.replace(config, log_file=None), notifier=Notifier({}), logs=logs,
@@ -325,15 +336,8 @@ def _run_worker(sup: Supervisor, config: ServerConfig, index: int, wfd: int) -> 
 
 
 def check_bind(cfg: ServerConfig) -> None:
-    """Fail fast with a clear error if the workers could not listen on host:port."""
-    try:
-        family, stype, proto, _, addr = listen_info(cfg.host, cfg.port)  # a host name: bounded wait
-        with socket.socket(family, stype, proto) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            s.bind(addr)
-    except OSError as exc:
-        raise StartError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}") from None
+    """Fail fast with a clear error (BindError) if the workers could not listen on host:port."""
+    bind_tcp(cfg.host, cfg.port, None, reuse_port=True).close()
 
 
 def _kill(pid: int, sig: int) -> None:

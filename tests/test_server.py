@@ -212,7 +212,7 @@ def virtual_server(vclock, vloop):
 def _pair(srv) -> tuple:
     a, b = socket.socketpair()
     b.setblocking(False)
-    srv._add(a, f"127.0.0.1:{a.fileno()}")
+    srv.on_accept(a, ("127.0.0.1", a.fileno()))
     return srv.conns[a.fileno()], b
 
 
@@ -247,7 +247,7 @@ def test_greeting_churn_keeps_one_wheel_entry_per_connection(virtual_server) -> 
             srv.loop.run_once(0)
             for _, b in pairs:
                 _drain(b)
-            wheel = srv.wheel
+            wheel = srv.liveness.wheel
             assert len(wheel) <= len(pairs)
             assert len(wheel._slots) <= len(pairs)
             assert len(wheel._ticks) <= 2 * len(pairs) + 1025

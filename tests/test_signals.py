@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from daemons import HbdProcess, connect, free_port, recv_exactly, start_client, start_server
 
-from hbd import entry
+from hbd import early
 
 
 def caught(pid: int, signum: int) -> bool:
@@ -117,15 +117,15 @@ def test_stray_signals_do_not_kill(tmp_path: Path, procs, name: str) -> None:
 
 
 def test_early_hup_is_remembered_once() -> None:
-    old = {s: signal.getsignal(s) for s in (signal.SIGHUP, *entry.STRAY_SIGNALS)}
+    old = {s: signal.getsignal(s) for s in (signal.SIGHUP, *early.STRAY_SIGNALS)}
     try:
-        entry.catch_signals()
-        assert not entry.take_hup()
+        early.catch_signals()
+        assert not early.take_hup()
         os.kill(os.getpid(), signal.SIGALRM)
         os.kill(os.getpid(), signal.SIGHUP)
         time.sleep(0.01)  # Python runs the handler at the next bytecode boundary
-        assert entry.take_hup()
-        assert not entry.take_hup()
+        assert early.take_hup()
+        assert not early.take_hup()
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -153,8 +153,8 @@ def test_a_hup_during_start_up_reloads_once_the_loop_runs(tmp_path: Path) -> Non
 
     path = tmp_path / "s.yaml"
     path.write_text(f"log_file: null\ncontrol_socket: {tmp_path / 's.sock'}\n")
-    entry.take_hup()
-    entry._hup_pending = True  # what the start-up handler records
+    early.take_hup()
+    early._hup_pending = True  # what the start-up handler records
     d = Probe(load_server_config(path), loop=EventLoop(), notifier=Notifier({}), logs=Logging("t", journald=False))
     assert d.run() == 0
-    assert Probe.reloads == 1 and not entry.take_hup()
+    assert Probe.reloads == 1 and not early.take_hup()

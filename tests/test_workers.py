@@ -151,3 +151,27 @@ def test_a_worker_added_by_a_reload_runs_the_new_configuration(tmp_path: Path, p
     srv.signal(signal.SIGHUP)
     _, line = srv.wait_for(r"hbd-server/3 INFO +listening on", after=mark)
     assert "heartbeat_timeout 4 s" in line
+
+
+def test_workers_apply_the_supervisors_configuration_not_the_file(tmp_path: Path, procs) -> None:
+    """A worker never reads the file: after the file went bad, a SIGHUP straight to a worker reloads the
+    configuration the supervisor validated last (before, the worker re-read the file and failed)."""
+    srv = start_server(tmp_path, workers=2, heartbeat_timeout=5)
+    procs.append(srv)
+    srv.wait_for("2 workers listening")
+    srv.write_config({**srv.config, "heartbeat_timeout": 4})
+    mark = srv.mark()
+    srv.signal(signal.SIGHUP)
+    for w in (1, 2):
+        srv.wait_for(rf"hbd-server/{w} INFO +reloaded ", after=mark)
+    srv.config_path.write_text("port: [\n")  # broken from now on
+    kid = children(srv.pid)[0]
+    mark = srv.mark()
+    os.kill(kid, signal.SIGHUP)
+    srv.wait_for(r"hbd-server/\d INFO +reloaded ", after=mark)
+    assert srv.count(r"reload failed", after=mark) == 0
+    with connect(srv.config["port"]) as s:
+        s.sendall(b"ping")
+        assert recv_exactly(s, 4) == b"pong"
+    srv.signal(signal.SIGTERM)
+    assert srv.proc.wait(10) == 0

@@ -1,0 +1,128 @@
+"""One client connection of the server: its socket wired to a ``protocol.ServerPeer``.
+
+A connection never parses bytes itself and knows nothing of the server: what it cannot decide
+alone (drop, reject, events, filing its next deadline) it hands to its ``Owner``, a small interface
+the server implements, so this module (and server_tls below it) never imports hbd.server.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable
+from typing import Protocol
+
+from hbd.loop import EventLoop, Timer
+from hbd.protocol import ProtocolError, ServerPeer
+
+MAX_OUTBUF = 64 * 1024  # a peer that pings but never reads its pongs is dropped past this
+RECV_SIZE = 4096
+
+
+class Owner(Protocol):
+    """What a connection needs from the server that holds it."""
+
+    loop: EventLoop
+    clock: Callable[[], float]
+
+    def is_open(self, conn: Connection) -> bool: ...  # still held (not closed by what it just did)
+    def arm(self, conn: Connection, forgiven: float = 0.0) -> None: ...  # file it under its next deadline (+ forgiven)
+    def on_events(self, conn: Connection) -> None: ...  # its peer has events (greeting, state changes)
+    def connected(self, conn: Connection, how: str) -> None: ...  # usable now (TLS: handshake done)
+    def drop(self, conn: Connection, reason: str, level: int) -> None: ...  # gone or broken: close it
+    def reject(self, conn: Connection, reason: str) -> None: ...  # broke the protocol: close it
+    def tls_failed(self, conn: Connection, reason: str) -> None: ...  # TLS failed: close it
+
+
+class Connection:
+    __slots__ = ("addr", "outbuf", "owner", "peer", "since", "slot", "sock", "timer")
+    # Errors that mean "try again later"; an except clause is evaluated only when something is
+    # raised, so the TLS subclass can widen this at no cost to the plain path.
+    BLOCKING: tuple[type[BaseException], ...] = (BlockingIOError, InterruptedError)
+
+    def __init__(self, owner: Owner, sock: socket.socket, addr: str, now: float, timeout: float) -> None:
+        self.owner = owner
+        self.sock = sock
+        self.addr = addr
+        self.since = now
+        self.peer = ServerPeer(now, timeout)
+        self.outbuf = b""
+        self.timer: Timer | None = None  # only for the TLS handshake timeout
+        self.slot = -1  # the deadline-wheel slot this connection is filed under; -1: none
+
+    @property
+    def label(self) -> str:
+        name = self.peer.name
+        return f"{name} ({self.addr})" if name else self.addr
+
+    @property
+    def source(self) -> str:
+        """The peer's address without the port (the unit of per-source log rate limits)."""
+        return self.addr.rsplit(":", 1)[0]
+
+    def start(self) -> None:
+        """Serve it: watch the socket and file its first deadline."""
+        self.owner.loop.add_reader(self.sock, self.on_read)
+        self.arm()
+        self.owner.connected(self, "")
+
+    def on_read(self) -> None:
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except self.BLOCKING:
+            return
+        except OSError as exc:
+            self.owner.drop(self, f"connection error: {exc.strerror or exc}", logging.WARNING)
+            return
+        self.received(data)
+
+    def received(self, data: bytes) -> None:
+        """Bytes from the peer (b"" at end of file), after any TLS layer."""
+        if not data:
+            self.owner.drop(self, "disconnected", logging.INFO)
+            return
+        peer = self.peer
+        try:
+            reply = peer.feed(data, self.owner.clock())
+        except ProtocolError as exc:
+            self.owner.reject(self, str(exc))
+            return
+        if peer.events:  # before the reply: a send that finds the peer gone reports its end after this
+            self.owner.on_events(self)
+        if reply:
+            self.send(reply)
+
+    def send(self, data: bytes) -> None:
+        if self.outbuf:
+            if len(self.outbuf) + len(data) > MAX_OUTBUF:
+                self.owner.reject(self, f"does not read its pongs ({len(self.outbuf)} bytes queued)")
+                return
+            self.outbuf += data
+            return
+        try:
+            sent = self.sock.send(data)
+        except self.BLOCKING:
+            sent = 0
+        except OSError as exc:
+            self.owner.drop(self, f"connection error: {exc.strerror or exc}", logging.WARNING)
+            return
+        if sent < len(data):
+            self.outbuf = data[sent:]
+            self.owner.loop.add_writer(self.sock, self.on_write)
+
+    def on_write(self) -> None:
+        try:
+            sent = self.sock.send(self.outbuf)
+        except self.BLOCKING:
+            return
+        except OSError as exc:
+            self.owner.drop(self, f"connection error: {exc.strerror or exc}", logging.WARNING)
+            return
+        self.outbuf = self.outbuf[sent:]
+        if not self.outbuf:
+            self.owner.loop.remove_writer(self.sock)
+
+    def arm(self, forgiven: float = 0.0) -> None:
+        """(Re)file the connection under its next deadline, pushed back by ``forgiven`` seconds of our
+        own stall (the owner's wheel decides how)."""
+        self.owner.arm(self, forgiven)

@@ -1,0 +1,134 @@
+"""The server's liveness part: the deadline wheel that files every connection and the verdicts
+(late, dead, forgiven after our own stall) when a deadline comes.
+
+Each connection is filed once at its peer's next deadline and re-filed lazily when that comes, so
+a ping costs no timer operation at all and the loop's heap holds one timer for all connections.
+What a verdict means (log lines, events, closing a dead peer) is the owner's: ``on_verdict``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+from hbd.connection import Connection
+from hbd.logs import fields, log
+from hbd.loop import EventLoop, Timer
+from hbd.protocol import PeerState, StateChange
+from hbd.wheel import DeadlineWheel
+
+WHEEL_RESOLUTION = 0.01  # verdicts come at most this late; the issue allows 100 ms, benchmarks 50
+STALLS_KEPT = 256  # recent stalls of our own loop remembered for forgiveness; older ones are forgotten
+
+
+class Liveness:
+    """``on_verdict(conn, change)`` hears every state change a deadline decides; after a DEAD one
+    the connection is no longer filed (the owner closes it). ``is_open(conn)``: still held."""
+
+    def __init__(
+        self,
+        loop: EventLoop,
+        on_verdict: Callable[[Connection, StateChange], None],
+        is_open: Callable[[Connection], bool],
+    ) -> None:
+        self.loop = loop
+        self.clock = loop.clock
+        self.on_verdict = on_verdict
+        self.is_open = is_open
+        self.wheel: DeadlineWheel[Connection] = DeadlineWheel(WHEEL_RESOLUTION)
+        self._timer: Timer | None = None
+        self._in_wheel = False
+        self._stalls: deque[tuple[float, float]] = deque(maxlen=STALLS_KEPT)  # (from, to) we did not run
+
+    def arm(self, conn: Connection, forgiven: float = 0.0) -> None:
+        """(Re)file the connection under its next deadline. A connection stays filed once: if its
+        filing is due no later than the new deadline it stays (the wheel re-files it lazily then, as
+        after a ping), else it is moved; so no sequence of messages can pile up entries."""
+        # Never at or before now: the rules are strict (silent for MORE than the timeout), so a
+        # check exactly at the deadline changes nothing and must not be re-filed for the same instant.
+        when = max(conn.peer.next_deadline() + forgiven, self.clock() + WHEEL_RESOLUTION)
+        if conn.slot != -1:
+            if self.wheel.tick(when) >= conn.slot:
+                return
+            self.wheel.discard(conn.slot, conn)
+        conn.slot = self.file(conn, when)
+
+    def file(self, conn: Connection, when: float) -> int:
+        slot = self.wheel.add(when, conn)
+        timer = self._timer
+        if self._in_wheel:
+            return slot  # _on_wheel arms the timer for the earliest slot when it is done
+        if timer is None or timer.when > slot * WHEEL_RESOLUTION:
+            self.loop.cancel(timer)
+            self._timer = self.loop.call_at(slot * WHEEL_RESOLUTION, self._on_wheel)
+        return slot
+
+    def _on_wheel(self) -> None:
+        self._timer = None
+        self._in_wheel = True
+        now = self.clock()
+        add = self.wheel.add
+        try:
+            for slot, conns in self.wheel.pop_due(now):
+                for conn in conns:
+                    if conn.slot != slot:
+                        continue  # closed since
+                    when = conn.peer.next_deadline()
+                    if when > now:  # it pinged since it was filed (the usual case): just re-file
+                        conn.slot = add(when, conn)
+                    else:
+                        conn.slot = -1
+                        try:
+                            self.check(conn)
+                        except Exception as exc:  # that connection only: the others are still due
+                            self.loop.report_error(conn.sock, self.check, exc)
+        finally:
+            self._in_wheel = False
+        due = self.wheel.next_time()
+        if due is not None:
+            self._timer = self.loop.call_at(due, self._on_wheel)
+
+    def check(self, conn: Connection) -> None:
+        """The connection's deadline came: apply the silence rule."""
+        now = self.clock()
+        peer = conn.peer
+        if now - peer.last_heard > peer.timeout / 2:
+            # Last look before a verdict: pings may be waiting in our buffer if this very turn of
+            # the loop was delayed (we were stopped or starved between select() and now).
+            conn.on_read()
+            if not self.is_open(conn):
+                return  # that read found the end of the connection
+            now = self.clock()
+        # Time our own loop did not run (SIGSTOP, starvation) is not the peer's silence: we could not
+        # have heard it. Only that time is forgiven, never time we spent working, and forgiving never
+        # makes a peer UP: only a ping does.
+        forgiven = self.forgiven(peer.last_heard, now) if self._stalls else 0.0
+        change = peer.poll(now - forgiven)
+        if change is not None:
+            if forgiven:  # logs and hooks tell the whole silence
+                change = StateChange(change.old, change.new, change.silent_for + forgiven)
+            self.on_verdict(conn, change)
+            if change.new is PeerState.DEAD:
+                return
+        conn.arm(forgiven)
+
+    def forgiven(self, since: float, now: float) -> float:
+        """Seconds of [since, now] during which our loop was stalled."""
+        total = 0.0
+        for start, end in reversed(self._stalls):  # newest first: only those in the silence count
+            if end <= since:
+                break
+            lo = start if start > since else since
+            hi = end if end < now else now
+            if hi > lo:
+                total += hi - lo
+        return total
+
+    def on_stall(self, planned: float, woke: float) -> None:
+        """The loop woke late (a stall callback): deadlines that fell in the stall are forgiven."""
+        self._stalls.append((planned, woke))
+        log.warning(
+            "event loop stalled for %.3f s; extending client deadlines by that much",
+            woke - planned,
+            extra=fields(event="stall", lag_ms=round((woke - planned) * 1000)),
+        )

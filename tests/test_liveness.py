@@ -1,0 +1,102 @@
+"""hbd.liveness on its own, in virtual time: a connection, a stub owner, and the verdicts it hands
+to on_verdict (no Server involved: the liveness part needs only what it is given)."""
+
+from __future__ import annotations
+
+import socket
+
+from virtual_time import FakeClock, VirtualSelector
+
+from hbd.connection import Connection
+from hbd.liveness import WHEEL_RESOLUTION, Liveness
+from hbd.loop import EventLoop
+from hbd.protocol import PeerState, StateChange
+
+
+class Owner:
+    """The smallest hbd.connection.Owner: arms through the liveness part, records the rest."""
+
+    def __init__(self, loop: EventLoop) -> None:
+        self.loop = loop
+        self.clock = loop.clock
+        self.verdicts: list[tuple[float, PeerState]] = []
+        self.closed: list[Connection] = []
+        self.liveness = Liveness(loop, self.on_verdict, lambda conn: conn not in self.closed)
+
+    def on_verdict(self, conn: Connection, change: StateChange) -> None:
+        self.verdicts.append((round(self.clock() - 1000.0, 3), change.new))
+        if change.new is PeerState.DEAD:
+            self.closed.append(conn)
+
+    def arm(self, conn: Connection, forgiven: float = 0.0) -> None:
+        self.liveness.arm(conn, forgiven)
+
+    def is_open(self, conn: Connection) -> bool:
+        return conn not in self.closed
+
+    def on_events(self, conn: Connection) -> None:
+        conn.peer.events = None
+        conn.arm()  # as the server does after the first ping: LATE comes sooner for a peer that is up
+
+    def connected(self, conn: Connection, how: str) -> None:
+        pass
+
+    def drop(self, conn: Connection, reason: str, level: int) -> None:
+        self.closed.append(conn)
+
+    reject = tls_failed = lambda self, conn, reason: self.closed.append(conn)
+
+
+def run_until(loop: EventLoop, clock: FakeClock, t: float) -> None:
+    while clock.now - 1000.0 < t:
+        loop.run_once(max_wait=t - (clock.now - 1000.0))
+
+
+def test_verdicts_come_at_the_deadline_through_on_verdict() -> None:
+    clock = FakeClock()
+    loop = EventLoop(clock, VirtualSelector(clock))
+    owner = Owner(loop)
+    a, b = socket.socketpair()
+    try:
+        conn = Connection(owner, a, "127.0.0.1:1", clock(), 4.0)
+        a.setblocking(False)
+        conn.start()
+        b.sendall(b"ping")
+        loop.run_once(0)
+        assert b.recv(4) == b"pong"
+        run_until(loop, clock, 10.0)
+        assert [v[1] for v in owner.verdicts] == [PeerState.LATE, PeerState.DEAD]
+        (late, _), (dead, _) = owner.verdicts
+        assert 2.0 <= late <= 2.0 + WHEEL_RESOLUTION + 1e-9  # more than half the timeout: late
+        assert 4.0 <= dead <= 4.0 + WHEEL_RESOLUTION + 1e-9
+        assert len(owner.liveness.wheel) == 0  # a dead connection is no longer filed
+    finally:
+        a.close()
+        b.close()
+        loop.close()
+
+
+def test_a_stall_of_our_own_is_forgiven() -> None:
+    clock = FakeClock()
+    loop = EventLoop(clock, VirtualSelector(clock))
+    owner = Owner(loop)
+    a, b = socket.socketpair()
+    try:
+        conn = Connection(owner, a, "127.0.0.1:1", clock(), 4.0)
+        a.setblocking(False)
+        conn.start()
+        b.sendall(b"ping")
+        loop.run_once(0)
+        clock.advance(5.0)  # we were stopped past its whole timeout
+        owner.liveness.on_stall(1000.0, clock())
+        loop.run_once(0)
+        assert PeerState.DEAD not in [v[1] for v in owner.verdicts]  # not killed for our own stall
+        run_until(loop, clock, 20.0)
+        assert (
+            owner.verdicts[-1][1] is PeerState.DEAD
+            and 5.0 + 4.0 <= owner.verdicts[-1][0] <= 9.0 + WHEEL_RESOLUTION + 1e-9
+        )
+    finally:
+        a.close()
+        b.close()
+        loop.close()

@@ -1,0 +1,105 @@
+"""hbd.workers_codec: the supervisor <-> worker messages, framed; plain calls, no processes."""
+
+from __future__ import annotations
+
+import os
+import select
+
+import pytest
+
+from hbd.config import ServerConfig
+from hbd.workers_codec import (
+    HEADER,
+    MAX_FRAME,
+    CodecError,
+    Decoder,
+    LogLine,
+    Numbers,
+    Ready,
+    Reload,
+    Reloaded,
+    Status,
+    WorkerChannel,
+    encode,
+)
+
+UP = [
+    Ready(),
+    Status(12, 3),
+    Numbers({"clients": 12, "pings": 40}),
+    LogLine(30, "client x timed out ünï"),
+    Reloaded(None),
+    Reloaded("tls: cannot load the certificate files"),
+]
+
+
+def test_every_message_round_trips_even_one_byte_at_a_time() -> None:
+    data = b"".join(encode(m) for m in UP)
+    assert Decoder().feed(data) == UP
+    dec = Decoder()
+    got = [m for i in range(len(data)) for m in dec.feed(data[i : i + 1])]
+    assert got == UP and dec.buf == b""
+
+
+def test_reload_carries_the_validated_config() -> None:
+    cfg = ServerConfig(host="127.0.0.1", port=4321, heartbeat_timeout=7.5, allow=["10.0.0.0/8"], workers=3)
+    (msg,) = Decoder(down=True).feed(encode(Reload(cfg)))
+    assert isinstance(msg, Reload) and msg.config == cfg
+
+
+def test_each_side_takes_only_its_own_kinds() -> None:
+    with pytest.raises(CodecError):  # the supervisor never unpickles what a worker sends
+        Decoder().feed(encode(Reload(ServerConfig())))
+    with pytest.raises(CodecError):
+        Decoder(down=True).feed(encode(Ready()))
+
+
+def test_garbage_is_refused_before_it_is_buffered() -> None:
+    dec = Decoder()
+    with pytest.raises(CodecError, match="not a frame"):
+        dec.feed(HEADER.pack(MAX_FRAME + 1, 1))  # a length past the bound: refused from the header alone
+    assert dec.buf == b""
+    with pytest.raises(CodecError, match="bad Status frame"):
+        dec.feed(HEADER.pack(2, 2) + b"{}")  # missing fields
+    with pytest.raises(CodecError):
+        encode(LogLine(40, "x" * (MAX_FRAME + 1)))
+
+
+def test_a_long_log_line_is_cut_to_one_atomic_pipe_write() -> None:
+    rfd, wfd = os.pipe()
+    try:
+        channel = WorkerChannel(wfd)
+        channel.send(LogLine(40, "é" * 10_000))
+        data = os.read(rfd, 65536)
+        assert len(data) <= select.PIPE_BUF
+        (msg,) = Decoder().feed(data)
+        assert isinstance(msg, LogLine) and msg.message and set(msg.message) == {"é"}
+    finally:
+        os.close(rfd)
+        os.close(wfd)
+
+
+def test_the_channel_hands_reloads_to_the_worker() -> None:
+    from virtual_time import FakeClock, VirtualSelector
+
+    from hbd.loop import EventLoop
+
+    clock = FakeClock()
+    loop = EventLoop(clock, VirtualSelector(clock))
+    up_r, up_w = os.pipe()
+    down_r, down_w = os.pipe()
+    try:
+        channel = WorkerChannel(up_w, 1, ServerConfig(heartbeat_timeout=5.0), rfd=down_r)
+        reloads: list[float] = []
+        channel.attach(loop, lambda: reloads.append(channel.config.heartbeat_timeout))  # type: ignore[union-attr]
+        frame = encode(Reload(ServerConfig(heartbeat_timeout=4.0)))
+        os.write(down_w, frame[:7])  # a frame may come in pieces
+        loop.run_once(0)
+        assert reloads == []
+        os.write(down_w, frame[7:])
+        loop.run_once(0)
+        assert reloads == [4.0]
+    finally:
+        loop.close()
+        for fd in (up_r, up_w, down_r, down_w):
+            os.close(fd)
