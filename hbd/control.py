@@ -33,6 +33,7 @@ import struct
 from collections.abc import Callable, Iterator
 
 from hbd.accept import ACCEPT_PAUSE, Acceptor
+from hbd.errors import BindError as BindError  # re-exported: where callers import it from
 from hbd.logs import fields, log
 from hbd.loop import EventLoop, Timer
 from hbd.names import listen_info
@@ -48,10 +49,6 @@ STALLED_REPLY = 1.0  # a full table evicts a reply that has made no progress for
 LOG_EVERY = 10.0  # lines about slow or evicted peers: at most one per this many seconds
 ACCEPT_BATCH = 16
 SOCKET_MODE = 0o660
-
-
-class BindError(Exception):
-    """A listening socket cannot be set up; the message says why."""
 
 
 class _Conn:

@@ -10,10 +10,10 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
-from hbd.config import ConfigError
-from hbd.control import BindError
 from hbd.entry import STRAY_SIGNALS, take_hup
-from hbd.logs import Logging, LogSetupError, PeerLog, log
+from hbd.errors import HbdError
+from hbd.errors import StartError as StartError  # re-exported: where callers import it from
+from hbd.logs import Logging, PeerLog, log
 from hbd.loop import EventLoop
 from hbd.notify import Notifier
 from hbd.ops import Ops
@@ -28,10 +28,6 @@ EXIT_GAVE_UP = 79  # the client gave up on every server after reconnect_attempts
 # Tracebacks of unexpected errors: at most this many per window, then one summary line.
 ERROR_BURST = 5
 ERROR_WINDOW = 60.0
-
-
-class StartError(Exception):
-    """The daemon cannot start (or a reload cannot be applied); the message says why."""
 
 
 class Daemon:
@@ -134,7 +130,7 @@ class Daemon:
             self.logs.configure(self.config.log_level, self.config.log_file)
             self.ops.start()
             self.start()
-        except (LogSetupError, StartError, BindError) as exc:
+        except HbdError as exc:
             log.error("cannot start: %s", exc)
             self.ops.close()
             self.logs.close()
@@ -182,9 +178,9 @@ class Daemon:
         except Exception as exc:  # whatever it is, the running configuration stays
             if handler is not None:
                 self.logs.discard(handler)
-            if not isinstance(exc, ConfigError | LogSetupError | StartError | BindError):
+            if not isinstance(exc, HbdError):
                 log.error("reload failed: unexpected error", exc_info=True)  # a bug: one traceback
-            errors = exc.errors if isinstance(exc, ConfigError) else [str(exc) or type(exc).__name__]
+            errors = exc.errors if isinstance(exc, HbdError) else [str(exc) or type(exc).__name__]
             for line in errors:
                 log.error("reload failed: %s", line, extra={"fields": {"EVENT": "reload-failed"}})
             log.error("reload failed: still running with the previous configuration of %s", path)
