@@ -17,6 +17,7 @@ from hbd.logs import Logging, PeerLog, log
 from hbd.loop import EventLoop
 from hbd.notify import Notifier
 from hbd.ops import Ops
+from hbd.view import DaemonView, DaemonViews
 
 STATUS_INTERVAL = 1.0
 # Every signal a daemon's loop handles. The supervisor blocks them across fork() (hbd/workers.py) and the
@@ -32,6 +33,9 @@ ERROR_WINDOW = 60.0
 
 class Daemon:
     identifier = "hbd"
+    role = "server"  # what the operator's surface shows: "server" or "client"
+    supervises = False  # relays its workers' status (hbd.workers.Supervisor)
+    worker_index: int | None = None  # set in each of several workers
 
     def __init__(
         self,
@@ -77,6 +81,19 @@ class Daemon:
 
     def status_text(self) -> str:
         return ""
+
+    def view(self) -> DaemonViews:
+        """A read-only snapshot for the status socket and the metrics."""
+        raise NotImplementedError
+
+    def daemon_view(self) -> DaemonView:
+        """The part of ``view()`` every daemon shares."""
+        events, hooks, loop = self.ops.numbers()
+        return DaemonView(
+            role=self.role, now=self.loop.time(), started=self.ops.started_wall, status=self.status_text(),
+            reloads_ok=self.reloads_ok, reloads_failed=self.reloads_failed, last_reload_error=self.last_reload_error,
+            loop=loop, hooks=hooks, events=events, recent=tuple(self.ops.recent),
+        )
 
     def contain(self, fileobj: Any, callback: Any, exc: Exception) -> str | None:
         """A callback raised ``exc``: close the connection it served (``fileobj`` for I/O, None

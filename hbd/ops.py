@@ -17,26 +17,62 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from socket import socket
+from typing import Protocol
 
 from hbd import metrics, status
 from hbd.control import BindError, Reply, RequestServer, UnixListener, bind_tcp
 from hbd.hooks import HookRunner
-from hbd.logs import fields, log
+from hbd.logs import PeerLog, fields, log
+from hbd.loop import EventLoop
+from hbd.view import EVENTS, ClientView, DaemonViews, LoopNumbers, RecentEvent, ServerView, SupervisorView
 
 RECENT = 50  # state changes kept for the status reply
 
 
+class OpsConfig(Protocol):
+    """The settings Ops reads (both daemons' configs have them)."""
+
+    @property
+    def control_socket(self) -> str | None: ...
+    @property
+    def metrics(self) -> tuple[str, int] | None: ...
+    @property
+    def on_change(self) -> tuple[str, ...] | None: ...
+    @property
+    def hook_timeout(self) -> float: ...
+    @property
+    def hook_max_concurrent(self) -> int: ...
+    @property
+    def hook_max_queued(self) -> int: ...
+
+
+class Operated(Protocol):
+    """What Ops needs from its daemon (``hbd.daemon.Daemon``): everything else it reads from ``view()``."""
+
+    role: str  # "server" or "client"
+    supervises: bool  # a supervisor relays its workers' status
+    worker_index: int | None  # one of several workers: a private status socket, no metrics
+
+    @property
+    def loop(self) -> EventLoop: ...
+    @property
+    def peer_log(self) -> PeerLog: ...
+    @property
+    def config(self) -> OpsConfig: ...
+    def request_reload(self, done: Callable[[list[str]], None]) -> None: ...
+    def view(self) -> DaemonViews: ...
+
+
 class Ops:
-    def __init__(self, daemon: Any) -> None:
+    def __init__(self, daemon: Operated) -> None:
         self.daemon = daemon
         self.loop = daemon.loop
-        self.role = "client" if daemon.identifier.startswith("hbd-client") else "server"
+        self.role = daemon.role
         self.hooks = HookRunner(self.loop, self.role)
-        if hasattr(daemon, "peer_log"):
-            self.hooks.peer_log = daemon.peer_log  # one budget for every line peers can cause
-        self.events = {"up": 0, "late": 0, "down": 0}
-        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT)
+        self.hooks.peer_log = daemon.peer_log  # one budget for every line peers can cause
+        self.events = dict.fromkeys(EVENTS, 0)
+        self.recent: deque[RecentEvent] = deque(maxlen=RECENT)
         self.stalls = 0
         self.started_wall = time.time()
         self.control_path: str | None = None
@@ -45,25 +81,28 @@ class Ops:
         self._listener: UnixListener | None = None
         self.metrics_address: tuple[str, int] | None = None
         self.metrics: RequestServer | None = None
-        self._pending: tuple[UnixListener | None, Any] = (None, None)
+        self._pending: tuple[UnixListener | None, socket | None] = (None, None)
 
     # -- what this process serves ------------------------------------------------------------------
     @property
     def _worker_index(self) -> int | None:
-        return getattr(getattr(self.daemon, "worker", None), "index", None)
+        return self.daemon.worker_index
 
-    @property
-    def _supervisor(self) -> bool:
-        return isinstance(getattr(self.daemon, "workers", None), dict)
-
-    def _control_path_for(self, cfg: Any) -> str | None:
-        path = getattr(cfg, "control_socket", None)
+    def _control_path_for(self, cfg: OpsConfig) -> str | None:
+        path = cfg.control_socket
         if path and self._worker_index is not None:
             return f"{path}.{self._worker_index}"
         return path
 
-    def _metrics_for(self, cfg: Any) -> tuple[str, int] | None:
-        return None if self._worker_index is not None else getattr(cfg, "metrics", None)
+    def _metrics_for(self, cfg: OpsConfig) -> tuple[str, int] | None:
+        return None if self._worker_index is not None else cfg.metrics
+
+    def numbers(self) -> tuple[dict[str, int], dict[str, int], LoopNumbers]:
+        """Events, hooks and loop numbers of this process, for its view."""
+        hooks = self.hooks
+        loop = self.loop
+        return (dict(self.events), {**hooks.counts, "running": len(hooks.running), "queued": len(hooks.queue)},
+                LoopNumbers(loop.last_lag, loop.max_lag, self.stalls))
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -81,7 +120,7 @@ class Ops:
         self._install(path, listener, self._metrics_for(cfg), msock)
         self._configure_hooks(cfg)
 
-    def prepare(self, new: Any) -> Callable[[], None]:
+    def prepare(self, new: OpsConfig) -> Callable[[], None]:
         """Bind what the new config needs (raises BindError, changing nothing); return the commit."""
         path, maddr = self._control_path_for(new), self._metrics_for(new)
         listener = self._bind_control(path) if path != self.control_path else None
@@ -127,7 +166,7 @@ class Ops:
         self._close_control()
         self._close_metrics()
 
-    def contain(self, fileobj: Any) -> bool:
+    def contain(self, fileobj: object) -> bool:
         """A callback on ``fileobj`` raised: close it if it is one of our request connections."""
         return fileobj is not None and any(
             server is not None and server.contain(fileobj) for server in (self.control, self.metrics))
@@ -155,10 +194,11 @@ class Ops:
             return None
         return UnixListener(path, mode=0o600 if self._worker_index is not None else 0o660)
 
-    def _bind_metrics(self, address: tuple[str, int] | None) -> Any:
+    def _bind_metrics(self, address: tuple[str, int] | None) -> socket | None:
         return bind_tcp(*address) if address else None
 
-    def _install(self, path: str | None, listener: UnixListener | None, maddr: Any, msock: Any) -> None:
+    def _install(self, path: str | None, listener: UnixListener | None, maddr: tuple[str, int] | None,
+                 msock: socket | None) -> None:
         self._install_control(path, listener)
         self._install_metrics(maddr, msock)
 
@@ -171,11 +211,11 @@ class Ops:
             self.control = server
             log.info("status socket %s", path)
 
-    def _install_metrics(self, address: tuple[str, int] | None, sock: Any) -> None:
+    def _install_metrics(self, address: tuple[str, int] | None, sock: socket | None) -> None:
         self.metrics_address = address
         if sock is not None:
             self.metrics = RequestServer(
-                self.loop, sock, lambda req, wake: metrics.http_reply(self, req), terminator=b"\r\n\r\n",
+                self.loop, sock, lambda req, wake: metrics.http_reply(self.daemon.view, req), terminator=b"\r\n\r\n",
                 max_request=8192, too_long=metrics._http(431, "Request Header Fields Too Large", b""),
                 name="metrics endpoint",
             )
@@ -202,26 +242,25 @@ class Ops:
             self.metrics.close()
             self.metrics = None
 
-    def _configure_hooks(self, cfg: Any) -> None:
-        self.hooks.configure(
-            getattr(cfg, "on_change", None), getattr(cfg, "hook_timeout", 10.0),
-            getattr(cfg, "hook_max_concurrent", 4), getattr(cfg, "hook_max_queued", 100),
-        )
+    def _configure_hooks(self, cfg: OpsConfig) -> None:
+        self.hooks.configure(cfg.on_change, cfg.hook_timeout, cfg.hook_max_concurrent, cfg.hook_max_queued)
 
     # -- requests ------------------------------------------------------------------------------------
     def _handle(self, request: bytes, wake: Callable[[], None], uid: int | None = None) -> Reply:
         words = request.decode("ascii", "replace").split()
         command = words[0].lower() if words else ""
         if command == "status":
-            if self.role == "client":
-                return status.client_document(self)
-            if self._supervisor:
-                return status.supervisor_document(self, wake)
-            return status.server_document(self)
-        if command == "peers" and self.role == "server" and not self._supervisor:
-            return status.peers_fragment(self)
+            view = self.daemon.view()
+            if isinstance(view, ClientView):
+                return status.client_document(view)
+            if isinstance(view, SupervisorView):
+                return status.supervisor_document(view, self.loop, self.control_path, wake)
+            return status.server_document(view)
+        if command == "peers" and self.role == "server" and not self.daemon.supervises:
+            view = self.daemon.view()
+            return status.peers_fragment(view) if isinstance(view, ServerView) else iter([])
         if command == "metrics":
-            return iter([metrics.collect(self).render()])
+            return iter([metrics.collect(self.daemon.view()).render()])
         if command == "reload" and self._worker_index is None:
             return self._reload_reply(wake, uid)
         return iter([json.dumps({"error": f"unknown command {command!r}; try: status, metrics, reload"}).encode()
@@ -253,8 +292,7 @@ class Ops:
         """A peer changed state (``up``, ``late``, ``down``): count it, remember it, run the hook.
         ``standing``: how established the peer was (see hbd.hooks: who waits when hooks pile up)."""
         self.events[event] += 1
-        self.recent.append({"time": time.time(), "event": event, "peer": peer, "address": address,
-                            "previous": previous, "reason": reason})
+        self.recent.append(RecentEvent(time.time(), event, peer, address, previous, reason))
         self.hooks.fire(event, peer, address, {"name": name or "", "previous": previous or "",
                                                 "reason": reason, **extra}, standing)
 

@@ -12,10 +12,9 @@ import json
 import logging
 import socket
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from hbd import metrics
 from hbd.accept import ACCEPT_PAUSE, Acceptor
 from hbd.access import AllowList
 from hbd.config import ServerConfig, load_server_config
@@ -24,6 +23,7 @@ from hbd.logs import fields, log
 from hbd.loop import Timer
 from hbd.names import listen_info
 from hbd.protocol import Hello, PeerState, ProtocolError, ServerPeer, StateChange, peer_timeout
+from hbd.view import PeerRow, ServerCounters, ServerSettings, ServerView, WorkerNumbers
 from hbd.wheel import DeadlineWheel
 
 if TYPE_CHECKING:
@@ -139,6 +139,7 @@ class Server(Daemon):
     ) -> None:
         super().__init__(config, **kwargs)  # type: ignore[arg-type]
         self.worker = worker  # set when this process is one of several workers (hbd.workers)
+        self.worker_index = worker.index if worker is not None else None
         self.reuse_port = reuse_port
         self.clock = self.loop.clock
         self.conns: dict[int, Connection] = {}
@@ -189,7 +190,7 @@ class Server(Daemon):
     def on_status_tick(self) -> None:
         if self.worker is not None:
             self.worker.send(f"S {len(self.conns)} {self.late}")
-            self.worker.send("M " + json.dumps(metrics.server_numbers(self.ops)))
+            self.worker.send("M " + json.dumps(WorkerNumbers(self.counters(), *self.ops.numbers()).to_dict()))
 
     def prepare(self, new: ServerConfig) -> Callable[[], None]:
         old = self.config
@@ -231,6 +232,17 @@ class Server(Daemon):
     def status_text(self) -> str:
         n = len(self.conns)
         return f"{n} client{'s' if n != 1 else ''}, {self.late} late"
+
+    def counters(self) -> ServerCounters:
+        pings = self.closed_pings + sum(conn.peer.pings for conn in self.conns.values())  # when asked only
+        return ServerCounters(len(self.conns), self.late, pings, **self.stats)
+
+    def view(self) -> ServerView:
+        cfg = self.config
+        addr = self.address
+        return ServerView(self.daemon_view(), f"{addr[0]}:{addr[1]}" if addr else None,
+                          ServerSettings(cfg.heartbeat_timeout, cfg.max_clients, cfg.workers), self.counters(),
+                          _peer_rows(list(self.conns.values()), self.worker_index))
 
     # -- access control ---------------------------------------------------------------------------
     def _security(self, cfg: ServerConfig) -> tuple[ssl.SSLContext | None, AllowList | None]:
@@ -546,3 +558,13 @@ class Server(Daemon):
         """A line a peer can cause: rate-limited per source address and kind, per kind, and in total."""
         self.peer_log.log(level, source, msg, *args, event=event, peer=name or peer or source,
                           peer_address=peer or source, stacklevel=3, **more)  # call site: our caller
+
+
+def _peer_rows(conns: list[Connection], worker: int | None) -> Iterator[PeerRow]:
+    """The rows of a snapshot of the connections, made as they are read (the status reply slices them)."""
+    for conn in conns:
+        if conn.sock.fileno() < 0:
+            continue  # closed since the snapshot
+        peer = conn.peer
+        yield PeerRow(peer.name or conn.addr, peer.name, conn.addr, peer.state.value, conn.since,
+                      peer.last_heard if peer.pings else None, peer.pings, peer.timeout, peer.interval, worker)
