@@ -12,56 +12,20 @@ socket and runs the hooks of its own clients.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections import deque
 from collections.abc import Callable
 from socket import socket
-from typing import Protocol
 
-from hbd import metrics, status
-from hbd.control import BindError, Reply, RequestServer, UnixListener, bind_tcp
+from hbd import commands, metrics
+from hbd.control import BindError, RequestServer, UnixListener, bind_tcp
 from hbd.hooks import HookRunner
-from hbd.logs import PeerLog, fields, log
-from hbd.loop import EventLoop
-from hbd.view import EVENTS, ClientView, DaemonViews, LoopNumbers, RecentEvent, ServerView, SupervisorView
+from hbd.logs import fields, log
+from hbd.operated import Operated, OpsConfig
+from hbd.view import EVENTS, LoopNumbers, RecentEvent
 
 RECENT = 50  # state changes kept for the status reply
-
-
-class OpsConfig(Protocol):
-    """The settings Ops reads (both daemons' configs have them)."""
-
-    @property
-    def control_socket(self) -> str | None: ...
-    @property
-    def metrics(self) -> tuple[str, int] | None: ...
-    @property
-    def on_change(self) -> tuple[str, ...] | None: ...
-    @property
-    def hook_timeout(self) -> float: ...
-    @property
-    def hook_max_concurrent(self) -> int: ...
-    @property
-    def hook_max_queued(self) -> int: ...
-
-
-class Operated(Protocol):
-    """What Ops needs from its daemon (``hbd.daemon.Daemon``): everything else it reads from ``view()``."""
-
-    role: str  # "server" or "client"
-    supervises: bool  # a supervisor relays its workers' status
-    worker_index: int | None  # one of several workers: a private status socket, no metrics
-
-    @property
-    def loop(self) -> EventLoop: ...
-    @property
-    def peer_log(self) -> PeerLog: ...
-    @property
-    def config(self) -> OpsConfig: ...
-    def request_reload(self, done: Callable[[list[str]], None]) -> None: ...
-    def view(self) -> DaemonViews: ...
 
 
 class Ops:
@@ -206,8 +170,11 @@ class Ops:
         self.control_path = path
         self._listener = listener
         if listener is not None:
-            server = RequestServer(self.loop, listener.sock,
-                                   lambda req, wake: self._handle(req, wake, server.peer_uid), name="status socket")
+            server = RequestServer(
+                self.loop, listener.sock,
+                lambda req, wake: commands.answer(self.daemon, self.control_path, req, wake, server.peer_uid),
+                name="status socket",
+            )
             self.control = server
             log.info("status socket %s", path)
 
@@ -244,47 +211,6 @@ class Ops:
 
     def _configure_hooks(self, cfg: OpsConfig) -> None:
         self.hooks.configure(cfg.on_change, cfg.hook_timeout, cfg.hook_max_concurrent, cfg.hook_max_queued)
-
-    # -- requests ------------------------------------------------------------------------------------
-    def _handle(self, request: bytes, wake: Callable[[], None], uid: int | None = None) -> Reply:
-        words = request.decode("ascii", "replace").split()
-        command = words[0].lower() if words else ""
-        if command == "status":
-            view = self.daemon.view()
-            if isinstance(view, ClientView):
-                return status.client_document(view)
-            if isinstance(view, SupervisorView):
-                return status.supervisor_document(view, self.loop, self.control_path, wake)
-            return status.server_document(view)
-        if command == "peers" and self.role == "server" and not self.daemon.supervises:
-            view = self.daemon.view()
-            return status.peers_fragment(view) if isinstance(view, ServerView) else iter([])
-        if command == "metrics":
-            return iter([metrics.collect(self.daemon.view()).render()])
-        if command == "reload" and self._worker_index is None:
-            return self._reload_reply(wake, uid)
-        return iter([json.dumps({"error": f"unknown command {command!r}; try: status, metrics, reload"}).encode()
-                     + b"\n"])
-
-    def _reload_reply(self, wake: Callable[[], None], uid: int | None) -> Reply:
-        """``reload``: reload on the loop, answer once it is applied or rejected (JSON line)."""
-        if uid not in (0, os.geteuid()):
-            # Reading the status is for the socket's group; a reload only for root and the daemon's own
-            # user (the units' ExecReload= runs as it).
-            yield json.dumps({"error": "reload: permission denied (only root or the daemon's user)"}).encode() + b"\n"
-            return
-        verdict: list[list[str]] = []
-
-        def done(errors: list[str]) -> None:
-            verdict.append(errors)
-            wake()
-
-        self.daemon.request_reload(done)
-        while not verdict:
-            yield None  # the loop goes on; done() wakes this connection
-        errors = verdict[0]
-        doc = {"reload": "ok"} if not errors else {"reload": "failed", "errors": errors}
-        yield json.dumps(doc).encode() + b"\n"
 
     # -- events --------------------------------------------------------------------------------------
     def event(self, event: str, peer: str, address: str, *, name: str | None = None,

@@ -116,8 +116,14 @@ class WorkerNumbers:
 
     def to_dict(self) -> dict[str, object]:
         c, loop = self.counters, self.loop
-        return {**c._asdict(), "events": dict(self.events), "hooks": dict(self.hooks),
-                "lag": loop.lag, "max_lag": loop.max_lag, "stalls": loop.stalls}
+        return {
+            **c._asdict(),
+            "events": dict(self.events),
+            "hooks": dict(self.hooks),
+            "lag": loop.lag,
+            "max_lag": loop.max_lag,
+            "stalls": loop.stalls,
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, object]) -> WorkerNumbers:
@@ -134,8 +140,12 @@ class WorkerNumbers:
             return {str(k): n for k, n in v.items() if isinstance(n, int) and not isinstance(n, bool)}
 
         counters = ServerCounters(*(int(num(k)) for k in ServerCounters._fields))
-        return cls(counters, ints("events"), ints("hooks"),
-                   LoopNumbers(float(num("lag")), float(num("max_lag")), int(num("stalls"))))
+        return cls(
+            counters,
+            ints("events"),
+            ints("hooks"),
+            LoopNumbers(float(num("lag")), float(num("max_lag")), int(num("stalls"))),
+        )
 
 
 @dataclass(frozen=True, slots=True)

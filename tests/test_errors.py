@@ -47,16 +47,25 @@ class _NewKind(HbdError):
     """A subclass daemon.py has never heard of: caught as an HbdError all the same."""
 
 
-@pytest.mark.parametrize(("exc", "lines"), [
-    (ConfigError(["line 3: port: must be an integer", "line 4: nope: unknown key"]),
-     ["line 3: port: must be an integer", "line 4: nope: unknown key"]),
-    (BindError("cannot listen on 127.0.0.1:1: permission denied"), ["cannot listen on 127.0.0.1:1: permission denied"]),
-    (_NewKind("something an operator can fix"), ["something an operator can fix"]),
-])
+@pytest.mark.parametrize(
+    ("exc", "lines"),
+    [
+        (
+            ConfigError(["line 3: port: must be an integer", "line 4: nope: unknown key"]),
+            ["line 3: port: must be an integer", "line 4: nope: unknown key"],
+        ),
+        (
+            BindError("cannot listen on 127.0.0.1:1: permission denied"),
+            ["cannot listen on 127.0.0.1:1: permission denied"],
+        ),
+        (_NewKind("something an operator can fix"), ["something an operator can fix"]),
+    ],
+)
 def test_a_failed_reload_reports_an_hbd_error_without_a_traceback(exc: Exception, lines: list[str]) -> None:
     records = _reload_failing(exc)
-    assert [r.getMessage() for r in records if r.getMessage().startswith("reload failed: ")][:len(lines)] == [
-        f"reload failed: {line}" for line in lines]
+    assert [r.getMessage() for r in records if r.getMessage().startswith("reload failed: ")][: len(lines)] == [
+        f"reload failed: {line}" for line in lines
+    ]
     assert not [r for r in records if r.exc_info]
 
 

@@ -43,10 +43,19 @@ def test_renderers_import_no_daemon() -> None:
 
 
 def _daemon(role: str = "server") -> DaemonView:
-    return DaemonView(role, 1000.0, 1_700_000_000.0, "2 clients, 0 late", 1, 0, None, LoopNumbers(0.001, 0.002, 0),
-                      {"ok": 1, "failed": 0, "timeout": 0, "error": 0, "dropped": 0, "running": 0, "queued": 0},
-                      {"up": 2, "late": 0, "down": 1},
-                      (RecentEvent(1_700_000_100.0, "down", "web2", "10.0.0.2:4000", "UP", "silent for 10 s"),))
+    return DaemonView(
+        role,
+        1000.0,
+        1_700_000_000.0,
+        "2 clients, 0 late",
+        1,
+        0,
+        None,
+        LoopNumbers(0.001, 0.002, 0),
+        {"ok": 1, "failed": 0, "timeout": 0, "error": 0, "dropped": 0, "running": 0, "queued": 0},
+        {"up": 2, "late": 0, "down": 1},
+        (RecentEvent(1_700_000_100.0, "down", "web2", "10.0.0.2:4000", "UP", "silent for 10 s"),),
+    )
 
 
 def _counters() -> ServerCounters:
@@ -56,13 +65,43 @@ def _counters() -> ServerCounters:
 def test_a_registry_shaped_view_renders_without_changing_status_or_metrics() -> None:
     """What issue 12's registry will produce (DOWN rows with since/reason/flags, counts by state)."""
     rows = [
-        PeerRow("web1", "web1", "10.0.0.1:4000", "UP", 990.0, 999.0, 20, 10.0, 2.0, since=990.0, expected=True,
-                labels=(("rack", "a1"),)),
-        PeerRow("web2", "web2", "10.0.0.2:4000", "DOWN", None, 900.0, 20, 10.0, 2.0, since=910.0,
-                reason="silent for 10 s", flags=frozenset({"flapping"})),
+        PeerRow(
+            "web1",
+            "web1",
+            "10.0.0.1:4000",
+            "UP",
+            990.0,
+            999.0,
+            20,
+            10.0,
+            2.0,
+            since=990.0,
+            expected=True,
+            labels=(("rack", "a1"),),
+        ),
+        PeerRow(
+            "web2",
+            "web2",
+            "10.0.0.2:4000",
+            "DOWN",
+            None,
+            900.0,
+            20,
+            10.0,
+            2.0,
+            since=910.0,
+            reason="silent for 10 s",
+            flags=frozenset({"flapping"}),
+        ),
     ]
-    view = ServerView(_daemon(), "0.0.0.0:7000", ServerSettings(10.0, 100, 1), _counters(), rows,
-                      counts={"NEW": 0, "UP": 1, "LATE": 0, "DOWN": 1})
+    view = ServerView(
+        _daemon(),
+        "0.0.0.0:7000",
+        ServerSettings(10.0, 100, 1),
+        _counters(),
+        rows,
+        counts={"NEW": 0, "UP": 1, "LATE": 0, "DOWN": 1},
+    )
     doc = json.loads(b"".join(status.server_document(view)))
     assert doc["counts"] == {"NEW": 0, "UP": 1, "LATE": 0, "DOWN": 1}
     web1, web2 = doc["peers"]
@@ -72,15 +111,28 @@ def test_a_registry_shaped_view_renders_without_changing_status_or_metrics() -> 
     assert "DOWN" in status.render(doc) and "web2" in status.render(doc)
     families = {f.name: f for f in text_string_to_metric_families(metrics.collect(view).render().decode())}
     assert {s.labels["state"]: s.value for s in families["hbd_peers"].samples} == {
-        "NEW": 0, "UP": 1, "LATE": 0, "DOWN": 1}
+        "NEW": 0,
+        "UP": 1,
+        "LATE": 0,
+        "DOWN": 1,
+    }
 
 
 def test_todays_rows_keep_todays_document() -> None:
     rows = [PeerRow("10.0.0.1:4000", None, "10.0.0.1:4000", "NEW", 999.0, None, 0, 10.0, None)]
     view = ServerView(_daemon(), None, ServerSettings(10.0, 100, 1), _counters(), rows)
     doc = json.loads(b"".join(status.server_document(view)))
-    assert list(doc["peers"][0]) == ["peer", "name", "address", "state", "connected", "last_ping", "pings",
-                                     "timeout", "interval"]
+    assert list(doc["peers"][0]) == [
+        "peer",
+        "name",
+        "address",
+        "state",
+        "connected",
+        "last_ping",
+        "pings",
+        "timeout",
+        "interval",
+    ]
     assert "counts" not in doc and doc["recent"][0]["reason"] == "silent for 10 s"
     assert "hbd_peers" not in metrics.collect(view).render().decode()
 
@@ -106,8 +158,12 @@ def test_worker_numbers_cross_the_pipe_and_sum() -> None:
     assert WorkerNumbers.from_dict(json.loads(json.dumps(n.to_dict()))) == n
     junk = WorkerNumbers.from_dict({"clients": "many", "pings": True, "events": [1], "lag": None})
     assert junk.counters == ServerCounters() and junk.events == {} and junk.loop == LoopNumbers(0.0, 0.0, 0)
-    view = SupervisorView(_daemon(), "0.0.0.0:7000", ServerSettings(10.0, 100, 2),
-                          (WorkerRow(1, 11, 2, 0, n), WorkerRow(2, 12, 2, 0, n), WorkerRow(3, 13, 0, 0, None)))
+    view = SupervisorView(
+        _daemon(),
+        "0.0.0.0:7000",
+        ServerSettings(10.0, 100, 2),
+        (WorkerRow(1, 11, 2, 0, n), WorkerRow(2, 12, 2, 0, n), WorkerRow(3, 13, 0, 0, None)),
+    )
     families = {f.name: f for f in text_string_to_metric_families(metrics.collect(view).render().decode())}
     assert families["hbd_server_pings"].samples[0].value == 80
     assert families["hbd_server_workers"].samples[0].value == 3
