@@ -42,6 +42,13 @@ def test_renderers_import_no_daemon() -> None:
     assert not {m for m in _imports("view") if m.startswith("hbd")}
 
 
+
+def test_the_server_side_does_not_call_back_into_the_renderers() -> None:
+    """server.py used to ask metrics.server_numbers(ops) for its own counters (issue 11)."""
+    for module in ("server", "workers"):
+        assert not {m for m in _imports(module) if m in ("hbd.metrics", "hbd.status", "hbd.ops")}, module
+
+
 def _daemon(role: str = "server") -> DaemonView:
     return DaemonView(
         role,
