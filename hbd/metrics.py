@@ -11,6 +11,7 @@ loop. The tests check the output with prometheus_client's own parser.
 from __future__ import annotations
 
 import math
+import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
 
@@ -25,6 +26,7 @@ from hbd.view import (
     LoopNumbers,
     Rtt,
     ServerCounters,
+    ServerView,
     SupervisorView,
 )
 
@@ -180,7 +182,27 @@ def collect(view: DaemonViews) -> Exposition:
         _collect_server(total, view.counts, out)
     else:
         _collect_server(view.counters, view.counts, out)
+        if view.counts is not None:  # a registry's view: every known peer has its own series
+            _collect_peers(view, out)
     return out
+
+
+def _collect_peers(view: ServerView, out: Exposition) -> None:
+    offset = time.time() - view.daemon.now  # monotonic -> wall clock
+    rows = [({"peer": row.peer, **dict(row.labels)}, row) for row in view.peers]
+    out.family("hbd_peer_up", "gauge", "1 while the peer pings on time (UP or LATE), else 0.")
+    for labels, row in rows:
+        out.sample("hbd_peer_up", 1 if row.state in ("UP", "LATE") else 0, labels)
+    out.family("hbd_peer_last_ping_timestamp_seconds", "gauge", "When the peer last pinged, Unix time.")
+    for labels, row in rows:
+        if row.last_ping is not None:
+            out.sample("hbd_peer_last_ping_timestamp_seconds", round(row.last_ping + offset, 3), labels)
+    out.family("hbd_peer_flapping", "gauge", "1 while the peer is flagged as flapping.")
+    for labels, row in rows:
+        out.sample("hbd_peer_flapping", 1 if "flapping" in row.flags else 0, labels)
+    out.family("hbd_peer_silenced", "gauge", "1 while the peer is silenced (maintenance).")
+    for labels, row in rows:
+        out.sample("hbd_peer_silenced", 1 if row.silenced_until is not None else 0, labels)
 
 
 def _summed(own: Mapping[str, int], others: list[Mapping[str, int]]) -> dict[str, int]:

@@ -10,7 +10,8 @@ from a snapshot of the connections taken by ``view()``), so a large table is ser
 time without a second copy.
 
 The peer registry (issue 12) fills the optional parts: a row's ``since``, ``reason``, ``flags``,
-``labels`` and ``silenced_until``, and ``ServerView.counts``. Renderers show them when present.
+``labels`` and ``silenced_until``, and ``counts`` by state. Renderers show them when present (with
+``counts``, the metrics give every listed peer its own series: ``hbd_peer_up`` and friends).
 This module imports nothing from hbd.
 """
 

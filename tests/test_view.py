@@ -42,7 +42,6 @@ def test_renderers_import_no_daemon() -> None:
     assert not {m for m in _imports("view") if m.startswith("hbd")}
 
 
-
 def test_the_server_side_does_not_call_back_into_the_renderers() -> None:
     """server.py used to ask metrics.server_numbers(ops) for its own counters (issue 11)."""
     for module in ("server", "workers"):
@@ -123,6 +122,11 @@ def test_a_registry_shaped_view_renders_without_changing_status_or_metrics() -> 
         "LATE": 0,
         "DOWN": 1,
     }
+    up = {s.labels["peer"]: (s.value, s.labels.get("rack")) for s in families["hbd_peer_up"].samples}
+    assert up == {"web1": (1, "a1"), "web2": (0, None)}
+    assert {s.labels["peer"]: s.value for s in families["hbd_peer_flapping"].samples} == {"web1": 0, "web2": 1}
+    last = {s.labels["peer"]: s.value for s in families["hbd_peer_last_ping_timestamp_seconds"].samples}
+    assert abs((last["web1"] - last["web2"]) - 99.0) < 0.01
 
 
 def test_todays_rows_keep_todays_document() -> None:
@@ -141,7 +145,8 @@ def test_todays_rows_keep_todays_document() -> None:
         "interval",
     ]
     assert "counts" not in doc and doc["recent"][0]["reason"] == "silent for 10 s"
-    assert "hbd_peers" not in metrics.collect(view).render().decode()
+    exposition = metrics.collect(view).render().decode()
+    assert "hbd_peers" not in exposition and "hbd_peer_up" not in exposition
 
 
 def test_peers_are_serialised_a_slice_at_a_time_in_one_pass() -> None:
