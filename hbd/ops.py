@@ -3,7 +3,8 @@
 ``Daemon`` owns one ``Ops``: it is started before the daemon's own ``start()``, prepared and
 committed with every reload (a new socket path or metrics address is bound before the old one is
 let go, so a reload that cannot bind changes nothing), and closed at shutdown. The daemons report
-peer state changes through ``event()``; everything else is read from them when asked.
+peer state changes through ``event()``; everything else is read from their ``view()`` (hbd.view)
+when asked, through the ``Operated`` interface (hbd.operated).
 
 Roles: a plain server or client serves all three. With ``workers: K`` the supervisor serves the
 status socket (relaying its workers') and the metrics, and each worker serves a private status
