@@ -25,6 +25,7 @@ from hbd.logs import fields, log
 from hbd.loop import EventLoop, Timer
 from hbd.metrics import LinkStats
 from hbd.protocol import Answers, ClientLink, ProtocolError
+from hbd.view import ClientSettings, ClientView, LinkRow
 
 RECV_SIZE = 4096
 # hbd servers refuse greetings closer together than this on one connection: a reload's new
@@ -429,6 +430,7 @@ class Link:
 
 class Client(Daemon):
     identifier = "hbd-client"
+    role = "client"
 
     def __init__(self, config: ClientConfig, **kwargs: object) -> None:
         super().__init__(config, **kwargs)  # type: ignore[arg-type]
@@ -512,6 +514,12 @@ class Client(Daemon):
     def status_text(self) -> str:
         return "; ".join(link.status() for link in self.links)
 
+    def view(self) -> ClientView:
+        cfg = self.config
+        return ClientView(self.daemon_view(), cfg.client_name,
+                          ClientSettings(cfg.heartbeat_interval, cfg.pong_timeout, cfg.reconnect_attempts),
+                          tuple(_link_row(link) for link in self.links))
+
     def contain(self, fileobj: object, callback: object, exc: Exception) -> str | None:
         """An unexpected error while serving one link: that link reconnects, the others go on."""
         for link in self.links:
@@ -549,3 +557,14 @@ def _greeting(cfg: ClientConfig) -> bytes:
 
 def _strerror(rc: int) -> str:
     return os.strerror(rc)
+
+
+def _link_row(link: Link) -> LinkRow:
+    st, proto, timer = link.stats, link.proto, link.timer
+    return LinkRow(
+        link.target.peer, link.target.name, link.address, link.health.upper() if link.health else "NEW",
+        link.health_since, str(link.state), st.last_pong, st.rtt_view(), st.pings, st.timeouts, st.connects,
+        link.retries,
+        proto.outstanding if proto is not None else 0,
+        timer.when if link.state is LinkState.WAITING and timer is not None else None,
+    )

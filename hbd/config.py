@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from hbd.access import Network, parse_allow
+from hbd.errors import ConfigError as ConfigError  # re-exported: where callers import it from
 from hbd.protocol import NAME_PATTERN
 from hbd.quote import cut, quote, show
 from hbd.tls import TLSConfig, parse_client_tls, parse_server_tls
@@ -40,14 +41,6 @@ MAX_DEPTH = 32  # nesting of lists and mappings, aliases expanded
 MAX_NODES = 50_000  # values in the document, aliases expanded (a YAML "billion laughs" stops here)
 MAX_ERRORS = 20  # error lines reported for one file
 MAX_ERROR_LINE = 500  # characters per error line
-
-
-class ConfigError(Exception):
-    """A configuration file is invalid; ``errors`` holds one line per problem."""
-
-    def __init__(self, errors: list[str]) -> None:
-        super().__init__("\n".join(errors))
-        self.errors = errors
 
 
 # -- typed converters: value -> converted value, or raise ValueError(reason) ----------------------

@@ -33,9 +33,9 @@ import struct
 from collections.abc import Callable, Iterator
 
 from hbd.accept import ACCEPT_PAUSE, Acceptor
+from hbd.errors import BindError as BindError  # re-exported: where callers import it from
 from hbd.logs import fields, log
 from hbd.loop import EventLoop, Timer
-from hbd.names import BindError
 
 Reply = Iterator[bytes | None]
 Handler = Callable[[bytes, Callable[[], None]], Reply]

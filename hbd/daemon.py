@@ -10,13 +10,14 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
-from hbd.config import ConfigError
-from hbd.control import BindError
 from hbd.early import STRAY_SIGNALS, take_hup
-from hbd.logs import Logging, LogSetupError, PeerLog, log
+from hbd.errors import HbdError
+from hbd.errors import StartError as StartError  # re-exported: where callers import it from
+from hbd.logs import Logging, PeerLog, log
 from hbd.loop import EventLoop
 from hbd.notify import Notifier
 from hbd.ops import Ops
+from hbd.view import DaemonView, DaemonViews
 
 STATUS_INTERVAL = 1.0
 # Every signal a daemon's loop handles. The supervisor blocks them across fork() (hbd/workers.py) and the
@@ -30,12 +31,11 @@ ERROR_BURST = 5
 ERROR_WINDOW = 60.0
 
 
-class StartError(Exception):
-    """The daemon cannot start (or a reload cannot be applied); the message says why."""
-
-
 class Daemon:
     identifier = "hbd"
+    role = "server"  # what the operator's surface shows: "server" or "client"
+    supervises = False  # relays its workers' status (hbd.workers.Supervisor)
+    worker_index: int | None = None  # set in each of several workers
 
     def __init__(
         self,
@@ -81,6 +81,19 @@ class Daemon:
 
     def status_text(self) -> str:
         return ""
+
+    def view(self) -> DaemonViews:
+        """A read-only snapshot for the status socket and the metrics."""
+        raise NotImplementedError
+
+    def daemon_view(self) -> DaemonView:
+        """The part of ``view()`` every daemon shares."""
+        events, hooks, loop = self.ops.numbers()
+        return DaemonView(
+            role=self.role, now=self.loop.time(), started=self.ops.started_wall, status=self.status_text(),
+            reloads_ok=self.reloads_ok, reloads_failed=self.reloads_failed, last_reload_error=self.last_reload_error,
+            loop=loop, hooks=hooks, events=events, recent=tuple(self.ops.recent),
+        )
 
     def contain(self, fileobj: Any, callback: Any, exc: Exception) -> str | None:
         """A callback raised ``exc``: close the connection it served (``fileobj`` for I/O, None
@@ -134,7 +147,7 @@ class Daemon:
             self.logs.configure(self.config.log_level, self.config.log_file)
             self.ops.start()
             self.start()
-        except (LogSetupError, StartError, BindError) as exc:
+        except HbdError as exc:
             log.error("cannot start: %s", exc)
             self.ops.close()
             self.logs.close()
@@ -182,9 +195,9 @@ class Daemon:
         except Exception as exc:  # whatever it is, the running configuration stays
             if handler is not None:
                 self.logs.discard(handler)
-            if not isinstance(exc, ConfigError | LogSetupError | StartError | BindError):
+            if not isinstance(exc, HbdError):
                 log.error("reload failed: unexpected error", exc_info=True)  # a bug: one traceback
-            errors = exc.errors if isinstance(exc, ConfigError) else [str(exc) or type(exc).__name__]
+            errors = exc.errors if isinstance(exc, HbdError) else [str(exc) or type(exc).__name__]
             for line in errors:
                 log.error("reload failed: %s", line, extra={"fields": {"EVENT": "reload-failed"}})
             log.error("reload failed: still running with the previous configuration of %s", path)

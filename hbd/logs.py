@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hbd.errors import LogSetupError as LogSetupError  # re-exported: where callers import it from
+
 try:  # python-systemd is optional: without it hbd logs to stderr, which journald also captures
     from systemd import journal as _journal
 except ImportError:  # pragma: no cover - depends on the machine
@@ -58,10 +60,6 @@ MESSAGE_IDS = {
 _SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
 log = logging.getLogger(LOGGER)
-
-
-class LogSetupError(Exception):
-    pass
 
 
 def fields(**values: Any) -> dict[str, Any]:

@@ -11,12 +11,24 @@ loop. The tests check the output with prometheus_client's own parser.
 from __future__ import annotations
 
 import math
+import time
 from bisect import bisect_left
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
 
 from hbd import __version__
 from hbd.control import Reply
+from hbd.view import (
+    EVENTS,
+    HOOK_RESULTS,
+    PEER_STATES,
+    ClientView,
+    DaemonViews,
+    LoopNumbers,
+    Rtt,
+    ServerCounters,
+    ServerView,
+    SupervisorView,
+)
 
 # Client ping->pong round trips, seconds: sub-millisecond on a LAN up to the longest pong_timeout.
 RTT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -40,12 +52,7 @@ class Histogram:
         self.count += 1
 
     def cumulative(self) -> list[tuple[str, int]]:
-        out = []
-        total = 0
-        for bound, n in zip([*map(_num, self.bounds), "+Inf"], self.counts, strict=True):
-            total += n
-            out.append((bound, total))
-        return out
+        return _cumulative(self.bounds, self.counts)
 
 
 class LinkStats:
@@ -68,6 +75,19 @@ class LinkStats:
         if rtt > self.rtt_max:
             self.rtt_max = rtt
         self.last_pong = now
+
+    def rtt_view(self) -> Rtt:
+        h = self.rtt
+        return Rtt(h.bounds, tuple(h.counts), h.sum, h.count, self.rtt_last, self.rtt_max)
+
+
+def _cumulative(bounds: tuple[float, ...], counts: Iterable[int]) -> list[tuple[str, int]]:
+    out = []
+    total = 0
+    for bound, n in zip([*map(_num, bounds), "+Inf"], counts, strict=True):
+        total += n
+        out.append((bound, total))
+    return out
 
 
 # -- exposition ------------------------------------------------------------------------------------
@@ -111,8 +131,8 @@ class Exposition:
         self.family(name, kind, help_text)
         self.sample(name, value, labels)
 
-    def histogram(self, name: str, hist: Histogram, labels: dict[str, str]) -> None:
-        for bound, n in hist.cumulative():
+    def histogram(self, name: str, hist: Histogram | Rtt, labels: dict[str, str]) -> None:
+        for bound, n in _cumulative(hist.bounds, hist.counts):
             self.sample(f"{name}_bucket", n, {**labels, "le": bound})
         self.sample(f"{name}_sum", hist.sum, labels)
         self.sample(f"{name}_count", hist.count, labels)
@@ -122,131 +142,119 @@ class Exposition:
 
 
 # -- what each daemon exposes ------------------------------------------------------------------------
-def collect(ops: Any) -> Exposition:
-    d = ops.daemon
+def collect(view: DaemonViews) -> Exposition:
+    d = view.daemon
+    workers = [w.numbers for w in view.workers if w.numbers is not None] if isinstance(view, SupervisorView) else []
     out = Exposition()
     out.one("hbd_info", "gauge", "Always 1; the labels say what runs.", 1,
-            {"role": ops.role, "version": __version__})
-    out.one("hbd_start_time_seconds", "gauge", "When this daemon started, Unix time.", round(ops.started_wall, 3))
+            {"role": d.role, "version": __version__})
+    out.one("hbd_start_time_seconds", "gauge", "When this daemon started, Unix time.", round(d.started, 3))
     out.family("hbd_reloads_total", "counter", "Configuration reloads (SIGHUP) by result.")
     out.sample("hbd_reloads_total", d.reloads_ok, {"result": "ok"})
     out.sample("hbd_reloads_total", d.reloads_failed, {"result": "failed"})
-    loop = _loop_numbers(ops)
+    loop = d.loop
+    for numbers in workers:  # the worst loop among the supervisor's and the workers'
+        loop = LoopNumbers(max(loop.lag, numbers.loop.lag), max(loop.max_lag, numbers.loop.max_lag),
+                           loop.stalls + numbers.loop.stalls)
     out.one("hbd_loop_lag_seconds", "gauge", "How long something ready could wait for the event loop in its last "
-            "turn: how late the wake-up was plus how long the turn took.", loop["lag"])
-    out.one("hbd_loop_lag_max_seconds", "gauge", "The largest event loop lag so far.", loop["max_lag"])
+            "turn: how late the wake-up was plus how long the turn took.", loop.lag)
+    out.one("hbd_loop_lag_max_seconds", "gauge", "The largest event loop lag so far.", loop.max_lag)
     out.one("hbd_loop_stalls_total", "counter", "Times the process did not run for over 250 ms (a wake-up that "
-            "late, or a turn that much longer than the CPU it used).", loop["stalls"])
-    events = _summed(ops, "events")
+            "late, or a turn that much longer than the CPU it used).", loop.stalls)
+    events = _summed(d.events, [n.events for n in workers])
     out.family("hbd_peer_events_total", "counter", "Peer state changes (what on_change hooks are run for).")
-    for event in ("up", "late", "down"):
+    for event in EVENTS:
         out.sample("hbd_peer_events_total", events.get(event, 0), {"event": event})
-    hooks = _summed(ops, "hooks")
+    hooks = _summed(d.hooks, [n.hooks for n in workers])
     out.family("hbd_hooks_total", "counter", "on_change hook runs by outcome (dropped: the queue was full; "
                "coalesced: replaced by a later change of the same peer before it ran).")
-    for result in ("ok", "failed", "timeout", "error", "dropped", "coalesced"):
+    for result in HOOK_RESULTS:
         out.sample("hbd_hooks_total", hooks.get(result, 0), {"result": result})
     out.one("hbd_hooks_running", "gauge", "on_change hooks running now.", hooks.get("running", 0))
     out.one("hbd_hooks_queued", "gauge", "on_change hook runs waiting for a free slot.", hooks.get("queued", 0))
-    if ops.role == "server":
-        _collect_server(ops, out)
-    else:
-        _collect_client(ops, out)
-    return out
-
-
-def server_numbers(ops: Any) -> dict[str, Any]:
-    """One server process's counters (a worker sends these to its supervisor every second)."""
-    srv = ops.daemon
-    pings = srv.closed_pings + sum(conn.peer.pings for conn in srv.conns.values())  # at scrape time only
-    return {
-        "clients": len(srv.conns), "late": srv.late, "pings": pings, **srv.stats,
-        "events": dict(ops.events),
-        "hooks": {**ops.hooks.counts, "running": len(ops.hooks.running), "queued": len(ops.hooks.queue)},
-        "lag": ops.daemon.loop.last_lag, "max_lag": ops.daemon.loop.max_lag, "stalls": ops.stalls,
-    }
-
-
-def _workers(ops: Any) -> list[dict[str, Any]] | None:
-    """The last numbers of every worker when this is a supervisor, else None."""
-    workers = getattr(ops.daemon, "workers", None)
-    if not isinstance(workers, dict):
-        return None
-    return [getattr(w, "numbers", None) or {} for w in workers.values()]
-
-
-def _summed(ops: Any, key: str) -> dict[str, int]:
-    own = dict(ops.events) if key == "events" else {
-        **ops.hooks.counts, "running": len(ops.hooks.running), "queued": len(ops.hooks.queue)}
-    for numbers in _workers(ops) or []:
-        for k, v in numbers.get(key, {}).items():
-            own[k] = own.get(k, 0) + v
-    return own
-
-
-def _loop_numbers(ops: Any) -> dict[str, float]:
-    loop = ops.daemon.loop
-    out = {"lag": loop.last_lag, "max_lag": loop.max_lag, "stalls": ops.stalls}
-    for numbers in _workers(ops) or []:  # the worst loop among the supervisor's and the workers'
-        out["lag"] = max(out["lag"], numbers.get("lag", 0.0))
-        out["max_lag"] = max(out["max_lag"], numbers.get("max_lag", 0.0))
-        out["stalls"] += numbers.get("stalls", 0)
-    return out
-
-
-def _collect_server(ops: Any, out: Exposition) -> None:
-    workers = _workers(ops)
-    if workers is None:
-        n = server_numbers(ops)
-    else:
-        n = {}
+    if isinstance(view, ClientView):
+        _collect_client(view, out)
+    elif isinstance(view, SupervisorView):
+        total = ServerCounters()
         for numbers in workers:
-            for k, v in numbers.items():
-                if isinstance(v, int | float):
-                    n[k] = n.get(k, 0) + v
-        out.one("hbd_server_workers", "gauge", "Worker processes running.", len(workers))
-    g = n.get
-    out.one("hbd_server_clients", "gauge", "Clients connected now.", g("clients", 0))
+            total = total.plus(numbers.counters)
+        out.one("hbd_server_workers", "gauge", "Worker processes running.", len(view.workers))
+        _collect_server(total, view.counts, out)
+    else:
+        _collect_server(view.counters, view.counts, out)
+        if view.counts is not None:  # a registry's view: every known peer has its own series
+            _collect_peers(view, out)
+    return out
+
+
+def _collect_peers(view: ServerView, out: Exposition) -> None:
+    offset = time.time() - view.daemon.now  # monotonic -> wall clock
+    rows = [({"peer": row.peer, **dict(row.labels)}, row) for row in view.peers]
+    out.family("hbd_peer_up", "gauge", "1 while the peer pings on time (UP or LATE), else 0.")
+    for labels, row in rows:
+        out.sample("hbd_peer_up", 1 if row.state in ("UP", "LATE") else 0, labels)
+    out.family("hbd_peer_last_ping_timestamp_seconds", "gauge", "When the peer last pinged, Unix time.")
+    for labels, row in rows:
+        if row.last_ping is not None:
+            out.sample("hbd_peer_last_ping_timestamp_seconds", round(row.last_ping + offset, 3), labels)
+    out.family("hbd_peer_flapping", "gauge", "1 while the peer is flagged as flapping.")
+    for labels, row in rows:
+        out.sample("hbd_peer_flapping", 1 if "flapping" in row.flags else 0, labels)
+    out.family("hbd_peer_silenced", "gauge", "1 while the peer is silenced (maintenance).")
+    for labels, row in rows:
+        out.sample("hbd_peer_silenced", 1 if row.silenced_until is not None else 0, labels)
+
+
+def _summed(own: Mapping[str, int], others: list[Mapping[str, int]]) -> dict[str, int]:
+    total = dict(own)
+    for numbers in others:
+        for k, v in numbers.items():
+            total[k] = total.get(k, 0) + v
+    return total
+
+
+def _collect_server(n: ServerCounters, counts: Mapping[str, int] | None, out: Exposition) -> None:
+    out.one("hbd_server_clients", "gauge", "Clients connected now.", n.clients)
     out.one("hbd_server_clients_late", "gauge", "Connected clients that are late (silent over half the timeout).",
-            g("late", 0))
-    out.one("hbd_server_pings_total", "counter", "Pings received; each one is answered with a pong.", g("pings", 0))
+            n.late)
+    out.one("hbd_server_pings_total", "counter", "Pings received; each one is answered with a pong.", n.pings)
     out.family("hbd_server_connections_total", "counter",
                "Client connections by what became of them at accept (refused: max_clients; denied: allow).")
-    out.sample("hbd_server_connections_total", g("accepted", 0), {"result": "accepted"})
-    out.sample("hbd_server_connections_total", g("refused", 0), {"result": "refused"})
-    out.sample("hbd_server_connections_total", g("denied", 0), {"result": "denied"})
-    out.one("hbd_server_timeouts_total", "counter", "Clients closed for silence (heartbeat_timeout).",
-            g("timeouts", 0))
-    out.one("hbd_server_protocol_errors_total", "counter", "Clients closed for breaking the protocol.",
-            g("rejected", 0))
-    out.one("hbd_server_tls_failures_total", "counter", "TLS handshakes (or TLS sessions) that failed.",
-            g("tls_failed", 0))
+    out.sample("hbd_server_connections_total", n.accepted, {"result": "accepted"})
+    out.sample("hbd_server_connections_total", n.refused, {"result": "refused"})
+    out.sample("hbd_server_connections_total", n.denied, {"result": "denied"})
+    out.one("hbd_server_timeouts_total", "counter", "Clients closed for silence (heartbeat_timeout).", n.timeouts)
+    out.one("hbd_server_protocol_errors_total", "counter", "Clients closed for breaking the protocol.", n.rejected)
+    out.one("hbd_server_tls_failures_total", "counter", "TLS handshakes (or TLS sessions) that failed.", n.tls_failed)
+    if counts is not None:  # from the registry (issue 12)
+        out.family("hbd_peers", "gauge", "Known peers by state.")
+        for state in PEER_STATES:
+            out.sample("hbd_peers", counts.get(state, 0), {"state": state})
 
 
-def _collect_client(ops: Any, out: Exposition) -> None:
-    links = ops.daemon.links
-    per = [({"server": lk.target.name or lk.address, "address": lk.address}, lk) for lk in links]
+def _collect_client(view: ClientView, out: Exposition) -> None:
+    per = [({"server": row.name or row.address, "address": row.address}, row) for row in view.links]
     out.family("hbd_client_link_up", "gauge", "1 while the server answers pings (UP or LATE), else 0.")
-    for labels, lk in per:
-        out.sample("hbd_client_link_up", 1 if lk.health in ("up", "late") else 0, labels)
+    for labels, row in per:
+        out.sample("hbd_client_link_up", 1 if row.state in ("UP", "LATE") else 0, labels)
     for name, attr, help_text in (
         ("hbd_client_pings_total", "pings", "Pings sent."),
         ("hbd_client_pong_timeouts_total", "timeouts", "Links declared dead: a ping unanswered for pong_timeout."),
         ("hbd_client_connects_total", "connects", "Connection attempts (the first one and every reconnect)."),
     ):
         out.family(name, "counter", help_text)
-        for labels, lk in per:
-            out.sample(name, getattr(lk.stats, attr), labels)
+        for labels, row in per:
+            out.sample(name, getattr(row, attr), labels)
     out.family("hbd_client_pongs_total", "counter", "Pongs received.")
-    for labels, lk in per:
-        out.sample("hbd_client_pongs_total", lk.stats.rtt.count, labels)
+    for labels, row in per:
+        out.sample("hbd_client_pongs_total", row.rtt.count, labels)
     out.family("hbd_client_rtt_seconds", "histogram", "Ping to pong round-trip time.")
-    for labels, lk in per:
-        out.histogram("hbd_client_rtt_seconds", lk.stats.rtt, labels)
+    for labels, row in per:
+        out.histogram("hbd_client_rtt_seconds", row.rtt, labels)
 
 
 # -- HTTP ------------------------------------------------------------------------------------------------
-def http_reply(ops: Any, request: bytes) -> Reply:
+def http_reply(view: Callable[[], DaemonViews], request: bytes) -> Reply:
     """Answer one HTTP request head: GET /metrics (or /) with the exposition, else an error."""
     line = request.split(b"\r\n", 1)[0].decode("latin-1", "replace")
     parts = line.split()
@@ -258,7 +266,7 @@ def http_reply(ops: Any, request: bytes) -> Reply:
         yield _http(405, "Method Not Allowed", b"only GET\n", extra="Allow: GET, HEAD\r\n")
         return
     if target == "/metrics":
-        body = collect(ops).render()
+        body = collect(view()).render()
         yield _http(200, "OK", body, content_type=CONTENT_TYPE, head_only=method == "HEAD")
     elif target == "/":
         yield _http(200, "OK", b'<html><body><a href="/metrics">hbd metrics</a></body></html>\n',

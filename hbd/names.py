@@ -13,15 +13,13 @@ import ipaddress
 import socket
 import threading
 
+from hbd.errors import BindError as BindError  # re-exported: where callers import it from
+
 RESOLVE_TIMEOUT = 0.1  # seconds a listen host name may take to resolve; an IP address takes none
 MAX_PENDING = 4  # lookups still running in the background (a DNS that hangs): refuse more
 
 _pending = 0
 _lock = threading.Lock()
-
-
-class BindError(Exception):
-    """A listening socket cannot be set up; the message says why."""
 
 
 def bind_tcp(host: str, port: int, backlog: int | None = 16, *, reuse_port: bool = False) -> socket.socket:

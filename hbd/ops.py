@@ -3,7 +3,8 @@
 ``Daemon`` owns one ``Ops``: it is started before the daemon's own ``start()``, prepared and
 committed with every reload (a new socket path or metrics address is bound before the old one is
 let go, so a reload that cannot bind changes nothing), and closed at shutdown. The daemons report
-peer state changes through ``event()``; everything else is read from them when asked.
+peer state changes through ``event()``; everything else is read from their ``view()`` (hbd.view)
+when asked, through the ``Operated`` interface (hbd.operated).
 
 Roles: a plain server or client serves all three. With ``workers: K`` the supervisor serves the
 status socket (relaying its workers') and the metrics, and each worker serves a private status
@@ -12,32 +13,32 @@ socket and runs the hooks of its own clients.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from socket import socket
 
-from hbd import metrics, status
-from hbd.control import BindError, Reply, RequestServer, UnixListener
+from hbd import commands, metrics
+from hbd.control import BindError, RequestServer, UnixListener
 from hbd.hooks import HookRunner
 from hbd.logs import fields, log
 from hbd.names import bind_tcp
+from hbd.operated import Operated, OpsConfig
+from hbd.view import EVENTS, LoopNumbers, RecentEvent
 
 RECENT = 50  # state changes kept for the status reply
 
 
 class Ops:
-    def __init__(self, daemon: Any) -> None:
+    def __init__(self, daemon: Operated) -> None:
         self.daemon = daemon
         self.loop = daemon.loop
-        self.role = "client" if daemon.identifier.startswith("hbd-client") else "server"
+        self.role = daemon.role
         self.hooks = HookRunner(self.loop, self.role)
-        if hasattr(daemon, "peer_log"):
-            self.hooks.peer_log = daemon.peer_log  # one budget for every line peers can cause
-        self.events = {"up": 0, "late": 0, "down": 0}
-        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT)
+        self.hooks.peer_log = daemon.peer_log  # one budget for every line peers can cause
+        self.events = dict.fromkeys(EVENTS, 0)
+        self.recent: deque[RecentEvent] = deque(maxlen=RECENT)
         self.stalls = 0
         self.started_wall = time.time()
         self.control_path: str | None = None
@@ -46,25 +47,28 @@ class Ops:
         self._listener: UnixListener | None = None
         self.metrics_address: tuple[str, int] | None = None
         self.metrics: RequestServer | None = None
-        self._pending: tuple[UnixListener | None, Any] = (None, None)
+        self._pending: tuple[UnixListener | None, socket | None] = (None, None)
 
     # -- what this process serves ------------------------------------------------------------------
     @property
     def _worker_index(self) -> int | None:
-        return getattr(getattr(self.daemon, "worker", None), "index", None)
+        return self.daemon.worker_index
 
-    @property
-    def _supervisor(self) -> bool:
-        return isinstance(getattr(self.daemon, "workers", None), dict)
-
-    def _control_path_for(self, cfg: Any) -> str | None:
-        path = getattr(cfg, "control_socket", None)
+    def _control_path_for(self, cfg: OpsConfig) -> str | None:
+        path = cfg.control_socket
         if path and self._worker_index is not None:
             return f"{path}.{self._worker_index}"
         return path
 
-    def _metrics_for(self, cfg: Any) -> tuple[str, int] | None:
-        return None if self._worker_index is not None else getattr(cfg, "metrics", None)
+    def _metrics_for(self, cfg: OpsConfig) -> tuple[str, int] | None:
+        return None if self._worker_index is not None else cfg.metrics
+
+    def numbers(self) -> tuple[dict[str, int], dict[str, int], LoopNumbers]:
+        """Events, hooks and loop numbers of this process, for its view."""
+        hooks = self.hooks
+        loop = self.loop
+        return (dict(self.events), {**hooks.counts, "running": len(hooks.running), "queued": len(hooks.queue)},
+                LoopNumbers(loop.last_lag, loop.max_lag, self.stalls))
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -82,7 +86,7 @@ class Ops:
         self._install(path, listener, self._metrics_for(cfg), msock)
         self._configure_hooks(cfg)
 
-    def prepare(self, new: Any) -> Callable[[], None]:
+    def prepare(self, new: OpsConfig) -> Callable[[], None]:
         """Bind what the new config needs (raises BindError, changing nothing); return the commit."""
         path, maddr = self._control_path_for(new), self._metrics_for(new)
         listener = self._bind_control(path) if path != self.control_path else None
@@ -128,7 +132,7 @@ class Ops:
         self._close_control()
         self._close_metrics()
 
-    def contain(self, fileobj: Any) -> bool:
+    def contain(self, fileobj: object) -> bool:
         """A callback on ``fileobj`` raised: close it if it is one of our request connections."""
         return fileobj is not None and any(
             server is not None and server.contain(fileobj) for server in (self.control, self.metrics))
@@ -156,10 +160,11 @@ class Ops:
             return None
         return UnixListener(path, mode=0o600 if self._worker_index is not None else 0o660)
 
-    def _bind_metrics(self, address: tuple[str, int] | None) -> Any:
+    def _bind_metrics(self, address: tuple[str, int] | None) -> socket | None:
         return bind_tcp(*address) if address else None
 
-    def _install(self, path: str | None, listener: UnixListener | None, maddr: Any, msock: Any) -> None:
+    def _install(self, path: str | None, listener: UnixListener | None, maddr: tuple[str, int] | None,
+                 msock: socket | None) -> None:
         self._install_control(path, listener)
         self._install_metrics(maddr, msock)
 
@@ -167,16 +172,19 @@ class Ops:
         self.control_path = path
         self._listener = listener
         if listener is not None:
-            server = RequestServer(self.loop, listener.sock,
-                                   lambda req, wake: self._handle(req, wake, server.peer_uid), name="status socket")
+            server = RequestServer(
+                self.loop, listener.sock,
+                lambda req, wake: commands.answer(self.daemon, self.control_path, req, wake, server.peer_uid),
+                name="status socket",
+            )
             self.control = server
             log.info("status socket %s", path)
 
-    def _install_metrics(self, address: tuple[str, int] | None, sock: Any) -> None:
+    def _install_metrics(self, address: tuple[str, int] | None, sock: socket | None) -> None:
         self.metrics_address = address
         if sock is not None:
             self.metrics = RequestServer(
-                self.loop, sock, lambda req, wake: metrics.http_reply(self, req), terminator=b"\r\n\r\n",
+                self.loop, sock, lambda req, wake: metrics.http_reply(self.daemon.view, req), terminator=b"\r\n\r\n",
                 max_request=8192, too_long=metrics._http(431, "Request Header Fields Too Large", b""),
                 name="metrics endpoint",
             )
@@ -203,50 +211,8 @@ class Ops:
             self.metrics.close()
             self.metrics = None
 
-    def _configure_hooks(self, cfg: Any) -> None:
-        self.hooks.configure(
-            getattr(cfg, "on_change", None), getattr(cfg, "hook_timeout", 10.0),
-            getattr(cfg, "hook_max_concurrent", 4), getattr(cfg, "hook_max_queued", 100),
-        )
-
-    # -- requests ------------------------------------------------------------------------------------
-    def _handle(self, request: bytes, wake: Callable[[], None], uid: int | None = None) -> Reply:
-        words = request.decode("ascii", "replace").split()
-        command = words[0].lower() if words else ""
-        if command == "status":
-            if self.role == "client":
-                return status.client_document(self)
-            if self._supervisor:
-                return status.supervisor_document(self, wake)
-            return status.server_document(self)
-        if command == "peers" and self.role == "server" and not self._supervisor:
-            return status.peers_fragment(self)
-        if command == "metrics":
-            return iter([metrics.collect(self).render()])
-        if command == "reload" and self._worker_index is None:
-            return self._reload_reply(wake, uid)
-        return iter([json.dumps({"error": f"unknown command {command!r}; try: status, metrics, reload"}).encode()
-                     + b"\n"])
-
-    def _reload_reply(self, wake: Callable[[], None], uid: int | None) -> Reply:
-        """``reload``: reload on the loop, answer once it is applied or rejected (JSON line)."""
-        if uid not in (0, os.geteuid()):
-            # Reading the status is for the socket's group; a reload only for root and the daemon's own
-            # user (the units' ExecReload= runs as it).
-            yield json.dumps({"error": "reload: permission denied (only root or the daemon's user)"}).encode() + b"\n"
-            return
-        verdict: list[list[str]] = []
-
-        def done(errors: list[str]) -> None:
-            verdict.append(errors)
-            wake()
-
-        self.daemon.request_reload(done)
-        while not verdict:
-            yield None  # the loop goes on; done() wakes this connection
-        errors = verdict[0]
-        doc = {"reload": "ok"} if not errors else {"reload": "failed", "errors": errors}
-        yield json.dumps(doc).encode() + b"\n"
+    def _configure_hooks(self, cfg: OpsConfig) -> None:
+        self.hooks.configure(cfg.on_change, cfg.hook_timeout, cfg.hook_max_concurrent, cfg.hook_max_queued)
 
     # -- events --------------------------------------------------------------------------------------
     def event(self, event: str, peer: str, address: str, *, name: str | None = None,
@@ -254,8 +220,7 @@ class Ops:
         """A peer changed state (``up``, ``late``, ``down``): count it, remember it, run the hook.
         ``standing``: how established the peer was (see hbd.hooks: who waits when hooks pile up)."""
         self.events[event] += 1
-        self.recent.append({"time": time.time(), "event": event, "peer": peer, "address": address,
-                            "previous": previous, "reason": reason})
+        self.recent.append(RecentEvent(time.time(), event, peer, address, previous, reason))
         self.hooks.fire(event, peer, address, {"name": name or "", "previous": previous or "",
                                                 "reason": reason, **extra}, standing)
 

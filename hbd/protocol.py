@@ -20,6 +20,8 @@ from collections import deque
 from dataclasses import dataclass
 from enum import Enum
 
+from hbd.errors import ProtocolError as ProtocolError  # re-exported: where callers import it from
+
 PING = b"ping"
 PONG = b"pong"
 PING_LINE = b"ping\n"
@@ -38,10 +40,6 @@ STALLS_KEPT = 16  # our own stalls a client link remembers to forgive their time
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}\Z"  # a peer name in a greeting
 _NAME_RE = re.compile(NAME_PATTERN.encode())
 _TOKENS = (PING, b"\r\n", b"\n", HELLO)
-
-
-class ProtocolError(Exception):
-    """The peer sent something that is not hbd protocol; the connection should be closed."""
 
 
 class PeerState(Enum):

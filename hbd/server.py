@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from hbd import metrics
 from hbd.access import AllowList
 from hbd.admission import load_security
 from hbd.config import ServerConfig, load_server_config
@@ -25,6 +24,7 @@ from hbd.liveness import WHEEL_RESOLUTION, Liveness  # noqa: F401 (WHEEL_RESOLUT
 from hbd.logs import fields, log
 from hbd.protocol import Hello, PeerState, ServerPeer, StateChange, peer_timeout
 from hbd.server_report import ServerReport
+from hbd.view import PeerRow, ServerCounters, ServerSettings, ServerView, WorkerNumbers
 from hbd.workers_codec import Numbers, Ready, Reloaded, Status
 
 if TYPE_CHECKING:
@@ -32,15 +32,21 @@ if TYPE_CHECKING:
 
     from hbd.workers_codec import WorkerChannel
 
+
 class Server(Daemon):
     identifier = "hbd-server"
 
     def __init__(
-        self, config: ServerConfig, *, worker: WorkerChannel | None = None, reuse_port: bool = False,
+        self,
+        config: ServerConfig,
+        *,
+        worker: WorkerChannel | None = None,
+        reuse_port: bool = False,
         **kwargs: object,
     ) -> None:
         super().__init__(config, **kwargs)  # type: ignore[arg-type]
         self.worker = worker  # set when this process is one of several workers (hbd.workers)
+        self.worker_index = worker.index if worker is not None else None
         self.clock = self.loop.clock
         self.conns: dict[int, Connection] = {}
         self.listener = Listener(self.loop, self.on_accept, lambda: len(self.conns), reuse_port=reuse_port)
@@ -69,9 +75,12 @@ class Server(Daemon):
         self.start_status_updates()
         log.info(
             "listening on %s:%d (heartbeat_timeout %g s, max_clients %d%s%s)",
-            *self.address, cfg.heartbeat_timeout, self.max_clients,
+            *self.address,
+            cfg.heartbeat_timeout,
+            self.max_clients,
             ", TLS" + (" with client certificates" if cfg.tls and cfg.tls.require_client_cert else "")
-            if self.tls_context else "",
+            if self.tls_context
+            else "",
             f", allow {len(self.allow.nets)} network{'s' if len(self.allow.nets) != 1 else ''}" if self.allow else "",
         )
         if self.worker is not None:
@@ -91,7 +100,7 @@ class Server(Daemon):
     def on_status_tick(self) -> None:
         if self.worker is not None:
             self.worker.send(Status(len(self.conns), self.late))
-            self.worker.send(Numbers(metrics.server_numbers(self.ops)))
+            self.worker.send(Numbers(WorkerNumbers(self.counters(), *self.ops.numbers()).to_dict()))
 
     def prepare(self, new: ServerConfig) -> Callable[[], None]:
         old = self.config
@@ -131,12 +140,18 @@ class Server(Daemon):
         self.tls_context, self.allow = context, allow
         for conn in list(self.conns.values()):
             if allow is not None and not allow.allows(conn.source.strip("[]")):
-                log.warning("closing client %s: no longer in the allow list", conn.label,
-                            extra=fields(peer=conn.addr, event="denied"))
+                log.warning(
+                    "closing client %s: no longer in the allow list",
+                    conn.label,
+                    extra=fields(peer=conn.addr, event="denied"),
+                )
                 self._close(conn)
             elif turned_on and type(conn) is Connection:
-                log.warning("closing client %s: TLS is now required", conn.label,
-                            extra=fields(peer=conn.addr, event="tls-required"))
+                log.warning(
+                    "closing client %s: TLS is now required",
+                    conn.label,
+                    extra=fields(peer=conn.addr, event="tls-required"),
+                )
                 self._close(conn)
 
     # -- admission (the listener's on_accept) --------------------------------------------------------
@@ -156,8 +171,9 @@ class Server(Daemon):
             from hbd.server_tls import TLSConnection
 
             assert self.config.tls is not None
-            conn: Connection = TLSConnection(self, sock, address, now, timeout, self.tls_context,
-                                             self.config.tls.handshake_timeout)
+            conn: Connection = TLSConnection(
+                self, sock, address, now, timeout, self.tls_context, self.config.tls.handshake_timeout
+            )
         else:
             conn = Connection(self, sock, address, now, timeout)
         self.conns[sock.fileno()] = conn
@@ -166,6 +182,21 @@ class Server(Daemon):
     # -- the connections' owner (hbd.connection.Owner) -------------------------------------------------
     def is_open(self, conn: Connection) -> bool:
         return self.conns.get(conn.sock.fileno()) is conn
+
+    def counters(self) -> ServerCounters:
+        pings = self.closed_pings + sum(conn.peer.pings for conn in self.conns.values())  # when asked only
+        return ServerCounters(len(self.conns), self.late, pings, **self.stats)
+
+    def view(self) -> ServerView:
+        cfg = self.config
+        addr = self.address
+        return ServerView(
+            self.daemon_view(),
+            f"{addr[0]}:{addr[1]}" if addr else None,
+            ServerSettings(cfg.heartbeat_timeout, cfg.max_clients, cfg.workers),
+            self.counters(),
+            _peer_rows(list(self.conns.values()), self.worker_index),
+        )
 
     def arm(self, conn: Connection, forgiven: float = 0.0) -> None:
         self.liveness.arm(conn, forgiven)
@@ -253,3 +284,23 @@ class Server(Daemon):
         except OSError:
             pass
         sock.close()
+
+
+def _peer_rows(conns: list[Connection], worker: int | None) -> Iterator[PeerRow]:
+    """The rows of a snapshot of the connections, made as they are read (the status reply slices them)."""
+    for conn in conns:
+        if conn.sock.fileno() < 0:
+            continue  # closed since the snapshot
+        peer = conn.peer
+        yield PeerRow(
+            peer.name or conn.addr,
+            peer.name,
+            conn.addr,
+            peer.state.value,
+            conn.since,
+            peer.last_heard if peer.pings else None,
+            peer.pings,
+            peer.timeout,
+            peer.interval,
+            worker,
+        )

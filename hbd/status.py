@@ -16,15 +16,18 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterator
+from itertools import islice
 from typing import Any
 
 from hbd import __version__
 from hbd.control import Reply
+from hbd.loop import EventLoop
+from hbd.view import ClientView, DaemonView, PeerRow, ServerView, SupervisorView
 
 SLICE = 250  # peers serialised per chunk: ~25 KB, well under a millisecond of loop time each
 
 
-def _dumps(obj: Any) -> str:
+def _dumps(obj: object) -> str:
     return json.dumps(obj, separators=(",", ":"), allow_nan=False)
 
 
@@ -39,95 +42,89 @@ class Clock:
         return None if mono is None else round(mono + self.offset, 3)
 
 
-def head(ops: Any, clock: Clock) -> dict[str, Any]:
-    d = ops.daemon
+def head(d: DaemonView, clock: Clock) -> dict[str, object]:
     return {
-        "role": ops.role,
+        "role": d.role,
         "version": __version__,
         "pid": os.getpid(),
         "now": round(clock.wall_now, 3),
-        "started": round(ops.started_wall, 3),
-        "status": d.status_text(),
+        "started": round(d.started, 3),
+        "status": d.status,
         "reloads": {"ok": d.reloads_ok, "failed": d.reloads_failed, "last_error": d.last_reload_error},
-        "loop": {"lag_ms": round(d.loop.last_lag * 1000, 3), "max_lag_ms": round(d.loop.max_lag * 1000, 3),
-                 "stalls": ops.stalls},
-        "hooks": {**ops.hooks.counts, "running": len(ops.hooks.running), "queued": len(ops.hooks.queue)},
-        "events": dict(ops.events),
-        "recent": [{**e, "time": round(e["time"], 3)} for e in ops.recent],
+        "loop": {"lag_ms": round(d.loop.lag * 1000, 3), "max_lag_ms": round(d.loop.max_lag * 1000, 3),
+                 "stalls": d.loop.stalls},
+        "hooks": dict(d.hooks),
+        "events": dict(d.events),
+        "recent": [{**e._asdict(), "time": round(e.time, 3)} for e in d.recent],
     }
 
 
 # -- server ------------------------------------------------------------------------------------------
-def server_head(ops: Any, clock: Clock) -> dict[str, Any]:
-    srv = ops.daemon
-    cfg = srv.config
-    addr = srv.address
-    return {
-        **head(ops, clock),
-        "listen": f"{addr[0]}:{addr[1]}" if addr else None,
-        "config": {"heartbeat_timeout": cfg.heartbeat_timeout, "max_clients": cfg.max_clients,
-                   "workers": cfg.workers},
-    }
+def server_head(view: ServerView | SupervisorView, clock: Clock) -> dict[str, object]:
+    doc = {**head(view.daemon, clock), "listen": view.listen, "config": view.config._asdict()}
+    if view.counts is not None:
+        doc["counts"] = dict(view.counts)
+    return doc
 
 
-def server_peers(ops: Any, clock: Clock) -> Iterator[str]:
-    """Comma-separated peer objects, SLICE at a time, from a snapshot taken at the first call."""
-    srv = ops.daemon
-    conns = list(srv.conns.values())
-    worker = getattr(getattr(srv, "worker", None), "index", None)
+def peer_doc(row: PeerRow, clock: Clock) -> dict[str, object]:
     wall = clock.wall
-    for start in range(0, len(conns), SLICE):
-        out = []
-        for conn in conns[start : start + SLICE]:
-            if conn.sock.fileno() < 0:
-                continue  # closed since the snapshot
-            peer = conn.peer
-            doc = {
-                "peer": peer.name or conn.addr,
-                "name": peer.name,
-                "address": conn.addr,
-                "state": peer.state.value,
-                "connected": wall(conn.since),
-                "last_ping": wall(peer.last_heard) if peer.pings else None,
-                "pings": peer.pings,
-                "timeout": peer.timeout,
-                "interval": peer.interval,
-            }
-            if worker is not None:
-                doc["worker"] = worker
-            out.append(_dumps(doc))
-        if out:
-            yield ",".join(out)
+    doc: dict[str, object] = {
+        "peer": row.peer,
+        "name": row.name,
+        "address": row.address,
+        "state": row.state,
+        "connected": wall(row.connected),
+        "last_ping": wall(row.last_ping),
+        "pings": row.pings,
+        "timeout": row.timeout,
+        "interval": row.interval,
+    }
+    if row.worker is not None:
+        doc["worker"] = row.worker
+    if row.since is not None:  # a registry's row (issue 12)
+        doc.update({"since": wall(row.since), "reason": row.reason, "expected": bool(row.expected),
+                    "flapping": "flapping" in row.flags, "silenced_until": row.silenced_until,
+                    "labels": dict(row.labels)})
+    return doc
 
 
-def server_document(ops: Any) -> Reply:
-    clock = Clock(ops.loop.time())
-    yield _dumps(server_head(ops, clock))[:-1].encode() + b',"peers":['
+def server_peers(view: ServerView, clock: Clock) -> Iterator[str]:
+    """Comma-separated peer objects, SLICE at a time, as the view produces its rows."""
+    rows = iter(view.peers)
+    while chunk := [_dumps(peer_doc(row, clock)) for row in islice(rows, SLICE)]:
+        yield ",".join(chunk)
+
+
+def server_document(view: ServerView) -> Reply:
+    clock = Clock(view.daemon.now)
+    yield _dumps(server_head(view, clock))[:-1].encode() + b',"peers":['
     first = True
-    for chunk in server_peers(ops, clock):
+    for chunk in server_peers(view, clock):
         yield (chunk if first else "," + chunk).encode()
         first = False
     yield b"]}\n"
 
 
-def peers_fragment(ops: Any) -> Reply:
+def peers_fragment(view: ServerView) -> Reply:
     """A worker's answer to the supervisor: just its peers, comma-separated."""
-    clock = Clock(ops.loop.time())
+    clock = Clock(view.daemon.now)
     first = True
-    for chunk in server_peers(ops, clock):
+    for chunk in server_peers(view, clock):
         yield (chunk if first else "," + chunk).encode()
         first = False
 
 
-def supervisor_document(ops: Any, wake: Callable[[], None]) -> Reply:
+def supervisor_document(view: SupervisorView, loop: EventLoop, control_path: str | None,
+                        wake: Callable[[], None]) -> Reply:
     """Relay every worker's peers into one document, one worker at a time, without blocking."""
-    sup = ops.daemon
-    clock = Clock(ops.loop.time())
-    doc = server_head_for_supervisor(ops, clock)
+    clock = Clock(view.daemon.now)
+    doc = server_head(view, clock)
+    doc["workers"] = [{"index": w.index, "pid": w.pid, "clients": w.clients, "late": w.late} for w in view.workers]
     yield _dumps(doc)[:-1].encode() + b',"peers":['
     wrote = False
-    for w in sorted(sup.workers.values(), key=lambda w: w.index):
-        relay = _Relay(ops.loop, f"{ops.control_path}.{w.index}", wake)
+    for w in view.workers:
+        relay = _Relay(loop, f"{control_path}.{w.index}", wake)
         try:
             first = True
             while True:
@@ -147,24 +144,11 @@ def supervisor_document(ops: Any, wake: Callable[[], None]) -> Reply:
     yield b"]}\n"
 
 
-def server_head_for_supervisor(ops: Any, clock: Clock) -> dict[str, Any]:
-    sup = ops.daemon
-    cfg = sup.config
-    return {
-        **head(ops, clock),
-        "listen": f"{cfg.host}:{cfg.port}",
-        "config": {"heartbeat_timeout": cfg.heartbeat_timeout, "max_clients": cfg.max_clients,
-                   "workers": cfg.workers},
-        "workers": [{"index": w.index, "pid": w.pid, "clients": w.clients, "late": w.late}
-                    for w in sorted(sup.workers.values(), key=lambda w: w.index)],
-    }
-
-
 class _Relay:
     """A non-blocking ``peers`` request to one worker socket; ``take()`` returns bytes, b"" at the
     end, or None when nothing has arrived yet (``wake`` is called when something does)."""
 
-    def __init__(self, loop: Any, path: str, wake: Callable[[], None]) -> None:
+    def __init__(self, loop: EventLoop, path: str, wake: Callable[[], None]) -> None:
         self.loop = loop
         self.wake = wake
         self.buf: list[bytes] = []
@@ -214,44 +198,38 @@ class _Relay:
 
 
 # -- client ------------------------------------------------------------------------------------------
-def client_document(ops: Any) -> Reply:
-    cli = ops.daemon
-    cfg = cli.config
-    clock = Clock(ops.loop.time())
+def client_document(view: ClientView) -> Reply:
+    now = view.daemon.now
+    clock = Clock(now)
     wall = clock.wall
-    now = ops.loop.time()
     servers = []
-    for link in cli.links:
-        st = link.stats
-        proto = link.proto
-        timer = link.timer
+    for row in view.links:
+        rtt = row.rtt
         servers.append({
-            "peer": link.target.peer,
-            "name": link.target.name,
-            "address": link.address,
-            "state": link.health.upper() if link.health else "NEW",
-            "since": wall(link.health_since),
-            "link": link.state,
-            "last_pong": wall(st.last_pong),
+            "peer": row.peer,
+            "name": row.name,
+            "address": row.address,
+            "state": row.state,
+            "since": wall(row.since),
+            "link": row.link,
+            "last_pong": wall(row.last_pong),
             "rtt_ms": {
-                "last": _ms(st.rtt_last),
-                "avg": _ms(st.rtt.sum / st.rtt.count) if st.rtt.count else None,
-                "max": _ms(st.rtt_max) if st.rtt.count else None,
+                "last": _ms(rtt.last),
+                "avg": _ms(rtt.sum / rtt.count) if rtt.count else None,
+                "max": _ms(rtt.max) if rtt.count else None,
             },
-            "pings": st.pings,
-            "pongs": st.rtt.count,
-            "pong_timeouts": st.timeouts,
-            "connects": st.connects,
-            "retries": link.retries,
-            "outstanding": proto.outstanding if proto is not None else 0,
-            "next_attempt_in": round(max(timer.when - now, 0.0), 3)
-            if link.state == "waiting" and timer is not None else None,
+            "pings": row.pings,
+            "pongs": rtt.count,
+            "pong_timeouts": row.timeouts,
+            "connects": row.connects,
+            "retries": row.retries,
+            "outstanding": row.outstanding,
+            "next_attempt_in": round(max(row.next_attempt - now, 0.0), 3) if row.next_attempt is not None else None,
         })
     doc = {
-        **head(ops, clock),
-        "name": cfg.client_name,
-        "config": {"heartbeat_interval": cfg.heartbeat_interval, "pong_timeout": cfg.pong_timeout,
-                   "reconnect_attempts": cfg.reconnect_attempts},
+        **head(view.daemon, clock),
+        "name": view.name,
+        "config": view.config._asdict(),
         "servers": servers,
     }
     yield (_dumps(doc) + "\n").encode()
@@ -303,7 +281,8 @@ def render(doc: dict[str, Any], recent: int = 10) -> str:
             f"{counts['UP']} up, {counts['LATE']} late, {counts['NEW']} new"
         )
         rows = [
-            [p["name"] or "-", p["address"], p["state"], age(now - p["connected"]),
+            [p["name"] or "-", p["address"], p["state"],
+             age(now - p["connected"]) if p["connected"] is not None else "-",
              age(now - p["last_ping"]) + " ago" if p["last_ping"] is not None else "never",
              str(p["pings"]), f"{p['timeout']:g}s"]
             for p in sorted(peers, key=lambda p: (_ORDER.get(p["state"], 9), p["name"] or "~", p["address"]))

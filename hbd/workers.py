@@ -31,6 +31,7 @@ from hbd.early import catch_signals, take_hup
 from hbd.logs import Logging, fields, log
 from hbd.names import bind_tcp
 from hbd.notify import Notifier
+from hbd.view import ServerSettings, SupervisorView, WorkerNumbers, WorkerRow
 from hbd.workers_codec import (
     CodecError,
     Decoder,
@@ -78,6 +79,7 @@ class Worker:
 
 class Supervisor(Daemon):
     identifier = "hbd-server"
+    supervises = True
 
     def __init__(self, config: ServerConfig, **kwargs: object) -> None:
         super().__init__(config, **kwargs)  # type: ignore[arg-type]
@@ -299,6 +301,13 @@ class Supervisor(Daemon):
         clients = sum(w.clients for w in self.workers.values())
         late = sum(w.late for w in self.workers.values())
         return f"{clients} client{'s' if clients != 1 else ''}, {late} late, {len(self.workers)} workers"
+
+    def view(self) -> SupervisorView:
+        cfg = self.config
+        workers = tuple(WorkerRow(w.index, w.pid, w.clients, w.late, WorkerNumbers.from_dict(w.numbers) if w.numbers
+                                  else None) for w in sorted(self.workers.values(), key=lambda w: w.index))
+        return SupervisorView(self.daemon_view(), f"{cfg.host}:{cfg.port}",
+                              ServerSettings(cfg.heartbeat_timeout, cfg.max_clients, cfg.workers), workers)
 
     def on_status_tick(self) -> None:
         now = self.loop.time()

@@ -41,7 +41,7 @@ def virtual(cls, config):
 
 def document(daemon) -> dict:
     producer = status.server_document if daemon.ops.role == "server" else status.client_document
-    return json.loads(b"".join(producer(daemon.ops)))
+    return json.loads(b"".join(producer(daemon.view())))
 
 
 def run_until(loop, clock, t: float) -> None:

@@ -157,8 +157,8 @@ def test_ping_then_reset_is_reported_up_then_down(tmp_path: Path) -> None:
     assert not wrong, wrong
     print(f"\nping + reset: {len(seen)} of 200 reported, all up then down")
     recent: dict[str, list[str]] = {}  # what the status socket shows, oldest first
-    for e in srv.ops.recent:
-        recent.setdefault(e["peer"], []).append(e["event"])
+    for e in srv.view().daemon.recent:
+        recent.setdefault(e.peer, []).append(e.event)
     assert all(evs in (["up", "down"], ["down"]) for evs in recent.values()), recent  # ["down"]: its up scrolled out
     assert srv.conns == {}
     srv.ops.close()

@@ -1,0 +1,228 @@
+"""What a daemon shows the operator: typed, read-only snapshots that status.py and metrics.py render.
+
+Each daemon produces one view when asked (``view()``): a ``ServerView``, ``SupervisorView`` or
+``ClientView``, each carrying the ``DaemonView`` every daemon shares. Renderers read these and
+nothing else, so they import no daemon module and a daemon's internals can change freely.
+
+Times are the loop's monotonic clock (``DaemonView.now`` is the snapshot's); renderers convert them
+to wall time. Rows are immutable; ``ServerView.peers`` is produced while it is iterated (one pass,
+from a snapshot of the connections taken by ``view()``), so a large table is serialised a slice at a
+time without a second copy.
+
+The peer registry (issue 12) fills the optional parts: a row's ``since``, ``reason``, ``flags``,
+``labels`` and ``silenced_until``, and ``counts`` by state. Renderers show them when present (with
+``counts``, the metrics give every listed peer its own series: ``hbd_peer_up`` and friends).
+This module imports nothing from hbd.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+PEER_STATES = ("NEW", "UP", "LATE", "DOWN")  # the registry's states (today's servers show NEW, UP, LATE)
+EVENTS = ("up", "late", "down")
+HOOK_RESULTS = ("ok", "failed", "timeout", "error", "dropped", "coalesced")
+
+
+class RecentEvent(NamedTuple):
+    """One peer state change, as kept for the status reply."""
+
+    time: float  # wall clock (when it happened is history, not liveness)
+    event: str
+    peer: str
+    address: str
+    previous: str | None
+    reason: str
+
+
+class LoopNumbers(NamedTuple):
+    lag: float  # seconds
+    max_lag: float
+    stalls: int
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonView:
+    """What every daemon reports: who it is, its reloads, its loop, its hooks and state changes."""
+
+    role: str  # "server" or "client" (a supervisor is a server)
+    now: float  # the loop's monotonic time of this snapshot
+    started: float  # wall clock
+    status: str  # the STATUS= line
+    reloads_ok: int
+    reloads_failed: int
+    last_reload_error: str | None
+    loop: LoopNumbers
+    hooks: Mapping[str, int]  # HOOK_RESULTS, then "running" and "queued"
+    events: Mapping[str, int]  # EVENTS
+    recent: tuple[RecentEvent, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PeerRow:
+    """One peer a server knows."""
+
+    peer: str  # how it is shown: its name, else its address
+    name: str | None
+    address: str
+    state: str  # PEER_STATES
+    connected: float | None  # monotonic; None when not connected (a registry's DOWN peer)
+    last_ping: float | None  # monotonic; None before the first ping
+    pings: int
+    timeout: float
+    interval: float | None
+    worker: int | None = None  # which worker serves it (``workers: K``)
+    # Filled by the registry (issue 12); None / empty from a server without one.
+    since: float | None = None  # monotonic: in this state since
+    reason: str | None = None
+    expected: bool | None = None
+    silenced_until: float | None = None  # wall clock
+    flags: frozenset[str] = frozenset()  # e.g. "flapping"
+    labels: tuple[tuple[str, str], ...] = ()
+
+
+class ServerCounters(NamedTuple):
+    """One server process's counters; a worker sends them to its supervisor, which sums them."""
+
+    clients: int = 0
+    late: int = 0
+    pings: int = 0
+    accepted: int = 0
+    refused: int = 0
+    timeouts: int = 0
+    rejected: int = 0
+    denied: int = 0
+    tls_failed: int = 0
+
+    def plus(self, other: ServerCounters) -> ServerCounters:
+        return ServerCounters(*(a + b for a, b in zip(self, other, strict=True)))
+
+
+class ServerSettings(NamedTuple):
+    heartbeat_timeout: float
+    max_clients: int
+    workers: int
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerNumbers:
+    """What a worker reports to its supervisor every second (for the metrics)."""
+
+    counters: ServerCounters
+    events: Mapping[str, int]
+    hooks: Mapping[str, int]
+    loop: LoopNumbers
+
+    def to_dict(self) -> dict[str, object]:
+        c, loop = self.counters, self.loop
+        return {
+            **c._asdict(),
+            "events": dict(self.events),
+            "hooks": dict(self.hooks),
+            "lag": loop.lag,
+            "max_lag": loop.max_lag,
+            "stalls": loop.stalls,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, object]) -> WorkerNumbers:
+        """Tolerant: what is missing or not a number counts as 0 (a worker of another version)."""
+
+        def num(key: str) -> float:
+            v = d.get(key, 0)
+            return v if isinstance(v, int | float) and not isinstance(v, bool) else 0
+
+        def ints(key: str) -> dict[str, int]:
+            v = d.get(key)
+            if not isinstance(v, Mapping):
+                return {}
+            return {str(k): n for k, n in v.items() if isinstance(n, int) and not isinstance(n, bool)}
+
+        counters = ServerCounters(*(int(num(k)) for k in ServerCounters._fields))
+        return cls(
+            counters,
+            ints("events"),
+            ints("hooks"),
+            LoopNumbers(float(num("lag")), float(num("max_lag")), int(num("stalls"))),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ServerView:
+    daemon: DaemonView
+    listen: str | None  # "host:port", None before it listens
+    config: ServerSettings
+    counters: ServerCounters
+    peers: Iterable[PeerRow]  # one pass
+    counts: Mapping[str, int] | None = None  # peers by state, from the registry
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRow:
+    index: int
+    pid: int
+    clients: int
+    late: int
+    numbers: WorkerNumbers | None  # None until it first reported
+
+
+@dataclass(frozen=True, slots=True)
+class SupervisorView:
+    """``workers: K``: the peers live in the workers (status relays them); the counters are theirs."""
+
+    daemon: DaemonView
+    listen: str
+    config: ServerSettings
+    workers: tuple[WorkerRow, ...]  # by index
+    counts: Mapping[str, int] | None = None  # peers by state, from the registry
+
+
+@dataclass(frozen=True, slots=True)
+class Rtt:
+    """Round trips of one link: histogram counts (per bound, then +Inf), sum and count."""
+
+    bounds: tuple[float, ...]
+    counts: tuple[int, ...]
+    sum: float
+    count: int
+    last: float | None
+    max: float
+
+
+@dataclass(frozen=True, slots=True)
+class LinkRow:
+    """One server a client pings."""
+
+    peer: str
+    name: str | None
+    address: str
+    state: str  # NEW, UP, LATE, DOWN
+    since: float | None  # monotonic
+    link: str  # the connection's own state: waiting, connecting, up, gave up
+    last_pong: float | None  # monotonic
+    rtt: Rtt
+    pings: int
+    timeouts: int
+    connects: int
+    retries: int
+    outstanding: int
+    next_attempt: float | None  # monotonic, while waiting to reconnect
+
+
+class ClientSettings(NamedTuple):
+    heartbeat_interval: float
+    pong_timeout: float
+    reconnect_attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClientView:
+    daemon: DaemonView
+    name: str | None
+    config: ClientSettings
+    links: tuple[LinkRow, ...] = field(default=())
+
+
+DaemonViews = ServerView | SupervisorView | ClientView
