@@ -9,7 +9,8 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from hbd import __version__
 from hbd.config import (
@@ -25,7 +26,13 @@ from hbd.config import (
     read_document,
 )
 
-LOADERS = {"server": load_server_config, "client": load_client_config}
+if TYPE_CHECKING:
+    from hbd.daemon import Daemon
+
+LOADERS: dict[str, Callable[..., ServerConfig | ClientConfig]] = {
+    "server": load_server_config,
+    "client": load_client_config,
+}
 DEFAULTS = {"server": DEFAULT_SERVER_CONFIG, "client": DEFAULT_CLIENT_CONFIG}
 DEFAULT_SOCKETS = {"server": DEFAULT_SERVER_SOCKET, "client": DEFAULT_CLIENT_SOCKET}
 
@@ -115,13 +122,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check-config":
         print(f"{path}: OK")
         return 0
-    if role == "server" and config.workers > 1:
-        from hbd.workers import Supervisor as Daemon
-    elif role == "server":
-        from hbd.server import Server as Daemon
+    daemon: Daemon
+    if isinstance(config, ServerConfig) and config.workers > 1:
+        from hbd.workers import Supervisor
+
+        daemon = Supervisor(config, overrides=overrides)
+    elif isinstance(config, ServerConfig):
+        from hbd.server import Server
+
+        daemon = Server(config, overrides=overrides)
     else:
-        from hbd.client import Client as Daemon  # type: ignore[assignment]
-    return Daemon(config, overrides=overrides).run()
+        from hbd.client import Client
+
+        daemon = Client(config, overrides=overrides)
+    return daemon.run()
 
 
 def _enable_faulthandler() -> None:

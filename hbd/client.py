@@ -481,8 +481,10 @@ class Client(Daemon):
                     link.close()
             links = []
             for target in self.targets(new):
-                link = old.pop(target, None)
-                if link is None:
+                kept = old.pop(target, None)
+                if kept is not None:
+                    link = kept
+                else:
                     link = Link(self, target)
                     if not tls_changed:
                         log.info("now also pinging %s", target.label)

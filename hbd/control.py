@@ -26,6 +26,7 @@ crashed daemon is replaced; one that a live daemon still answers on is an error,
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import socket
 import stat
@@ -95,8 +96,8 @@ class RequestServer:
         sock.setblocking(False)
         conn = _Conn(sock, self.loop.time())
         self.conns[conn] = None
-        self.loop.add_reader(sock, lambda c=conn: self._on_read(c))
-        conn.timer = self.loop.call_later(REQUEST_DEADLINE, lambda c=conn: self._too_slow(c))
+        self.loop.add_reader(sock, functools.partial(self._on_read, conn))
+        conn.timer = self.loop.call_later(REQUEST_DEADLINE, functools.partial(self._too_slow, conn))
 
     def _accept_failed(self, exc: OSError) -> None:
         log.error("%s: cannot accept: %s; pausing accepts for %g s", self.name, exc.strerror, ACCEPT_PAUSE,
@@ -182,7 +183,7 @@ class RequestServer:
         conn.requested = True
         conn.active = self.loop.time()
         self.loop.cancel(conn.timer)  # from now on, the reply must make progress
-        conn.timer = self.loop.call_later(IDLE_TIMEOUT, lambda c=conn: self._idle(c))
+        conn.timer = self.loop.call_later(IDLE_TIMEOUT, functools.partial(self._idle, conn))
         if request is None:
             conn.reply = iter([self.too_long])
             self.loop.add_writer(conn.sock, lambda: self._on_write(conn))

@@ -11,6 +11,7 @@ import logging
 import socket
 import ssl
 from enum import Enum
+from typing import cast
 
 from hbd import tls
 from hbd.connection import RECV_SIZE, Connection, Owner
@@ -102,7 +103,7 @@ class TLSConnection(Connection):
     def on_read(self) -> None:
         if self.state is not TlsState.UP:
             return  # a last-look read from the server while the handshake is still running
-        sock = self.sock
+        sock = cast(ssl.SSLSocket, self.sock)  # wrapped once the handshake began
         try:
             data = sock.recv(RECV_SIZE)
             while sock.pending():  # decrypted bytes the selector cannot see

@@ -19,6 +19,7 @@ RELOAD_TIMEOUT.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import select
 import signal
@@ -258,7 +259,7 @@ class Supervisor(Daemon):
     def _to_file(self, w: Worker, level: int, message: str) -> None:
         handler = self.logs.file_handler
         if handler is not None:
-            handler.handle(log.makeRecord(log.name, level, __file__, 0, f"worker {w.index}: {message}", None, None))
+            handler.handle(log.makeRecord(log.name, level, __file__, 0, f"worker {w.index}: {message}", (), None))
 
     # -- children -----------------------------------------------------------------------------------------
     def _reap(self, quiet: bool = False) -> None:
@@ -282,7 +283,7 @@ class Supervisor(Daemon):
                 "worker %d (pid %d) exited unexpectedly (%s); restarting it in %g s",
                 w.index, pid, _describe(status), RESTART_DELAY, extra=fields(event="worker-died"),
             )
-            self.loop.call_later(RESTART_DELAY, lambda index=w.index: self._restart(index))
+            self.loop.call_later(RESTART_DELAY, functools.partial(self._restart, w.index))
 
     def _restart(self, index: int) -> None:
         if not self._stopping_workers and all(w.index != index for w in self.workers.values()):
