@@ -25,8 +25,14 @@ class Acceptor:
     loop turn, so the peers already connected are served between batches). ``warn(exc)`` is called
     when accepts pause, at most once per ``WARN_EVERY`` seconds."""
 
-    def __init__(self, loop: EventLoop, listener: socket.socket, on_conn: Callable[[socket.socket, Any], None],
-                 warn: Callable[[OSError], None], batch: int = 32) -> None:
+    def __init__(
+        self,
+        loop: EventLoop,
+        listener: socket.socket,
+        on_conn: Callable[[socket.socket, Any], None],
+        warn: Callable[[OSError], None],
+        batch: int = 32,
+    ) -> None:
         self.loop = loop
         self.listener = listener
         self.on_conn = on_conn

@@ -53,40 +53,64 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--host", help="override host from the config")
         p.add_argument("--port", type=int, help="override port from the config")
         p.add_argument("--log-file", metavar="PATH", help="override log_file from the config ('' for none)")
-        p.add_argument("--control-socket", metavar="PATH",
-                       help="override control_socket from the config ('' for none)")
-    p = sub.add_parser("check-config", help="validate a configuration file",
-                       description="Validate a configuration file: exit 0 if valid, else print every "
-                       "error (file, line, key, reason) and exit 1.")
+        p.add_argument("--control-socket", metavar="PATH", help="override control_socket from the config ('' for none)")
+    p = sub.add_parser(
+        "check-config",
+        help="validate a configuration file",
+        description="Validate a configuration file: exit 0 if valid, else print every "
+        "error (file, line, key, reason) and exit 1.",
+    )
     p.add_argument("role", choices=("server", "client"), help="which daemon the file is for")
     _config_arg(p, None)
-    p = sub.add_parser("status", help="show a running daemon's peers",
-                       description="Ask a running daemon for its peers through its status socket and print "
-                       "a table (or the JSON document). Without ROLE or -s: the server's socket if it exists, "
-                       "else the client's. Exit 1 if the daemon cannot be reached.")
+    p = sub.add_parser(
+        "status",
+        help="show a running daemon's peers",
+        description="Ask a running daemon for its peers through its status socket and print "
+        "a table (or the JSON document). Without ROLE or -s: the server's socket if it exists, "
+        "else the client's. Exit 1 if the daemon cannot be reached.",
+    )
     p.add_argument("role", nargs="?", choices=("server", "client"), help="which daemon to ask")
     p.add_argument("-s", "--socket", metavar="PATH", help="the status socket (default /run/hbd/ROLE.sock)")
     p.add_argument("-c", "--config", metavar="FILE", help="take control_socket from this configuration file")
     p.add_argument("--json", action="store_true", help="print the daemon's JSON document instead of a table")
     p.add_argument("--recent", type=int, default=10, metavar="N", help="show the last N state changes (default 10)")
     p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS", help="give up after this long")
-    p = sub.add_parser("reload", help="reload a running daemon and wait for its verdict",
-                       description="Ask a running daemon to reload its configuration through its status socket "
-                       "and wait for the answer: exit 0 when the new configuration is applied, 1 when it is "
-                       "rejected (the reasons go to stderr) or the daemon cannot be asked. Without a reachable "
-                       "socket and with --pid: validate the file here, send SIGHUP and exit 0/1 by that "
-                       "validation alone (the daemon's own verdict is then only in its log). The units' "
-                       "ExecReload= runs it.")
-    p.add_argument("role", nargs="?", choices=("server", "client"), default="server",
-                   help="which daemon (default server)")
-    p.add_argument("-s", "--socket", metavar="PATH", help="the status socket (default: control_socket of -c, "
-                   "else /run/hbd/ROLE.sock)")
-    p.add_argument("-c", "--config", metavar="FILE", help="the daemon's configuration file (default "
-                   "/etc/hbd/ROLE.yaml)")
-    p.add_argument("--pid", type=int, metavar="PID", help="the daemon's process (systemd: $MAINPID): the socket "
-                   "must belong to it, and without a socket it gets SIGHUP")
-    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
-                   help="give up waiting for the answer after this long (default 30)")
+    p = sub.add_parser(
+        "reload",
+        help="reload a running daemon and wait for its verdict",
+        description="Ask a running daemon to reload its configuration through its status socket "
+        "and wait for the answer: exit 0 when the new configuration is applied, 1 when it is "
+        "rejected (the reasons go to stderr) or the daemon cannot be asked. Without a reachable "
+        "socket and with --pid: validate the file here, send SIGHUP and exit 0/1 by that "
+        "validation alone (the daemon's own verdict is then only in its log). The units' "
+        "ExecReload= runs it.",
+    )
+    p.add_argument(
+        "role", nargs="?", choices=("server", "client"), default="server", help="which daemon (default server)"
+    )
+    p.add_argument(
+        "-s",
+        "--socket",
+        metavar="PATH",
+        help="the status socket (default: control_socket of -c, else /run/hbd/ROLE.sock)",
+    )
+    p.add_argument(
+        "-c", "--config", metavar="FILE", help="the daemon's configuration file (default /etc/hbd/ROLE.yaml)"
+    )
+    p.add_argument(
+        "--pid",
+        type=int,
+        metavar="PID",
+        help="the daemon's process (systemd: $MAINPID): the socket "
+        "must belong to it, and without a socket it gets SIGHUP",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="give up waiting for the answer after this long (default 30)",
+    )
     return parser
 
 
@@ -105,8 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _enable_faulthandler()
     role = args.role if args.command == "check-config" else args.command
     path = args.config or DEFAULTS[role]
-    overrides = {k: v for k in ("host", "port", "log_file", "control_socket")
-                 if (v := getattr(args, k, None)) is not None}
+    overrides = {
+        k: v for k in ("host", "port", "log_file", "control_socket") if (v := getattr(args, k, None)) is not None
+    }
     try:
         config = LOADERS[role](path, overrides)
     except ConfigError as exc:
@@ -194,8 +219,10 @@ def reload(args: argparse.Namespace) -> int:
                 reply = _read_reply(s)
         except OSError as exc:
             if isinstance(exc, TimeoutError | socket.timeout):
-                _error(f"hbd: error: {candidate}: no answer within {args.timeout:g} s; the reload may still "
-                       "be applied (see the daemon's log)")
+                _error(
+                    f"hbd: error: {candidate}: no answer within {args.timeout:g} s; the reload may still "
+                    "be applied (see the daemon's log)"
+                )
                 return 1
             problems.append(f"{candidate}: {exc.strerror or exc}")
             continue
@@ -232,8 +259,11 @@ def reload(args: argparse.Namespace) -> int:
             _error(f"hbd: error: reload failed: {line}")
         _error("hbd: error: still running with the previous configuration")
         return 1
-    print(f"hbd: {path} is valid; sent SIGHUP to pid {args.pid} (no status socket: the daemon's verdict "
-          "is only in its log)", file=sys.stderr)
+    print(
+        f"hbd: {path} is valid; sent SIGHUP to pid {args.pid} (no status socket: the daemon's verdict "
+        "is only in its log)",
+        file=sys.stderr,
+    )
     return 0
 
 

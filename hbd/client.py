@@ -87,8 +87,14 @@ class Dialer:
     non-blocking connect and the TLS handshake; the link's one timer (``set_timer``) bounds each step.
     It ends in ``up(sock)`` or ``failed(reason, event)``; ``abandon()`` drops an attempt under way."""
 
-    def __init__(self, loop: EventLoop, target: Target, set_timer: Callable[[float, Callable[[], None]], None],
-                 up: Callable[[socket.socket], None], failed: Callable[[str, str], None]) -> None:
+    def __init__(
+        self,
+        loop: EventLoop,
+        target: Target,
+        set_timer: Callable[[float, Callable[[], None]], None],
+        up: Callable[[socket.socket], None],
+        failed: Callable[[str, str], None],
+    ) -> None:
         self.loop, self.target, self._set_timer, self._up, self._failed = loop, target, set_timer, up, failed
         self.sock: socket.socket | None = None
         self.handshake: tls.Handshake | None = None
@@ -102,20 +108,23 @@ class Dialer:
         self._generation += 1
         gen = self._generation
         self._timeout = cfg.receive_timeout
-        self._tls = None if context is None or cfg.tls is None else (
-            context, cfg.tls.server_hostname or self.target.host, cfg.tls.handshake_timeout)
+        self._tls = (
+            None
+            if context is None or cfg.tls is None
+            else (context, cfg.tls.server_hostname or self.target.host, cfg.tls.handshake_timeout)
+        )
         self.resolving = True
         self._set_timer(self.loop.time() + self._timeout, self._timed_out)
         if self._lookup_pending:  # a DNS server that does not answer: one lookup thread per link at most
             return
         self._lookup_pending = True
-        resolve(self.loop, self.target.host, self.target.port,
-                lambda infos, err: self._resolved(gen, infos, err))
+        resolve(self.loop, self.target.host, self.target.port, lambda infos, err: self._resolved(gen, infos, err))
 
     def _timed_out(self) -> None:
         what = f"resolving {self.target.host}" if self.resolving else "connect"
-        self._failed(f"{what} timed out after {self._timeout:g} s",
-                     "resolve-failed" if self.resolving else "connect-failed")
+        self._failed(
+            f"{what} timed out after {self._timeout:g} s", "resolve-failed" if self.resolving else "connect-failed"
+        )
 
     def _resolved(self, gen: int, infos: list[tuple], err: str | None) -> None:
         self._lookup_pending = False
@@ -151,10 +160,16 @@ class Dialer:
         assert self.sock is not None
         self.loop.forget(self.sock)
         self.sock = context.wrap_socket(self.sock, server_hostname=server_hostname, do_handshake_on_connect=False)
-        self._set_timer(self.loop.time() + timeout,
-                        lambda: self._failed(f"TLS handshake not completed within {timeout:g} s", "connect-failed"))
-        self.handshake = tls.Handshake(self.loop, self.sock, self._done,
-                                       lambda reason: self._failed(f"TLS handshake failed: {reason}", "connect-failed"))
+        self._set_timer(
+            self.loop.time() + timeout,
+            lambda: self._failed(f"TLS handshake not completed within {timeout:g} s", "connect-failed"),
+        )
+        self.handshake = tls.Handshake(
+            self.loop,
+            self.sock,
+            self._done,
+            lambda reason: self._failed(f"TLS handshake failed: {reason}", "connect-failed"),
+        )
         self.handshake.step()
 
     def _done(self) -> None:
@@ -189,9 +204,13 @@ class Link:
         self.target = target
         self.address = target.address
         cfg = client.config
-        self.life = Lifecycle(self.loop.time(), reconnect_delay=cfg.reconnect_delay,
-                              reconnect_max_delay=cfg.reconnect_max_delay,
-                              reconnect_attempts=cfg.reconnect_attempts, pong_timeout=cfg.pong_timeout)
+        self.life = Lifecycle(
+            self.loop.time(),
+            reconnect_delay=cfg.reconnect_delay,
+            reconnect_max_delay=cfg.reconnect_max_delay,
+            reconnect_attempts=cfg.reconnect_attempts,
+            pong_timeout=cfg.pong_timeout,
+        )
         self.backoff = self.life.backoff
         self.sock: socket.socket | None = None  # once connected (the dialer holds it until then)
         self.proto: ClientLink | None = None
@@ -227,8 +246,11 @@ class Link:
         self.life.connected(now)
         self.proto = ClientLink(now, self.cfg.heartbeat_interval, self.cfg.pong_timeout, self.cfg.wire == "line")
         self.loop.add_reader(self.sock, self._on_read)
-        log.info("connected to %s", self.target.label,
-                 extra=fields(peer=self.target.peer, peer_address=self.address, event="connected"))
+        log.info(
+            "connected to %s",
+            self.target.label,
+            extra=fields(peer=self.target.peer, peer_address=self.address, event="connected"),
+        )
         if self.cfg.client_name:
             self._greeted_at = now
             self._send(_greeting(self.cfg))
@@ -239,8 +261,16 @@ class Link:
     def _failed(self, reason: str, event: str = "connect-failed") -> None:
         """A connection attempt did not work out."""
         if event == "resolve-failed":  # rate-limited: a name that does not resolve fails on every retry
-            self.client.peer_log.log(logging.WARNING, self.address, "%s: %s", self.target.label, reason,
-                                     event=event, peer=self.target.peer, peer_address=self.address)
+            self.client.peer_log.log(
+                logging.WARNING,
+                self.address,
+                "%s: %s",
+                self.target.label,
+                reason,
+                event=event,
+                peer=self.target.peer,
+                peer_address=self.address,
+            )
         else:
             self.client.log_link(self, logging.WARNING, reason, event=event)
         self._down(reason)
@@ -277,8 +307,12 @@ class Link:
         if not rtts:
             return
         if was_late and proto.answers is Answers.ANSWERING:
-            log.info("%s answers again (pong after %.3f s)", self.target.label, max(rtts),
-                     extra=fields(peer=self.target.peer, peer_address=self.address, event="back"))
+            log.info(
+                "%s answers again (pong after %.3f s)",
+                self.target.label,
+                max(rtts),
+                extra=fields(peer=self.target.peer, peer_address=self.address, event="back"),
+            )
         logged = log.isEnabledFor(self.client.pong_level)  # else skip building lines nobody sees
         for rtt in rtts:
             self.stats.pong(rtt, now)  # the one place an RTT is counted
@@ -300,9 +334,11 @@ class Link:
         if proto.answers is Answers.LATE and not was_late:
             waited = proto.waiting(now)
             self.client.log_link(
-                self, logging.WARNING,
+                self,
+                logging.WARNING,
                 f"{self.target.label} is late: ping unanswered for {waited:.3f} s "
-                f"(pong_timeout {proto.pong_timeout:g} s)", event="late",
+                f"(pong_timeout {proto.pong_timeout:g} s)",
+                event="late",
             )
             self._report(self.life.late(now), silent_ms=round(waited * 1000))
         if proto.answers is Answers.DEAD:
@@ -332,8 +368,16 @@ class Link:
         could make us write on every reconnect, so it goes through the peer-line rate limit."""
         was = self.target.label
         if peer_caused:
-            self.client.peer_log.log(logging.WARNING, self.address, "link to %s lost: %s", was, reason,
-                                     event="protocol-error", peer=self.target.peer, peer_address=self.address)
+            self.client.peer_log.log(
+                logging.WARNING,
+                self.address,
+                "link to %s lost: %s",
+                was,
+                reason,
+                event="protocol-error",
+                peer=self.target.peer,
+                peer_address=self.address,
+            )
         else:
             self.client.log_link(self, logging.WARNING, f"link to {was} lost: {reason}", event="down")
         self._down(reason)
@@ -351,8 +395,16 @@ class Link:
     def _report(self, change: HealthChange | None, **extra: object) -> None:
         """Report a state change of this server (status socket, metrics, on_change hooks)."""
         if change is not None:
-            self.client.ops.event(change.new, self.target.peer, self.address, name=self.target.name,
-                                  previous=change.old, reason=change.reason, standing=change.standing, **extra)
+            self.client.ops.event(
+                change.new,
+                self.target.peer,
+                self.address,
+                name=self.target.name,
+                previous=change.old,
+                reason=change.reason,
+                standing=change.standing,
+                **extra,
+            )
 
     def _teardown(self) -> None:
         self.dialer.abandon()
@@ -371,7 +423,8 @@ class Link:
     def owns(self, fileobj: object, callback: object) -> bool:
         """Does a failing callback belong to this link (its socket, or its one timer)?"""
         return (fileobj is not None and fileobj in (self.sock, self.dialer.sock)) or (
-            fileobj is None and self.timer is not None and self.timer.callback is callback)
+            fileobj is None and self.timer is not None and self.timer.callback is callback
+        )
 
     def internal_error(self, exc: Exception) -> None:
         """A bug hit while serving this link: drop the connection and reconnect as after any loss."""
@@ -386,15 +439,23 @@ class Link:
     def apply(self, cfg: ClientConfig) -> None:
         """New settings for a link that stays (SIGHUP; ``self.cfg`` is still the old config)."""
         old = self.cfg
-        self.life.retime(reconnect_delay=cfg.reconnect_delay, reconnect_max_delay=cfg.reconnect_max_delay,
-                         reconnect_attempts=cfg.reconnect_attempts, pong_timeout=cfg.pong_timeout)
+        self.life.retime(
+            reconnect_delay=cfg.reconnect_delay,
+            reconnect_max_delay=cfg.reconnect_max_delay,
+            reconnect_attempts=cfg.reconnect_attempts,
+            pong_timeout=cfg.pong_timeout,
+        )
         if self.proto is None:
             return  # not connected: the next connection greets with the new settings
         if cfg.client_name != old.client_name:
             # A connection keeps the name it greeted with: reconnect under the new one, once the
             # reload is done (connect() reads the config). Not a failure: the health stays as it is.
-            log.info("client_name is now %s: reconnecting to %s", cfg.client_name, self.target.label,
-                     extra=fields(peer=self.target.peer, peer_address=self.address, event="rename"))
+            log.info(
+                "client_name is now %s: reconnecting to %s",
+                cfg.client_name,
+                self.target.label,
+                extra=fields(peer=self.target.peer, peer_address=self.address, event="rename"),
+            )
             self._teardown()
             self._set_timer(self.life.redial(self.loop.time()), self.connect)
             return
@@ -507,8 +568,11 @@ class Client(Daemon):
     def on_stall(self, planned: float, woke: float) -> None:
         """Our own loop did not run (SIGSTOP, starvation): pongs could not have been read, so that
         time does not count as waiting for them, as the server does for its clients."""
-        log.warning("event loop stalled for %.3f s; extending pong deadlines by that much", woke - planned,
-                    extra=fields(event="stall", lag_ms=round((woke - planned) * 1000)))
+        log.warning(
+            "event loop stalled for %.3f s; extending pong deadlines by that much",
+            woke - planned,
+            extra=fields(event="stall", lag_ms=round((woke - planned) * 1000)),
+        )
         for link in self.links:
             if link.proto is not None:
                 link.proto.extend(planned, woke)
@@ -518,9 +582,12 @@ class Client(Daemon):
 
     def view(self) -> ClientView:
         cfg = self.config
-        return ClientView(self.daemon_view(), cfg.client_name,
-                          ClientSettings(cfg.heartbeat_interval, cfg.pong_timeout, cfg.reconnect_attempts),
-                          tuple(_link_row(link) for link in self.links))
+        return ClientView(
+            self.daemon_view(),
+            cfg.client_name,
+            ClientSettings(cfg.heartbeat_interval, cfg.pong_timeout, cfg.reconnect_attempts),
+            tuple(_link_row(link) for link in self.links),
+        )
 
     def contain(self, fileobj: object, callback: object, exc: Exception) -> str | None:
         """An unexpected error while serving one link: that link reconnects, the others go on."""
@@ -531,23 +598,39 @@ class Client(Daemon):
         return super().contain(fileobj, callback, exc)
 
     def log_link(self, link: Link, level: int, message: str, *, event: str) -> None:
-        log.log(level, message if link.target.label in message else f"{link.target.label}: {message}",
-                extra=fields(peer=link.target.peer, peer_address=link.address, event=event))
+        log.log(
+            level,
+            message if link.target.label in message else f"{link.target.label}: {message}",
+            extra=fields(peer=link.target.peer, peer_address=link.address, event=event),
+        )
 
     def log_pong(self, link: Link, rtt: float) -> None:
-        log.log(self.pong_level, "pong from %s in %.1f ms", link.target.label, rtt * 1000,
-                extra=fields(peer=link.target.peer, peer_address=link.address, event="pong",
-                             rtt_ms=f"{rtt * 1000:.3f}"))
+        log.log(
+            self.pong_level,
+            "pong from %s in %.1f ms",
+            link.target.label,
+            rtt * 1000,
+            extra=fields(peer=link.target.peer, peer_address=link.address, event="pong", rtt_ms=f"{rtt * 1000:.3f}"),
+        )
 
     def log_retry(self, link: Link, nxt: Retry) -> None:
-        log.info("reconnecting to %s in %.2f s (attempt %d%s)", link.target.label, nxt.delay, nxt.attempt,
-                 f" of {nxt.limit}" if nxt.limit else "",
-                 extra=fields(peer=link.target.peer, peer_address=link.address, event="retry"))
+        log.info(
+            "reconnecting to %s in %.2f s (attempt %d%s)",
+            link.target.label,
+            nxt.delay,
+            nxt.attempt,
+            f" of {nxt.limit}" if nxt.limit else "",
+            extra=fields(peer=link.target.peer, peer_address=link.address, event="retry"),
+        )
 
     def link_gave_up(self, link: Link, gave_up: GaveUp) -> None:
-        log.error("giving up on %s after %d failed reconnect attempt%s", link.target.label,
-                  gave_up.attempts, "s" if gave_up.attempts != 1 else "",
-                  extra=fields(peer=link.target.peer, peer_address=link.address, event="gave-up"))
+        log.error(
+            "giving up on %s after %d failed reconnect attempt%s",
+            link.target.label,
+            gave_up.attempts,
+            "s" if gave_up.attempts != 1 else "",
+            extra=fields(peer=link.target.peer, peer_address=link.address, event="gave-up"),
+        )
         if all(lk.state is LinkState.GAVE_UP for lk in self.links):
             log.error("no server left to try; exiting (status %d)", EXIT_GAVE_UP)
             self.stop(EXIT_GAVE_UP)
@@ -564,8 +647,17 @@ def _strerror(rc: int) -> str:
 def _link_row(link: Link) -> LinkRow:
     st, proto, timer = link.stats, link.proto, link.timer
     return LinkRow(
-        link.target.peer, link.target.name, link.address, link.health.upper() if link.health else "NEW",
-        link.health_since, str(link.state), st.last_pong, st.rtt_view(), st.pings, st.timeouts, st.connects,
+        link.target.peer,
+        link.target.name,
+        link.address,
+        link.health.upper() if link.health else "NEW",
+        link.health_since,
+        str(link.state),
+        st.last_pong,
+        st.rtt_view(),
+        st.pings,
+        st.timeouts,
+        st.connects,
         link.retries,
         proto.outstanding if proto is not None else 0,
         timer.when if link.state is LinkState.WAITING and timer is not None else None,

@@ -128,8 +128,7 @@ def _name(value: Any) -> str | None:
         value = value.replace("%H", socket.gethostname().split(".")[0])
     if not isinstance(value, str) or not _NAME.match(value):
         raise ValueError(
-            "must be 1-64 of the characters A-Z a-z 0-9 . _ : @ -, starting with a letter or digit, "
-            f"got {_show(value)}"
+            f"must be 1-64 of the characters A-Z a-z 0-9 . _ : @ -, starting with a letter or digit, got {_show(value)}"
         )
     return value
 
@@ -202,9 +201,13 @@ def _servers(value: Any) -> tuple[ServerEntry, ...]:
         if not isinstance(item, dict) or "host" not in item or not set(item) <= {"host", "port", "name"}:
             raise ValueError(f"item {i} must be a mapping with host and optionally port and name, got {_show(item)}")
         try:
-            entries.append(ServerEntry(
-                _host(item["host"]), _PORT(item["port"]) if "port" in item else None, _name(item.get("name")),
-            ))
+            entries.append(
+                ServerEntry(
+                    _host(item["host"]),
+                    _PORT(item["port"]) if "port" in item else None,
+                    _name(item.get("name")),
+                )
+            )
         except ValueError as exc:
             raise ValueError(f"item {i}: {exc}") from None
     return tuple(entries)
@@ -280,16 +283,20 @@ def _check_client(cfg: dict[str, Any], given: frozenset[str] = frozenset()) -> l
             seen.add(key)
             names.add(s.name or "")
     if "pong_timeout" in cfg and "heartbeat_interval" in cfg and cfg["pong_timeout"] <= cfg["heartbeat_interval"]:
-        problems.append((
-            "pong_timeout",
-            f"must be greater than heartbeat_interval ({cfg['heartbeat_interval']:g} s), "
-            f"got {cfg['pong_timeout']:g}",
-        ))
+        problems.append(
+            (
+                "pong_timeout",
+                f"must be greater than heartbeat_interval ({cfg['heartbeat_interval']:g} s), "
+                f"got {cfg['pong_timeout']:g}",
+            )
+        )
     if cfg.keys() >= {"reconnect_max_delay", "reconnect_delay"} and cfg["reconnect_max_delay"] < cfg["reconnect_delay"]:
-        problems.append((
-            "reconnect_max_delay",
-            f"must be at least reconnect_delay ({cfg['reconnect_delay']:g} s), got {cfg['reconnect_max_delay']:g}",
-        ))
+        problems.append(
+            (
+                "reconnect_max_delay",
+                f"must be at least reconnect_delay ({cfg['reconnect_delay']:g} s), got {cfg['reconnect_max_delay']:g}",
+            )
+        )
     return problems
 
 
@@ -403,8 +410,13 @@ def _reason(exc: BaseException) -> str:
 
 
 def _file_kind(mode: int) -> str:
-    for test, what in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+    for test, what in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
         if test(mode):
             return what
     return "not a plain file"

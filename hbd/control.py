@@ -68,9 +68,16 @@ class _Conn:
 
 class RequestServer:
     def __init__(
-        self, loop: EventLoop, sock: socket.socket, handler: Handler, *, terminator: bytes = b"\n",
-        max_request: int = 1024, too_long: bytes = b'{"error": "request too long"}\n',
-        name: str = "control socket", on_close: Callable[[], None] | None = None,
+        self,
+        loop: EventLoop,
+        sock: socket.socket,
+        handler: Handler,
+        *,
+        terminator: bytes = b"\n",
+        max_request: int = 1024,
+        too_long: bytes = b'{"error": "request too long"}\n',
+        name: str = "control socket",
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         self.too_long = too_long
         self.loop = loop
@@ -100,8 +107,13 @@ class RequestServer:
         conn.timer = self.loop.call_later(REQUEST_DEADLINE, functools.partial(self._too_slow, conn))
 
     def _accept_failed(self, exc: OSError) -> None:
-        log.error("%s: cannot accept: %s; pausing accepts for %g s", self.name, exc.strerror, ACCEPT_PAUSE,
-                  extra=fields(event="accept-error"))
+        log.error(
+            "%s: cannot accept: %s; pausing accepts for %g s",
+            self.name,
+            exc.strerror,
+            ACCEPT_PAUSE,
+            extra=fields(event="accept-error"),
+        )
 
     def _make_room(self) -> bool:
         """The table is full: close the oldest connection still sending its request, else one whose
@@ -130,12 +142,18 @@ class RequestServer:
             return
         self._logged_at = now
         held, self._held = self._held, 0
-        what = {"slow": f"no whole request within {REQUEST_DEADLINE:g} s of connecting",
-                "evicted": f"all {MAX_CONNECTIONS} slots taken, this one still without a whole request",
-                "refused": f"all {MAX_CONNECTIONS} slots busy answering"}[kind]
-        log.warning("%s: closed a connection: %s%s", self.name, what,
-                    f" ({held} more closed since the last such line)" if held else "",
-                    extra=fields(event="request-dropped"))
+        what = {
+            "slow": f"no whole request within {REQUEST_DEADLINE:g} s of connecting",
+            "evicted": f"all {MAX_CONNECTIONS} slots taken, this one still without a whole request",
+            "refused": f"all {MAX_CONNECTIONS} slots busy answering",
+        }[kind]
+        log.warning(
+            "%s: closed a connection: %s%s",
+            self.name,
+            what,
+            f" ({held} more closed since the last such line)" if held else "",
+            extra=fields(event="request-dropped"),
+        )
 
     def contain(self, fileobj: object) -> bool:
         """A callback on ``fileobj`` raised: if it is one of our connections, close it."""

@@ -90,9 +90,17 @@ class Daemon:
         """The part of ``view()`` every daemon shares."""
         events, hooks, loop = self.ops.numbers()
         return DaemonView(
-            role=self.role, now=self.loop.time(), started=self.ops.started_wall, status=self.status_text(),
-            reloads_ok=self.reloads_ok, reloads_failed=self.reloads_failed, last_reload_error=self.last_reload_error,
-            loop=loop, hooks=hooks, events=events, recent=tuple(self.ops.recent),
+            role=self.role,
+            now=self.loop.time(),
+            started=self.ops.started_wall,
+            status=self.status_text(),
+            reloads_ok=self.reloads_ok,
+            reloads_failed=self.reloads_failed,
+            last_reload_error=self.last_reload_error,
+            loop=loop,
+            hooks=hooks,
+            events=events,
+            recent=tuple(self.ops.recent),
         )
 
     def contain(self, fileobj: Any, callback: Any, exc: Exception) -> str | None:
@@ -118,10 +126,14 @@ class Daemon:
             return
         recent.append(now)
         held, self._errors_held = self._errors_held, 0
-        log.error("internal error in %s%s%s; carrying on", getattr(callback, "__qualname__", "a callback"),
-                  f" serving {what}" if what else "",
-                  f" ({held} more since the last one logged)" if held else "",
-                  exc_info=exc, extra={"fields": {"EVENT": "internal-error"}})
+        log.error(
+            "internal error in %s%s%s; carrying on",
+            getattr(callback, "__qualname__", "a callback"),
+            f" serving {what}" if what else "",
+            f" ({held} more since the last one logged)" if held else "",
+            exc_info=exc,
+            extra={"fields": {"EVENT": "internal-error"}},
+        )
 
     def on_status_tick(self) -> None:
         """Called every STATUS_INTERVAL seconds from the loop."""
@@ -260,8 +272,13 @@ class Daemon:
         reloads = f"{self.reloads_ok} reloads ok, {self.reloads_failed} failed"
         if self.last_reload_error:
             reloads += f" (last: {self.last_reload_error})"
-        log.info("status: %s; %s; loop lag max %.1f ms", text, reloads, self.loop.max_lag * 1000,
-                 extra={"fields": {"EVENT": "status"}})
+        log.info(
+            "status: %s; %s; loop lag max %.1f ms",
+            text,
+            reloads,
+            self.loop.max_lag * 1000,
+            extra={"fields": {"EVENT": "status"}},
+        )
 
     def reopen_logs(self) -> None:
         """SIGUSR2: reopen the log file (after logrotate moved it away)."""

@@ -50,8 +50,21 @@ RECHECK_AFTER_KILL = 1.0
 class Job:
     """One hook run: what to run, and once started, its process and timeout timer."""
 
-    __slots__ = ("address", "coalesced", "event", "extra", "key", "killed", "peer", "proc", "seq", "standing",
-                 "started", "timer", "when")
+    __slots__ = (
+        "address",
+        "coalesced",
+        "event",
+        "extra",
+        "key",
+        "killed",
+        "peer",
+        "proc",
+        "seq",
+        "standing",
+        "started",
+        "timer",
+        "when",
+    )
 
     def __init__(self, event: str, peer: str, address: str, extra: dict[str, object], standing: float = 0.0) -> None:
         self.event = event
@@ -111,8 +124,14 @@ class HookRunner:
         self._pump()
 
     # -- events -------------------------------------------------------------------------------------
-    def fire(self, event: str, peer: str, address: str, extra: Mapping[str, object] = MappingProxyType({}),
-             standing: float = 0.0) -> None:
+    def fire(
+        self,
+        event: str,
+        peer: str,
+        address: str,
+        extra: Mapping[str, object] = MappingProxyType({}),
+        standing: float = 0.0,
+    ) -> None:
         """Queue a run of the hook for this event (nothing happens without ``on_change``).
 
         ``standing``: how long the peer had held its previous state (or its connection), seconds;
@@ -127,8 +146,9 @@ class HookRunner:
             self.queue[job.key] = job
             self._rank(job)
             return
-        if self.max_queued == 0 and (len(self.running) >= self.max_running or self._tokens() < 1
-                                     or job.key in self._busy):
+        if self.max_queued == 0 and (
+            len(self.running) >= self.max_running or self._tokens() < 1 or job.key in self._busy
+        ):
             self._dropped(job)
             return
         if len(self.queue) >= max(self.max_queued, 1):
@@ -166,8 +186,12 @@ class HookRunner:
         if now - self._drop_reported_at >= DROP_REPORT_INTERVAL:
             log.warning(
                 "hook queue full (%d running, %d waiting): dropped %d event%s, the last %s for %s",
-                len(self.running), len(self.queue), self._dropped_unreported,
-                "s" if self._dropped_unreported != 1 else "", job.event, job.peer,
+                len(self.running),
+                len(self.queue),
+                self._dropped_unreported,
+                "s" if self._dropped_unreported != 1 else "",
+                job.event,
+                job.peer,
                 extra=fields(event="hook-dropped", peer=job.peer, peer_address=job.address),
             )
             self._drop_reported_at = now
@@ -205,34 +229,55 @@ class HookRunner:
             self._sigchld = True
         assert self.command is not None
         env = dict(os.environ)
-        env.update({
-            "HBD_EVENT": job.event,
-            "HBD_PEER": job.peer,
-            "HBD_ADDRESS": job.address,
-            "HBD_ROLE": self.role,
-            "HBD_TIME": f"{job.when:.3f}",  # when it happened: a queued run starts later
-            "HBD_COALESCED": str(job.coalesced),  # changes of this peer replaced by this one, never run
-        })
+        env.update(
+            {
+                "HBD_EVENT": job.event,
+                "HBD_PEER": job.peer,
+                "HBD_ADDRESS": job.address,
+                "HBD_ROLE": self.role,
+                "HBD_TIME": f"{job.when:.3f}",  # when it happened: a queued run starts later
+                "HBD_COALESCED": str(job.coalesced),  # changes of this peer replaced by this one, never run
+            }
+        )
         for key, value in job.extra.items():
             env[f"HBD_{key.upper()}"] = "" if value is None else str(value)
         args = [*self.command, job.event, job.peer, job.address, self.role]
         try:
             proc = subprocess.Popen(
-                args, env=env, stdin=subprocess.DEVNULL, close_fds=True, start_new_session=True, cwd="/",
+                args,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                close_fds=True,
+                start_new_session=True,
+                cwd="/",
             )
         except (OSError, subprocess.SubprocessError) as exc:
             self.counts["error"] += 1
-            self.peer_log.log(logging.ERROR, _source(job), "cannot run the on_change hook %s for %s %s: %s",
-                              args[0], job.event, job.peer, getattr(exc, "strerror", None) or exc,
-                              event="hook-failed", peer=job.peer, peer_address=job.address)
+            self.peer_log.log(
+                logging.ERROR,
+                _source(job),
+                "cannot run the on_change hook %s for %s %s: %s",
+                args[0],
+                job.event,
+                job.peer,
+                getattr(exc, "strerror", None) or exc,
+                event="hook-failed",
+                peer=job.peer,
+                peer_address=job.address,
+            )
             return
         job.proc = proc
         job.started = self.loop.time()
         job.timer = self.loop.call_at(job.started + self.timeout, lambda: self._expire(job))
         self.running[proc.pid] = job
         self._busy.add(job.key)
-        log.debug("hook %s %s started (pid %d)", job.event, job.peer, proc.pid,
-                  extra=fields(event="hook-started", peer=job.peer, peer_address=job.address))
+        log.debug(
+            "hook %s %s started (pid %d)",
+            job.event,
+            job.peer,
+            proc.pid,
+            extra=fields(event="hook-started", peer=job.peer, peer_address=job.address),
+        )
 
     def _reap(self) -> None:
         """SIGCHLD: collect every hook that has finished."""
@@ -253,14 +298,28 @@ class HookRunner:
         took = self.loop.time() - job.started
         if rc == 0:
             self.counts["ok"] += 1
-            log.debug("hook %s %s done in %.3f s", job.event, job.peer, took,
-                      extra=fields(event="hook-done", peer=job.peer, peer_address=job.address))
+            log.debug(
+                "hook %s %s done in %.3f s",
+                job.event,
+                job.peer,
+                took,
+                extra=fields(event="hook-done", peer=job.peer, peer_address=job.address),
+            )
             return
         self.counts["failed"] += 1
         how = f"killed by {_signame(-rc)}" if rc < 0 else f"exit status {rc}"
-        self.peer_log.log(logging.WARNING, _source(job), "on_change hook for %s %s failed: %s after %.3f s",
-                          job.event, job.peer, how, took, event="hook-failed", peer=job.peer,
-                          peer_address=job.address)
+        self.peer_log.log(
+            logging.WARNING,
+            _source(job),
+            "on_change hook for %s %s failed: %s after %.3f s",
+            job.event,
+            job.peer,
+            how,
+            took,
+            event="hook-failed",
+            peer=job.peer,
+            peer_address=job.address,
+        )
 
     def _expire(self, job: Job) -> None:
         """The hook outlived ``hook_timeout``: kill its process group (again, until it is gone)."""
@@ -274,10 +333,18 @@ class HookRunner:
         if not job.killed:
             job.killed = True
             self.counts["timeout"] += 1
-            self.peer_log.log(logging.WARNING, _source(job),
-                              "on_change hook for %s %s still running after %g s; killing it (pid %d)",
-                              job.event, job.peer, self.loop.time() - job.started, proc.pid,
-                              event="hook-timeout", peer=job.peer, peer_address=job.address)
+            self.peer_log.log(
+                logging.WARNING,
+                _source(job),
+                "on_change hook for %s %s still running after %g s; killing it (pid %d)",
+                job.event,
+                job.peer,
+                self.loop.time() - job.started,
+                proc.pid,
+                event="hook-timeout",
+                peer=job.peer,
+                peer_address=job.address,
+            )
         _killpg(proc.pid)
         # Normally reaped on its SIGCHLD; this re-check only guards against a lost signal.
         job.timer = self.loop.call_later(RECHECK_AFTER_KILL, lambda: self._expire(job))

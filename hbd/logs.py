@@ -173,8 +173,7 @@ class ResilientFileHandler(logging.handlers.RotatingFileHandler):
         if self._broken_since is None:
             self._report(
                 logging.ERROR,
-                f"cannot write the log file {self.baseFilename}: {exc}; "
-                f"still running, retrying in {REOPEN_AFTER:g} s",
+                f"cannot write the log file {self.baseFilename}: {exc}; still running, retrying in {REOPEN_AFTER:g} s",
             )
         self._broken_since = time.monotonic()
         try:
@@ -284,8 +283,14 @@ def report_start_errors(identifier: str, lines: list[str], log_file: str | None)
     journald = under_journald()
     if journald and _journal is not None:
         for line in lines:
-            _journal.send(f"error: {line}", PRIORITY="3", SYSLOG_IDENTIFIER=identifier, EVENT="start-failed",
-                          CODE_FILE=__file__, CODE_FUNC="report_start_errors")
+            _journal.send(
+                f"error: {line}",
+                PRIORITY="3",
+                SYSLOG_IDENTIFIER=identifier,
+                EVENT="start-failed",
+                CODE_FILE=__file__,
+                CODE_FUNC="report_start_errors",
+            )
     else:
         prefix = "<3>" if journald else ""  # journald reads the priority from the prefix
         for line in lines:
@@ -334,8 +339,14 @@ class PeerLogLimiter:
     as one summary per kind: N lines from M sources.
     """
 
-    def __init__(self, burst: int = PEER_BURST, interval: float = PEER_INTERVAL, max_sources: int = 10000,
-                 kind_burst: int = PEER_KIND_BURST, total_burst: int = PEER_TOTAL_BURST) -> None:
+    def __init__(
+        self,
+        burst: int = PEER_BURST,
+        interval: float = PEER_INTERVAL,
+        max_sources: int = 10000,
+        kind_burst: int = PEER_KIND_BURST,
+        total_burst: int = PEER_TOTAL_BURST,
+    ) -> None:
         self.burst = burst
         self.kind_burst = kind_burst
         self.total_burst = total_burst
@@ -413,8 +424,9 @@ class PeerLog:
         self.clock = clock
         self.limiter = limiter if limiter is not None else PeerLogLimiter()
 
-    def log(self, level: int, source: str, msg: str, *args: object, event: str, stacklevel: int = 2,
-            **extra: Any) -> bool:
+    def log(
+        self, level: int, source: str, msg: str, *args: object, event: str, stacklevel: int = 2, **extra: Any
+    ) -> bool:
         """Log ``msg % args`` unless the limit for ``source`` and ``event`` is reached; True if logged.
         ``stacklevel`` as for logging: the default names our caller as the line's call site (CODE_FILE)."""
         if not log.isEnabledFor(level):
@@ -428,9 +440,21 @@ class PeerLog:
         """Log one summary per kind of line held back in a window that has ended."""
         for s in self.limiter.expired(self.clock()):
             if s.source is not None:
-                log.warning("suppressed %d %r lines caused by %s in the last %g s", s.lines, s.kind, s.source,
-                            s.interval, extra=fields(peer=s.source, event="suppressed", kind=s.kind))
+                log.warning(
+                    "suppressed %d %r lines caused by %s in the last %g s",
+                    s.lines,
+                    s.kind,
+                    s.source,
+                    s.interval,
+                    extra=fields(peer=s.source, event="suppressed", kind=s.kind),
+                )
             else:
-                log.warning("suppressed %d %r lines from %d%s sources in the last %g s", s.lines, s.kind,
-                            s.sources, "+" if s.sources >= self.limiter.max_sources else "", s.interval,
-                            extra=fields(event="suppressed", kind=s.kind, sources=s.sources))
+                log.warning(
+                    "suppressed %d %r lines from %d%s sources in the last %g s",
+                    s.lines,
+                    s.kind,
+                    s.sources,
+                    "+" if s.sources >= self.limiter.max_sources else "",
+                    s.interval,
+                    extra=fields(event="suppressed", kind=s.kind, sources=s.sources),
+                )

@@ -280,7 +280,6 @@ class EventLoop:
             self._wakeup_r = self._wakeup_w = None
         self.selector.close()
 
-
     def close_in_child(self) -> None:
         """After fork(): drop this loop's descriptors without unregistering anything, because the
         epoll instance is shared with the parent and unregistering would change the parent's loop."""

@@ -146,28 +146,42 @@ def collect(view: DaemonViews) -> Exposition:
     d = view.daemon
     workers = [w.numbers for w in view.workers if w.numbers is not None] if isinstance(view, SupervisorView) else []
     out = Exposition()
-    out.one("hbd_info", "gauge", "Always 1; the labels say what runs.", 1,
-            {"role": d.role, "version": __version__})
+    out.one("hbd_info", "gauge", "Always 1; the labels say what runs.", 1, {"role": d.role, "version": __version__})
     out.one("hbd_start_time_seconds", "gauge", "When this daemon started, Unix time.", round(d.started, 3))
     out.family("hbd_reloads_total", "counter", "Configuration reloads (SIGHUP) by result.")
     out.sample("hbd_reloads_total", d.reloads_ok, {"result": "ok"})
     out.sample("hbd_reloads_total", d.reloads_failed, {"result": "failed"})
     loop = d.loop
     for numbers in workers:  # the worst loop among the supervisor's and the workers'
-        loop = LoopNumbers(max(loop.lag, numbers.loop.lag), max(loop.max_lag, numbers.loop.max_lag),
-                           loop.stalls + numbers.loop.stalls)
-    out.one("hbd_loop_lag_seconds", "gauge", "How long something ready could wait for the event loop in its last "
-            "turn: how late the wake-up was plus how long the turn took.", loop.lag)
+        loop = LoopNumbers(
+            max(loop.lag, numbers.loop.lag), max(loop.max_lag, numbers.loop.max_lag), loop.stalls + numbers.loop.stalls
+        )
+    out.one(
+        "hbd_loop_lag_seconds",
+        "gauge",
+        "How long something ready could wait for the event loop in its last "
+        "turn: how late the wake-up was plus how long the turn took.",
+        loop.lag,
+    )
     out.one("hbd_loop_lag_max_seconds", "gauge", "The largest event loop lag so far.", loop.max_lag)
-    out.one("hbd_loop_stalls_total", "counter", "Times the process did not run for over 250 ms (a wake-up that "
-            "late, or a turn that much longer than the CPU it used).", loop.stalls)
+    out.one(
+        "hbd_loop_stalls_total",
+        "counter",
+        "Times the process did not run for over 250 ms (a wake-up that "
+        "late, or a turn that much longer than the CPU it used).",
+        loop.stalls,
+    )
     events = _summed(d.events, [n.events for n in workers])
     out.family("hbd_peer_events_total", "counter", "Peer state changes (what on_change hooks are run for).")
     for event in EVENTS:
         out.sample("hbd_peer_events_total", events.get(event, 0), {"event": event})
     hooks = _summed(d.hooks, [n.hooks for n in workers])
-    out.family("hbd_hooks_total", "counter", "on_change hook runs by outcome (dropped: the queue was full; "
-               "coalesced: replaced by a later change of the same peer before it ran).")
+    out.family(
+        "hbd_hooks_total",
+        "counter",
+        "on_change hook runs by outcome (dropped: the queue was full; "
+        "coalesced: replaced by a later change of the same peer before it ran).",
+    )
     for result in HOOK_RESULTS:
         out.sample("hbd_hooks_total", hooks.get(result, 0), {"result": result})
     out.one("hbd_hooks_running", "gauge", "on_change hooks running now.", hooks.get("running", 0))
@@ -215,11 +229,15 @@ def _summed(own: Mapping[str, int], others: list[Mapping[str, int]]) -> dict[str
 
 def _collect_server(n: ServerCounters, counts: Mapping[str, int] | None, out: Exposition) -> None:
     out.one("hbd_server_clients", "gauge", "Clients connected now.", n.clients)
-    out.one("hbd_server_clients_late", "gauge", "Connected clients that are late (silent over half the timeout).",
-            n.late)
+    out.one(
+        "hbd_server_clients_late", "gauge", "Connected clients that are late (silent over half the timeout).", n.late
+    )
     out.one("hbd_server_pings_total", "counter", "Pings received; each one is answered with a pong.", n.pings)
-    out.family("hbd_server_connections_total", "counter",
-               "Client connections by what became of them at accept (refused: max_clients; denied: allow).")
+    out.family(
+        "hbd_server_connections_total",
+        "counter",
+        "Client connections by what became of them at accept (refused: max_clients; denied: allow).",
+    )
     out.sample("hbd_server_connections_total", n.accepted, {"result": "accepted"})
     out.sample("hbd_server_connections_total", n.refused, {"result": "refused"})
     out.sample("hbd_server_connections_total", n.denied, {"result": "denied"})
@@ -269,14 +287,28 @@ def http_reply(view: Callable[[], DaemonViews], request: bytes) -> Reply:
         body = collect(view()).render()
         yield _http(200, "OK", body, content_type=CONTENT_TYPE, head_only=method == "HEAD")
     elif target == "/":
-        yield _http(200, "OK", b'<html><body><a href="/metrics">hbd metrics</a></body></html>\n',
-                    content_type="text/html", head_only=method == "HEAD")
+        yield _http(
+            200,
+            "OK",
+            b'<html><body><a href="/metrics">hbd metrics</a></body></html>\n',
+            content_type="text/html",
+            head_only=method == "HEAD",
+        )
     else:
         yield _http(404, "Not Found", b"not found; try /metrics\n")
 
 
-def _http(code: int, reason: str, body: bytes, *, content_type: str = "text/plain; charset=utf-8",
-          extra: str = "", head_only: bool = False) -> bytes:
-    head = (f"HTTP/1.0 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
-            f"Connection: close\r\n{extra}\r\n")
+def _http(
+    code: int,
+    reason: str,
+    body: bytes,
+    *,
+    content_type: str = "text/plain; charset=utf-8",
+    extra: str = "",
+    head_only: bool = False,
+) -> bytes:
+    head = (
+        f"HTTP/1.0 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+        f"Connection: close\r\n{extra}\r\n"
+    )
     return head.encode() + (b"" if head_only else body)

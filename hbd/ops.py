@@ -67,8 +67,11 @@ class Ops:
         """Events, hooks and loop numbers of this process, for its view."""
         hooks = self.hooks
         loop = self.loop
-        return (dict(self.events), {**hooks.counts, "running": len(hooks.running), "queued": len(hooks.queue)},
-                LoopNumbers(loop.last_lag, loop.max_lag, self.stalls))
+        return (
+            dict(self.events),
+            {**hooks.counts, "running": len(hooks.running), "queued": len(hooks.queue)},
+            LoopNumbers(loop.last_lag, loop.max_lag, self.stalls),
+        )
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -135,7 +138,8 @@ class Ops:
     def contain(self, fileobj: object) -> bool:
         """A callback on ``fileobj`` raised: close it if it is one of our request connections."""
         return fileobj is not None and any(
-            server is not None and server.contain(fileobj) for server in (self.control, self.metrics))
+            server is not None and server.contain(fileobj) for server in (self.control, self.metrics)
+        )
 
     def close_in_child(self) -> None:
         """After fork() in a worker: drop our descriptors without unlinking the parent's socket."""
@@ -155,16 +159,21 @@ class Ops:
         if not os.path.isdir(directory):
             # /run/hbd comes from the unit's RuntimeDirectory=; run by hand, there is none. Expected
             # there, so an informational line on the terminal, not a warning for the error log.
-            log.info("no status socket: the directory %s does not exist (set control_socket to a path in an "
-                     "existing directory, or null)", directory, extra=fields(event="control-disabled"))
+            log.info(
+                "no status socket: the directory %s does not exist (set control_socket to a path in an "
+                "existing directory, or null)",
+                directory,
+                extra=fields(event="control-disabled"),
+            )
             return None
         return UnixListener(path, mode=0o600 if self._worker_index is not None else 0o660)
 
     def _bind_metrics(self, address: tuple[str, int] | None) -> socket | None:
         return bind_tcp(*address) if address else None
 
-    def _install(self, path: str | None, listener: UnixListener | None, maddr: tuple[str, int] | None,
-                 msock: socket | None) -> None:
+    def _install(
+        self, path: str | None, listener: UnixListener | None, maddr: tuple[str, int] | None, msock: socket | None
+    ) -> None:
         self._install_control(path, listener)
         self._install_metrics(maddr, msock)
 
@@ -173,7 +182,8 @@ class Ops:
         self._listener = listener
         if listener is not None:
             server = RequestServer(
-                self.loop, listener.sock,
+                self.loop,
+                listener.sock,
                 lambda req, wake: commands.answer(self.daemon, self.control_path, req, wake, server.peer_uid),
                 name="status socket",
             )
@@ -184,8 +194,12 @@ class Ops:
         self.metrics_address = address
         if sock is not None:
             self.metrics = RequestServer(
-                self.loop, sock, lambda req, wake: metrics.http_reply(self.daemon.view, req), terminator=b"\r\n\r\n",
-                max_request=8192, too_long=metrics._http(431, "Request Header Fields Too Large", b""),
+                self.loop,
+                sock,
+                lambda req, wake: metrics.http_reply(self.daemon.view, req),
+                terminator=b"\r\n\r\n",
+                max_request=8192,
+                too_long=metrics._http(431, "Request Header Fields Too Large", b""),
                 name="metrics endpoint",
             )
             host, port = sock.getsockname()[:2]
@@ -215,14 +229,25 @@ class Ops:
         self.hooks.configure(cfg.on_change, cfg.hook_timeout, cfg.hook_max_concurrent, cfg.hook_max_queued)
 
     # -- events --------------------------------------------------------------------------------------
-    def event(self, event: str, peer: str, address: str, *, name: str | None = None,
-              previous: str | None = None, reason: str = "", standing: float = 0.0, **extra: object) -> None:
+    def event(
+        self,
+        event: str,
+        peer: str,
+        address: str,
+        *,
+        name: str | None = None,
+        previous: str | None = None,
+        reason: str = "",
+        standing: float = 0.0,
+        **extra: object,
+    ) -> None:
         """A peer changed state (``up``, ``late``, ``down``): count it, remember it, run the hook.
         ``standing``: how established the peer was (see hbd.hooks: who waits when hooks pile up)."""
         self.events[event] += 1
         self.recent.append(RecentEvent(time.time(), event, peer, address, previous, reason))
-        self.hooks.fire(event, peer, address, {"name": name or "", "previous": previous or "",
-                                                "reason": reason, **extra}, standing)
+        self.hooks.fire(
+            event, peer, address, {"name": name or "", "previous": previous or "", "reason": reason, **extra}, standing
+        )
 
     def _stalled(self, planned: float, woke: float) -> None:
         self.stalls += 1

@@ -80,8 +80,18 @@ class ServerPeer:
     """
 
     __slots__ = (
-        "_buf", "_echo", "_greeted", "_greetings", "_junk", "events", "interval", "last_heard", "name", "pings",
-        "state", "timeout",
+        "_buf",
+        "_echo",
+        "_greeted",
+        "_greetings",
+        "_junk",
+        "events",
+        "interval",
+        "last_heard",
+        "name",
+        "pings",
+        "state",
+        "timeout",
     )
 
     def __init__(self, now: float, timeout: float) -> None:
@@ -241,7 +251,16 @@ class ClientLink:
     """
 
     __slots__ = (
-        "_buf", "_sent", "_stalls", "answers", "interval", "line", "next_ping", "pong_timeout", "pongs", "silent_for",
+        "_buf",
+        "_sent",
+        "_stalls",
+        "answers",
+        "interval",
+        "line",
+        "next_ping",
+        "pong_timeout",
+        "pongs",
+        "silent_for",
     )
 
     def __init__(self, now: float, interval: float, pong_timeout: float, line: bool = False) -> None:
@@ -318,8 +337,9 @@ class ClientLink:
             late = self.answers is Answers.LATE
             # The first instant at which poll() finds the wait *longer* than the limit: waking exactly at
             # the limit would find nothing to do and re-arm for the same time (a spin in virtual time).
-            return min(self.next_ping, math.nextafter(start + (self.pong_timeout if late else self.pong_timeout / 2),
-                                                      math.inf))
+            return min(
+                self.next_ping, math.nextafter(start + (self.pong_timeout if late else self.pong_timeout / 2), math.inf)
+            )
         return self.next_ping
 
     def feed(self, data: bytes, now: float) -> list[float]:

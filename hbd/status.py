@@ -51,8 +51,11 @@ def head(d: DaemonView, clock: Clock) -> dict[str, object]:
         "started": round(d.started, 3),
         "status": d.status,
         "reloads": {"ok": d.reloads_ok, "failed": d.reloads_failed, "last_error": d.last_reload_error},
-        "loop": {"lag_ms": round(d.loop.lag * 1000, 3), "max_lag_ms": round(d.loop.max_lag * 1000, 3),
-                 "stalls": d.loop.stalls},
+        "loop": {
+            "lag_ms": round(d.loop.lag * 1000, 3),
+            "max_lag_ms": round(d.loop.max_lag * 1000, 3),
+            "stalls": d.loop.stalls,
+        },
         "hooks": dict(d.hooks),
         "events": dict(d.events),
         "recent": [{**e._asdict(), "time": round(e.time, 3)} for e in d.recent],
@@ -83,9 +86,16 @@ def peer_doc(row: PeerRow, clock: Clock) -> dict[str, object]:
     if row.worker is not None:
         doc["worker"] = row.worker
     if row.since is not None:  # a registry's row (issue 12)
-        doc.update({"since": wall(row.since), "reason": row.reason, "expected": bool(row.expected),
-                    "flapping": "flapping" in row.flags, "silenced_until": row.silenced_until,
-                    "labels": dict(row.labels)})
+        doc.update(
+            {
+                "since": wall(row.since),
+                "reason": row.reason,
+                "expected": bool(row.expected),
+                "flapping": "flapping" in row.flags,
+                "silenced_until": row.silenced_until,
+                "labels": dict(row.labels),
+            }
+        )
     return doc
 
 
@@ -115,8 +125,9 @@ def peers_fragment(view: ServerView) -> Reply:
         first = False
 
 
-def supervisor_document(view: SupervisorView, loop: EventLoop, control_path: str | None,
-                        wake: Callable[[], None]) -> Reply:
+def supervisor_document(
+    view: SupervisorView, loop: EventLoop, control_path: str | None, wake: Callable[[], None]
+) -> Reply:
     """Relay every worker's peers into one document, one worker at a time, without blocking."""
     clock = Clock(view.daemon.now)
     doc = server_head(view, clock)
@@ -205,27 +216,29 @@ def client_document(view: ClientView) -> Reply:
     servers = []
     for row in view.links:
         rtt = row.rtt
-        servers.append({
-            "peer": row.peer,
-            "name": row.name,
-            "address": row.address,
-            "state": row.state,
-            "since": wall(row.since),
-            "link": row.link,
-            "last_pong": wall(row.last_pong),
-            "rtt_ms": {
-                "last": _ms(rtt.last),
-                "avg": _ms(rtt.sum / rtt.count) if rtt.count else None,
-                "max": _ms(rtt.max) if rtt.count else None,
-            },
-            "pings": row.pings,
-            "pongs": rtt.count,
-            "pong_timeouts": row.timeouts,
-            "connects": row.connects,
-            "retries": row.retries,
-            "outstanding": row.outstanding,
-            "next_attempt_in": round(max(row.next_attempt - now, 0.0), 3) if row.next_attempt is not None else None,
-        })
+        servers.append(
+            {
+                "peer": row.peer,
+                "name": row.name,
+                "address": row.address,
+                "state": row.state,
+                "since": wall(row.since),
+                "link": row.link,
+                "last_pong": wall(row.last_pong),
+                "rtt_ms": {
+                    "last": _ms(rtt.last),
+                    "avg": _ms(rtt.sum / rtt.count) if rtt.count else None,
+                    "max": _ms(rtt.max) if rtt.count else None,
+                },
+                "pings": row.pings,
+                "pongs": rtt.count,
+                "pong_timeouts": row.timeouts,
+                "connects": row.connects,
+                "retries": row.retries,
+                "outstanding": row.outstanding,
+                "next_attempt_in": round(max(row.next_attempt - now, 0.0), 3) if row.next_attempt is not None else None,
+            }
+        )
     doc = {
         **head(view.daemon, clock),
         "name": view.name,
@@ -281,31 +294,44 @@ def render(doc: dict[str, Any], recent: int = 10) -> str:
             f"{counts['UP']} up, {counts['LATE']} late, {counts['NEW']} new"
         )
         rows = [
-            [p["name"] or "-", p["address"], p["state"],
-             age(now - p["connected"]) if p["connected"] is not None else "-",
-             age(now - p["last_ping"]) + " ago" if p["last_ping"] is not None else "never",
-             str(p["pings"]), f"{p['timeout']:g}s"]
+            [
+                p["name"] or "-",
+                p["address"],
+                p["state"],
+                age(now - p["connected"]) if p["connected"] is not None else "-",
+                age(now - p["last_ping"]) + " ago" if p["last_ping"] is not None else "never",
+                str(p["pings"]),
+                f"{p['timeout']:g}s",
+            ]
             for p in sorted(peers, key=lambda p: (_ORDER.get(p["state"], 9), p["name"] or "~", p["address"]))
         ]
         header = ["PEER", "ADDRESS", "STATE", "CONNECTED", "LAST PING", "PINGS", "TIMEOUT"]
     else:
         servers = doc["servers"]
         name = f"client_name {doc['name']}; " if doc.get("name") else ""
-        lines.append(f"{name}heartbeat_interval {cfg.get('heartbeat_interval', 0):g} s; "
-                     f"pong_timeout {cfg.get('pong_timeout', 0):g} s; {len(servers)} "
-                     f"server{'s' if len(servers) != 1 else ''}")
+        lines.append(
+            f"{name}heartbeat_interval {cfg.get('heartbeat_interval', 0):g} s; "
+            f"pong_timeout {cfg.get('pong_timeout', 0):g} s; {len(servers)} "
+            f"server{'s' if len(servers) != 1 else ''}"
+        )
         rows = []
         for s in servers:
             rtt = s["rtt_ms"]
             note = s["link"] if s["link"] != "up" else ""
             if s.get("next_attempt_in") is not None:
                 note = f"retry {s['retries']} in {s['next_attempt_in']:.1f}s"
-            rows.append([
-                s["name"] or "-", s["address"], s["state"], age(now - s["since"]) if s["since"] else "-",
-                age(now - s["last_pong"]) + " ago" if s["last_pong"] is not None else "never",
-                "/".join(f"{v:.1f}" if v is not None else "-" for v in (rtt["last"], rtt["avg"], rtt["max"])),
-                str(s["pong_timeouts"]), note,
-            ])
+            rows.append(
+                [
+                    s["name"] or "-",
+                    s["address"],
+                    s["state"],
+                    age(now - s["since"]) if s["since"] else "-",
+                    age(now - s["last_pong"]) + " ago" if s["last_pong"] is not None else "never",
+                    "/".join(f"{v:.1f}" if v is not None else "-" for v in (rtt["last"], rtt["avg"], rtt["max"])),
+                    str(s["pong_timeouts"]),
+                    note,
+                ]
+            )
         header = ["SERVER", "ADDRESS", "STATE", "SINCE", "LAST PONG", "RTT ms (last/avg/max)", "TIMEOUTS", ""]
     lines.append("")
     lines.extend(_table(header, rows) if rows else ["(no peers)"])

@@ -211,8 +211,15 @@ class Handshake:
         self.done()
 
 
-_NOT_TLS = {"WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "HTTP_REQUEST", "HTTPS_PROXY_REQUEST",
-            "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE", "UNEXPECTED_RECORD"}
+_NOT_TLS = {
+    "WRONG_VERSION_NUMBER",
+    "UNKNOWN_PROTOCOL",
+    "HTTP_REQUEST",
+    "HTTPS_PROXY_REQUEST",
+    "PACKET_LENGTH_TOO_LONG",
+    "RECORD_LAYER_FAILURE",
+    "UNEXPECTED_RECORD",
+}
 
 
 def describe(exc: BaseException) -> str:
@@ -221,8 +228,9 @@ def describe(exc: BaseException) -> str:
         return f"certificate rejected: {exc.verify_message or exc.reason}"
     reason = getattr(exc, "reason", None)
     if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError) or reason == "UNEXPECTED_EOF_WHILE_READING":
-        return ("the peer closed the connection without a TLS goodbye "
-                "(does it speak TLS? does it accept our certificate?)")
+        return (
+            "the peer closed the connection without a TLS goodbye (does it speak TLS? does it accept our certificate?)"
+        )
     if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
         return "no client certificate (require_client_cert is on)"
     if reason in _NOT_TLS:

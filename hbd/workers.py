@@ -16,6 +16,7 @@ The messages (ready, status, counters, log lines, reload outcomes up; Reload dow
 hbd.workers_codec. The supervisor's ``hbd reload`` answer waits for every worker's outcome, at most
 RELOAD_TIMEOUT.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -60,8 +61,20 @@ RELOAD_TIMEOUT = 5.0  # how long a requested reload waits for the workers' outco
 
 
 class Worker:
-    __slots__ = ("clients", "decoder", "index", "last_seen", "late", "numbers", "outbuf", "pid", "ready", "reload",
-                 "rfd", "wfd")
+    __slots__ = (
+        "clients",
+        "decoder",
+        "index",
+        "last_seen",
+        "late",
+        "numbers",
+        "outbuf",
+        "pid",
+        "ready",
+        "reload",
+        "rfd",
+        "wfd",
+    )
 
     def __init__(self, index: int, pid: int, rfd: int, wfd: int, now: float) -> None:
         self.index = index
@@ -196,8 +209,11 @@ class Supervisor(Daemon):
             if pending and self.loop.time() < deadline:
                 self.loop.call_later(0.02, check)
                 return
-            failed = [f"worker {w.index}: {w.reload}" for w in sorted(self.workers.values(), key=lambda w: w.index)
-                      if w.pid in self._hupped and w.reload not in (None, "ok")]
+            failed = [
+                f"worker {w.index}: {w.reload}"
+                for w in sorted(self.workers.values(), key=lambda w: w.index)
+                if w.pid in self._hupped and w.reload not in (None, "ok")
+            ]
             failed += [f"worker {self.workers[pid].index}: no answer within {RELOAD_TIMEOUT:g} s" for pid in pending]
             failed += [f"a worker (pid {pid}) exited during the reload" for pid in gone]
             finished(failed)
@@ -281,7 +297,11 @@ class Supervisor(Daemon):
                 continue
             log.error(
                 "worker %d (pid %d) exited unexpectedly (%s); restarting it in %g s",
-                w.index, pid, _describe(status), RESTART_DELAY, extra=fields(event="worker-died"),
+                w.index,
+                pid,
+                _describe(status),
+                RESTART_DELAY,
+                extra=fields(event="worker-died"),
             )
             self.loop.call_later(RESTART_DELAY, functools.partial(self._restart, w.index))
 
@@ -305,17 +325,28 @@ class Supervisor(Daemon):
 
     def view(self) -> SupervisorView:
         cfg = self.config
-        workers = tuple(WorkerRow(w.index, w.pid, w.clients, w.late, WorkerNumbers.from_dict(w.numbers) if w.numbers
-                                  else None) for w in sorted(self.workers.values(), key=lambda w: w.index))
-        return SupervisorView(self.daemon_view(), f"{cfg.host}:{cfg.port}",
-                              ServerSettings(cfg.heartbeat_timeout, cfg.max_clients, cfg.workers), workers)
+        workers = tuple(
+            WorkerRow(w.index, w.pid, w.clients, w.late, WorkerNumbers.from_dict(w.numbers) if w.numbers else None)
+            for w in sorted(self.workers.values(), key=lambda w: w.index)
+        )
+        return SupervisorView(
+            self.daemon_view(),
+            f"{cfg.host}:{cfg.port}",
+            ServerSettings(cfg.heartbeat_timeout, cfg.max_clients, cfg.workers),
+            workers,
+        )
 
     def on_status_tick(self) -> None:
         now = self.loop.time()
         for w in list(self.workers.values()):
             if w.ready and now - w.last_seen > HANG_AFTER:
-                log.error("worker %d (pid %d) stopped reporting for %.0f s; killing it",
-                          w.index, w.pid, now - w.last_seen, extra=fields(event="worker-hung"))
+                log.error(
+                    "worker %d (pid %d) stopped reporting for %.0f s; killing it",
+                    w.index,
+                    w.pid,
+                    now - w.last_seen,
+                    extra=fields(event="worker-hung"),
+                )
                 w.last_seen = now
                 _kill(w.pid, signal.SIGKILL)  # _reap restarts it
 
@@ -338,8 +369,12 @@ def _run_worker(sup: Supervisor, config: ServerConfig, index: int, up: int, down
     channel = WorkerChannel(up, index, config, rfd=down)
     logs = Logging(f"hbd-server/{index}", journald=sup.logs.journald)
     server = Server(
-        dataclasses.replace(config, log_file=None), notifier=Notifier({}), logs=logs,
-        overrides={**sup.overrides, "log_file": None}, worker=channel, reuse_port=True,
+        dataclasses.replace(config, log_file=None),
+        notifier=Notifier({}),
+        logs=logs,
+        overrides={**sup.overrides, "log_file": None},
+        worker=channel,
+        reuse_port=True,
     )
     log.addHandler(PipeLogHandler(channel))
     return server.run()

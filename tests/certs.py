@@ -29,8 +29,24 @@ def make_ca(d: Path, name: str) -> Pair:
     if OPENSSL is None:
         pytest.skip("needs the openssl command (Debian package openssl)")
     d.mkdir(parents=True, exist_ok=True)
-    _run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-         "-keyout", f"{name}.key", "-out", f"{name}.crt", "-subj", f"/CN={name}", "-days", "30", cwd=d)
+    _run(
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.crt",
+        "-subj",
+        f"/CN={name}",
+        "-days",
+        "30",
+        cwd=d,
+    )
     return Pair(str(d / f"{name}.crt"), str(d / f"{name}.key"))
 
 
@@ -40,8 +56,37 @@ def make_cert(d: Path, ca: Pair, name: str, *, server: bool, days: int = 30) -> 
     usage = "serverAuth" if server else "clientAuth"
     san = "subjectAltName=IP:127.0.0.1,DNS:localhost\n" if server else ""
     ext.write_text(f"basicConstraints=CA:FALSE\nextendedKeyUsage={usage}\n{san}")
-    _run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-         "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
-    _run("x509", "-req", "-in", f"{name}.csr", "-CA", ca.cert, "-CAkey", ca.key, "-CAcreateserial",
-         "-out", f"{name}.crt", "-days", str(days), "-extfile", str(ext), cwd=d)
+    _run(
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.csr",
+        "-subj",
+        f"/CN={name}",
+        cwd=d,
+    )
+    _run(
+        "x509",
+        "-req",
+        "-in",
+        f"{name}.csr",
+        "-CA",
+        ca.cert,
+        "-CAkey",
+        ca.key,
+        "-CAcreateserial",
+        "-out",
+        f"{name}.crt",
+        "-days",
+        str(days),
+        "-extfile",
+        str(ext),
+        cwd=d,
+    )
     return Pair(str(d / f"{name}.crt"), str(d / f"{name}.key"))

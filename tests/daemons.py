@@ -26,8 +26,15 @@ def free_port() -> int:
 class HbdProcess:
     """``python3 -m hbd ROLE -c FILE`` with its terminal output collected line by line."""
 
-    def __init__(self, role: str, config: dict, tmp_path: Path, env: dict | None = None, name: str = "",
-                 wrap: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        role: str,
+        config: dict,
+        tmp_path: Path,
+        env: dict | None = None,
+        name: str = "",
+        wrap: list[str] | None = None,
+    ) -> None:
         self.role = role
         self.config_path = tmp_path / f"{name or role}.yaml"
         self.write_config(config)
@@ -37,8 +44,12 @@ class HbdProcess:
         full_env.update(env or {})
         self.proc = subprocess.Popen(
             [*(wrap or []), sys.executable, "-m", "hbd", role, "-c", str(self.config_path)],  # wrap: e.g. ip netns exec
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, cwd=ROOT, env=full_env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=ROOT,
+            env=full_env,
         )
         self.lines: list[tuple[float, str]] = []
         self._cond = threading.Condition()
@@ -110,11 +121,18 @@ class HbdProcess:
         self._reader.join(2)
 
 
-def start_server(tmp_path: Path, name: str = "server", env: dict | None = None, wrap: list[str] | None = None,
-                 **cfg) -> HbdProcess:
-    config = {"host": "127.0.0.1", "port": free_port(), "heartbeat_timeout": 1.0,
-              "log_file": str(tmp_path / f"{name}.log"), "log_level": "info",
-              "control_socket": str(tmp_path / f"{name}.sock"), **cfg}
+def start_server(
+    tmp_path: Path, name: str = "server", env: dict | None = None, wrap: list[str] | None = None, **cfg
+) -> HbdProcess:
+    config = {
+        "host": "127.0.0.1",
+        "port": free_port(),
+        "heartbeat_timeout": 1.0,
+        "log_file": str(tmp_path / f"{name}.log"),
+        "log_level": "info",
+        "control_socket": str(tmp_path / f"{name}.sock"),
+        **cfg,
+    }
     srv = HbdProcess("server", config, tmp_path, env=env, name=name, wrap=wrap)
     try:
         srv.wait_for(r"listening on")
@@ -124,12 +142,22 @@ def start_server(tmp_path: Path, name: str = "server", env: dict | None = None, 
     return srv
 
 
-def start_client(tmp_path: Path, port: int, name: str = "client", env: dict | None = None,
-                 wrap: list[str] | None = None, **cfg) -> HbdProcess:
-    config = {"host": "127.0.0.1", "port": port, "heartbeat_interval": 0.2, "pong_timeout": 0.6,
-              "receive_timeout": 1.0, "reconnect_delay": 0.1, "reconnect_max_delay": 0.5,
-              "log_file": str(tmp_path / f"{name}.log"), "log_level": "info",
-              "control_socket": str(tmp_path / f"{name}.sock"), **cfg}
+def start_client(
+    tmp_path: Path, port: int, name: str = "client", env: dict | None = None, wrap: list[str] | None = None, **cfg
+) -> HbdProcess:
+    config = {
+        "host": "127.0.0.1",
+        "port": port,
+        "heartbeat_interval": 0.2,
+        "pong_timeout": 0.6,
+        "receive_timeout": 1.0,
+        "reconnect_delay": 0.1,
+        "reconnect_max_delay": 0.5,
+        "log_file": str(tmp_path / f"{name}.log"),
+        "log_level": "info",
+        "control_socket": str(tmp_path / f"{name}.sock"),
+        **cfg,
+    }
     if "servers" in cfg:
         del config["host"]  # the list replaces it; port stays as the default port of its items
     return HbdProcess("client", config, tmp_path, env=env, name=name, wrap=wrap)

@@ -18,8 +18,16 @@ import threading
 import time
 
 HOST = "127.0.0.1"
-GARBAGE = [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", b"PING\n",
-           b"pong", b"\x00" * 64, b"hello \xff\xfe\n", b"ping ping\n", b"SSH-2.0-OpenSSH_9.2\r\n"]
+GARBAGE = [
+    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+    b"PING\n",
+    b"pong",
+    b"\x00" * 64,
+    b"hello \xff\xfe\n",
+    b"ping ping\n",
+    b"SSH-2.0-OpenSSH_9.2\r\n",
+]
 
 
 def _closed_within(s: socket.socket, timeout: float) -> float | None:

@@ -156,10 +156,15 @@ def test_several_servers_one_down_with_hooks_and_status(tmp_path: Path, procs) -
     hook = tmp_path / "hook.sh"
     hook.write_text(f'#!/bin/sh\necho "$HBD_EVENT $HBD_PEER $HBD_ADDRESS $HBD_ROLE" >> {tmp_path}/events\n')
     hook.chmod(0o755)
-    cli = start_client(tmp_path, srv.config["port"], on_change=str(hook), servers=[
-        {"host": "127.0.0.1", "name": "main"},
-        {"host": "127.0.0.1", "port": backup_port, "name": "backup"},
-    ])
+    cli = start_client(
+        tmp_path,
+        srv.config["port"],
+        on_change=str(hook),
+        servers=[
+            {"host": "127.0.0.1", "name": "main"},
+            {"host": "127.0.0.1", "port": backup_port, "name": "backup"},
+        ],
+    )
     procs.append(cli)
     cli.wait_for(r"pong from main \(127\.0\.0\.1:\d+\)")
     cli.wait_for(rf"backup \(127\.0\.0\.1:{backup_port}\): cannot connect: Connection refused")
@@ -190,8 +195,15 @@ def test_reload_adds_a_server_without_touching_the_others(tmp_path: Path, procs)
     procs += [cli, a, b]
     cli.wait_for("pong from")
     config = {k: v for k, v in cli.config.items() if k != "host"}
-    cli.write_config({**config, "servers": [{"host": "127.0.0.1", "port": a.config["port"]},
-                                           {"host": "127.0.0.1", "port": b.config["port"], "name": "b"}]})
+    cli.write_config(
+        {
+            **config,
+            "servers": [
+                {"host": "127.0.0.1", "port": a.config["port"]},
+                {"host": "127.0.0.1", "port": b.config["port"], "name": "b"},
+            ],
+        }
+    )
     mark = cli.mark()
     cli.signal(signal.SIGHUP)
     cli.wait_for(r"now also pinging b \(127\.0\.0\.1", after=mark)
@@ -201,8 +213,12 @@ def test_reload_adds_a_server_without_touching_the_others(tmp_path: Path, procs)
 
 
 def test_exit_79_only_when_every_server_gave_up(tmp_path: Path, procs) -> None:
-    cli = start_client(tmp_path, free_port(), reconnect_attempts=1, servers=[
-        {"host": "127.0.0.1", "port": free_port()}, {"host": "127.0.0.1", "port": free_port()}])
+    cli = start_client(
+        tmp_path,
+        free_port(),
+        reconnect_attempts=1,
+        servers=[{"host": "127.0.0.1", "port": free_port()}, {"host": "127.0.0.1", "port": free_port()}],
+    )
     procs.append(cli)
     assert cli.proc.wait(10) == 79
     assert cli.count("giving up on") == 2 and "no server left to try" in cli.output()
@@ -259,9 +275,15 @@ def test_an_exception_serving_one_link_reconnects_that_link_only() -> None:
     handler = __import__("logging").Handler()
     handler.emit = records.append  # type: ignore[method-assign]
     loop = EventLoop()
-    cfg = ClientConfig(servers=(ServerEntry("127.0.0.1", a.port, "a"), ServerEntry("127.0.0.1", b.port, "b")),
-                       heartbeat_interval=0.05, pong_timeout=1.0, reconnect_delay=0.05, reconnect_max_delay=0.1,
-                       log_file=None, control_socket=None)
+    cfg = ClientConfig(
+        servers=(ServerEntry("127.0.0.1", a.port, "a"), ServerEntry("127.0.0.1", b.port, "b")),
+        heartbeat_interval=0.05,
+        pong_timeout=1.0,
+        reconnect_delay=0.05,
+        reconnect_max_delay=0.1,
+        log_file=None,
+        control_socket=None,
+    )
     client = Client(cfg, loop=loop)
     log.addHandler(handler)  # after the daemon set up its logging
     try:
@@ -274,8 +296,9 @@ def test_an_exception_serving_one_link_reconnects_that_link_only() -> None:
                 loop.run_once(0.01)
             assert cond()
 
-        run_until(lambda: link_a.proto is not None and link_a.proto.pongs and link_b.proto is not None
-                  and link_b.proto.pongs)
+        run_until(
+            lambda: link_a.proto is not None and link_a.proto.pongs and link_b.proto is not None and link_b.proto.pongs
+        )
         first = link_a.proto
         assert first is not None
         link_a.proto = Broken(loop.time(), 0.05, 1.0)
@@ -349,10 +372,18 @@ def test_link_lifecycle_survives_any_order_of_connect_reset_eof_silence_and_relo
 
     def config(i: int) -> ClientConfig:
         chosen = [p for j, p in enumerate(ports) if (i >> j) & 1 or j == i % 3]
-        return ClientConfig(servers=tuple(ServerEntry("127.0.0.1", p, f"s{p}") for p in chosen),
-                            client_name="web1" if i % 2 else None, heartbeat_interval=0.02 + 0.01 * (i % 3),
-                            pong_timeout=0.1, receive_timeout=0.2, reconnect_delay=0.01, reconnect_max_delay=0.05,
-                            log_file=None, control_socket=None, log_level="error")
+        return ClientConfig(
+            servers=tuple(ServerEntry("127.0.0.1", p, f"s{p}") for p in chosen),
+            client_name="web1" if i % 2 else None,
+            heartbeat_interval=0.02 + 0.01 * (i % 3),
+            pong_timeout=0.1,
+            receive_timeout=0.2,
+            reconnect_delay=0.01,
+            reconnect_max_delay=0.05,
+            log_file=None,
+            control_socket=None,
+            log_level="error",
+        )
 
     loop = EventLoop()
     client = Client(config(0), loop=loop)

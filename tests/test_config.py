@@ -138,7 +138,10 @@ def test_overrides_win_and_are_validated(tmp_path: Path) -> None:
 
 
 def test_operator_keys(tmp_path: Path) -> None:
-    c = load_client_config(write(tmp_path, """
+    c = load_client_config(
+        write(
+            tmp_path,
+            """
 port: 7000
 servers:
   - db1.example
@@ -147,7 +150,9 @@ metrics: {port: 9101}
 on_change: /bin/echo "two words" x
 control_socket: null
 client_name: "%H-hb"
-"""))
+""",
+        )
+    )
     assert c.servers == (ServerEntry("db1.example"), ServerEntry("10.0.0.2", 7001, "backup"))
     from hbd.client import Client, Target
 
@@ -158,4 +163,8 @@ client_name: "%H-hb"
     s = load_server_config(write(tmp_path, "on_change: [sh, -c, 'echo $1']\nmetrics: {host: '::', port: 9100}\n"))
     assert s.on_change == ("sh", "-c", "echo $1") and s.metrics == ("::", 9100)
     assert (s.control_socket, s.hook_timeout, s.hook_max_concurrent, s.hook_max_queued) == (
-        "/run/hbd/server.sock", 10.0, 4, 100)
+        "/run/hbd/server.sock",
+        10.0,
+        4,
+        100,
+    )

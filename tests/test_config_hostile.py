@@ -27,7 +27,8 @@ BOMB = "\n".join(
     + ["servers: *i", ""]
 )
 MERGE_BOMB = "\n".join(
-    ["m0: &m0 {k: 1}"] + [f"m{i}: &m{i} {{<<: [*m{i - 1}, *m{i - 1}], k{i}: 1}}" for i in range(1, 24)]
+    ["m0: &m0 {k: 1}"]
+    + [f"m{i}: &m{i} {{<<: [*m{i - 1}, *m{i - 1}], k{i}: 1}}" for i in range(1, 24)]
     + ["servers: [*m23]", ""]
 )
 
@@ -107,9 +108,24 @@ def test_what_the_errors_say(tmp_path: Path) -> None:
     assert "log_level: must be one of debug, info, warning, error, got str 'aaaa" in errors("long-value")
 
 
-@pytest.mark.parametrize("host", ["127.0.0..1", "a..b", ".example.com", "-a.example", "a-.example", "a" * 64,
-                                  ("a" * 60 + ".") * 5, "exa mple", "bücher.example", "[::1]", "999.1.1.1",
-                                  "host:80", "a/b"])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "127.0.0..1",
+        "a..b",
+        ".example.com",
+        "-a.example",
+        "a-.example",
+        "a" * 64,
+        ("a" * 60 + ".") * 5,
+        "exa mple",
+        "bücher.example",
+        "[::1]",
+        "999.1.1.1",
+        "host:80",
+        "a/b",
+    ],
+)
 def test_hosts_that_cannot_be_resolved_are_config_errors(tmp_path: Path, host: str) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"host": host}))
@@ -123,8 +139,21 @@ def test_hosts_that_cannot_be_resolved_are_config_errors(tmp_path: Path, host: s
         load_server_config(path)
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "fe80::1%lo", "0.0.0.0", "localhost", "db-1.example.com",
-                                  "db-1.example.com.", "xn--bcher-kva.example", "my_service", "a" * 63])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "127.0.0.1",
+        "::1",
+        "fe80::1%lo",
+        "0.0.0.0",
+        "localhost",
+        "db-1.example.com",
+        "db-1.example.com.",
+        "xn--bcher-kva.example",
+        "my_service",
+        "a" * 63,
+    ],
+)
 def test_good_hosts_are_accepted(tmp_path: Path, host: str) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"host": host}))
@@ -135,7 +164,7 @@ def test_quoted_values_are_cut() -> None:
     nested: list = []
     for _ in range(5000):
         nested = [nested]
-    for value in ("x" * 10_000, nested, {i: "y" * 100 for i in range(1000)}, 10 ** 4000):
+    for value in ("x" * 10_000, nested, {i: "y" * 100 for i in range(1000)}, 10**4000):
         assert len(quote(value)) <= QUOTE_MAX
 
 
@@ -157,8 +186,15 @@ def test_the_client_resolver_never_raises() -> None:
 
 def _hbd(*args: str, timeout: float = 20) -> tuple[int, str, float]:
     t0 = time.monotonic()
-    p = subprocess.run([sys.executable, "-m", "hbd", *args], capture_output=True, text=True, cwd=ROOT,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=timeout, stdin=subprocess.DEVNULL)
+    p = subprocess.run(
+        [sys.executable, "-m", "hbd", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
     return p.returncode, p.stdout + p.stderr, time.monotonic() - t0
 
 
@@ -315,8 +351,18 @@ def test_a_dns_server_that_does_not_answer_costs_one_lookup_thread_per_link(
     calls: list = []
     monkeypatch.setattr(client_mod, "resolve", lambda loop, host, port, done: calls.append(done))
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({"host": "slow.example", "receive_timeout": 1, "reconnect_delay": 0.1,
-                                    "reconnect_max_delay": 0.2, "log_file": None, "control_socket": None}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "host": "slow.example",
+                "receive_timeout": 1,
+                "reconnect_delay": 0.1,
+                "reconnect_max_delay": 0.2,
+                "log_file": None,
+                "control_socket": None,
+            }
+        )
+    )
     clock, loop = vclock, vloop
     logs = Logging("t", journald=False)
     c = client_mod.Client(load_client_config(path), loop=loop, notifier=Notifier({}), logs=logs)

@@ -206,8 +206,14 @@ def test_status_table_and_json_with_named_and_unnamed_clients(tmp_path: Path, pr
     silent = connect(srv.config["port"])  # connected, never pinged: NEW
     sock = tmp_path / "server.sock"
     assert stat.S_IMODE(os.stat(sock).st_mode) == 0o660
-    doc = wait_until(lambda: (d := status_of(sock)) and len(d["peers"]) == 3 and
-                     any(p["name"] == "web1" and p["pings"] >= 2 for p in d["peers"]) and d)
+    doc = wait_until(
+        lambda: (
+            (d := status_of(sock))
+            and len(d["peers"]) == 3
+            and any(p["name"] == "web1" and p["pings"] >= 2 for p in d["peers"])
+            and d
+        )
+    )
     peers = {p["peer"]: p for p in doc["peers"]}
     assert doc["role"] == "server" and doc["listen"] == f"127.0.0.1:{srv.config['port']}"
     web1 = peers["web1"]
@@ -259,8 +265,11 @@ def test_state_changes_late_up_down_on_a_real_server(tmp_path: Path, procs) -> N
     doc = status_of(sock)
     assert doc["peers"] == []
     assert [(e["event"], e["peer"], e["reason"]) for e in doc["recent"]] == [
-        ("up", "db1", "first ping"), ("late", "db1", "silent"), ("up", "db1", "ping"),
-        ("late", "db1", "silent"), ("down", "db1", "timeout"),
+        ("up", "db1", "first ping"),
+        ("late", "db1", "silent"),
+        ("up", "db1", "ping"),
+        ("late", "db1", "silent"),
+        ("down", "db1", "timeout"),
     ]
     assert doc["events"] == {"up": 2, "late": 2, "down": 1}
 
@@ -274,8 +283,11 @@ def test_reload_moves_the_socket_and_stop_removes_it(tmp_path: Path, procs) -> N
     srv.write_config({**srv.config, "control_socket": taken.path})
     srv.signal(signal.SIGHUP)
     srv.wait_for(r"ERROR .*reload failed: .*taken\.sock is in use by another running hbd")
-    assert status_of(old)["reloads"] == {"ok": 0, "failed": 1, "last_error": f"{taken.path} is in use by another "
-                                         "running hbd; stop it or choose another control_socket"}
+    assert status_of(old)["reloads"] == {
+        "ok": 0,
+        "failed": 1,
+        "last_error": f"{taken.path} is in use by another running hbd; stop it or choose another control_socket",
+    }
     taken.sock.close()
     taken.remove()
     srv.write_config({**srv.config, "control_socket": str(new)})

@@ -132,8 +132,9 @@ def test_sd_notify_protocol(tmp_path: Path, procs) -> None:
     notify = NotifySocket(tmp_path)
     env = {"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "400000"}
     port = free_port()
-    srv = HbdProcess("server", {"host": "127.0.0.1", "port": port, "heartbeat_timeout": 5, "log_file": None},
-                     tmp_path, env=env)
+    srv = HbdProcess(
+        "server", {"host": "127.0.0.1", "port": port, "heartbeat_timeout": 5, "log_file": None}, tmp_path, env=env
+    )
     procs.append(srv)
     _, ready = notify.wait_for("READY=1")
     assert "STATUS=0 clients, 0 late" in ready
@@ -199,8 +200,7 @@ def test_server_stall_does_not_kill_pinging_clients(tmp_path: Path, procs) -> No
 def test_client_status_says_down_why_and_when_it_retries(tmp_path: Path, procs) -> None:
     notify = NotifySocket(tmp_path)
     port = free_port()  # nothing listens there
-    cli = start_client(tmp_path, port, reconnect_delay=3, reconnect_max_delay=3,
-                       env={"NOTIFY_SOCKET": notify.path})
+    cli = start_client(tmp_path, port, reconnect_delay=3, reconnect_max_delay=3, env={"NOTIFY_SOCKET": notify.path})
     procs.append(cli)
     _, status = notify.wait_for(f"STATUS=127.0.0.1:{port} DOWN (connection refused), retry in ", timeout=5)
     delay = float(status.split("retry in ")[1].split()[0])

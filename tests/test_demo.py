@@ -33,8 +33,13 @@ def test_demo_on_a_taken_port_says_so_in_one_line_and_starts_nothing(tree: Path)
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        r = subprocess.run(["sh", str(tree / "mk" / "demo.sh"), PY, str(port)], capture_output=True, text=True,
-                           timeout=30, stdin=subprocess.DEVNULL)
+        r = subprocess.run(
+            ["sh", str(tree / "mk" / "demo.sh"), PY, str(port)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+        )
     assert r.returncode == 1
     assert r.stdout == ""
     assert r.stderr.splitlines() == [
@@ -46,8 +51,14 @@ def test_demo_on_a_taken_port_says_so_in_one_line_and_starts_nothing(tree: Path)
 def test_demo_runs_both_and_ctrl_c_stops_them_quietly(tree: Path) -> None:
     port = free_port()
     # A new session stands for the terminal: Ctrl-C is SIGINT to the whole foreground process group.
-    p = subprocess.Popen(["sh", str(tree / "mk" / "demo.sh"), PY, str(port)], stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, start_new_session=True, stdin=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        ["sh", str(tree / "mk" / "demo.sh"), PY, str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+    )
     try:
         out = ""
         deadline = time.monotonic() + 20

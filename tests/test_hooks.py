@@ -73,13 +73,21 @@ def test_arguments_and_environment(tmp_path: Path, runner: HookRunner, monkeypat
     assert args == "--flag up web1 10.0.0.7:40112 server"
     env = dict(line.split("=", 1) for line in env)
     assert env.pop("HBD_TIME").replace(".", "").isdigit()
-    assert env == {"HBD_ADDRESS": "10.0.0.7:40112", "HBD_EVENT": "up", "HBD_NAME": "web1", "HBD_PEER": "web1",
-                   "HBD_PREVIOUS": "new", "HBD_REASON": "first ping", "HBD_ROLE": "server",
-                   "HBD_COALESCED": "0"}
+    assert env == {
+        "HBD_ADDRESS": "10.0.0.7:40112",
+        "HBD_EVENT": "up",
+        "HBD_NAME": "web1",
+        "HBD_PEER": "web1",
+        "HBD_PREVIOUS": "new",
+        "HBD_REASON": "first ping",
+        "HBD_ROLE": "server",
+        "HBD_COALESCED": "0",
+    }
 
 
-def test_a_hook_past_its_timeout_is_killed_with_its_children(tmp_path: Path, runner: HookRunner, records,
-                                                           monkeypatch) -> None:
+def test_a_hook_past_its_timeout_is_killed_with_its_children(
+    tmp_path: Path, runner: HookRunner, records, monkeypatch
+) -> None:
     monkeypatch.setenv("HOOK_OUT", str(tmp_path))
     hook = script(tmp_path, 'sleep 30 & echo $! > "$HOOK_OUT/child"; wait\n')
     runner.configure([hook], timeout=0.3, max_running=1, max_queued=10)
@@ -130,8 +138,9 @@ def test_process_starts_are_rate_limited(runner: HookRunner, monkeypatch) -> Non
         assert starts[k] - starts[0] >= (k - 4) / 100 - 0.002, (k, starts[k] - starts[0])
 
 
-def test_a_full_queue_drops_the_oldest_and_says_so_once(tmp_path: Path, runner: HookRunner, records,
-                                                       monkeypatch) -> None:
+def test_a_full_queue_drops_the_oldest_and_says_so_once(
+    tmp_path: Path, runner: HookRunner, records, monkeypatch
+) -> None:
     monkeypatch.setenv("HOOK_OUT", str(tmp_path / "ran"))
     hook = script(tmp_path, 'echo "$2" >> "$HOOK_OUT"; sleep 0.05\n')
     runner.configure([hook], timeout=5, max_running=1, max_queued=2)
@@ -153,7 +162,8 @@ def test_failures_are_logged(tmp_path: Path, runner: HookRunner, records) -> Non
     assert runner.counts["error"] == 1
     messages = [(r.levelno, r.getMessage()) for r in records]
     assert (logging.WARNING, "on_change hook for down web2 failed: exit status 3") in [
-        (lvl, m.split(" after ")[0]) for lvl, m in messages]
+        (lvl, m.split(" after ")[0]) for lvl, m in messages
+    ]
     assert any(lvl == logging.ERROR and "cannot run the on_change hook" in m and "web3" in m for lvl, m in messages)
 
 
@@ -161,8 +171,15 @@ def test_sleeping_hooks_and_a_flapping_peer_do_not_delay_pongs(tmp_path: Path, p
     pids = tmp_path / "pids"
     pids.mkdir()
     hook = script(tmp_path, f"echo $$ > {pids}/$$; exec sleep 30 >/dev/null 2>&1\n")  # not holding our pipe
-    srv = start_server(tmp_path, heartbeat_timeout=5, on_change=[hook], hook_timeout=20,
-                       hook_max_concurrent=3, hook_max_queued=5, env={"HOOK_TAG": str(tmp_path)})
+    srv = start_server(
+        tmp_path,
+        heartbeat_timeout=5,
+        on_change=[hook],
+        hook_timeout=20,
+        hook_max_concurrent=3,
+        hook_max_queued=5,
+        env={"HOOK_TAG": str(tmp_path)},
+    )
     procs.append(srv)
     port = srv.config["port"]
     try:
@@ -211,8 +228,9 @@ def hooks_tagged(tag: str) -> list[int]:
 
 
 # -- fairness per peer ----------------------------------------------------------------------------
-def test_a_flood_of_strangers_never_pushes_out_an_established_peers_change(tmp_path: Path, runner: HookRunner,
-                                                                           monkeypatch) -> None:
+def test_a_flood_of_strangers_never_pushes_out_an_established_peers_change(
+    tmp_path: Path, runner: HookRunner, monkeypatch
+) -> None:
     monkeypatch.setenv("HOOK_OUT", str(tmp_path / "ran"))
     hook = script(tmp_path, 'echo "$1 $2" >> "$HOOK_OUT"\n')
     runner.configure([hook], timeout=5, max_running=1, max_queued=5)
@@ -230,13 +248,13 @@ def test_a_flood_of_strangers_never_pushes_out_an_established_peers_change(tmp_p
     assert runner.counts["coalesced"] > 0 and runner.counts["dropped"] > 0
 
 
-def test_a_flapping_peer_is_coalesced_counted_and_run_in_order(tmp_path: Path, runner: HookRunner,
-                                                             monkeypatch) -> None:
+def test_a_flapping_peer_is_coalesced_counted_and_run_in_order(tmp_path: Path, runner: HookRunner, monkeypatch) -> None:
     """Changes of one peer that come while its hook runs wait as one run of the latest, with the
     count of those it replaced; one peer's hooks never overlap; other peers are not held up."""
     monkeypatch.setenv("HOOK_OUT", str(tmp_path / "ran"))
-    hook = script(tmp_path, 'echo "start $1 $2 $HBD_COALESCED" >> "$HOOK_OUT"; sleep 0.2; '
-                            'echo "end $1 $2" >> "$HOOK_OUT"\n')
+    hook = script(
+        tmp_path, 'echo "start $1 $2 $HBD_COALESCED" >> "$HOOK_OUT"; sleep 0.2; echo "end $1 $2" >> "$HOOK_OUT"\n'
+    )
     runner.configure([hook], timeout=5, max_running=4, max_queued=10)
     runner.fire("up", "flap", "a:1")
     for event in ("late", "up", "late", "down"):
@@ -265,8 +283,7 @@ def test_a_flapping_stranger_does_not_cost_real_peers_their_down_hooks(tmp_path:
     `down` hooks all run."""
     out = tmp_path / "ran"
     hook = script(tmp_path, f'echo "$1 $2 $HBD_COALESCED" >> {out}; sleep 0.05\n')
-    srv = start_server(tmp_path, heartbeat_timeout=5, on_change=[hook], hook_max_concurrent=2,
-                       hook_max_queued=20)
+    srv = start_server(tmp_path, heartbeat_timeout=5, on_change=[hook], hook_max_concurrent=2, hook_max_queued=20)
     procs.append(srv)
     port = srv.config["port"]
     real = []
@@ -294,8 +311,7 @@ def test_a_flapping_stranger_does_not_cost_real_peers_their_down_hooks(tmp_path:
             break
         time.sleep(0.1)
     doc = json.loads(query(str(tmp_path / "server.sock"), "status"))
-    print(f"\nflapping stranger at {rate:.0f} connections/s; real down hooks run: {len(downs)}/5; "
-          f"hooks {doc['hooks']}")
+    print(f"\nflapping stranger at {rate:.0f} connections/s; real down hooks run: {len(downs)}/5; hooks {doc['hooks']}")
     assert rate > 50
     assert sorted(downs) == [f"down web{i} 0" for i in range(1, 6)], downs
     assert doc["hooks"]["dropped"] + doc["hooks"]["coalesced"] > 0  # the stranger did lose its own

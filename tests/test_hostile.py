@@ -62,8 +62,12 @@ def attack_once(srv, port: int) -> tuple[dict, float, float, int, int]:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    attack = subprocess.run([sys.executable, str(ROOT / "tests" / "hostile.py"), str(port), str(MAX_CLIENTS),
-                             str(TIMEOUT)], capture_output=True, text=True, timeout=120)
+    attack = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "hostile.py"), str(port), str(MAX_CLIENTS), str(TIMEOUT)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     sampling = False
     sampler.join()
     assert attack.returncode == 0, attack.stderr
@@ -81,8 +85,18 @@ def test_hostile_peers_do_not_hurt_healthy_clients(tmp_path: Path, procs) -> Non
     srv = start_server(tmp_path, heartbeat_timeout=TIMEOUT, max_clients=MAX_CLIENTS)
     procs.append(srv)
     port = srv.config["port"]
-    fleet = FleetProcess({"host": "127.0.0.1", "port": port, "heartbeat_interval": INTERVAL, "pong_timeout": 1.0,
-                          "reconnect_delay": 0.2, "reconnect_max_delay": 1.0}, HEALTHY, tmp_path)
+    fleet = FleetProcess(
+        {
+            "host": "127.0.0.1",
+            "port": port,
+            "heartbeat_interval": INTERVAL,
+            "pong_timeout": 1.0,
+            "reconnect_delay": 0.2,
+            "reconnect_max_delay": 1.0,
+        },
+        HEALTHY,
+        tmp_path,
+    )
     try:
         assert len(fleet.wait_up(HEALTHY)) == HEALTHY
         rounds = [attack_once(srv, port) for _ in range(2)]
@@ -98,20 +112,23 @@ def test_hostile_peers_do_not_hurt_healthy_clients(tmp_path: Path, procs) -> Non
         base = max(p99(quiet), RTT_FLOOR)
         slow = result["slowloris_close_after"]
         floods = result["flood_closed_after"]
-        report(f"hostile input while 100 healthy clients ping every 0.2 s (round {n})", [
-            f"quiet: {len(quiet)} pongs, p99 RTT {p99(quiet) * 1000:.3f} ms (baseline for the check: "
-            f"{base * 1000:.3f} ms)",
-            f"under attack ({result['t_end'] - result['t_start']:.1f} s): {len(loud)} pongs, "
-            f"p99 RTT {p99(loud) * 1000:.3f} ms, max {max(loud) * 1000:.3f} ms; missed or late pongs: {len(downs)}",
-            f"garbage connections closed: {result['garbage_closed']}/500",
-            f"1 MB floods: {sum(f is not None for f in floods)}/20 closed by the server, the last after "
-            f"{max(f or 99 for f in floods):.3f} s",
-            f"slowloris peers closed: {result['slowloris_closed']}/100, after {min(slow):.3f}-{max(slow):.3f} s "
-            f"(heartbeat_timeout {TIMEOUT:g} s)",
-            f"beyond max_clients ({MAX_CLIENTS}): {result['beyond_max_opened']} opened, "
-            f"{result['beyond_max_refused']} closed at once",
-            f"server RSS: {rss_before / 1024:.1f} MiB before, peak {rss_peak / 1024:.1f} MiB",
-        ])
+        report(
+            f"hostile input while 100 healthy clients ping every 0.2 s (round {n})",
+            [
+                f"quiet: {len(quiet)} pongs, p99 RTT {p99(quiet) * 1000:.3f} ms (baseline for the check: "
+                f"{base * 1000:.3f} ms)",
+                f"under attack ({result['t_end'] - result['t_start']:.1f} s): {len(loud)} pongs, "
+                f"p99 RTT {p99(loud) * 1000:.3f} ms, max {max(loud) * 1000:.3f} ms; missed or late pongs: {len(downs)}",
+                f"garbage connections closed: {result['garbage_closed']}/500",
+                f"1 MB floods: {sum(f is not None for f in floods)}/20 closed by the server, the last after "
+                f"{max(f or 99 for f in floods):.3f} s",
+                f"slowloris peers closed: {result['slowloris_closed']}/100, after {min(slow):.3f}-{max(slow):.3f} s "
+                f"(heartbeat_timeout {TIMEOUT:g} s)",
+                f"beyond max_clients ({MAX_CLIENTS}): {result['beyond_max_opened']} opened, "
+                f"{result['beyond_max_refused']} closed at once",
+                f"server RSS: {rss_before / 1024:.1f} MiB before, peak {rss_peak / 1024:.1f} MiB",
+            ],
+        )
         rtt_ok.append(p99(loud) <= 2 * base)
         assert result["garbage_closed"] == 500
         assert None not in floods and max(floods) < 1.0, floods
@@ -120,15 +137,16 @@ def test_hostile_peers_do_not_hurt_healthy_clients(tmp_path: Path, procs) -> Non
         assert rss_peak - rss_before < 50 * 1024, "server memory grew by more than 50 MiB"
     assert any(rtt_ok), "p99 RTT under attack was above 2x the quiet baseline in both rounds"
     log_lines = (tmp_path / "server.log").read_text().splitlines()
-    report("server log file after both rounds", [f"warning/error lines: {len(log_lines)} "
-                                                 "(for ~2,400 hostile connections)"])
+    report(
+        "server log file after both rounds", [f"warning/error lines: {len(log_lines)} (for ~2,400 hostile connections)"]
+    )
     assert len(log_lines) < 200, "peer-caused lines were not rate-limited"
     # what the limiter held back is still reported, once its window is over
-    srv.wait_for(r"WARNING .*suppressed \d+ 'protocol-error' lines caused by 127\.0\.0\.1 in the last 10 s",
-                 timeout=15)
+    srv.wait_for(r"WARNING .*suppressed \d+ 'protocol-error' lines caused by 127\.0\.0\.1 in the last 10 s", timeout=15)
 
 
 # -- peers that try to kill a daemon or grow it without bound -------------------------------------
+
 
 class FakeServer:
     """A TCP server on 127.0.0.1 that treats every connection with ``handle(sock)`` in a thread."""
@@ -186,10 +204,17 @@ def test_a_resetting_server_kills_neither_the_client_nor_its_healthy_link(tmp_pa
     procs.append(good)
     bad = FakeServer(reset_at_once)
     try:
-        cli = start_client(tmp_path, good.config["port"], client_name="web1", reconnect_delay=0.02,
-                           reconnect_max_delay=0.05, servers=[
-                               {"host": "127.0.0.1", "port": good.config["port"], "name": "good"},
-                               {"host": "127.0.0.1", "port": bad.port, "name": "bad"}])
+        cli = start_client(
+            tmp_path,
+            good.config["port"],
+            client_name="web1",
+            reconnect_delay=0.02,
+            reconnect_max_delay=0.05,
+            servers=[
+                {"host": "127.0.0.1", "port": good.config["port"], "name": "good"},
+                {"host": "127.0.0.1", "port": bad.port, "name": "bad"},
+            ],
+        )
         procs.append(cli)
         cli.wait_for(r"pong from good")
         time.sleep(4.0)
@@ -203,8 +228,10 @@ def test_a_resetting_server_kills_neither_the_client_nor_its_healthy_link(tmp_pa
         resets = bad.accepted
     finally:
         bad.close()
-    report("server resetting every connection at accept, next to a good one",
-           [f"{resets} resets in 4 s: client alive, good link never lost"])
+    report(
+        "server resetting every connection at accept, next to a good one",
+        [f"{resets} resets in 4 s: client alive, good link never lost"],
+    )
 
 
 def test_a_server_streaming_pongs_is_a_protocol_error_not_an_up_link(tmp_path: Path, procs) -> None:
@@ -228,8 +255,10 @@ def test_a_server_streaming_pongs_is_a_protocol_error_not_an_up_link(tmp_path: P
         assert attempts <= 30  # backoff with full jitter: up to 0.2, 0.4, 0.8, 1, 1, ... s (not a tight loop)
     finally:
         flood.close()
-    report("server streaming unsolicited pongs", [f"client CPU {cpu * 1000:.0f} ms in 3 s; link never up; "
-                                                  f"{attempts} connections (backoff)"])
+    report(
+        "server streaming unsolicited pongs",
+        [f"client CPU {cpu * 1000:.0f} ms in 3 s; link never up; {attempts} connections (backoff)"],
+    )
 
 
 def _trickle(path_or_port, n: int, stop: threading.Event, opened: list) -> None:
@@ -273,8 +302,9 @@ def test_slow_connections_lock_out_neither_status_nor_metrics(tmp_path: Path, pr
     path = srv.config["control_socket"]
     stop = threading.Event()
     opened: list = []
-    threads = [threading.Thread(target=_trickle, args=(target, 40, stop, opened), daemon=True)
-               for target in (path, mport)]
+    threads = [
+        threading.Thread(target=_trickle, args=(target, 40, stop, opened), daemon=True) for target in (path, mport)
+    ]
     for t in threads:
         t.start()
     worst_status = worst_scrape = 0.0
@@ -298,9 +328,13 @@ def test_slow_connections_lock_out_neither_status_nor_metrics(tmp_path: Path, pr
         stop.set()
         for t in threads:
             t.join(5)
-    report("40 slow connections each on the status socket and metrics port",
-           [f"slowest status query {worst_status * 1000:.0f} ms, slowest scrape {worst_scrape * 1000:.0f} ms "
-            f"({len(opened)} slow connections opened)"])
+    report(
+        "40 slow connections each on the status socket and metrics port",
+        [
+            f"slowest status query {worst_status * 1000:.0f} ms, slowest scrape {worst_scrape * 1000:.0f} ms "
+            f"({len(opened)} slow connections opened)"
+        ],
+    )
 
 
 def test_out_of_descriptors_no_listener_spins(tmp_path: Path, procs) -> None:
@@ -406,6 +440,11 @@ def test_greeting_churn_leaves_server_memory_flat(tmp_path: Path, procs) -> None
     assert rss_after - rss_before < 3 * 1024, f"RSS grew from {rss_before} to {rss_after} KiB"
     assert sent >= 10_000
     assert fast["closed"] >= 20
-    report("greeting churn", [f"{sent} valid greetings on 400 connections over 27 s + {fast['closed']} "
-                              f"connections greeting as fast as they can: RSS {rss_before / 1024:.1f} -> "
-                              f"{rss_after / 1024:.1f} MiB"])
+    report(
+        "greeting churn",
+        [
+            f"{sent} valid greetings on 400 connections over 27 s + {fast['closed']} "
+            f"connections greeting as fast as they can: RSS {rss_before / 1024:.1f} -> "
+            f"{rss_after / 1024:.1f} MiB"
+        ],
+    )

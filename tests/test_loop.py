@@ -183,6 +183,7 @@ def test_a_raising_callback_does_not_stop_the_others_of_its_turn(vloop: EventLoo
             if i == 1:
                 raise RuntimeError("bug while serving connection 1")
             served.append(i)
+
         return cb
 
     try:

@@ -28,8 +28,19 @@ MANPAGE = Path(__file__).resolve().parents[1] / "docs" / "hbd.1"
 SECTIONS = {ServerConfig: "Server keys", ClientConfig: "Client keys"}  # .SS titles under CONFIGURATION
 
 # -- a little roff: enough to tell which words a line sets in bold -----------------------------------
-_ESCAPES = {r"\-": "-", r"\(rs": "\\", r"\(dq": '"', r"\(aq": "'", r"\(mu": "x", r"\(en": "-", r"\&": "",
-            r"\c": "", r"\e": "\\", r"\|": "", r"\^": ""}
+_ESCAPES = {
+    r"\-": "-",
+    r"\(rs": "\\",
+    r"\(dq": '"',
+    r"\(aq": "'",
+    r"\(mu": "x",
+    r"\(en": "-",
+    r"\&": "",
+    r"\c": "",
+    r"\e": "\\",
+    r"\|": "",
+    r"\^": "",
+}
 _FONT_MACROS = {"B", "I", "BR", "RB", "BI", "IB", "IR", "RI"}
 _WORD = re.compile(r"-{0,2}[A-Za-z0-9_%][A-Za-z0-9_.%-]*")
 
@@ -90,8 +101,9 @@ class ManPage:
 
     def options_of(self, command: str) -> set[str]:
         """Tags of OPTIONS entries in a subsection whose title names the command."""
-        return set().union(*(e.tags for e in self.entries
-                             if e.section == "OPTIONS" and command in e.subsection.split()))
+        return set().union(
+            *(e.tags for e in self.entries if e.section == "OPTIONS" and command in e.subsection.split())
+        )
 
 
 def parse(text: str) -> ManPage:
@@ -177,9 +189,7 @@ def _keys(page: ManPage, cls: type) -> list[Entry]:
 def test_every_config_key_has_an_entry(page: ManPage, cls: type) -> None:
     documented = set().union(*(e.tags for e in _keys(page, cls)))
     fields = {f.name for f in _public_fields(cls)}
-    assert fields <= documented, (
-        f"docs/hbd.1, section {SECTIONS[cls]!r}: no entry for {sorted(fields - documented)}"
-    )
+    assert fields <= documented, f"docs/hbd.1, section {SECTIONS[cls]!r}: no entry for {sorted(fields - documented)}"
     assert documented <= fields, (
         f"docs/hbd.1, section {SECTIONS[cls]!r}: entries for keys that {cls.__name__} does not have: "
         f"{sorted(documented - fields)}"
@@ -262,13 +272,41 @@ def test_global_options_are_documented(page: ManPage) -> None:
 def test_the_parser_finds_what_it_should() -> None:
     """The checks above are only as good as this little roff reader: it must see tags, nesting and the
     options in .BI/.RB lines, and ignore words that are not bold."""
-    page = parse("\n".join([
-        ".SH SYNOPSIS", ".B hbd x", ".RB [ \\-\\-long\\-opt", ".IR value ]", ".br", ".B hbd y",
-        ".SH OPTIONS", '.SS "x and y"', ".TP", '.BI \\-c " file" "\\fR, \\fP\\-\\-config " file',
-        "Text about host.",
-        ".SH CONFIGURATION", ".SS Server keys", ".TP", '.BR a_key ", " b_key', "Words, \\fBbold\\fR.",
-        ".RS", ".TP", ".B inner", "x", ".TQ", ".B other", "y", ".RE", ".IP", "more", ".TP", ".B after", "z",
-    ]))
+    page = parse(
+        "\n".join(
+            [
+                ".SH SYNOPSIS",
+                ".B hbd x",
+                ".RB [ \\-\\-long\\-opt",
+                ".IR value ]",
+                ".br",
+                ".B hbd y",
+                ".SH OPTIONS",
+                '.SS "x and y"',
+                ".TP",
+                '.BI \\-c " file" "\\fR, \\fP\\-\\-config " file',
+                "Text about host.",
+                ".SH CONFIGURATION",
+                ".SS Server keys",
+                ".TP",
+                '.BR a_key ", " b_key',
+                "Words, \\fBbold\\fR.",
+                ".RS",
+                ".TP",
+                ".B inner",
+                "x",
+                ".TQ",
+                ".B other",
+                "y",
+                ".RE",
+                ".IP",
+                "more",
+                ".TP",
+                ".B after",
+                "z",
+            ]
+        )
+    )
     assert page.synopsis == [["hbd", "x", "--long-opt"], ["hbd", "y"]]
     assert page.synopsis_of("y") == ["hbd", "y"] and page.synopsis_of("z") == []
     assert [e.tags for e in page.entries] == [{"-c", "--config"}, {"a_key", "b_key"}, {"after"}]
@@ -281,6 +319,7 @@ def test_the_parser_finds_what_it_should() -> None:
 @pytest.mark.skipif(shutil.which("groff") is None, reason="needs groff (Debian package groff-base)")
 def test_groff_renders_it_without_warnings() -> None:
     env = {**os.environ, "LC_ALL": "C.UTF-8"}
-    r = subprocess.run(["groff", "-man", "-ww", "-z", "-Tutf8", str(MANPAGE)],
-                       capture_output=True, text=True, env=env, timeout=60)
+    r = subprocess.run(
+        ["groff", "-man", "-ww", "-z", "-Tutf8", str(MANPAGE)], capture_output=True, text=True, env=env, timeout=60
+    )
     assert r.returncode == 0 and not r.stderr, f"groff warnings for docs/hbd.1:\n{r.stderr}"

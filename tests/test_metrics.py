@@ -55,8 +55,12 @@ def test_server_and_client_metrics_over_http(tmp_path: Path, procs) -> None:
     sport, cport = free_port(), free_port()
     srv = start_server(tmp_path, heartbeat_timeout=0.8, metrics={"port": sport})
     dead = free_port()
-    cli = start_client(tmp_path, srv.config["port"], metrics={"host": "127.0.0.1", "port": cport},
-                       servers=[{"host": "127.0.0.1", "name": "main"}, {"host": "127.0.0.1", "port": dead}])
+    cli = start_client(
+        tmp_path,
+        srv.config["port"],
+        metrics={"host": "127.0.0.1", "port": cport},
+        servers=[{"host": "127.0.0.1", "name": "main"}, {"host": "127.0.0.1", "port": dead}],
+    )
     procs += [cli, srv]
     srv.wait_for(f"metrics on http://127.0.0.1:{sport}/metrics")
     with connect(srv.config["port"]) as s:  # one that pings once, then times out

@@ -28,8 +28,12 @@ def _source_copy(dest: Path) -> Path:
         pytest.skip("needs the package's build dependencies (`make deb` installs them)")
     if subprocess.run(["dpkg-checkbuilddeps", "-B"], cwd=ROOT, capture_output=True).returncode:
         pytest.skip("build dependencies missing (`make deb` installs them)")
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, check=False)
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=False,
+    )
     if files.returncode:
         pytest.skip("needs a git checkout (to copy only the tracked tree)")
     src = dest / "hbd-src"
@@ -46,16 +50,25 @@ def _source_copy(dest: Path) -> Path:
 def _bump(src: Path, version: str) -> None:
     """What `dch -v VERSION` does to the changelog: a new top entry."""
     changelog = src / "debian" / "changelog"
-    entry = (f"hbd ({version}) unstable; urgency=medium\n\n  * Test release.\n\n"
-             " -- hbd test <test@hbd.invalid>  Thu, 26 Nov 2026 12:00:00 +0000\n\n")
+    entry = (
+        f"hbd ({version}) unstable; urgency=medium\n\n  * Test release.\n\n"
+        " -- hbd test <test@hbd.invalid>  Thu, 26 Nov 2026 12:00:00 +0000\n\n"
+    )
     changelog.write_text(entry + changelog.read_text())
 
 
 def _build(src: Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(PATH="/usr/sbin:/usr/bin:/sbin:/bin", DEB_BUILD_OPTIONS="nocheck")
-    return subprocess.run(["dpkg-buildpackage", "-us", "-uc", "-b"], cwd=src, env=env, capture_output=True,
-                          text=True, timeout=300, check=False)
+    return subprocess.run(
+        ["dpkg-buildpackage", "-us", "-uc", "-b"],
+        cwd=src,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 def test_a_changelog_entry_alone_versions_the_package(tmp_path: Path) -> None:
@@ -67,8 +80,13 @@ def test_a_changelog_entry_alone_versions_the_package(tmp_path: Path) -> None:
     subprocess.run(["dpkg-deb", "-x", str(tmp_path / "hbd_9.8.7_all.deb"), str(root)], check=True)
     site = root / "usr" / "lib" / "python3" / "dist-packages"
     assert [p.name for p in site.glob("hbd-*.dist-info")] == ["hbd-9.8.7.dist-info"]
-    r = subprocess.run(["/usr/bin/python3", str(root / "usr" / "bin" / "hbd"), "--version"],
-                       env={**os.environ, "PYTHONPATH": str(site)}, capture_output=True, text=True, check=False)
+    r = subprocess.run(
+        ["/usr/bin/python3", str(root / "usr" / "bin" / "hbd"), "--version"],
+        env={**os.environ, "PYTHONPATH": str(site)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert r.stdout.strip() == "hbd 9.8.7", r.stderr
 
 

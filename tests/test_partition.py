@@ -69,8 +69,14 @@ def net() -> Iterator[Net]:
 
 
 SERVER_CFG = {"host": SERVER_ADDR, "heartbeat_timeout": 1.0}
-CLIENT_CFG = {"host": SERVER_ADDR, "heartbeat_interval": 0.2, "pong_timeout": 0.6, "receive_timeout": 1.0,
-              "reconnect_delay": 0.2, "reconnect_max_delay": 1.0}
+CLIENT_CFG = {
+    "host": SERVER_ADDR,
+    "heartbeat_interval": 0.2,
+    "pong_timeout": 0.6,
+    "receive_timeout": 1.0,
+    "reconnect_delay": 0.2,
+    "reconnect_max_delay": 1.0,
+}
 
 
 def logged_at(line: str) -> float:
@@ -108,12 +114,15 @@ def test_partition_is_detected_on_both_sides_and_heals(tmp_path: Path, net: Net,
     _, line = cli.wait_for(r"INFO .*connected to 169\.254\.77\.1", after=hmark, timeout=1.0 + 3)
     t_up = logged_at(line)
     cli.wait_for("pong from", after=hmark)
-    report("network partition (veth link down)", [
-        f"client: link declared dead {t_cli - cut:.3f} s after the cut; ping unanswered {unanswered:.3f} s "
-        f"(pong_timeout 0.6 s, interval 0.2 s)",
-        f"server: client closed {t_srv - cut:.3f} s after the cut; silent {silent:.3f} s (heartbeat_timeout 1 s)",
-        f"client reconnected {t_up - heal:.3f} s after the partition healed (reconnect_max_delay 1 s)",
-    ])
+    report(
+        "network partition (veth link down)",
+        [
+            f"client: link declared dead {t_cli - cut:.3f} s after the cut; ping unanswered {unanswered:.3f} s "
+            f"(pong_timeout 0.6 s, interval 0.2 s)",
+            f"server: client closed {t_srv - cut:.3f} s after the cut; silent {silent:.3f} s (heartbeat_timeout 1 s)",
+            f"client reconnected {t_up - heal:.3f} s after the partition healed (reconnect_max_delay 1 s)",
+        ],
+    )
     assert unanswered <= 0.6 + 0.1, line_cli
     assert silent <= 1.0 + 0.1, line_srv
     # From the cut: the last answered ping may be up to one interval old (+ output pipe slack).
@@ -140,7 +149,7 @@ def test_server_host_vanishes_without_fin_or_rst(tmp_path: Path, net: Net, procs
     t_cli = logged_at(line)
     unanswered = _seconds(line, "ping unanswered for ")
     assert unanswered <= 0.7, line
-    assert "server closed the connection" not in cli.output()[len(cli.output()) - 2000:]
+    assert "server closed the connection" not in cli.output()[len(cli.output()) - 2000 :]
     srv2 = start_server(tmp_path, name="server2", wrap=net.exec(net.srv_ns), port=port, **SERVER_CFG)
     procs.append(srv2)
     net.link("server", "up")
@@ -148,8 +157,11 @@ def test_server_host_vanishes_without_fin_or_rst(tmp_path: Path, net: Net, procs
     _, up_line = cli.wait_for(r"INFO .*connected to 169\.254\.77\.1", after=cmark, timeout=5)
     t_up = logged_at(up_line)
     cli.wait_for("pong from", after=cli.mark())
-    report("half-open: the server host vanishes (link down, process killed)", [
-        f"client: link declared dead {t_cli - gone:.3f} s later; "
-        f"ping unanswered {unanswered:.3f} s (pong_timeout 0.6 s)",
-        f"client reconnected {t_up - back:.3f} s after the host came back",
-    ])
+    report(
+        "half-open: the server host vanishes (link down, process killed)",
+        [
+            f"client: link declared dead {t_cli - gone:.3f} s later; "
+            f"ping unanswered {unanswered:.3f} s (pong_timeout 0.6 s)",
+            f"client reconnected {t_up - back:.3f} s after the host came back",
+        ],
+    )

@@ -108,8 +108,10 @@ def test_peer_log_writes_one_summary_per_kind(records) -> None:
     clock.advance(0.1)
     pl.flush()
     summaries = sorted(r.getMessage() for r in records[15:])
-    assert summaries == ["suppressed 290 'protocol-error' lines from 250 sources in the last 10 s",
-                         "suppressed 295 'connected' lines caused by 127.0.0.2 in the last 10 s"]
+    assert summaries == [
+        "suppressed 290 'protocol-error' lines from 250 sources in the last 10 s",
+        "suppressed 295 'connected' lines caused by 127.0.0.2 in the last 10 s",
+    ]
     assert all(r.levelno == logging.WARNING for r in records[15:])
 
 
@@ -140,7 +142,8 @@ def test_hook_failures_of_a_flapping_peer_are_rate_limited(tmp_path: Path, runne
     clock.advance(10)
     runner.peer_log.flush()
     assert [r.getMessage() for r in records if "suppressed" in r.getMessage()] == [
-        "suppressed 25 'hook-failed' lines caused by 10.0.0.7 in the last 10 s"]
+        "suppressed 25 'hook-failed' lines caused by 10.0.0.7 in the last 10 s"
+    ]
 
 
 def test_a_missing_hook_program_is_rate_limited(tmp_path: Path, runner: HookRunner, records) -> None:
@@ -182,8 +185,10 @@ def test_a_server_attacked_from_250_addresses_logs_a_few_lines(tmp_path: Path, p
     time.sleep(1.5)
     summaries = [ln for ln in srv.output().splitlines()[start:] if "suppressed" in ln]
     file_lines = Path(srv.config["log_file"]).read_text().splitlines()
-    print(f"\n{sent} connections from 250 addresses in {time.monotonic() - t0:.1f} s: {len(peer_lines)} peer lines, "
-          f"{len(summaries)} summaries; log file {len(file_lines)} lines")
+    print(
+        f"\n{sent} connections from 250 addresses in {time.monotonic() - t0:.1f} s: {len(peer_lines)} peer lines, "
+        f"{len(summaries)} summaries; log file {len(file_lines)} lines"
+    )
     assert sent >= 400
     assert len(peer_lines) <= PEER_TOTAL_BURST, "\n".join(peer_lines)
     kinds = [re.search(r"'([a-z-]+)' lines", ln).group(1) for ln in summaries]

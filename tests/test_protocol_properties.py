@@ -13,10 +13,29 @@ from hbd.protocol import MAX_LINE, ClientLink, Hello, ProtocolError, ServerPeer
 SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # Pieces that make streams interesting: valid messages, their fragments, and a little junk.
-PIECES = st.sampled_from([
-    b"ping", b"ping", b"ping\n", b"ping\r\n", b"\n", b"\r\n", b"\r", b"pi", b"ng", b"hello ", b"hello web1\n",
-    b"hello db-2.example:7 2.5\n", b"hello x 0\n", b"hello  \n", b"p", b"x", b"\x00", b"\xff", b"PING",
-])
+PIECES = st.sampled_from(
+    [
+        b"ping",
+        b"ping",
+        b"ping\n",
+        b"ping\r\n",
+        b"\n",
+        b"\r\n",
+        b"\r",
+        b"pi",
+        b"ng",
+        b"hello ",
+        b"hello web1\n",
+        b"hello db-2.example:7 2.5\n",
+        b"hello x 0\n",
+        b"hello  \n",
+        b"p",
+        b"x",
+        b"\x00",
+        b"\xff",
+        b"PING",
+    ]
+)
 LONG_HELLO = st.integers(200, 300).map(lambda n: b"hello a 1." + b"0" * n + b"\n")  # valid, but how long?
 STREAM = st.lists(st.one_of(PIECES, LONG_HELLO, st.binary(max_size=4)), max_size=40).map(b"".join)
 

@@ -34,8 +34,10 @@ def histogram(times: list[float], start: float, width: float = 0.1) -> list[str]
     for t in times:
         bins[int((t - start) // width)] = bins.get(int((t - start) // width), 0) + 1
     top = max(bins.values())
-    return [f"{b * width:5.1f}-{(b + 1) * width:4.1f} s {bins.get(b, 0):5d} {'#' * round(50 * bins.get(b, 0) / top)}"
-            for b in range(min(bins), max(bins) + 1)]
+    return [
+        f"{b * width:5.1f}-{(b + 1) * width:4.1f} s {bins.get(b, 0):5d} {'#' * round(50 * bins.get(b, 0) / top)}"
+        for b in range(min(bins), max(bins) + 1)
+    ]
 
 
 @pytest.mark.slow
@@ -48,8 +50,19 @@ def test_fleet_of_2000_reconnects_spread_out_after_kill_9(tmp_path: Path, procs)
     srv = start_server(tmp_path, heartbeat_timeout=10)
     procs.append(srv)
     port = srv.config["port"]
-    fleet = FleetProcess({"host": "127.0.0.1", "port": port, "heartbeat_interval": 1.0, "pong_timeout": 1.5,
-                          "receive_timeout": 5, "reconnect_delay": base, "reconnect_max_delay": cap}, n, tmp_path)
+    fleet = FleetProcess(
+        {
+            "host": "127.0.0.1",
+            "port": port,
+            "heartbeat_interval": 1.0,
+            "pong_timeout": 1.5,
+            "receive_timeout": 5,
+            "reconnect_delay": base,
+            "reconnect_max_delay": cap,
+        },
+        n,
+        tmp_path,
+    )
     try:
         assert len(fleet.wait_up(n, timeout=30)) == n
         time.sleep(2 * 1.5 + 1.0)  # every link healthy: its next drop starts a fresh backoff series
@@ -63,13 +76,16 @@ def test_fleet_of_2000_reconnects_spread_out_after_kill_9(tmp_path: Path, procs)
         times = sorted(ups.values())
         late = [t - restarted for t in times if t - restarted > cap + 2]
         worst = max_in_window(times, 0.1)
-        report("kill -9 under 2000 clients, restart after 0.5 s", [
-            f"clients {n}, reconnect_delay {base:g} s, reconnect_max_delay {cap:g} s",
-            f"reconnected {len(ups)}/{n}; last {times[-1] - restarted:.2f} s after the restart",
-            f"busiest 100 ms window: {worst} reconnects ({100 * worst / n:.1f} %)",
-            "reconnects per 100 ms after the restart:",
-            *histogram(times, restarted),
-        ])
+        report(
+            "kill -9 under 2000 clients, restart after 0.5 s",
+            [
+                f"clients {n}, reconnect_delay {base:g} s, reconnect_max_delay {cap:g} s",
+                f"reconnected {len(ups)}/{n}; last {times[-1] - restarted:.2f} s after the restart",
+                f"busiest 100 ms window: {worst} reconnects ({100 * worst / n:.1f} %)",
+                "reconnects per 100 ms after the restart:",
+                *histogram(times, restarted),
+            ],
+        )
         assert len(ups) == n, f"only {len(ups)} of {n} reconnected"
         assert not late, f"{len(late)} reconnected later than cap + 2 s"
         assert worst <= 0.10 * n, f"{worst} reconnects in one 100 ms window"
@@ -101,8 +117,12 @@ def test_server_sigstop_for_twice_the_timeout_kills_no_pinging_client(tmp_path: 
     """Real hbd clients keep pinging while the server is stopped for 2x heartbeat_timeout."""
     srv = start_server(tmp_path, heartbeat_timeout=1.0)
     procs.append(srv)
-    clients = [start_client(tmp_path, srv.config["port"], name=f"c{i}", heartbeat_interval=0.2, pong_timeout=3,
-                            client_name=f"c{i}") for i in range(3)]
+    clients = [
+        start_client(
+            tmp_path, srv.config["port"], name=f"c{i}", heartbeat_interval=0.2, pong_timeout=3, client_name=f"c{i}"
+        )
+        for i in range(3)
+    ]
     procs += clients
     for c in clients:
         c.wait_for("pong from")
@@ -152,12 +172,22 @@ def test_out_of_file_descriptors_pauses_accepts_without_spinning(tmp_path: Path,
     finally:
         for s in socks:
             s.close()
-    report("out of file descriptors", [f"server CPU while refused for 2 s: {cpu * 1000:.0f} ms",
-                                       "error lines logged: 1"])
+    report(
+        "out of file descriptors", [f"server CPU while refused for 2 s: {cpu * 1000:.0f} ms", "error lines logged: 1"]
+    )
 
 
-FAKETIME_LIB = next((p for p in ("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
-                                 "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1") if os.path.exists(p)), None)
+FAKETIME_LIB = next(
+    (
+        p
+        for p in (
+            "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+            "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+        )
+        if os.path.exists(p)
+    ),
+    None,
+)
 
 
 @pytest.mark.skipif(FAKETIME_LIB is None, reason="needs libfaketime (Debian package faketime)")
@@ -166,8 +196,12 @@ def test_wall_clock_jumps_change_no_verdict(tmp_path: Path, procs) -> None:
     untouched). No link is lost, no client is late, and a silent peer dies at its timeout, not before."""
     offset = tmp_path / "offset"
     offset.write_text("+0\n")
-    env = {"LD_PRELOAD": FAKETIME_LIB, "FAKETIME_TIMESTAMP_FILE": str(offset), "FAKETIME_NO_CACHE": "1",
-           "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+    env = {
+        "LD_PRELOAD": FAKETIME_LIB,
+        "FAKETIME_TIMESTAMP_FILE": str(offset),
+        "FAKETIME_NO_CACHE": "1",
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+    }
     srv = start_server(tmp_path, heartbeat_timeout=1.0, env=env)
     cli = start_client(tmp_path, srv.config["port"], env=env, heartbeat_interval=0.2, pong_timeout=0.6)
     procs += [cli, srv]

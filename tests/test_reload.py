@@ -53,8 +53,18 @@ def _case(name: str, tmp_path: Path, good: dict) -> tuple[str | None, str]:
     raise AssertionError(name)
 
 
-CASES = ["syntax", "wrong-type", "bad-port", "unknown-key", "not-utf8", "unreadable", "missing-cert", "bad-allow",
-         "log-file", "port-in-use"]
+CASES = [
+    "syntax",
+    "wrong-type",
+    "bad-port",
+    "unknown-key",
+    "not-utf8",
+    "unreadable",
+    "missing-cert",
+    "bad-allow",
+    "log-file",
+    "port-in-use",
+]
 
 
 @pytest.mark.parametrize("case", CASES)

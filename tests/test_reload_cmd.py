@@ -14,8 +14,9 @@ from daemons import ROOT, free_port, start_client, start_server
 
 
 def hbd_reload(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hbd", "reload", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "hbd", "reload", *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout
+    )
 
 
 def test_applied_reload_exits_0_after_the_daemon_applied_it(tmp_path: Path, procs) -> None:
@@ -118,9 +119,25 @@ def test_only_root_or_the_daemons_user_may_reload(tmp_path: Path, procs) -> None
         srv = start_server(tmp_path, control_socket=str(sockdir / "server.sock"))
         procs.append(srv)
         os.chmod(srv.config["control_socket"], 0o666)
-        out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
-                              "hbd", "reload", "-s", srv.config["control_socket"]], capture_output=True, text=True,
-                             cwd=ROOT, timeout=30, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        out = subprocess.run(
+            [
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                sys.executable,
+                "-m",
+                "hbd",
+                "reload",
+                "-s",
+                srv.config["control_socket"],
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=30,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
     finally:
         shutil.rmtree(sockdir, ignore_errors=True)
     assert out.returncode == 1 and "permission denied" in out.stderr, out.stderr

@@ -146,8 +146,9 @@ def test_unwritable_log_file_is_a_clear_startup_error(tmp_path: Path) -> None:
     blocker.write_text("")
     cfg = tmp_path / "s.yaml"
     cfg.write_text(f"host: 127.0.0.1\nport: {free_port()}\nlog_file: {blocker}/server.log\n")
-    r = subprocess.run([sys.executable, "-m", "hbd", "server", "-c", str(cfg)], capture_output=True, text=True,
-                       cwd=ROOT, timeout=10)
+    r = subprocess.run(
+        [sys.executable, "-m", "hbd", "server", "-c", str(cfg)], capture_output=True, text=True, cwd=ROOT, timeout=10
+    )
     assert r.returncode == 1
     assert f"cannot open the log file {blocker}/server.log: Not a directory" in r.stderr
     assert "Traceback" not in r.stderr
@@ -157,7 +158,8 @@ def test_port_in_use_is_a_clear_startup_error(tmp_path: Path, procs) -> None:
     srv = start_server(tmp_path)
     procs.append(srv)
     other = start_server.__globals__["HbdProcess"](
-        "server", {**srv.config, "log_file": None, "control_socket": str(tmp_path / "b.sock")}, tmp_path, name="b")
+        "server", {**srv.config, "log_file": None, "control_socket": str(tmp_path / "b.sock")}, tmp_path, name="b"
+    )
     assert other.proc.wait(10) == 1
     other.stop()
     assert "cannot listen on 127.0.0.1" in other.output() and "Address already in use" in other.output()

@@ -27,8 +27,14 @@ def caught(pid: int, signum: int) -> bool:
 
 
 def server_config(tmp_path: Path) -> dict:
-    return {"host": "127.0.0.1", "port": free_port(), "heartbeat_timeout": 5.0, "log_level": "info",
-            "log_file": str(tmp_path / "server.log"), "control_socket": str(tmp_path / "server.sock")}
+    return {
+        "host": "127.0.0.1",
+        "port": free_port(),
+        "heartbeat_timeout": 5.0,
+        "log_level": "info",
+        "log_file": str(tmp_path / "server.log"),
+        "control_socket": str(tmp_path / "server.sock"),
+    }
 
 
 def serves(port: int) -> bool:

@@ -15,8 +15,9 @@ from hbd.server import WHEEL_RESOLUTION, Server
 
 
 def test_server_up_late_up_down_in_virtual_time(tmp_path: Path) -> None:
-    cfg = ServerConfig(host="127.0.0.1", port=0, heartbeat_timeout=4.0, log_file=None,
-                       control_socket=str(tmp_path / "s.sock"))
+    cfg = ServerConfig(
+        host="127.0.0.1", port=0, heartbeat_timeout=4.0, log_file=None, control_socket=str(tmp_path / "s.sock")
+    )
     srv, clock, events = virtual(Server, cfg)
     loop = srv.loop
     c = socket.create_connection(srv.address)
@@ -39,8 +40,11 @@ def test_server_up_late_up_down_in_virtual_time(tmp_path: Path) -> None:
     assert document(srv)["peers"] == []
     assert c.recv(10) == b""
     assert [e[1:] for e in events] == [
-        ("up", "app1", "first ping"), ("late", "app1", "silent"), ("up", "app1", "ping"),
-        ("late", "app1", "silent"), ("down", "app1", "timeout"),
+        ("up", "app1", "first ping"),
+        ("late", "app1", "silent"),
+        ("up", "app1", "ping"),
+        ("late", "app1", "silent"),
+        ("down", "app1", "timeout"),
     ]
     times = [e[0] for e in events]
     # verdicts come at their deadline, at most one deadline-wheel slot (WHEEL_RESOLUTION) later
@@ -87,8 +91,17 @@ def test_unreported_peer_never_fires(tmp_path: Path) -> None:
 def test_client_up_late_up_down_in_virtual_time() -> None:
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
-    cfg = ClientConfig(servers=(), host="127.0.0.1", port=port, heartbeat_interval=1.0, pong_timeout=3.0,
-                       reconnect_delay=10.0, reconnect_max_delay=10.0, log_file=None, control_socket=None)
+    cfg = ClientConfig(
+        servers=(),
+        host="127.0.0.1",
+        port=port,
+        heartbeat_interval=1.0,
+        pong_timeout=3.0,
+        reconnect_delay=10.0,
+        reconnect_max_delay=10.0,
+        log_file=None,
+        control_socket=None,
+    )
     cli, clock, events = virtual(Client, cfg)
     loop = cli.loop
     loop.run_once(0)  # connected

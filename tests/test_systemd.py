@@ -274,8 +274,11 @@ def test_reload_with_broken_yaml_keeps_old_config_and_logs_the_line(guest):
         assert "reload failed" in status and re.search(rf"(line {lineno}\b|:{lineno}\b)", status), status
         assert guest.show("hbd-server", "ReloadResult") == "exit-code"
         # hbd reload's own lines (ExecReload=) are errors too, not info lines of the unit's stderr.
-        assert [e for e in daemon_entries(guest, "hbd-server", cur, 3)
-                if e.get("SYSLOG_IDENTIFIER") == "hbd" and "reload failed" in text_of(e)]
+        assert [
+            e
+            for e in daemon_entries(guest, "hbd-server", cur, 3)
+            if e.get("SYSLOG_IDENTIFIER") == "hbd" and "reload failed" in text_of(e)
+        ]
         assert 0.8 <= silent_client_lifetime() < 3.0  # still the old heartbeat_timeout (1), not 5
     finally:
         guest.write(SERVER_YAML, good)
@@ -473,10 +476,16 @@ def test_client_unit_starts_after_the_server(guest):
     cur = guest.cursor()
     guest.run("systemctl", "start", "hbd-test-both.target")
     entries = guest.journal(cur)
-    started = next(i for i, e in enumerate(entries) if e.get("UNIT") == "hbd-server.service"
-                   and e.get("_PID") == "1" and "Started" in text_of(e))
-    starting = next(i for i, e in enumerate(entries) if e.get("UNIT") == "hbd-client.service"
-                    and e.get("_PID") == "1" and "Starting" in text_of(e))
+    started = next(
+        i
+        for i, e in enumerate(entries)
+        if e.get("UNIT") == "hbd-server.service" and e.get("_PID") == "1" and "Started" in text_of(e)
+    )
+    starting = next(
+        i
+        for i, e in enumerate(entries)
+        if e.get("UNIT") == "hbd-client.service" and e.get("_PID") == "1" and "Starting" in text_of(e)
+    )
     assert started < starting  # the client began once the server was ready (Type=notify)
     time.sleep(1)
     client = [text_of(e) for e in daemon_entries(guest, "hbd-client", cur)]

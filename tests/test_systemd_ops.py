@@ -46,11 +46,15 @@ def guest():
         g.run("dpkg", "-i", f"/dist/{deb.name}")
         g.write("/usr/local/bin/hbd-hook", HOOK)
         g.run("chmod", "755", "/usr/local/bin/hbd-hook")
-        g.sh(f"sed -i 's/^port: .*/port: {port}/; s/^heartbeat_timeout: .*/heartbeat_timeout: 5/; "
-             f"s|^on_change: .*|on_change: /usr/local/bin/hbd-hook|; s/^metrics: .*/metrics: {{port: {metrics}}}/' "
-             "/etc/hbd/server.yaml")
-        g.sh(f"sed -i 's/^port: .*/port: {port}/; s/^heartbeat_interval: .*/heartbeat_interval: 0.5/; "
-             f"s/^client_name: .*/client_name: web1/' /etc/hbd/client.yaml")
+        g.sh(
+            f"sed -i 's/^port: .*/port: {port}/; s/^heartbeat_timeout: .*/heartbeat_timeout: 5/; "
+            f"s|^on_change: .*|on_change: /usr/local/bin/hbd-hook|; s/^metrics: .*/metrics: {{port: {metrics}}}/' "
+            "/etc/hbd/server.yaml"
+        )
+        g.sh(
+            f"sed -i 's/^port: .*/port: {port}/; s/^heartbeat_interval: .*/heartbeat_interval: 0.5/; "
+            f"s/^client_name: .*/client_name: web1/' /etc/hbd/client.yaml"
+        )
         g.run("useradd", "--no-create-home", "alice")
         g.run("useradd", "--no-create-home", "--groups", "_hbd", "bob")
         g.run("systemctl", "start", "hbd-server", "hbd-client")
@@ -66,9 +70,14 @@ def test_status_sockets_owner_mode_and_access(guest):
     for role in ("server", "client"):
         ls = guest.run("stat", "-c", "%F %a %U:%G", f"/run/hbd/{role}.sock").stdout.split()
         assert ls[-2:] == ["660", "_hbd:_hbd"] and ls[0] == "socket"
-    doc = sg.wait_for("the client's greeting and first pings at the server",
-                      lambda: (d := json.loads(status(guest, "server").stdout)) and
-                      any(p["name"] == "web1" and p["pings"] > 1 for p in d["peers"]) and d)
+    doc = sg.wait_for(
+        "the client's greeting and first pings at the server",
+        lambda: (
+            (d := json.loads(status(guest, "server").stdout))
+            and any(p["name"] == "web1" and p["pings"] > 1 for p in d["peers"])
+            and d
+        ),
+    )
     (peer,) = doc["peers"]
     assert peer["state"] == "UP" and peer["interval"] == 0.5
     denied = status(guest, "server", "alice")  # not in _hbd: the directory and socket keep it out

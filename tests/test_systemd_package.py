@@ -53,8 +53,17 @@ def test_autopkgtest_service(guest):
 
 
 def test_docs_and_example_hook_are_shipped(guest):
-    for name in ("README.md", "README.Debian", "docs/operations.md", "docs/protocol.md", "docs/reliability.md",
-                 "docs/performance.md", "bench/results/full.png", "examples/on-change.sh", "copyright"):
+    for name in (
+        "README.md",
+        "README.Debian",
+        "docs/operations.md",
+        "docs/protocol.md",
+        "docs/reliability.md",
+        "docs/performance.md",
+        "bench/results/full.png",
+        "examples/on-change.sh",
+        "copyright",
+    ):
         guest.run("test", "-s", f"{DOC}/{name}")
     assert (sg.ROOT / "docs" / "operations.md").read_text() == guest.read(f"{DOC}/docs/operations.md")
     guest.run("test", "-x", f"{DOC}/examples/on-change.sh")
@@ -80,8 +89,10 @@ def test_error_logs_are_readable_by_group_adm_only(guest):
 def test_example_hook_logs_state_changes_from_the_sandbox(guest):
     port = _free_port()
     guest.run("install", "-m", "755", f"{DOC}/examples/on-change.sh", "/usr/local/bin/hbd-on-change")
-    guest.sh(f"sed -i 's/^host: .*/host: 127.0.0.1/; s/^port: .*/port: {port}/; "
-             "s|^on_change: .*|on_change: /usr/local/bin/hbd-on-change|' /etc/hbd/server.yaml")
+    guest.sh(
+        f"sed -i 's/^host: .*/host: 127.0.0.1/; s/^port: .*/port: {port}/; "
+        "s|^on_change: .*|on_change: /usr/local/bin/hbd-on-change|' /etc/hbd/server.yaml"
+    )
     guest.run("hbd", "check-config", "server", "-c", "/etc/hbd/server.yaml")
     cur = guest.cursor()
     guest.run("systemctl", "start", "hbd-server")

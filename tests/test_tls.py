@@ -32,8 +32,14 @@ def pki(tmp_path_factory) -> dict[str, Pair]:
 
 
 def server_tls(pki, **kw) -> dict:
-    return {"cert": pki["server"].cert, "key": pki["server"].key, "ca": pki["ca"].cert,
-            "require_client_cert": True, "handshake_timeout": 1, **kw}
+    return {
+        "cert": pki["server"].cert,
+        "key": pki["server"].key,
+        "ca": pki["ca"].cert,
+        "require_client_cert": True,
+        "handshake_timeout": 1,
+        **kw,
+    }
 
 
 def client_tls(pki, who: str | None = "client", **kw) -> dict:
@@ -100,8 +106,10 @@ def test_plain_tcp_client_against_the_tls_port(tmp_path: Path, procs, pki) -> No
     procs.append(srv)
     cli = start_client(tmp_path, srv.config["port"])  # no tls section: plain TCP
     procs.append(cli)
-    srv.wait_for(r"WARNING .*TLS handshake with 127\.0\.0\.1:\d+ failed: not TLS \(it sent b'ping'\): "
-                 r"a plain-TCP client on the TLS port\?")
+    srv.wait_for(
+        r"WARNING .*TLS handshake with 127\.0\.0\.1:\d+ failed: not TLS \(it sent b'ping'\): "
+        r"a plain-TCP client on the TLS port\?"
+    )
     cli.wait_for(r"WARNING .*lost: server closed the connection")
     assert cli.count("pong from") == 0
 
@@ -121,8 +129,10 @@ def test_client_rejects_a_server_certificate_from_another_ca(tmp_path: Path, pro
     tls = client_tls(pki, None) | {"ca": pki["other"].cert}
     cli = start_client(tmp_path, srv.config["port"], tls=tls)
     procs.append(cli)
-    cli.wait_for(r"WARNING .*TLS handshake failed: certificate rejected: "
-                 r"(unable to get local issuer certificate|self-signed certificate in certificate chain)")
+    cli.wait_for(
+        r"WARNING .*TLS handshake failed: certificate rejected: "
+        r"(unable to get local issuer certificate|self-signed certificate in certificate chain)"
+    )
 
 
 def test_client_checks_the_server_name(tmp_path: Path, procs, pki) -> None:
@@ -192,8 +202,10 @@ def test_tls_config_errors_name_the_key(tmp_path: Path, pki) -> None:
     assert "tls: cert and key are both required" in e
     (e,) = errors(load_server_config, f"tls:\n  cert: {pki['server'].cert}\n  key: {pki['client'].key}\n")
     assert "tls: cannot load the certificate files: KEY_VALUES_MISMATCH" in e
-    (e,) = errors(load_server_config, f"tls:\n  cert: {pki['server'].cert}\n  key: {pki['server'].key}\n"
-                                      "  require_client_cert: yes please\n")
+    (e,) = errors(
+        load_server_config,
+        f"tls:\n  cert: {pki['server'].cert}\n  key: {pki['server'].key}\n  require_client_cert: yes please\n",
+    )
     assert "require_client_cert: must be true or false" in e
     (e,) = errors(load_client_config, "tls:\n  certificate: x\n")
     assert "tls: certificate: unknown key" in e

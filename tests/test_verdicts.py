@@ -58,8 +58,9 @@ def test_busy_turns_forgive_nothing_and_a_silent_peer_dies_on_time(tmp_path: Pat
     """Every turn takes 0.3 s of work (a handler advancing the virtual clock): no stall, no
     forgiveness, no `up` without a ping; the silent peer is late and dead at its deadlines plus at
     most one turn; the loop lag shows the busy turns."""
-    cfg = ServerConfig(host="127.0.0.1", port=0, heartbeat_timeout=2.0, log_file=None,
-                       control_socket=str(tmp_path / "s.sock"))
+    cfg = ServerConfig(
+        host="127.0.0.1", port=0, heartbeat_timeout=2.0, log_file=None, control_socket=str(tmp_path / "s.sock")
+    )
     srv, clock, events = virtual(Server, cfg)
     loop = srv.loop
     busy_r, busy_w = socket.socketpair()
@@ -138,8 +139,9 @@ def test_only_the_time_we_did_not_run_is_forgiven_and_never_as_an_up(tmp_path: P
 def test_ping_then_reset_is_reported_up_then_down(tmp_path: Path) -> None:
     """Clients that send a ping and reset the connection at once: every one is reported `up` (its
     ping) before `down` (the reset), never the other way round."""
-    cfg = ServerConfig(host="127.0.0.1", port=0, heartbeat_timeout=5.0, log_file=None,
-                       control_socket=str(tmp_path / "s.sock"))
+    cfg = ServerConfig(
+        host="127.0.0.1", port=0, heartbeat_timeout=5.0, log_file=None, control_socket=str(tmp_path / "s.sock")
+    )
     srv, _clock, events = virtual(Server, cfg)
     loop = srv.loop
     for _ in range(10):
@@ -167,8 +169,9 @@ def test_ping_then_reset_is_reported_up_then_down(tmp_path: Path) -> None:
 
 
 def test_a_connection_that_never_pings_stays_new_and_is_closed_quietly(tmp_path: Path) -> None:
-    cfg = ServerConfig(host="127.0.0.1", port=0, heartbeat_timeout=2.0, log_file=None,
-                       control_socket=str(tmp_path / "s.sock"))
+    cfg = ServerConfig(
+        host="127.0.0.1", port=0, heartbeat_timeout=2.0, log_file=None, control_socket=str(tmp_path / "s.sock")
+    )
     srv, clock, events = virtual(Server, cfg)
     keep = Keep()
     records = keep.records
@@ -240,8 +243,12 @@ def test_a_silent_peer_dies_on_time_under_bursts_of_pings_from_1500_connections(
     srv = start_server(tmp_path, heartbeat_timeout=timeout, max_clients=n + 10)
     procs.append(srv)
     port = srv.config["port"]
-    gen = subprocess.Popen([sys.executable, "-c", BURSTS, str(port), str(n), "500", "0.25", "12"],
-                           stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    gen = subprocess.Popen(
+        [sys.executable, "-c", BURSTS, str(port), str(n), "500", "0.25", "12"],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     try:
         assert gen.stdout is not None and gen.stdout.readline().strip() == "connected"
         time.sleep(2.0)  # the bursts are under way
@@ -260,9 +267,11 @@ def test_a_silent_peer_dies_on_time_under_bursts_of_pings_from_1500_connections(
         # On a loaded machine the server may be starved (a turn with far less CPU than wall time):
         # that time, and only that, is forgiven. It is logged, so the bound can allow for it.
         stalled = sum(float(m) for m in re.findall(r"event loop stalled for ([\d.]+) s", srv.output()))
-        print(f"\n{n} connections in bursts of 500 pings every 0.25 s: a silent peer closed {took:.3f} s after its "
-              f"ping, one that never pinged after {took_never:.3f} s (heartbeat_timeout {timeout:g} s); "
-              f"max loop lag {loop['max_lag_ms']:.0f} ms, stalls {loop['stalls']} ({stalled:.3f} s not running)")
+        print(
+            f"\n{n} connections in bursts of 500 pings every 0.25 s: a silent peer closed {took:.3f} s after its "
+            f"ping, one that never pinged after {took_never:.3f} s (heartbeat_timeout {timeout:g} s); "
+            f"max loop lag {loop['max_lag_ms']:.0f} ms, stalls {loop['stalls']} ({stalled:.3f} s not running)"
+        )
         assert timeout <= took <= timeout + 1.0 + stalled
         assert took_never <= timeout + 1.0 + stalled
         assert srv.count("is back", after=mark) == 0  # no up without a ping
@@ -284,8 +293,16 @@ def test_client_greets_again_on_an_interval_reload_at_most_once_a_second() -> No
     from hbd.config import ClientConfig
 
     listener = socket.create_server(("127.0.0.1", 0))
-    cfg = ClientConfig(servers=(), host="127.0.0.1", port=listener.getsockname()[1], heartbeat_interval=0.5,
-                       pong_timeout=1.5, client_name="web1", log_file=None, control_socket=None)
+    cfg = ClientConfig(
+        servers=(),
+        host="127.0.0.1",
+        port=listener.getsockname()[1],
+        heartbeat_interval=0.5,
+        pong_timeout=1.5,
+        client_name="web1",
+        log_file=None,
+        control_socket=None,
+    )
     cli, clock, _events = virtual(Client, cfg)
     loop = cli.loop
     loop.run_once(0)

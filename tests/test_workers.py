@@ -119,8 +119,12 @@ def test_workers_port_in_use_fails_fast(tmp_path: Path, procs) -> None:
     procs.append(srv)
     from daemons import HbdProcess
 
-    other = HbdProcess("server", {**srv.config, "workers": 2, "log_file": None,
-                                  "control_socket": str(tmp_path / "other.sock")}, tmp_path, name="other")
+    other = HbdProcess(
+        "server",
+        {**srv.config, "workers": 2, "log_file": None, "control_socket": str(tmp_path / "other.sock")},
+        tmp_path,
+        name="other",
+    )
     assert other.proc.wait(10) == 1
     other.stop()
     assert "cannot listen on 127.0.0.1" in other.output()
@@ -129,8 +133,11 @@ def test_workers_port_in_use_fails_fast(tmp_path: Path, procs) -> None:
 def test_a_worker_that_dies_during_start_up_is_a_clean_start_error(tmp_path: Path, procs) -> None:
     from daemons import HbdProcess, free_port
 
-    srv = HbdProcess("server", {"host": "127.0.0.1", "port": free_port(), "workers": 2, "log_file": None,
-                                "control_socket": None}, tmp_path)
+    srv = HbdProcess(
+        "server",
+        {"host": "127.0.0.1", "port": free_port(), "workers": 2, "log_file": None, "control_socket": None},
+        tmp_path,
+    )
     procs.append(srv)
     deadline = time.monotonic() + 10
     while not (kids := children(srv.pid)):  # the first worker, long before it listens
