@@ -1,4 +1,5 @@
 import collections
+import logging
 import os
 import sys
 from pathlib import Path
@@ -9,6 +10,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ helpers impor
 
 from daemons import HbdProcess
 from virtual_time import vclock, vloop, vselector  # noqa: F401  (fixtures: virtual time for every test module)
+
+from hbd.logs import log
+
+
+@pytest.fixture
+def records():
+    """Every record hbd logs during the test, at any level."""
+    lines: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record)
+
+    handler = Keep(logging.DEBUG)
+    log.addHandler(handler)
+    old = log.level
+    log.setLevel(logging.DEBUG)
+    yield lines
+    log.removeHandler(handler)
+    log.setLevel(old)
 
 
 @pytest.fixture

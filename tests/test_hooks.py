@@ -13,7 +13,6 @@ from daemons import connect, recv_exactly, start_server
 
 from hbd.control import query
 from hbd.hooks import HookRunner
-from hbd.logs import log
 from hbd.loop import EventLoop
 
 
@@ -26,23 +25,6 @@ def runner():
         os.killpg(job.proc.pid, signal.SIGKILL)
         job.proc.wait()
     loop.close()
-
-
-@pytest.fixture
-def records():
-    lines: list[logging.LogRecord] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(record)
-
-    handler = Keep(logging.DEBUG)
-    log.addHandler(handler)
-    old = log.level
-    log.setLevel(logging.DEBUG)
-    yield lines
-    log.removeHandler(handler)
-    log.setLevel(old)
 
 
 def drive(r: HookRunner, until, timeout: float = 5.0) -> float:

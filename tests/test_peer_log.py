@@ -15,25 +15,8 @@ from daemons import start_server
 from virtual_time import FakeClock
 
 from hbd.hooks import HookRunner
-from hbd.logs import PEER_TOTAL_BURST, PeerLog, PeerLogLimiter, log
+from hbd.logs import PEER_TOTAL_BURST, PeerLog, PeerLogLimiter
 from hbd.loop import EventLoop
-
-
-@pytest.fixture
-def records():
-    lines: list[logging.LogRecord] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(record)
-
-    handler = Keep(logging.DEBUG)
-    log.addHandler(handler)
-    old = log.level
-    log.setLevel(logging.DEBUG)
-    yield lines
-    log.removeHandler(handler)
-    log.setLevel(old)
 
 
 def test_many_sources_together_get_one_budget() -> None:
