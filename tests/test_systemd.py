@@ -390,7 +390,8 @@ def test_journal_names_the_call_site_and_journalctl_x_explains_a_peer_down(guest
         lambda: [e for e in daemon_entries(guest, "hbd-server", cur) if e.get("EVENT") == "dead"],
     )[0]
     assert down["MESSAGE_ID"] == "09010e11864e480da4335f47854b5474"
-    assert down["CODE_FILE"].endswith("/hbd/server.py") and down["CODE_FUNC"] != "emit", down
+    # The real call site: the server's reporting room writes the peer lines, not the logging module.
+    assert down["CODE_FILE"].endswith("/hbd/server_report.py") and down["CODE_FUNC"] == "changed", down
     assert int(down["CODE_LINE"]) > 0
     # The package's catalog was compiled at install (systemd's dpkg trigger runs journalctl --update-catalog).
     out = guest.run("journalctl", "-x", "-u", "hbd-server", "--no-pager", "-n", "200").stdout
