@@ -7,7 +7,7 @@ import itertools
 import socket
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from hbd.link import GaveUp, Health, HealthChange, Lifecycle, LinkError, LinkState, Retry
@@ -129,6 +129,8 @@ EVENTS = st.lists(
 
 @settings(max_examples=300, deadline=None)
 @given(EVENTS, st.integers(0, 4))
+# found by a package build: a rename's reconnect keeps the health it had while it dials again
+@example([("attempt", 0.0), ("connected", 0.0), ("pong", 0.0), ("redial", 0.0), ("attempt", 0.0)], 0)
 def test_any_order_of_events_keeps_the_invariants(events: list[tuple[str, float]], limit: int) -> None:
     """Connect, reset/EOF/timeout (down), pong, late, reload and close in any order, at any times:
     never two attempts in flight, a retry always due unless it gave up, health reported once per
@@ -136,6 +138,7 @@ def test_any_order_of_events_keeps_the_invariants(events: list[tuple[str, float]
     life = make(attempts=limit, rand=0.5)
     now = 0.0
     reported: Health | None = None
+    redialing = False  # a deliberate reconnect (rename) keeps the health it had until it succeeds or fails
     for name, dt in events:
         now += dt
         before = life.state
@@ -146,6 +149,7 @@ def test_any_order_of_events_keeps_the_invariants(events: list[tuple[str, float]
             elif name == "connected":
                 life.connected(now)
                 assert before is LinkState.CONNECTING and life.up_since == now
+                redialing = False
             elif name in ("pong", "late_pong"):
                 change = life.pong(now, answering=name == "pong")
                 assert before is LinkState.UP
@@ -160,6 +164,7 @@ def test_any_order_of_events_keeps_the_invariants(events: list[tuple[str, float]
             elif name == "down":
                 change, nxt = life.down(now, "lost")
                 assert before in (LinkState.CONNECTING, LinkState.UP)
+                redialing = False
                 assert life.health is Health.DOWN and life.up_since is None
                 if isinstance(nxt, Retry):
                     assert life.state is LinkState.WAITING and life.retry_at == nxt.at >= now
@@ -171,6 +176,7 @@ def test_any_order_of_events_keeps_the_invariants(events: list[tuple[str, float]
                 health = life.health
                 assert life.redial(now) == now == life.retry_at
                 assert before is LinkState.UP and life.state is LinkState.WAITING and life.health is health
+                redialing = True
                 continue
             elif name == "reload":
                 life.retime(reconnect_delay=0.5, reconnect_max_delay=4.0, reconnect_attempts=limit, pong_timeout=1.0)
@@ -179,6 +185,7 @@ def test_any_order_of_events_keeps_the_invariants(events: list[tuple[str, float]
             else:
                 life.close()
                 assert life.state is LinkState.GAVE_UP
+                redialing = False
                 continue
         except LinkError:
             assert life.state is before  # refused events change nothing
@@ -190,7 +197,8 @@ def test_any_order_of_events_keeps_the_invariants(events: list[tuple[str, float]
         if life.state is LinkState.WAITING and life.down_reason is not None:
             assert life.retry_at is not None  # a retry is always due unless it gave up
         if life.health is Health.UP or life.health is Health.LATE:
-            assert life.state is LinkState.UP
+            # UP or LATE only on a live connection, or while a deliberate reconnect is under way
+            assert life.state is LinkState.UP or (redialing and life.state is not LinkState.GAVE_UP)
 
 
 def test_link_stats_count_each_rtt_once() -> None:
