@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ helpers importable as plain modules
 
@@ -12,6 +13,12 @@ from daemons import HbdProcess
 from virtual_time import vclock, vloop, vselector  # noqa: F401  (fixtures: virtual time for every test module)
 
 from hbd.logs import log
+
+# CI runs the property tests on a fixed seed, so a run's verdict does not depend on luck; developers'
+# runs stay random and keep finding new cases (add each one as an @example).
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 @pytest.fixture
