@@ -11,11 +11,14 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 HARNESS = ROOT / ".ci" / "sd-container.sh"
@@ -162,3 +165,25 @@ def _try_lock(f: Any) -> bool:
     except BlockingIOError:
         return False
     return True
+
+
+def free_port() -> int:
+    """A TCP port free on the host, and so in the guest, which shares our network namespace."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def installed(*nspawn_args: str) -> Iterator[Guest]:
+    """A booted guest with the package installed (the .deb bound at /dist). Where the guest cannot run
+    this fails under CI and skips elsewhere, with the reason."""
+    reason = unavailable()
+    if reason and os.environ.get("CI"):
+        pytest.fail(f"CI must run the real-systemd tests, but: {reason}")
+    if reason:
+        pytest.skip(reason)
+    deb = prepare()
+    with booted(f"--bind-ro={deb.parent}:/dist", *nspawn_args) as g:
+        g.run("dpkg", "-i", f"/dist/{deb.name}")
+        yield g

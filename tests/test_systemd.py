@@ -35,13 +35,7 @@ TimeoutAbortSec=2
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:  # the guest shares our network namespace: its port must be free here
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
-PORT = _free_port()
+PORT = sg.free_port()
 
 
 # -- helpers ---------------------------------------------------------------------------------------

@@ -9,8 +9,6 @@ time per machine; this module boots its own).
 from __future__ import annotations
 
 import json
-import os
-import socket
 import urllib.request
 
 import pytest
@@ -27,23 +25,10 @@ echo "$@ uid=$(id -u) HBD_PEER=$HBD_PEER HBD_ROLE=$HBD_ROLE" >> /run/hbd/hook.lo
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:  # the guest shares our network namespace
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def guest():
-    reason = sg.unavailable()
-    if reason and os.environ.get("CI"):
-        pytest.fail(f"CI must run the real-systemd tests, but: {reason}")
-    if reason:
-        pytest.skip(reason)
-    deb = sg.prepare()
-    port, metrics = _free_port(), _free_port()
-    with sg.booted(f"--bind-ro={deb.parent}:/dist") as g:
-        g.run("dpkg", "-i", f"/dist/{deb.name}")
+    port, metrics = sg.free_port(), sg.free_port()
+    with sg.installed() as g:
         g.write("/usr/local/bin/hbd-hook", HOOK)
         g.run("chmod", "755", "/usr/local/bin/hbd-hook")
         g.sh(
