@@ -7,8 +7,8 @@ running the old configuration when it is invalid.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import ipaddress
-import math
 import os
 import re
 import shlex
@@ -22,8 +22,12 @@ from typing import Any
 
 import yaml
 
+from hbd import peers_config
 from hbd.access import Network, parse_allow
+from hbd.durations import DAY, seconds_value
+from hbd.durations import parse_duration as parse_duration  # re-exported: the one duration parser
 from hbd.errors import ConfigError as ConfigError  # re-exported: where callers import it from
+from hbd.peers_config import ExpectedPeer as ExpectedPeer  # re-exported: part of ServerConfig
 from hbd.protocol import NAME_PATTERN
 from hbd.quote import cut, quote, show
 from hbd.tls import TLSConfig, parse_client_tls, parse_server_tls
@@ -33,6 +37,7 @@ DEFAULT_SERVER_CONFIG = "/etc/hbd/server.yaml"
 DEFAULT_CLIENT_CONFIG = "/etc/hbd/client.yaml"
 DEFAULT_SERVER_SOCKET = "/run/hbd/server.sock"  # /run/hbd is the units' RuntimeDirectory=
 DEFAULT_CLIENT_SOCKET = "/run/hbd/client.sock"
+DEFAULT_STATE_DIR = "/var/lib/hbd"  # the server unit's StateDirectory=
 
 # Bounds on what a configuration file may cost to load, whatever it holds (it is read on SIGHUP by
 # the running daemon, from the event loop): a real file is a few KB and a few levels deep.
@@ -41,6 +46,10 @@ MAX_DEPTH = 32  # nesting of lists and mappings, aliases expanded
 MAX_NODES = 50_000  # values in the document, aliases expanded (a YAML "billion laughs" stops here)
 MAX_ERRORS = 20  # error lines reported for one file
 MAX_ERROR_LINE = 500  # characters per error line
+# peers_file: a fleet's list of expected peers, read with the same loader and its own bounds.
+MAX_PEERS_FILE_BYTES = peers_config.MAX_PEERS_FILE_BYTES
+MAX_PEERS_FILE_DEPTH = 8  # {peers: [{labels: {k: v}}]} is 4 levels
+MAX_PEERS_FILE_NODES = 2_000_000  # 100,000 entries of ~20 values each, aliases expanded
 
 
 # -- typed converters: value -> converted value, or raise ValueError(reason) ----------------------
@@ -56,13 +65,34 @@ def _integer(lo: int, hi: int) -> Callable[[Any], int]:
 
 
 def _seconds(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"must be a number of seconds, got {_show(value)}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"must be a positive number of seconds, got {quote(value)}")
-    if value > 86400:
-        raise ValueError(f"must be at most 86400 seconds, got {quote(value)}")
-    return float(value)
+    """Seconds (a number or a duration such as ``90s``, ``2h``), positive, at most a day."""
+    return seconds_value(value)
+
+
+def _seconds_upto(hi: float) -> Callable[[Any], float]:
+    return lambda value: seconds_value(value, hi)
+
+
+def _optional_seconds(value: Any) -> float | None:
+    return None if value is None else seconds_value(value)
+
+
+def _dir_path(value: Any) -> str | None:
+    """A directory path, or null for none; a relative one is resolved against the config file's
+    directory when the file is loaded."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or "\0" in value:
+        raise ValueError(f"must be a directory path or null, got {_show(value)}")
+    return value
+
+
+def _file_path(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or "\0" in value or value.endswith("/"):
+        raise ValueError(f"must be a file path or null, got {_show(value)}")
+    return value
 
 
 _LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\Z")
@@ -245,6 +275,17 @@ class ServerConfig(_DaemonConfig):
     allow: tuple[Network, ...] | None = field(default=None, metadata={"conv": parse_allow})
     log_file: str | None = field(default="/var/log/hbd/server.log", metadata={"conv": _log_file})
     control_socket: str | None = field(default=DEFAULT_SERVER_SOCKET, metadata={"conv": _socket_path})
+    # The peer registry (issue 12): who should be alive, and how their states are judged and kept.
+    peers: tuple[ExpectedPeer, ...] = field(default=(), metadata={"late": True})  # peers: and peers_file:, merged
+    peers_file: str | None = field(default=None, metadata={"conv": _file_path})  # absolute once loaded
+    forget_after: float = field(default=7 * DAY, metadata={"conv": _seconds_upto(365 * DAY)})
+    startup_grace: float | None = field(default=None, metadata={"conv": _optional_seconds})  # None: the timeout
+    unexpected: str = field(default="allow", metadata={"conv": _choice("allow", "warn", "reject")})
+    rise: int = field(default=1, metadata={"conv": _integer(1, 100)})
+    flap_threshold: int = field(default=5, metadata={"conv": _integer(2, 1000)})
+    flap_window: float = field(default=300.0, metadata={"conv": _seconds})
+    max_peers: int = field(default=10000, metadata={"conv": _integer(1, 1_000_000)})
+    state_dir: str | None = field(default=DEFAULT_STATE_DIR, metadata={"conv": _dir_path})  # absolute once loaded
 
 
 @dataclass(frozen=True)
@@ -326,7 +367,7 @@ def _validate(cls: type, path: Path, overrides: dict[str, Any]) -> Any:
     """The config object, or the list of error lines."""
     try:
         text = _read(path)
-        data, lines = _parse(text)
+        data, lines, items = _parse(text)
     except ConfigError as exc:
         return [f"{path}: {e}" for e in exc.errors]
     if data is None:
@@ -348,7 +389,7 @@ def _validate(cls: type, path: Path, overrides: dict[str, Any]) -> Any:
         if not isinstance(key, str) or key not in fields:
             errors.append(f"{where(str(key))}: unknown key (known keys: {known})")
     for name, f in fields.items():
-        if name not in data:
+        if name not in data or f.metadata.get("late"):
             values[name] = f.default
             continue
         try:
@@ -359,9 +400,96 @@ def _validate(cls: type, path: Path, overrides: dict[str, Any]) -> Any:
             errors.append(f"{where(name)}: invalid value {_show(data[name])} ({type(exc).__name__})")
     for key, reason in _CROSS_CHECKS.get(cls, lambda *_: [])(values, frozenset(map(str, data))):
         errors.append(f"{where(key)}: {reason}")
+    if cls is ServerConfig:
+        errors.extend(_registry_keys(values, data, path, lines, items, where))
     if errors:
         return errors
     return cls(**values, path=str(path))
+
+
+def _registry_keys(
+    values: dict[str, Any],
+    data: dict[str, Any],
+    path: Path,
+    lines: dict[str, int],
+    items: dict[str | None, list[int]],
+    where: Callable[[str], str],
+) -> list[str]:
+    """The server's ``peers`` (from ``peers:`` and ``peers_file:``, merged) and its paths resolved
+    against the config file's directory; error lines for what is wrong."""
+    errors: list[str] = []
+    base = path.parent
+    for key in ("peers_file", "state_dir"):
+        if values.get(key):
+            values[key] = os.path.abspath(base / values[key])
+    peers, problems = peers_config.parse_peers(data.get("peers"), items.get("peers", []))
+    for line, reason in problems:
+        errors.append(f"{path}: line {line}: peers: {reason}" if line else f"{where('peers')}: {reason}")
+    listed = {p.name: i for i, p in enumerate(peers)}
+    owner = {peers_config.network_key(p.address): p.name for p in peers if p.address is not None}
+    peers_file = values.get("peers_file")
+    if peers_file and "peers_file" in data:
+        more, file_errors = _read_peers_file(Path(peers_file))
+        errors.extend(file_errors)
+        lines_of = items.get("peers", [])
+        for peer, line in more:
+            at = f"{peers_file}: line {line}" if line else peers_file
+            if peer.name in listed:
+                i = listed[peer.name]
+                there = f"line {lines_of[i]}" if i < len(lines_of) else "peers"
+                errors.append(f"{at}: {peer.name} is also listed in {path} ({there})")
+            elif peer.address is not None and peers_config.network_key(peer.address) in owner:
+                other = owner[peers_config.network_key(peer.address)]
+                errors.append(f"{at}: {peer.name}: address {peer.address} is also {other}'s")
+            else:
+                listed[peer.name] = len(peers)
+                peers.append(peer)
+    values["peers"] = tuple(peers)
+    if "max_peers" in values and len(peers) > values["max_peers"]:
+        key = "max_peers" if "max_peers" in data else ("peers_file" if peers_file else "peers")
+        errors.append(f"{where(key)}: {len(peers)} expected peers are more than max_peers ({values['max_peers']})")
+    return errors
+
+
+_PeersFile = tuple[list[tuple[ExpectedPeer, int | None]], list[str]]
+# The last peers_file read and what it gave: a reload re-reads the file, and when its text has not
+# changed (most reloads) skips the parse, which takes seconds for 100,000 entries.
+_last_peers_file: tuple[Path, str, _PeersFile] | None = None
+
+
+def _read_peers_file(path: Path) -> _PeersFile:
+    """The peers of a ``peers_file`` (a list, or a mapping with ``peers:``) with each one's line,
+    and error lines naming that file. Same reader as the config file, with bounds of its own."""
+    global _last_peers_file
+    try:
+        text = _read(path, MAX_PEERS_FILE_BYTES)
+    except ConfigError as exc:
+        return [], [f"{path}: {e}" for e in exc.errors]
+    last = _last_peers_file
+    if last is not None and last[0] == path and last[1] == text:
+        return list(last[2][0]), list(last[2][1])
+    result = _parse_peers_file(path, text)
+    _last_peers_file = (path, text, result)
+    return list(result[0]), list(result[1])
+
+
+def _parse_peers_file(path: Path, text: str) -> _PeersFile:
+    try:
+        data, _, items = _parse(text, MAX_PEERS_FILE_DEPTH, MAX_PEERS_FILE_NODES)
+    except ConfigError as exc:
+        return [], [f"{path}: {e}" for e in exc.errors]
+    lines = items.get(None, [])
+    if data is None:
+        return [], []  # an empty file (or only comments): nobody yet
+    if isinstance(data, dict) and set(data) == {"peers"}:
+        data, lines = data["peers"], items.get("peers", [])
+    if not isinstance(data, list):
+        return [], [f"{path}: must hold a list of peers, or a mapping with just peers: (a list), got {_show(data)}"]
+    peers, problems = peers_config.parse_peers(data, lines)
+    errors = [f"{path}: line {line}: {reason}" if line else f"{path}: {reason}" for line, reason in problems]
+    if errors:
+        return [], errors
+    return [(p, lines[i] if i < len(lines) else None) for i, p in enumerate(peers)], []
 
 
 def read_document(path: str | Path) -> Any:
@@ -373,8 +501,8 @@ def read_document(path: str | Path) -> Any:
         return None
 
 
-def _read(path: Path) -> str:
-    """The file's text; refuses anything but a regular file of at most MAX_CONFIG_BYTES, without
+def _read(path: Path, max_bytes: int = MAX_CONFIG_BYTES) -> str:
+    """The file's text; refuses anything but a regular file of at most ``max_bytes``, without
     ever blocking (a FIFO, /dev/zero, a socket or a directory is an error, not a hang)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
@@ -384,16 +512,19 @@ def _read(path: Path) -> str:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise ConfigError([f"cannot read the file: not a regular file ({_file_kind(st.st_mode)})"])
-        if st.st_size > MAX_CONFIG_BYTES:
-            raise ConfigError([f"too large: {st.st_size} bytes (at most {MAX_CONFIG_BYTES})"])
-        data = b""
-        while len(data) <= MAX_CONFIG_BYTES:  # st_size can be wrong (a file growing, /proc)
-            chunk = os.read(fd, MAX_CONFIG_BYTES + 1 - len(data))
+        if st.st_size > max_bytes:
+            raise ConfigError([f"too large: {st.st_size} bytes (at most {max_bytes})"])
+        chunks: list[bytes] = []
+        size = 0
+        while size <= max_bytes:  # st_size can be wrong (a file growing, /proc)
+            chunk = os.read(fd, max_bytes + 1 - size)
             if not chunk:
                 break
-            data += chunk
-        if len(data) > MAX_CONFIG_BYTES:
-            raise ConfigError([f"too large: more than {MAX_CONFIG_BYTES} bytes"])
+            chunks.append(chunk)
+            size += len(chunk)
+        data = b"".join(chunks)
+        if len(data) > max_bytes:
+            raise ConfigError([f"too large: more than {max_bytes} bytes"])
     except OSError as exc:
         raise ConfigError([f"cannot read the file: {_reason(exc)}"]) from None
     finally:
@@ -425,44 +556,72 @@ def _file_kind(mode: int) -> str:
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: ~4x faster
 
 
-def _parse(text: str) -> tuple[Any, dict[str, int]]:
-    """YAML text -> (data, top-level key -> line), with bounded cost: nesting and the number of
-    values (aliases expanded) are checked before any Python object is built."""
+def _parse(
+    text: str, max_depth: int = MAX_DEPTH, max_nodes: int = MAX_NODES
+) -> tuple[Any, dict[str, int], dict[str | None, list[int]]]:
+    """YAML text -> (data, top-level key -> line, list -> its items' lines), with bounded cost:
+    nesting and the number of values (aliases expanded) are checked before any Python object is
+    built. The lists whose items' lines are given: the document itself (key None) if it is a list,
+    and each top-level key's value that is a list."""
+    collecting = gc.isenabled()
     try:
-        depth = 0
+        depth = values = 0
+        aliases = False
         for event in yaml.parse(text, Loader=_Loader):  # a flat stream: never recursive
             if isinstance(event, yaml.CollectionStartEvent):
                 depth += 1
-                if depth > MAX_DEPTH:
+                values += 1
+                if depth > max_depth:
                     line = event.start_mark.line + 1 if event.start_mark else 0
-                    raise ConfigError([f"line {line}: nested deeper than {MAX_DEPTH} levels"])
+                    raise ConfigError([f"line {line}: nested deeper than {max_depth} levels"])
             elif isinstance(event, yaml.CollectionEndEvent):
                 depth -= 1
+            elif isinstance(event, yaml.ScalarEvent):
+                values += 1
+            elif isinstance(event, yaml.AliasEvent):
+                aliases = True
+            if values > max_nodes:
+                line = event.start_mark.line + 1 if event.start_mark else 0
+                raise ConfigError([f"line {line}: more than {max_nodes} values"])
+        # A large document builds many objects and no cycles: collecting garbage meanwhile only
+        # costs time (half of it for a 100,000-entry peers_file).
+        gc.disable()
         loader = _Loader(text)
         try:
             node = loader.get_single_node()
             if node is None:
-                return None, {}
-            _check_size(node)
+                return None, {}, {}
+            if aliases:  # without any, the values were counted above
+                _check_size(node, max_depth, max_nodes)
             data = loader.construct_document(node)
         finally:
             loader.dispose()
     except yaml.YAMLError as exc:
         raise ConfigError([_yaml_error(exc)]) from None
     except (RecursionError, MemoryError):
-        raise ConfigError([f"too complex (at most {MAX_DEPTH} levels and {MAX_NODES} values)"]) from None
+        raise ConfigError([f"too complex (at most {max_depth} levels and {max_nodes} values)"]) from None
     except ConfigError:
         raise
     except Exception as exc:  # e.g. a date like 2024-02-30, an integer of 5000 digits
         raise ConfigError([f"invalid value: {cut(str(exc), 80)}"]) from None
-    lines = {}
-    if isinstance(node, yaml.MappingNode):
-        lines = {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
-    return data, lines
+    finally:
+        if collecting:
+            gc.enable()
+    lines: dict[str, int] = {}
+    items: dict[str | None, list[int]] = {}
+    if isinstance(node, yaml.SequenceNode):
+        items[None] = [item.start_mark.line + 1 for item in node.value]
+    elif isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            if isinstance(k, yaml.ScalarNode):
+                lines[k.value] = k.start_mark.line + 1
+                if isinstance(v, yaml.SequenceNode):
+                    items[k.value] = [item.start_mark.line + 1 for item in v.value]
+    return data, lines, items
 
 
-def _check_size(root: yaml.Node) -> None:
-    """Refuse a document whose values, aliases expanded, exceed MAX_NODES or MAX_DEPTH. An alias
+def _check_size(root: yaml.Node, max_depth: int = MAX_DEPTH, max_nodes: int = MAX_NODES) -> None:
+    """Refuse a document whose values, aliases expanded, exceed ``max_nodes`` or ``max_depth``. An alias
     costs nothing to parse but everything to walk: 9 aliases to 9 aliases... is a billion values."""
     scalar = yaml.ScalarNode
     if isinstance(root, scalar):
@@ -496,8 +655,8 @@ def _check_size(root: yaml.Node) -> None:
                 n, d = done[id(kid)]
                 size += n
                 depth = max(depth, d + 1)
-        if size > MAX_NODES or depth > MAX_DEPTH:
-            what = f"more than {MAX_NODES} values" if size > MAX_NODES else f"nested deeper than {MAX_DEPTH} levels"
+        if size > max_nodes or depth > max_depth:
+            what = f"more than {max_nodes} values" if size > max_nodes else f"nested deeper than {max_depth} levels"
             raise ConfigError([f"line {node.start_mark.line + 1}: {what} once aliases are expanded"])
         done[nid] = (size, depth)
 

@@ -15,13 +15,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from hbd.durations import parse_duration
 from hbd.quote import cut, show
 
 # The first byte of every TLS connection: a handshake record (ClientHello).
 TLS_HANDSHAKE_RECORD = 0x16
 WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
-_SERVER_KEYS = ("cert", "key", "ca", "require_client_cert", "handshake_timeout")
+_SERVER_KEYS = ("cert", "key", "ca", "require_client_cert", "handshake_timeout", "name_from")
+NAME_FROM = ("greeting", "certificate")
 _CLIENT_KEYS = ("ca", "cert", "key", "server_hostname", "verify", "handshake_timeout")
 
 
@@ -34,6 +36,9 @@ class TLSConfig:
     server_hostname: str | None = None  # client only; default: the host connected to
     verify: bool = True  # client only: check the server's certificate and name
     handshake_timeout: float = 5.0
+    # server only: a peer's identity is its greeting's name, or its certificate's (CN, else the
+    # first DNS SAN; a greeting naming another is refused)
+    name_from: str = "greeting"
 
 
 # -- config parsing (called by hbd.config; raises ValueError naming the sub-key) ------------------
@@ -46,6 +51,10 @@ def parse_server_tls(value: Any) -> TLSConfig | None:
         problems.append("cert and key are both required for a TLS server")
     if cfg.require_client_cert and not cfg.ca:
         problems.append("require_client_cert: needs ca (the CA that signs client certificates)")
+    if cfg.name_from == "certificate" and not cfg.require_client_cert:
+        problems.append(
+            "name_from: certificate needs require_client_cert: true (a client without a certificate would have no name)"
+        )
     _raise(problems)
     _try_context(lambda: server_context(cfg))
     return cfg
@@ -94,10 +103,22 @@ def _parse(value: Any, keys: tuple[str, ...]) -> TLSConfig | None:
             problems.append(f"server_hostname: must be a host name, got {_show(name)}")
         else:
             out["server_hostname"] = name.strip()
+    if "name_from" in keys and "name_from" in value:
+        if value["name_from"] not in NAME_FROM:
+            problems.append(f"name_from: must be one of {', '.join(NAME_FROM)}, got {_show(value['name_from'])}")
+        else:
+            out["name_from"] = value["name_from"]
     if "handshake_timeout" in value:
         t = value["handshake_timeout"]
+        if isinstance(t, str):
+            try:
+                t = parse_duration(t)  # "5s", like every other seconds key
+            except ValueError:
+                pass  # reported below with the value as given
         if isinstance(t, bool) or not isinstance(t, int | float) or not 0 < t <= 300:
-            problems.append(f"handshake_timeout: must be seconds between 0 and 300, got {_show(t)}")
+            problems.append(
+                f"handshake_timeout: must be seconds between 0 and 300, got {_show(value['handshake_timeout'])}"
+            )
         else:
             out["handshake_timeout"] = float(t)
     _raise(problems)

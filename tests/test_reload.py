@@ -48,6 +48,9 @@ def _case(name: str, tmp_path: Path, good: dict) -> tuple[str | None, str]:
         blocker = tmp_path / "blocker"
         blocker.write_text("a file where a directory should be")
         return yaml.safe_dump({**good, "log_file": str(blocker / "x.log")}), r"cannot open the log file .*x\.log"
+    if name == "bad-peers-file":  # a reload re-reads peers_file: a bad one is a bad config
+        (tmp_path / "fleet.yaml").write_text("- web1\n- 'web 2'\n")
+        return yaml.safe_dump({**good, "peers_file": "fleet.yaml"}), r"fleet\.yaml: line 2: item 2: name: must be"
     if name == "port-in-use":
         return None, r"cannot listen on 127\.0\.0\.1:\d+: Address already in use"
     raise AssertionError(name)
@@ -63,6 +66,7 @@ CASES = [
     "missing-cert",
     "bad-allow",
     "log-file",
+    "bad-peers-file",
     "port-in-use",
 ]
 
