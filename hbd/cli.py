@@ -1,4 +1,5 @@
-"""Command line: ``hbd server``, ``hbd client``, ``hbd check-config``, ``hbd status``."""
+"""Command line: ``hbd server``, ``hbd client``, ``hbd check-config``, ``hbd status``, ``hbd reload``,
+``hbd silence``, ``hbd unsilence``, ``hbd silences``."""
 
 from __future__ import annotations
 
@@ -111,7 +112,37 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="give up waiting for the answer after this long (default 30)",
     )
+    p = sub.add_parser(
+        "silence",
+        help="silence a peer for maintenance",
+        description="Ask the running server to silence PEER for DURATION (90s, 30m, 2h, 1d, or seconds): "
+        "it is still tracked and shown, its state changes are logged at info and its hooks do not run "
+        "until the silence ends. A new silence of the peer replaces its old one.",
+    )
+    p.add_argument("peer", metavar="PEER", help="the peer's name")
+    p.add_argument("duration", metavar="DURATION", help="how long: 90s, 30m, 2h, 1d (at most 365d)")
+    p.add_argument("--reason", metavar="TEXT", default="", help="why (shown with the silence; at most 200 characters)")
+    _socket_args(p)
+    p = sub.add_parser("unsilence", help="end a peer's silence", description="End PEER's silence now.")
+    p.add_argument("peer", metavar="PEER", help="the peer's name")
+    _socket_args(p)
+    p = sub.add_parser(
+        "silences",
+        help="list the silences in force",
+        description="List the running server's silences: PEER, UNTIL (local time) and REASON.",
+    )
+    p.add_argument("--json", action="store_true", help="print the server's JSON document instead of a table")
+    _socket_args(p)
     return parser
+
+
+def _socket_args(p: argparse.ArgumentParser) -> None:
+    """-s/-c/--timeout of the commands that ask the server (silence, unsilence, silences)."""
+    p.add_argument("-s", "--socket", metavar="PATH", help="the server's status socket (default /run/hbd/server.sock)")
+    p.add_argument("-c", "--config", metavar="FILE", help="take control_socket from this server configuration file")
+    p.add_argument(
+        "--timeout", type=float, default=10.0, metavar="SECONDS", help="give up after this long (default 10)"
+    )
 
 
 def _config_arg(p: argparse.ArgumentParser, role: str | None) -> None:
@@ -125,6 +156,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return status(args)
     if args.command == "reload":
         return reload(args)
+    if args.command in ("silence", "unsilence", "silences"):
+        from hbd import silence_cli
+
+        return silence_cli.run(args)
     if args.command in ("server", "client"):
         _enable_faulthandler()
     role = args.role if args.command == "check-config" else args.command
@@ -288,39 +323,11 @@ def _read_reply(s: socket.socket, limit: int = 1 << 20) -> bytes:
 def status(args: argparse.Namespace) -> int:
     """``hbd status``: one request to a status socket, printed as a table or as JSON."""
     from hbd import status as st
-    from hbd.control import query
+    from hbd.ask import ask, socket_of
 
-    path = args.socket
-    if path is None and args.config:
-        try:
-            path = LOADERS[args.role or "server"](args.config).control_socket
-        except ConfigError as exc:
-            for line in exc.errors:
-                print(f"hbd: error: {line}", file=sys.stderr)
-            return 1
-        if path is None:
-            print(f"hbd: error: {args.config} sets no control_socket", file=sys.stderr)
-            return 1
-    if path is None:
-        roles = [args.role] if args.role else ["server", "client"]
-        candidates = [DEFAULT_SOCKETS[r] for r in roles]
-        path = next((c for c in candidates if os.path.exists(c)), candidates[0])
-    try:
-        reply = query(path, "status", timeout=args.timeout)
-        doc = json.loads(reply)
-    except OSError as exc:
-        hint = ""
-        if isinstance(exc, FileNotFoundError | ConnectionRefusedError):
-            hint = " (is the daemon running? -s names another socket)"
-        elif isinstance(exc, PermissionError):
-            hint = " (the socket is mode 0660: run as root or as a member of the daemon's group, e.g. _hbd)"
-        print(f"hbd: error: {path}: {exc.strerror or exc}{hint}", file=sys.stderr)
-        return 1
-    except ValueError as exc:
-        print(f"hbd: error: {path}: not a status reply: {exc}", file=sys.stderr)
-        return 1
-    if "error" in doc:
-        print(f"hbd: error: {path}: {doc['error']}", file=sys.stderr)
+    path = socket_of(args, args.role)
+    doc = ask(path, "status", args.timeout) if path is not None else None
+    if doc is None:
         return 1
     if args.json:
         print(json.dumps(doc, indent=2))

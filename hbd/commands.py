@@ -1,23 +1,48 @@
-"""The status socket's commands: ``status``, ``peers`` (a worker's, for its supervisor), ``metrics``
-and ``reload``. Answers are rendered from the daemon's view; only ``reload`` acts."""
+"""The status socket's commands: ``status``, ``peers`` (a worker's, for its supervisor), ``metrics``,
+``reload`` and the silences (``silence``, ``unsilence``, ``silences``). Answers are rendered from the
+daemon's view; ``reload`` and the silences act.
+
+A request is one line: a word (``status``), or a JSON object whose ``request`` names the command and
+whose other fields are its arguments (``{"request": "silence", "peer": "web1", "seconds": 7200,
+"reason": "kernel update"}``). The request server bounds the line (1 KiB)."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from itertools import islice
+from typing import Any
 
 from hbd import metrics, status
 from hbd.control import Reply
 from hbd.operated import Operated
+from hbd.silencing import NO_SILENCES, Silencing, check_peer, check_reason, check_seconds
 from hbd.view import ClientView, ServerView, SupervisorView
+
+SILENCE_COMMANDS = ("silence", "unsilence", "silences")
+SLICE = 250  # silences serialised per chunk
 
 
 def answer(
     daemon: Operated, control_path: str | None, request: bytes, wake: Callable[[], None], uid: int | None = None
 ) -> Reply:
-    words = request.decode("ascii", "replace").split()
+    fields: dict[str, Any] = {}
+    if request.lstrip().startswith(b"{"):
+        try:
+            doc = json.loads(request.decode("utf-8"))
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+            return _error("not a JSON request")
+        if not isinstance(doc, dict) or not isinstance(doc.get("request"), str):
+            return _error('a JSON request is an object with "request": COMMAND')
+        fields = doc
+        words = [doc["request"]]
+    else:
+        words = request.decode("ascii", "replace").split()
     command = words[0].lower() if words else ""
+    if command in SILENCE_COMMANDS:
+        return _silences_reply(daemon.silencing, command, fields)
     if command == "status":
         view = daemon.view()
         if isinstance(view, ClientView):
@@ -32,7 +57,48 @@ def answer(
         return iter([metrics.collect(daemon.view()).render()])
     if command == "reload" and daemon.worker_index is None:
         return _reload_reply(daemon, wake, uid)
-    return iter([json.dumps({"error": f"unknown command {command!r}; try: status, metrics, reload"}).encode() + b"\n"])
+    return _error(f"unknown command {command[:40]!r}; try: status, metrics, reload, silences")
+
+
+def _error(reason: str) -> Reply:
+    return iter([_line({"error": reason})])
+
+
+def _line(doc: object) -> bytes:
+    return json.dumps(doc, ensure_ascii=False).encode() + b"\n"
+
+
+def _silences_reply(silencing: Silencing | None, command: str, fields: dict[str, Any]) -> Reply:
+    """``silence`` / ``unsilence`` / ``silences``: checked here, decided by the daemon's Silencing."""
+    if silencing is None:
+        return _error(NO_SILENCES)
+    try:
+        if command == "silences":
+            return _silence_list(silencing)
+        peer = check_peer(fields.get("peer"))
+        if command == "unsilence":
+            return iter([_line({"unsilence": peer, "removed": bool(silencing.unsilence(peer))})])
+        if "seconds" not in fields:
+            raise ValueError('silence needs "seconds"')
+        seconds = check_seconds(fields["seconds"])
+        reason = check_reason(fields.get("reason"))
+    except ValueError as exc:
+        return _error(str(exc))
+    result = silencing.silence(peer, seconds, reason)
+    if isinstance(result, str):
+        return _error(result)
+    return iter([_line({"silence": result.to_json()})])
+
+
+def _silence_list(silencing: Silencing) -> Iterator[bytes]:
+    """``{"now": ..., "silences": [...]}``, a slice at a time (there may be one per peer)."""
+    items = iter(silencing.silences())
+    yield f'{{"now":{round(time.time(), 3)},"silences":['.encode()
+    first = True
+    while chunk := [json.dumps(s.to_json(), ensure_ascii=False) for s in islice(items, SLICE)]:
+        yield (("" if first else ",") + ",".join(chunk)).encode()
+        first = False
+    yield b"]}\n"
 
 
 def _reload_reply(daemon: Operated, wake: Callable[[], None], uid: int | None) -> Reply:

@@ -17,6 +17,7 @@ from hbd.logs import Logging, PeerLog, log
 from hbd.loop import EventLoop
 from hbd.notify import Notifier
 from hbd.ops import Ops
+from hbd.silencing import Silencing
 from hbd.view import DaemonView, DaemonViews
 
 STATUS_INTERVAL = 1.0
@@ -36,6 +37,7 @@ class Daemon:
     role = "server"  # what the operator's surface shows: "server" or "client"
     supervises = False  # relays its workers' status (hbd.workers.Supervisor)
     worker_index: int | None = None  # set in each of several workers
+    silencing: Silencing | None = None  # the registry's silences (hbd.silencing), where there is one
 
     def __init__(
         self,

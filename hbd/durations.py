@@ -59,7 +59,7 @@ def seconds_value(value: Any, hi: float = DAY) -> float:
     if not math.isfinite(seconds) or seconds <= 0:
         raise ValueError(f"must be a positive number of seconds, got {quote(value)}")
     if seconds > hi:
-        raise ValueError(f"must be at most {hi:g} seconds ({describe(hi)}), got {quote(value)}")
+        raise ValueError(f"must be at most {hi:.0f} seconds ({describe(hi)}), got {quote(value)}")
     return float(seconds)
 
 

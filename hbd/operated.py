@@ -11,6 +11,7 @@ from typing import Protocol
 
 from hbd.logs import PeerLog
 from hbd.loop import EventLoop
+from hbd.silencing import Silencing
 from hbd.view import DaemonViews
 
 
@@ -44,5 +45,10 @@ class Operated(Protocol):
     def peer_log(self) -> PeerLog: ...
     @property
     def config(self) -> OpsConfig: ...
+    @property
+    def silencing(self) -> Silencing | None:
+        """The daemon's silences (the server's registry), or None if it keeps none."""
+        ...
+
     def request_reload(self, done: Callable[[list[str]], None]) -> None: ...
     def view(self) -> DaemonViews: ...
