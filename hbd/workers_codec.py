@@ -13,6 +13,7 @@ imports the other to talk over it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -82,7 +83,10 @@ DOWN_KINDS = {Reload: 10}  # supervisor -> worker
 
 def encode(msg: Message) -> bytes:
     if isinstance(msg, Reload):
-        kind, payload = DOWN_KINDS[Reload], pickle.dumps(msg.config, protocol=pickle.HIGHEST_PROTOCOL)
+        # Without the expected peers: the registry is the supervisor's, and 100,000 of them (a
+        # peers_file) would not fit a frame.
+        config = dataclasses.replace(msg.config, peers=())
+        kind, payload = DOWN_KINDS[Reload], pickle.dumps(config, protocol=pickle.HIGHEST_PROTOCOL)
     else:
         fields = (
             {"values": msg.values} if isinstance(msg, Numbers) else {k: getattr(msg, k) for k in type(msg).__slots__}

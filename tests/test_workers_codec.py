@@ -103,3 +103,18 @@ def test_the_channel_hands_reloads_to_the_worker() -> None:
         loop.close()
         for fd in (up_r, up_w, down_r, down_w):
             os.close(fd)
+
+
+def test_a_reload_carries_no_expected_peers_so_a_large_list_fits() -> None:
+    """The registry (and so the peers list) is the supervisor's; 100,000 expected peers pickle to
+    ~4.5 MB, more than a frame holds."""
+    import ipaddress
+
+    from hbd.config import ExpectedPeer
+
+    net = ipaddress.ip_network
+    peers = tuple(ExpectedPeer(f"w{i:05d}", net(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}")) for i in range(100_000))
+    frame = encode(Reload(ServerConfig(peers=peers, rise=3)))
+    assert len(frame) < 10_000
+    (msg,) = Decoder(down=True).feed(frame)
+    assert isinstance(msg, Reload) and msg.config.peers == () and msg.config.rise == 3
