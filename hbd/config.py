@@ -432,6 +432,8 @@ def _registry_keys(
         more, file_errors = _read_peers_file(Path(peers_file))
         errors.extend(file_errors)
         lines_of = items.get("peers", [])
+        if not peers:  # nothing to merge with: the common case of a fleet's file
+            peers, more = [peer for peer, _ in more], []
         for peer, line in more:
             at = f"{peers_file}: line {line}" if line else peers_file
             if peer.name in listed:
