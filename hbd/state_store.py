@@ -11,7 +11,7 @@ The event loop never waits on the disk for more than a few milliseconds:
   their queues hold at most one entry per name; changes are capped (``max_changes``): when full, the
   oldest is dropped and counted (``dropped_changes``).
 - ``flush(max_rows)``, called from a loop timer a few times per second, writes at most ``max_rows`` rows
-  in one transaction and says whether more remain. MAX_ROWS is sized so that one call stays well under
+  in one transaction and says whether more remain (then call it again soon, say on the next loop turn). MAX_ROWS is sized so that one call stays well under
   20 ms on the reference machine (see docs/performance.md, bench/store_flush.py).
 - The WAL is checkpointed by ``flush`` itself, as a step of its own (``wal_autocheckpoint`` would do it
   inside whichever commit crossed the threshold, stretching that one call).
@@ -51,8 +51,9 @@ DB_NAME = "state.db"
 SCHEMA_VERSION = 1
 FILE_MODE = 0o640
 DIR_MODE = 0o750
-# Rows written per flush() call: at 500, the longest call of a 19,000-peer mass disconnect was
-# about 6 ms on the 2-core reference machine (bench/store_flush.py; docs/performance.md).
+# Rows written per flush() call: at 500, the longest call of a 19,000-peer mass disconnect took
+# 5-6 ms on the quiet 2-core reference machine, up to 17 ms loaded (bench/store_flush.py;
+# docs/performance.md).
 MAX_ROWS = 500
 # How long a write may wait for another connection's lock (a reader's checkpoint, an `sqlite3` shell
 # holding a write transaction): short, the loop is waiting. Past it, flush() tries again next time.
