@@ -521,6 +521,7 @@ def test_purge_stops_units_and_removes_leftovers(guest):
     ensure_running(guest, *UNITS)
     guest.run("systemctl", "enable", "hbd-server")
     guest.run("test", "-d", "/var/log/hbd")
+    guest.run("test", "-d", "/var/lib/hbd")  # the server's StateDirectory=
     guest.run("dpkg", "--purge", "hbd")
     for unit in UNITS:
         assert guest.show(unit, "ActiveState") != "active", unit
@@ -528,6 +529,7 @@ def test_purge_stops_units_and_removes_leftovers(guest):
     for path in (
         "/var/log/hbd",
         "/run/hbd",
+        "/var/lib/hbd",
         "/etc/hbd",
         "/lib/systemd/system/hbd-server.service",
         "/etc/systemd/system/multi-user.target.wants/hbd-server.service",
