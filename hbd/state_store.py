@@ -11,8 +11,9 @@ The event loop never waits on the disk for more than a few milliseconds:
   their queues hold at most one entry per name; changes are capped (``max_changes``): when full, the
   oldest is dropped and counted (``dropped_changes``).
 - ``flush(max_rows)``, called from a loop timer a few times per second, writes at most ``max_rows`` rows
-  in one transaction and says whether more remain (then call it again soon, say on the next loop turn). MAX_ROWS is sized so that one call stays well under
-  20 ms on the reference machine (see docs/performance.md, bench/store_flush.py).
+  in one transaction and says whether more remain (then call it again soon, say on the next loop turn).
+  MAX_ROWS is sized so that one call stays well under 20 ms on the reference machine (see
+  docs/performance.md, bench/store_flush.py).
 - The WAL is checkpointed by ``flush`` itself, as a step of its own (``wal_autocheckpoint`` would do it
   inside whichever commit crossed the threshold, stretching that one call).
 
@@ -227,7 +228,7 @@ def _connect(path: str) -> sqlite3.Connection:
         mode = stat.filemode(os.stat(path).st_mode)
         raise StoreError(f"{path}: not readable and writable by uid {os.geteuid()} ({mode})")
     # isolation_level=None: transactions are ours (BEGIN IMMEDIATE ... COMMIT), one per flush
-    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
+    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
     try:
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode != "wal":
@@ -356,6 +357,11 @@ class StateStore:
         if self._conn is None:
             return
         if len(self._changes) == self._changes.maxlen:
+            if not self.dropped_changes:
+                self._messages.append(
+                    f"state store: {self._changes.maxlen} changes wait to be written; dropping the oldest"
+                    " (counted in dropped_changes)"
+                )
             self.dropped_changes += 1  # the deque drops the oldest
         self._changes.append(rec)
 
@@ -369,7 +375,8 @@ class StateStore:
         return len(self._peers) + len(self._silences) + len(self._changes)
 
     def take_messages(self) -> list[str]:
-        """What the daemon should log, each message once: the corrupt-file notice, the failure."""
+        """What the daemon should log, each message once: the corrupt-file notice, the first drop from a
+        full queue, the failure."""
         out, self._messages = self._messages, []
         return out
 
@@ -377,6 +384,11 @@ class StateStore:
         if self._conn is None:
             return
         if name not in queue and len(queue) >= MAX_QUEUED_NAMES:
+            if not self.dropped_names:
+                self._messages.append(
+                    f"state store: {MAX_QUEUED_NAMES} names wait to be written; dropping updates of new ones"
+                    " (counted in dropped_names)"
+                )
             self.dropped_names += 1
             return
         queue[name] = rec
@@ -454,9 +466,11 @@ class StateStore:
     def _checkpoint(self, conn: sqlite3.Connection) -> bool:
         # PASSIVE: copies what no reader still needs, never waits for readers; TRUNCATE-style shrinking
         # is left to journal_size_limit.
-        busy, wal, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        # A reader's snapshot may keep part of the WAL from being copied: that part waits for the next
+        # checkpoint, after another CHECKPOINT_PAGES of writes (rows are never held up by checkpoints).
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         self.checkpoints += 1
-        self._wal_pages = 0 if busy == 0 else max(0, wal) // 2
+        self._wal_pages = 0
         return bool(self.pending()) or self._prune_before is not None
 
     def _prune(self, conn: sqlite3.Connection, max_rows: int) -> bool:

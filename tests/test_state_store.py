@@ -148,6 +148,8 @@ def test_a_flood_of_changes_is_capped_oldest_dropped_and_counted(tmp_path: Path)
         for i in range(250):
             s.add_change(change(i))
         assert s.pending() == 100 and s.dropped_changes == 150
+        (msg,) = s.take_messages()  # said once, not 150 times
+        assert "100 changes wait to be written; dropping the oldest" in msg
         drain(s)
         conn = reader(tmp_path)
         reasons = [r for (r,) in conn.execute("SELECT reason FROM changes ORDER BY id")]
@@ -164,6 +166,7 @@ def test_distinct_names_beyond_the_bound_are_dropped_and_counted(
     for i in range(15):
         store.put_peer(peer(f"web{i}"))
     assert store.pending() == 10 and store.dropped_names == 5
+    assert len(store.take_messages()) == 1
     store.put_peer(peer("web3", "DOWN"))  # a name already queued is still updated
     assert store.pending() == 10 and store.dropped_names == 5
     drain(store)
