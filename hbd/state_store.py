@@ -59,6 +59,7 @@ MAX_ROWS = 500
 # How long a write may wait for another connection's lock (a reader's checkpoint, an `sqlite3` shell
 # holding a write transaction): short, the loop is waiting. Past it, flush() tries again next time.
 BUSY_TIMEOUT_MS = 5
+OPEN_TIMEOUT = 2.0  # open() runs before the loop: it may wait this long for a reader to let go
 # Checkpoint the WAL into the database once it holds this many pages (4 KiB each), in a flush() step of
 # its own; the WAL file is truncated back to JOURNAL_LIMIT after a checkpoint.
 CHECKPOINT_PAGES = 256
@@ -228,9 +229,9 @@ def _connect(path: str) -> sqlite3.Connection:
         mode = stat.filemode(os.stat(path).st_mode)
         raise StoreError(f"{path}: not readable and writable by uid {os.geteuid()} ({mode})")
     # isolation_level=None: transactions are ours (BEGIN IMMEDIATE ... COMMIT), one per flush
-    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+    conn = sqlite3.connect(path, timeout=OPEN_TIMEOUT, isolation_level=None)
     try:
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]  # persistent; close() undoes it
         if mode != "wal":
             raise StoreError(f"{path}: SQLite cannot use WAL mode here (journal_mode {mode}); use a local filesystem")
         conn.execute("PRAGMA synchronous = NORMAL")
@@ -241,6 +242,7 @@ def _connect(path: str) -> sqlite3.Connection:
             problems = "; ".join(str(row[0]) for row in check[:3])
             raise sqlite3.DatabaseError(f"quick_check: {problems}")
         _upgrade(conn, path)
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     except BaseException:
         conn.close()
         raise
@@ -507,15 +509,26 @@ class StateStore:
         """Write everything still queued, then close (blocking: at shutdown, after the loop)."""
         deadline = time.monotonic() + CLOSE_SECONDS
         while self._conn is not None and self.pending() and time.monotonic() < deadline:
+            busy = self.busy
             self.flush(MAX_ROWS * 10)
+            if self.busy > busy:
+                time.sleep(0.01)  # someone else holds the write lock
         if self.pending():
             self._messages.append(f"state store closed with {self.pending()} rows unwritten (the file stayed locked)")
         conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.close()  # the last connection checkpoints and removes the WAL
-            except sqlite3.Error as e:
-                self._fail(f"cannot close {self.path}: {e}")
+        if conn is None:
+            return
+        try:
+            # Back to a rollback journal while no daemon writes: a reader who may read state.db but not
+            # create files in state_dir (group _hbd: `hbd history`, `sqlite3 -readonly`) cannot open a
+            # WAL database without its -shm. If a reader is in right now this fails, and the WAL stays.
+            conn.execute("PRAGMA journal_mode = DELETE")
+        except sqlite3.Error:
+            pass
+        try:
+            conn.close()  # the last connection checkpoints and removes the WAL
+        except sqlite3.Error as e:
+            self._fail(f"cannot close {self.path}: {e}")
 
 
 def _take(queue: dict[str, _R | None], n: int) -> list[tuple[str, _R | None]]:

@@ -103,7 +103,7 @@ def test_round_trip_of_peers_silences_and_changes(tmp_path: Path) -> None:
     assert rows[:3] == [(NOW + i, "web1", "UP", "DOWN", f"change {i}", "server") for i in range(3)]
     assert rows[3][-1] == "client"
     assert conn.execute("PRAGMA user_version").fetchone()[0] == state_store.SCHEMA_VERSION
-    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"  # closed: WAL while open
     assert json.loads(conn.execute("SELECT labels FROM peers WHERE name = 'web1'").fetchone()[0]) == {
         "rack": "r1",
         "role": "wéb",
@@ -202,6 +202,7 @@ def test_a_reader_sees_committed_data_while_the_writer_is_open(store: StateStore
     store.put_peer(peer("web2"))  # queued, not flushed: not in the file yet
     conn = reader(tmp_path)
     try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert [n for (n,) in conn.execute("SELECT name FROM peers")] == ["web1"]
         # a reader in the middle of a long read does not hold the writer up (WAL), and keeps its snapshot
         conn.execute("BEGIN")
@@ -445,6 +446,38 @@ def test_a_state_dir_without_write_permission_is_refused_at_open() -> None:
                 print(e)
             """)
         assert "state.db: not readable and writable by uid 65534 (-rw-r-----)" in out.stdout, out
+    finally:
+        subprocess.run(["rm", "-rf", top], check=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a child as nobody")
+def test_a_member_of_the_group_reads_the_store_while_the_daemon_runs_and_after_it_stopped() -> None:
+    # As under the unit: state_dir 0750 and state.db 0640, the reader in the group only (nogroup here).
+    top = tempfile.mkdtemp()
+    read = f"""
+        import sqlite3
+        conn = sqlite3.connect("file:{top}/hbd/state.db?mode=ro", uri=True)
+        print(conn.execute("SELECT count(*) FROM peers").fetchone()[0])
+        """
+    try:
+        os.chmod(top, 0o755)
+        os.mkdir(f"{top}/hbd", 0o750)
+        os.chown(f"{top}/hbd", 0, 65534)
+        s = StateStore.open(f"{top}/hbd")
+        s.put_peer(peer("web1"))
+        s.flush()
+        for name in os.listdir(f"{top}/hbd"):  # the daemon's files: -wal and -shm too
+            os.chown(f"{top}/hbd/{name}", 0, 65534)
+        running = _as_nobody(read)
+        s.close()
+        stopped = _as_nobody(read)
+        assert (running.stdout, stopped.stdout) == ("1\n", "1\n"), (running.stderr, stopped.stderr)
+        assert sorted(os.listdir(f"{top}/hbd")) == ["state.db"]
+        s = StateStore.open(f"{top}/hbd")  # and it is a WAL store again
+        try:
+            assert s._conn is not None and s._conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        finally:
+            s.close()
     finally:
         subprocess.run(["rm", "-rf", top], check=True)
 
