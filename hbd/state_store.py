@@ -182,6 +182,12 @@ def _labels_json(labels: tuple[tuple[str, str], ...]) -> str:
     return json.dumps(dict(labels), separators=(",", ":"), ensure_ascii=False)
 
 
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError("not text")
+    return value
+
+
 def _labels(text: str | None) -> tuple[tuple[str, str], ...]:
     """Labels from their JSON column; a hand-edited value that is not an object of strings is dropped."""
     try:
@@ -326,19 +332,39 @@ class StateStore:
         """Everything remembered: the peers and the silences (empty if the store has failed)."""
         if self._conn is None:
             return Snapshot([], [])
+        peers: list[PeerRecord] = []
+        silences: list[SilenceRecord] = []
+        bad = 0
         try:
-            peers = [
-                PeerRecord(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7], _labels(r[8]))
-                for r in self._conn.execute(
-                    "SELECT name, address, state, since, last_ping, reason, expected, timeout, labels FROM peers"
-                )
-            ]
-            silences = [
-                SilenceRecord(*r) for r in self._conn.execute("SELECT name, until, reason, created FROM silences")
-            ]
+            for r in self._conn.execute(
+                "SELECT name, address, state, since, last_ping, reason, expected, timeout, labels FROM peers"
+            ):
+                try:
+                    rec = PeerRecord(
+                        name=_text(r[0]),
+                        address=_text(r[1]),
+                        state=_text(r[2]),
+                        since=float(r[3]),
+                        last_ping=None if r[4] is None else float(r[4]),
+                        reason=_text(r[5] or ""),
+                        expected=bool(r[6]),
+                        timeout=float(r[7]),
+                        labels=_labels(r[8]),
+                    )
+                except (TypeError, ValueError):
+                    bad += 1
+                    continue
+                peers.append(rec)
+            for r in self._conn.execute("SELECT name, until, reason, created FROM silences"):
+                try:
+                    silences.append(SilenceRecord(_text(r[0]), float(r[1]), _text(r[2] or ""), float(r[3])))
+                except (TypeError, ValueError):
+                    bad += 1
         except sqlite3.Error as e:
             self._fail(f"cannot read {self.path}: {e}")
             return Snapshot([], [])
+        if bad:  # a hand-edited row: what it said cannot be trusted, the rest can
+            self._messages.append(f"{self.path}: skipped {bad} rows with values of the wrong type")
         return Snapshot(peers, silences)
 
     # -- queueing: O(1), no I/O --

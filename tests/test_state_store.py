@@ -124,6 +124,24 @@ def test_forget_and_drop_delete_rows(store: StateStore, tmp_path: Path) -> None:
     assert store.failed is None
 
 
+def test_rows_an_operator_broke_by_hand_are_skipped_and_said_once(store: StateStore, tmp_path: Path) -> None:
+    store.put_peer(peer("web1", labels=(("rack", "r1"),)))
+    store.put_peer(peer("web2"))
+    store.put_silence(SilenceRecord("web1", NOW, "", NOW))
+    store.flush()
+    conn = sqlite3.connect(str(tmp_path / "state.db"))
+    conn.execute("UPDATE peers SET since = 'yesterday' WHERE name = 'web2'")
+    conn.execute("UPDATE peers SET labels = '[1, 2]' WHERE name = 'web1'")  # not an object: no labels
+    conn.execute("INSERT INTO silences VALUES (NULL, 1.0, 'x', 1.0)")
+    conn.commit()
+    conn.close()
+    snap = store.load()
+    assert [(p.name, p.labels) for p in snap.peers] == [("web1", ())]
+    assert [x.name for x in snap.silences] == ["web1"]
+    assert store.take_messages() == [f"{tmp_path}/state.db: skipped 2 rows with values of the wrong type"]
+    assert store.failed is None
+
+
 def test_a_thousand_puts_of_one_name_write_one_row(store: StateStore) -> None:
     for i in range(1000):
         store.put_peer(peer("web1", last_ping=NOW + i))
