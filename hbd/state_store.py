@@ -28,6 +28,11 @@ raises: a write error (disk full, I/O error, the file made read-only) sets ``fai
 closes the database and drops the queues; every later call is a no-op. ``take_messages()`` hands each
 notice and failure to the daemon exactly once, to log.
 
+``open`` (blocking, before the loop runs) checks the whole file (``PRAGMA quick_check``: 0.2-0.5 s for a
+million history rows). ``close`` turns the file back to a rollback journal, so that a reader who may
+read state.db but not create its -shm (group _hbd, ``hbd history``) can open a stopped daemon's store
+with ``?mode=ro``; the next ``open`` makes it WAL again.
+
 The schema's version is the file's ``PRAGMA user_version``; ``_upgrade`` brings an older file up to
 SCHEMA_VERSION step by step (each step in the same transaction as its version bump).
 This module imports nothing from hbd but the errors.
@@ -53,8 +58,8 @@ SCHEMA_VERSION = 1
 FILE_MODE = 0o640
 DIR_MODE = 0o750
 # Rows written per flush() call: at 500, the longest call of a 19,000-peer mass disconnect took
-# 5-6 ms on the quiet 2-core reference machine, up to 17 ms loaded (bench/store_flush.py;
-# docs/performance.md).
+# 5-6 ms on the quiet 2-core reference machine, up to 17 ms loaded, more with its cores oversubscribed
+# (bench/store_flush.py; docs/performance.md).
 MAX_ROWS = 500
 # How long a write may wait for another connection's lock (a reader's checkpoint, an `sqlite3` shell
 # holding a write transaction): short, the loop is waiting. Past it, flush() tries again next time.
