@@ -44,3 +44,7 @@ class BindError(HbdError):
 
 class ProtocolError(HbdError):
     """The peer sent something that is not hbd protocol; the connection should be closed."""
+
+
+class StoreError(HbdError):
+    """The state store (``state_dir``) cannot be opened; the message says why."""

@@ -35,7 +35,7 @@ with ``?mode=ro``; the next ``open`` makes it WAL again.
 
 The schema's version is the file's ``PRAGMA user_version``; ``_upgrade`` brings an older file up to
 SCHEMA_VERSION step by step (each step in the same transaction as its version bump).
-This module imports nothing from hbd but the errors.
+This module imports nothing from hbd but the errors (``StoreError`` lives in hbd.errors, importable here too).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from hbd.errors import HbdError
+from hbd.errors import StoreError
 
 DB_NAME = "state.db"
 SCHEMA_VERSION = 1
@@ -80,8 +80,7 @@ _CORRUPT_CODES = frozenset({11, 26})  # SQLITE_CORRUPT, SQLITE_NOTADB
 _BUSY_CODES = frozenset({5, 6})  # SQLITE_BUSY, SQLITE_LOCKED
 
 
-class StoreError(HbdError):
-    """The state store cannot be opened; the message says why."""
+__all__ = ["ChangeRecord", "PeerRecord", "SilenceRecord", "Snapshot", "StateStore", "StoreError"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,12 +6,12 @@ from typing import Any
 
 import pytest
 
-from hbd import config, control, daemon, errors, logs, protocol
+from hbd import config, control, daemon, errors, logs, protocol, state_store
 from hbd.daemon import Daemon
-from hbd.errors import BindError, ConfigError, HbdError, LogSetupError, ProtocolError, StartError
+from hbd.errors import BindError, ConfigError, HbdError, LogSetupError, ProtocolError, StartError, StoreError
 
 
-@pytest.mark.parametrize("cls", [ConfigError, LogSetupError, StartError, BindError, ProtocolError])
+@pytest.mark.parametrize("cls", [ConfigError, LogSetupError, StartError, BindError, ProtocolError, StoreError])
 def test_every_expected_error_is_an_hbd_error(cls: type) -> None:
     assert issubclass(cls, HbdError)
 
@@ -22,6 +22,7 @@ def test_the_classes_are_still_importable_from_where_they_are_raised() -> None:
     assert logs.LogSetupError is errors.LogSetupError
     assert daemon.StartError is errors.StartError
     assert protocol.ProtocolError is errors.ProtocolError
+    assert state_store.StoreError is errors.StoreError
 
 
 def test_errors_are_lines() -> None:

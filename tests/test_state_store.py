@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 
 from hbd import state_store
-from hbd.errors import HbdError
 from hbd.state_store import ChangeRecord, PeerRecord, SilenceRecord, StateStore, StoreError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -304,10 +303,6 @@ def test_a_missing_state_dir_is_created_0750_but_not_its_parents(tmp_path: Path)
     (tmp_path / "file").write_text("")
     with pytest.raises(StoreError, match="not a directory"):
         StateStore.open(str(tmp_path / "file"))
-
-
-def test_store_error_is_an_hbd_error() -> None:
-    assert issubclass(StoreError, HbdError)
 
 
 # -- a file from another version --
