@@ -205,6 +205,28 @@ def test_flush_writes_max_rows_per_call_in_one_transaction(store: StateStore, tm
     assert store.flush(500) is False  # nothing to do
 
 
+def test_a_mass_disconnect_is_written_in_bounded_steps(store: StateStore, tmp_path: Path) -> None:
+    # 19,000 peers go DOWN at once: queueing is cheap, and every flush() is one bounded step (the figures
+    # for this machine are bench/store_flush.py's; the bound here is generous, the machine is shared).
+    t = time.perf_counter()
+    for i in range(19_000):
+        store.put_peer(peer(f"host{i:05d}", "DOWN", reason="no ping for 10 s"))
+        store.add_change(change(i, f"host{i:05d}"))
+    assert time.perf_counter() - t < 2.0
+    steps, longest, more = 0, 0.0, True
+    while more:
+        before = store.rows_written
+        t = time.perf_counter()
+        more = store.flush(500)
+        longest = max(longest, time.perf_counter() - t)
+        assert store.rows_written - before <= 500
+        steps += 1
+    assert store.rows_written == 38_000 and steps == 76 + store.checkpoints
+    assert 5 <= store.checkpoints <= 20  # the WAL is checkpointed as it grows, a step at a time
+    assert longest < 0.25, f"longest flush() {longest * 1000:.0f} ms"
+    assert count(tmp_path, "peers") == 19_000 and count(tmp_path, "changes") == 19_000
+
+
 def test_silences_go_first(store: StateStore, tmp_path: Path) -> None:
     for i in range(50):
         store.add_change(change(i))
