@@ -7,10 +7,12 @@ PORT ?= 54321
 RUN_DEPS := python3 python3-yaml python3-systemd
 # the test suite: hbd, pytest, and for the reliability and TLS tests test certificates, network
 # namespaces and a fake wall clock; prometheus_client's parser checks hbd's metrics exposition (hbd
-# itself never imports it); groff renders the man page in tests/test_manpage.py. The real-systemd tests
-# (root only) get theirs from .ci/systemd-prepare.sh: systemd-container, debootstrap, build deps.
+# itself never imports it); groff renders the man page in tests/test_manpage.py; prometheus brings promtool,
+# which tests the shipped alerting rules (tests/test_prometheus_rules.py; mk/apt-need.sh stops and
+# disables the Prometheus server the package would start). The real-systemd tests (root only) get theirs
+# from .ci/systemd-prepare.sh: systemd-container, debootstrap, build deps.
 APT_DEPS := $(RUN_DEPS) python3-pytest python3-pytest-timeout python3-hypothesis
-APT_DEPS += openssl iproute2 faketime python3-prometheus-client groff-base
+APT_DEPS += openssl iproute2 faketime python3-prometheus-client groff-base prometheus
 PYTEST_ARGS ?=
 
 .PHONY: help deps demo-deps demo run-server run-client test test-fast lint clean

@@ -24,3 +24,16 @@ apt="$sudo env DEBIAN_FRONTEND=noninteractive apt-get -q -o DPkg::Lock::Timeout=
 $apt update >/dev/null
 # shellcheck disable=SC2086
 $apt install -y --no-install-recommends $missing >/dev/null
+# What is installed here is a tool for make's targets, not a service for this host: a unit that a package
+# enabled and started on installation (Debian's prometheus, for promtool, starts a server on :9090) is
+# stopped and disabled at once, so that a test or CI run leaves no daemon holding a port. Without a
+# running systemd, nothing is done (in a container or a chroot, invoke-rc.d started nothing).
+[ -d /run/systemd/system ] || exit 0
+for p in $missing; do
+	for unit in $(dpkg-query -L "$p" | sed -n 's|^/\(usr/\)\{0,1\}lib/systemd/system/\([^/@]*\.service\)$|\2|p'); do
+		if [ "$(systemctl is-enabled "$unit" 2>/dev/null)" = enabled ]; then
+			$sudo systemctl disable --now --quiet "$unit"
+			echo "$what: stopped and disabled $unit (installed as a tool, not a service)"
+		fi
+	done
+done

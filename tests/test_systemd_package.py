@@ -43,15 +43,19 @@ def test_docs_and_example_hook_are_shipped(guest):
         "README.md",
         "README.Debian",
         "docs/operations.md",
+        "docs/prometheus.md",
         "docs/protocol.md",
         "docs/reliability.md",
         "docs/performance.md",
         "bench/results/full.png",
         "examples/on-change.sh",
+        "examples/prometheus/hbd-rules.yml",
         "copyright",
     ):
         guest.run("test", "-s", f"{DOC}/{name}")
     assert (sg.ROOT / "docs" / "operations.md").read_text() == guest.read(f"{DOC}/docs/operations.md")
+    rules = "examples/prometheus/hbd-rules.yml"  # uncompressed, where docs/prometheus.md says
+    assert (sg.ROOT / rules).read_text() == guest.read(f"{DOC}/{rules}")
     guest.run("test", "-x", f"{DOC}/examples/on-change.sh")
 
 
