@@ -1,9 +1,9 @@
 """The shipped Prometheus alerting rules (examples/prometheus/hbd-rules.yml) and the exposition they read.
 
 promtool (Debian package ``prometheus``, installed by ``make deps``) checks the rules, runs their unit
-tests (tests/prometheus/hbd-rules-test.yml), checks the prometheus.yml of docs/prometheus.md, and lints a
-real server's and client's metrics. Without promtool these tests are skipped, except under CI, where
-they must run.
+tests (tests/prometheus/hbd-rules-test.yml) and shows that those catch broken rules, evaluates the rules
+on the series hbd renders, checks the prometheus.yml of docs/prometheus.md, and lints a real server's
+and client's metrics. Without promtool these tests are skipped, except under CI, where they must run.
 """
 
 import json
