@@ -105,9 +105,7 @@ def test_at_most_max_concurrent_run_at_once(tmp_path: Path, runner: HookRunner) 
 
 def test_process_starts_are_rate_limited(runner: HookRunner, monkeypatch) -> None:
     """Forking costs the loop milliseconds with many sockets open: a burst of fast hooks is paced."""
-    import hbd.hooks
-
-    monkeypatch.setattr(hbd.hooks, "START_RATE", 100.0)
+    monkeypatch.setattr(runner.queue, "rate", 100.0)
     starts: list[float] = []
     real_start = runner._start
     monkeypatch.setattr(runner, "_start", lambda job: (starts.append(runner.loop.time()), real_start(job)))
@@ -251,13 +249,13 @@ def test_a_flapping_peer_is_coalesced_counted_and_run_in_order(tmp_path: Path, r
 
 def test_memory_stays_bounded_under_distinct_peers(runner: HookRunner) -> None:
     runner.configure(["/bin/true"], timeout=5, max_running=1, max_queued=50)
-    runner._bucket_at = runner.loop.time()  # no tokens: nothing starts, everything waits
-    runner._bucket = 0.0
+    runner.queue.bucket_at = runner.loop.time()  # no tokens: nothing starts, everything waits
+    runner.queue.bucket = 0.0
     for i in range(20000):
         runner.fire("down", f"p{i}", f"10.{i // 256 % 256}.{i % 256}.1:1", standing=i % 7)
-    assert len(runner.queue) == 50 and len(runner._order) <= 2 * 50 + 64
+    assert len(runner.queue) == 50 and len(runner.queue._order) <= 2 * 50 + 64
     assert runner.counts["dropped"] == 20000 - 50 - len(runner.running)  # a start or two as real time passes
-    assert min(j.standing for j in runner.queue.values()) == 6  # the most established waited
+    assert min(j.standing for j in runner.queue.waiting.values()) == 6  # the most established waited
 
 
 def test_a_flapping_stranger_does_not_cost_real_peers_their_down_hooks(tmp_path: Path, procs) -> None:
