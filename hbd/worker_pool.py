@@ -1,0 +1,271 @@
+"""The supervisor's table of worker processes: fork with the validated configuration, the pipes both
+ways (the message pump), reaping, restarting and the hang check.
+
+It knows nothing of the daemon it serves: the supervisor (hbd.workers) hands down what a forked child
+runs (``child``), where a worker's log lines go (``to_file``) and how many workers are wanted now
+(``wanted``), and reads the table back for its status and its reload verdict.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import select
+import signal
+import time
+from collections.abc import Callable
+
+from hbd.config import ServerConfig
+from hbd.daemon import LOOP_SIGNALS
+from hbd.errors import StartError
+from hbd.logs import fields, log
+from hbd.loop import EventLoop
+from hbd.workers_codec import CodecError, Decoder, LogLine, Message, Numbers, Ready, Reloaded, Status, encode
+
+READY_TIMEOUT = 10.0  # a worker that does not listen within this is a start-up failure
+HANG_AFTER = 10.0  # a worker silent this long (it reports every second) is killed and restarted
+RESTART_DELAY = 1.0
+STOP_TIMEOUT = 5.0
+# The supervisor's signals (LOOP_SIGNALS) are blocked across fork() and in a new worker until its own loop
+# handles them (Daemon.run unblocks them): until then the worker still has the supervisor's handlers, whose
+# wakeup fd is the supervisor's (a SIGHUP meant for the worker would reload the supervisor). A signal sent
+# meanwhile stays pending and reaches the worker's own handler.
+
+# In the forked child: serve ``config`` as worker ``index`` over the pipe fds (up, down); the exit status.
+Child = Callable[[ServerConfig, int, int, int], int]
+
+
+class Worker:
+    __slots__ = (
+        "clients",
+        "decoder",
+        "index",
+        "last_seen",
+        "late",
+        "numbers",
+        "outbuf",
+        "pid",
+        "ready",
+        "reload",
+        "rfd",
+        "wfd",
+    )
+
+    def __init__(self, index: int, pid: int, rfd: int, wfd: int, now: float) -> None:
+        self.index = index
+        self.pid = pid
+        self.rfd = rfd  # its messages to us
+        self.wfd = wfd  # ours to it (Reload)
+        self.outbuf = b""  # what the pipe to it did not take yet
+        self.decoder = Decoder()
+        self.last_seen = now
+        self.ready = False
+        self.clients = 0
+        self.late = 0
+        self.numbers: dict = {}  # its latest counters, for the supervisor's metrics
+        self.reload: str | None = None  # its latest reload outcome ("ok" or the reason it failed)
+
+
+class WorkerPool:
+    def __init__(
+        self,
+        loop: EventLoop,
+        child: Child,
+        to_file: Callable[[int, int, str], None],
+        wanted: Callable[[], ServerConfig],
+    ) -> None:
+        self.loop = loop
+        self._child = child
+        self._to_file = to_file  # (worker index, level, message): a worker's log line for our file
+        self._wanted = wanted  # the configuration in force: how many workers, and what a restart serves
+        self.workers: dict[int, Worker] = {}  # by pid
+        self.stopping = False
+
+    def by_index(self) -> list[Worker]:
+        return sorted(self.workers.values(), key=lambda w: w.index)
+
+    # -- start and stop -----------------------------------------------------------------------------
+    def spawn(self, index: int, config: ServerConfig) -> None:
+        """A worker serving the (validated) ``config``: it gets it from our memory, across the fork."""
+        rfd, up = os.pipe()
+        down, wfd = os.pipe()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, LOOP_SIGNALS)
+        pid = os.fork()
+        if pid == 0:  # the worker
+            os.close(rfd)
+            os.close(wfd)
+            code = 70
+            try:
+                code = self._child(config, index, up, down)
+            finally:
+                os._exit(code)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        os.close(up)
+        os.close(down)
+        os.set_blocking(rfd, False)
+        os.set_blocking(wfd, False)
+        worker = Worker(index, pid, rfd, wfd, self.loop.time())
+        self.workers[pid] = worker
+        self.loop.add_reader(rfd, lambda: self._on_pipe(worker))
+
+    def wait_ready(self) -> None:
+        """Start-up only (the loop is not running yet): block until every worker listens."""
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not all(w.ready for w in self.workers.values()):
+            left = deadline - time.monotonic()
+            pending = [w for w in self.workers.values() if not w.ready]
+            if left <= 0:
+                self.stop()
+                raise StartError(f"{len(pending)} worker(s) did not start within {READY_TIMEOUT:g} s")
+            readable, _, _ = select.select([w.rfd for w in pending], [], [], left)
+            for w in pending:
+                if w.rfd in readable and not self._on_pipe(w):
+                    _, status = os.waitpid(w.pid, 0)
+                    self._forget(w)  # reaped: stop() must not wait for it
+                    self.stop()
+                    raise StartError(f"worker {w.index} exited during start-up (status {status})")
+
+    def stop(self) -> None:
+        """Stop every worker (the loop has stopped: this may wait, STOP_TIMEOUT at most, then kills)."""
+        self.stopping = True
+        for w in self.workers.values():
+            kill(w.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while self.workers and time.monotonic() < deadline:
+            self.reap(quiet=True)
+            if self.workers:
+                time.sleep(0.02)  # shutdown only: the loop has stopped
+        for w in list(self.workers.values()):
+            log.error("worker %d (pid %d) did not stop within %g s; killing it", w.index, w.pid, STOP_TIMEOUT)
+            kill(w.pid, signal.SIGKILL)
+            os.waitpid(w.pid, 0)
+            self._forget(w)
+
+    def close_in_child(self) -> None:
+        """In a newly forked worker: the other workers' pipes are not its business."""
+        for w in self.workers.values():
+            os.close(w.rfd)
+            os.close(w.wfd)
+
+    # -- the pipe ---------------------------------------------------------------------------------------
+    def _on_pipe(self, w: Worker) -> bool:
+        """Read what a worker sent; False at EOF (the worker is gone)."""
+        try:
+            data = os.read(w.rfd, 65536)
+        except BlockingIOError:
+            return True
+        except OSError:
+            data = b""
+        if not data:
+            self.loop.forget(w.rfd)
+            return False
+        w.last_seen = self.loop.time()
+        try:
+            messages = w.decoder.feed(data)
+        except CodecError as exc:  # a bug (the other end is ours): say so, carry on with the next frames
+            log.error("worker %d: %s", w.index, exc)
+            return True
+        for msg in messages:
+            self._on_message(w, msg)
+        return True
+
+    def _on_message(self, w: Worker, msg: Message) -> None:
+        if isinstance(msg, Ready):
+            w.ready = True
+        elif isinstance(msg, Status):
+            w.clients, w.late = msg.clients, msg.late
+        elif isinstance(msg, Reloaded):
+            w.reload = "ok" if msg.error is None else msg.error or "failed"
+        elif isinstance(msg, Numbers):
+            w.numbers = msg.values
+        elif isinstance(msg, LogLine):
+            self._to_file(w.index, msg.level, msg.message)
+
+    def send(self, w: Worker, msg: Message) -> None:
+        """To a worker, never blocking: what its pipe does not take now is written when it can."""
+        w.outbuf += encode(msg)
+        self._flush(w)
+
+    def _flush(self, w: Worker) -> None:
+        try:
+            sent = os.write(w.wfd, w.outbuf) if w.outbuf else 0
+        except BlockingIOError:
+            sent = 0
+        except OSError:  # it is gone: reap() forgets it
+            sent, w.outbuf = 0, b""
+        w.outbuf = w.outbuf[sent:]
+        if w.outbuf:
+            self.loop.add_writer(w.wfd, lambda: self._flush(w))
+        else:
+            self.loop.remove_writer(w.wfd)
+
+    # -- children -----------------------------------------------------------------------------------------
+    def reap(self, quiet: bool = False) -> None:
+        """SIGCHLD: forget the workers that exited and restart the ones still wanted."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            w = self.workers.get(pid)
+            if w is None:
+                continue
+            self._forget(w)
+            if self.stopping or quiet:
+                continue
+            wanted = self._wanted().workers
+            if w.index > wanted:
+                log.info("worker %d stopped (workers reduced to %d)", w.index, wanted)
+                continue
+            log.error(
+                "worker %d (pid %d) exited unexpectedly (%s); restarting it in %g s",
+                w.index,
+                pid,
+                _describe(status),
+                RESTART_DELAY,
+                extra=fields(event="worker-died"),
+            )
+            self.loop.call_later(RESTART_DELAY, functools.partial(self._restart, w.index))
+
+    def _restart(self, index: int) -> None:
+        if not self.stopping and all(w.index != index for w in self.workers.values()):
+            self.spawn(index, self._wanted())
+
+    def _forget(self, w: Worker) -> None:
+        self.workers.pop(w.pid, None)
+        for fd in (w.rfd, w.wfd):
+            self.loop.forget(fd)
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def check_hung(self) -> None:
+        """Kill a ready worker that stopped reporting for HANG_AFTER (reap() restarts it)."""
+        now = self.loop.time()
+        for w in list(self.workers.values()):
+            if w.ready and now - w.last_seen > HANG_AFTER:
+                log.error(
+                    "worker %d (pid %d) stopped reporting for %.0f s; killing it",
+                    w.index,
+                    w.pid,
+                    now - w.last_seen,
+                    extra=fields(event="worker-hung"),
+                )
+                w.last_seen = now
+                kill(w.pid, signal.SIGKILL)
+
+
+def kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit code {os.WEXITSTATUS(status)}"
