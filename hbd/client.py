@@ -489,7 +489,7 @@ class Link:
         return self.life.status(self.target.label, self.loop.time(), st.rtt_last if fresh else None)
 
 
-class Client(Daemon):
+class Client(Daemon[ClientConfig]):
     identifier = "hbd-client"
     role = "client"
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Callable
-from typing import Any
+from typing import Generic, TypeVar
 
 from hbd.early import STRAY_SIGNALS, take_hup
 from hbd.errors import HbdError
@@ -16,7 +16,9 @@ from hbd.errors import StartError as StartError  # re-exported: where callers im
 from hbd.logs import Logging, PeerLog, log
 from hbd.loop import EventLoop
 from hbd.notify import Notifier
+from hbd.operated import DaemonConfig
 from hbd.ops import Ops
+from hbd.reloading import Commit, Reloader
 from hbd.silencing import Silencing
 from hbd.view import DaemonView, DaemonViews
 
@@ -31,8 +33,28 @@ EXIT_GAVE_UP = 79  # the client gave up on every server after reconnect_attempts
 ERROR_BURST = 5
 ERROR_WINDOW = 60.0
 
+C = TypeVar("C", bound=DaemonConfig)
 
-class Daemon:
+
+class TracebackBudget:
+    """At most ERROR_BURST tracebacks per ERROR_WINDOW seconds: a peer that can trigger a bug must not
+    flood the log. ``take(now)``: None when over budget (one more held back), else how many were held."""
+
+    def __init__(self) -> None:
+        self._logged: list[float] = []  # when the recent tracebacks were logged
+        self._held = 0  # tracebacks left out since the last one logged
+
+    def take(self, now: float) -> int | None:
+        recent = self._logged = [t for t in self._logged if now - t < ERROR_WINDOW]
+        if len(recent) >= ERROR_BURST:
+            self._held += 1
+            return None
+        recent.append(now)
+        held, self._held = self._held, 0
+        return held
+
+
+class Daemon(Generic[C]):
     identifier = "hbd"
     role = "server"  # what the operator's surface shows: "server" or "client"
     supervises = False  # relays its workers' status (hbd.workers.Supervisor)
@@ -41,12 +63,12 @@ class Daemon:
 
     def __init__(
         self,
-        config: Any,
+        config: C,
         *,
         loop: EventLoop | None = None,
         notifier: Notifier | None = None,
         logs: Logging | None = None,
-        overrides: dict[str, Any] | None = None,
+        overrides: dict[str, object] | None = None,
     ) -> None:
         self.config = config
         self.overrides = overrides or {}  # command-line settings that outlive reloads
@@ -54,28 +76,22 @@ class Daemon:
         self.notifier = notifier if notifier is not None else Notifier()
         self.logs = logs if logs is not None else Logging(self.identifier)
         self.exit_code = 0
-        self.reloads_ok = 0
-        self.reloads_failed = 0
-        self.last_reload_error: str | None = None
-        self.last_reload_errors: list[str] = []
-        self._reload_waiters: list[Callable[[list[str]], None]] = []  # asked, not yet started
-        self._reload_running = False  # started; its verdict not yet known (workers still answering)
         self._stopping = False
+        self.reloads = Reloader(self.loop, self.reload, self.reload_verdict, lambda: self._stopping)
         self.peer_log = PeerLog(self.loop.clock)  # lines peers can cause, rate-limited all together
         self.ops = Ops(self)  # status socket, metrics, on_change hooks
         self.internal_errors = 0
-        self._errors_logged: list[float] = []  # when the recent tracebacks were logged
-        self._errors_held = 0  # tracebacks left out since the last one logged
+        self._tracebacks = TracebackBudget()
         self.loop.on_error = self.callback_failed
 
     # -- subclass hooks ---------------------------------------------------------------------------
-    def load(self) -> Any:
+    def load(self) -> C:
         raise NotImplementedError
 
     def start(self) -> None:
         raise NotImplementedError
 
-    def prepare(self, new: Any) -> Callable[[], None]:
+    def prepare(self, new: C) -> Callable[[], None]:
         raise NotImplementedError
 
     def shutdown(self) -> None:
@@ -105,7 +121,7 @@ class Daemon:
             recent=tuple(self.ops.recent),
         )
 
-    def contain(self, fileobj: Any, callback: Any, exc: Exception) -> str | None:
+    def contain(self, fileobj: object, callback: object, exc: Exception) -> str | None:
         """A callback raised ``exc``: close the connection it served (``fileobj`` for I/O, None
         for a timer) and say which one, or return None when it belongs to none."""
         if self.ops.contain(fileobj):
@@ -113,7 +129,7 @@ class Daemon:
         return None
 
     # -- unexpected errors ------------------------------------------------------------------------
-    def callback_failed(self, fileobj: Any, callback: Any, exc: Exception) -> None:
+    def callback_failed(self, fileobj: object, callback: object, exc: Exception) -> None:
         """The loop's error handler: close what the failing callback served, log one traceback
         (rate-limited: a peer that can trigger a bug must not flood the log) and go on serving."""
         self.internal_errors += 1
@@ -121,13 +137,9 @@ class Daemon:
             what = self.contain(fileobj, callback, exc)
         except Exception as again:  # never let the handler itself take the process down
             what = f"(closing it failed too: {again!r})"
-        now = self.loop.time()
-        recent = self._errors_logged = [t for t in self._errors_logged if now - t < ERROR_WINDOW]
-        if len(recent) >= ERROR_BURST:
-            self._errors_held += 1
+        held = self._tracebacks.take(self.loop.time())
+        if held is None:
             return
-        recent.append(now)
-        held, self._errors_held = self._errors_held, 0
         log.error(
             "internal error in %s%s%s; carrying on",
             getattr(callback, "__qualname__", "a callback"),
@@ -194,79 +206,52 @@ class Daemon:
     def reload(self) -> bool:
         """SIGHUP: validate the whole new config first; keep the old one running if anything fails."""
         self.notifier.reloading()
-        path = self.config.path
-        log.info("reloading %s", path)
-        handler = None
+        ok = self.reloads.run(self.config.path, self._prepare_reload)
+        self._update_status()
+        self.notifier.ready()
+        self.on_reloaded(list(self.reloads.last_errors))
+        return ok
+
+    def _prepare_reload(self) -> Commit:
+        """Everything a reload does that can fail (the new config, log file, sockets, the subclass's
+        part), changing nothing; the commit applies it all."""
+        new = self.load()
+        handler = self.logs.prepare(new.log_file)
         try:
-            new = self.load()
-            handler = self.logs.prepare(new.log_file)
             ops_commit = self.ops.prepare(new)
             try:
                 commit = self.prepare(new)
             except BaseException:
                 self.ops.abort()
                 raise
-        except Exception as exc:  # whatever it is, the running configuration stays
-            if handler is not None:
-                self.logs.discard(handler)
-            if not isinstance(exc, HbdError):
-                log.error("reload failed: unexpected error", exc_info=True)  # a bug: one traceback
-            errors = exc.errors if isinstance(exc, HbdError) else [str(exc) or type(exc).__name__]
-            for line in errors:
-                log.error("reload failed: %s", line, extra={"fields": {"EVENT": "reload-failed"}})
-            log.error("reload failed: still running with the previous configuration of %s", path)
-            self.reloads_failed += 1
-            self.last_reload_error = errors[0]
-            self.last_reload_errors = errors
-            self._update_status()
-            self.notifier.ready()
-            self.on_reloaded(errors)
-            return False
-        self.logs.commit(new.log_level, new.log_file, handler)
-        commit()
-        ops_commit()
-        self.config = new
-        self.reloads_ok += 1
-        self.last_reload_error = None
-        self.last_reload_errors = []
-        log.info("reloaded %s", path, extra={"fields": {"EVENT": "reloaded"}})
-        self._update_status()
-        self.notifier.ready()
-        self.on_reloaded([])
-        return True
+        except Exception:
+            self.logs.discard(handler)
+            raise
+
+        def commit_all() -> None:
+            self.logs.commit(new.log_level, new.log_file, handler)
+            commit()
+            ops_commit()
+            self.config = new
+
+        return commit_all
 
     def on_reloaded(self, errors: list[str]) -> None:
         """After every reload, however asked for (a worker reports it to its supervisor)."""
 
-    # -- reload asked for over the control socket (``hbd reload``, the units' ExecReload=) ---------------
     def request_reload(self, done: Callable[[list[str]], None]) -> None:
-        """Reload from the loop, then call ``done(errors)`` ([] = applied). Requests that arrive while
-        one is pending share the next reload, so a flood of them costs one reload at a time."""
-        self._reload_waiters.append(done)
-        if not self._reload_running and len(self._reload_waiters) == 1:
-            self.loop.call_later(0, self._run_requested_reload)
-
-    def _run_requested_reload(self) -> None:
-        waiters, self._reload_waiters = self._reload_waiters, []
-        if not waiters or self._stopping:
-            for done in waiters:
-                done(["the daemon is stopping"])
-            return
-        self._reload_running = True
-
-        def finished(errors: list[str]) -> None:
-            self._reload_running = False
-            for done in waiters:
-                done(errors)
-            if self._reload_waiters:  # asked again meanwhile: that needs a reload of its own
-                self.loop.call_later(0, self._run_requested_reload)
-
-        ok = self.reload()
-        self.reload_verdict(list(self.last_reload_errors) if not ok else [], finished)
+        """``hbd reload``: see Reloader.request."""
+        self.reloads.request(done)
 
     def reload_verdict(self, errors: list[str], finished: Callable[[list[str]], None]) -> None:
         """The answer for a requested reload; the supervisor overrides it to wait for its workers."""
         finished(errors)
+
+    # What the status view and tests read: the reloads' outcomes.
+    reloads_ok = property(lambda self: self.reloads.ok)
+    reloads_failed = property(lambda self: self.reloads.failed)
+    last_reload_error = property(lambda self: self.reloads.last_error)
+    last_reload_errors = property(lambda self: self.reloads.last_errors)
 
     def log_status(self) -> None:
         """SIGUSR1: one line saying how the daemon is doing."""

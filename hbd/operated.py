@@ -32,6 +32,17 @@ class OpsConfig(Protocol):
     def hook_max_queued(self) -> int: ...
 
 
+class DaemonConfig(OpsConfig, Protocol):
+    """What hbd.daemon.Daemon itself reads from its configuration (server and client configs have it)."""
+
+    @property
+    def path(self) -> str: ...
+    @property
+    def log_level(self) -> str: ...
+    @property
+    def log_file(self) -> str | None: ...
+
+
 class Operated(Protocol):
     """What Ops needs from its daemon (``hbd.daemon.Daemon``): everything else it reads from ``view()``."""
 

@@ -36,7 +36,7 @@ from hbd.workers_codec import PipeLogHandler, Reload, WorkerChannel
 RELOAD_TIMEOUT = 5.0  # how long a requested reload waits for the workers' outcomes
 
 
-class Supervisor(Daemon):
+class Supervisor(Daemon[ServerConfig]):
     """The daemon face of ``workers: K``: start-up, reload and status over the ``WorkerPool``."""
 
     identifier = "hbd-server"
