@@ -18,19 +18,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from hbd import tls
+from hbd.client_session import Session, close_socket
 from hbd.config import ClientConfig, load_client_config
 from hbd.daemon import EXIT_GAVE_UP, Daemon, StartError
 from hbd.link import GaveUp, HealthChange, Lifecycle, LinkState, Retry
 from hbd.logs import fields, log
 from hbd.loop import EventLoop, Timer
 from hbd.metrics import LinkStats
-from hbd.protocol import Answers, ClientLink, ProtocolError
+from hbd.protocol import ClientLink
 from hbd.view import ClientSettings, ClientView, LinkRow
-
-RECV_SIZE = 4096
-# hbd servers refuse greetings closer together than this on one connection: a reload's new
-# greeting waits for it (and the new ping pace with it, so the server knows first).
-GREETING_GAP = 1.0
 
 
 @dataclass(frozen=True)
@@ -180,23 +176,14 @@ class Dialer:
     def abandon(self) -> None:
         self._generation += 1
         self.handshake = None
-        _close(self.loop, self.sock)
+        close_socket(self.loop, self.sock)
         self.sock = None
 
 
-def _close(loop: EventLoop, sock: socket.socket | None) -> None:
-    if sock is not None:
-        loop.forget(sock)
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        sock.close()
-
-
 class Link:
-    """One server's link: the socket, its one timer and the log lines. What state it is in and what
-    comes next is decided by ``hbd.link.Lifecycle`` (``self.life``); pings and pongs by ``ClientLink``."""
+    """One server's link across its connections: dials (``Dialer``), hands a connection that is up to
+    a ``Session``, retries, and logs and reports what happens. What state it is in and what comes next
+    is decided by ``hbd.link.Lifecycle`` (``self.life``)."""
 
     def __init__(self, client: Client, target: Target) -> None:
         self.client = client
@@ -212,19 +199,20 @@ class Link:
             pong_timeout=cfg.pong_timeout,
         )
         self.backoff = self.life.backoff
-        self.sock: socket.socket | None = None  # once connected (the dialer holds it until then)
-        self.proto: ClientLink | None = None
-        self.timer: Timer | None = None
+        self.session: Session | None = None  # once connected (the dialer holds the socket until then)
+        self.timer: Timer | None = None  # the dialer's steps and the retry; a session has its own
         self.dialer = Dialer(self.loop, target, self._set_timer, self._up, self._failed)
         self.stats = LinkStats()
-        self._greeted_at = float("-inf")  # when this connection last sent a greeting
-        self._greet_timer: Timer | None = None  # a reload's greeting waiting for GREETING_GAP
 
     # What status and metrics read: the lifecycle's view.
     state = property(lambda self: self.life.state)
     health = property(lambda self: self.life.health)
     health_since = property(lambda self: self.life.health_since)
     retries = property(lambda self: self.life.retries)
+
+    @property
+    def proto(self) -> ClientLink | None:
+        return self.session.proto if self.session is not None else None
 
     @property
     def cfg(self) -> ClientConfig:
@@ -241,22 +229,17 @@ class Link:
         self.dialer.start(self.cfg, self.client.tls_context)
 
     def _up(self, sock: socket.socket) -> None:
-        self.sock = sock
+        self.loop.cancel(self.timer)  # the dialer's step timeout: the session keeps its own timer
+        self.timer = None
         now = self.loop.time()
         self.life.connected(now)
-        self.proto = ClientLink(now, self.cfg.heartbeat_interval, self.cfg.pong_timeout, self.cfg.wire == "line")
-        self.loop.add_reader(self.sock, self._on_read)
+        self.session = Session(self.loop, now, sock, self.cfg, self.stats, self, self.client.tls_context is not None)
         log.info(
             "connected to %s",
             self.target.label,
             extra=fields(peer=self.target.peer, peer_address=self.address, event="connected"),
         )
-        if self.cfg.client_name:
-            self._greeted_at = now
-            self._send(_greeting(self.cfg))
-            if self.state is not LinkState.UP:  # the send found the connection reset: torn down, retry is set
-                return
-        self._tick()
+        self.session.start(self.cfg)
 
     def _failed(self, reason: str, event: str = "connect-failed") -> None:
         """A connection attempt did not work out."""
@@ -275,93 +258,28 @@ class Link:
             self.client.log_link(self, logging.WARNING, reason, event=event)
         self._down(reason)
 
-    # -- link up --------------------------------------------------------------------------------------
-    def _on_read(self) -> None:
-        assert self.sock is not None and self.proto is not None
-        sock = self.sock
-        try:
-            data = sock.recv(RECV_SIZE)
-            if self.client.tls_context is not None:
-                while sock.pending():  # type: ignore[attr-defined]  # decrypted bytes select() cannot see
-                    data += sock.recv(RECV_SIZE)
-        except tls.WOULD_BLOCK:
-            return
-        except ssl.SSLError as exc:
-            self.lost(tls.describe(exc))
-            return
-        except OSError as exc:
-            self.lost(f"connection error: {exc.strerror or exc}")
-            return
-        if not data:
-            self.lost("server closed the connection")
-            return
-        now = self.loop.time()
-        proto = self.proto
-        was_late = proto.answers is Answers.LATE
-        try:
-            rtts = proto.feed(data, now)
-        except ProtocolError as exc:
-            # A server breaking the protocol gets no fresh series of quick retries.
-            self.lost(f"protocol error: {exc}", peer_caused=True)
-            return
-        if not rtts:
-            return
-        if was_late and proto.answers is Answers.ANSWERING:
+    # -- what the session reports (hbd.client_session.Owner) ------------------------------------------
+    def pongs(self, rtts: list[float], now: float, back: bool, answering: bool) -> None:
+        if back:
             log.info(
                 "%s answers again (pong after %.3f s)",
                 self.target.label,
                 max(rtts),
                 extra=fields(peer=self.target.peer, peer_address=self.address, event="back"),
             )
-        logged = log.isEnabledFor(self.client.pong_level)  # else skip building lines nobody sees
-        for rtt in rtts:
-            self.stats.pong(rtt, now)  # the one place an RTT is counted
-            if logged:
+        if log.isEnabledFor(self.client.pong_level):  # else skip building lines nobody sees
+            for rtt in rtts:
                 self.client.log_pong(self, rtt)
-        self._report(self.life.pong(now, proto.answers is Answers.ANSWERING), rtt_ms=f"{rtts[-1] * 1000:.3f}")
+        self._report(self.life.pong(now, answering), rtt_ms=f"{rtts[-1] * 1000:.3f}")
 
-    def _tick(self) -> None:
-        """Ping when due and apply the pong timeout; re-armed at the protocol's next deadline."""
-        proto = self.proto
-        assert proto is not None
-        if proto.waiting(self.loop.time()) > proto.pong_timeout / 2:
-            self._on_read()  # last look: never suspect a link whose pong is already in our buffer
-            if self.proto is not proto:
-                return
-        now = self.loop.time()
-        was_late = proto.answers is Answers.LATE
-        out = proto.poll(now)
-        if proto.answers is Answers.LATE and not was_late:
-            waited = proto.waiting(now)
-            self.client.log_link(
-                self,
-                logging.WARNING,
-                f"{self.target.label} is late: ping unanswered for {waited:.3f} s "
-                f"(pong_timeout {proto.pong_timeout:g} s)",
-                event="late",
-            )
-            self._report(self.life.late(now), silent_ms=round(waited * 1000))
-        if proto.answers is Answers.DEAD:
-            self.stats.timeouts += 1
-            self.lost(f"no pong within {proto.pong_timeout:g} s (ping unanswered for {proto.silent_for:.3f} s)")
-            return
-        if out:
-            self.stats.pings += 1
-            self._send(out)
-            if self.state is not LinkState.UP:
-                return
-        self._set_timer(proto.next_deadline(), self._tick)
-
-    def _send(self, data: bytes) -> None:
-        assert self.sock is not None
-        try:
-            self.sock.send(data)  # a few bytes: a full send buffer means the link is dead anyway
-        except tls.WOULD_BLOCK:
-            pass
-        except ssl.SSLError as exc:
-            self.lost(tls.describe(exc))
-        except OSError as exc:
-            self.lost(f"connection error: {exc.strerror or exc}")
+    def late(self, waited: float, pong_timeout: float, now: float) -> None:
+        self.client.log_link(
+            self,
+            logging.WARNING,
+            f"{self.target.label} is late: ping unanswered for {waited:.3f} s (pong_timeout {pong_timeout:g} s)",
+            event="late",
+        )
+        self._report(self.life.late(now), silent_ms=round(waited * 1000))
 
     def lost(self, reason: str, peer_caused: bool = False) -> None:
         """A link that was up went down. ``peer_caused``: the server broke the protocol, a line it
@@ -382,6 +300,7 @@ class Link:
             self.client.log_link(self, logging.WARNING, f"link to {was} lost: {reason}", event="down")
         self._down(reason)
 
+    # -- down, retry, close ---------------------------------------------------------------------------
     def _down(self, reason: str) -> None:
         self._teardown()
         change, nxt = self.life.down(self.loop.time(), reason)
@@ -410,19 +329,19 @@ class Link:
         self.dialer.abandon()
         self.loop.cancel(self.timer)
         self.timer = None
-        self.loop.cancel(self._greet_timer)
-        self._greet_timer = None
-        self.proto = None
-        _close(self.loop, self.sock)
-        self.sock = None
+        if self.session is not None:
+            self.session.close()
+            self.session = None
 
     def close(self) -> None:
         self._teardown()
         self.life.close()
 
     def owns(self, fileobj: object, callback: object) -> bool:
-        """Does a failing callback belong to this link (its socket, or its one timer)?"""
-        return (fileobj is not None and fileobj in (self.sock, self.dialer.sock)) or (
+        """Does a failing callback belong to this link (its sockets, or its timers)?"""
+        if self.session is not None and self.session.owns(fileobj, callback):
+            return True
+        return (fileobj is not None and fileobj is self.dialer.sock) or (
             fileobj is None and self.timer is not None and self.timer.callback is callback
         )
 
@@ -445,7 +364,7 @@ class Link:
             reconnect_attempts=cfg.reconnect_attempts,
             pong_timeout=cfg.pong_timeout,
         )
-        if self.proto is None:
+        if self.session is None:
             return  # not connected: the next connection greets with the new settings
         if cfg.client_name != old.client_name:
             # A connection keeps the name it greeted with: reconnect under the new one, once the
@@ -459,28 +378,7 @@ class Link:
             self._teardown()
             self._set_timer(self.life.redial(self.loop.time()), self.connect)
             return
-        if cfg.client_name and (cfg.heartbeat_interval != old.heartbeat_interval or self._greet_timer is not None):
-            self._regreet(cfg)
-        else:
-            self._retime(cfg)
-
-    def _retime(self, cfg: ClientConfig) -> None:
-        assert self.proto is not None
-        self.proto.retime(cfg.heartbeat_interval, cfg.pong_timeout)
-        self._set_timer(self.proto.next_deadline(), self._tick)
-
-    def _regreet(self, cfg: ClientConfig) -> None:
-        """Tell the server the new interval on this connection, then ping at the new pace: its
-        timeout follows the announced interval, and a greeting is the only way to announce it."""
-        self.loop.cancel(self._greet_timer)
-        self._greet_timer = None
-        now = self.loop.time()
-        if now < self._greeted_at + GREETING_GAP:  # the old pace until the server can be told
-            self._greet_timer = self.loop.call_at(self._greeted_at + GREETING_GAP, lambda: self._regreet(cfg))
-            return
-        self._retime(cfg)
-        self._greeted_at = now
-        self._send(_greeting(cfg))
+        self.session.apply(cfg, old)
 
     def status(self) -> str:
         """This link in the STATUS= line: up with its RTT, or DOWN with why and what happens next."""
@@ -634,10 +532,6 @@ class Client(Daemon[ClientConfig]):
         if all(lk.state is LinkState.GAVE_UP for lk in self.links):
             log.error("no server left to try; exiting (status %d)", EXIT_GAVE_UP)
             self.stop(EXIT_GAVE_UP)
-
-
-def _greeting(cfg: ClientConfig) -> bytes:
-    return f"hello {cfg.client_name} {cfg.heartbeat_interval:g}\n".encode()
 
 
 def _strerror(rc: int) -> str:

@@ -301,7 +301,8 @@ def test_an_exception_serving_one_link_reconnects_that_link_only() -> None:
         )
         first = link_a.proto
         assert first is not None
-        link_a.proto = Broken(loop.time(), 0.05, 1.0)
+        assert link_a.session is not None
+        link_a.session.proto = Broken(loop.time(), 0.05, 1.0)
         run_until(lambda: link_a.stats.connects >= 2 and link_a.proto is not None and link_a.proto.pongs > 0)
         pongs_b = link_b.stats.rtt.count
         run_until(lambda: link_b.stats.rtt.count > pongs_b + 3)
