@@ -324,6 +324,7 @@ def status(args: argparse.Namespace) -> int:
     """``hbd status``: one request to a status socket, printed as a table or as JSON."""
     from hbd import status as st
     from hbd.ask import ask, socket_of
+    from hbd.status_doc import StatusDocError, parse_document
 
     path = socket_of(args, args.role)
     doc = ask(path, "status", args.timeout) if path is not None else None
@@ -331,6 +332,11 @@ def status(args: argparse.Namespace) -> int:
         return 1
     if args.json:
         print(json.dumps(doc, indent=2))
-    else:
-        sys.stdout.write(st.render(doc, recent=max(args.recent, 0)))
+        return 0
+    try:
+        parsed = parse_document(doc)
+    except StatusDocError as exc:
+        print(f"hbd: error: {path}: not a status reply: {exc}", file=sys.stderr)
+        return 1
+    sys.stdout.write(st.render(parsed, recent=max(args.recent, 0)))
     return 0

@@ -17,11 +17,11 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from itertools import islice
-from typing import Any
 
 from hbd import __version__
 from hbd.control import Reply
 from hbd.loop import EventLoop
+from hbd.status_doc import StatusDoc
 from hbd.view import ClientView, DaemonView, PeerRow, ServerView, SupervisorView
 
 SLICE = 250  # peers serialised per chunk: ~25 KB, well under a millisecond of loop time each
@@ -278,16 +278,16 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
 
 
-def render(doc: dict[str, Any], recent: int = 10) -> str:
-    """The human-readable status for one daemon's document."""
+def render(doc: StatusDoc, recent: int = 10) -> str:
+    """The human-readable status for one daemon's document (``status_doc.parse_document`` checked it)."""
     now = doc["now"]
     lines = [f"hbd-{doc['role']} {doc['version']} (pid {doc['pid']}), up {age(now - doc['started'])}: {doc['status']}"]
-    cfg = doc.get("config", {})
+    cfg = doc["config"]
     if doc["role"] == "server":
         peers = doc["peers"]
         counts = {s: sum(1 for p in peers if p["state"] == s) for s in ("UP", "LATE", "NEW")}
-        where = f"listening on {doc['listen']}" if doc.get("listen") else "not listening"
-        workers = f", {len(doc['workers'])} workers" if doc.get("workers") else ""
+        where = f"listening on {doc['listen']}" if doc["listen"] else "not listening"
+        workers = f", {doc['workers']} workers" if doc["workers"] else ""
         lines.append(
             f"{where}{workers}; heartbeat_timeout {cfg.get('heartbeat_timeout', 0):g} s; "
             f"{len(peers)} client{'s' if len(peers) != 1 else ''}: "
@@ -308,7 +308,7 @@ def render(doc: dict[str, Any], recent: int = 10) -> str:
         header = ["PEER", "ADDRESS", "STATE", "CONNECTED", "LAST PING", "PINGS", "TIMEOUT"]
     else:
         servers = doc["servers"]
-        name = f"client_name {doc['name']}; " if doc.get("name") else ""
+        name = f"client_name {doc['name']}; " if doc["name"] else ""
         lines.append(
             f"{name}heartbeat_interval {cfg.get('heartbeat_interval', 0):g} s; "
             f"pong_timeout {cfg.get('pong_timeout', 0):g} s; {len(servers)} "
@@ -318,7 +318,7 @@ def render(doc: dict[str, Any], recent: int = 10) -> str:
         for s in servers:
             rtt = s["rtt_ms"]
             note = s["link"] if s["link"] != "up" else ""
-            if s.get("next_attempt_in") is not None:
+            if "next_attempt_in" in s:
                 note = f"retry {s['retries']} in {s['next_attempt_in']:.1f}s"
             rows.append(
                 [
@@ -335,13 +335,13 @@ def render(doc: dict[str, Any], recent: int = 10) -> str:
         header = ["SERVER", "ADDRESS", "STATE", "SINCE", "LAST PONG", "RTT ms (last/avg/max)", "TIMEOUTS", ""]
     lines.append("")
     lines.extend(_table(header, rows) if rows else ["(no peers)"])
-    events = doc.get("recent", [])[-recent:]
+    events = doc["recent"][-recent:]
     if events and recent:
         lines.append("")
         lines.append("recent changes:")
         for e in events:
             when = time.strftime("%H:%M:%S", time.localtime(e["time"]))
-            why = f"  {e['reason']}" if e.get("reason") else ""
+            why = f"  {e['reason']}" if e["reason"] else ""
             who = e["peer"] if e["peer"] == e["address"] else f"{e['peer']} ({e['address']})"
             lines.append(f"  {when}  {e['event'].upper():<4}  {who}{why}")
     return "\n".join(lines) + "\n"
