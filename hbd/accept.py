@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import Generic, TypeVar
 
 from hbd.loop import EventLoop, Timer
 
@@ -20,7 +20,10 @@ WARN_EVERY = 10.0  # at most one line per listener this often about it
 FD_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
-class Acceptor:
+Addr = TypeVar("Addr")  # what accept() returns as the peer's address: (host, port, ...) or a unix path
+
+
+class Acceptor(Generic[Addr]):
     """Calls ``on_conn(sock, addr)`` for each new connection on ``listener`` (up to ``batch`` per
     loop turn, so the peers already connected are served between batches). ``warn(exc)`` is called
     when accepts pause, at most once per ``WARN_EVERY`` seconds."""
@@ -29,7 +32,7 @@ class Acceptor:
         self,
         loop: EventLoop,
         listener: socket.socket,
-        on_conn: Callable[[socket.socket, Any], None],
+        on_conn: Callable[[socket.socket, Addr], None],
         warn: Callable[[OSError], None],
         batch: int = 32,
     ) -> None:

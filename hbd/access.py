@@ -6,14 +6,13 @@ Checked once per accepted connection, before any byte is read; never on the ping
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
 
 from hbd.quote import quote, show
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-def parse_allow(value: Any) -> tuple[Network, ...] | None:
+def parse_allow(value: object) -> tuple[Network, ...] | None:
     """Config converter: null (everyone) or a non-empty list of addresses / CIDR networks."""
     if value is None:
         return None

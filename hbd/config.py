@@ -15,7 +15,7 @@ import shlex
 import shutil
 import socket
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -346,15 +346,15 @@ _CROSS_CHECKS: dict[type, Callable[[dict[str, Any], frozenset[str]], list[tuple[
 }
 
 
-def load_server_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ServerConfig:
+def load_server_config(path: str | Path, overrides: Mapping[str, object] | None = None) -> ServerConfig:
     return _load(ServerConfig, Path(path), overrides or {})
 
 
-def load_client_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ClientConfig:
+def load_client_config(path: str | Path, overrides: Mapping[str, object] | None = None) -> ClientConfig:
     return _load(ClientConfig, Path(path), overrides or {})
 
 
-def _load(cls: type, path: Path, overrides: dict[str, Any]) -> Any:
+def _load(cls: type, path: Path, overrides: Mapping[str, object]) -> Any:
     result = _validate(cls, path, overrides)
     if isinstance(result, list):  # error lines: a bounded number of bounded lines
         if len(result) > MAX_ERRORS:
@@ -363,7 +363,7 @@ def _load(cls: type, path: Path, overrides: dict[str, Any]) -> Any:
     return result
 
 
-def _validate(cls: type, path: Path, overrides: dict[str, Any]) -> Any:
+def _validate(cls: type, path: Path, overrides: Mapping[str, object]) -> Any:
     """The config object, or the list of error lines."""
     try:
         text = _read(path)
@@ -494,7 +494,7 @@ def _parse_peers_file(path: Path, text: str) -> _PeersFile:
     return [(p, lines[i] if i < len(lines) else None) for i, p in enumerate(peers)], []
 
 
-def read_document(path: str | Path) -> Any:
+def read_document(path: str | Path) -> object:
     """The file's YAML document with the loader's bounds (size, kind of file, nesting, aliases), or
     None if it cannot be read or parsed: for a second look at a file already found invalid."""
     try:

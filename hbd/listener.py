@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
-from typing import Any
 
 from hbd.accept import ACCEPT_PAUSE, Acceptor
 from hbd.logs import fields, log
@@ -19,7 +18,7 @@ class Listener:
     def __init__(
         self,
         loop: EventLoop,
-        on_accept: Callable[[socket.socket, Any], None],
+        on_accept: Callable[[socket.socket, tuple[object, ...]], None],
         clients: Callable[[], int],
         *,
         reuse_port: bool = False,

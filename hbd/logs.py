@@ -23,7 +23,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from hbd.errors import LogSetupError as LogSetupError  # re-exported: where callers import it from
 
@@ -62,7 +61,7 @@ _SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, loggi
 log = logging.getLogger(LOGGER)
 
 
-def fields(**values: Any) -> dict[str, Any]:
+def fields(**values: object) -> dict[str, object]:
     """``extra=`` for a log call: structured journald fields (upper-case names)."""
     return {"fields": {k.upper(): v for k, v in values.items() if v is not None}}
 
@@ -120,7 +119,7 @@ class PriorityPrefixFormatter(logging.Formatter):
 class ResilientFileHandler(logging.handlers.RotatingFileHandler):
     """A rotating file that survives write failures: report once, keep running, reopen later."""
 
-    def __init__(self, filename: str, report: Any) -> None:
+    def __init__(self, filename: str, report: Callable[[int, str], None]) -> None:
         super().__init__(filename, maxBytes=FILE_MAX_BYTES, backupCount=FILE_BACKUPS, encoding="utf-8")
         self._report = report
         self._broken_since: float | None = None
@@ -425,7 +424,7 @@ class PeerLog:
         self.limiter = limiter if limiter is not None else PeerLogLimiter()
 
     def log(
-        self, level: int, source: str, msg: str, *args: object, event: str, stacklevel: int = 2, **extra: Any
+        self, level: int, source: str, msg: str, *args: object, event: str, stacklevel: int = 2, **extra: object
     ) -> bool:
         """Log ``msg % args`` unless the limit for ``source`` and ``event`` is reached; True if logged.
         ``stacklevel`` as for logging: the default names our caller as the line's call site (CODE_FILE)."""

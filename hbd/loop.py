@@ -17,9 +17,17 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Protocol
 
-Callback = Callable[[], Any]
+Callback = Callable[[], object]
+
+
+class HasFileno(Protocol):
+    def fileno(self) -> int: ...
+
+
+# What the selector watches: a socket (plain or TLS), a pipe's fd, anything with fileno().
+FileLike = int | HasFileno
 
 # A wake-up this much later than planned, or this much of a turn spent not running (wall time
 # minus our thread's CPU time), means our own process was stopped or starved (SIGSTOP, swap, CPU
@@ -61,7 +69,7 @@ class EventLoop:
         self._wakeup_w: socket.socket | None = None
         self._wakeup()  # created now, in the loop's thread: other threads may only write to it
         self._threadsafe: collections.deque[Callback] = collections.deque()
-        self.stall_callbacks: list[Callable[[float, float], Any]] = []
+        self.stall_callbacks: list[Callable[[float, float], object]] = []
         # Lag: how long something that became ready could wait for the loop to look at it, i.e. how
         # late a wake-up was plus how long the turn after it took (busy turns count, not only late
         # wake-ups), seconds.
@@ -69,7 +77,7 @@ class EventLoop:
         self.max_lag = 0.0
         # Called as on_error(fileobj or None, callback, exc) when a callback raises; the daemons
         # close what the callback belonged to and carry on. None: the exception propagates.
-        self.on_error: Callable[[Any, Callback, Exception], Any] | None = None
+        self.on_error: Callable[[FileLike | None, Callback, Exception], object] | None = None
 
     # -- timers ---------------------------------------------------------------------------------
     def time(self) -> float:
@@ -89,19 +97,19 @@ class EventLoop:
             self._cancelled += 1
 
     # -- I/O ------------------------------------------------------------------------------------
-    def add_reader(self, sock: Any, callback: Callback) -> None:
+    def add_reader(self, sock: FileLike, callback: Callback) -> None:
         self._set(sock, 0, callback)
 
-    def remove_reader(self, sock: Any) -> None:
+    def remove_reader(self, sock: FileLike) -> None:
         self._set(sock, 0, None)
 
-    def add_writer(self, sock: Any, callback: Callback) -> None:
+    def add_writer(self, sock: FileLike, callback: Callback) -> None:
         self._set(sock, 1, callback)
 
-    def remove_writer(self, sock: Any) -> None:
+    def remove_writer(self, sock: FileLike) -> None:
         self._set(sock, 1, None)
 
-    def _set(self, sock: Any, slot: int, callback: Callback | None) -> None:
+    def _set(self, sock: FileLike, slot: int, callback: Callback | None) -> None:
         try:
             key = self.selector.get_key(sock)
         except KeyError:
@@ -119,7 +127,7 @@ class EventLoop:
         else:
             self.selector.unregister(sock)
 
-    def forget(self, sock: Any) -> None:
+    def forget(self, sock: FileLike) -> None:
         """Drop every callback of a socket that is about to be closed."""
         try:
             key = self.selector.unregister(sock)
@@ -241,7 +249,7 @@ class EventLoop:
         if self._cancelled > 4096 and self._cancelled * 2 > len(timers):
             self._compact()
 
-    def report_error(self, fileobj: Any, callback: Callable[..., Any] | None, exc: Exception) -> None:
+    def report_error(self, fileobj: FileLike | None, callback: Callable[..., object] | None, exc: Exception) -> None:
         """One callback raised: the others of this turn still run (one bad connection must not
         take the process, or the peers served after it in this turn, down with it)."""
         if self.on_error is None:

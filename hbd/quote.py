@@ -4,7 +4,6 @@ line into megabytes (a YAML alias bomb's value repr()s to hundreds of MB)."""
 from __future__ import annotations
 
 import reprlib
-from typing import Any
 
 QUOTE_MAX = 40  # characters of a quoted value in an error message
 
@@ -14,7 +13,7 @@ _REPR.maxlist = _REPR.maxtuple = _REPR.maxset = _REPR.maxdict = 3
 _REPR.maxstring = _REPR.maxlong = _REPR.maxother = QUOTE_MAX
 
 
-def quote(value: Any, limit: int = QUOTE_MAX) -> str:
+def quote(value: object, limit: int = QUOTE_MAX) -> str:
     """repr() of ``value``, at most ``limit`` characters (bounded work whatever the value)."""
     try:
         text = _REPR.repr(value)
@@ -27,6 +26,6 @@ def cut(text: str, limit: int = QUOTE_MAX) -> str:
     return text if len(text) <= limit else text[: max(limit - 3, 1)] + "..."
 
 
-def show(value: Any) -> str:
+def show(value: object) -> str:
     """A value as error messages name it: its type and a short repr."""
     return f"{type(value).__name__} {quote(value)}" if value is not None else "nothing (null)"

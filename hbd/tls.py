@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hbd.durations import parse_duration
+from hbd.loop import EventLoop
 from hbd.quote import cut, show
 
 # The first byte of every TLS connection: a handshake record (ClientHello).
@@ -42,7 +43,7 @@ class TLSConfig:
 
 
 # -- config parsing (called by hbd.config; raises ValueError naming the sub-key) ------------------
-def parse_server_tls(value: Any) -> TLSConfig | None:
+def parse_server_tls(value: object) -> TLSConfig | None:
     cfg = _parse(value, _SERVER_KEYS)
     if cfg is None:
         return None
@@ -60,7 +61,7 @@ def parse_server_tls(value: Any) -> TLSConfig | None:
     return cfg
 
 
-def parse_client_tls(value: Any) -> TLSConfig | None:
+def parse_client_tls(value: object) -> TLSConfig | None:
     cfg = _parse(value, _CLIENT_KEYS)
     if cfg is None:
         return None
@@ -204,7 +205,9 @@ class Handshake:
 
     __slots__ = ("done", "failed", "loop", "sock")
 
-    def __init__(self, loop: Any, sock: ssl.SSLSocket, done: Callable[[], None], failed: Callable[[str], None]) -> None:
+    def __init__(
+        self, loop: EventLoop, sock: ssl.SSLSocket, done: Callable[[], None], failed: Callable[[str], None]
+    ) -> None:
         self.loop = loop
         self.sock = sock
         self.done = done
