@@ -1,7 +1,8 @@
 """What the server and the client daemons share: start-up, signals, reload, watchdog, shutdown.
 
 A subclass provides ``load()`` (parse + validate its config), ``start()``, ``prepare(new)`` (do
-everything that can fail for a reload and return a commit function) and ``shutdown()``.
+everything that can fail for a reload and return a commit function) and ``shutdown()``. The reload
+machinery itself (outcomes, ``hbd reload`` requests and their verdicts) is hbd.reloading's.
 """
 
 from __future__ import annotations
