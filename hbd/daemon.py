@@ -11,7 +11,7 @@ import signal
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from hbd.early import STRAY_SIGNALS, take_hup
+from hbd.early import LOOP_SIGNALS, STRAY_SIGNALS, take_hup
 from hbd.errors import HbdError
 from hbd.errors import StartError as StartError  # re-exported: where callers import it from
 from hbd.logs import Logging, PeerLog, log
@@ -24,9 +24,6 @@ from hbd.silencing import Silencing
 from hbd.view import DaemonView, DaemonViews
 
 STATUS_INTERVAL = 1.0
-# Every signal a daemon's loop handles. The supervisor blocks them across fork() (hbd/workers.py) and the
-# worker keeps them blocked until run() has installed its own handlers.
-LOOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, *STRAY_SIGNALS})
 # Exit statuses of permanent failures, which the units do not restart (RestartPreventExitStatus=).
 EXIT_CONFIG = 78  # EX_CONFIG (sysexits.h): the configuration is invalid
 EXIT_GAVE_UP = 79  # the client gave up on every server after reconnect_attempts

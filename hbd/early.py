@@ -21,6 +21,9 @@ STRAY_SIGNALS = tuple(
     )
     if s is not None
 )
+# Every signal a daemon's loop handles. The supervisor blocks them across fork() (hbd/worker_pool.py) and the
+# worker keeps them blocked until run() has installed its own handlers.
+LOOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, *STRAY_SIGNALS})
 
 _hup_pending = False
 

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 
 from hbd.config import ServerConfig
-from hbd.daemon import LOOP_SIGNALS
+from hbd.early import LOOP_SIGNALS
 from hbd.errors import StartError
 from hbd.logs import fields, log
 from hbd.loop import EventLoop
