@@ -36,7 +36,7 @@ def socket_of(args: argparse.Namespace, role: str | None) -> str | None:
     return path
 
 
-def ask(path: str, request: str, timeout: float) -> dict | None:
+def ask(path: str, request: str, timeout: float) -> dict[str, object] | None:
     """Send one request to a status socket and return its JSON reply; None once an error
     (unreachable, no permission, an error reply) has been printed."""
     from hbd.control import query

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
 
 from hbd.quote import quote, show
 
@@ -42,7 +41,7 @@ def parse_duration(text: str) -> float:
 DAY = 86400.0
 
 
-def seconds_value(value: Any, hi: float = DAY) -> float:
+def seconds_value(value: object, hi: float = DAY) -> float:
     """Config converter: a positive number of seconds, at most ``hi``, given as a number or as a
     duration string; ValueError(reason) otherwise."""
     if isinstance(value, str):

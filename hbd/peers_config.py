@@ -47,7 +47,7 @@ class ExpectedPeer:
 Problem = tuple[int | None, str]  # (line, reason)
 
 
-def parse_peers(value: Any, lines: Sequence[int]) -> tuple[list[ExpectedPeer], list[Problem]]:
+def parse_peers(value: object, lines: Sequence[int]) -> tuple[list[ExpectedPeer], list[Problem]]:
     """A ``peers`` list -> its peers and its problems; ``lines[i]`` is item i's line (or missing).
     Duplicates within the list are problems; an empty list or null is no peers."""
     if value is None:
@@ -88,7 +88,7 @@ def network_key(net: Network) -> tuple[int, int, int]:
     return net.version, int(net.network_address), net.prefixlen
 
 
-def parse_item(item: Any) -> ExpectedPeer:
+def parse_item(item: object) -> ExpectedPeer:
     if isinstance(item, str):
         return ExpectedPeer(_name(item))
     if not isinstance(item, dict) or "name" not in item:
