@@ -8,8 +8,10 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "hbd"
 MAX_CLASS_LINES = 250
-# Being reduced on another branch (the peer registry takes its reporting out); drop it from here then.
-EXEMPT = {("server.py", "Server")}
+# Still to split (drop each from here when it is): Server is being reduced on another branch (the
+# peer registry takes its reporting out); StateStore (277 lines) landed on main after this test was
+# written: its bounded coalescing queues and its SQLite writer are two jobs.
+EXEMPT = {("server.py", "Server"), ("state_store.py", "StateStore")}
 
 
 def class_sizes(path: Path) -> list[tuple[str, int]]:
