@@ -62,6 +62,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.process)
         if not xdist:
             continue
+        if item.get_closest_marker("xdist_group") is not None:
+            continue  # the module chose (package builds: slow, but no timing to disturb)
         if item.get_closest_marker("systemd") is not None:
             item.add_marker(pytest.mark.xdist_group("systemd"))
         elif item.get_closest_marker("slow") is not None:
