@@ -11,9 +11,13 @@ RUN_DEPS := python3 python3-yaml python3-systemd
 # which tests the shipped alerting rules (tests/test_prometheus_rules.py; mk/apt-need.sh stops and
 # disables the Prometheus server the package would start). The real-systemd tests (root only) get theirs
 # from .ci/systemd-prepare.sh: systemd-container, debootstrap, build deps.
-APT_DEPS := $(RUN_DEPS) python3-pytest python3-pytest-timeout python3-hypothesis
+APT_DEPS := $(RUN_DEPS) python3-pytest python3-pytest-timeout python3-hypothesis python3-pytest-xdist
 APT_DEPS += openssl iproute2 faketime python3-prometheus-client groff-base prometheus
 PYTEST_ARGS ?=
+# Most tests wait on real time (daemons, timeouts), not on the CPU: 4 workers on 2 cores. loadgroup keeps
+# the real-systemd tests in one worker and the slow load tests in another (tests/conftest.py).
+TEST_WORKERS ?= 4
+XDIST := -n $(TEST_WORKERS) --dist loadgroup
 
 .PHONY: help deps demo-deps demo run-server run-client test test-fast lint clean
 help:
@@ -53,10 +57,10 @@ run-client: demo-deps
 test: deps
 	@if [ "$$(id -u)" = 0 ]; then bash .ci/systemd-prepare.sh; \
 	else echo "make test: not root: the real-systemd tests will be skipped"; fi
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 test-fast: deps
-	$(PY) -m pytest -q -m "not systemd and not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) -m "not systemd and not slow" $(PYTEST_ARGS)
 
 # Quality gates, run by .ci/run: pinned versions in a local venv (python3-venv from apt), so a new ruff or
 # mypy release can never turn CI red on its own.

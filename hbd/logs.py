@@ -119,14 +119,17 @@ class PriorityPrefixFormatter(logging.Formatter):
 class ResilientFileHandler(logging.handlers.RotatingFileHandler):
     """A rotating file that survives write failures: report once, keep running, reopen later."""
 
-    def __init__(self, filename: str, report: Callable[[int, str], None]) -> None:
+    def __init__(
+        self, filename: str, report: Callable[[int, str], None], clock: Callable[[], float] = time.monotonic
+    ) -> None:
         super().__init__(filename, maxBytes=FILE_MAX_BYTES, backupCount=FILE_BACKUPS, encoding="utf-8")
         self._report = report
+        self._clock = clock  # decides when to retry a broken file; tests pass virtual time
         self._broken_since: float | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
         if self._broken_since is not None:
-            if time.monotonic() - self._broken_since < REOPEN_AFTER:
+            if self._clock() - self._broken_since < REOPEN_AFTER:
                 return
             self._broken_since = None
             self._report(logging.INFO, f"retrying the log file {self.baseFilename}")
@@ -174,7 +177,7 @@ class ResilientFileHandler(logging.handlers.RotatingFileHandler):
                 logging.ERROR,
                 f"cannot write the log file {self.baseFilename}: {exc}; still running, retrying in {REOPEN_AFTER:g} s",
             )
-        self._broken_since = time.monotonic()
+        self._broken_since = self._clock()
         try:
             if self.stream is not None:
                 self.stream.close()
@@ -186,8 +189,11 @@ class ResilientFileHandler(logging.handlers.RotatingFileHandler):
 class Logging:
     """Owns hbd's handlers; ``configure()`` is called at start and on every reload."""
 
-    def __init__(self, identifier: str, *, journald: bool | None = None) -> None:
+    def __init__(
+        self, identifier: str, *, journald: bool | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.identifier = identifier
+        self.clock = clock  # the log file's retry timer
         if journald is None:
             journald = under_journald()
         self.journald = journald
@@ -255,7 +261,7 @@ class Logging:
             parent = Path(path).parent
             if not parent.exists() and not parent.is_symlink():
                 parent.mkdir(parents=True)  # convenient when run by hand; systemd makes /var/log/hbd
-            handler = ResilientFileHandler(path, self._report)
+            handler = ResilientFileHandler(path, self._report, self.clock)
         except OSError as exc:
             raise LogSetupError(f"cannot open the log file {path}: {exc.strerror or exc}") from None
         handler.setFormatter(logging.Formatter(LOG_FORMAT.format(identifier=self.identifier), DATE_FORMAT))

@@ -36,18 +36,18 @@ class Notifier:
     def send(self, message: str) -> None:
         if self.address is None:
             return
-        if _sd_daemon is not None and os.environ.get("NOTIFY_SOCKET") == self.address:
-            _sd_daemon.notify(message)
-            return
         addr = self.address
         if addr.startswith("@"):  # abstract namespace socket
             addr = "\0" + addr[1:]
         try:
+            if _sd_daemon is not None and os.environ.get("NOTIFY_SOCKET") == self.address:
+                _sd_daemon.notify(message)  # raises too (ConnectionRefusedError) when nobody listens
+                return
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
             self._sock.sendto(message.encode(), addr)
         except OSError:
-            pass  # the manager went away; nothing useful to do from inside the daemon
+            pass  # the manager went away; nothing useful to do from inside the daemon (STOPPING must still stop)
 
     def ready(self, status: str | None = None) -> None:
         self.send("READY=1" + (f"\nSTATUS={status}" if status else ""))

@@ -44,8 +44,30 @@ def procs():
     """Processes started through this list are stopped (and reaped) after the test."""
     started: list[HbdProcess] = []
     yield started
+    for p in started:  # all told first, then each awaited: a slow stopper costs its time once, not per process
+        p.terminate()
     for p in started:
         p.stop()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests that run hbd daemons as real processes (the ``procs`` fixture) are marked ``process``: the
+    package build runs the others (debian/rules). Under pytest-xdist (`make test` runs
+    `-n N --dist loadgroup`) the real-systemd tests go to one worker, in file order (they share one
+    container at a time, guest.lock, and boot it per module), and the slow load tests to another, one
+    at a time, so that they never load the 2 cores together."""
+    xdist = config.pluginmanager.hasplugin("xdist")
+    for item in items:
+        if "procs" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.process)
+        if not xdist:
+            continue
+        if item.get_closest_marker("xdist_group") is not None:
+            continue  # the module chose (package builds: slow, but no timing to disturb)
+        if item.get_closest_marker("systemd") is not None:
+            item.add_marker(pytest.mark.xdist_group("systemd"))
+        elif item.get_closest_marker("slow") is not None:
+            item.add_marker(pytest.mark.xdist_group("slow"))
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -51,6 +51,7 @@ class HbdProcess:
             cwd=ROOT,
             env=full_env,
         )
+        self._terminated = False
         self.lines: list[tuple[float, str]] = []
         self._cond = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -103,10 +104,15 @@ class HbdProcess:
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
 
-    def stop(self, timeout: float = 5.0) -> int:
-        if self.proc.poll() is None:
+    def terminate(self) -> None:
+        """Ask it to stop (SIGTERM, after a SIGCONT in case it was stopped); stop() waits for it."""
+        if self.proc.poll() is None and not self._terminated:
+            self._terminated = True
             self.proc.send_signal(signal.SIGCONT)
             self.proc.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout: float = 5.0) -> int:
+        self.terminate()
         try:
             rc = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:

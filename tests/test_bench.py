@@ -33,6 +33,7 @@ def test_loadgen_refuses_non_loopback() -> None:
         loopback_addr("192.0.2.1", 1)  # TEST-NET: rejected before any packet is sent
 
 
+@pytest.mark.slow  # about 15 s of real load on the machine
 def test_runner_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert bench_main.main(["--mode", "smoke", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out

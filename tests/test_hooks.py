@@ -275,7 +275,9 @@ def test_a_flapping_stranger_does_not_cost_real_peers_their_down_hooks(tmp_path:
     time.sleep(1.0)  # established
     flaps = 0
     t0 = time.monotonic()
-    while time.monotonic() - t0 < 3.0:
+    # At least 150 flaps (50 a second for 3 s): on a loaded machine this loop is slower, so it runs longer
+    # instead of pressing the server less; whether the hooks were under pressure is asserted on the counters.
+    while (time.monotonic() - t0 < 3.0 or flaps < 150) and time.monotonic() - t0 < 20.0:
         with connect(port) as f:
             f.sendall(b"ping")
             recv_exactly(f, 4)
@@ -283,7 +285,7 @@ def test_a_flapping_stranger_does_not_cost_real_peers_their_down_hooks(tmp_path:
         if real and time.monotonic() - t0 > 1.0:
             real.pop().close()  # one real peer goes down every few milliseconds, amid the flapping
         time.sleep(0.004)  # ~200 a second, as in the issue
-    rate = flaps / 3.0
+    rate = flaps / (time.monotonic() - t0)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         downs = [line for line in out.read_text().splitlines() if line.startswith("down web")] if out.exists() else []
@@ -292,6 +294,6 @@ def test_a_flapping_stranger_does_not_cost_real_peers_their_down_hooks(tmp_path:
         time.sleep(0.1)
     doc = json.loads(query(str(tmp_path / "server.sock"), "status"))
     print(f"\nflapping stranger at {rate:.0f} connections/s; real down hooks run: {len(downs)}/5; hooks {doc['hooks']}")
-    assert rate > 50
+    assert flaps >= 150
     assert sorted(downs) == [f"down web{i} 0" for i in range(1, 6)], downs
     assert doc["hooks"]["dropped"] + doc["hooks"]["coalesced"] > 0  # the stranger did lose its own

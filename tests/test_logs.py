@@ -127,6 +127,31 @@ def test_log_file_failure_is_reported_once_and_retried(tmp_path: Path, monkeypat
     assert "four" in (d / "x.log").read_text()
 
 
+def test_a_deleted_log_directory_is_retried_after_reopen_after_seconds(tmp_path: Path, capsys, fresh, vclock) -> None:
+    """The retry rule on virtual time: one error when the file breaks, nothing tried (nor written)
+    before REOPEN_AFTER, then one retry that writes again once the directory is back."""
+    lg = Logging("hbd-test", journald=False, clock=vclock)
+    fresh.append(lg)
+    d = tmp_path / "logs"
+    lg.configure("info", str(d / "x.log"))
+    log.warning("before")
+    shutil.rmtree(d)
+    log.warning("lost")  # the file is gone: reopening fails
+    err = capsys.readouterr().err
+    assert err.count("cannot write the log file") == 1 and f"retrying in {logs.REOPEN_AFTER:g} s" in err
+    d.mkdir()
+    vclock.advance(logs.REOPEN_AFTER - 0.01)
+    log.warning("too early")
+    err = capsys.readouterr().err
+    assert "retrying the log file" not in err and not (d / "x.log").exists()
+    vclock.advance(0.01)
+    log.warning("back")
+    err = capsys.readouterr().err
+    assert err.count("retrying the log file") == 1 and "cannot write" not in err
+    assert (d / "x.log").read_text().count("back") == 1
+    assert "too early" not in (d / "x.log").read_text()
+
+
 def test_level_and_file_change_on_commit(tmp_path: Path, capsys, fresh) -> None:
     lg = Logging("hbd-test", journald=False)
     fresh.append(lg)

@@ -42,6 +42,18 @@ def test_messages_reach_the_socket(tmp_path: Path, monkeypatch, impl) -> None:
         n.close()
 
 
+def test_a_manager_that_went_away_raises_nothing(tmp_path: Path, monkeypatch, impl) -> None:
+    """Nobody listens on NOTIFY_SOCKET any more: STOPPING=1 (sent from the SIGTERM handler) must not
+    raise, or the daemon carries on instead of stopping."""
+    path = str(tmp_path / "n.sock")
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    listen(path).close()  # the socket file stays, nobody reads it: connection refused
+    n = Notifier()
+    n.ready()
+    n.stopping()
+    n.close()
+
+
 def test_abstract_socket(monkeypatch) -> None:
     monkeypatch.setattr(notify, "_sd_daemon", None)
     name = f"hbd-test-{os.getpid()}"

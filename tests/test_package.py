@@ -15,7 +15,8 @@ import pytest
 from hbd import __version__
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+# Slow, but with no timing to disturb: under xdist not queued behind the slow load tests (tests/conftest.py).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("package-build")]
 
 
 def test_checkout_version_is_the_changelogs() -> None:

@@ -157,6 +157,7 @@ def test_client_reload_of_the_interval_tells_the_server_on_the_open_connection(t
     cli = start_client(tmp_path, srv.config["port"], client_name="web1", heartbeat_interval=0.5, pong_timeout=1.5)
     procs += [cli, srv]
     cli.wait_for("pong from")
+    srv.wait_for(r"is web1 \(interval 0\.5 s\)")  # the server's lines so far are read before the mark
     assert [(p["name"], p["timeout"]) for p in _server_peers(srv)] == [("web1", 1.5)]
     smark, cmark = srv.mark(), cli.mark()
     cli.write_config({**cli.config, "heartbeat_interval": 3, "pong_timeout": 5})
@@ -164,7 +165,9 @@ def test_client_reload_of_the_interval_tells_the_server_on_the_open_connection(t
     cli.wait_for("reloaded", after=cmark)
     srv.wait_for(r"client .* is web1 \(interval 3 s\)", after=smark)
     assert [(p["name"], p["timeout"], p["interval"]) for p in _server_peers(srv)] == [("web1", 9.0, 3.0)]
-    time.sleep(8.0)  # two or three pings at the new interval
+    for _ in range(2):  # two pings at the new interval: 3 s of silence each, twice the old timeout
+        cli.wait_for("pong from", timeout=10, after=cli.mark())
+    time.sleep(0.2)  # the server's lines of that time, if any, reach us
     assert srv.count(r"late|timed out|disconnected|connected", after=smark) == 0, srv.output()
     assert cli.count(r"lost|late|connected to|reconnecting", after=cmark) == 0, cli.output()
     assert cli.count("pong from", after=cmark) >= 2

@@ -133,19 +133,25 @@ def test_workers_port_in_use_fails_fast(tmp_path: Path, procs) -> None:
 def test_a_worker_that_dies_during_start_up_is_a_clean_start_error(tmp_path: Path, procs) -> None:
     from daemons import HbdProcess, free_port
 
-    srv = HbdProcess(
-        "server",
-        {"host": "127.0.0.1", "port": free_port(), "workers": 2, "log_file": None, "control_socket": None},
-        tmp_path,
-    )
-    procs.append(srv)
-    deadline = time.monotonic() + 10
-    while not (kids := children(srv.pid)):  # the first worker, long before it listens
-        assert time.monotonic() < deadline and srv.proc.poll() is None, srv.output()
-        time.sleep(0.001)
-    os.kill(kids[0], signal.SIGKILL)
-    assert srv.proc.wait(10) == 1
-    srv.stop()
+    for _attempt in range(5):
+        srv = HbdProcess(
+            "server",
+            {"host": "127.0.0.1", "port": free_port(), "workers": 2, "log_file": None, "control_socket": None},
+            tmp_path,
+        )
+        procs.append(srv)
+        deadline = time.monotonic() + 10
+        while not (kids := children(srv.pid)):  # the first worker, normally long before it listens
+            assert time.monotonic() < deadline and srv.proc.poll() is None, srv.output()
+            time.sleep(0.001)
+        os.kill(kids[0], signal.SIGKILL)
+        _, line = srv.wait_for("exited during start-up|exited unexpectedly", timeout=10)
+        # On a loaded machine this thread can be scheduled only after the workers have started:
+        # that kill is a crash at run time (restarted, a different test); try again.
+        if "exited unexpectedly" not in line:
+            break
+        srv.stop()
+    assert srv.proc.wait(10) == 1, srv.output()
     assert "exited during start-up" in srv.output() and "Traceback" not in srv.output(), srv.output()
 
 
