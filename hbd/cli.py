@@ -1,5 +1,5 @@
 """Command line: ``hbd server``, ``hbd client``, ``hbd check-config``, ``hbd status``, ``hbd reload``,
-``hbd silence``, ``hbd unsilence``, ``hbd silences``."""
+``hbd silence``, ``hbd unsilence``, ``hbd silences``, ``hbd history``."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from hbd.config import (
     load_server_config,
     read_document,
 )
+from hbd.history_report import DEFAULT_SINCE, parse_duration
 
 if TYPE_CHECKING:
     from hbd.daemon import Daemon
@@ -133,6 +134,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print the server's JSON document instead of a table")
     _socket_args(p)
+    p = sub.add_parser(
+        "history",
+        help="show the peers' uptime and outages from the state store",
+        description="Read the server's state store (state_dir of its configuration) read-only, while the "
+        "server runs or not, and show per peer: uptime over the last 24 h, 7 d and 30 d (time UP or LATE "
+        "over the time known; time the server was not running is shown apart as unknown), the outages "
+        "of the last DURATION (count, total, longest), when it was last seen and a timeline of the last "
+        "24 h. With PEER: that peer's outages and changes too. Exit 1 if the store cannot be read.",
+    )
+    p.add_argument("peer", nargs="?", metavar="PEER", help="show this peer only, with its outages and changes")
+    p.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        help=f"the server's configuration, for state_dir (default {DEFAULT_SERVER_CONFIG})",
+    )
+    p.add_argument(
+        "--since",
+        type=_since,
+        default=DEFAULT_SINCE,
+        metavar="DURATION",
+        help="count outages (and list a peer's changes) over this long, such as 90s, 30m, 2h or 1d (default 7d)",
+    )
+    p.add_argument("--json", action="store_true", help="print the numbers as a JSON document")
     return parser
 
 
@@ -143,6 +168,20 @@ def _socket_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--timeout", type=float, default=10.0, metavar="SECONDS", help="give up after this long (default 10)"
     )
+
+
+MAX_SINCE = 3650 * 86400.0
+
+
+def _since(text: str) -> float:
+    """--since: a duration, more than zero (argparse reports the ValueError's words)."""
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not 0 < seconds <= MAX_SINCE:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 3650d, got {text!r}")
+    return seconds
 
 
 def _config_arg(p: argparse.ArgumentParser, role: str | None) -> None:
@@ -160,6 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from hbd import silence_cli
 
         return silence_cli.run(args)
+    if args.command == "history":
+        return history(args)
     if args.command in ("server", "client"):
         _enable_faulthandler()
     role = args.role if args.command == "check-config" else args.command
@@ -339,4 +380,55 @@ def status(args: argparse.Namespace) -> int:
         print(f"hbd: error: {path}: not a status reply: {exc}", file=sys.stderr)
         return 1
     sys.stdout.write(st.render(parsed, recent=max(args.recent, 0)))
+    return 0
+
+
+DEFAULT_STATE_DIR = "/var/lib/hbd"
+
+
+def _wall() -> float:
+    """Wall-clock now for ``hbd history`` (tests replace it: virtual time)."""
+    import time
+
+    return time.time()
+
+
+def _state_dir(config_path: str) -> str | None:
+    """The server's state_dir (None: it keeps no store); ConfigError if the file is invalid."""
+    config = load_server_config(config_path)
+    state_dir: str | None = getattr(config, "state_dir", DEFAULT_STATE_DIR)
+    return state_dir
+
+
+def history(args: argparse.Namespace) -> int:
+    """``hbd history``: uptime and outages per peer, from the server's state store (read-only)."""
+    from hbd import history_report as hr
+    from hbd.history import WINDOWS
+    from hbd.history_reader import HistoryError, read, store_path
+
+    path = args.config or DEFAULT_SERVER_CONFIG
+    try:
+        state_dir = _state_dir(path)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(f"hbd: error: {line}", file=sys.stderr)
+        return 1
+    if state_dir is None:
+        print(f"hbd: error: {path} sets state_dir: null: the server keeps no history", file=sys.stderr)
+        return 1
+    now = _wall()
+    try:
+        stored = read(store_path(state_dir), now - max(args.since, *WINDOWS.values()), now, args.peer)
+    except HistoryError as exc:
+        print(f"hbd: error: {exc}", file=sys.stderr)
+        return 1
+    report = hr.build(stored, now, args.since, detail=args.peer is not None)
+    if args.peer is not None and not report.peers:
+        print(f"hbd: error: {stored.path}: no history of a peer named {args.peer!r}", file=sys.stderr)
+        return 1
+    if args.json:
+        sys.stdout.write(hr.dumps(report))
+    else:
+        ascii_only = hr.needs_ascii(getattr(sys.stdout, "encoding", None))
+        sys.stdout.write(hr.render(report, hr.ASCII if ascii_only else hr.BLOCKS))
     return 0

@@ -1,0 +1,331 @@
+"""``hbd history`` on real store files made here, in made-up (virtual) wall-clock times."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hbd import cli
+from hbd.cli import main
+from hbd.config import ServerConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+H, DAY = 3600.0, 86400.0
+NOW = 1_800_000_000.0  # 2027-01-15 08:00:00 UTC
+
+SCHEMA = [
+    """CREATE TABLE peers (name TEXT PRIMARY KEY, address TEXT, state TEXT, since REAL, last_ping REAL NULL,
+        reason TEXT, expected INTEGER, timeout REAL, labels TEXT)""",
+    "CREATE TABLE silences (name TEXT PRIMARY KEY, until REAL, reason TEXT, created REAL)",
+    "CREATE TABLE changes (id INTEGER PRIMARY KEY, time REAL, peer TEXT, old TEXT, new TEXT, reason TEXT, side TEXT)",
+    "CREATE TABLE runs (id INTEGER PRIMARY KEY, started REAL, alive REAL)",
+]
+
+# The server ran for 8 days, was down an hour (30 h to 29 h ago) and runs since (alive 5 s ago).
+RUNS = [(NOW - 10 * DAY, NOW - 30 * H), (NOW - 29 * H, NOW - 5)]
+CHANGES = [
+    (NOW - 10 * DAY, "web1", "NEW", "UP", ""),
+    (NOW - 10 * DAY, "db1", "NEW", "UP", ""),
+    (NOW - 29 * H + 10, "web1", "NEW", "UP", ""),  # back 10 s after the restart
+    (NOW - 29 * H + 10, "db1", "NEW", "UP", ""),
+    (NOW - 3 * H, "web1", "UP", "DOWN", "timeout"),
+    (NOW - 2 * H, "web1", "DOWN", "UP", ""),
+    (NOW - 20 * 60, "db1", "UP", "DOWN", "connection closed"),  # still down
+    (NOW - 6 * H, "late1", "NEW", "UP", ""),  # first seen 6 h ago
+    (NOW - 1 * H, "late1", "UP", "LATE", "no ping for 7.5 s"),
+    (NOW - 50 * 60, "late1", "LATE", "UP", ""),
+]
+PEERS = [
+    ("web1", "10.0.0.1:4000", "UP", NOW - 2 * H, NOW - 3),
+    ("db1", "10.0.0.2:4000", "DOWN", NOW - 20 * 60, NOW - 20 * 60 - 4),
+    ("late1", "10.0.0.3:4000", "UP", NOW - 50 * 60, NOW - 1),
+]
+
+
+def make_store(state_dir: Path, changes=CHANGES, runs=RUNS, peers=PEERS, version: int = 2) -> Path:
+    """A state store as the server writes it (schema of docs/DESIGN: WAL, user_version)."""
+    state_dir.mkdir(exist_ok=True)
+    path = state_dir / "state.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    for sql in SCHEMA:
+        conn.execute(sql)
+    conn.execute(f"PRAGMA user_version = {version}")
+    conn.executemany(
+        "INSERT INTO changes (time, peer, old, new, reason, side) VALUES (?, ?, ?, ?, ?, 'server')", changes
+    )
+    conn.execute(
+        "INSERT INTO changes (time, peer, old, new, reason, side) VALUES (?, 'srv', 'UP', 'DOWN', '', 'client')",
+        (NOW - H,),
+    )
+    conn.executemany("INSERT INTO runs (started, alive) VALUES (?, ?)", runs)
+    conn.executemany(
+        "INSERT INTO peers (name, address, state, since, last_ping, reason, expected, timeout, labels)"
+        " VALUES (?, ?, ?, ?, ?, '', 0, 10, '{}')",
+        peers,
+    )
+    conn.close()
+    return path
+
+
+@pytest.fixture
+def utc() -> Iterator[None]:
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TZ", "UTC")
+    time.tzset()
+    yield
+    mp.undo()
+    time.tzset()
+
+
+@pytest.fixture
+def config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, utc: None) -> Path:
+    """server.yaml naming tmp_path/state as state_dir; the command's clock at NOW."""
+    state_dir = tmp_path / "state"
+    path = tmp_path / "server.yaml"
+    path.write_text(f"state_dir: {state_dir}\n")
+    if "state_dir" not in {f.name for f in dataclasses.fields(ServerConfig)}:  # until branch cfg is merged
+        path.write_text("")
+        monkeypatch.setattr(cli, "_state_dir", lambda _: str(state_dir))
+    monkeypatch.setattr(cli, "_wall", lambda: NOW)
+    return path
+
+
+def history(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(["history", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_the_table(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_store(config.parent / "state")
+    code, out, err = history(capsys, "-c", str(config))
+    assert code == 0 and not err
+    lines = out.splitlines()
+    assert lines[0].startswith(f"history from {config.parent / 'state' / 'state.db'} at 2027-01-15 08:00:00 UTC")
+    rows = {line.split()[0]: line for line in lines if line.split()[:1] in (["web1"], ["db1"], ["late1"])}
+    assert list(rows) == ["db1", "web1", "late1"]  # problems first
+    # db1: down for the last 20 minutes; over 7 d, the hour and 10 s unknown are out of the sum
+    # (1 - 1200 / (7 d - 3610 s) = 99.80%); over 30 d, it was first seen 10 d ago (99.86%)
+    assert rows["db1"].split()[:10] == [
+        "db1",
+        "DOWN",
+        "98.61%",
+        "99.80%",
+        "99.86%",
+        "1",
+        "20m00s",
+        "20m00s",
+        "1h00m",
+        "20m00s",
+    ]
+    # web1: an hour down 3 h ago (23 h of 24 h: 95.83%)
+    assert rows["web1"].split()[:9] == ["web1", "UP", "95.83%", "99.40%", "99.58%", "1", "1h00m", "1h00m", "1h00m"]
+    # late1: LATE counts as up; before it was first seen counts nowhere
+    assert rows["late1"].split()[:9] == ["late1", "UP", "100%", "100%", "100%", "0", "-", "-", "-"]
+    assert "now" in rows["web1"] and "ago" in rows["db1"]
+    assert "srv" not in out  # the client side's changes are not the server's peers
+    header = next(line for line in lines if line.startswith("PEER"))
+    timeline_at = header.index("LAST 24 H")
+    assert lines[lines.index(header) + 1][timeline_at:].startswith("08:30") or "12:00" in lines[lines.index(header) + 1]
+    web1 = rows["web1"][timeline_at:]
+    assert len(web1) == 48 and web1.count("\u2581") == 2 and web1.endswith("\u2588" * 4)
+    assert rows["late1"][timeline_at:].strip().startswith("\u2588") and "\u2586" in rows["late1"]
+
+
+def test_the_json_document(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_store(config.parent / "state")
+    code, out, _ = history(capsys, "-c", str(config), "--json", "--since", "2d")
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["now"] == NOW and doc["since_seconds"] == 2 * DAY and doc["runs_recorded"] is True
+    assert doc["timeline"] == {"start": NOW - DAY + 1800 - 1800, "cell_seconds": 1800.0, "cells": 48}
+    peers = {p["peer"]: p for p in doc["peers"]}
+    assert set(peers) == {"web1", "db1", "late1"}
+    web1 = peers["web1"]
+    assert web1["state"] == "UP" and web1["first_seen"] == NOW - 10 * DAY and web1["last_seen"] == NOW
+    assert web1["windows"]["24h"] == {
+        "uptime_percent": round(100 * 23 / 24, 4),
+        "up_seconds": 23 * H,
+        "late_seconds": 0.0,
+        "down_seconds": H,
+        "unknown_seconds": 0.0,
+        "outages": 1,
+        "longest_outage_seconds": H,
+        "down_since": None,
+    }
+    since = web1["windows"]["since"]  # 2 d: the server's hour off and web1's 10 s as NEW are unknown
+    assert (since["unknown_seconds"], since["down_seconds"], since["up_seconds"]) == (H + 10, H, 2 * DAY - 2 * H - 10)
+    assert peers["db1"]["windows"]["24h"]["down_since"] == NOW - 20 * 60
+    assert (
+        peers["late1"]["windows"]["30d"]["up_seconds"] == 6 * H
+        and peers["late1"]["windows"]["30d"]["late_seconds"] == 600
+    )
+    assert web1["timeline"][-6:] == ["DOWN", "DOWN", "UP", "UP", "UP", "UP"]
+    assert "changes" not in web1  # only for one peer
+
+
+def test_one_peer_lists_its_outages_and_changes(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_store(config.parent / "state")
+    code, out, _ = history(capsys, "web1", "-c", str(config), "--since", "30h")
+    assert code == 0
+    assert "db1" not in out and "late1" not in out
+    assert "outages of web1 in the last 1d 6h:\n  2027-01-15 05:00:00 .. 2027-01-15 06:00:00  1h00m\n" in out
+    changes = out.split("changes of web1 in the last 1d 6h:\n")[1].splitlines()
+    assert changes == [
+        "  2027-01-14 03:00:10   NEW -> UP",
+        "  2027-01-15 05:00:00    UP -> DOWN  timeout",
+        "  2027-01-15 06:00:00  DOWN -> UP",
+    ]
+    code, out, _ = history(capsys, "db1", "-c", str(config), "--json")
+    doc = json.loads(out)
+    [db1] = doc["peers"]
+    assert db1["outages"] == [{"start": NOW - 1200, "end": NOW, "seconds": 1200.0}]
+    assert [c["new"] for c in db1["changes"]] == ["UP", "DOWN"]
+
+
+def test_an_unknown_peer(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_store(config.parent / "state")
+    code, out, err = history(capsys, "nosuch", "-c", str(config))
+    assert code == 1 and not out
+    assert err == f"hbd: error: {config.parent / 'state' / 'state.db'}: no history of a peer named 'nosuch'\n"
+
+
+def test_an_empty_store(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_store(config.parent / "state", changes=[], runs=[], peers=[])
+    code, out, _ = history(capsys, "-c", str(config))
+    assert code == 0 and "(no peers recorded)" in out
+    code, out, _ = history(capsys, "-c", str(config), "--json")
+    assert json.loads(out)["peers"] == []
+
+
+def test_a_store_without_runs_takes_the_server_as_running(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_store(config.parent / "state", runs=[])
+    code, out, _ = history(capsys, "-c", str(config), "--json")
+    doc = json.loads(out)
+    assert code == 0 and doc["runs_recorded"] is False
+    assert {p["peer"]: p["windows"]["7d"]["unknown_seconds"] for p in doc["peers"]} == {"web1": 0, "db1": 0, "late1": 0}
+    code, out, _ = history(capsys, "-c", str(config))
+    assert "records no server runs" in out
+
+
+@pytest.mark.parametrize(
+    ("make", "why"),
+    [
+        (lambda d: None, "state.db: no such file: the server has not kept a state store there yet"),
+        (lambda d: (d / "state.db").write_bytes(b"garbage " * 1000), "state.db: not a readable hbd state store"),
+        (lambda d: (d / "state.db").mkdir(), "state.db: not a regular file"),
+        (lambda d: make_store(d, version=9), "written by a newer hbd (schema version 9"),
+        (lambda d: sqlite3.connect(d / "state.db").execute("CREATE TABLE x (y)").connection.commit(), "no changes"),
+    ],
+    ids=["missing", "corrupt", "directory", "newer", "foreign"],
+)
+def test_a_store_that_cannot_be_read_is_one_line_and_exit_1(
+    config: Path, capsys: pytest.CaptureFixture[str], make, why: str
+) -> None:
+    state_dir = config.parent / "state"
+    state_dir.mkdir()
+    make(state_dir)
+    code, out, err = history(capsys, "-c", str(config))
+    assert code == 1 and not out
+    assert err.startswith(f"hbd: error: {state_dir / 'state.db'}") and err.count("\n") == 1, err
+    assert why in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("since", "why"),
+    [("soon", "not a duration"), ("0", "more than 0"), ("-5m", "not a duration"), ("5y", "not a duration")],
+)
+def test_since_must_be_a_duration(capsys: pytest.CaptureFixture[str], since: str, why: str) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["history", f"--since={since}"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --since:" in err and why in err
+
+
+def test_since_accepts_durations() -> None:
+    parser = cli.build_parser()
+    for text, seconds in (("90s", 90), ("30m", 1800), ("2h", 7200), ("1d", DAY), ("1h30m", 5400), ("600", 600)):
+        assert parser.parse_args(["history", "--since", text]).since == seconds
+    assert parser.parse_args(["history"]).since == 7 * DAY
+
+
+def _run_history(state_dir: Path, *args: str, user: list[str] | None = None) -> subprocess.CompletedProcess:
+    """``hbd history`` in a process of its own (clock at NOW; state_dir set until branch cfg is merged)."""
+    code = (
+        "import sys, hbd.cli as c; "
+        f"c._wall = lambda: {NOW!r}; c._state_dir = lambda _: {str(state_dir)!r}; "
+        "sys.exit(c.main(['history', *sys.argv[1:]]))"
+    )
+    env = {**os.environ, "TZ": "UTC", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [*(user or []), sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=60
+    )
+
+
+def test_it_reads_while_the_daemon_writes(tmp_path: Path) -> None:
+    """A writer holds the store open in WAL mode with rows only in the WAL: the reader sees them and
+    leaves the file as it was."""
+    path = make_store(tmp_path / "state")
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("PRAGMA wal_autocheckpoint = 0")
+    writer.execute(
+        "INSERT INTO changes (time, peer, old, new, reason, side) VALUES (?, 'new1', 'NEW', 'UP', '', 'server')",
+        (NOW - 60,),
+    )
+    writer.execute("BEGIN IMMEDIATE")  # and the writer is in the middle of its next batch
+    writer.execute(
+        "INSERT INTO changes (time, peer, old, new, reason, side) VALUES (?, 'new2', 'NEW', 'UP', '', 'server')",
+        (NOW - 30,),
+    )
+    files = {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in path.parent.iterdir()}
+    r = _run_history(tmp_path / "state", "--json")
+    assert {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in path.parent.iterdir()} == files
+    writer.execute("COMMIT")
+    writer.close()
+    assert r.returncode == 0, r.stderr
+    peers = {p["peer"] for p in json.loads(r.stdout)["peers"]}
+    assert "new1" in peers and "new2" not in peers
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the reader as another user")
+def test_a_reader_that_may_not_write_the_directory(tmp_path: Path) -> None:
+    """Member of the store's group, daemon stopped (no WAL), directory not writable: still readable;
+    not in the group: a one-line permission error."""
+    top = Path(tempfile.mkdtemp(prefix="hbd-history-"))  # pytest's own tmp is private to root
+    try:
+        _as_another_user(top)
+    finally:
+        shutil.rmtree(top)
+
+
+def _as_another_user(top: Path) -> None:
+    state_dir = top / "state"
+    path = make_store(state_dir)
+    os.chmod(top, 0o755)
+    os.chown(state_dir, 0, 65534)
+    os.chmod(state_dir, 0o750)
+    os.chown(path, 0, 65534)
+    os.chmod(path, 0o640)
+    assert not (state_dir / "state.db-wal").exists()
+    as_group = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    r = _run_history(state_dir, "--json", user=as_group)
+    assert r.returncode == 0, r.stderr
+    assert {p["peer"] for p in json.loads(r.stdout)["peers"]} == {"web1", "db1", "late1"}
+    os.chown(state_dir, 0, 0)
+    os.chmod(state_dir, 0o755)
+    os.chown(path, 0, 0)
+    r = _run_history(state_dir, user=as_group)
+    assert r.returncode == 1 and "permission denied (-rw-r-----)" in r.stderr and r.stderr.count("\n") == 1
