@@ -24,9 +24,9 @@ from hbd.config import (
     ServerConfig,
     load_client_config,
     load_server_config,
+    parse_duration,
     read_document,
 )
-from hbd.history_report import DEFAULT_SINCE, parse_duration
 
 if TYPE_CHECKING:
     from hbd.daemon import Daemon
@@ -170,6 +170,7 @@ def _socket_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+DEFAULT_SINCE = 7 * 86400.0
 MAX_SINCE = 3650 * 86400.0
 
 
@@ -383,9 +384,6 @@ def status(args: argparse.Namespace) -> int:
     return 0
 
 
-DEFAULT_STATE_DIR = "/var/lib/hbd"
-
-
 def _wall() -> float:
     """Wall-clock now for ``hbd history`` (tests replace it: virtual time)."""
     import time
@@ -395,9 +393,7 @@ def _wall() -> float:
 
 def _state_dir(config_path: str) -> str | None:
     """The server's state_dir (None: it keeps no store); ConfigError if the file is invalid."""
-    config = load_server_config(config_path)
-    state_dir: str | None = getattr(config, "state_dir", DEFAULT_STATE_DIR)
-    return state_dir
+    return load_server_config(config_path).state_dir
 
 
 def history(args: argparse.Namespace) -> int:

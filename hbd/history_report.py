@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -20,25 +19,7 @@ from hbd.history_reader import ChangeRow, StoredHistory
 from hbd.status import age
 
 CELLS = 48  # half-hour cells in the 24 h timeline
-DEFAULT_SINCE = 7 * h.DAY  # the outage columns (and a peer's change list) look this far back
 LEGEND = {h.UP: "up", h.LATE: "late", h.DOWN: "down", h.UNKNOWN: "unknown (server not running, or peer NEW)"}
-
-# A local duration parser until hbd.config.parse_duration (branch cfg) is on main: the same syntax.
-_PARTS = re.compile(r"(?:\d+(?:\.\d+)?[smhd])+\Z")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(text: str) -> float:
-    s = text.strip()
-    if re.fullmatch(r"\d+(?:\.\d+)?", s):
-        seconds = float(s)
-    elif len(s) <= 40 and _PARTS.match(s):
-        seconds = sum(float(n) * _UNITS[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)([smhd])", s))
-    else:
-        raise ValueError(f"not a duration (such as 90s, 30m, 2h or 1d, or a number of seconds): {text[:40]!r}")
-    if not math.isfinite(seconds):
-        raise ValueError(f"not a finite duration: {text[:40]!r}")
-    return seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,13 +59,16 @@ def build(stored: StoredHistory, now: float, since: float, detail: bool = False)
         spans = h.spans(changes, runs, now)
         windows = {label: h.summarize(spans, now - seconds, now) for label, seconds in h.WINDOWS.items()}
         windows["since"] = h.summarize(spans, now - since, now)
-        seen = [t for t in (h.last_seen(spans), stored.last_ping.get(name)) if t is not None]
+        # Up now: now. Else its last ping as the registry stored it (a DOWN verdict comes a timeout
+        # after that), else the end of its last UP or LATE span.
+        ping = stored.last_ping.get(name)
+        seen = h.last_seen(spans) if h.current(spans) in (h.UP, h.LATE) or ping is None else ping
         peers.append(
             PeerHistory(
                 peer=name,
                 state=h.current(spans),
                 first_seen=stored.first_seen.get(name),
-                last_seen=max(seen) if seen else None,
+                last_seen=seen,
                 windows=windows,
                 timeline=h.timeline(spans, now, CELLS),
                 outages=h.outages(spans, now - since, now) if detail else [],
