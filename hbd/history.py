@@ -26,6 +26,7 @@ The rules (docs/operations.md, "hbd history", says the same for operators):
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from bisect import bisect_left, bisect_right
@@ -113,7 +114,7 @@ def spans(changes: Iterable[Change], runs: Iterable[Run], now: float) -> list[Sp
     if not ordered:
         return []
     first = ordered[0].time
-    runs_ = clean_runs(runs, now)
+    runs_ = [r for r in clean_runs(runs, now) if r[1] > first]  # the others end before the peer existed
     change_times = [c.time for c in ordered]
     # The recorded state as breakpoints (time, order, state): each change sets its ``new``; each
     # restart sets the ``old`` of the first change of its run (order 0: before a change at that time).
@@ -191,23 +192,21 @@ def current(history: Sequence[Span]) -> str:
     return history[-1].state if history else UNKNOWN
 
 
-def cells(now: float, count: int = 48, length: float = DAY) -> list[tuple[float, float]]:
+@functools.lru_cache(maxsize=4)  # one grid for every peer of a report
+def cells(now: float, count: int = 48, length: float = DAY) -> tuple[tuple[float, float], ...]:
     """The timeline's cells: ``count`` cells of ``length / count`` seconds aligned on multiples of
     that since the epoch, the last one holding ``now`` (and cut at it)."""
     size = length / count
     end = math.ceil(now / size) * size
-    out = []
-    for i in range(count):
-        a = end - length + i * size
-        out.append((a, min(a + size, now)))
-    return out
+    return tuple((a, min(a + size, now)) for a in (end - length + i * size for i in range(count)))
 
 
 def timeline(history: Sequence[Span], now: float, count: int = 48, length: float = DAY) -> list[str]:
     """The worst state in each cell (NOT_SEEN where the peer had no history yet)."""
+    grid = cells(now, count, length)
     out = []
-    i = 0
-    for a, b in cells(now, count, length):
+    i = bisect_right([s.end for s in history], grid[0][0])  # skip what ended before the first cell
+    for a, b in grid:
         while i < len(history) and history[i].end <= a:
             i += 1
         worst = NOT_SEEN
