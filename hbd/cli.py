@@ -400,7 +400,7 @@ def history(args: argparse.Namespace) -> int:
     """``hbd history``: uptime and outages per peer, from the server's state store (read-only)."""
     from hbd import history_report as hr
     from hbd.history import WINDOWS
-    from hbd.history_reader import HistoryError, read, store_path
+    from hbd.history_reader import HistoryError, HistoryStore, store_path
 
     path = args.config or DEFAULT_SERVER_CONFIG
     try:
@@ -413,14 +413,24 @@ def history(args: argparse.Namespace) -> int:
         print(f"hbd: error: {path} sets state_dir: null: the server keeps no history", file=sys.stderr)
         return 1
     now = _wall()
+    since = now - max(args.since, *WINDOWS.values())  # as far back as any number needs
     try:
-        stored = read(store_path(state_dir), now - max(args.since, *WINDOWS.values()), now, args.peer)
+        with HistoryStore(store_path(state_dir)) as store:
+            report = hr.build(
+                store.path,
+                store.histories(since, args.peer),
+                store.runs(since, now),
+                store.last_pings(args.peer),
+                store.first_seen(args.peer),
+                now,
+                args.since,
+                detail=args.peer is not None,
+            )
     except HistoryError as exc:
         print(f"hbd: error: {exc}", file=sys.stderr)
         return 1
-    report = hr.build(stored, now, args.since, detail=args.peer is not None)
     if args.peer is not None and not report.peers:
-        print(f"hbd: error: {stored.path}: no history of a peer named {args.peer!r}", file=sys.stderr)
+        print(f"hbd: error: {report.path}: no history of a peer named {args.peer!r}", file=sys.stderr)
         return 1
     if args.json:
         sys.stdout.write(hr.dumps(report))

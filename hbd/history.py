@@ -93,7 +93,7 @@ class Summary:
     @property
     def uptime(self) -> float | None:
         """Percent of the known time that was UP or LATE; None when nothing is known."""
-        return 100.0 * self.up / self.known if self.known > 0 else None
+        return min(100.0, 100.0 * (self.up / self.known)) if self.known > 0 else None
 
 
 def clean_runs(runs: Iterable[Run], now: float) -> list[Run]:

@@ -16,6 +16,7 @@ import os
 import sqlite3
 import stat
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from hbd.errors import HbdError
@@ -43,28 +44,102 @@ class ChangeRow:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class StoredHistory:
-    path: str
-    changes: list[ChangeRow]  # in time order: all from ``since`` on, and each peer's last one before it
-    runs: list[Run] | None  # None: the store records no runs of the server
-    last_ping: dict[str, float | None]  # the peers table: every peer the registry remembers
-    first_seen: dict[str, float]  # each peer's first recorded change (however far back)
-
-
 def store_path(state_dir: str) -> str:
     return os.path.join(state_dir, DB_NAME)
 
 
-def read(path: str, since: float, now: float, peer: str | None = None) -> StoredHistory:
-    """The server side's changes from ``since`` on (of one peer, or all), the runs and the peers."""
-    conn = _open(path)
-    try:
-        return _read(conn, path, since, now, peer)
-    except sqlite3.Error as e:
-        raise HistoryError(_explain(path, e)) from None
-    finally:
-        conn.close()
+# Rows a hand-edited file may hold that the daemon never writes are skipped, not fatal: a time that
+# is not a number or not a plausible epoch (|t| < 1e11: before the year 5000), a missing peer name.
+_TIME_OK = "typeof({0}) IN ('integer', 'real') AND abs({0}) < 1e11"
+
+
+class HistoryStore:
+    """A state store opened read-only; use as a context manager. Every method raises HistoryError."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._conn = _open(path)
+        try:
+            self._has_runs = self._check()
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def __enter__(self) -> HistoryStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._conn.close()
+
+    def _check(self) -> bool:
+        """The schema is one this reader knows; whether it has the runs table."""
+        version = next(self._rows("PRAGMA user_version", ()))[0]
+        tables = {r[0] for r in self._rows("SELECT name FROM sqlite_master WHERE type = 'table'", ())}
+        if version > KNOWN_SCHEMA:
+            raise HistoryError(
+                f"{self.path}: written by a newer hbd (schema version {version}; this one reads up to {KNOWN_SCHEMA})"
+            )
+        if not {"changes", "peers"} <= tables:
+            raise HistoryError(f"{self.path}: not an hbd state store (no changes or peers table)")
+        return "runs" in tables
+
+    def _rows(self, sql: str, args: tuple[object, ...]) -> Iterator[tuple]:
+        try:
+            yield from self._conn.execute(sql, args)
+        except sqlite3.Error as e:
+            raise HistoryError(_explain(self.path, e)) from None
+
+    def runs(self, since: float, now: float) -> list[Run] | None:
+        """The server's runs that reach past ``since``; None when the store records no runs at all.
+        A run alive within RUNNING_SLACK of ``now`` is taken as running up to now."""
+        if not self._has_runs or not list(self._rows("SELECT 1 FROM runs LIMIT 1", ())):
+            return None
+        sql = (
+            f"SELECT started, alive FROM runs WHERE {_TIME_OK.format('started')} AND {_TIME_OK.format('alive')}"
+            " AND alive >= ? ORDER BY started, id"
+        )
+        runs = [(float(a), float(b)) for a, b in self._rows(sql, (since,))]
+        if runs and now - runs[-1][1] <= RUNNING_SLACK:
+            runs[-1] = (runs[-1][0], max(runs[-1][1], now))
+        return runs
+
+    def last_pings(self, peer: str | None = None) -> dict[str, float | None]:
+        """Every peer the registry remembers (or just ``peer``) and its last ping."""
+        where, args = (" WHERE name = ?", (peer,)) if peer is not None else ("", ())
+        rows = self._rows(f"SELECT name, last_ping FROM peers{where}", args)
+        return {str(n): float(t) if isinstance(t, int | float) and abs(t) < 1e11 else None for n, t in rows if n}
+
+    def first_seen(self, peer: str | None = None) -> dict[str, float]:
+        """Each peer's first recorded change, however far back."""
+        where, args = ("AND peer = ?", (peer,)) if peer is not None else ("", ())
+        sql = (
+            f"SELECT peer, min(time) FROM changes WHERE side = 'server' AND peer IS NOT NULL"
+            f" AND {_TIME_OK.format('time')} {where} GROUP BY peer"
+        )
+        return {str(n): float(t) for n, t in self._rows(sql, args)}
+
+    def histories(self, since: float, peer: str | None = None) -> Iterator[tuple[str, list[ChangeRow]]]:
+        """Per peer, in name order: its server-side changes from ``since`` on, led by its last change
+        before ``since`` (its state then). One peer's rows are in memory at a time."""
+        where, args = ("AND peer = ?", (peer,)) if peer is not None else ("", ())
+        valid = f"side = 'server' AND peer IS NOT NULL AND {_TIME_OK.format('time')} {where}"
+        # SQLite takes a bare column (id) from the row that holds its group's max(time).
+        sql = (
+            f"SELECT time, peer, old, new, reason FROM changes WHERE {valid} AND (time >= ? OR id IN"
+            f" (SELECT id FROM (SELECT id, max(time) FROM changes WHERE {valid} AND time < ? GROUP BY peer)))"
+            " ORDER BY peer, time, id"
+        )
+        name: str | None = None
+        rows: list[ChangeRow] = []
+        for r in self._rows(sql, (*args, since, *args, since)):
+            row = ChangeRow(float(r[0]), str(r[1]), str(r[2] or ""), str(r[3] or ""), str(r[4] or ""))
+            if row.peer != name:
+                if name is not None:
+                    yield name, rows
+                name, rows = row.peer, []
+            rows.append(row)
+        if name is not None:
+            yield name, rows
 
 
 def _open(path: str) -> sqlite3.Connection:
@@ -90,19 +165,25 @@ def _open(path: str) -> sqlite3.Connection:
         )
     uri = "file:" + urllib.parse.quote(os.path.abspath(path))
     try:
-        conn = sqlite3.connect(uri + "?mode=ro", uri=True)
-        conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
-        return conn
+        return _connect(uri + "?mode=ro")
     except sqlite3.Error as e:
         if os.path.exists(path + "-wal") or (getattr(e, "sqlite_errorcode", 0) or 0) & 0xFF not in (8, 14):
             raise HistoryError(_explain(path, e)) from None
     # SQLITE_READONLY / CANTOPEN with no WAL: nobody writes; read the file as it is.
     try:
-        conn = sqlite3.connect(uri + "?mode=ro&immutable=1", uri=True)
-        conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
-        return conn
+        return _connect(uri + "?mode=ro&immutable=1")
     except sqlite3.Error as e:
         raise HistoryError(_explain(path, e)) from None
+
+
+def _connect(uri: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(uri, uri=True)
+    try:
+        conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()  # the first read: errors show here
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 def _explain(path: str, e: sqlite3.Error) -> str:
@@ -110,45 +191,3 @@ def _explain(path: str, e: sqlite3.Error) -> str:
     if code in (11, 26):  # SQLITE_CORRUPT, SQLITE_NOTADB
         return f"{path}: not a readable hbd state store ({e}); the server moves a corrupt file aside when it starts"
     return f"{path}: cannot read it: {e}"
-
-
-def _read(conn: sqlite3.Connection, path: str, since: float, now: float, peer: str | None) -> StoredHistory:
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    if version > KNOWN_SCHEMA:
-        raise HistoryError(
-            f"{path}: written by a newer hbd (schema version {version}; this one reads up to {KNOWN_SCHEMA})"
-        )
-    if not {"changes", "peers"} <= tables:
-        raise HistoryError(f"{path}: not an hbd state store (no changes or peers table)")
-    which, args = ("AND peer = ?", (peer,)) if peer is not None else ("", ())
-    columns = "time, peer, old, new, reason"
-    # Each peer's last change before ``since`` gives its state then (SQLite takes the bare columns
-    # from the row holding the max); then everything from ``since`` on.
-    before = conn.execute(
-        f"SELECT {columns}, max(time) FROM changes WHERE side = 'server' AND time < ? {which} GROUP BY peer",
-        (since, *args),
-    ).fetchall()
-    after = conn.execute(
-        f"SELECT {columns} FROM changes WHERE side = 'server' AND time >= ? {which} ORDER BY time, id",
-        (since, *args),
-    ).fetchall()
-    changes = [_row(r) for r in sorted(before, key=lambda r: r[0])] + [_row(r) for r in after]
-    runs: list[Run] | None = None
-    if "runs" in tables:
-        sql = "SELECT started, alive FROM runs WHERE alive >= ? ORDER BY started, id"
-        found = [(float(a), float(b)) for a, b in conn.execute(sql, (since,))]
-        if found:
-            runs = found
-            started, alive = runs[-1]
-            if now - alive <= RUNNING_SLACK:
-                runs[-1] = (started, max(alive, now))
-    peers_sql = "SELECT name, last_ping FROM peers" + (" WHERE name = ?" if peer is not None else "")
-    last_ping = {str(name): (None if ping is None else float(ping)) for name, ping in conn.execute(peers_sql, args)}
-    first_sql = f"SELECT peer, min(time) FROM changes WHERE side = 'server' {which} GROUP BY peer"
-    first_seen = {str(name): float(t) for name, t in conn.execute(first_sql, args)}
-    return StoredHistory(path, changes, runs, last_ping, first_seen)
-
-
-def _row(r: tuple) -> ChangeRow:
-    return ChangeRow(float(r[0]), str(r[1]), str(r[2] or ""), str(r[3] or ""), str(r[4] or ""))

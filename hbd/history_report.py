@@ -8,14 +8,13 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from hbd import history as h
 from hbd.history import ASCII as ASCII
 from hbd.history import BLOCKS as BLOCKS
-from hbd.history_reader import ChangeRow, StoredHistory
+from hbd.history_reader import ChangeRow
 from hbd.status import age
 
 CELLS = 48  # half-hour cells in the 24 h timeline
@@ -44,38 +43,60 @@ class Report:
     detail: bool = False  # one peer asked for: its outages and changes too
 
 
-def build(stored: StoredHistory, now: float, since: float, detail: bool = False) -> Report:
-    """The numbers of every peer in ``stored`` (with ``detail``: its outages and changes too)."""
-    by_peer: dict[str, list[ChangeRow]] = defaultdict(list)
-    for c in stored.changes:
-        by_peer[c.peer].append(c)
-    runs = stored.runs
+def build(
+    path: str,
+    histories: Iterable[tuple[str, list[ChangeRow]]],
+    runs: list[h.Run] | None,
+    last_pings: Mapping[str, float | None],
+    first_seen: Mapping[str, float],
+    now: float,
+    since: float,
+    detail: bool = False,
+) -> Report:
+    """The numbers of every peer (with ``detail``: its outages and changes too) from what the reader
+    gives: each peer's changes (in name order, one peer at a time), the server's runs (None: the
+    store records none), the registry's peers with their last ping, each peer's first change."""
+    runs_recorded = runs is not None
     if runs is None:  # an older store: take the server as running from the first change on
-        first = min((c.time for c in stored.changes), default=now)
-        runs = [(first, now)]
-    peers = []
-    for name in sorted(set(by_peer) | set(stored.last_ping)):
-        changes = by_peer.get(name, [])
-        spans = h.spans(changes, runs, now)
-        windows = {label: h.summarize(spans, now - seconds, now) for label, seconds in h.WINDOWS.items()}
-        windows["since"] = h.summarize(spans, now - since, now)
-        # Up now: now. Else its last ping as the registry stored it (a DOWN verdict comes a timeout
-        # after that), else the end of its last UP or LATE span.
-        ping = stored.last_ping.get(name)
-        seen = h.last_seen(spans) if h.current(spans) in (h.UP, h.LATE) or ping is None else ping
-        peers.append(
-            PeerHistory(
-                peer=name,
-                state=h.current(spans),
-                first_seen=stored.first_seen.get(name),
-                last_seen=seen,
-                windows=windows,
-                timeline=h.timeline(spans, now, CELLS),
-                outages=h.outages(spans, now - since, now) if detail else [],
-                changes=[c for c in changes if c.time >= now - since] if detail else [],
-            )
-        )
-    return Report(stored.path, now, since, stored.runs is not None, peers, detail)
+        runs = [(min(first_seen.values(), default=now), now)]
+    runs = h.clean_runs(runs, now)
+    peers = {
+        name: _peer(name, changes, runs, last_pings.get(name), first_seen, now, since, detail)
+        for name, changes in histories
+    }
+    for name, ping in last_pings.items():  # remembered, but no change recorded (pruned, or none yet)
+        if name not in peers:
+            peers[name] = _peer(name, [], runs, ping, first_seen, now, since, detail)
+    return Report(path, now, since, runs_recorded, list(peers.values()), detail)
+
+
+def _peer(
+    name: str,
+    changes: list[ChangeRow],
+    runs: list[h.Run],
+    ping: float | None,
+    first_seen: Mapping[str, float],
+    now: float,
+    since: float,
+    detail: bool,
+) -> PeerHistory:
+    spans = h.spans(changes, runs, now)
+    windows = {label: h.summarize(spans, now - seconds, now) for label, seconds in h.WINDOWS.items()}
+    windows["since"] = h.summarize(spans, now - since, now)
+    state = h.current(spans)
+    # Up now: now. Else its last ping as the registry stored it (a DOWN verdict comes a timeout
+    # after it), else the end of its last UP or LATE span.
+    seen = h.last_seen(spans) if state in (h.UP, h.LATE) or ping is None else ping
+    return PeerHistory(
+        peer=name,
+        state=state,
+        first_seen=first_seen.get(name),
+        last_seen=seen,
+        windows=windows,
+        timeline=h.timeline(spans, now, CELLS),
+        outages=h.outages(spans, now - since, now) if detail else [],
+        changes=[c for c in changes if c.time >= now - since] if detail else [],
+    )
 
 
 # -- the table -----------------------------------------------------------------------------------------

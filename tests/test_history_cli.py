@@ -329,3 +329,22 @@ def _as_another_user(top: Path) -> None:
     os.chown(path, 0, 0)
     r = _run_history(state_dir, user=as_group)
     assert r.returncode == 1 and "permission denied (-rw-r-----)" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_rows_the_daemon_never_writes_are_skipped(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A hand-edited file: times that are not numbers or not plausible, a peer without a name, a run
+    that is text; and a remembered peer without any change is still listed."""
+    path = make_store(config.parent / "state")
+    conn = sqlite3.connect(path, isolation_level=None)
+    sql = "INSERT INTO changes (time, peer, old, new, reason, side) VALUES (?, ?, 'UP', 'DOWN', NULL, 'server')"
+    conn.executemany(sql, [(None, "web1"), ("soon", "web1"), (1e300, "web1"), (-1e300, "web1"), (NOW - 60, None)])
+    conn.execute("INSERT INTO runs (started, alive) VALUES ('then', NULL)")
+    conn.execute("INSERT INTO peers (name, last_ping) VALUES ('quiet', 'x')")
+    conn.close()
+    code, out, err = history(capsys, "-c", str(config), "--json")
+    assert code == 0, err
+    peers = {p["peer"]: p for p in json.loads(out)["peers"]}
+    assert set(peers) == {"web1", "db1", "late1", "quiet"}
+    assert peers["web1"]["windows"]["24h"]["outages"] == 1 and peers["web1"]["first_seen"] == NOW - 10 * DAY
+    assert peers["quiet"]["state"] == "UNKNOWN" and peers["quiet"]["last_seen"] is None
+    assert peers["quiet"]["windows"]["30d"]["uptime_percent"] is None
