@@ -120,7 +120,9 @@ class HistoryStore:
 
     def histories(self, since: float, peer: str | None = None) -> Iterator[tuple[str, list[ChangeRow]]]:
         """Per peer, in name order: its server-side changes from ``since`` on, led by its last change
-        before ``since`` (its state then). One peer's rows are in memory at a time."""
+        before ``since`` (its state then). The rows are fetched at once, as plain tuples: a reader's
+        lock on a stopped daemon's store (rollback journal) then lasts only as long as the query, not
+        as long as the arithmetic (a daemon that starts meanwhile waits for it)."""
         where, args = ("AND peer = ?", (peer,)) if peer is not None else ("", ())
         valid = f"side = 'server' AND peer IS NOT NULL AND {_TIME_OK.format('time')} {where}"
         # SQLite takes a bare column (id) from the row that holds its group's max(time).
@@ -131,7 +133,7 @@ class HistoryStore:
         )
         name: str | None = None
         rows: list[ChangeRow] = []
-        for r in self._rows(sql, (*args, since, *args, since)):
+        for r in list(self._rows(sql, (*args, since, *args, since))):
             row = ChangeRow(float(r[0]), str(r[1]), str(r[2] or ""), str(r[3] or ""), str(r[4] or ""))
             if row.peer != name:
                 if name is not None:
