@@ -262,14 +262,16 @@ def test_since_accepts_durations() -> None:
     assert parser.parse_args(["history"]).since == 7 * DAY
 
 
-def _run_history(state_dir: Path, *args: str, user: list[str] | None = None) -> subprocess.CompletedProcess:
+def _run_history(
+    state_dir: Path, *args: str, user: list[str] | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """``hbd history`` in a process of its own (clock at NOW; state_dir set until branch cfg is merged)."""
     code = (
         "import sys, hbd.cli as c; "
         f"c._wall = lambda: {NOW!r}; c._state_dir = lambda _: {str(state_dir)!r}; "
         "sys.exit(c.main(['history', *sys.argv[1:]]))"
     )
-    env = {**os.environ, "TZ": "UTC", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "TZ": "UTC", "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run(
         [*(user or []), sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=60
     )
@@ -348,3 +350,11 @@ def test_rows_the_daemon_never_writes_are_skipped(config: Path, capsys: pytest.C
     assert peers["web1"]["windows"]["24h"]["outages"] == 1 and peers["web1"]["first_seen"] == NOW - 10 * DAY
     assert peers["quiet"]["state"] == "UNKNOWN" and peers["quiet"]["last_seen"] is None
     assert peers["quiet"]["windows"]["30d"]["uptime_percent"] is None
+
+
+def test_a_terminal_without_block_characters_gets_ascii(tmp_path: Path) -> None:
+    make_store(tmp_path / "state")
+    r = _run_history(tmp_path / "state", env={"PYTHONIOENCODING": "ascii"})
+    assert r.returncode == 0, r.stderr
+    web1 = next(line for line in r.stdout.splitlines() if line.startswith("web1"))
+    assert web1.endswith("#" * 42 + "__" + "#" * 4) and "# up  + late  _ down  ? unknown" in r.stdout
