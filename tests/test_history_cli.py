@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -18,7 +17,6 @@ import pytest
 
 from hbd import cli
 from hbd.cli import main
-from hbd.config import ServerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 H, DAY = 3600.0, 86400.0
@@ -95,9 +93,6 @@ def config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, utc: None) -> Path:
     state_dir = tmp_path / "state"
     path = tmp_path / "server.yaml"
     path.write_text(f"state_dir: {state_dir}\n")
-    if "state_dir" not in {f.name for f in dataclasses.fields(ServerConfig)}:  # until branch cfg is merged
-        path.write_text("")
-        monkeypatch.setattr(cli, "_state_dir", lambda _: str(state_dir))
     monkeypatch.setattr(cli, "_wall", lambda: NOW)
     return path
 
@@ -265,12 +260,12 @@ def test_since_accepts_durations() -> None:
 def _run_history(
     state_dir: Path, *args: str, user: list[str] | None = None, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    """``hbd history`` in a process of its own (clock at NOW; state_dir set until branch cfg is merged)."""
-    code = (
-        "import sys, hbd.cli as c; "
-        f"c._wall = lambda: {NOW!r}; c._state_dir = lambda _: {str(state_dir)!r}; "
-        "sys.exit(c.main(['history', *sys.argv[1:]]))"
-    )
+    """``hbd history -c CONFIG`` (naming ``state_dir``) in a process of its own, its clock at NOW."""
+    config = state_dir.parent / "server.yaml"
+    config.write_text(f"state_dir: {state_dir}\n")
+    os.chmod(config, 0o644)
+    code = f"import sys, hbd.cli as c; c._wall = lambda: {NOW!r}; sys.exit(c.main(['history', *sys.argv[1:]]))"
+    args = (*args, "-c", str(config))
     env = {**os.environ, "TZ": "UTC", "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run(
         [*(user or []), sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=60
@@ -358,3 +353,15 @@ def test_a_terminal_without_block_characters_gets_ascii(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     web1 = next(line for line in r.stdout.splitlines() if line.startswith("web1"))
     assert web1.endswith("#" * 42 + "__" + "#" * 4) and "# up  + late  _ down  ? unknown" in r.stdout
+
+
+def test_a_server_without_a_store_or_with_a_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "server.yaml"
+    config.write_text("state_dir: null\n")
+    code, out, err = history(capsys, "-c", str(config))
+    assert (code, out) == (1, "") and err == f"hbd: error: {config} sets state_dir: null: the server keeps no history\n"
+    config.write_text("state_dir: 7\nport: 0\n")
+    code, out, err = history(capsys, "-c", str(config))
+    assert code == 1 and not out and f"hbd: error: {config}:" in err and "Traceback" not in err
+    code, out, err = history(capsys, "-c", str(tmp_path / "none.yaml"))
+    assert code == 1 and "cannot read the file" in err
