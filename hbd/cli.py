@@ -433,7 +433,7 @@ def history(args: argparse.Namespace) -> int:
         print(f"hbd: error: {report.path}: no history of a peer named {args.peer!r}", file=sys.stderr)
         return 1
     if args.json:
-        sys.stdout.write(hr.dumps(report))
+        sys.stdout.writelines(hr.chunks(report))
     else:
         ascii_only = hr.needs_ascii(getattr(sys.stdout, "encoding", None))
         sys.stdout.write(hr.render(report, hr.ASCII if ascii_only else hr.BLOCKS))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from hbd import history as h
@@ -217,36 +217,46 @@ def _summary(s: h.Summary) -> dict[str, object]:
     }
 
 
-def document(report: Report) -> dict[str, object]:
+TIMELINE_LETTERS = {h.NOT_SEEN: ".", h.UP: "U", h.LATE: "L", h.DOWN: "D", h.UNKNOWN: "?"}
+
+
+def peer_document(p: PeerHistory, detail: bool) -> dict[str, object]:
+    doc: dict[str, object] = {
+        "peer": p.peer,
+        "state": p.state,
+        "first_seen": _r(p.first_seen),
+        "last_seen": _r(p.last_seen),
+        "windows": {k: _summary(s) for k, s in p.windows.items()},
+        "timeline": "".join(TIMELINE_LETTERS[s] for s in p.timeline),
+    }
+    if detail:
+        doc["outages"] = [{"start": _r(o.start), "end": _r(o.end), "seconds": _r(o.end - o.start)} for o in p.outages]
+        doc["changes"] = [{"time": _r(c.time), "old": c.old, "new": c.new, "reason": c.reason} for c in p.changes]
+    return doc
+
+
+def chunks(report: Report) -> Iterator[str]:
+    """The JSON document a piece at a time: the head, then one line per peer (19,000 peers are a
+    few MB of text, never one string)."""
     cells = h.cells(report.now, CELLS)
-    peers = []
-    for p in report.peers:
-        doc: dict[str, object] = {
-            "peer": p.peer,
-            "state": p.state,
-            "first_seen": _r(p.first_seen),
-            "last_seen": _r(p.last_seen),
-            "windows": {k: _summary(s) for k, s in p.windows.items()},
-            "timeline": [s or None for s in p.timeline],
-        }
-        if report.detail:
-            doc["outages"] = [
-                {"start": _r(o.start), "end": _r(o.end), "seconds": _r(o.end - o.start)} for o in p.outages
-            ]
-            doc["changes"] = [{"time": _r(c.time), "old": c.old, "new": c.new, "reason": c.reason} for c in p.changes]
-        peers.append(doc)
-    return {
+    head = {
         "store": report.path,
         "now": _r(report.now),
         "since_seconds": _r(report.since),
         "runs_recorded": report.runs_recorded,
-        "timeline": {"start": _r(cells[0][0]), "cell_seconds": _r(h.DAY / CELLS), "cells": CELLS},
-        "peers": peers,
+        "timeline": {
+            "start": _r(cells[0][0]),
+            "cell_seconds": _r(h.DAY / CELLS),
+            "cells": CELLS,
+            "letters": {v: (k or "not seen yet") for k, v in TIMELINE_LETTERS.items()},
+        },
     }
-
-
-def dumps(report: Report) -> str:
-    return json.dumps(document(report), indent=2, allow_nan=False) + "\n"
+    text = json.dumps(head, indent=2, allow_nan=False)
+    yield text[:-2] + ',\n  "peers": ['
+    for i, p in enumerate(report.peers):
+        line = json.dumps(peer_document(p, report.detail), allow_nan=False, separators=(",", ":"))
+        yield ("\n    " if i == 0 else ",\n    ") + line
+    yield "\n  ]\n}\n" if report.peers else "]\n}\n"
 
 
 def needs_ascii(encoding: str | None, chars: Sequence[str] = tuple(h.BLOCKS.values())) -> bool:
