@@ -17,13 +17,12 @@ import sqlite3
 import stat
 import urllib.parse
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from hbd.errors import HbdError
 from hbd.history import Run
+from hbd.state_store import DB_NAME, SCHEMA_VERSION, ChangeRecord
 
-DB_NAME = "state.db"  # hbd.state_store.DB_NAME
-KNOWN_SCHEMA = 2  # the newest store layout this reader understands
+KNOWN_SCHEMA = SCHEMA_VERSION  # the newest store layout this reader understands: the store's own
 # The daemon marks its run alive every few seconds: a run whose last sign of life is this recent is
 # taken to be running still (its next mark is on the way).
 RUNNING_SLACK = 30.0
@@ -31,17 +30,6 @@ RUNNING_SLACK = 30.0
 
 class HistoryError(HbdError):
     """The history cannot be read; the message says why."""
-
-
-@dataclass(frozen=True, slots=True)
-class ChangeRow:
-    """One recorded state change (the columns ``hbd history`` reads)."""
-
-    time: float
-    peer: str
-    old: str
-    new: str
-    reason: str
 
 
 def store_path(state_dir: str) -> str:
@@ -118,7 +106,7 @@ class HistoryStore:
         )
         return {str(n): float(t) for n, t in self._rows(sql, args)}
 
-    def histories(self, since: float, peer: str | None = None) -> Iterator[tuple[str, list[ChangeRow]]]:
+    def histories(self, since: float, peer: str | None = None) -> Iterator[tuple[str, list[ChangeRecord]]]:
         """Per peer, in name order: its server-side changes from ``since`` on, led by its last change
         before ``since`` (its state then). The rows are fetched at once, as plain tuples: a reader's
         lock on a stopped daemon's store (rollback journal) then lasts only as long as the query, not
@@ -132,9 +120,9 @@ class HistoryStore:
             " ORDER BY peer, time, id"
         )
         name: str | None = None
-        rows: list[ChangeRow] = []
+        rows: list[ChangeRecord] = []
         for r in list(self._rows(sql, (*args, since, *args, since))):
-            row = ChangeRow(float(r[0]), str(r[1]), str(r[2] or ""), str(r[3] or ""), str(r[4] or ""))
+            row = ChangeRecord(float(r[0]), str(r[1]), str(r[2] or ""), str(r[3] or ""), str(r[4] or ""))
             if row.peer != name:
                 if name is not None:
                     yield name, rows

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from hbd import history as h
 from hbd.history import ASCII as ASCII
 from hbd.history import BLOCKS as BLOCKS
-from hbd.history_reader import ChangeRow
+from hbd.state_store import ChangeRecord
 from hbd.status import age
 
 CELLS = 48  # half-hour cells in the 24 h timeline
@@ -30,7 +30,7 @@ class PeerHistory:
     windows: dict[str, h.Summary]  # "24h", "7d", "30d" and "since"
     timeline: list[str]  # CELLS states (h.NOT_SEEN before the first change)
     outages: list[h.Span] = field(default_factory=list)
-    changes: list[ChangeRow] = field(default_factory=list)  # within the --since window (for one peer)
+    changes: list[ChangeRecord] = field(default_factory=list)  # within the --since window (for one peer)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +45,7 @@ class Report:
 
 def build(
     path: str,
-    histories: Iterable[tuple[str, list[ChangeRow]]],
+    histories: Iterable[tuple[str, list[ChangeRecord]]],
     runs: list[h.Run] | None,
     last_pings: Mapping[str, float | None],
     first_seen: Mapping[str, float],
@@ -72,7 +72,7 @@ def build(
 
 def _peer(
     name: str,
-    changes: list[ChangeRow],
+    changes: list[ChangeRecord],
     runs: list[h.Run],
     ping: float | None,
     first_seen: Mapping[str, float],

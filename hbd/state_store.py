@@ -10,6 +10,8 @@ The event loop never waits on the disk for more than a few milliseconds:
   Peers and silences are coalesced by name (the newest record of a name is the only one written), so
   their queues hold at most one entry per name; changes are capped (``max_changes``): when full, the
   oldest is dropped and counted (``dropped_changes``).
+- ``start_run(now)`` and ``alive(now)`` (every few seconds) record when the daemon ran, one row per
+  run in ``runs``: ``hbd history`` shows the time outside every run as unknown. Also O(1).
 - ``flush(max_rows)``, called from a loop timer a few times per second, writes at most ``max_rows`` rows
   in one transaction and says whether more remain (then call it again soon, say on the next loop turn).
   MAX_ROWS is sized so that one call stays well under 20 ms on the reference machine (see
@@ -54,7 +56,7 @@ from typing import TypeVar
 from hbd.errors import StoreError
 
 DB_NAME = "state.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 FILE_MODE = 0o640
 DIR_MODE = 0o750
 # Rows written per flush() call: at 500, the longest call of a 19,000-peer mass disconnect took
@@ -139,6 +141,15 @@ _STEPS: tuple[tuple[str, ...], ...] = (
         """CREATE TABLE changes (
             id INTEGER PRIMARY KEY, time REAL, peer TEXT, old TEXT, new TEXT, reason TEXT, side TEXT)""",
     ),
+    # 2 (issue 13): the daemon's runs (start_run/alive), so that `hbd history` tells the time nobody
+    # watched from the time a peer was up. A file from before has no runs: its server is taken as
+    # running from its first recorded change to its last sign of life (the newest change or ping).
+    (
+        "CREATE TABLE runs (id INTEGER PRIMARY KEY, started REAL, alive REAL)",
+        """INSERT INTO runs (started, alive) SELECT started, alive FROM (
+            SELECT min(time) AS started, max(max(time), coalesce((SELECT max(last_ping) FROM peers), 0)) AS alive
+            FROM changes) WHERE started IS NOT NULL""",
+    ),
 )
 assert len(_STEPS) == SCHEMA_VERSION
 
@@ -151,6 +162,7 @@ _ADD_CHANGE = "INSERT INTO changes (time, peer, old, new, reason, side) VALUES (
 # Bounded work per call: only the oldest rows by id are looked at (a row whose time went backwards with
 # the wall clock waits until the front reaches it).
 _PRUNE = "DELETE FROM changes WHERE id IN (SELECT id FROM changes ORDER BY id LIMIT ?) AND time < ?"
+_PRUNE_RUNS = "DELETE FROM runs WHERE alive < ? AND id IS NOT ?"  # a few rows: one per daemon start
 
 
 def _upgrade(conn: sqlite3.Connection, path: str) -> None:
@@ -302,6 +314,10 @@ class StateStore:
         self._changes: collections.deque[ChangeRecord] = collections.deque(maxlen=max_changes)
         self._prune_before: float | None = None
         self._wal_pages = 0
+        # This daemon's run (start_run/alive): its row's id once written, and a sign of life to write.
+        self._run_started: float | None = None
+        self._run_id: int | None = None
+        self._alive: float | None = None
 
     @classmethod
     def open(
@@ -402,9 +418,25 @@ class StateStore:
         if self._conn is not None:
             self._prune_before = before
 
+    def start_run(self, now: float) -> None:
+        """This daemon's run begins at ``now`` (wall clock): a new row in ``runs``, written by the next
+        flush(). ``hbd history`` counts the time outside every run as unknown."""
+        if self._conn is not None:
+            self._run_started, self._run_id, self._alive = now, None, now
+
+    def alive(self, now: float) -> None:
+        """The daemon is alive at ``now`` (wall clock). Call it every few seconds, and once more just
+        before close(). O(1): the next flush() writes the newest value to the run's row (one row however
+        often it is called). Without start_run(), the run starts here."""
+        if self._conn is None:
+            return
+        if self._run_started is None:
+            self._run_started = now
+        self._alive = now
+
     def pending(self) -> int:
         """Rows waiting to be written (not counting a pending prune)."""
-        return len(self._peers) + len(self._silences) + len(self._changes)
+        return len(self._peers) + len(self._silences) + len(self._changes) + (self._alive is not None)
 
     def take_messages(self) -> list[str]:
         """What the daemon should log, each message once: the corrupt-file notice, the first drop from a
@@ -469,6 +501,7 @@ class StateStore:
         # Silences first (few, and an operator is waiting for them); then peers and changes share what
         # is left, neither starving the other during a mass disconnect.
         budget = max(1, max_rows)
+        run = self._write_run(conn)  # one row, beside the budget
         silences = _take(self._silences, budget)
         budget -= len(silences)
         half = budget // 2 if self._peers and self._changes else budget
@@ -493,7 +526,18 @@ class StateStore:
             conn.executemany("DELETE FROM peers WHERE name = ?", drop_p)
         if changes:
             conn.executemany(_ADD_CHANGE, [(c.time, c.peer, c.old, c.new, c.reason, c.side) for c in changes])
-        return len(silences) + len(peers) + len(changes)
+        return run + len(silences) + len(peers) + len(changes)
+
+    def _write_run(self, conn: sqlite3.Connection) -> int:
+        if self._alive is None or self._run_started is None:
+            return 0
+        if self._run_id is None:
+            cursor = conn.execute("INSERT INTO runs (started, alive) VALUES (?, ?)", (self._run_started, self._alive))
+            self._run_id = cursor.lastrowid
+        else:
+            conn.execute("UPDATE runs SET alive = ? WHERE id = ?", (self._alive, self._run_id))
+        self._alive = None
+        return 1
 
     def _checkpoint(self, conn: sqlite3.Connection) -> bool:
         # PASSIVE: copies what no reader still needs, never waits for readers; TRUNCATE-style shrinking
@@ -516,6 +560,7 @@ class StateStore:
             raise
         self._wal_pages += deleted // 16 + 1
         if deleted < max_rows:
+            conn.execute(_PRUNE_RUNS, (self._prune_before, self._run_id))  # the runs that ended before it too
             self._prune_before = None
         return self._prune_before is not None
 
@@ -528,6 +573,7 @@ class StateStore:
         self._silences.clear()
         self._changes.clear()
         self._prune_before = None
+        self._alive = None
         conn, self._conn = self._conn, None
         if conn is not None:
             try:

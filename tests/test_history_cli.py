@@ -17,18 +17,11 @@ import pytest
 
 from hbd import cli
 from hbd.cli import main
+from hbd.state_store import ChangeRecord, PeerRecord, StateStore
 
 ROOT = Path(__file__).resolve().parents[1]
 H, DAY = 3600.0, 86400.0
 NOW = 1_800_000_000.0  # 2027-01-15 08:00:00 UTC
-
-SCHEMA = [
-    """CREATE TABLE peers (name TEXT PRIMARY KEY, address TEXT, state TEXT, since REAL, last_ping REAL NULL,
-        reason TEXT, expected INTEGER, timeout REAL, labels TEXT)""",
-    "CREATE TABLE silences (name TEXT PRIMARY KEY, until REAL, reason TEXT, created REAL)",
-    "CREATE TABLE changes (id INTEGER PRIMARY KEY, time REAL, peer TEXT, old TEXT, new TEXT, reason TEXT, side TEXT)",
-    "CREATE TABLE runs (id INTEGER PRIMARY KEY, started REAL, alive REAL)",
-]
 
 # The server ran for 8 days, was down an hour (30 h to 29 h ago) and runs since (alive 5 s ago).
 RUNS = [(NOW - 10 * DAY, NOW - 30 * H), (NOW - 29 * H, NOW - 5)]
@@ -51,29 +44,27 @@ PEERS = [
 ]
 
 
-def make_store(state_dir: Path, changes=CHANGES, runs=RUNS, peers=PEERS, version: int = 2) -> Path:
-    """A state store as the server writes it (schema of docs/DESIGN: WAL, user_version)."""
+def make_store(state_dir: Path, changes=CHANGES, runs=RUNS, peers=PEERS, version: int | None = None) -> Path:
+    """A state store written by the server's own StateStore: the changes and peers, then one open,
+    start_run, alive and close per run (a restart each)."""
     state_dir.mkdir(exist_ok=True)
+    store = StateStore.open(str(state_dir))
+    for t, name, old, new, reason in changes:
+        store.add_change(ChangeRecord(t, name, old, new, reason))
+    store.add_change(ChangeRecord(NOW - H, "srv", "UP", "DOWN", "", side="client"))  # a client's link
+    for name, address, state, since, last_ping in peers:
+        store.put_peer(PeerRecord(name, address, state, since, last_ping, "", False, 10.0))
+    store.close()
+    for started, alive in runs:
+        store = StateStore.open(str(state_dir))
+        store.start_run(started)
+        store.alive(alive)
+        store.close()
     path = state_dir / "state.db"
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("PRAGMA journal_mode = WAL")
-    for sql in SCHEMA:
-        conn.execute(sql)
-    conn.execute(f"PRAGMA user_version = {version}")
-    conn.executemany(
-        "INSERT INTO changes (time, peer, old, new, reason, side) VALUES (?, ?, ?, ?, ?, 'server')", changes
-    )
-    conn.execute(
-        "INSERT INTO changes (time, peer, old, new, reason, side) VALUES (?, 'srv', 'UP', 'DOWN', '', 'client')",
-        (NOW - H,),
-    )
-    conn.executemany("INSERT INTO runs (started, alive) VALUES (?, ?)", runs)
-    conn.executemany(
-        "INSERT INTO peers (name, address, state, since, last_ping, reason, expected, timeout, labels)"
-        " VALUES (?, ?, ?, ?, ?, '', 0, 10, '{}')",
-        peers,
-    )
-    conn.close()
+    if version is not None:
+        with sqlite3.connect(path) as conn:
+            conn.execute(f"PRAGMA user_version = {version}")
+        conn.close()
     return path
 
 
@@ -278,28 +269,28 @@ def _run_history(
 
 
 def test_it_reads_while_the_daemon_writes(tmp_path: Path) -> None:
-    """A writer holds the store open in WAL mode with rows only in the WAL: the reader sees them and
-    leaves the file as it was."""
-    path = make_store(tmp_path / "state")
-    writer = sqlite3.connect(path, isolation_level=None)
-    writer.execute("PRAGMA wal_autocheckpoint = 0")
-    writer.execute(
-        "INSERT INTO changes (time, peer, old, new, reason, side) VALUES (?, 'new1', 'NEW', 'UP', '', 'server')",
-        (NOW - 60,),
-    )
-    writer.execute("BEGIN IMMEDIATE")  # and the writer is in the middle of its next batch
-    writer.execute(
-        "INSERT INTO changes (time, peer, old, new, reason, side) VALUES (?, 'new2', 'NEW', 'UP', '', 'server')",
-        (NOW - 30,),
-    )
-    files = {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in path.parent.iterdir()}
+    """The server's store is open (WAL) and has flushed a change; another writer is in the middle of
+    a batch: the reader sees what was committed, not the rest, and changes nothing in the directory."""
+    make_store(tmp_path / "state")
+    store = StateStore.open(str(tmp_path / "state"))
+    store.start_run(NOW - 29 * H)
+    store.alive(NOW - 1)
+    store.add_change(ChangeRecord(NOW - 60, "new1", "NEW", "UP", ""))
+    assert store.flush() is False
+    store.add_change(ChangeRecord(NOW - 50, "queued", "NEW", "UP", ""))  # queued only
+    writer = sqlite3.connect(tmp_path / "state" / "state.db", isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    sql = "INSERT INTO changes (time, peer, old, new, reason, side) VALUES (?, 'new2', 'NEW', 'UP', '', 'server')"
+    writer.execute(sql, (NOW - 30,))
+    files = {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in (tmp_path / "state").iterdir()}
     r = _run_history(tmp_path / "state", "--json")
-    assert {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in path.parent.iterdir()} == files
-    writer.execute("COMMIT")
+    assert {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in (tmp_path / "state").iterdir()} == files
+    writer.execute("ROLLBACK")
     writer.close()
+    store.close()
     assert r.returncode == 0, r.stderr
     peers = {p["peer"] for p in json.loads(r.stdout)["peers"]}
-    assert "new1" in peers and "new2" not in peers
+    assert "new1" in peers and not {"new2", "queued"} & peers
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the reader as another user")
@@ -316,6 +307,12 @@ def test_a_reader_that_may_not_write_the_directory(tmp_path: Path) -> None:
 def _as_another_user(top: Path) -> None:
     state_dir = top / "state"
     path = make_store(state_dir)
+    # A store left in WAL mode without its -wal (its daemon's close could not switch it back while a
+    # reader was in): SQLite cannot open it ?mode=ro for a reader who may not create the -shm.
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA journal_mode = WAL").fetchone() == ("wal",)
+    conn.close()
+    assert path.read_bytes()[18:20] == b"\x02\x02"  # the header says WAL
     os.chmod(top, 0o755)
     os.chown(state_dir, 0, 65534)
     os.chmod(state_dir, 0o750)

@@ -345,7 +345,8 @@ def test_an_older_file_is_upgraded_in_place(tmp_path: Path, monkeypatch: pytest.
     s.put_peer(peer("web1"))
     s.close()
     # the next release's schema: one more step
-    monkeypatch.setattr(state_store, "SCHEMA_VERSION", 2)
+    version = state_store.SCHEMA_VERSION + 1
+    monkeypatch.setattr(state_store, "SCHEMA_VERSION", version)
     monkeypatch.setattr(state_store, "_STEPS", (*state_store._STEPS, ("ALTER TABLE peers ADD COLUMN note TEXT",)))
     s = StateStore.open(str(tmp_path))
     try:
@@ -353,20 +354,21 @@ def test_an_older_file_is_upgraded_in_place(tmp_path: Path, monkeypatch: pytest.
     finally:
         s.close()
     conn = reader(tmp_path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == version
     assert "note" in [r[1] for r in conn.execute("PRAGMA table_info(peers)")]
     conn.close()
 
 
 def test_a_failed_upgrade_step_leaves_the_file_at_its_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     StateStore.open(str(tmp_path)).close()
-    monkeypatch.setattr(state_store, "SCHEMA_VERSION", 2)
+    version = state_store.SCHEMA_VERSION
+    monkeypatch.setattr(state_store, "SCHEMA_VERSION", version + 1)
     bad = ("ALTER TABLE peers ADD COLUMN note TEXT", "ALTER TABLE nosuch ADD COLUMN x")
     monkeypatch.setattr(state_store, "_STEPS", (*state_store._STEPS, bad))
     with pytest.raises(StoreError, match="no such table: nosuch"):
         StateStore.open(str(tmp_path))
     conn = reader(tmp_path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == version
     assert "note" not in [r[1] for r in conn.execute("PRAGMA table_info(peers)")]  # rolled back
     conn.close()
 
@@ -574,7 +576,8 @@ def test_a_file_size_limit_stops_the_store_in_a_real_process(tmp_path: Path) -> 
         from hbd.state_store import PeerRecord, StateStore
         s = StateStore.open({str(tmp_path)!r})
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        size = os.path.getsize({str(tmp_path / "state.db")!r})
+        # the WAL holds the schema's pages until a checkpoint: the limit leaves room above both files
+        size = max(os.path.getsize({str(tmp_path / "state.db")!r}), os.path.getsize({str(tmp_path / "state.db-wal")!r}))
         resource.setrlimit(resource.RLIMIT_FSIZE, (size + 64 * 1024, resource.RLIM_INFINITY))
         for i in range(20000):
             s.put_peer(PeerRecord(f"web{{i}}", "192.0.2.1:1", "UP", 0.0, None, "x" * 100, False, 10.0, ()))
@@ -701,3 +704,114 @@ def test_kill_9_in_the_middle_of_writing_leaves_a_sound_file(tmp_path: Path) -> 
     # at least what was reported committed; whole batches only (a batch is one transaction)
     assert n >= committed and n % 50 == 0
     assert count(tmp_path / "state", "changes") == n
+
+
+# -- runs (issue 13: when the server was watching) --
+
+
+def runs(state_dir: Path) -> list[tuple[float, float]]:
+    conn = reader(state_dir)
+    try:
+        return [(a, b) for a, b in conn.execute("SELECT started, alive FROM runs ORDER BY id")]
+    finally:
+        conn.close()
+
+
+def test_a_run_is_one_row_whatever_the_number_of_signs_of_life(tmp_path: Path) -> None:
+    s = StateStore.open(str(tmp_path))
+    assert s.pending() == 0
+    s.start_run(NOW)
+    assert s.pending() == 1
+    drain(s)
+    assert runs(tmp_path) == [(NOW, NOW)]
+    for i in range(1000):
+        s.alive(NOW + i)
+    assert s.pending() == 1
+    s.add_change(change(1))
+    assert drain(s) == 1 and s.pending() == 0
+    assert runs(tmp_path) == [(NOW, NOW + 999)]
+    s.alive(NOW + 1005)
+    s.close()  # writes the last sign of life
+    assert runs(tmp_path) == [(NOW, NOW + 1005)]
+    s = StateStore.open(str(tmp_path))  # a restart: a run of its own; the first keeps its end
+    s.alive(NOW + 2000)  # without start_run, the run starts here
+    s.close()
+    assert runs(tmp_path) == [(NOW, NOW + 1005), (NOW + 2000, NOW + 2000)]
+
+
+def test_a_store_that_failed_records_no_run(tmp_path: Path) -> None:
+    s = StateStore.open(str(tmp_path))
+    s._fail("disk full (a test)")
+    s.start_run(NOW)
+    s.alive(NOW + 1)
+    assert s.pending() == 0 and s.flush() is False
+    s.close()
+    assert runs(tmp_path) == []
+
+
+def test_pruning_drops_the_runs_that_ended_before_but_never_this_one(tmp_path: Path) -> None:
+    for started, alive in ((NOW, NOW + 10), (NOW + 100, NOW + 110)):
+        s = StateStore.open(str(tmp_path))
+        s.start_run(started)
+        s.alive(alive)
+        s.close()
+    s = StateStore.open(str(tmp_path))
+    s.start_run(NOW + 200)
+    s.alive(NOW + 201)
+    drain(s)
+    s.prune_changes(NOW + 500)  # everything before NOW + 500, but this run is still going on
+    drain(s)
+    assert runs(tmp_path) == [(NOW + 200, NOW + 201)]
+    s.close()
+
+
+def test_a_version_1_file_gets_runs_from_its_first_change_to_its_last_sign_of_life(tmp_path: Path) -> None:
+    """The upgrade to version 2 (the runs table) takes a version 1 file's server as running from its
+    first recorded change to the newest change or ping it holds; an empty file gets no run."""
+    for name, rows, expected in (
+        ("with", [(NOW, "web1"), (NOW + 50, "db1")], [(NOW, NOW + 70)]),
+        ("empty", [], []),
+    ):
+        state_dir = tmp_path / name
+        state_dir.mkdir()
+        conn = sqlite3.connect(state_dir / "state.db", isolation_level=None)
+        for sql in state_store._STEPS[0]:
+            conn.execute(sql)
+        conn.execute("PRAGMA user_version = 1")
+        sql = "INSERT INTO changes (time, peer, old, new, reason, side) VALUES (?, ?, 'UP', 'DOWN', '', 'server')"
+        conn.executemany(sql, rows)
+        conn.execute("INSERT INTO peers (name, last_ping) VALUES ('web1', ?), ('db1', NULL)", (NOW + 70,))
+        conn.close()
+        StateStore.open(str(state_dir)).close()
+        assert runs(state_dir) == expected, name
+        assert reader(state_dir).execute("PRAGMA user_version").fetchone()[0] == 2
+
+
+def test_after_kill_9_the_run_ends_within_a_flush_of_the_kill(tmp_path: Path) -> None:
+    """A daemon marking itself alive and flushing every 50 ms, killed: its run's end is at most a
+    moment before the kill (generous bound: a loaded machine)."""
+    code = f"""
+        import sys, time
+        from hbd.state_store import StateStore
+        s = StateStore.open({str(tmp_path)!r})
+        s.start_run(time.time())
+        while True:
+            s.alive(time.time())
+            s.flush()
+            print("alive", flush=True)
+            time.sleep(0.05)
+        """
+    with subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as child:
+        assert child.stdout is not None
+        for _ in range(10):
+            child.stdout.readline()
+        child.kill()
+        killed = time.time()
+        child.wait(timeout=30)
+    [(started, alive)] = runs(tmp_path)
+    assert started < alive <= killed and killed - alive < 2.0, (started, alive, killed)
