@@ -128,17 +128,20 @@ def spans(changes: Iterable[Change], runs: Iterable[Run], now: float) -> list[Sp
         if restored is not None:
             points.append((started, 0, restored))
     points.sort(key=lambda p: (p[0], p[1]))
-    point_times = [p[0] for p in points]
-    starts = [r[0] for r in runs_]
-    bounds = sorted({first, now, *point_times, *(t for r in runs_ for t in r)})
+    bounds = sorted({first, now, *(p[0] for p in points), *(t for r in runs_ for t in r)})
     out: list[Span] = []
+    recorded, p, r = "", 0, 0  # the state at a, the next point, the first run not ended by a
     for a, b in pairwise(bounds):
-        if a < first or b > now or b <= a:
+        while p < len(points) and points[p][0] <= a:  # the last of them (ties: a restart, then changes)
+            recorded = points[p][2]
+            p += 1
+        while r < len(runs_) and runs_[r][1] <= a:
+            r += 1
+        if a < first or b > now:
             continue
-        r = bisect_right(starts, a) - 1
-        covered = r >= 0 and a < runs_[r][1]
-        state = _COUNTED.get(points[bisect_right(point_times, a) - 1][2], UNKNOWN) if covered else UNKNOWN
-        if out and out[-1].state == state and out[-1].end == a:
+        covered = r < len(runs_) and runs_[r][0] <= a  # runs are disjoint and sorted: ends in order too
+        state = _COUNTED.get(recorded, UNKNOWN) if covered else UNKNOWN
+        if out and out[-1].state == state:
             out[-1] = Span(out[-1].start, b, state)
         else:
             out.append(Span(a, b, state))
@@ -149,14 +152,18 @@ def summarize(history: Sequence[Span], start: float, end: float) -> Summary:
     """The numbers of one peer over the window [start, end]."""
     totals = {UP: 0.0, LATE: 0.0, DOWN: 0.0, UNKNOWN: 0.0}
     outages, longest, open_since = 0, 0.0, None
-    for s in history:
-        a, b = max(s.start, start), min(s.end, end)
+    for s in reversed(history):  # spans are in time order: stop at the first that ends before the window
+        if s.end <= start:
+            break
+        a = s.start if s.start > start else start
+        b = s.end if s.end < end else end
         if b <= a:
             continue
         totals[s.state] += b - a
         if s.state == DOWN:
             outages += 1
-            longest = max(longest, b - a)
+            if b - a > longest:
+                longest = b - a
     last = history[-1] if history else None
     if last is not None and last.state == DOWN and last.end >= end > last.start:
         open_since = last.start

@@ -252,3 +252,43 @@ def test_the_numbers_add_up(steps: list[tuple[float, str]], gaps: list[tuple[flo
     assert s.uptime is None or 0 <= s.uptime <= 100
     assert s.outages == len(outages(h, now - window, now))
     assert len(timeline(h, now)) == 48
+
+
+def _state_at(t: float, changes: list[C], runs: list[tuple[float, float]], now: float) -> str:
+    """The rules of hbd/history.py's docstring, written out naively for one moment."""
+    clean = clean_runs(runs, now)
+    run = next((i for i, (a, b) in enumerate(clean) if a <= t < b), None)
+    if run is None:
+        return UNKNOWN
+    started = clean[run][0]
+    next_start = clean[run + 1][0] if run + 1 < len(clean) else float("inf")
+    before = [c for c in changes if c.time <= t]
+    in_run = [c for c in before if c.time >= started]
+    if in_run:
+        state = in_run[-1].new
+    else:
+        later = [c for c in changes if started <= c.time < next_start]
+        restarted = started > changes[0].time and later and later[0].old is not None
+        state = later[0].old if restarted else before[-1].new
+    return state if state in (UP, LATE, DOWN) else UNKNOWN
+
+
+@given(
+    steps=st.lists(st.tuples(st.integers(0, 50), st.sampled_from(["NEW", "UP", "LATE", "DOWN"])), max_size=10),
+    gaps=st.lists(st.tuples(st.integers(0, 100), st.integers(0, 30)), max_size=4),
+    olds=st.lists(st.sampled_from([None, "NEW", "UP", "DOWN"]), min_size=10, max_size=10),
+)
+def test_each_moment_is_in_the_state_the_rules_say(
+    steps: list[tuple[int, str]], gaps: list[tuple[int, int]], olds: list[str | None]
+) -> None:
+    """Against a naive reading of the rules at every half second (times on a grid of whole seconds)."""
+    now = 100.0
+    changes = [C(float(t), old, new) for (t, new), old in zip(sorted(steps), olds, strict=False)]
+    runs = [(float(a), float(a + d)) for a, d in gaps]
+    h = spans(changes, runs, now)
+    for span in h:
+        t = span.start
+        while t < span.end:
+            if t >= changes[0].time:
+                assert span.state == _state_at(t, changes, runs, now), (t, h)
+            t += 0.5
