@@ -67,7 +67,7 @@ def build(
     for name, ping in last_pings.items():  # remembered, but no change recorded (pruned, or none yet)
         if name not in peers:
             peers[name] = _peer(name, [], runs, ping, first_seen, now, since, detail)
-    return Report(path, now, since, runs_recorded, list(peers.values()), detail)
+    return Report(path, now, since, runs_recorded, [peers[name] for name in sorted(peers)], detail)
 
 
 def _peer(
