@@ -367,3 +367,19 @@ def test_a_server_without_a_store_or_with_a_bad_config(tmp_path: Path, capsys: p
     assert code == 1 and not out and f"hbd: error: {config}:" in err and "Traceback" not in err
     code, out, err = history(capsys, "-c", str(tmp_path / "none.yaml"))
     assert code == 1 and "cannot read the file" in err
+
+
+def test_while_the_server_is_stopped_now_is_unknown(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The server stopped 10 minutes ago: since then nothing is known; db1's outage, open at the stop,
+    ends there; last seen is the last ping the store kept."""
+    make_store(config.parent / "state", runs=[(NOW - 10 * DAY, NOW - 600)])
+    code, out, _ = history(capsys, "-c", str(config), "--json")
+    assert code == 0
+    peers = {p["peer"]: p for p in json.loads(out)["peers"]}
+    assert {p["state"] for p in peers.values()} == {"UNKNOWN"}
+    db1 = peers["db1"]["windows"]["24h"]
+    assert (db1["unknown_seconds"], db1["down_seconds"], db1["outages"], db1["down_since"]) == (600, 600, 1, None)
+    assert peers["db1"]["timeline"].endswith("UD") and peers["web1"]["timeline"].endswith("DDUUU?")
+    assert peers["web1"]["last_seen"] == NOW - 3 and peers["db1"]["last_seen"] == NOW - 20 * 60 - 4
+    code, out, _ = history(capsys, "-c", str(config))
+    assert next(line for line in out.splitlines() if line.startswith("web1")).split()[1] == "?"
