@@ -78,7 +78,8 @@ def main() -> None:
         size = os.path.getsize(state_dir / "state.db") / 2**20
         print(f"store: {args.peers} peers, {rows} changes, {size:.1f} MiB")
         hbd = [sys.executable, "-m", "hbd", "history", "-c", str(config)]
-        for label, argv in (("table", hbd), ("--json", [*hbd, "--json"]), ("one peer", [*hbd, "host00042"])):
+        one = f"host{args.peers // 2:05d}"
+        for label, argv in (("table", hbd), ("--json", [*hbd, "--json"]), ("one peer", [*hbd, one])):
             wall, cpu, rss = timed(argv)
             print(f"hbd history {label}: {wall:.2f} s wall, {cpu:.2f} s CPU, {rss:.0f} MiB peak RSS")
 

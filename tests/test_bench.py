@@ -56,3 +56,24 @@ def test_runner_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
         if r["kind"] == "closed":
             assert r["ok"] and r["throughput"] > 0 and r["errors"] == 0, r
     assert "targets:" in out and "us/ping" in out
+
+
+def test_history_read_smoke() -> None:
+    """bench/history_read.py at 50 peers: it builds its store and times the three commands."""
+    import subprocess
+
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.history_read", "--peers", "50", "--changes", "4"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("store: 50 peers, 200 changes")
+    assert [line.split(":")[0] for line in lines[1:]] == [
+        "hbd history table",
+        "hbd history --json",
+        "hbd history one peer",
+    ]
