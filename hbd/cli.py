@@ -432,9 +432,13 @@ def history(args: argparse.Namespace) -> int:
     if args.peer is not None and not report.peers:
         print(f"hbd: error: {report.path}: no history of a peer named {args.peer!r}", file=sys.stderr)
         return 1
-    if args.json:
-        sys.stdout.writelines(hr.chunks(report))
-    else:
-        ascii_only = hr.needs_ascii(getattr(sys.stdout, "encoding", None))
-        sys.stdout.write(hr.render(report, hr.ASCII if ascii_only else hr.BLOCKS))
+    try:
+        if args.json:
+            sys.stdout.writelines(hr.chunks(report))
+        else:
+            ascii_only = hr.needs_ascii(getattr(sys.stdout, "encoding", None))
+            sys.stdout.write(hr.render(report, hr.ASCII if ascii_only else hr.BLOCKS))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `hbd history | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush stays quiet
     return 0

@@ -383,3 +383,24 @@ def test_while_the_server_is_stopped_now_is_unknown(config: Path, capsys: pytest
     assert peers["web1"]["last_seen"] == NOW - 3 and peers["db1"]["last_seen"] == NOW - 20 * 60 - 4
     code, out, _ = history(capsys, "-c", str(config))
     assert next(line for line in out.splitlines() if line.startswith("web1")).split()[1] == "?"
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(tmp_path: Path) -> None:
+    """``hbd history | head -1`` on a store of 3000 peers (more than a pipe holds)."""
+    many = [(NOW - DAY, f"host{i:04d}", "NEW", "UP", "") for i in range(3000)]
+    make_store(tmp_path / "state", changes=many, peers=[])
+    for args in ((), ("--json",)):
+        config = tmp_path / "server.yaml"
+        config.write_text(f"state_dir: {tmp_path / 'state'}\n")
+        with subprocess.Popen(
+            [sys.executable, "-m", "hbd", "history", "-c", str(config), *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ) as child:
+            assert child.stdout is not None and child.stderr is not None
+            assert child.stdout.readline()
+            child.stdout.close()
+            err = child.stderr.read()
+            assert child.wait(timeout=60) == 0 and err == "", err
