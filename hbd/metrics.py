@@ -28,6 +28,7 @@ from hbd.view import (
     ServerCounters,
     ServerView,
     SupervisorView,
+    Turns,
 )
 
 # Client ping->pong round trips, seconds: sub-millisecond on a LAN up to the longest pong_timeout.
@@ -131,7 +132,7 @@ class Exposition:
         self.family(name, kind, help_text)
         self.sample(name, value, labels)
 
-    def histogram(self, name: str, hist: Histogram | Rtt, labels: dict[str, str]) -> None:
+    def histogram(self, name: str, hist: Histogram | Rtt | Turns, labels: dict[str, str]) -> None:
         for bound, n in _cumulative(hist.bounds, hist.counts):
             self.sample(f"{name}_bucket", n, {**labels, "le": bound})
         self.sample(f"{name}_sum", hist.sum, labels)
@@ -152,9 +153,12 @@ def collect(view: DaemonViews) -> Exposition:
     out.sample("hbd_reloads_total", d.reloads_ok, {"result": "ok"})
     out.sample("hbd_reloads_total", d.reloads_failed, {"result": "failed"})
     loop = d.loop
-    for numbers in workers:  # the worst loop among the supervisor's and the workers'
+    for numbers in workers:  # the worst loop among the supervisor's and the workers', their turns together
         loop = LoopNumbers(
-            max(loop.lag, numbers.loop.lag), max(loop.max_lag, numbers.loop.max_lag), loop.stalls + numbers.loop.stalls
+            max(loop.lag, numbers.loop.lag),
+            max(loop.max_lag, numbers.loop.max_lag),
+            loop.stalls + numbers.loop.stalls,
+            loop.turns.plus(numbers.loop.turns),
         )
     out.one(
         "hbd_loop_lag_seconds",
@@ -171,6 +175,14 @@ def collect(view: DaemonViews) -> Exposition:
         "late, or a turn that much longer than the CPU it used).",
         loop.stalls,
     )
+    out.family(
+        "hbd_loop_turn_seconds",
+        "histogram",
+        "Event loop turns by how long their work took (from the wake-up to the end of the turn's "
+        "callbacks); nothing else is served meanwhile. All of the daemon's processes together.",
+    )
+    out.histogram("hbd_loop_turn_seconds", loop.turns, {})
+    out.one("hbd_loop_turn_max_seconds", "gauge", "The longest event loop turn so far.", loop.turns.max)
     events = _summed(d.events, [n.events for n in workers])
     out.family("hbd_peer_events_total", "counter", "Peer state changes (what on_change hooks are run for).")
     for event in EVENTS:

@@ -25,7 +25,7 @@ from hbd.hooks import HookRunner
 from hbd.logs import fields, log
 from hbd.names import bind_tcp
 from hbd.operated import Operated, OpsConfig
-from hbd.view import EVENTS, LoopNumbers, RecentEvent
+from hbd.view import EVENTS, LoopNumbers, RecentEvent, Turns
 
 RECENT = 50  # state changes kept for the status reply
 
@@ -70,7 +70,12 @@ class Ops:
         return (
             dict(self.events),
             {**hooks.counts, "running": len(hooks.running), "queued": len(hooks.queue)},
-            LoopNumbers(loop.last_lag, loop.max_lag, self.stalls),
+            LoopNumbers(
+                loop.last_lag,
+                loop.max_lag,
+                self.stalls,
+                Turns(counts=tuple(loop.turn_counts), sum=loop.turn_sum, max=loop.turn_max),
+            ),
         )
 
     # -- lifecycle -----------------------------------------------------------------------------------

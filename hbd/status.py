@@ -22,7 +22,7 @@ from hbd import __version__
 from hbd.control import Reply
 from hbd.loop import EventLoop
 from hbd.status_doc import StatusDoc
-from hbd.view import ClientView, DaemonView, PeerRow, ServerView, SupervisorView
+from hbd.view import ClientView, DaemonView, LoopNumbers, PeerRow, ServerView, SupervisorView, Turns
 
 SLICE = 250  # peers serialised per chunk: ~25 KB, well under a millisecond of loop time each
 
@@ -51,14 +51,37 @@ def head(d: DaemonView, clock: Clock) -> dict[str, object]:
         "started": round(d.started, 3),
         "status": d.status,
         "reloads": {"ok": d.reloads_ok, "failed": d.reloads_failed, "last_error": d.last_reload_error},
-        "loop": {
-            "lag_ms": round(d.loop.lag * 1000, 3),
-            "max_lag_ms": round(d.loop.max_lag * 1000, 3),
-            "stalls": d.loop.stalls,
-        },
+        "loop": loop_doc(d.loop),
         "hooks": dict(d.hooks),
         "events": dict(d.events),
         "recent": [{**e._asdict(), "time": round(e.time, 3)} for e in d.recent],
+    }
+
+
+def loop_doc(loop: LoopNumbers, turns: Turns | None = None) -> dict[str, object]:
+    """The loop's lag, stalls and turn histogram (``turns``: instead of the loop's own)."""
+    return {
+        "lag_ms": round(loop.lag * 1000, 3),
+        "max_lag_ms": round(loop.max_lag * 1000, 3),
+        "stalls": loop.stalls,
+        "turns": turns_doc(turns or loop.turns),
+    }
+
+
+def turns_doc(t: Turns) -> dict[str, object]:
+    """Turn durations: how many turns took at most each bound (cumulative, as in the metrics), the
+    count, sum and longest, and how many took over 100 ms (every peer waited that long)."""
+    le: dict[str, int] = {}
+    total = 0
+    for bound, n in zip([*(f"{b * 1000:g}" for b in t.bounds), "+Inf"], t.counts, strict=True):
+        total += n
+        le[bound] = total
+    return {
+        "count": total,
+        "sum_ms": round(t.sum * 1000, 3),
+        "max_ms": round(t.max * 1000, 3),
+        "over_100ms": t.over(0.1) if 0.1 in t.bounds else None,
+        "le_ms": le,
     }
 
 
@@ -131,7 +154,16 @@ def supervisor_document(
     """Relay every worker's peers into one document, one worker at a time, without blocking."""
     clock = Clock(view.daemon.now)
     doc = server_head(view, clock)
-    doc["workers"] = [{"index": w.index, "pid": w.pid, "clients": w.clients, "late": w.late} for w in view.workers]
+    doc["workers"] = [
+        {"index": w.index, "pid": w.pid, "clients": w.clients, "late": w.late}
+        | ({"loop": loop_doc(w.numbers.loop)} if w.numbers is not None else {})
+        for w in view.workers
+    ]
+    turns = view.daemon.loop.turns  # every process's turns together, as in the metrics
+    for w in view.workers:
+        if w.numbers is not None:
+            turns = turns.plus(w.numbers.loop.turns)
+    doc["loop"] = loop_doc(view.daemon.loop, turns)
     yield _dumps(doc)[:-1].encode() + b',"peers":['
     wrote = False
     for w in view.workers:

@@ -37,10 +37,60 @@ class RecentEvent(NamedTuple):
     reason: str
 
 
+# Event loop turn durations, seconds (hbd.loop keeps the histogram): a turn over 0.1 s delays every peer.
+TURN_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Turns:
+    """The event loop's turn durations: counts per bound of ``bounds``, then +Inf (not cumulative),
+    their sum and the longest turn, seconds."""
+
+    bounds: tuple[float, ...] = TURN_BUCKETS
+    counts: tuple[int, ...] = (0,) * (len(TURN_BUCKETS) + 1)
+    sum: float = 0.0
+    max: float = 0.0
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def over(self, limit: float) -> int:
+        """Turns longer than ``limit``, which is one of the bounds (so the buckets say it exactly)."""
+        return sum(self.counts[self.bounds.index(limit) + 1 :])
+
+    def plus(self, other: Turns) -> Turns:
+        """Both processes' turns together (a worker's with its supervisor's); other bounds count as none."""
+        if other.bounds != self.bounds or len(other.counts) != len(self.counts):
+            return self
+        counts = tuple(a + b for a, b in zip(self.counts, other.counts, strict=True))
+        return Turns(self.bounds, counts, self.sum + other.sum, max(self.max, other.max))
+
+    def to_dict(self) -> dict[str, object]:
+        return {"counts": list(self.counts), "sum": self.sum, "max": self.max}
+
+    @classmethod
+    def from_dict(cls, d: object) -> Turns:
+        """Tolerant, like WorkerNumbers.from_dict: anything but TURN_BUCKETS' shape counts as no turns."""
+        if not isinstance(d, Mapping):
+            return cls()
+        counts, total, longest = d.get("counts"), d.get("sum"), d.get("max")
+        if (
+            not isinstance(counts, list)
+            or len(counts) != len(TURN_BUCKETS) + 1
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts)
+            or not isinstance(total, int | float)
+            or not isinstance(longest, int | float)
+        ):
+            return cls()
+        return cls(TURN_BUCKETS, tuple(counts), float(total), float(longest))
+
+
 class LoopNumbers(NamedTuple):
     lag: float  # seconds
     max_lag: float
     stalls: int
+    turns: Turns = Turns()
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +174,7 @@ class WorkerNumbers:
             "lag": loop.lag,
             "max_lag": loop.max_lag,
             "stalls": loop.stalls,
+            "turns": loop.turns.to_dict(),
         }
 
     @classmethod
@@ -145,7 +196,7 @@ class WorkerNumbers:
             counters,
             ints("events"),
             ints("hooks"),
-            LoopNumbers(float(num("lag")), float(num("max_lag")), int(num("stalls"))),
+            LoopNumbers(float(num("lag")), float(num("max_lag")), int(num("stalls")), Turns.from_dict(d.get("turns"))),
         )
 
 

@@ -1,10 +1,12 @@
 import os
 import signal
 import socket
+from collections.abc import Callable
 
 from virtual_time import FakeClock, VirtualSelector
 
 from hbd.loop import STALL_THRESHOLD, EventLoop
+from hbd.view import TURN_BUCKETS, Turns
 
 
 def test_timers_fire_in_deadline_order_at_their_time(vloop: EventLoop, vclock: FakeClock) -> None:
@@ -275,3 +277,57 @@ def test_a_stop_in_the_middle_of_a_turn_is_a_stall() -> None:
     assert order == ["stall 2.0", "verdict"]
     a.close()
     b.close()
+
+
+def test_turn_durations_land_in_their_buckets_with_the_longest_and_the_sum(vloop: EventLoop, vclock: FakeClock) -> None:
+    """Each turn's work (wake-up to the end of its callbacks) is counted once, in the bucket of its
+    upper bound; the time waited in select() is no part of it."""
+    loop, clock = vloop, vclock
+    works = [0.0, 0.0005, 0.001, 0.0015, 0.03, 0.1, 0.1004, 0.7, 2.5]
+    for i, work in enumerate(works):
+        loop.call_at(clock() + 10.0 * (i + 1), lambda w=work: clock.advance(w))
+    for _ in works:
+        loop.run_once()
+    counts = dict(zip([*TURN_BUCKETS, "+Inf"], loop.turn_counts, strict=True))
+    assert counts == {
+        0.001: 3,  # 0, 0.5 ms and exactly 1 ms (a bucket holds its bound)
+        0.002: 1,
+        0.005: 0,
+        0.01: 0,
+        0.02: 0,
+        0.05: 1,
+        0.1: 1,  # exactly 100 ms is not over it
+        0.2: 1,
+        0.5: 0,
+        1.0: 1,
+        "+Inf": 1,
+    }
+    assert loop.turn_max == 2.5
+    assert abs(loop.turn_sum - sum(works)) < 1e-6
+    turns = Turns(counts=tuple(loop.turn_counts), sum=loop.turn_sum, max=loop.turn_max)
+    assert turns.count == len(works) and turns.over(0.1) == 3
+    assert loop.max_lag >= 2.5  # the lag sees the same turns
+
+
+def test_the_turn_histogram_takes_no_clock_reading_of_its_own() -> None:
+    """An idle turn reads the clock before and after select() and at its end, and the CPU clock after
+    select() and at its end (stall forgiveness): the histogram reuses those readings."""
+    clock = FakeClock()
+    cpu = FakeClock(0.0)
+    reads = {"clock": 0, "cpu": 0}
+
+    def counted(c: FakeClock, name: str) -> Callable[[], float]:
+        def read() -> float:
+            reads[name] += 1
+            return c()
+
+        return read
+
+    loop = EventLoop(clock=counted(clock, "clock"), selector=VirtualSelector(clock), cpu_clock=counted(cpu, "cpu"))
+    try:
+        for _ in range(10):
+            loop.run_once(1.0)  # nothing due: an idle turn
+        assert reads == {"clock": 30, "cpu": 20}
+        assert loop.turn_counts[0] == 10
+    finally:
+        loop.close()

@@ -1,5 +1,6 @@
 """Prometheus exposition: the format (checked with prometheus_client's parser) and real scrapes over HTTP."""
 
+import json
 import socket
 import time
 import urllib.error
@@ -10,6 +11,7 @@ import pytest
 from daemons import connect, free_port, recv_exactly, start_client, start_server
 
 from hbd import __version__
+from hbd.control import query
 from hbd.metrics import Exposition, Histogram
 
 parser = pytest.importorskip("prometheus_client.parser")
@@ -125,6 +127,12 @@ def test_workers_metrics_are_summed(tmp_path: Path, procs) -> None:
         time.sleep(0.2)
     assert value(m, "hbd_server_clients") == 30 and value(m, "hbd_server_workers") == 2
     assert value(m, "hbd_server_pings_total") == 30
+    # each worker's loop turns, shown per worker and summed with the supervisor's own
+    doc = json.loads(query(srv.config["control_socket"], "status", timeout=10))
+    per_worker = [w["loop"]["turns"]["count"] for w in doc["workers"]]
+    assert len(per_worker) == 2 and min(per_worker) > 0, doc["workers"]
+    assert doc["loop"]["turns"]["count"] > sum(per_worker)
+    assert value(m, "hbd_loop_turn_seconds_count") > 0
     assert value(m, "hbd_peer_events_total", event="up") == 30
     for s in socks:
         s.close()

@@ -1,6 +1,7 @@
 """The typed views: what status.py and metrics.py render, and nothing else."""
 
 import ast
+import dataclasses
 import json
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from hbd.view import (
     ServerSettings,
     ServerView,
     SupervisorView,
+    Turns,
     WorkerNumbers,
     WorkerRow,
 )
@@ -184,3 +186,50 @@ def test_worker_numbers_cross_the_pipe_and_sum() -> None:
     assert families["hbd_loop_lag_max_seconds"].samples[0].value == 0.3
     assert families["hbd_loop_stalls"].samples[0].value == 4
     assert {s.labels["event"]: s.value for s in families["hbd_peer_events"].samples} == {"up": 6, "late": 0, "down": 3}
+
+
+def test_loop_turns_cross_the_pipe_per_worker_and_sum_in_status_and_metrics() -> None:
+    """A worker's turn histogram reaches its supervisor, which shows it per worker and every
+    process's together (status ``loop.turns``, metric ``hbd_loop_turn_seconds``)."""
+    own = Turns(counts=(90, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0), sum=0.05, max=0.0015)
+    busy = Turns(counts=(50, 0, 0, 0, 0, 0, 3, 1, 0, 0, 1), sum=3.2, max=2.4)
+    n = WorkerNumbers(_counters(), {}, {}, LoopNumbers(0.1, 0.3, 2, busy))
+    assert WorkerNumbers.from_dict(json.loads(json.dumps(n.to_dict()))) == n
+    for junk in (None, [1], {"counts": [1, 2]}, {"counts": [-1] * 11, "sum": 0, "max": 0}, {"counts": [0] * 11}):
+        assert WorkerNumbers.from_dict({"turns": junk}).loop.turns == Turns()
+    daemon = dataclasses.replace(_daemon(), loop=LoopNumbers(0.001, 0.002, 0, own))
+    view = SupervisorView(
+        daemon,
+        "0.0.0.0:7000",
+        ServerSettings(10.0, 100, 2),
+        (WorkerRow(1, 11, 2, 0, n), WorkerRow(2, 12, 2, 0, n), WorkerRow(3, 13, 0, 0, None)),
+    )
+    head = next(status.supervisor_document(view, None, None, lambda: None))  # type: ignore[arg-type]
+    doc = json.loads(head + b"]}")
+    turns = doc["loop"]["turns"]
+    assert turns["count"] == 95 + 2 * 55 and turns["over_100ms"] == 2 * 2 and turns["max_ms"] == 2400.0
+    assert turns["le_ms"]["1"] == 90 + 2 * 50 and turns["le_ms"]["100"] == 95 + 2 * 53 and turns["le_ms"]["+Inf"] == 205
+    assert abs(turns["sum_ms"] - 6450.0) < 1e-6
+    per_worker = [w.get("loop", {}).get("turns") for w in doc["workers"]]
+    assert per_worker[0] == per_worker[1] and per_worker[0]["count"] == 55 and per_worker[0]["over_100ms"] == 2
+    assert per_worker[2] is None  # not reported yet
+    families = {f.name: f for f in text_string_to_metric_families(metrics.collect(view).render().decode())}
+    samples = {(s.name, s.labels.get("le")): s.value for s in families["hbd_loop_turn_seconds"].samples}
+    assert samples[("hbd_loop_turn_seconds_bucket", "0.001")] == 190
+    assert samples[("hbd_loop_turn_seconds_bucket", "0.1")] == 201
+    assert samples[("hbd_loop_turn_seconds_bucket", "+Inf")] == samples[("hbd_loop_turn_seconds_count", None)] == 205
+    assert abs(samples[("hbd_loop_turn_seconds_sum", None)] - 6.45) < 1e-9
+    assert families["hbd_loop_turn_max_seconds"].samples[0].value == 2.4
+
+
+def test_a_server_shows_its_own_turns() -> None:
+    view = ServerView(_daemon(), None, ServerSettings(10.0, 100, 1), _counters(), [])
+    doc = json.loads(b"".join(status.server_document(view)))
+    assert doc["loop"]["turns"] == {
+        "count": 0,
+        "sum_ms": 0.0,
+        "max_ms": 0.0,
+        "over_100ms": 0,
+        "le_ms": {k: 0 for k in ("1", "2", "5", "10", "20", "50", "100", "200", "500", "1000", "+Inf")},
+    }
+    parse_document(doc)  # the CLI still reads it
