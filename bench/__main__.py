@@ -142,6 +142,18 @@ def _progress(r: dict[str, Any]) -> None:
             f"gen {r['gen_cpu_pct']} %",
             flush=True,
         )
+        t = r.get("turns")
+        print(
+            f"         rtt p99 {r['rtt_ms']['p99']} max {r['rtt_ms']['max']} ms, generator lag p99 "
+            f"{r['gen_lag_p99_ms']} max {r.get('gen_lag_max_ms')} ms"
+            + (
+                f"; hbd loop turns {t['count']}: 99 % <= {t['p99_le_ms']} ms, max {t['max_ms']} ms, "
+                f"{t['over_10ms']} over 10 ms, {t['over_100ms']} over 100 ms"
+                if t
+                else ""
+            ),
+            flush=True,
+        )
     elif r["kind"] == "closed":
         print(
             f"  closed {r['server']:>6} workers={r['workers']} depth={r['depth']} {r['throughput']:.0f} pong/s, "

@@ -113,6 +113,8 @@ def drive(
             s["threads_max"] = max(s["threads_max"], procstat.tree_status(pids)["Threads"])
             time.sleep(min(1.0, max(0.0, sch_se - time.monotonic())))
         s["cpu1"], s["tick1"], s["t1"] = procstat.tree_sched_s(pids), procstat.tree_cpu_s(pids), time.monotonic()
+        # hbd's own turns up to the window's end (ramp, settle, window): which side stalled, if one did
+        s["turns"] = servers.loop_turns(srv.status_path) if srv.status_path else None
         st = procstat.tree_status(pids)
         s["threads_max"] = max(s["threads_max"], st["Threads"])
         s["hwm"], s["rss"] = st["VmHWM"], st["VmRSS"]
@@ -189,6 +191,9 @@ def run_open(name: str, n: int, m: Mode, tmp: Path) -> dict[str, Any]:
             "gen_cpu_pct": g["gen_cpu_pct"],
             "gen_cpu_max_proc_pct": g["gen_cpu_max_proc_pct"],
             "gen_lag_p99_ms": g["lag_ms"]["p99"],
+            "gen_lag_max_ms": g["lag_ms"].get("max"),
+            "loop_turns": s.get("turns"),  # hbd: its loop turn histogram (status socket) at the window's end
+            "turns": servers.turns_summary(s.get("turns")),
             "pinned": {"server": sorted(scpu) if scpu else None, "gen": sorted(gcpu) if gcpu else None},
         }
     )

@@ -7,6 +7,7 @@ when asked, pinned to given CPUs (set before exec, so every thread and worker in
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import signal
@@ -16,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bench import procstat
 
@@ -30,7 +32,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def hbd_server_yaml(port: int, timeout: float, log_file: Path, workers: int | None, max_clients: int) -> str:
+def hbd_server_yaml(
+    port: int, timeout: float, log_file: Path, workers: int | None, max_clients: int, control_socket: Path
+) -> str:
     lines = [
         "host: 127.0.0.1",
         f"port: {port}",
@@ -39,6 +43,7 @@ def hbd_server_yaml(port: int, timeout: float, log_file: Path, workers: int | No
         "backlog: 4096",
         f"log_file: {log_file}",
         "log_level: info",
+        f"control_socket: {control_socket}",
     ]
     if workers is not None:  # only sent when asked, so a core without the option still runs
         lines.append(f"workers: {workers}")
@@ -69,6 +74,7 @@ class Running:
     port: int
     out: Path
     extra: dict[str, object] = field(default_factory=dict)
+    status_path: Path | None = None  # hbd's status socket
 
     @property
     def pid(self) -> int:
@@ -116,7 +122,8 @@ def command(
         return [PYTHON, "-m", "bench.thread_server", "--port", str(port), "--timeout", str(timeout)]
     if name == "hbd":
         cfg = tmp / f"hbd-server-{port}.yaml"
-        cfg.write_text(hbd_server_yaml(port, timeout, tmp / f"hbd-server-{port}.log", workers, max_clients))
+        log, sock = tmp / f"hbd-server-{port}.log", status_socket(tmp, port)
+        cfg.write_text(hbd_server_yaml(port, timeout, log, workers, max_clients, sock))
         return [PYTHON, "-m", "hbd", "server", "-c", str(cfg)]
     raise ValueError(f"unknown server {name!r}")
 
@@ -151,11 +158,49 @@ def start(
             stderr=subprocess.STDOUT,
             preexec_fn=lambda: _preexec(cpus),
         )
-    srv = Running(name, proc, port, out)
+    status_path = status_socket(tmp, port) if name == "hbd" and client_of is None else None
+    srv = Running(name, proc, port, out, status_path=status_path)
     if client_of is None and not wait_ready(srv):
         srv.stop()
         raise RuntimeError(f"{name} did not start: {srv.output_tail() or 'no output'}")
     return srv
+
+
+def status_socket(tmp: Path, port: int) -> Path:
+    return tmp / f"hbd-server-{port}.sock"
+
+
+def loop_turns(path: Path, timeout: float = 20.0) -> dict[str, Any] | None:
+    """hbd's loop turn histogram from its status socket (``loop.turns``: with workers, every process's
+    together); None if it cannot be read or the daemon has none (an older core)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(path))
+            s.sendall(b"status\n")
+            chunks = []
+            while chunk := s.recv(1 << 16):
+                chunks.append(chunk)
+        turns = json.loads(b"".join(chunks))["loop"]["turns"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return turns if isinstance(turns, dict) else None
+
+
+def turns_summary(turns: dict[str, Any] | None) -> dict[str, Any] | None:
+    """count, max, turns over 10 and 100 ms, and the bucket bound under which 99 % of the turns fell."""
+    if not turns:
+        return None
+    le: dict[str, int] = turns["le_ms"]
+    count = turns["count"]
+    p99 = next((b for b, n in le.items() if n >= 0.99 * count), "+Inf")
+    return {
+        "count": count,
+        "max_ms": turns["max_ms"],
+        "over_10ms": count - le.get("10", count),
+        "over_100ms": turns["over_100ms"],
+        "p99_le_ms": p99,
+    }
 
 
 def wait_ready(srv: Running, limit: float = 15.0) -> bool:

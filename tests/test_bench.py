@@ -51,6 +51,12 @@ def test_runner_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
             assert r["silenced"] == 5 and r["undetected"] == 0, r
             assert r["detect_ms"]["p99"] < 1000 * (r["timeout_s"] + 1.1)
     assert opened["hbd"]["cpu_x_floor"] is not None
+    # hbd's own loop turns, read from its status socket, next to the generator's RTT and lag
+    turns = opened["hbd"]["turns"]
+    assert turns["count"] > 0 and turns["max_ms"] > 0 and turns["over_100ms"] >= 0, turns
+    assert opened["hbd"]["loop_turns"]["le_ms"]["+Inf"] == turns["count"]
+    assert opened["floor"]["turns"] is None
+    assert "hbd loop turns" in out and "generator lag p99" in out
     assert opened["thread"]["threads"] >= 20  # one per client
     for r in recs:
         if r["kind"] == "closed":
