@@ -167,7 +167,7 @@ def start(
 
 
 def status_socket(tmp: Path, port: int) -> Path:
-    return tmp / f"hbd-server-{port}.sock"
+    return tmp / f"{port}.sock"  # short: a status socket's path must fit sockaddr_un (108 bytes)
 
 
 def loop_turns(path: Path, timeout: float = 20.0) -> dict[str, Any] | None:
