@@ -3,8 +3,9 @@
 A short side-by-side run under the same closed-loop load generator, hbd then the floor, in rounds:
 process CPU time from /proc over each measurement window (not wall time, so a loaded machine slows
 both without changing the ratio), the best round counts, and the first round within the bound ends
-it (about 7 s; at most 3 rounds, about 20 s). Today's ratio is about 1.2-1.3x; work added per ping
-(a CPU-bound 20 µs per ping) makes it about 4x and fails. docs/performance.md has the figures.
+it (about 7 s; at most 3 rounds, about 20 s). Today's ratio is 1.0-1.6x from round to round on a
+loaded machine; 20 µs of CPU per ping made it 4.7-6.1x and a 10 KB allocation per ping 2.1-2.3x,
+and both fail. docs/performance.md has the figures.
 """
 
 from __future__ import annotations
