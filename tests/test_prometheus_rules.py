@@ -20,7 +20,18 @@ from daemons import ROOT, free_port, start_client, start_server
 from prometheus_client.parser import text_string_to_metric_families
 
 from hbd import metrics
-from hbd.view import DaemonView, LoopNumbers, PeerRow, ServerCounters, ServerSettings, ServerView
+from hbd.view import (
+    DaemonView,
+    LoopNumbers,
+    PeerRow,
+    ServerCounters,
+    ServerSettings,
+    ServerView,
+    SupervisorView,
+    Turns,
+    WorkerNumbers,
+    WorkerRow,
+)
 
 RULES = ROOT / "examples" / "prometheus" / "hbd-rules.yml"
 RULE_TESTS = ROOT / "tests" / "prometheus" / "hbd-rules-test.yml"
@@ -231,5 +242,18 @@ def test_promtool_finds_nothing_to_lint_in_the_exposition(promtool: str, tmp_pat
         assert (out.returncode, out.stdout, out.stderr) == (0, "", ""), port
     text = metrics.collect(_registry_view()).render()
     assert b"hbd_peer_up{" in text
+    out = run(promtool, "check", "metrics", stdin=text)
+    assert (out.returncode, out.stdout, out.stderr) == (0, "", "")
+
+
+def test_promtool_finds_nothing_to_lint_in_a_supervisors_exposition(promtool: str) -> None:
+    """With workers: K the loop turn histogram is every process's together: still one valid histogram."""
+    turns = Turns(counts=(90, 5, 0, 0, 0, 0, 3, 1, 0, 0, 1), sum=2.05, max=1.5)
+    loop = LoopNumbers(0.001, 0.002, 0, turns)
+    daemon = DaemonView("server", 1000.0, 1_700_000_000.0, "", 0, 0, None, loop, {}, {}, ())
+    worker = WorkerNumbers(ServerCounters(clients=2), {}, {}, loop)
+    view = SupervisorView(daemon, "127.0.0.1:7000", ServerSettings(10.0, 100, 2), (WorkerRow(1, 11, 2, 0, worker),))
+    text = metrics.collect(view).render()
+    assert b'hbd_loop_turn_seconds_bucket{le="+Inf"} 200\n' in text
     out = run(promtool, "check", "metrics", stdin=text)
     assert (out.returncode, out.stdout, out.stderr) == (0, "", "")
