@@ -176,9 +176,13 @@ def table(recs: list[Rec]) -> str:
         ("miss", 5),
         ("det99", 7),
         ("gen%", 5),
+        ("genlag99", 8),
+        ("turnmax", 8),
+        (">100ms", 6),
     ]
     lines = [
-        "open loop: N clients x 1 ping/s; times in ms; det99 = server-side detection p99",
+        "open loop: N clients x 1 ping/s; times in ms; det99 = server-side detection p99; genlag99 = the"
+        " generator's lag p99; turnmax, >100ms = hbd's longest loop turn and turns over 100 ms (to the window's end)",
         " ".join(h.rjust(w) for h, w in cols),
     ]
     for r in recs:
@@ -207,6 +211,9 @@ def table(recs: list[Rec]) -> str:
             r["missed"],
             _f(r["detect_ms"]["p99"], 0),
             _f(r["gen_cpu_pct"]),
+            _f(r.get("gen_lag_p99_ms"), 1),
+            _f((r.get("turns") or {}).get("max_ms"), 1),
+            _f((r.get("turns") or {}).get("over_100ms")),
         ]
         lines.append(" ".join(str(v).rjust(w) for v, (_, w) in zip(vals, cols, strict=True)))
     closed = [r for r in recs if r.get("kind") == "closed"]
