@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import socket
 from collections.abc import Callable, Iterator
+from itertools import chain
 from typing import TYPE_CHECKING
 
 from hbd.access import AllowList
@@ -23,6 +24,8 @@ from hbd.listener import Listener
 from hbd.liveness import WHEEL_RESOLUTION, Liveness  # noqa: F401 (WHEEL_RESOLUTION: for the tests)
 from hbd.logs import fields, log
 from hbd.protocol import Hello, PeerState, ServerPeer, StateChange, peer_timeout
+from hbd.registry import expected_peers, registry_settings
+from hbd.server_registry import ServerRegistry
 from hbd.server_report import ServerReport
 from hbd.view import PeerRow, ServerCounters, ServerSettings, ServerView, WorkerNumbers
 from hbd.workers_codec import Numbers, Ready, Reloaded, Status
@@ -54,6 +57,9 @@ class Server(Daemon):
         self.report = ServerReport(self.peer_log, lambda *a, **kw: self.ops.event(*a, **kw), self.clock)
         self.tls_context: ssl.SSLContext | None = None
         self.allow: AllowList | None = None
+        # The peer registry (hbd.server_registry); a worker of several keeps none (its peers are
+        # the connections it serves, as before the registry).
+        self.registry: ServerRegistry | None = None
 
     # what the status socket and the metrics read
     address = property(lambda self: self.listener.address)
@@ -72,6 +78,18 @@ class Server(Daemon):
         self.tls_context, self.allow = load_security(cfg)
         self.listener.use(self.listener.bind(cfg.host, cfg.port, cfg.backlog))
         self.loop.stall_callbacks.append(self.liveness.on_stall)
+        if self.worker is None:
+            self.registry = ServerRegistry(
+                self.loop,
+                registry_settings(cfg),
+                expected_peers(cfg),
+                self.peer_log,
+                lambda *a, **kw: self.ops.event(*a, **kw),
+                lambda *a: self.ops.count(*a),
+                self._close,
+                self.is_open,
+            )
+            self.report.peers = self.registry
         self.start_status_updates()
         log.info(
             "listening on %s:%d (heartbeat_timeout %g s, max_clients %d%s%s)",
@@ -111,6 +129,8 @@ class Server(Daemon):
 
         def commit() -> None:
             self._commit_security(tls_context, allow)
+            if self.registry is not None:
+                self.registry.configure(registry_settings(new), expected_peers(new))
             if sock is not None:
                 self.listener.use(sock)
                 log.info("now listening on %s:%d", *self.address)
@@ -126,8 +146,10 @@ class Server(Daemon):
 
     def shutdown(self) -> None:
         for conn in list(self.conns.values()):
-            self._close(conn)
+            self._close(conn)  # not a change of theirs: the registry keeps them as they were
         self.listener.close()
+        if self.registry is not None:
+            self.registry.close_timers()
 
     def status_text(self) -> str:
         n = len(self.conns)
@@ -190,12 +212,16 @@ class Server(Daemon):
     def view(self) -> ServerView:
         cfg = self.config
         addr = self.address
+        reg = self.registry
         return ServerView(
             self.daemon_view(),
             f"{addr[0]}:{addr[1]}" if addr else None,
             ServerSettings(cfg.heartbeat_timeout, cfg.max_clients, cfg.workers),
             self.counters(),
-            _peer_rows(list(self.conns.values()), self.worker_index),
+            _peer_rows(list(self.conns.values()), self.worker_index)
+            if reg is None
+            else chain(reg.rows(), _peer_rows(reg.unknown(list(self.conns.values())), None)),
+            reg.counts() if reg is not None else None,
         )
 
     def arm(self, conn: Connection, forgiven: float = 0.0) -> None:
@@ -209,8 +235,12 @@ class Server(Daemon):
         events = peer.events or []
         peer.events = None
         for ev in events:
+            if not self.is_open(conn):
+                return  # what it said before closed it (a refused name)
             if isinstance(ev, Hello):
                 self.report.hello(conn, ev, self.config.max_interval)
+                if self.registry is not None:
+                    self.registry.hello(conn, ev)
             elif isinstance(ev, StateChange):
                 self.report.changed(conn, ev)
                 if ev.old is PeerState.NEW and conn.slot != -1:

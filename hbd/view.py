@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 PEER_STATES = ("NEW", "UP", "LATE", "DOWN")  # the registry's states (today's servers show NEW, UP, LATE)
-EVENTS = ("up", "late", "down")
+EVENTS = ("up", "late", "down", "flapping", "stable")  # the last two: the registry's
 HOOK_RESULTS = ("ok", "failed", "timeout", "error", "dropped", "coalesced")
 
 

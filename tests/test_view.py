@@ -183,4 +183,10 @@ def test_worker_numbers_cross_the_pipe_and_sum() -> None:
     assert families["hbd_server_workers"].samples[0].value == 3
     assert families["hbd_loop_lag_max_seconds"].samples[0].value == 0.3
     assert families["hbd_loop_stalls"].samples[0].value == 4
-    assert {s.labels["event"]: s.value for s in families["hbd_peer_events"].samples} == {"up": 6, "late": 0, "down": 3}
+    assert {s.labels["event"]: s.value for s in families["hbd_peer_events"].samples} == {
+        "up": 6,
+        "late": 0,
+        "down": 3,
+        "flapping": 0,
+        "stable": 0,
+    }

@@ -1,0 +1,267 @@
+"""The server's registry room: connections report to the peer registry (hbd.registry), and what it
+returns is carried out here: connections closed, notices logged, counted and hooked.
+
+The server hands down what this needs (the loop, its peer log, the event sink, a way to close a
+connection and to tell whether one is still open); nothing here imports hbd.server. The registry's
+own deadlines (startup grace, forgetting, flapping ends, silences ending) run from one loop timer,
+filed at the registry's next deadline: nothing runs per ping. A rising peer (``rise:``) is the one
+exception: while it rises its connection reports every ping (protocol.PeerState.RISING).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from hbd import tls
+from hbd.connection import Connection
+from hbd.logs import PeerLog
+from hbd.protocol import Hello, PeerState, StateChange
+from hbd.registry import (
+    Action,
+    Close,
+    Expected,
+    Live,
+    Log,
+    Notice,
+    PeerRecord,
+    Registry,
+    RegistrySettings,
+    SilenceRecord,
+    Watch,
+)
+from hbd.view import PeerRow
+
+if TYPE_CHECKING:
+    from hbd.loop import EventLoop, Timer
+
+Event = Callable[..., None]  # Ops.event(event, peer, address, *, hook, **fields)
+
+
+class ServerRegistry:
+    def __init__(
+        self,
+        loop: EventLoop,
+        settings: RegistrySettings,
+        expected: tuple[Expected, ...],
+        peer_log: PeerLog,
+        event: Event,
+        count: Callable[[str, str, str, str | None, str], None],
+        close: Callable[[Connection], None],
+        is_open: Callable[[Connection], bool],
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.loop = loop
+        self.clock = loop.clock
+        self.wall = wall
+        self.peer_log = peer_log
+        self.event = event
+        self.count = count
+        self.close = close
+        self.is_open = is_open
+        self.registry = Registry(settings, expected, self.clock(), wall())
+        self._timer: Timer | None = None
+        self._rearm()
+
+    # -- what the server reports ------------------------------------------------------------------
+    def hello(self, conn: Connection, ev: Hello) -> None:
+        self.apply(self.registry.hello(conn, ev.name, self._certificate(conn), conn.addr), conn)
+
+    def changed(self, conn: Connection, change: StateChange) -> None:
+        """A state change of its connection (after the report logged it)."""
+        reg, now, new = self.registry, self.clock(), change.new
+        if new is PeerState.UP:
+            if change.old is PeerState.NEW:
+                peer = conn.peer
+                actions = reg.connected(conn, peer.name, self._certificate(conn), conn.addr, peer.timeout, now)
+            elif change.old is PeerState.RISING:
+                actions = reg.pinged(conn, change.silent_for, now)
+            else:
+                actions = reg.back(conn, now)
+            self.apply(actions, conn)
+            if reg.rising(conn) and self.is_open(conn):
+                conn.peer.state = PeerState.RISING  # its next ping reports a change again
+        elif new is PeerState.LATE:
+            self.apply(reg.late(conn, now), conn)
+        elif new is PeerState.DEAD:
+            self.gone(conn, "timeout")
+
+    def gone(self, conn: Connection, reason: str) -> None:
+        """Its connection ends (the server closes it next)."""
+        peer = conn.peer
+        self.apply(self.registry.gone(conn, reason, self.clock(), peer.last_heard if peer.pings else None), conn)
+
+    def quiet(self, conn: Connection) -> bool:
+        """Its lines are logged at info (a silenced peer)."""
+        reg = self.registry
+        peer = reg.by_key.get(conn)
+        return (peer.name if peer is not None else conn.peer.name or conn.addr) in reg.silenced
+
+    def _certificate(self, conn: Connection) -> str | None:
+        if self.registry.settings.name_from != "certificate" or not hasattr(conn, "context"):
+            return None
+        return tls.certificate_name(conn.sock)  # type: ignore[arg-type]  # a TLS connection's SSLSocket
+
+    # -- carrying out what the registry says -------------------------------------------------------------
+    def apply(self, actions: list[Action], conn: Connection | None = None) -> None:
+        """``conn``: the connection whose report caused these (already logged by the server's report)."""
+        for action in actions:
+            if isinstance(action, Notice):
+                self._notice(action, conn)
+            elif isinstance(action, Close):
+                self._close(action)
+            elif isinstance(action, Log):
+                self._log(
+                    action.level,
+                    _source(action.address or action.peer),
+                    "%s",
+                    action.message,
+                    event="registry",
+                    peer=action.peer,
+                )
+            elif (
+                isinstance(action, Watch)
+                and action.on
+                and isinstance(action.key, Connection)
+                and self.is_open(action.key)
+            ):
+                action.key.peer.state = PeerState.RISING
+        if actions:
+            self._rearm()
+
+    def _notice(self, n: Notice, conn: Connection | None) -> None:
+        if conn is None or n.event in ("flapping", "stable") or n.reason.endswith("on time"):
+            # not a change the connection's own log lines told (grace ends, flapping, a rise completed)
+            self._log(
+                n.level,
+                _source(n.address or n.peer),
+                "peer %s: %s%s (%s)",
+                n.peer,
+                n.event,
+                " [silenced]" if n.silenced else "",
+                n.reason,
+                event=n.event,
+                peer=n.peer,
+            )
+        if not n.hook:  # silenced, or flapping: counted and shown, no hook
+            self.count(n.event, n.peer, n.address, n.old.lower(), n.reason)
+            return
+        extra: dict[str, object] = {f"label_{k}": v for k, v in n.labels}
+        self.event(
+            n.event,
+            n.peer,
+            n.address,
+            name=n.peer if n.named else None,
+            previous=n.old.lower(),
+            reason=n.reason,
+            standing=self.clock() - conn.since if conn is not None else 0.0,
+            expected="1" if n.expected else "0",
+            since=f"{n.since + self.wall() - self.clock():.3f}",
+            **extra,
+        )
+
+    def _close(self, action: Close) -> None:
+        conn = action.key
+        if not isinstance(conn, Connection) or not self.is_open(conn):
+            return
+        self._log(
+            action.level,
+            conn.source,
+            "closing client %s: %s",
+            conn.label,
+            action.reason,
+            event="refused-peer",
+            peer=conn.addr,
+        )
+        self.close(conn)
+
+    def _log(self, level: int, source: str, msg: str, *args: object, event: str, peer: str) -> None:
+        self.peer_log.log(level, source, msg, *args, event=event, peer=peer, stacklevel=3)
+
+    # -- the registry's own deadlines ---------------------------------------------------------------------
+    def _rearm(self) -> None:
+        due = self.registry.next_deadline()
+        timer = self._timer
+        if due is None or (timer is not None and timer.when <= due):
+            return
+        self.loop.cancel(timer)
+        self._timer = self.loop.call_at(due, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.apply(self.registry.tick(self.clock(), self.wall()))
+        self._rearm()
+
+    def close_timers(self) -> None:
+        self.loop.cancel(self._timer)
+        self._timer = None
+
+    # -- reloads -----------------------------------------------------------------------------------------
+    def configure(self, settings: RegistrySettings, expected: tuple[Expected, ...]) -> None:
+        self.apply(self.registry.configure(settings, expected, self.clock()))
+        self._rearm()
+
+    def restore(self, peers: list[PeerRecord], silences: list[SilenceRecord]) -> None:
+        self.apply(self.registry.restore(peers, silences, self.clock(), self.wall()))
+        self._rearm()
+
+    # -- what status and metrics read ----------------------------------------------------------------------
+    def rows(self, worker: int | None = None) -> Iterator[PeerRow]:
+        return self.registry.rows(self.live, worker)
+
+    def unknown(self, conns: list[Connection]) -> list[Connection]:
+        """Connections that are no peer yet (no first ping) and do not claim a known peer's name:
+        shown after the peers, as NEW, for as long as they may wait."""
+        by_key, peers = self.registry.by_key, self.registry.peers
+        return [c for c in conns if c not in by_key and (c.peer.name is None or c.peer.name not in peers)]
+
+    def counts(self) -> dict[str, int]:
+        return self.registry.counts()
+
+    def live(self, key: object) -> Live | None:
+        if not isinstance(key, Connection) or key.sock.fileno() < 0:
+            return None
+        peer = key.peer
+        return Live(key.since, peer.last_heard if peer.pings else None, peer.pings, peer.timeout, peer.interval)
+
+    # -- silences (the control socket's silence requests: hbd.silencing) ---------------------------------------
+    def silence(self, peer: str, seconds: float, reason: str) -> dict[str, object] | str:
+        if not seconds > 0:
+            return "the duration must be positive"
+        wall = self.wall()
+        rec = self.registry.silence(peer, wall + seconds, reason, self.clock(), wall)
+        if isinstance(rec, str):
+            return rec
+        self._rearm()
+        self._log(
+            logging.INFO,
+            peer,
+            "peer %s silenced for %g s%s",
+            peer,
+            seconds,
+            f": {reason}" if reason else "",
+            event="silence",
+            peer=peer,
+        )
+        return _silence_doc(rec)
+
+    def unsilence(self, peer: str) -> bool:
+        done = self.registry.unsilence(peer)
+        if done:
+            self._log(logging.INFO, peer, "peer %s no longer silenced", peer, event="silence", peer=peer)
+        return done
+
+    def silences(self) -> list[dict[str, object]]:
+        return [_silence_doc(s) for s in self.registry.silences()]
+
+
+def _silence_doc(rec: SilenceRecord) -> dict[str, object]:
+    return {"peer": rec.name, "until": round(rec.until, 3), "reason": rec.reason, "created": round(rec.created, 3)}
+
+
+def _source(address: str) -> str:
+    """The host of "host:port" (the unit of per-source log limits); a name stays as it is."""
+    host, sep, port = address.rpartition(":")
+    return host if sep and port.isdigit() else address
