@@ -218,6 +218,9 @@ def _collect_peers(view: ServerView, out: Exposition) -> None:
     out.family("hbd_peer_silenced", "gauge", "1 while the peer is silenced (maintenance).")
     for labels, row in rows:
         out.sample("hbd_peer_silenced", 1 if row.silenced_until is not None else 0, labels)
+    out.family("hbd_peer_expected", "gauge", "1 for a peer listed in peers: (expected to be alive), else 0.")
+    for labels, row in rows:
+        out.sample("hbd_peer_expected", 1 if row.expected else 0, labels)
 
 
 def _summed(own: Mapping[str, int], others: list[Mapping[str, int]]) -> dict[str, int]:

@@ -231,7 +231,18 @@ def test_status_table_and_json_with_named_and_unnamed_clients(tmp_path: Path, pr
     lines = out.splitlines()
     assert lines[0].startswith("hbd-server ") and "3 clients" in lines[0]
     header = next(line for line in lines if line.startswith("PEER"))
-    assert header.split() == ["PEER", "ADDRESS", "STATE", "CONNECTED", "LAST", "PING", "PINGS", "TIMEOUT"]
+    assert header.split() == [
+        "PEER",
+        "ADDRESS",
+        "STATE",
+        "SINCE",
+        "CONNECTED",
+        "LAST",
+        "PING",
+        "PINGS",
+        "TIMEOUT",
+        "FLAGS",
+    ]
     row = next(line for line in lines if line.startswith("web1 "))
     assert " UP " in row and " ago" in row
     assert any(line.startswith("-") and legacy_addr in line and " UP " in line for line in lines)
