@@ -121,6 +121,18 @@ class SilenceRecord:
     created: float
 
 
+@dataclass(frozen=True, slots=True)
+class ChangeRecord:
+    """One state change, for the history (issue 13)."""
+
+    time: float  # wall clock
+    peer: str
+    old: str
+    new: str
+    reason: str
+    side: str = "server"
+
+
 class Dirty(NamedTuple):
     """What changed since the last take_dirty(): what the state store must write."""
 

@@ -149,7 +149,7 @@ class Server(Daemon):
             self._close(conn)  # not a change of theirs: the registry keeps them as they were
         self.listener.close()
         if self.registry is not None:
-            self.registry.close_timers()
+            self.registry.close()
 
     def status_text(self) -> str:
         n = len(self.conns)

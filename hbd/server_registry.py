@@ -13,14 +13,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from hbd import tls
 from hbd.connection import Connection
-from hbd.logs import PeerLog
+from hbd.logs import PeerLog, fields, log
 from hbd.protocol import Hello, PeerState, StateChange
 from hbd.registry import (
     Action,
+    ChangeRecord,
     Close,
     Expected,
     Live,
@@ -37,7 +38,25 @@ from hbd.view import PeerRow
 if TYPE_CHECKING:
     from hbd.loop import EventLoop, Timer
 
-Event = Callable[..., None]  # Ops.event(event, peer, address, *, hook, **fields)
+Event = Callable[..., None]  # Ops.event(event, peer, address, **fields)
+FLUSH_INTERVAL = 0.5  # seconds between writes of the registry's changes to the state store
+CHANGES = frozenset({"up", "late", "down"})  # the notices that are state changes (history rows)
+
+
+class Store(Protocol):
+    """What this needs of the state store (hbd.state_store.StateStore): queueing is O(1) and
+    ``flush`` writes one bounded batch."""
+
+    failed: str | None
+
+    def put_peer(self, rec: PeerRecord) -> None: ...
+    def forget_peer(self, name: str) -> None: ...
+    def put_silence(self, rec: SilenceRecord) -> None: ...
+    def drop_silence(self, name: str) -> None: ...
+    def add_change(self, rec: ChangeRecord) -> None: ...
+    def flush(self) -> bool: ...
+    def take_messages(self) -> list[str]: ...
+    def close(self) -> None: ...
 
 
 class ServerRegistry:
@@ -59,10 +78,12 @@ class ServerRegistry:
         self.peer_log = peer_log
         self.event = event
         self.count = count
-        self.close = close
+        self.close_conn = close
         self.is_open = is_open
         self.registry = Registry(settings, expected, self.clock(), wall())
         self._timer: Timer | None = None
+        self.store: Store | None = None
+        self._flush_timer: Timer | None = None
         self._rearm()
 
     # -- what the server reports ------------------------------------------------------------------
@@ -145,6 +166,8 @@ class ServerRegistry:
                 event=n.event,
                 peer=n.peer,
             )
+        if self.store is not None and n.event in CHANGES:
+            self.store.add_change(ChangeRecord(self.wall(), n.peer, n.old, n.new, n.reason))
         if not n.hook:  # silenced, or flapping: counted and shown, no hook
             self.count(n.event, n.peer, n.address, n.old.lower(), n.reason)
             return
@@ -175,7 +198,7 @@ class ServerRegistry:
             event="refused-peer",
             peer=conn.addr,
         )
-        self.close(conn)
+        self.close_conn(conn)
 
     def _log(self, level: int, source: str, msg: str, *args: object, event: str, peer: str) -> None:
         self.peer_log.log(level, source, msg, *args, event=event, peer=peer, stacklevel=3)
@@ -194,9 +217,57 @@ class ServerRegistry:
         self.apply(self.registry.tick(self.clock(), self.wall()))
         self._rearm()
 
-    def close_timers(self) -> None:
+    def close(self) -> None:
+        """At shutdown: the timers stop; what the store has not written yet is written now
+        (connected peers with their last pings: after a restart they get their grace)."""
         self.loop.cancel(self._timer)
-        self._timer = None
+        self.loop.cancel(self._flush_timer)
+        self._timer = self._flush_timer = None
+        store, self.store = self.store, None
+        if store is not None:
+            self.registry.mark_connected_dirty()
+            self._queue(store)
+            store.close()
+            self._store_messages(store)
+
+    # -- the state store ---------------------------------------------------------------------------------
+    def attach(self, store: Store, peers: list[PeerRecord], silences: list[SilenceRecord]) -> None:
+        """Remember what the store remembered (restart continuity), then write changes to it."""
+        self.restore(peers, silences)
+        self.registry.take_dirty(self.clock(), self.wall())  # what restore() changed is in the store already
+        self.store = store
+        self._store_messages(store)
+        self._flush_timer = self.loop.call_later(FLUSH_INTERVAL, self._flush)
+
+    def _flush(self) -> None:
+        """Queue what changed and write one bounded batch; soon again if more remain."""
+        store = self.store
+        if store is None:
+            return
+        self._queue(store)
+        more = store.flush()
+        self._store_messages(store)
+        if store.failed is not None:
+            self.store = None  # it said why, once; the registry runs on without it
+            self._flush_timer = None
+            return
+        self._flush_timer = self.loop.call_later(0 if more else FLUSH_INTERVAL, self._flush)
+
+    def _queue(self, store: Store) -> None:
+        dirty = self.registry.take_dirty(self.clock(), self.wall(), self.live)
+        for rec in dirty.peers:
+            store.put_peer(rec)
+        for name in dirty.forgotten:
+            store.forget_peer(name)
+        for sil in dirty.silences:
+            store.put_silence(sil)
+        for name in dirty.unsilenced:
+            store.drop_silence(name)
+
+    @staticmethod
+    def _store_messages(store: Store) -> None:
+        for message in store.take_messages():
+            log.warning("%s", message, extra=fields(event="state-store"))
 
     # -- reloads -----------------------------------------------------------------------------------------
     def configure(self, settings: RegistrySettings, expected: tuple[Expected, ...]) -> None:

@@ -190,3 +190,69 @@ def test_connections_that_have_not_pinged_follow_the_peers(server, vclock, vloop
     ]
     b.close()
     c.close()
+
+
+class FakeStore:
+    """The state store's queueing side, in memory (the real one is tested on SQLite files)."""
+
+    def __init__(self) -> None:
+        self.failed: str | None = None
+        self.peers: dict[str, object] = {}
+        self.silences: dict[str, object] = {}
+        self.changes: list = []
+        self.flushes = 0
+        self.closed = False
+
+    def put_peer(self, rec) -> None:
+        self.peers[rec.name] = rec
+
+    def forget_peer(self, name: str) -> None:
+        self.peers[name] = None
+
+    def put_silence(self, rec) -> None:
+        self.silences[rec.name] = rec
+
+    def drop_silence(self, name: str) -> None:
+        self.silences[name] = None
+
+    def add_change(self, rec) -> None:
+        self.changes.append(rec)
+
+    def flush(self) -> bool:
+        self.flushes += 1
+        return False
+
+    def take_messages(self) -> list[str]:
+        return []
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_the_store_gets_changes_from_a_flush_timer_and_restores_peers(server, vclock, vloop) -> None:
+    import time as _time
+
+    from hbd.registry import PeerRecord, SilenceRecord
+
+    srv, events = server()
+    reg = srv.registry
+    assert reg is not None
+    store = FakeStore()
+    wall = _time.time()
+    remembered = [
+        PeerRecord("web1", "127.0.0.1:1", "UP", wall - 100, wall - 1, "ping", False, 2.0, ()),
+        PeerRecord("web2", "127.0.0.1:2", "DOWN", wall - 50, wall - 60, "timeout", False, 2.0, ()),
+    ]
+    reg.attach(store, remembered, [SilenceRecord("web2", wall + 600, "fixing", wall - 10)])
+    assert peers(srv) == {"web1": ("NEW", "waiting for it after a restart"), "web2": ("DOWN", "timeout")}
+    assert reg.registry.silenced["web2"].reason == "fixing"
+    b = pair(srv)
+    send(srv, b, b"hello web1\nping")  # back within its grace (its timeout): up, and no down
+    run_until(vloop, vclock, vclock() + 1.0)
+    assert [e[1] for e in events] == ["up"]
+    assert store.flushes >= 1 and store.peers["web1"].state == "UP"  # type: ignore[attr-defined]
+    assert [(c.peer, c.old, c.new) for c in store.changes] == [("web1", "NEW", "UP")]
+    assert "web2" not in store.peers  # restored as it was: nothing to write back
+    srv.shutdown()
+    assert store.closed and store.peers["web1"].last_ping is not None  # type: ignore[attr-defined]
+    b.close()
