@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from itertools import chain
 from typing import TYPE_CHECKING
 
@@ -22,12 +22,12 @@ from hbd.connection import Connection
 from hbd.daemon import Daemon
 from hbd.listener import Listener
 from hbd.liveness import WHEEL_RESOLUTION, Liveness  # noqa: F401 (WHEEL_RESOLUTION: for the tests)
-from hbd.logs import fields, log
+from hbd.logs import log
 from hbd.protocol import Hello, PeerState, ServerPeer, StateChange, peer_timeout
 from hbd.registry import expected_peers, registry_settings
-from hbd.server_registry import ServerRegistry
+from hbd.server_registry import ServerRegistry, connection_rows
 from hbd.server_report import ServerReport
-from hbd.view import PeerRow, ServerCounters, ServerSettings, ServerView, WorkerNumbers
+from hbd.view import ServerCounters, ServerSettings, ServerView, WorkerNumbers
 from hbd.workers_codec import Numbers, Ready, Reloaded, Status
 
 if TYPE_CHECKING:
@@ -91,16 +91,7 @@ class Server(Daemon):
             )
             self.report.peers = self.registry
         self.start_status_updates()
-        log.info(
-            "listening on %s:%d (heartbeat_timeout %g s, max_clients %d%s%s)",
-            *self.address,
-            cfg.heartbeat_timeout,
-            self.max_clients,
-            ", TLS" + (" with client certificates" if cfg.tls and cfg.tls.require_client_cert else "")
-            if self.tls_context
-            else "",
-            f", allow {len(self.allow.nets)} network{'s' if len(self.allow.nets) != 1 else ''}" if self.allow else "",
-        )
+        self.report.listening(self.address, cfg, self.max_clients, self.tls_context is not None, self.allow)
         if self.worker is not None:
             self.worker.attach(self.loop, self.reload)  # the supervisor's Reload(config)
             self.worker.send(Ready())
@@ -162,18 +153,10 @@ class Server(Daemon):
         self.tls_context, self.allow = context, allow
         for conn in list(self.conns.values()):
             if allow is not None and not allow.allows(conn.source.strip("[]")):
-                log.warning(
-                    "closing client %s: no longer in the allow list",
-                    conn.label,
-                    extra=fields(peer=conn.addr, event="denied"),
-                )
+                self.report.no_longer_admitted(conn, "no longer in the allow list", "denied")
                 self._close(conn)
             elif turned_on and type(conn) is Connection:
-                log.warning(
-                    "closing client %s: TLS is now required",
-                    conn.label,
-                    extra=fields(peer=conn.addr, event="tls-required"),
-                )
+                self.report.no_longer_admitted(conn, "TLS is now required", "tls-required")
                 self._close(conn)
 
     # -- admission (the listener's on_accept) --------------------------------------------------------
@@ -218,9 +201,9 @@ class Server(Daemon):
             f"{addr[0]}:{addr[1]}" if addr else None,
             ServerSettings(cfg.heartbeat_timeout, cfg.max_clients, cfg.workers),
             self.counters(),
-            _peer_rows(list(self.conns.values()), self.worker_index)
+            connection_rows(list(self.conns.values()), self.worker_index)
             if reg is None
-            else chain(reg.rows(), _peer_rows(reg.unknown(list(self.conns.values())), None)),
+            else chain(reg.rows(), connection_rows(reg.unknown(list(self.conns.values())), None)),
             reg.counts() if reg is not None else None,
         )
 
@@ -314,23 +297,3 @@ class Server(Daemon):
         except OSError:
             pass
         sock.close()
-
-
-def _peer_rows(conns: list[Connection], worker: int | None) -> Iterator[PeerRow]:
-    """The rows of a snapshot of the connections, made as they are read (the status reply slices them)."""
-    for conn in conns:
-        if conn.sock.fileno() < 0:
-            continue  # closed since the snapshot
-        peer = conn.peer
-        yield PeerRow(
-            peer.name or conn.addr,
-            peer.name,
-            conn.addr,
-            peer.state.value,
-            conn.since,
-            peer.last_heard if peer.pings else None,
-            peer.pings,
-            peer.timeout,
-            peer.interval,
-            worker,
-        )

@@ -328,6 +328,28 @@ class ServerRegistry:
         return [_silence_doc(s) for s in self.registry.silences()]
 
 
+def connection_rows(conns: list[Connection], worker: int | None) -> Iterator[PeerRow]:
+    """Rows of a snapshot of connections, made as they are read (the status reply slices them):
+    a server without a registry shows its connections so; one with a registry, those that are
+    no peer yet."""
+    for conn in conns:
+        if conn.sock.fileno() < 0:
+            continue  # closed since the snapshot
+        peer = conn.peer
+        yield PeerRow(
+            peer.name or conn.addr,
+            peer.name,
+            conn.addr,
+            peer.state.value,
+            conn.since,
+            peer.last_heard if peer.pings else None,
+            peer.pings,
+            peer.timeout,
+            peer.interval,
+            worker,
+        )
+
+
 def _silence_doc(rec: SilenceRecord) -> dict[str, object]:
     return {"peer": rec.name, "until": round(rec.until, 3), "reason": rec.reason, "created": round(rec.created, 3)}
 

@@ -11,6 +11,8 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from hbd.access import AllowList
+from hbd.config import ServerConfig
 from hbd.connection import Connection
 from hbd.logs import PeerLog, fields, log
 from hbd.protocol import Hello, PeerState, StateChange
@@ -38,6 +40,22 @@ class ServerReport:
         self.peers: Peers | None = None
 
     # -- admission ----------------------------------------------------------------------------------
+    @staticmethod
+    def listening(address: tuple, cfg: ServerConfig, max_clients: int, tls: bool, allow: AllowList | None) -> None:
+        log.info(
+            "listening on %s:%d (heartbeat_timeout %g s, max_clients %d%s%s)",
+            *address,
+            cfg.heartbeat_timeout,
+            max_clients,
+            ", TLS" + (" with client certificates" if cfg.tls and cfg.tls.require_client_cert else "") if tls else "",
+            f", allow {len(allow.nets)} network{'s' if len(allow.nets) != 1 else ''}" if allow else "",
+        )
+
+    def no_longer_admitted(self, conn: Connection, why: str, event: str) -> None:
+        """A reload's allow list or TLS requirement shuts it out (the server closes it next)."""
+        log.warning("closing client %s: %s", conn.label, why, extra=fields(peer=conn.addr, event=event))
+        self.down(conn, why)
+
     def denied(self, host: str, port: int) -> None:
         self.stats["denied"] += 1
         self._peer_log(
