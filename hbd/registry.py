@@ -99,6 +99,13 @@ def expected_peers(cfg: object) -> tuple[Expected, ...]:
     return tuple(getattr(cfg, "peers", None) or ())
 
 
+def _show(net: Network | None) -> str:
+    """An expected peer's address until it connects: an address, a network, or nothing."""
+    if net is None:
+        return ""
+    return str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
+
+
 # -- records for the state store (wall-clock times) ---------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class PeerRecord:
@@ -299,7 +306,7 @@ class Registry:
             peer = self.peers.get(name)
             timeout = e.timeout if e.timeout is not None else settings.heartbeat_timeout
             if peer is None:
-                peer = Peer(name, str(e.address) if e.address is not None else "", PeerStatus.NEW, now, timeout, True)
+                peer = Peer(name, _show(e.address), PeerStatus.NEW, now, timeout, True)
                 self.peers[name] = peer
                 self._counts[PeerStatus.NEW.value] += 1
                 peer.reason = "not seen yet"
