@@ -4,7 +4,8 @@
 calls ``on_accept``; each ``Connection`` (hbd.connection, hbd.server_tls) calls back through the
 ``Owner`` interface; the liveness part (deadline wheel, verdicts) calls ``on_verdict``; the
 reporting part (hbd.server_report) turns what happened into log lines, events and counters. The
-server keeps the registry of connections and decides admission, closing and what a reload changes.
+server keeps the table of connections and decides admission, closing and what a reload changes;
+the peer registry (who the peers are, hbd.server_registry) hears what they do and closes some.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from hbd.config import ServerConfig, load_server_config
 from hbd.connection import Connection
 from hbd.daemon import Daemon
 from hbd.listener import Listener
-from hbd.liveness import WHEEL_RESOLUTION, Liveness  # noqa: F401 (WHEEL_RESOLUTION: for the tests)
+from hbd.liveness import WHEEL_RESOLUTION, Liveness, timeout_for  # noqa: F401 (WHEEL_RESOLUTION: for the tests)
 from hbd.logs import log
-from hbd.protocol import Hello, PeerState, ServerPeer, StateChange, peer_timeout
+from hbd.protocol import Hello, PeerState, StateChange
 from hbd.registry import expected_peers, registry_settings
 from hbd.server_registry import ServerRegistry, connection_rows
 from hbd.server_report import ServerReport
@@ -126,10 +127,7 @@ class Server(Daemon):
                 self.listener.use(sock)
                 log.info("now listening on %s:%d", *self.address)
             if new.heartbeat_timeout != old.heartbeat_timeout or new.max_interval != old.max_interval:
-                for conn in self.conns.values():  # new timeouts apply to connected peers too
-                    conn.peer.timeout = self.timeout_for(conn.peer, new)
-                    if conn.slot != -1:  # not still in a TLS handshake
-                        conn.arm()
+                self.liveness.retime(self.conns.values(), new.heartbeat_timeout, new.max_interval)
                 if new.heartbeat_timeout != old.heartbeat_timeout:
                     log.info("heartbeat_timeout is now %g s", new.heartbeat_timeout)
 
@@ -228,37 +226,26 @@ class Server(Daemon):
                 self.report.changed(conn, ev)
                 if ev.old is PeerState.NEW and conn.slot != -1:
                     conn.arm()  # filed at the first-ping deadline; LATE comes sooner for a peer that is up
-        timeout = self.timeout_for(peer, self.config)
+        timeout = timeout_for(peer, self.config.heartbeat_timeout, self.config.max_interval)
         if timeout != peer.timeout and self.is_open(conn):
             peer.timeout = timeout  # a greeting or the first ping: it may ping slowly from now on
             conn.arm()
 
-    @staticmethod
-    def timeout_for(peer: ServerPeer, cfg: ServerConfig) -> float:
-        """heartbeat_timeout until the first ping, whatever the greeting announced (a greeting
-        alone must not hold a slot); then 3 intervals, the interval capped by max_interval."""
-        if not peer.pings or peer.interval is None:
-            return cfg.heartbeat_timeout
-        return peer_timeout(cfg.heartbeat_timeout, min(peer.interval, cfg.max_interval))
-
     def reject(self, conn: Connection, reason: str) -> None:
         """The peer broke the protocol: log (rate-limited per source address) and close it."""
-        if conn.peer.events:  # what it did before comes out first
-            self.on_events(conn)
-        self.report.rejected(conn, reason)
-        self._close(conn)
+        self._end(conn, self.report.rejected, reason)
 
     def drop(self, conn: Connection, reason: str, level: int) -> None:
-        if conn.peer.events:  # what it did before comes out first
-            self.on_events(conn)
-        self.report.dropped(conn, reason, level)
-        self._close(conn)
+        self._end(conn, self.report.dropped, reason, level)
 
     def tls_failed(self, conn: Connection, reason: str) -> None:
         """A TLS handshake (or the TLS layer later) failed: log why, rate-limited, and close."""
+        self._end(conn, self.report.tls_failed, reason)
+
+    def _end(self, conn: Connection, report: Callable[..., None], *args: object) -> None:
         if conn.peer.events:  # what it did before comes out first
             self.on_events(conn)
-        self.report.tls_failed(conn, reason)
+        report(conn, *args)
         self._close(conn)
 
     # -- verdicts, errors, closing ---------------------------------------------------------------------
