@@ -799,8 +799,8 @@ class Registry:
                 continue
             peer = self.peers.get(rec.name)
             if peer is None:
-                if len(self.peers) >= self.settings.max_peers:
-                    continue
+                if len(self.peers) >= self.settings.max_peers or self.settings.unexpected == "reject":
+                    continue  # no room, or a name that would be refused now
                 if rec.state == PeerStatus.NEW.value:
                     continue  # expected once, never seen, no longer listed
                 peer = Peer(rec.name, rec.address, PeerStatus.NEW, now, rec.timeout, True)

@@ -375,6 +375,13 @@ def test_a_remembered_peer_that_does_not_come_back_is_down_after_its_timeout() -
     assert notices(tick_until(reg, T0 + 6.1)) == [("web1", "down", "not back after a restart", True)]
 
 
+def test_restore_under_unexpected_reject_keeps_only_expected_peers() -> None:
+    recs = [PeerRecord(n, "", "DOWN", WALL, None, "", n == "db1", 5.0, ()) for n in ("db1", "web1")]
+    reg = Registry(settings(unexpected="reject"), [Exp("db1")], T0)
+    reg.restore(recs, [], T0, WALL)
+    assert set(reg.peers) == {"db1"} and state(reg, "db1") == "DOWN"
+
+
 def test_restore_ignores_bad_names_and_respects_max_peers() -> None:
     recs = [PeerRecord(f"p{i}", "", "DOWN", WALL, None, "", False, 5.0, ()) for i in range(5)]
     reg = Registry(settings(max_peers=3))
