@@ -34,7 +34,9 @@ from enum import Enum
 from typing import NamedTuple, Protocol
 
 from hbd.access import Network
+from hbd.config import ServerConfig
 from hbd.protocol import NAME_PATTERN
+from hbd.state_store import PeerRecord, SilenceRecord
 from hbd.view import PeerRow
 
 MAX_SILENCES = 100_000  # silences kept (names need not be known peers): bounds what `hbd silence` can cost
@@ -78,25 +80,23 @@ class RegistrySettings:
     name_from: str = "greeting"  # greeting | certificate
 
 
-def registry_settings(cfg: object) -> RegistrySettings:
-    """The registry's settings from a ServerConfig (its defaults for keys a config does not have)."""
-    d = RegistrySettings()
-    tls = getattr(cfg, "tls", None)
+def registry_settings(cfg: ServerConfig) -> RegistrySettings:
+    """The registry's settings from a server's configuration."""
     return RegistrySettings(
-        heartbeat_timeout=getattr(cfg, "heartbeat_timeout", d.heartbeat_timeout),
-        forget_after=getattr(cfg, "forget_after", d.forget_after),
-        startup_grace=getattr(cfg, "startup_grace", d.startup_grace),
-        unexpected=getattr(cfg, "unexpected", d.unexpected),
-        rise=getattr(cfg, "rise", d.rise),
-        flap_threshold=getattr(cfg, "flap_threshold", d.flap_threshold),
-        flap_window=getattr(cfg, "flap_window", d.flap_window),
-        max_peers=getattr(cfg, "max_peers", d.max_peers),
-        name_from=getattr(tls, "name_from", d.name_from) if tls is not None else d.name_from,
+        heartbeat_timeout=cfg.heartbeat_timeout,
+        forget_after=cfg.forget_after,
+        startup_grace=cfg.startup_grace,
+        unexpected=cfg.unexpected,
+        rise=cfg.rise,
+        flap_threshold=cfg.flap_threshold,
+        flap_window=cfg.flap_window,
+        max_peers=cfg.max_peers,
+        name_from=cfg.tls.name_from if cfg.tls is not None else "greeting",
     )
 
 
-def expected_peers(cfg: object) -> tuple[Expected, ...]:
-    return tuple(getattr(cfg, "peers", None) or ())
+def expected_peers(cfg: ServerConfig) -> tuple[Expected, ...]:
+    return cfg.peers
 
 
 def _show(net: Network | None) -> str:
@@ -104,40 +104,6 @@ def _show(net: Network | None) -> str:
     if net is None:
         return ""
     return str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
-
-
-# -- records for the state store (wall-clock times) ---------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class PeerRecord:
-    name: str
-    address: str
-    state: str
-    since: float
-    last_ping: float | None
-    reason: str
-    expected: bool
-    timeout: float
-    labels: tuple[tuple[str, str], ...]
-
-
-@dataclass(frozen=True, slots=True)
-class SilenceRecord:
-    name: str
-    until: float
-    reason: str
-    created: float
-
-
-@dataclass(frozen=True, slots=True)
-class ChangeRecord:
-    """One state change, for the history (issue 13)."""
-
-    time: float  # wall clock
-    peer: str
-    old: str
-    new: str
-    reason: str
-    side: str = "server"
 
 
 class Dirty(NamedTuple):

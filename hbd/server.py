@@ -26,7 +26,7 @@ from hbd.liveness import WHEEL_RESOLUTION, Liveness, timeout_for  # noqa: F401 (
 from hbd.logs import log
 from hbd.protocol import Hello, PeerState, StateChange
 from hbd.registry import expected_peers, registry_settings
-from hbd.server_registry import ServerRegistry, connection_rows
+from hbd.server_registry import ServerRegistry, connection_rows, open_store
 from hbd.server_report import ServerReport
 from hbd.view import ServerCounters, ServerSettings, ServerView, WorkerNumbers
 from hbd.workers_codec import Numbers, Ready, Reloaded, Status
@@ -90,7 +90,10 @@ class Server(Daemon):
                 self._close,
                 self.is_open,
             )
-            self.report.peers = self.registry
+            self.report.peers = self.silencing = self.registry
+            store, peers, silences = open_store(cfg.state_dir)
+            if store is not None:
+                self.registry.attach(store, peers, silences)
         self.start_status_updates()
         self.report.listening(self.address, cfg, self.max_clients, self.tls_context is not None, self.allow)
         if self.worker is not None:
@@ -123,6 +126,8 @@ class Server(Daemon):
             self._commit_security(tls_context, allow)
             if self.registry is not None:
                 self.registry.configure(registry_settings(new), expected_peers(new))
+            if new.state_dir != old.state_dir:
+                log.info("state_dir: the new directory is used from the next start")
             if sock is not None:
                 self.listener.use(sock)
                 log.info("now listening on %s:%d", *self.address)

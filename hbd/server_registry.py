@@ -11,6 +11,7 @@ exception: while it rises its connection reports every ping (protocol.PeerState.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Protocol
@@ -19,20 +20,9 @@ from hbd import tls
 from hbd.connection import Connection
 from hbd.logs import PeerLog, fields, log
 from hbd.protocol import Hello, PeerState, StateChange
-from hbd.registry import (
-    Action,
-    ChangeRecord,
-    Close,
-    Expected,
-    Live,
-    Log,
-    Notice,
-    PeerRecord,
-    Registry,
-    RegistrySettings,
-    SilenceRecord,
-    Watch,
-)
+from hbd.registry import Action, Close, Expected, Live, Log, Notice, Registry, RegistrySettings, Watch
+from hbd.silencing import Silence
+from hbd.state_store import ChangeRecord, PeerRecord, SilenceRecord, StateStore, StoreError
 from hbd.view import PeerRow
 
 if TYPE_CHECKING:
@@ -297,26 +287,16 @@ class ServerRegistry:
         peer = key.peer
         return Live(key.since, peer.last_heard if peer.pings else None, peer.pings, peer.timeout, peer.interval)
 
-    # -- silences (the control socket's silence requests: hbd.silencing) ---------------------------------------
-    def silence(self, peer: str, seconds: float, reason: str) -> dict[str, object] | str:
-        if not seconds > 0:
-            return "the duration must be positive"
+    # -- silences (hbd.silencing.Silencing: the status socket's silence requests) -----------------------------
+    def silence(self, peer: str, seconds: float, reason: str) -> Silence | str:
         wall = self.wall()
         rec = self.registry.silence(peer, wall + seconds, reason, self.clock(), wall)
         if isinstance(rec, str):
             return rec
         self._rearm()
-        self._log(
-            logging.INFO,
-            peer,
-            "peer %s silenced for %g s%s",
-            peer,
-            seconds,
-            f": {reason}" if reason else "",
-            event="silence",
-            peer=peer,
-        )
-        return _silence_doc(rec)
+        why = f": {reason}" if reason else ""
+        self._log(logging.INFO, peer, "peer %s silenced for %g s%s", peer, seconds, why, event="silence", peer=peer)
+        return Silence(rec.name, rec.until, rec.reason, rec.created)
 
     def unsilence(self, peer: str) -> bool:
         done = self.registry.unsilence(peer)
@@ -324,8 +304,35 @@ class ServerRegistry:
             self._log(logging.INFO, peer, "peer %s no longer silenced", peer, event="silence", peer=peer)
         return done
 
-    def silences(self) -> list[dict[str, object]]:
-        return [_silence_doc(s) for s in self.registry.silences()]
+    def silences(self) -> list[Silence]:
+        return [Silence(s.name, s.until, s.reason, s.created) for s in self.registry.silences()]
+
+
+def open_store(state_dir: str | None) -> tuple[StateStore | None, list[PeerRecord], list[SilenceRecord]]:
+    """The state store under ``state_dir`` and what it remembers; without one (none configured, or
+    it cannot be opened: said once) the registry runs on memory alone. Blocking: before the loop."""
+    if state_dir is None:
+        return None, [], []
+    if not os.path.isdir(state_dir):
+        # /var/lib/hbd comes from the unit's StateDirectory=; run by hand there is none (as for the
+        # status socket's directory: an informational line, not a warning)
+        log.info(
+            "no state store: the directory %s does not exist (set state_dir to an existing directory, or null)",
+            state_dir,
+            extra=fields(event="state-store"),
+        )
+        return None, [], []
+    try:
+        store = StateStore.open(state_dir)
+    except StoreError as exc:
+        log.warning(
+            "no state store, peers and silences will not outlive this process: %s",
+            exc,
+            extra=fields(event="state-store"),
+        )
+        return None, [], []
+    snapshot = store.load()
+    return store, snapshot.peers, snapshot.silences
 
 
 def connection_rows(conns: list[Connection], worker: int | None) -> Iterator[PeerRow]:
@@ -348,10 +355,6 @@ def connection_rows(conns: list[Connection], worker: int | None) -> Iterator[Pee
             peer.interval,
             worker,
         )
-
-
-def _silence_doc(rec: SilenceRecord) -> dict[str, object]:
-    return {"peer": rec.name, "until": round(rec.until, 3), "reason": rec.reason, "created": round(rec.created, 3)}
 
 
 def _source(address: str) -> str:

@@ -427,14 +427,12 @@ def test_events_cost_does_not_grow_with_the_number_of_peers() -> None:
     assert large < small * 3  # generous: O(1) per event, whatever the machine's load
 
 
-def test_registry_settings_reads_a_config_with_defaults() -> None:
-    class Cfg:
-        heartbeat_timeout = 4.0
-        rise = 3
-        tls = None
+def test_registry_settings_come_from_the_server_config() -> None:
+    from hbd.config import ServerConfig
 
-    s = registry_settings(Cfg())
-    assert (s.heartbeat_timeout, s.rise, s.forget_after, s.unexpected) == (4.0, 3, 604800.0, "allow")
+    s = registry_settings(ServerConfig(heartbeat_timeout=4.0, rise=3, unexpected="warn"))
+    assert (s.heartbeat_timeout, s.rise, s.forget_after, s.unexpected) == (4.0, 3, 604800.0, "warn")
+    assert (s.startup_grace, s.max_peers, s.name_from) == (None, 10000, "greeting")
 
 
 def test_status_enum_values_are_the_views() -> None:

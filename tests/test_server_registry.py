@@ -35,7 +35,9 @@ def server(vclock, vloop):
 
     def make(expected: tuple = (), **settings: object) -> tuple[Server, list]:
         srv = Server(
-            ServerConfig(host="127.0.0.1", port=0, heartbeat_timeout=2.0, log_file=None, control_socket=None),
+            ServerConfig(
+                host="127.0.0.1", port=0, heartbeat_timeout=2.0, log_file=None, control_socket=None, state_dir=None
+            ),
             loop=vloop,
         )
         events: list = []
@@ -134,7 +136,8 @@ def test_a_duplicate_name_takes_over_and_the_old_connection_is_closed(server, vc
 def test_a_silenced_peer_runs_no_hook(server, vclock, vloop) -> None:
     srv, events = server()
     assert srv.registry is not None
-    assert isinstance(srv.registry.silence("web1", 3600, "maintenance"), dict)
+    silence = srv.registry.silence("web1", 3600, "maintenance")
+    assert not isinstance(silence, str) and silence.peer == "web1" and silence.reason == "maintenance"
     b = pair(srv)
     send(srv, b, b"hello web1\nping")
     run_until(vloop, vclock, vclock() + 5)
