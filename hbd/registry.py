@@ -41,6 +41,7 @@ from hbd.view import PeerRow
 
 MAX_SILENCES = 100_000  # silences kept (names need not be known peers): bounds what `hbd silence` can cost
 MAX_REASON = 256  # characters of an operator's silence reason kept
+TICK_BUDGET = 500  # peers tick() looks at per call (each may make a notice: a log line, an event, a hook)
 
 _NAME_RE = re.compile(NAME_PATTERN)
 
@@ -567,15 +568,18 @@ class Registry:
             due = self._silence_heap[0][0]
         return due
 
-    def tick(self, now: float, wall: float) -> list[Action]:
+    def tick(self, now: float, wall: float, budget: int = TICK_BUDGET) -> list[Action]:
         """Apply what is due: grace ends (DOWN "never connected"), forgetting, flapping ends
-        (``stable``), silences ending."""
+        (``stable``), silences ending. At most ``budget`` peers per call: when more are due (10,000
+        expected peers whose grace ends at once), next_deadline() stays due and the caller calls
+        again on its next turn, so that no turn of the loop works through them all."""
         actions: list[Action] = []
         heap = self._heap
-        while heap and heap[0][0] <= now:
+        while heap and heap[0][0] <= now and budget > 0:
             when, _, peer = heapq.heappop(heap)
             if peer.filed != when or self.peers.get(peer.name) is not peer:
                 continue  # stale
+            budget -= 1
             peer.filed = float("inf")
             self._due_now(peer, now, actions)
             if self.peers.get(peer.name) is peer:

@@ -26,7 +26,7 @@ from hbd.liveness import WHEEL_RESOLUTION, Liveness, timeout_for  # noqa: F401 (
 from hbd.logs import log
 from hbd.protocol import Hello, PeerState, StateChange
 from hbd.registry import expected_peers, registry_settings
-from hbd.server_registry import ServerRegistry, connection_rows, open_store
+from hbd.server_registry import ServerRegistry, connection_rows, start_registry
 from hbd.server_report import ServerReport
 from hbd.view import ServerCounters, ServerSettings, ServerView, WorkerNumbers
 from hbd.workers_codec import Numbers, Ready, Reloaded, Status
@@ -79,21 +79,9 @@ class Server(Daemon):
         self.tls_context, self.allow = load_security(cfg)
         self.listener.use(self.listener.bind(cfg.host, cfg.port, cfg.backlog))
         self.loop.stall_callbacks.append(self.liveness.on_stall)
-        if self.worker is None:
-            self.registry = ServerRegistry(
-                self.loop,
-                registry_settings(cfg),
-                expected_peers(cfg),
-                self.peer_log,
-                lambda *a, **kw: self.ops.event(*a, **kw),
-                lambda *a: self.ops.count(*a),
-                self._close,
-                self.is_open,
-            )
-            self.report.peers = self.silencing = self.registry
-            store, peers, silences = open_store(cfg.state_dir)
-            if store is not None:
-                self.registry.attach(store, peers, silences)
+        if self.worker is None:  # a worker of several keeps no registry
+            reg = start_registry(cfg, self.loop, self.peer_log, self.ops, self._close, self.is_open)
+            self.registry = self.report.peers = self.silencing = reg
         self.start_status_updates()
         self.report.listening(self.address, cfg, self.max_clients, self.tls_context is not None, self.allow)
         if self.worker is not None:

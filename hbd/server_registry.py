@@ -17,10 +17,23 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Protocol
 
 from hbd import tls
+from hbd.config import ServerConfig
 from hbd.connection import Connection
 from hbd.logs import PeerLog, fields, log
 from hbd.protocol import Hello, PeerState, StateChange
-from hbd.registry import Action, Close, Expected, Live, Log, Notice, Registry, RegistrySettings, Watch
+from hbd.registry import (
+    Action,
+    Close,
+    Expected,
+    Live,
+    Log,
+    Notice,
+    Registry,
+    RegistrySettings,
+    Watch,
+    expected_peers,
+    registry_settings,
+)
 from hbd.silencing import Silence
 from hbd.state_store import ChangeRecord, PeerRecord, SilenceRecord, StateStore, StoreError
 from hbd.view import PeerRow
@@ -28,7 +41,26 @@ from hbd.view import PeerRow
 if TYPE_CHECKING:
     from hbd.loop import EventLoop, Timer
 
-Event = Callable[..., None]  # Ops.event(event, peer, address, **fields)
+
+class Events(Protocol):
+    """Where notices go (hbd.ops.Ops): ``event`` counts, remembers and runs the hooks; ``count``
+    only counts and remembers (a silenced or flapping peer)."""
+
+    def event(
+        self,
+        event: str,
+        peer: str,
+        address: str,
+        *,
+        name: str | None = None,
+        previous: str | None = None,
+        reason: str = "",
+        standing: float = 0.0,
+        **extra: object,
+    ) -> None: ...
+    def count(self, event: str, peer: str, address: str, previous: str | None, reason: str) -> None: ...
+
+
 FLUSH_INTERVAL = 0.5  # seconds between writes of the registry's changes to the state store
 CHANGES = frozenset({"up", "late", "down"})  # the notices that are state changes (history rows)
 
@@ -56,8 +88,7 @@ class ServerRegistry:
         settings: RegistrySettings,
         expected: tuple[Expected, ...],
         peer_log: PeerLog,
-        event: Event,
-        count: Callable[[str, str, str, str | None, str], None],
+        events: Events,
         close: Callable[[Connection], None],
         is_open: Callable[[Connection], bool],
         wall: Callable[[], float] = time.time,
@@ -66,8 +97,7 @@ class ServerRegistry:
         self.clock = loop.clock
         self.wall = wall
         self.peer_log = peer_log
-        self.event = event
-        self.count = count
+        self.events = events
         self.close_conn = close
         self.is_open = is_open
         self.registry = Registry(settings, expected, self.clock(), wall())
@@ -159,10 +189,10 @@ class ServerRegistry:
         if self.store is not None and n.event in CHANGES:
             self.store.add_change(ChangeRecord(self.wall(), n.peer, n.old, n.new, n.reason))
         if not n.hook:  # silenced, or flapping: counted and shown, no hook
-            self.count(n.event, n.peer, n.address, n.old.lower(), n.reason)
+            self.events.count(n.event, n.peer, n.address, n.old.lower(), n.reason)
             return
         extra: dict[str, object] = {f"label_{k}": v for k, v in n.labels}
-        self.event(
+        self.events.event(
             n.event,
             n.peer,
             n.address,
@@ -306,6 +336,22 @@ class ServerRegistry:
 
     def silences(self) -> list[Silence]:
         return [Silence(s.name, s.until, s.reason, s.created) for s in self.registry.silences()]
+
+
+def start_registry(
+    cfg: ServerConfig,
+    loop: EventLoop,
+    peer_log: PeerLog,
+    events: Events,
+    close: Callable[[Connection], None],
+    is_open: Callable[[Connection], bool],
+) -> ServerRegistry:
+    """A server's registry at start-up: its expected peers, and what its state store remembers."""
+    reg = ServerRegistry(loop, registry_settings(cfg), expected_peers(cfg), peer_log, events, close, is_open)
+    store, peers, silences = open_store(cfg.state_dir)
+    if store is not None:
+        reg.attach(store, peers, silences)
+    return reg
 
 
 def open_store(state_dir: str | None) -> tuple[StateStore | None, list[PeerRecord], list[SilenceRecord]]:

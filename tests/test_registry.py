@@ -390,6 +390,15 @@ def test_restore_ignores_bad_names_and_respects_max_peers() -> None:
 
 
 # -- counts, rows, bounds -----------------------------------------------------------------------------------------
+def test_a_tick_does_a_bounded_amount_of_work() -> None:
+    reg = Registry(settings(), [Exp(f"db{i}") for i in range(1200)], T0)
+    first = reg.tick(T0 + 11, WALL + 11, budget=500)
+    assert len(first) == 500 and reg.next_deadline() == T0 + 10  # more are due: call again
+    rest = reg.tick(T0 + 11, WALL + 11, budget=500) + reg.tick(T0 + 11, WALL + 11, budget=500)
+    assert len(rest) == 700 and reg.next_deadline() is None
+    assert {n.peer for n in first + rest if isinstance(n, Notice)} == {f"db{i}" for i in range(1200)}
+
+
 def test_counts_follow_every_change() -> None:
     reg = Registry(settings(), [Exp("db1"), Exp("db2")], T0)
     reg.connected("c1", "web1", None, "a:1", 10.0, T0)

@@ -259,3 +259,14 @@ def test_the_store_gets_changes_from_a_flush_timer_and_restores_peers(server, vc
     srv.shutdown()
     assert store.closed and store.peers["web1"].last_ping is not None  # type: ignore[attr-defined]
     b.close()
+
+
+def test_many_graces_ending_at_once_are_worked_through_a_batch_per_turn(server, vclock, vloop) -> None:
+    srv, events = server(tuple(Exp(f"db{i}") for i in range(1200)))
+    assert srv.registry is not None
+    batches = []
+    tick = srv.registry.registry.tick
+    srv.registry.registry.tick = lambda now, wall: batches.append(len(r := tick(now, wall))) or r  # type: ignore[method-assign]
+    run_until(vloop, vclock, vclock() + 3)
+    assert srv.view().counts == {"NEW": 0, "UP": 0, "LATE": 0, "DOWN": 1200}
+    assert len(events) == 1200 and max(batches) <= 500 and len(batches) >= 3
