@@ -270,3 +270,24 @@ def test_many_graces_ending_at_once_are_worked_through_a_batch_per_turn(server, 
     run_until(vloop, vclock, vclock() + 3)
     assert srv.view().counts == {"NEW": 0, "UP": 0, "LATE": 0, "DOWN": 1200}
     assert len(events) == 1200 and max(batches) <= 500 and len(batches) >= 3
+
+
+def test_a_flapping_peer_gets_one_flapping_hook_then_none_until_one_stable(server, vclock, vloop) -> None:
+    srv, events = server(flap_threshold=2, flap_window=10.0)
+    for _ in range(4):  # up, down, up, down, ... 8 changes
+        b = pair(srv)
+        send(srv, b, b"hello web1\nping")
+        b.close()
+        run_until(vloop, vclock, vclock() + 0.1)
+    assert [(e[1], e[4]) for e in events] == [
+        ("up", True),
+        ("down", True),
+        ("up", False),
+        ("flapping", True),
+        *[(e, False) for e in ("down", "up", "down", "up", "down")],
+    ]
+    [row] = srv.view().peers
+    assert "flapping" in row.flags
+    del events[:]
+    run_until(vloop, vclock, vclock() + 11)
+    assert [(e[1], e[2], e[3], e[4]) for e in events] == [("stable", "web1", "no change for 10 s: DOWN", True)]
