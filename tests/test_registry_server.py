@@ -48,7 +48,7 @@ def metric_lines(port: int, name: str) -> list[str]:
 
 def test_a_named_client_killed_is_listed_down_with_its_reason(tmp_path: Path, procs) -> None:
     mport = free_port()
-    srv = start_server(tmp_path, heartbeat_timeout=0.6, metrics={"host": "127.0.0.1", "port": mport})
+    srv = start_server(tmp_path, heartbeat_timeout=0.6, forget_after="3s", metrics={"host": "127.0.0.1", "port": mport})
     cli = start_client(tmp_path, srv.config["port"], client_name="web1", heartbeat_interval=0.1, pong_timeout=0.5)
     procs += [cli, srv]
     sock = tmp_path / "server.sock"
@@ -63,6 +63,9 @@ def test_a_named_client_killed_is_listed_down_with_its_reason(tmp_path: Path, pr
     assert metric_lines(mport, "hbd_peer_up") == ['hbd_peer_up{peer="web1"} 0']
     time.sleep(1.0)  # still there, well after its timeout
     assert peers_of(sock)["web1"]["state"] == "DOWN"
+    wait_until(lambda: "web1" not in peers_of(sock))  # forgotten after forget_after
+    assert time.time() - web1["since"] >= 3.0 - 0.05
+    assert metric_lines(mport, "hbd_peer_up") == []
 
 
 def test_a_duplicate_name_takes_over(tmp_path: Path, procs) -> None:
