@@ -31,6 +31,7 @@ from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import Enum
+from itertools import islice
 from typing import NamedTuple, Protocol
 
 from hbd.access import Network
@@ -41,11 +42,17 @@ from hbd.view import PeerRow
 
 MAX_SILENCES = 100_000  # silences kept (names need not be known peers): bounds what `hbd silence` can cost
 MAX_REASON = 256  # characters of an operator's silence reason kept
+DIRTY_BATCH = 500  # peer records take_dirty() returns per call (the store writes 500 rows per flush)
 TICK_BUDGET = 500  # peers tick() looks at per call (each may make a notice: a log line, an event, a hook)
 
 _NAME_RE = re.compile(NAME_PATTERN)
 
 Key = Hashable  # a connection, as the server identifies it
+_FLAGS = {  # a row's flags by (flapping, rising): made once, not per row
+    (f, r): frozenset(name for name, on in (("flapping", f), ("rising", r)) if on)
+    for f in (False, True)
+    for r in (False, True)
+}
 
 
 class PeerStatus(Enum):
@@ -117,8 +124,7 @@ class Dirty(NamedTuple):
 
 
 # -- actions ----------------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Close:
+class Close(NamedTuple):
     """Close this connection (a refused name, or the older of two connections with one name)."""
 
     key: Key
@@ -127,8 +133,7 @@ class Close:
     level: int = logging.WARNING
 
 
-@dataclass(frozen=True, slots=True)
-class Notice:
+class Notice(NamedTuple):
     """A peer's state changed (``up``, ``late``, ``down``) or its flapping did (``flapping``,
     ``stable``): log it (``level``), count it, and run the hooks when ``hook``."""
 
@@ -147,8 +152,7 @@ class Notice:
     named: bool  # False for an unnamed legacy client (its identity is its address)
 
 
-@dataclass(frozen=True, slots=True)
-class Log:
+class Log(NamedTuple):
     """A line worth logging that is no state change (unexpected peers, forgetting, silences)."""
 
     level: int
@@ -157,8 +161,7 @@ class Log:
     message: str
 
 
-@dataclass(frozen=True, slots=True)
-class Watch:
+class Watch(NamedTuple):
     """Report this connection's every ping (``pinged``) while ``on``: its peer is rising."""
 
     key: Key
@@ -236,12 +239,12 @@ class Registry:
         self.by_key: dict[Key, Peer] = {}
         self.expected: dict[str, Expected] = {}
         self._by_ip: dict[int, dict[Network, str]] = {}  # prefix length -> network -> expected name
-        self._counts = {s.value: 0 for s in PeerStatus}
+        self._counts = dict.fromkeys(PeerStatus, 0)
         self._heap: list[tuple[float, int, Peer]] = []
         self._seq = 0
         self.silenced: dict[str, Silence] = {}
         self._silence_heap: list[tuple[float, int, str]] = []
-        self._dirty: set[str] = set()
+        self._dirty: dict[str, None] = {}  # names to write, oldest first (an ordered set)
         self._forgotten: set[str] = set()
         self._dirty_silences: set[str] = set()
         self.configure(settings, expected, now)
@@ -264,7 +267,7 @@ class Registry:
             if peer is None:
                 continue
             peer.expected = False
-            self._dirty.add(name)
+            self._dirty[name] = None
             if peer.key is None and peer.status is PeerStatus.NEW:
                 self._forget(peer)  # never seen: nothing to remember
             else:
@@ -275,13 +278,13 @@ class Registry:
             if peer is None:
                 peer = Peer(name, _show(e.address), PeerStatus.NEW, now, timeout, True)
                 self.peers[name] = peer
-                self._counts[PeerStatus.NEW.value] += 1
+                self._counts[PeerStatus.NEW] += 1
                 peer.reason = "not seen yet"
                 peer.grace = now + self._grace(timeout)
             elif peer.key is None:
                 peer.timeout = timeout
             if not peer.expected or peer.labels != e.labels:
-                self._dirty.add(name)
+                self._dirty[name] = None
             peer.expected = True
             peer.labels = e.labels
             self._schedule(peer)
@@ -363,7 +366,7 @@ class Registry:
                 actions.append(Log(logging.WARNING, identity, address, f"{identity} is not an expected peer"))
             peer = Peer(identity, address, PeerStatus.NEW, now, timeout, named)
             self.peers[identity] = peer
-            self._counts[PeerStatus.NEW.value] += 1
+            self._counts[PeerStatus.NEW] += 1
         old_key = peer.key
         if old_key is not None and old_key != key:
             self.by_key.pop(old_key, None)
@@ -380,7 +383,7 @@ class Registry:
         peer.timeout = timeout
         peer.last_ping = now
         peer.grace = float("inf")
-        self._dirty.add(identity)
+        self._dirty[identity] = None
         if peer.status is PeerStatus.DOWN and self.settings.rise > 1:
             peer.rising = 1
             peer.reason = f"rising: 1 of {self.settings.rise} pings"
@@ -450,7 +453,7 @@ class Registry:
             peer.reason = reason
             actions.append(Watch(key, False))
         self._change(peer, PeerStatus.DOWN, reason, now, actions)
-        self._dirty.add(peer.name)
+        self._dirty[peer.name] = None
         if not peer.named and not peer.expected:
             self._forget(peer)  # an unnamed legacy client: its address will not come back
         else:
@@ -467,18 +470,18 @@ class Registry:
         if old is new:
             return
         counts = self._counts
-        counts[old.value] -= 1
-        counts[new.value] += 1
+        counts[old] -= 1
+        counts[new] += 1
         peer.status = new
         peer.since = now
         peer.reason = reason
-        self._dirty.add(peer.name)
+        self._dirty[peer.name] = None
         silenced = peer.name in self.silenced
         flapping_now = self._flap(peer, now)
         quiet = silenced or peer.flapping
         level = logging.INFO if quiet or new is PeerStatus.UP else logging.WARNING
-        event = new.value.lower()
-        actions.append(self._notice(peer, event, old.value, new.value, reason, silenced, level, not quiet, now))
+        name = new._value_  # the plain attribute: Enum's .value is a property, slower on every change
+        actions.append(self._notice(peer, name.lower(), old._value_, name, reason, silenced, level, not quiet, now))
         if flapping_now:
             n, window = self.settings.flap_threshold, self.settings.flap_window
             why = f"more than {n} changes within {window:g} s; its hooks wait until it is stable"
@@ -486,8 +489,8 @@ class Registry:
                 self._notice(
                     peer,
                     "flapping",
-                    new.value,
-                    new.value,
+                    name,
+                    name,
                     why,
                     silenced,
                     logging.INFO if silenced else logging.WARNING,
@@ -621,7 +624,7 @@ class Registry:
         if peer.flapping and peer.changes and now >= peer.changes[-1] + self.settings.flap_window:
             peer.flapping = False
             peer.changes.clear()
-            self._dirty.add(peer.name)
+            self._dirty[peer.name] = None
             silenced = peer.name in self.silenced
             state = peer.status.value
             window = self.settings.flap_window
@@ -643,11 +646,11 @@ class Registry:
         if self.peers.get(peer.name) is not peer:
             return
         del self.peers[peer.name]
-        self._counts[peer.status.value] -= 1
+        self._counts[peer.status] -= 1
         if peer.key is not None:
             self.by_key.pop(peer.key, None)
         peer.filed = float("inf")
-        self._dirty.discard(peer.name)
+        self._dirty.pop(peer.name, None)
         if peer.named:
             self._forgotten.add(peer.name)
 
@@ -685,7 +688,7 @@ class Registry:
 
     # -- what status and metrics read ----------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
-        return dict(self._counts)
+        return {s.value: n for s, n in self._counts.items()}
 
     def __len__(self) -> int:
         return len(self.peers)
@@ -696,7 +699,7 @@ class Registry:
         for peer in list(self.peers.values()):
             info = live(peer.key) if live is not None and peer.key is not None else None
             silence = silenced.get(peer.name)
-            flags = frozenset(f for f, on in (("flapping", peer.flapping), ("rising", peer.rising > 0)) if on)
+            flags = _FLAGS[peer.flapping, peer.rising > 0]
             yield PeerRow(
                 peer.name,
                 peer.name if peer.named else None,
@@ -717,11 +720,17 @@ class Registry:
             )
 
     # -- the state store -------------------------------------------------------------------------------------
-    def take_dirty(self, now: float, wall: float, live: Callable[[Key], Live | None] | None = None) -> Dirty:
-        """What changed since the last call, as wall-clock records (bounded by the number of peers)."""
+    def take_dirty(
+        self, now: float, wall: float, live: Callable[[Key], Live | None] | None = None, limit: int = DIRTY_BATCH
+    ) -> Dirty:
+        """What changed since it was last taken, as wall-clock records: at most ``limit`` peers (the
+        oldest changes first; ``dirty()`` says how many wait), so that taking them is one bounded step."""
         offset = wall - now
         records = []
-        for name in self._dirty:
+        dirty = self._dirty
+        names = list(islice(dirty, limit))
+        for name in names:
+            del dirty[name]
             peer = self.peers.get(name)
             if peer is None or not (peer.named or peer.expected):
                 continue
@@ -747,15 +756,18 @@ class Registry:
             SilenceRecord(n, s.until, s.reason, s.created) for n in self._dirty_silences if (s := self.silenced.get(n))
         ]
         gone = [n for n in self._dirty_silences if n not in self.silenced]
-        dirty = Dirty(records, sorted(self._forgotten), silences, gone)
-        self._dirty = set()
+        taken = Dirty(records, sorted(self._forgotten), silences, gone)
         self._forgotten = set()
         self._dirty_silences = set()
-        return dirty
+        return taken
+
+    def dirty(self) -> int:
+        """Peers waiting to be taken by take_dirty()."""
+        return len(self._dirty)
 
     def mark_connected_dirty(self) -> None:
         """Every connected peer is to be written (at shutdown: their last pings)."""
-        self._dirty.update(p.name for p in self.by_key.values())
+        self._dirty.update((p.name, None) for p in self.by_key.values())
 
     def restore(
         self, peers: Iterable[PeerRecord], silences: Iterable[SilenceRecord], now: float, wall: float
@@ -775,14 +787,14 @@ class Registry:
                     continue  # expected once, never seen, no longer listed
                 peer = Peer(rec.name, rec.address, PeerStatus.NEW, now, rec.timeout, True)
                 self.peers[rec.name] = peer
-                self._counts[PeerStatus.NEW.value] += 1
+                self._counts[PeerStatus.NEW] += 1
             elif peer.key is not None:
                 continue  # already connected again
             peer.address = rec.address or peer.address
             peer.last_ping = None if rec.last_ping is None else min(rec.last_ping + offset, now)
             if rec.state == PeerStatus.DOWN.value:
-                self._counts[peer.status.value] -= 1
-                self._counts[PeerStatus.DOWN.value] += 1
+                self._counts[peer.status] -= 1
+                self._counts[PeerStatus.DOWN] += 1
                 peer.status = PeerStatus.DOWN
                 peer.since = min(rec.since + offset, now)
                 peer.reason = rec.reason

@@ -246,7 +246,10 @@ class ServerRegistry:
         store, self.store = self.store, None
         if store is not None:
             self.registry.mark_connected_dirty()
-            self._queue(store)
+            while True:
+                self._queue(store)
+                if not self.registry.dirty():
+                    break
             store.close()
             self._store_messages(store)
 
@@ -265,7 +268,7 @@ class ServerRegistry:
         if store is None:
             return
         self._queue(store)
-        more = store.flush()
+        more = store.flush() or self.registry.dirty() > 0
         self._store_messages(store)
         if store.failed is not None:
             self.store = None  # it said why, once; the registry runs on without it

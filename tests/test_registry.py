@@ -399,6 +399,17 @@ def test_a_tick_does_a_bounded_amount_of_work() -> None:
     assert {n.peer for n in first + rest if isinstance(n, Notice)} == {f"db{i}" for i in range(1200)}
 
 
+def test_take_dirty_is_a_bounded_step() -> None:
+    reg = Registry(settings(max_peers=2000))
+    for i in range(1200):
+        reg.connected(i, f"p{i}", None, "a:1", 10.0, T0)
+    first = reg.take_dirty(T0, WALL, limit=500)
+    assert [r.name for r in first.peers] == [f"p{i}" for i in range(500)] and reg.dirty() == 700
+    reg.late(0, T0 + 6)  # changed again: written again, after those waiting
+    rest = reg.take_dirty(T0, WALL, limit=500).peers + reg.take_dirty(T0, WALL, limit=500).peers
+    assert len(rest) == 701 and rest[-1].name == "p0" and rest[-1].state == "LATE" and reg.dirty() == 0
+
+
 def test_counts_follow_every_change() -> None:
     reg = Registry(settings(), [Exp("db1"), Exp("db2")], T0)
     reg.connected("c1", "web1", None, "a:1", 10.0, T0)
