@@ -13,11 +13,10 @@ from __future__ import annotations
 import dataclasses
 import socket
 from collections.abc import Callable
-from itertools import chain
 from typing import TYPE_CHECKING
 
 from hbd.access import AllowList
-from hbd.admission import load_security
+from hbd.admission import load_security, shut_out
 from hbd.config import ServerConfig, load_server_config
 from hbd.connection import Connection
 from hbd.daemon import Daemon
@@ -25,8 +24,7 @@ from hbd.listener import Listener
 from hbd.liveness import WHEEL_RESOLUTION, Liveness, timeout_for  # noqa: F401 (WHEEL_RESOLUTION: for the tests)
 from hbd.logs import log
 from hbd.protocol import Hello, PeerState, StateChange
-from hbd.registry import expected_peers, registry_settings
-from hbd.server_registry import ServerRegistry, connection_rows, start_registry
+from hbd.server_registry import ServerRegistry, peer_rows, start_registry
 from hbd.server_report import ServerReport
 from hbd.view import ServerCounters, ServerSettings, ServerView, WorkerNumbers
 from hbd.workers_codec import Numbers, Ready, Reloaded, Status
@@ -113,9 +111,7 @@ class Server(Daemon):
         def commit() -> None:
             self._commit_security(tls_context, allow)
             if self.registry is not None:
-                self.registry.configure(registry_settings(new), expected_peers(new))
-            if new.state_dir != old.state_dir:
-                log.info("state_dir: the new directory is used from the next start")
+                self.registry.reconfigure(new, old)
             if sock is not None:
                 self.listener.use(sock)
                 log.info("now listening on %s:%d", *self.address)
@@ -142,13 +138,9 @@ class Server(Daemon):
         """New TLS and allow settings; connections they no longer admit are closed."""
         turned_on = context is not None and self.tls_context is None
         self.tls_context, self.allow = context, allow
-        for conn in list(self.conns.values()):
-            if allow is not None and not allow.allows(conn.source.strip("[]")):
-                self.report.no_longer_admitted(conn, "no longer in the allow list", "denied")
-                self._close(conn)
-            elif turned_on and type(conn) is Connection:
-                self.report.no_longer_admitted(conn, "TLS is now required", "tls-required")
-                self._close(conn)
+        for conn, why, event in shut_out(list(self.conns.values()), turned_on, allow):
+            self.report.no_longer_admitted(conn, why, event)
+            self._close(conn)
 
     # -- admission (the listener's on_accept) --------------------------------------------------------
     def on_accept(self, sock: socket.socket, addr: tuple) -> None:
@@ -184,19 +176,11 @@ class Server(Daemon):
         return ServerCounters(len(self.conns), self.late, pings, **self.stats)
 
     def view(self) -> ServerView:
-        cfg = self.config
-        addr = self.address
-        reg = self.registry
-        return ServerView(
-            self.daemon_view(),
-            f"{addr[0]}:{addr[1]}" if addr else None,
-            ServerSettings(cfg.heartbeat_timeout, cfg.max_clients, cfg.workers),
-            self.counters(),
-            connection_rows(list(self.conns.values()), self.worker_index)
-            if reg is None
-            else chain(reg.rows(), connection_rows(reg.unknown(list(self.conns.values())), None)),
-            reg.counts() if reg is not None else None,
-        )
+        cfg, addr = self.config, self.address
+        rows, counts = peer_rows(self.registry, list(self.conns.values()), self.worker_index)
+        settings = ServerSettings(cfg.heartbeat_timeout, cfg.max_clients, cfg.workers)
+        listen = f"{addr[0]}:{addr[1]}" if addr else None
+        return ServerView(self.daemon_view(), listen, settings, self.counters(), rows, counts)
 
     def arm(self, conn: Connection, forgiven: float = 0.0) -> None:
         self.liveness.arm(conn, forgiven)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from itertools import chain
 from typing import TYPE_CHECKING, Protocol
 
 from hbd import tls
@@ -297,6 +298,12 @@ class ServerRegistry:
         self.apply(self.registry.configure(settings, expected, self.clock()))
         self._rearm()
 
+    def reconfigure(self, new: ServerConfig, old: ServerConfig) -> None:
+        """A reload committed: new settings and expected peers (the state store stays where it is)."""
+        self.configure(registry_settings(new), expected_peers(new))
+        if new.state_dir != old.state_dir:
+            log.info("state_dir: the new directory is used from the next start")
+
     def restore(self, peers: list[PeerRecord], silences: list[SilenceRecord]) -> None:
         self.apply(self.registry.restore(peers, silences, self.clock(), self.wall()))
         self._rearm()
@@ -382,6 +389,16 @@ def open_store(state_dir: str | None) -> tuple[StateStore | None, list[PeerRecor
         return None, [], []
     snapshot = store.load()
     return store, snapshot.peers, snapshot.silences
+
+
+def peer_rows(
+    reg: ServerRegistry | None, conns: list[Connection], worker: int | None
+) -> tuple[Iterable[PeerRow], dict[str, int] | None]:
+    """What a server shows (rows made as they are read) and its counts: the registry's peers, then
+    the connections that are no peer yet; without a registry, its connections."""
+    if reg is None:
+        return connection_rows(conns, worker), None
+    return chain(reg.rows(worker), connection_rows(reg.unknown(conns), worker)), reg.counts()
 
 
 def connection_rows(conns: list[Connection], worker: int | None) -> Iterator[PeerRow]:
