@@ -181,6 +181,115 @@ class Live(NamedTuple):
     interval: float | None
 
 
+class AddressBook:
+    """The expected peers' ``address:`` (addresses and networks), to know a legacy client by its
+    source address: one dict lookup per prefix length in use (at most 33 + 129), whatever their number."""
+
+    __slots__ = ("_by_len",)
+
+    def __init__(self, expected: Iterable[Expected] = ()) -> None:
+        self._by_len: dict[int, dict[Network, str]] = {}  # prefix length -> network -> expected name
+        for e in expected:
+            if e.address is not None:
+                self._by_len.setdefault(e.address.prefixlen, {})[e.address] = e.name
+
+    def match(self, address: str) -> str | None:
+        """The expected peer whose ``address:`` holds this source address ("ip:port")."""
+        if not self._by_len:
+            return None
+        host = address.rsplit(":", 1)[0].strip("[]").split("%", 1)[0]
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return None
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        for prefixlen, nets in self._by_len.items():
+            if prefixlen > ip.max_prefixlen:
+                continue
+            name = nets.get(ipaddress.ip_network((ip, prefixlen), strict=False))
+            if name is not None:
+                return name
+        return None
+
+
+class Silences:
+    """Maintenance silences by name (known peers or not), with their wall-clock ends: a heap of when
+    to look (monotonic; at most one live entry per name, compacted), and what the store must write."""
+
+    def __init__(self) -> None:
+        self.by_name: dict[str, Silence] = {}
+        self._heap: list[tuple[float, int, str]] = []
+        self._seq = 0
+        self._dirty: set[str] = set()
+
+    def add(self, name: str, until: float, reason: str, now: float, wall: float) -> SilenceRecord | str:
+        if not _NAME_RE.match(name):
+            return f"not a peer name: {name[:64]!r}"
+        if until <= wall:
+            return "the silence would already be over"
+        if name not in self.by_name and len(self.by_name) >= MAX_SILENCES:
+            return f"too many silences ({MAX_SILENCES})"
+        reason = reason[:MAX_REASON]
+        old = self.by_name.get(name)
+        created = old.created if old is not None else wall
+        self._put(name, Silence(until, reason, created, now + (until - wall)))
+        self._dirty.add(name)
+        return SilenceRecord(name, until, reason, created)
+
+    def _put(self, name: str, silence: Silence) -> None:
+        self.by_name[name] = silence
+        self._seq += 1
+        heapq.heappush(self._heap, (silence.due, self._seq, name))
+        if len(self._heap) > 2 * len(self.by_name) + 64:
+            live = self.by_name
+            self._heap = [e for e in self._heap if e[2] in live and live[e[2]].due == e[0]]
+            heapq.heapify(self._heap)
+
+    def remove(self, name: str) -> bool:
+        if self.by_name.pop(name, None) is None:
+            return False
+        self._dirty.add(name)
+        return True
+
+    def records(self) -> list[SilenceRecord]:
+        return [SilenceRecord(n, s.until, s.reason, s.created) for n, s in self.by_name.items()]
+
+    def next_due(self) -> float | None:
+        return self._heap[0][0] if self._heap else None
+
+    def expire(self, now: float, wall: float) -> list[str]:
+        """The names whose silence ended by ``wall``."""
+        ended = []
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            when, _, name = heapq.heappop(heap)
+            silence = self.by_name.get(name)
+            if silence is None or silence.due != when:
+                continue
+            if silence.until > wall:  # the wall clock was set back: look again then
+                silence.due = now + (silence.until - wall)
+                self._put(name, silence)
+                continue
+            del self.by_name[name]
+            self._dirty.add(name)
+            ended.append(name)
+        return ended
+
+    def take_dirty(self) -> tuple[list[SilenceRecord], list[str]]:
+        """(silences to write, names whose silence is to be deleted) since the last call."""
+        put = [SilenceRecord(n, s.until, s.reason, s.created) for n in self._dirty if (s := self.by_name.get(n))]
+        dropped = [n for n in self._dirty if n not in self.by_name]
+        self._dirty = set()
+        return put, dropped
+
+    def load(self, records: Iterable[SilenceRecord], now: float, wall: float) -> None:
+        """Silences from the store that have not ended."""
+        for s in records:
+            if s.until > wall and _NAME_RE.match(s.name) and len(self.by_name) < MAX_SILENCES:
+                self._put(s.name, Silence(s.until, s.reason, s.created, now + (s.until - wall)))
+
+
 class Silence:
     __slots__ = ("created", "due", "reason", "until")
 
@@ -238,15 +347,14 @@ class Registry:
         self.peers: dict[str, Peer] = {}
         self.by_key: dict[Key, Peer] = {}
         self.expected: dict[str, Expected] = {}
-        self._by_ip: dict[int, dict[Network, str]] = {}  # prefix length -> network -> expected name
+        self.addresses = AddressBook()
         self._counts = dict.fromkeys(PeerStatus, 0)
         self._heap: list[tuple[float, int, Peer]] = []
         self._seq = 0
-        self.silenced: dict[str, Silence] = {}
-        self._silence_heap: list[tuple[float, int, str]] = []
+        self.silences_ = Silences()
+        self.silenced = self.silences_.by_name  # name -> Silence (read by the server's log levels)
         self._dirty: dict[str, None] = {}  # names to write, oldest first (an ordered set)
         self._forgotten: set[str] = set()
-        self._dirty_silences: set[str] = set()
         self.configure(settings, expected, now)
 
     # -- configuration -------------------------------------------------------------------------------
@@ -257,10 +365,7 @@ class Registry:
         new = {e.name: e for e in expected}
         old = self.expected
         self.expected = new
-        self._by_ip = {}
-        for e in new.values():
-            if e.address is not None:
-                self._by_ip.setdefault(e.address.prefixlen, {})[e.address] = e.name
+        self.addresses = AddressBook(new.values())
         actions: list[Action] = []
         for name in old.keys() - new.keys():
             peer = self.peers.get(name)
@@ -305,29 +410,10 @@ class Registry:
             return certificate, True
         if name is not None:
             return name, True
-        expected = self._match(address)
+        expected = self.addresses.match(address)
         if expected is not None:
             return expected, True
         return address, False
-
-    def _match(self, address: str) -> str | None:
-        """The expected peer whose ``address:`` holds this source address ("ip:port")."""
-        if not self._by_ip:
-            return None
-        host = address.rsplit(":", 1)[0].strip("[]").split("%", 1)[0]
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
-            return None
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        for prefixlen, nets in self._by_ip.items():  # at most 33 (IPv4) + 129 (IPv6) lengths
-            if prefixlen > ip.max_prefixlen:
-                continue
-            name = nets.get(ipaddress.ip_network((ip, prefixlen), strict=False))
-            if name is not None:
-                return name
-        return None
 
     def _admit(self, identity: str, key: Key) -> Close | None:
         """Whether a connection may be this peer: unexpected names and max_peers."""
@@ -567,9 +653,8 @@ class Registry:
     def next_deadline(self) -> float | None:
         """When tick() has something to do (monotonic; it may find nothing then)."""
         due = self._heap[0][0] if self._heap else None
-        if self._silence_heap and (due is None or self._silence_heap[0][0] < due):
-            due = self._silence_heap[0][0]
-        return due
+        sdue = self.silences_.next_due()
+        return sdue if sdue is not None and (due is None or sdue < due) else due
 
     def tick(self, now: float, wall: float, budget: int = TICK_BUDGET) -> list[Action]:
         """Apply what is due: grace ends (DOWN "never connected"), forgetting, flapping ends
@@ -587,19 +672,7 @@ class Registry:
             self._due_now(peer, now, actions)
             if self.peers.get(peer.name) is peer:
                 self._schedule(peer)
-        sheap = self._silence_heap
-        while sheap and sheap[0][0] <= now:
-            when, _, name = heapq.heappop(sheap)
-            silence = self.silenced.get(name)
-            if silence is None or silence.due != when:
-                continue
-            if silence.until > wall:  # the wall clock was set back: look again then
-                silence.due = now + (silence.until - wall)
-                self._seq += 1
-                heapq.heappush(sheap, (silence.due, self._seq, name))
-                continue
-            del self.silenced[name]
-            self._dirty_silences.add(name)
+        for name in self.silences_.expire(now, wall):
             known = self.peers.get(name)
             actions.append(Log(logging.INFO, name, known.address if known else "", f"the silence on {name} ended"))
         return actions
@@ -654,37 +727,16 @@ class Registry:
         if peer.named:
             self._forgotten.add(peer.name)
 
-    # -- silences ----------------------------------------------------------------------------------------
+    # -- silences (their own object: they need not name a known peer) ----------------------------------
     def silence(self, name: str, until: float, reason: str, now: float, wall: float) -> SilenceRecord | str:
         """Silence a peer (known or not) until ``until`` (wall clock); an error string if refused."""
-        if not _NAME_RE.match(name):
-            return f"not a peer name: {name[:64]!r}"
-        if until <= wall:
-            return "the silence would already be over"
-        if name not in self.silenced and len(self.silenced) >= MAX_SILENCES:
-            return f"too many silences ({MAX_SILENCES})"
-        reason = reason[:MAX_REASON]
-        old = self.silenced.get(name)
-        created = old.created if old is not None else wall
-        silence = Silence(until, reason, created, now + (until - wall))
-        self.silenced[name] = silence
-        self._seq += 1
-        heapq.heappush(self._silence_heap, (silence.due, self._seq, name))
-        if len(self._silence_heap) > 2 * len(self.silenced) + 64:
-            live = self.silenced
-            self._silence_heap = [e for e in self._silence_heap if e[2] in live and live[e[2]].due == e[0]]
-            heapq.heapify(self._silence_heap)
-        self._dirty_silences.add(name)
-        return SilenceRecord(name, until, reason, created)
+        return self.silences_.add(name, until, reason, now, wall)
 
     def unsilence(self, name: str) -> bool:
-        if self.silenced.pop(name, None) is None:
-            return False
-        self._dirty_silences.add(name)
-        return True
+        return self.silences_.remove(name)
 
     def silences(self) -> list[SilenceRecord]:
-        return [SilenceRecord(n, s.until, s.reason, s.created) for n, s in self.silenced.items()]
+        return self.silences_.records()
 
     # -- what status and metrics read ----------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
@@ -752,13 +804,9 @@ class Registry:
                     peer.labels,
                 )
             )
-        silences = [
-            SilenceRecord(n, s.until, s.reason, s.created) for n in self._dirty_silences if (s := self.silenced.get(n))
-        ]
-        gone = [n for n in self._dirty_silences if n not in self.silenced]
+        silences, gone = self.silences_.take_dirty()
         taken = Dirty(records, sorted(self._forgotten), silences, gone)
         self._forgotten = set()
-        self._dirty_silences = set()
         return taken
 
     def dirty(self) -> int:
@@ -807,10 +855,5 @@ class Registry:
                     peer.reason = "waiting for it after a restart"
                     peer.grace = now + peer.timeout
             self._schedule(peer)
-        for s in silences:
-            if s.until > wall and _NAME_RE.match(s.name) and len(self.silenced) < MAX_SILENCES:
-                silence = Silence(s.until, s.reason, s.created, now + (s.until - wall))
-                self.silenced[s.name] = silence
-                self._seq += 1
-                heapq.heappush(self._silence_heap, (silence.due, self._seq, s.name))
+        self.silences_.load(silences, now, wall)
         return actions

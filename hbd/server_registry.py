@@ -103,8 +103,7 @@ class ServerRegistry:
         self.is_open = is_open
         self.registry = Registry(settings, expected, self.clock(), wall())
         self._timer: Timer | None = None
-        self.store: Store | None = None
-        self._flush_timer: Timer | None = None
+        self.writer: StoreWriter | None = None
         self._rearm()
 
     # -- what the server reports ------------------------------------------------------------------
@@ -187,8 +186,8 @@ class ServerRegistry:
                 event=n.event,
                 peer=n.peer,
             )
-        if self.store is not None and n.event in CHANGES:
-            self.store.add_change(ChangeRecord(self.wall(), n.peer, n.old, n.new, n.reason))
+        if self.writer is not None and n.event in CHANGES:
+            self.writer.store.add_change(ChangeRecord(self.wall(), n.peer, n.old, n.new, n.reason))
         if not n.hook:  # silenced, or flapping: counted and shown, no hook
             self.events.count(n.event, n.peer, n.address, n.old.lower(), n.reason)
             return
@@ -239,59 +238,18 @@ class ServerRegistry:
         self._rearm()
 
     def close(self) -> None:
-        """At shutdown: the timers stop; what the store has not written yet is written now
-        (connected peers with their last pings: after a restart they get their grace)."""
+        """At shutdown: the timer stops; the store writes what it has not written yet."""
         self.loop.cancel(self._timer)
-        self.loop.cancel(self._flush_timer)
-        self._timer = self._flush_timer = None
-        store, self.store = self.store, None
-        if store is not None:
-            self.registry.mark_connected_dirty()
-            while True:
-                self._queue(store)
-                if not self.registry.dirty():
-                    break
-            store.close()
-            self._store_messages(store)
+        self._timer = None
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            writer.close()
 
-    # -- the state store ---------------------------------------------------------------------------------
     def attach(self, store: Store, peers: list[PeerRecord], silences: list[SilenceRecord]) -> None:
         """Remember what the store remembered (restart continuity), then write changes to it."""
         self.restore(peers, silences)
         self.registry.take_dirty(self.clock(), self.wall())  # what restore() changed is in the store already
-        self.store = store
-        self._store_messages(store)
-        self._flush_timer = self.loop.call_later(FLUSH_INTERVAL, self._flush)
-
-    def _flush(self) -> None:
-        """Queue what changed and write one bounded batch; soon again if more remain."""
-        store = self.store
-        if store is None:
-            return
-        self._queue(store)
-        more = store.flush() or self.registry.dirty() > 0
-        self._store_messages(store)
-        if store.failed is not None:
-            self.store = None  # it said why, once; the registry runs on without it
-            self._flush_timer = None
-            return
-        self._flush_timer = self.loop.call_later(0 if more else FLUSH_INTERVAL, self._flush)
-
-    def _queue(self, store: Store) -> None:
-        dirty = self.registry.take_dirty(self.clock(), self.wall(), self.live)
-        for rec in dirty.peers:
-            store.put_peer(rec)
-        for name in dirty.forgotten:
-            store.forget_peer(name)
-        for sil in dirty.silences:
-            store.put_silence(sil)
-        for name in dirty.unsilenced:
-            store.drop_silence(name)
-
-    @staticmethod
-    def _store_messages(store: Store) -> None:
-        for message in store.take_messages():
-            log.warning("%s", message, extra=fields(event="state-store"))
+        self.writer = StoreWriter(self.loop, self.registry, store, self.wall, self.live)
 
     # -- reloads -----------------------------------------------------------------------------------------
     def configure(self, settings: RegistrySettings, expected: tuple[Expected, ...]) -> None:
@@ -346,6 +304,67 @@ class ServerRegistry:
 
     def silences(self) -> list[Silence]:
         return [Silence(s.name, s.until, s.reason, s.created) for s in self.registry.silences()]
+
+
+class StoreWriter:
+    """Writes the registry's changes to the state store from a loop timer: every FLUSH_INTERVAL, one
+    bounded batch (again on the next turn while more wait); stops for good if the store fails."""
+
+    def __init__(
+        self,
+        loop: EventLoop,
+        registry: Registry,
+        store: Store,
+        wall: Callable[[], float],
+        live: Callable[[object], Live | None],
+    ) -> None:
+        self.loop = loop
+        self.registry = registry
+        self.store = store
+        self.wall = wall
+        self.live = live
+        self._messages()
+        self._timer: Timer | None = loop.call_later(FLUSH_INTERVAL, self._flush)
+
+    def _flush(self) -> None:
+        store = self.store
+        self._queue()
+        more = store.flush() or self.registry.dirty() > 0
+        self._messages()
+        if store.failed is not None:
+            self._timer = None  # it said why, once; the registry runs on without it
+            return
+        self._timer = self.loop.call_later(0 if more else FLUSH_INTERVAL, self._flush)
+
+    def _queue(self) -> None:
+        store = self.store
+        dirty = self.registry.take_dirty(self.loop.clock(), self.wall(), self.live)
+        for rec in dirty.peers:
+            store.put_peer(rec)
+        for name in dirty.forgotten:
+            store.forget_peer(name)
+        for sil in dirty.silences:
+            store.put_silence(sil)
+        for name in dirty.unsilenced:
+            store.drop_silence(name)
+
+    def _messages(self) -> None:
+        for message in self.store.take_messages():
+            log.warning("%s", message, extra=fields(event="state-store"))
+
+    def close(self) -> None:
+        """At shutdown: connected peers are written with their last pings (after a restart they get
+        their grace), then everything still queued (blocking: after the loop)."""
+        self.loop.cancel(self._timer)
+        self._timer = None
+        if self.store.failed is None:
+            self.registry.mark_connected_dirty()
+            while True:
+                self._queue()
+                if not self.registry.dirty():
+                    break
+        self.store.close()
+        self._messages()
 
 
 def start_registry(
