@@ -204,7 +204,7 @@ def collect(view: DaemonViews) -> Exposition:
 def _collect_peers(view: ServerView, out: Exposition) -> None:
     offset = time.time() - view.daemon.now  # monotonic -> wall clock
     # the registry's peers (a connection that has not pinged yet is no peer: no series of its own)
-    rows = [({"peer": row.peer, **dict(row.labels)}, row) for row in view.peers if row.since is not None]
+    rows = [({"peer": row.peer, **dict(row.labels)}, row) for row in view.peers if "pending" not in row.flags]
     out.family("hbd_peer_up", "gauge", "1 while the peer pings on time (UP or LATE), else 0.")
     for labels, row in rows:
         out.sample("hbd_peer_up", 1 if row.state in ("UP", "LATE") else 0, labels)

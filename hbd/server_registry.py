@@ -417,10 +417,15 @@ def peer_rows(
     the connections that are no peer yet; without a registry, its connections."""
     if reg is None:
         return connection_rows(conns, worker), None
-    return chain(reg.rows(worker), connection_rows(reg.unknown(conns), worker)), reg.counts()
+    return chain(reg.rows(worker), connection_rows(reg.unknown(conns), worker, PENDING)), reg.counts()
 
 
-def connection_rows(conns: list[Connection], worker: int | None) -> Iterator[PeerRow]:
+PENDING = frozenset({"pending"})  # a connection that has not pinged yet: shown, but no peer (no metrics)
+
+
+def connection_rows(
+    conns: list[Connection], worker: int | None, flags: frozenset[str] = frozenset()
+) -> Iterator[PeerRow]:
     """Rows of a snapshot of connections, made as they are read (the status reply slices them):
     a server without a registry shows its connections so; one with a registry, those that are
     no peer yet."""
@@ -439,6 +444,7 @@ def connection_rows(conns: list[Connection], worker: int | None) -> Iterator[Pee
             peer.timeout,
             peer.interval,
             worker,
+            flags=flags,
         )
 
 

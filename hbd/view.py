@@ -79,7 +79,7 @@ class PeerRow:
     reason: str | None = None
     expected: bool | None = None
     silenced_until: float | None = None  # wall clock
-    flags: frozenset[str] = frozenset()  # e.g. "flapping"
+    flags: frozenset[str] = frozenset()  # e.g. "flapping"; "pending": a connection that is no peer yet
     labels: tuple[tuple[str, str], ...] = ()
 
 

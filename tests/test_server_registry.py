@@ -191,6 +191,7 @@ def test_connections_that_have_not_pinged_follow_the_peers(server, vclock, vloop
         ("db1", "NEW", False),
         (f"127.0.0.1:{40000 + list(srv.conns.values())[1].sock.fileno()}", "NEW", True),
     ]
+    assert "pending" in rows[1].flags  # shown by status, but no peer: no metrics series of its own
     b.close()
     c.close()
 
