@@ -7,10 +7,24 @@ from typing import TYPE_CHECKING
 
 from hbd.access import AllowList
 from hbd.config import ServerConfig
+from hbd.connection import Connection
 from hbd.daemon import StartError
 
 if TYPE_CHECKING:
     import ssl
+
+
+def shut_out(
+    conns: list[Connection], tls_turned_on: bool, allow: AllowList | None
+) -> list[tuple[Connection, str, str]]:
+    """The connections that a reload's settings no longer admit: (connection, why, event)."""
+    out = []
+    for conn in conns:
+        if allow is not None and not allow.allows(conn.source.strip("[]")):
+            out.append((conn, "no longer in the allow list", "denied"))
+        elif tls_turned_on and type(conn) is Connection:  # a plain one, now that TLS is required
+            out.append((conn, "TLS is now required", "tls-required"))
+    return out
 
 
 def load_security(cfg: ServerConfig) -> tuple[ssl.SSLContext | None, AllowList | None]:

@@ -89,6 +89,8 @@ class Connection:
             return
         if peer.events:  # before the reply: a send that finds the peer gone reports its end after this
             self.owner.on_events(self)
+            if not self.owner.is_open(self):
+                return  # what it said closed it (a refused name)
         if reply:
             self.send(reply)
 

@@ -9,16 +9,24 @@ What a verdict means (log lines, events, closing a dead peer) is the owner's: ``
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from hbd.connection import Connection
 from hbd.logs import fields, log
 from hbd.loop import EventLoop, Timer
-from hbd.protocol import PeerState, StateChange
+from hbd.protocol import PeerState, ServerPeer, StateChange, peer_timeout
 from hbd.wheel import DeadlineWheel
 
 WHEEL_RESOLUTION = 0.01  # verdicts come at most this late; the issue allows 100 ms, benchmarks 50
 STALLS_KEPT = 256  # recent stalls of our own loop remembered for forgiveness; older ones are forgotten
+
+
+def timeout_for(peer: ServerPeer, heartbeat_timeout: float, max_interval: float) -> float:
+    """heartbeat_timeout until the first ping, whatever the greeting announced (a greeting alone
+    must not hold a slot); then 3 intervals, the interval capped by max_interval."""
+    if not peer.pings or peer.interval is None:
+        return heartbeat_timeout
+    return peer_timeout(heartbeat_timeout, min(peer.interval, max_interval))
 
 
 class Liveness:
@@ -52,6 +60,13 @@ class Liveness:
                 return
             self.wheel.discard(conn.slot, conn)
         conn.slot = self.file(conn, when)
+
+    def retime(self, conns: Iterable[Connection], heartbeat_timeout: float, max_interval: float) -> None:
+        """New timeouts (a reload) apply to connected peers too."""
+        for conn in conns:
+            conn.peer.timeout = timeout_for(conn.peer, heartbeat_timeout, max_interval)
+            if conn.slot != -1:  # not still in a TLS handshake
+                conn.arm()
 
     def file(self, conn: Connection, when: float) -> int:
         slot = self.wheel.add(when, conn)

@@ -215,7 +215,8 @@ def collect(view: DaemonViews) -> Exposition:
 
 def _collect_peers(view: ServerView, out: Exposition) -> None:
     offset = time.time() - view.daemon.now  # monotonic -> wall clock
-    rows = [({"peer": row.peer, **dict(row.labels)}, row) for row in view.peers]
+    # the registry's peers (a connection that has not pinged yet is no peer: no series of its own)
+    rows = [({"peer": row.peer, **dict(row.labels)}, row) for row in view.peers if "pending" not in row.flags]
     out.family("hbd_peer_up", "gauge", "1 while the peer pings on time (UP or LATE), else 0.")
     for labels, row in rows:
         out.sample("hbd_peer_up", 1 if row.state in ("UP", "LATE") else 0, labels)
@@ -229,6 +230,9 @@ def _collect_peers(view: ServerView, out: Exposition) -> None:
     out.family("hbd_peer_silenced", "gauge", "1 while the peer is silenced (maintenance).")
     for labels, row in rows:
         out.sample("hbd_peer_silenced", 1 if row.silenced_until is not None else 0, labels)
+    out.family("hbd_peer_expected", "gauge", "1 for a peer listed in peers: (expected to be alive), else 0.")
+    for labels, row in rows:
+        out.sample("hbd_peer_expected", 1 if row.expected else 0, labels)
 
 
 def _summed(own: Mapping[str, int], others: list[Mapping[str, int]]) -> dict[str, int]:

@@ -246,13 +246,18 @@ class Ops:
         standing: float = 0.0,
         **extra: object,
     ) -> None:
-        """A peer changed state (``up``, ``late``, ``down``): count it, remember it, run the hook.
+        """A peer changed state (``up``, ``late``, ``down``; with the registry also ``flapping`` and
+        ``stable``): count it, remember it, run the hook.
         ``standing``: how established the peer was (see hbd.hooks: who waits when hooks pile up)."""
-        self.events[event] += 1
-        self.recent.append(RecentEvent(time.time(), event, peer, address, previous, reason))
+        self.count(event, peer, address, previous, reason)
         self.hooks.fire(
             event, peer, address, {"name": name or "", "previous": previous or "", "reason": reason, **extra}, standing
         )
+
+    def count(self, event: str, peer: str, address: str, previous: str | None, reason: str) -> None:
+        """A change counted and remembered without a hook (the registry's silenced or flapping peers)."""
+        self.events[event] += 1
+        self.recent.append(RecentEvent(time.time(), event, peer, address, previous, reason))
 
     def _stalled(self, planned: float, woke: float) -> None:
         self.stalls += 1

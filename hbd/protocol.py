@@ -47,6 +47,10 @@ class PeerState(Enum):
     UP = "UP"
     LATE = "LATE"
     DEAD = "DEAD"
+    # Set by the server (never by this class) on a peer whose every ping it must hear: the peer
+    # registry's rise count. Like any state other than UP, the next ping reports a StateChange to
+    # UP, so the ping path gains no test for it; the server sets RISING again while it counts.
+    RISING = "RISING"
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,27 +4,29 @@
 calls ``on_accept``; each ``Connection`` (hbd.connection, hbd.server_tls) calls back through the
 ``Owner`` interface; the liveness part (deadline wheel, verdicts) calls ``on_verdict``; the
 reporting part (hbd.server_report) turns what happened into log lines, events and counters. The
-server keeps the registry of connections and decides admission, closing and what a reload changes.
+server keeps the table of connections and decides admission, closing and what a reload changes;
+the peer registry (who the peers are, hbd.server_registry) hears what they do and closes some.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from hbd.access import AllowList
-from hbd.admission import load_security
+from hbd.admission import load_security, shut_out
 from hbd.config import ServerConfig, load_server_config
 from hbd.connection import Connection
 from hbd.daemon import Daemon
 from hbd.listener import Listener
-from hbd.liveness import WHEEL_RESOLUTION, Liveness  # noqa: F401 (WHEEL_RESOLUTION: for the tests)
-from hbd.logs import fields, log
-from hbd.protocol import Hello, PeerState, ServerPeer, StateChange, peer_timeout
+from hbd.liveness import WHEEL_RESOLUTION, Liveness, timeout_for  # noqa: F401 (WHEEL_RESOLUTION: for the tests)
+from hbd.logs import log
+from hbd.protocol import Hello, PeerState, StateChange
+from hbd.server_registry import ServerRegistry, peer_rows, start_registry
 from hbd.server_report import ServerReport
-from hbd.view import PeerRow, ServerCounters, ServerSettings, ServerView, WorkerNumbers
+from hbd.view import ServerCounters, ServerSettings, ServerView, WorkerNumbers
 from hbd.workers_codec import Numbers, Ready, Reloaded, Status
 
 if TYPE_CHECKING:
@@ -54,6 +56,9 @@ class Server(Daemon):
         self.report = ServerReport(self.peer_log, lambda *a, **kw: self.ops.event(*a, **kw), self.clock)
         self.tls_context: ssl.SSLContext | None = None
         self.allow: AllowList | None = None
+        # The peer registry (hbd.server_registry); a worker of several keeps none (its peers are
+        # the connections it serves, as before the registry).
+        self.registry: ServerRegistry | None = None
 
     # what the status socket and the metrics read
     address = property(lambda self: self.listener.address)
@@ -72,17 +77,11 @@ class Server(Daemon):
         self.tls_context, self.allow = load_security(cfg)
         self.listener.use(self.listener.bind(cfg.host, cfg.port, cfg.backlog))
         self.loop.stall_callbacks.append(self.liveness.on_stall)
+        if self.worker is None:  # a worker of several keeps no registry
+            reg = start_registry(cfg, self.loop, self.peer_log, self.ops, self._close, self.is_open)
+            self.registry = self.report.peers = self.silencing = reg
         self.start_status_updates()
-        log.info(
-            "listening on %s:%d (heartbeat_timeout %g s, max_clients %d%s%s)",
-            *self.address,
-            cfg.heartbeat_timeout,
-            self.max_clients,
-            ", TLS" + (" with client certificates" if cfg.tls and cfg.tls.require_client_cert else "")
-            if self.tls_context
-            else "",
-            f", allow {len(self.allow.nets)} network{'s' if len(self.allow.nets) != 1 else ''}" if self.allow else "",
-        )
+        self.report.listening(self.address, cfg, self.max_clients, self.tls_context is not None, self.allow)
         if self.worker is not None:
             self.worker.attach(self.loop, self.reload)  # the supervisor's Reload(config)
             self.worker.send(Ready())
@@ -111,14 +110,13 @@ class Server(Daemon):
 
         def commit() -> None:
             self._commit_security(tls_context, allow)
+            if self.registry is not None:
+                self.registry.reconfigure(new, old)
             if sock is not None:
                 self.listener.use(sock)
                 log.info("now listening on %s:%d", *self.address)
             if new.heartbeat_timeout != old.heartbeat_timeout or new.max_interval != old.max_interval:
-                for conn in self.conns.values():  # new timeouts apply to connected peers too
-                    conn.peer.timeout = self.timeout_for(conn.peer, new)
-                    if conn.slot != -1:  # not still in a TLS handshake
-                        conn.arm()
+                self.liveness.retime(self.conns.values(), new.heartbeat_timeout, new.max_interval)
                 if new.heartbeat_timeout != old.heartbeat_timeout:
                     log.info("heartbeat_timeout is now %g s", new.heartbeat_timeout)
 
@@ -126,8 +124,10 @@ class Server(Daemon):
 
     def shutdown(self) -> None:
         for conn in list(self.conns.values()):
-            self._close(conn)
+            self._close(conn)  # not a change of theirs: the registry keeps them as they were
         self.listener.close()
+        if self.registry is not None:
+            self.registry.close()
 
     def status_text(self) -> str:
         n = len(self.conns)
@@ -138,21 +138,9 @@ class Server(Daemon):
         """New TLS and allow settings; connections they no longer admit are closed."""
         turned_on = context is not None and self.tls_context is None
         self.tls_context, self.allow = context, allow
-        for conn in list(self.conns.values()):
-            if allow is not None and not allow.allows(conn.source.strip("[]")):
-                log.warning(
-                    "closing client %s: no longer in the allow list",
-                    conn.label,
-                    extra=fields(peer=conn.addr, event="denied"),
-                )
-                self._close(conn)
-            elif turned_on and type(conn) is Connection:
-                log.warning(
-                    "closing client %s: TLS is now required",
-                    conn.label,
-                    extra=fields(peer=conn.addr, event="tls-required"),
-                )
-                self._close(conn)
+        for conn, why, event in shut_out(list(self.conns.values()), turned_on, allow):
+            self.report.no_longer_admitted(conn, why, event)
+            self._close(conn)
 
     # -- admission (the listener's on_accept) --------------------------------------------------------
     def on_accept(self, sock: socket.socket, addr: tuple) -> None:
@@ -188,15 +176,11 @@ class Server(Daemon):
         return ServerCounters(len(self.conns), self.late, pings, **self.stats)
 
     def view(self) -> ServerView:
-        cfg = self.config
-        addr = self.address
-        return ServerView(
-            self.daemon_view(),
-            f"{addr[0]}:{addr[1]}" if addr else None,
-            ServerSettings(cfg.heartbeat_timeout, cfg.max_clients, cfg.workers),
-            self.counters(),
-            _peer_rows(list(self.conns.values()), self.worker_index),
-        )
+        cfg, addr = self.config, self.address
+        rows, counts = peer_rows(self.registry, list(self.conns.values()), self.worker_index)
+        settings = ServerSettings(cfg.heartbeat_timeout, cfg.max_clients, cfg.workers)
+        listen = f"{addr[0]}:{addr[1]}" if addr else None
+        return ServerView(self.daemon_view(), listen, settings, self.counters(), rows, counts)
 
     def arm(self, conn: Connection, forgiven: float = 0.0) -> None:
         self.liveness.arm(conn, forgiven)
@@ -209,43 +193,36 @@ class Server(Daemon):
         events = peer.events or []
         peer.events = None
         for ev in events:
+            if not self.is_open(conn):
+                return  # what it said before closed it (a refused name)
             if isinstance(ev, Hello):
                 self.report.hello(conn, ev, self.config.max_interval)
+                if self.registry is not None:
+                    self.registry.hello(conn, ev)
             elif isinstance(ev, StateChange):
                 self.report.changed(conn, ev)
                 if ev.old is PeerState.NEW and conn.slot != -1:
                     conn.arm()  # filed at the first-ping deadline; LATE comes sooner for a peer that is up
-        timeout = self.timeout_for(peer, self.config)
+        timeout = timeout_for(peer, self.config.heartbeat_timeout, self.config.max_interval)
         if timeout != peer.timeout and self.is_open(conn):
             peer.timeout = timeout  # a greeting or the first ping: it may ping slowly from now on
             conn.arm()
 
-    @staticmethod
-    def timeout_for(peer: ServerPeer, cfg: ServerConfig) -> float:
-        """heartbeat_timeout until the first ping, whatever the greeting announced (a greeting
-        alone must not hold a slot); then 3 intervals, the interval capped by max_interval."""
-        if not peer.pings or peer.interval is None:
-            return cfg.heartbeat_timeout
-        return peer_timeout(cfg.heartbeat_timeout, min(peer.interval, cfg.max_interval))
-
     def reject(self, conn: Connection, reason: str) -> None:
         """The peer broke the protocol: log (rate-limited per source address) and close it."""
-        if conn.peer.events:  # what it did before comes out first
-            self.on_events(conn)
-        self.report.rejected(conn, reason)
-        self._close(conn)
+        self._end(conn, self.report.rejected, reason)
 
     def drop(self, conn: Connection, reason: str, level: int) -> None:
-        if conn.peer.events:  # what it did before comes out first
-            self.on_events(conn)
-        self.report.dropped(conn, reason, level)
-        self._close(conn)
+        self._end(conn, self.report.dropped, reason, level)
 
     def tls_failed(self, conn: Connection, reason: str) -> None:
         """A TLS handshake (or the TLS layer later) failed: log why, rate-limited, and close."""
+        self._end(conn, self.report.tls_failed, reason)
+
+    def _end(self, conn: Connection, report: Callable[..., None], *args: object) -> None:
         if conn.peer.events:  # what it did before comes out first
             self.on_events(conn)
-        self.report.tls_failed(conn, reason)
+        report(conn, *args)
         self._close(conn)
 
     # -- verdicts, errors, closing ---------------------------------------------------------------------
@@ -284,23 +261,3 @@ class Server(Daemon):
         except OSError:
             pass
         sock.close()
-
-
-def _peer_rows(conns: list[Connection], worker: int | None) -> Iterator[PeerRow]:
-    """The rows of a snapshot of the connections, made as they are read (the status reply slices them)."""
-    for conn in conns:
-        if conn.sock.fileno() < 0:
-            continue  # closed since the snapshot
-        peer = conn.peer
-        yield PeerRow(
-            peer.name or conn.addr,
-            peer.name,
-            conn.addr,
-            peer.state.value,
-            conn.since,
-            peer.last_heard if peer.pings else None,
-            peer.pings,
-            peer.timeout,
-            peer.interval,
-            worker,
-        )

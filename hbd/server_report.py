@@ -9,13 +9,24 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
+from hbd.access import AllowList
+from hbd.config import ServerConfig
 from hbd.connection import Connection
 from hbd.logs import PeerLog, fields, log
 from hbd.protocol import Hello, PeerState, StateChange
 
 Event = Callable[..., None]  # Ops.event(event, peer, address, **fields)
+
+
+class Peers(Protocol):
+    """The peer registry's side (hbd.server_registry): with one, state changes and ends go there and
+    its notices make the events; without one (``workers: K``), this reports them itself."""
+
+    def changed(self, conn: Connection, change: StateChange) -> None: ...
+    def gone(self, conn: Connection, reason: str) -> None: ...
+    def quiet(self, conn: Connection) -> bool: ...  # silenced: its lines at info
 
 
 class ServerReport:
@@ -26,8 +37,25 @@ class ServerReport:
         self.late = 0  # connections late now
         self.stats = {"accepted": 0, "refused": 0, "timeouts": 0, "rejected": 0, "denied": 0, "tls_failed": 0}
         self.closed_pings = 0  # pings of connections already closed (metrics add the open ones)
+        self.peers: Peers | None = None
 
     # -- admission ----------------------------------------------------------------------------------
+    @staticmethod
+    def listening(address: tuple, cfg: ServerConfig, max_clients: int, tls: bool, allow: AllowList | None) -> None:
+        log.info(
+            "listening on %s:%d (heartbeat_timeout %g s, max_clients %d%s%s)",
+            *address,
+            cfg.heartbeat_timeout,
+            max_clients,
+            ", TLS" + (" with client certificates" if cfg.tls and cfg.tls.require_client_cert else "") if tls else "",
+            f", allow {len(allow.nets)} network{'s' if len(allow.nets) != 1 else ''}" if allow else "",
+        )
+
+    def no_longer_admitted(self, conn: Connection, why: str, event: str) -> None:
+        """A reload's allow list or TLS requirement shuts it out (the server closes it next)."""
+        log.warning("closing client %s: %s", conn.label, why, extra=fields(peer=conn.addr, event=event))
+        self.down(conn, why)
+
     def denied(self, host: str, port: int) -> None:
         self.stats["denied"] += 1
         self._peer_log(
@@ -67,6 +95,11 @@ class ServerReport:
         )
 
     def changed(self, conn: Connection, change: StateChange) -> None:
+        peers = self.peers
+        if change.old is PeerState.RISING and change.new is PeerState.UP:
+            if peers is not None:  # not a change: a ping the registry counts while the peer rises
+                peers.changed(conn, change)
+            return
         if change.old is PeerState.LATE:
             self.late -= 1
         if change.new is PeerState.LATE:
@@ -90,9 +123,10 @@ class ServerReport:
                 **{**kw, "event": "no-ping"},
             )
             return
+        warning = logging.INFO if peers is not None and peers.quiet(conn) else logging.WARNING
         if change.new is PeerState.DEAD:
             self._peer_log(
-                logging.WARNING,
+                warning,
                 source,
                 "client %s timed out: silent for %.3f s (heartbeat_timeout %g s); closing",
                 conn.label,
@@ -101,15 +135,16 @@ class ServerReport:
                 **kw,
             )
         elif change.new is PeerState.LATE:
-            self._peer_log(
-                logging.WARNING, source, "client %s is late: silent for %.3f s", conn.label, change.silent_for, **kw
-            )
+            self._peer_log(warning, source, "client %s is late: silent for %.3f s", conn.label, change.silent_for, **kw)
         elif change.old is PeerState.NEW:
             log.debug("client %s is up: first ping", conn.label, extra=fields(**kw, peer_address=conn.addr))
         else:
             self._peer_log(
                 logging.INFO, source, "client %s is back: ping after %.3f s", conn.label, change.silent_for, **kw
             )
+        if peers is not None:
+            peers.changed(conn, change)
+            return
         if change.new is PeerState.DEAD:
             event, reason = "down", "timeout"
         elif change.new is PeerState.LATE:
@@ -166,7 +201,9 @@ class ServerReport:
         self.down(conn, "internal error")
 
     def down(self, conn: Connection, reason: str) -> None:
-        if conn.peer.pings:  # one that never pinged was never reported up
+        if self.peers is not None:
+            self.peers.gone(conn, reason)
+        elif conn.peer.pings:  # one that never pinged was never reported up
             self._report(conn, "down", conn.peer.state, reason)
 
     def closed(self, conn: Connection) -> None:

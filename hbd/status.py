@@ -21,7 +21,7 @@ from itertools import islice
 from hbd import __version__
 from hbd.control import Reply
 from hbd.loop import EventLoop
-from hbd.status_doc import StatusDoc
+from hbd.status_doc import PeerDoc, StatusDoc
 from hbd.view import ClientView, DaemonView, LoopNumbers, PeerRow, ServerView, SupervisorView, Turns
 
 SLICE = 250  # peers serialised per chunk: ~25 KB, well under a millisecond of loop time each
@@ -305,6 +305,28 @@ def age(seconds: float | None) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
+def _since(p: PeerDoc, now: float) -> str:
+    since = p.get("since")
+    return age(now - since) if since is not None else "-"
+
+
+def _flags(p: PeerDoc, now: float) -> str:
+    """A registry row's flags: silenced (and for how long), flapping, expected; a DOWN peer's reason."""
+    flags = []
+    until = p.get("silenced_until")
+    if until is not None:
+        flags.append(f"silenced {age(until - now)}")
+    if p.get("flapping"):
+        flags.append("flapping")
+    if p.get("expected"):
+        flags.append("expected")
+    text = ",".join(flags)
+    reason = p.get("reason")
+    if p["state"] == "DOWN" and reason:
+        text = f"{text} ({reason})" if text else f"({reason})"
+    return text or "-"
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
@@ -317,27 +339,34 @@ def render(doc: StatusDoc, recent: int = 10) -> str:
     cfg = doc["config"]
     if doc["role"] == "server":
         peers = doc["peers"]
-        counts = {s: sum(1 for p in peers if p["state"] == s) for s in ("UP", "LATE", "NEW")}
+        counts = {s: sum(1 for p in peers if p["state"] == s) for s in ("UP", "LATE", "NEW", "DOWN")}
         where = f"listening on {doc['listen']}" if doc["listen"] else "not listening"
         workers = f", {doc['workers']} workers" if doc["workers"] else ""
+        registry = "counts" in doc  # a registry's peers (issue 12): every known peer, with SINCE and FLAGS
+        noun = "peer" if registry else "client"
         lines.append(
             f"{where}{workers}; heartbeat_timeout {cfg.get('heartbeat_timeout', 0):g} s; "
-            f"{len(peers)} client{'s' if len(peers) != 1 else ''}: "
+            f"{len(peers)} {noun}{'s' if len(peers) != 1 else ''}: "
             f"{counts['UP']} up, {counts['LATE']} late, {counts['NEW']} new"
+            + (f", {counts['DOWN']} down" if registry else "")
         )
         rows = [
             [
                 p["name"] or "-",
                 p["address"],
                 p["state"],
+                *([_since(p, now)] if registry else []),
                 age(now - p["connected"]) if p["connected"] is not None else "-",
                 age(now - p["last_ping"]) + " ago" if p["last_ping"] is not None else "never",
                 str(p["pings"]),
                 f"{p['timeout']:g}s",
+                *([_flags(p, now)] if registry else []),
             ]
             for p in sorted(peers, key=lambda p: (_ORDER.get(p["state"], 9), p["name"] or "~", p["address"]))
         ]
         header = ["PEER", "ADDRESS", "STATE", "CONNECTED", "LAST PING", "PINGS", "TIMEOUT"]
+        if registry:
+            header = [*header[:3], "SINCE", *header[3:], "FLAGS"]
     else:
         servers = doc["servers"]
         name = f"client_name {doc['name']}; " if doc["name"] else ""

@@ -52,6 +52,12 @@ class PeerDoc(TypedDict):
     last_ping: float | None
     pings: int
     timeout: float
+    # a registry's peer (issue 12): the SINCE and FLAGS columns
+    since: NotRequired[float | None]
+    reason: NotRequired[str | None]
+    expected: NotRequired[bool]
+    flapping: NotRequired[bool]
+    silenced_until: NotRequired[float | None]
 
 
 class ServerDoc(HeadDoc):
@@ -59,6 +65,7 @@ class ServerDoc(HeadDoc):
     listen: str | None
     workers: int  # how many worker processes (0: one process)
     peers: list[PeerDoc]
+    counts: NotRequired[dict[str, int]]  # a registry's peers by state
 
 
 class RttDoc(TypedDict):
@@ -159,7 +166,7 @@ def _event(raw: object, where: str) -> EventDoc:
 
 def _peer(raw: object, where: str) -> PeerDoc:
     d = _object(raw, where.rstrip("."))
-    return {
+    doc: PeerDoc = {
         "name": _opt_str(d, "name", where),
         "address": _str(d, "address", where),
         "state": _str(d, "state", where),
@@ -168,6 +175,20 @@ def _peer(raw: object, where: str) -> PeerDoc:
         "pings": _int(d, "pings", where),
         "timeout": _num(d, "timeout", where),
     }
+    if "since" in d:  # a registry's peer
+        doc["since"] = _opt_num(d, "since", where)
+        doc["reason"] = _opt_str(d, "reason", where)
+        doc["silenced_until"] = _opt_num(d, "silenced_until", where)
+        doc["expected"] = d.get("expected") is True
+        doc["flapping"] = d.get("flapping") is True
+    return doc
+
+
+def _counts(d: Mapping[str, object]) -> dict[str, int]:
+    raw = d.get("counts")
+    if not isinstance(raw, dict):
+        return {}
+    return {str(k): v for k, v in raw.items() if isinstance(v, int) and not isinstance(v, bool)}
 
 
 def _link(raw: object, where: str) -> LinkDoc:
@@ -219,11 +240,14 @@ def parse_document(raw: object) -> StatusDoc:
     }
     if role == "server":
         workers = d.get("workers")
-        return {
+        server: ServerDoc = {
             **head,
             "role": "server",
             "listen": _opt_str(d, "listen", ""),
             "workers": len(workers) if isinstance(workers, list) else 0,
             "peers": _list(d, "peers", "", _peer),
         }
+        if "counts" in d:
+            server["counts"] = _counts(d)
+        return server
     return {**head, "role": "client", "name": _opt_str(d, "name", ""), "servers": _list(d, "servers", "", _link)}

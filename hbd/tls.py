@@ -280,3 +280,20 @@ def peer_name(sock: ssl.SSLSocket) -> str | None:
             if key == "commonName":
                 return value
     return None
+
+
+def certificate_name(sock: ssl.SSLSocket) -> str | None:
+    """The name a verified peer certificate gives its holder (``tls.name_from: certificate``): its
+    CN, else its first DNS subjectAltName."""
+    name = peer_name(sock)
+    if name is not None:
+        return name
+    try:
+        cert = sock.getpeercert()
+    except (ValueError, OSError):
+        return None
+    sans: Any = (cert or {}).get("subjectAltName", ())
+    for kind, value in sans:
+        if kind == "DNS":
+            return str(value)
+    return None

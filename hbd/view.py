@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 PEER_STATES = ("NEW", "UP", "LATE", "DOWN")  # the registry's states (today's servers show NEW, UP, LATE)
-EVENTS = ("up", "late", "down")
+EVENTS = ("up", "late", "down", "flapping", "stable")  # the last two: the registry's
 HOOK_RESULTS = ("ok", "failed", "timeout", "error", "dropped", "coalesced")
 
 
@@ -129,7 +129,7 @@ class PeerRow:
     reason: str | None = None
     expected: bool | None = None
     silenced_until: float | None = None  # wall clock
-    flags: frozenset[str] = frozenset()  # e.g. "flapping"
+    flags: frozenset[str] = frozenset()  # e.g. "flapping"; "pending": a connection that is no peer yet
     labels: tuple[tuple[str, str], ...] = ()
 
 

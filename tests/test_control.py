@@ -231,7 +231,18 @@ def test_status_table_and_json_with_named_and_unnamed_clients(tmp_path: Path, pr
     lines = out.splitlines()
     assert lines[0].startswith("hbd-server ") and "3 clients" in lines[0]
     header = next(line for line in lines if line.startswith("PEER"))
-    assert header.split() == ["PEER", "ADDRESS", "STATE", "CONNECTED", "LAST", "PING", "PINGS", "TIMEOUT"]
+    assert header.split() == [
+        "PEER",
+        "ADDRESS",
+        "STATE",
+        "SINCE",
+        "CONNECTED",
+        "LAST",
+        "PING",
+        "PINGS",
+        "TIMEOUT",
+        "FLAGS",
+    ]
     row = next(line for line in lines if line.startswith("web1 "))
     assert " UP " in row and " ago" in row
     assert any(line.startswith("-") and legacy_addr in line and " UP " in line for line in lines)
@@ -265,7 +276,7 @@ def test_state_changes_late_up_down_on_a_real_server(tmp_path: Path, procs) -> N
         s.settimeout(3)
         assert s.recv(10) == b""  # silent: closed at the timeout
     doc = status_of(sock)
-    assert doc["peers"] == []
+    assert [(p["name"], p["state"], p["reason"]) for p in doc["peers"]] == [("db1", "DOWN", "timeout")]  # remembered
     assert [(e["event"], e["peer"], e["reason"]) for e in doc["recent"]] == [
         ("up", "db1", "first ping"),
         ("late", "db1", "silent"),
@@ -273,7 +284,7 @@ def test_state_changes_late_up_down_on_a_real_server(tmp_path: Path, procs) -> N
         ("late", "db1", "silent"),
         ("down", "db1", "timeout"),
     ]
-    assert doc["events"] == {"up": 2, "late": 2, "down": 1}
+    assert doc["events"] == {"up": 2, "late": 2, "down": 1, "flapping": 0, "stable": 0}
 
 
 def test_reload_moves_the_socket_and_stop_removes_it(tmp_path: Path, procs) -> None:

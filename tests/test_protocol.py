@@ -282,3 +282,18 @@ def test_client_busy_time_is_not_forgiven() -> None:
     link.extend(7.0, 8.0)  # a stall after the verdict was due changes nothing before it
     link.poll(5.01)
     assert link.answers is Answers.DEAD
+
+
+def test_a_rising_peer_reports_its_next_ping_and_is_up_after_it() -> None:
+    """The server sets RISING on a peer whose pings the registry counts (``rise:``): the next ping
+    is a StateChange to UP, through the same test the ping path always makes (state is not UP)."""
+    peer = ServerPeer(0.0, 10.0)
+    assert peer.feed(b"ping", 1.0) == b"pong"
+    peer.events = None
+    peer.state = PeerState.RISING
+    assert peer.feed(b"ping", 2.5) == b"pong"
+    assert peer.events == [StateChange(PeerState.RISING, PeerState.UP, 1.5)] and peer.state is PeerState.UP
+    peer.events = None
+    assert peer.feed(b"ping", 3.0) == b"pong" and peer.events is None  # not rising: nothing to report
+    peer.state = PeerState.RISING
+    assert peer.poll(20.0) == StateChange(PeerState.RISING, PeerState.DEAD, 17.0)

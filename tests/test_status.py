@@ -37,7 +37,9 @@ def test_server_up_late_up_down_in_virtual_time(tmp_path: Path) -> None:
     run_until(loop, clock, 3.0)
     assert document(srv)["peers"][0]["state"] == "UP"
     run_until(loop, clock, 8.0)  # last ping at 2.5: dead just after 6.5
-    assert document(srv)["peers"] == []
+    # a named peer is remembered (issue 12): DOWN, since when and why
+    [peer] = document(srv)["peers"]
+    assert (peer["name"], peer["state"], peer["reason"], peer["connected"]) == ("app1", "DOWN", "timeout", None)
     assert c.recv(10) == b""
     assert [e[1:] for e in events] == [
         ("up", "app1", "first ping"),

@@ -189,7 +189,7 @@ def test_a_connection_that_never_pings_stays_new_and_is_closed_quietly(tmp_path:
     run_until(loop, clock, t0 + 2.0 + WHEEL_RESOLUTION + 1e-3)
     assert document(srv)["peers"] == []
     assert c.recv(10) == b"" and c2.recv(10) == b""
-    assert events == [] and srv.ops.events == {"up": 0, "late": 0, "down": 0}
+    assert events == [] and srv.ops.events == {"up": 0, "late": 0, "down": 0, "flapping": 0, "stable": 0}
     mine = [r for r in records if "no ping" in r.getMessage()]
     assert len(mine) == 2 and all(r.levelno == logging.INFO for r in mine)
     assert not [r for r in records if r.levelno >= logging.WARNING], [r.getMessage() for r in records]

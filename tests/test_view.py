@@ -117,8 +117,13 @@ def test_a_registry_shaped_view_renders_without_changing_status_or_metrics() -> 
     assert web1["expected"] is True and web1["labels"] == {"rack": "a1"} and web1["flapping"] is False
     assert web2["state"] == "DOWN" and web2["connected"] is None and web2["reason"] == "silent for 10 s"
     assert web2["flapping"] is True and web2["since"] == round(web2["last_ping"] + 10.0, 3)
-    shown = status.render(parse_document(doc))
-    assert "DOWN" in shown and "web2" in shown
+    text = status.render(parse_document(doc))
+    assert "2 peers: 1 up, 0 late, 0 new, 1 down" in text
+    header = next(line for line in text.splitlines() if line.startswith("PEER"))
+    assert header.split()[3] == "SINCE" and header.split()[-1] == "FLAGS"
+    rows_text = [line for line in text.splitlines() if line.startswith("web")]
+    assert rows_text[0].startswith("web2 ")  # problems first
+    assert rows_text[0].endswith("flapping (silent for 10 s)") and rows_text[1].endswith("expected")
     families = {f.name: f for f in text_string_to_metric_families(metrics.collect(view).render().decode())}
     assert {s.labels["state"]: s.value for s in families["hbd_peers"].samples} == {
         "NEW": 0,
@@ -129,6 +134,7 @@ def test_a_registry_shaped_view_renders_without_changing_status_or_metrics() -> 
     up = {s.labels["peer"]: (s.value, s.labels.get("rack")) for s in families["hbd_peer_up"].samples}
     assert up == {"web1": (1, "a1"), "web2": (0, None)}
     assert {s.labels["peer"]: s.value for s in families["hbd_peer_flapping"].samples} == {"web1": 0, "web2": 1}
+    assert {s.labels["peer"]: s.value for s in families["hbd_peer_expected"].samples} == {"web1": 1, "web2": 0}
     last = {s.labels["peer"]: s.value for s in families["hbd_peer_last_ping_timestamp_seconds"].samples}
     assert abs((last["web1"] - last["web2"]) - 99.0) < 0.01
 
@@ -185,7 +191,13 @@ def test_worker_numbers_cross_the_pipe_and_sum() -> None:
     assert families["hbd_server_workers"].samples[0].value == 3
     assert families["hbd_loop_lag_max_seconds"].samples[0].value == 0.3
     assert families["hbd_loop_stalls"].samples[0].value == 4
-    assert {s.labels["event"]: s.value for s in families["hbd_peer_events"].samples} == {"up": 6, "late": 0, "down": 3}
+    assert {s.labels["event"]: s.value for s in families["hbd_peer_events"].samples} == {
+        "up": 6,
+        "late": 0,
+        "down": 3,
+        "flapping": 0,
+        "stable": 0,
+    }
 
 
 def test_loop_turns_cross_the_pipe_per_worker_and_sum_in_status_and_metrics() -> None:
