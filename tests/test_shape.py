@@ -9,12 +9,10 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "hbd"
 MAX_CLASS_LINES = 250
 # Still to split (drop each from here when it is): Server (263 lines since the registry branch took
-# its reporting, rows and reload details out); StateStore (311 lines with its runs) landed on main after
-# this test was written: its bounded coalescing queues and its SQLite writer are two jobs. Registry
-# (hbd/registry.py, ~520 lines; its silences and address book are objects of their own already): the
-# peer table (peers, counts, dirty set, deadline heap, rows, records) and the transitions (identity,
-# connect/late/gone, flapping, tick) are two jobs.
-EXEMPT = {("server.py", "Server"), ("state_store.py", "StateStore"), ("registry.py", "Registry")}
+# its reporting, rows and reload details out). Registry (hbd/registry.py, ~520 lines; its silences and
+# address book are objects of their own already): the peer table (peers, counts, dirty set, deadline
+# heap, rows, records) and the transitions (identity, connect/late/gone, flapping, tick) are two jobs.
+EXEMPT = {("server.py", "Server"), ("registry.py", "Registry")}
 
 
 def class_sizes(path: Path) -> list[tuple[str, int]]:
