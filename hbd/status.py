@@ -15,7 +15,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 
 from hbd import __version__
@@ -124,7 +124,11 @@ def peer_doc(row: PeerRow, clock: Clock) -> dict[str, object]:
 
 def server_peers(view: ServerView, clock: Clock) -> Iterator[str]:
     """Comma-separated peer objects, SLICE at a time, as the view produces its rows."""
-    rows = iter(view.peers)
+    return _rows_chunks(view.peers, clock)
+
+
+def _rows_chunks(peers: Iterable[PeerRow], clock: Clock) -> Iterator[str]:
+    rows = iter(peers)
     while chunk := [_dumps(peer_doc(row, clock)) for row in islice(rows, SLICE)]:
         yield ",".join(chunk)
 
@@ -184,6 +188,9 @@ def supervisor_document(
                 yield chunk
         finally:
             relay.close()
+    for text in _rows_chunks(view.peers, clock):  # the registry's peers no worker holds
+        yield ("," + text if wrote else text).encode()
+        wrote = True
     yield b"]}\n"
 
 

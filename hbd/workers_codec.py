@@ -76,9 +76,112 @@ class Reload:
     config: ServerConfig
 
 
-Message = Ready | Status | Numbers | LogLine | Reloaded | Reload
-UP_KINDS = {Ready: 1, Status: 2, Numbers: 3, LogLine: 4, Reloaded: 5}  # worker -> supervisor
-DOWN_KINDS = {Reload: 10}  # supervisor -> worker
+# -- the peer registry (hbd.registry_remote in the worker, hbd.supervisor_registry in the supervisor) ---
+# ``conn`` is the worker's own number for one connection (a counter, never reused: a reused fd cannot
+# be confused). Times are monotonic: one host, one clock. Nothing goes up per ping except while a
+# peer rises (``rise:``, PeerPinged).
+@dataclass(frozen=True, slots=True)
+class PeerHello:
+    """A connection greeted (the registry may refuse the name at once)."""
+
+    conn: int
+    name: str
+    certificate: str | None
+    address: str
+
+
+@dataclass(frozen=True, slots=True)
+class PeerConnected:
+    """A connection's first ping."""
+
+    conn: int
+    name: str | None
+    certificate: str | None
+    address: str
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class PeerPinged:
+    """A ping on a watched connection (its peer is rising)."""
+
+    conn: int
+    silent_for: float
+
+
+@dataclass(frozen=True, slots=True)
+class PeerLate:
+    conn: int
+
+
+@dataclass(frozen=True, slots=True)
+class PeerBack:
+    conn: int
+
+
+@dataclass(frozen=True, slots=True)
+class PeerGone:
+    """A connection that pinged has ended."""
+
+    conn: int
+    reason: str
+    last_ping: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class PeerClose:
+    """Supervisor -> worker: close this connection (a refused name, a takeover)."""
+
+    conn: int
+    reason: str
+    level: int
+
+
+@dataclass(frozen=True, slots=True)
+class PeerWatch:
+    """Supervisor -> worker: report this connection's every ping while ``on`` (its peer rises)."""
+
+    conn: int
+    on: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PeerMark:
+    """Supervisor -> worker: what the registry says of this connection's peer, for its status row
+    (sent when it changes, never per ping)."""
+
+    conn: int
+    peer: str
+    named: bool
+    state: str
+    since: float
+    reason: str
+    expected: bool
+    flags: list[str]
+    labels: list[list[str]]
+    silenced_until: float | None
+
+
+PeerReport = PeerHello | PeerConnected | PeerPinged | PeerLate | PeerBack | PeerGone
+PeerOrder = PeerClose | PeerWatch | PeerMark
+MAX_REASON = 256  # characters of a reason sent up (a TLS error can be long; frames stay under PIPE_BUF)
+
+Message = Ready | Status | Numbers | LogLine | Reloaded | Reload | PeerReport | PeerOrder
+UP_KINDS: dict[type, int] = {
+    Ready: 1,
+    Status: 2,
+    Numbers: 3,
+    LogLine: 4,
+    Reloaded: 5,
+    PeerHello: 20,
+    PeerConnected: 21,
+    PeerPinged: 22,
+    PeerLate: 23,
+    PeerBack: 24,
+    PeerGone: 25,
+}  # worker -> supervisor
+DOWN_KINDS: dict[type, int] = {Reload: 10, PeerClose: 30, PeerWatch: 31, PeerMark: 32}  # supervisor -> worker
+KINDS = {**UP_KINDS, **DOWN_KINDS}
 
 
 def encode(msg: Message) -> bytes:
@@ -91,14 +194,14 @@ def encode(msg: Message) -> bytes:
         fields = (
             {"values": msg.values} if isinstance(msg, Numbers) else {k: getattr(msg, k) for k in type(msg).__slots__}
         )
-        kind, payload = UP_KINDS[type(msg)], json.dumps(fields).encode()
+        kind, payload = KINDS[type(msg)], json.dumps(fields).encode()
     if len(payload) > MAX_FRAME:
         raise CodecError(f"{type(msg).__name__}: {len(payload)} bytes is more than a frame holds ({MAX_FRAME})")
     return HEADER.pack(len(payload), kind) + payload
 
 
 class Decoder:
-    """Frames in, messages out. ``down``: the worker's decoder (it takes Reload and nothing else);
+    """Frames in, messages out. ``down``: the worker's decoder (Reload and the registry's orders);
     the supervisor's takes the worker's messages and never unpickles."""
 
     def __init__(self, down: bool = False) -> None:
@@ -136,7 +239,7 @@ class Decoder:
 class WorkerChannel:
     """The worker's end of the pipes. Writes never block: if the supervisor is not reading, the
     message is dropped (the worker's own terminal/journald output still has its log lines).
-    ``attach()`` starts reading the supervisor's Reload messages on the worker's loop."""
+    ``attach()`` starts reading the supervisor's messages on the worker's loop."""
 
     def __init__(self, fd: int, index: int = 0, config: ServerConfig | None = None, rfd: int = -1) -> None:
         self.fd = fd
@@ -158,8 +261,11 @@ class WorkerChannel:
         except (BlockingIOError, BrokenPipeError):
             pass
 
-    def attach(self, loop: EventLoop, reload: Callable[[], object]) -> None:
-        """On each Reload from the supervisor: keep its config, then call ``reload()``."""
+    def attach(
+        self, loop: EventLoop, reload: Callable[[], object], orders: Callable[[PeerOrder], object] | None = None
+    ) -> None:
+        """On each Reload from the supervisor: keep its config, then call ``reload()``; the
+        registry's orders go to ``orders``."""
         if self.rfd < 0:
             return
         os.set_blocking(self.rfd, False)
@@ -176,6 +282,8 @@ class WorkerChannel:
                 if isinstance(msg, Reload):
                     self.config = msg.config
                     reload()
+                elif orders is not None and isinstance(msg, PeerClose | PeerWatch | PeerMark):
+                    orders(msg)
 
         loop.add_reader(self.rfd, on_read)
 
