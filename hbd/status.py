@@ -155,7 +155,8 @@ def peers_fragment(view: ServerView) -> Reply:
 def supervisor_document(
     view: SupervisorView, loop: EventLoop, control_path: str | None, wake: Callable[[], None]
 ) -> Reply:
-    """Relay every worker's peers into one document, one worker at a time, without blocking."""
+    """Relay every worker's peers into one document, one worker at a time, without blocking; then
+    the registry's peers that no worker holds."""
     clock = Clock(view.daemon.now)
     doc = server_head(view, clock)
     doc["workers"] = [
@@ -169,6 +170,21 @@ def supervisor_document(
             turns = turns.plus(w.numbers.loop.turns)
     doc["loop"] = loop_doc(view.daemon.loop, turns)
     yield _dumps(doc)[:-1].encode() + b',"peers":['
+    wrote = False
+    for chunk in relay_peers(view, loop, control_path, wake):
+        if chunk:
+            wrote = True
+        yield chunk
+    for text in _rows_chunks(view.peers, clock):
+        yield ("," + text if wrote else text).encode()
+        wrote = True
+    yield b"]}\n"
+
+
+def relay_peers(
+    view: SupervisorView, loop: EventLoop, control_path: str | None, wake: Callable[[], None]
+) -> Iterator[bytes | None]:
+    """The workers' peer objects, comma-separated across workers (None: waiting for one)."""
     wrote = False
     for w in view.workers:
         relay = _Relay(loop, f"{control_path}.{w.index}", wake)
@@ -188,10 +204,6 @@ def supervisor_document(
                 yield chunk
         finally:
             relay.close()
-    for text in _rows_chunks(view.peers, clock):  # the registry's peers no worker holds
-        yield ("," + text if wrote else text).encode()
-        wrote = True
-    yield b"]}\n"
 
 
 class _Relay:

@@ -8,11 +8,18 @@ import os
 import socket
 import stat
 import time
+import urllib.request
 from pathlib import Path
 
-from daemons import connect, recv_exactly, start_client, start_server
+from daemons import connect, free_port, recv_exactly, start_client, start_server
 
 from hbd.control import query
+
+
+def scrape(port: int) -> list[str]:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return r.read().decode().splitlines()
 
 
 def status_of(path: Path) -> dict:
@@ -170,3 +177,32 @@ def test_status_is_the_same_for_one_process_and_two_workers(tmp_path: Path, proc
     assert one == two
     assert one["counts"] == {"NEW": 0, "UP": 2, "LATE": 0, "DOWN": 1}
     assert one["peers"]["db1"]["reason"] == "disconnected" and not one["peers"]["db1"]["connected"]
+
+
+def metric_scenario(tmp_path: Path, procs, workers: int) -> list[str]:
+    """web1 connected, db1 gone: the per-peer series (last pings' values left out)."""
+    mport = free_port()
+    metrics = {"host": "127.0.0.1", "port": mport}
+    srv = start(tmp_path, name=f"m{workers}", workers=workers, heartbeat_timeout=2.0, metrics=metrics)
+    procs.append(srv)
+    sock = tmp_path / f"m{workers}.sock"
+    web1, db1 = connect(srv.config["port"]), connect(srv.config["port"])
+    web1.sendall(b"hello web1\nping\n")
+    db1.sendall(b"hello db1\nping\n")
+    assert recv_exactly(web1, 5) == recv_exactly(db1, 5) == b"pong\n"
+    wait_until(lambda: peers_of(sock).get("db1", {}).get("state") == "UP")
+    db1.close()
+    wait_until(lambda: peers_of(sock).get("db1", {}).get("state") == "DOWN")
+    lines = [line for line in scrape(mport) if line.startswith(("hbd_peer", "hbd_peers{"))]
+    web1.close()
+    last = [line for line in lines if line.startswith("hbd_peer_last_ping")]
+    assert len(last) == 2  # web1 (connected: relayed from its worker) and db1 (down: the supervisor's own)
+    return sorted(line.rsplit(" ", 1)[0] if line in last else line for line in lines)
+
+
+def test_metrics_are_the_same_for_one_process_and_two_workers(tmp_path: Path, procs) -> None:
+    one = metric_scenario(tmp_path, procs, 1)
+    two = metric_scenario(tmp_path, procs, 2)
+    assert one == two
+    assert 'hbd_peer_up{peer="web1"} 1' in two and 'hbd_peer_up{peer="db1"} 0' in two
+    assert 'hbd_peers{state="DOWN"} 1' in two
