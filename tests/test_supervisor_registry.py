@@ -76,7 +76,9 @@ class Fleet:
         )
         self.channels = {i: Channel(i) for i in (1, 2)}
         self.workers = {}
-        cfg = ServerConfig(host="127.0.0.1", port=0, heartbeat_timeout=2.0, log_file=None, control_socket=None)
+        cfg = ServerConfig(
+            host="127.0.0.1", port=0, heartbeat_timeout=2.0, log_file=None, control_socket=None, state_dir=None
+        )
         for i, ch in self.channels.items():
             srv = Server(cfg, loop=vloop, worker=ch)  # type: ignore[arg-type]
             srv.start()

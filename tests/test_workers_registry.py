@@ -206,3 +206,76 @@ def test_metrics_are_the_same_for_one_process_and_two_workers(tmp_path: Path, pr
     assert one == two
     assert 'hbd_peer_up{peer="web1"} 1' in two and 'hbd_peer_up{peer="db1"} 0' in two
     assert 'hbd_peers{state="DOWN"} 1' in two
+
+
+def test_an_expected_peer_never_seen_is_down_and_its_hook_runs_once(tmp_path: Path, procs) -> None:
+    script, out = hook(tmp_path)
+    peers = [{"name": "db1", "timeout": 1.0, "labels": {"rack": "r1"}}, "web1"]
+    srv = start(tmp_path, heartbeat_timeout=10.0, peers=peers, startup_grace=1.5, on_change=[script])
+    procs.append(srv)
+    sock = tmp_path / "server.sock"
+    assert {p: r["state"] for p, r in peers_of(sock).items()} == {"db1": "NEW", "web1": "NEW"}
+    with connect(srv.config["port"]) as s:
+        s.sendall(b"hello web1\nping\n")
+        assert recv_exactly(s, 5) == b"pong\n"
+        wait_until(lambda: peers_of(sock)["web1"]["state"] == "UP")
+        db1 = wait_until(lambda: (p := peers_of(sock)["db1"]) and p["state"] == "DOWN" and p)
+        assert (db1["reason"], db1["expected"], db1["labels"]) == ("never connected", True, {"rack": "r1"})
+        web1 = peers_of(sock)["web1"]
+        assert web1["expected"] is True and "worker" in web1  # a worker's row, with the registry's mark
+        assert status_of(sock)["counts"] == {"NEW": 0, "UP": 1, "LATE": 0, "DOWN": 1}
+        time.sleep(1.0)
+    assert sorted(r[:2] for r in runs(out)) == [["down", "db1"], ["up", "web1"]]
+
+
+def test_silences_work_over_the_supervisors_socket(tmp_path: Path, procs, capsys) -> None:
+    from hbd.cli import main
+
+    script, out = hook(tmp_path)
+    srv = start(tmp_path, heartbeat_timeout=1.0, on_change=[script])
+    procs.append(srv)
+    sock = tmp_path / "server.sock"
+    with connect(srv.config["port"]) as s:
+        s.sendall(b"hello web1\nping\n")
+        assert recv_exactly(s, 5) == b"pong\n"
+        wait_until(lambda: peers_of(sock).get("web1", {}).get("state") == "UP")
+        assert main(["silence", "web1", "1h", "--reason", "kernel update", "-s", str(sock)]) == 0
+        # the worker holding it shows the silence (the supervisor's mark came down its pipe)
+        wait_until(lambda: peers_of(sock)["web1"]["silenced_until"] is not None)
+        assert "worker" in peers_of(sock)["web1"]
+    web1 = wait_until(lambda: (p := peers_of(sock).get("web1")) and p["state"] == "DOWN" and p)
+    assert web1["silenced_until"] > time.time() + 3500
+    capsys.readouterr()
+    assert main(["silences", "-s", str(sock), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(x["peer"], x["reason"]) for x in listed["silences"]] == [("web1", "kernel update")]
+    time.sleep(0.5)
+    assert [r[:2] for r in runs(out)] == [["up", "web1"]]  # no down hook while silenced
+    assert srv.count(r"WARNING.*web1") == 0, srv.output()  # its worker logged its end at info
+    assert main(["unsilence", "web1", "-s", str(sock)]) == 0
+    assert peers_of(sock)["web1"]["silenced_until"] is None
+
+
+def test_down_peers_and_silences_outlive_a_restart_of_the_supervisor(tmp_path: Path, procs) -> None:
+    from hbd.cli import main
+
+    state = tmp_path / "state"
+    state.mkdir()
+    common = {"heartbeat_timeout": 2.0, "state_dir": str(state)}
+    srv = start(tmp_path, **common)
+    procs.append(srv)
+    sock = tmp_path / "server.sock"
+    with connect(srv.config["port"]) as s:
+        s.sendall(b"hello web2\nping\n")
+        assert recv_exactly(s, 5) == b"pong\n"
+        wait_until(lambda: peers_of(sock).get("web2", {}).get("state") == "UP")
+    wait_until(lambda: peers_of(sock).get("web2", {}).get("state") == "DOWN")
+    assert main(["silence", "web3", "2h", "--reason", "rack move", "-s", str(sock)]) == 0
+    assert srv.stop() == 0
+    srv2 = start(tmp_path, name="server2", **common)
+    procs.append(srv2)
+    sock2 = tmp_path / "server2.sock"
+    web2 = peers_of(sock2)["web2"]
+    assert (web2["state"], web2["reason"]) == ("DOWN", "disconnected")
+    silences = json.loads(query(str(sock2), '{"request": "silences"}'))["silences"]
+    assert [(x["peer"], x["reason"]) for x in silences] == [("web3", "rack move")]
