@@ -209,19 +209,25 @@ class Decoder:
         self.buf = b""
 
     def feed(self, data: bytes) -> list[Message]:
-        buf = self.buf + data
+        buf = self.buf + data if self.buf else data
         out: list[Message] = []
-        while len(buf) >= HEADER.size:
-            size, kind = HEADER.unpack_from(buf)
+        at, end = 0, len(buf)  # an offset, not a slice per frame: a 64 KB read of small frames stays O(n)
+        while end - at >= HEADER.size:
+            size, kind = HEADER.unpack_from(buf, at)
             cls = self.kinds.get(kind)
             if cls is None or size > MAX_FRAME:
                 self.buf = b""
                 raise CodecError(f"not a frame: kind {kind}, {size} bytes")
-            if len(buf) < HEADER.size + size:
+            start = at + HEADER.size
+            if end < start + size:
                 break
-            payload, buf = buf[HEADER.size : HEADER.size + size], buf[HEADER.size + size :]
-            out.append(self._message(cls, payload))
-        self.buf = buf
+            at = start + size
+            try:
+                out.append(self._message(cls, buf[start:at]))
+            except CodecError:
+                self.buf = buf[at:]  # the next frames are still good
+                raise
+        self.buf = buf[at:]
         return out
 
     @staticmethod
