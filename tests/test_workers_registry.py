@@ -208,7 +208,9 @@ def test_metrics_are_the_same_for_one_process_and_two_workers(tmp_path: Path, pr
     assert 'hbd_peers{state="DOWN"} 1' in two
 
 
-def test_an_expected_peer_never_seen_is_down_and_its_hook_runs_once(tmp_path: Path, procs) -> None:
+def test_an_expected_peer_never_seen_is_down_and_its_hook_runs_once(tmp_path: Path, procs, capsys) -> None:
+    from hbd.cli import main
+
     script, out = hook(tmp_path)
     peers = [{"name": "db1", "timeout": 1.0, "labels": {"rack": "r1"}}, "web1"]
     srv = start(tmp_path, heartbeat_timeout=10.0, peers=peers, startup_grace=1.5, on_change=[script])
@@ -224,6 +226,11 @@ def test_an_expected_peer_never_seen_is_down_and_its_hook_runs_once(tmp_path: Pa
         web1 = peers_of(sock)["web1"]
         assert web1["expected"] is True and "worker" in web1  # a worker's row, with the registry's mark
         assert status_of(sock)["counts"] == {"NEW": 0, "UP": 1, "LATE": 0, "DOWN": 1}
+        capsys.readouterr()
+        assert main(["status", "-s", str(sock)]) == 0
+        table = capsys.readouterr().out
+        assert "2 workers" in table and "2 peers: 1 up, 0 late, 0 new, 1 down" in table, table
+        assert any(line.startswith("db1 ") and "expected (never connected)" in line for line in table.splitlines())
         time.sleep(1.0)
     assert sorted(r[:2] for r in runs(out)) == [["down", "db1"], ["up", "web1"]]
 
