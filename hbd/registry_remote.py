@@ -28,6 +28,7 @@ from hbd.workers_codec import (
     PeerConnected,
     PeerGone,
     PeerHello,
+    PeerKnown,
     PeerLate,
     PeerMark,
     PeerOrder,
@@ -59,6 +60,7 @@ class RemotePeers:
         self.reported: set[int] = set()  # connections the registry was told of (their first ping)
         self.marks: dict[int, PeerMark] = {}
         self.watched: set[int] = set()
+        self.known: set[int] = set()  # greeted as a known peer, not pinged yet: the registry's row shows it
 
     def _id(self, conn: Connection) -> int:
         cid = self.ids.get(conn)
@@ -118,6 +120,7 @@ class RemotePeers:
             self.reported.discard(cid)
             self.marks.pop(cid, None)
             self.watched.discard(cid)
+            self.known.discard(cid)
 
     # -- the supervisor's orders ---------------------------------------------------------------------------
     def order(self, msg: PeerOrder) -> None:
@@ -126,6 +129,8 @@ class RemotePeers:
             return  # closed meanwhile
         if isinstance(msg, PeerMark):
             self.marks[msg.conn] = msg
+        elif isinstance(msg, PeerKnown):
+            self.known.add(msg.conn)
         elif isinstance(msg, PeerWatch):
             if msg.on:
                 self.watched.add(msg.conn)
@@ -160,6 +165,8 @@ class RemotePeers:
             mark = self.marks.get(cid) if cid is not None else None
             last_ping = peer.last_heard if peer.pings else None
             if mark is None:
+                if cid in self.known and not peer.pings:
+                    continue  # the supervisor shows the peer it claims to be
                 state = peer.state.value if peer.state is not PeerState.RISING else "UP"
                 yield PeerRow(
                     peer.name or conn.addr,

@@ -31,6 +31,7 @@ from hbd.workers_codec import (
     PeerConnected,
     PeerGone,
     PeerHello,
+    PeerKnown,
     PeerLate,
     PeerMark,
     PeerOrder,
@@ -78,6 +79,8 @@ class SupervisorRegistry(ServerRegistry):
         reg, now = self.registry, self.clock()
         if isinstance(msg, PeerHello):
             actions = reg.hello(key, msg.name, msg.certificate, msg.address)
+            if not actions and msg.name in reg.peers:
+                self.send(index, PeerKnown(msg.conn))
         elif isinstance(msg, PeerConnected):
             self._since[key] = now
             actions = reg.connected(key, msg.name, msg.certificate, msg.address, msg.timeout, now)

@@ -162,8 +162,16 @@ class PeerMark:
     silenced_until: float | None
 
 
+@dataclass(frozen=True, slots=True)
+class PeerKnown:
+    """Supervisor -> worker: this connection greeted with a known peer's name; until its first ping
+    the registry's row of that peer stands for it (as in one process)."""
+
+    conn: int
+
+
 PeerReport = PeerHello | PeerConnected | PeerPinged | PeerLate | PeerBack | PeerGone
-PeerOrder = PeerClose | PeerWatch | PeerMark
+PeerOrder = PeerClose | PeerWatch | PeerMark | PeerKnown
 MAX_REASON = 256  # characters of a reason sent up (a TLS error can be long; frames stay under PIPE_BUF)
 
 Message = Ready | Status | Numbers | LogLine | Reloaded | Reload | PeerReport | PeerOrder
@@ -180,7 +188,13 @@ UP_KINDS: dict[type, int] = {
     PeerBack: 24,
     PeerGone: 25,
 }  # worker -> supervisor
-DOWN_KINDS: dict[type, int] = {Reload: 10, PeerClose: 30, PeerWatch: 31, PeerMark: 32}  # supervisor -> worker
+DOWN_KINDS: dict[type, int] = {
+    Reload: 10,
+    PeerClose: 30,
+    PeerWatch: 31,
+    PeerMark: 32,
+    PeerKnown: 33,
+}  # supervisor -> worker
 KINDS = {**UP_KINDS, **DOWN_KINDS}
 
 
@@ -288,7 +302,7 @@ class WorkerChannel:
                 if isinstance(msg, Reload):
                     self.config = msg.config
                     reload()
-                elif orders is not None and isinstance(msg, PeerClose | PeerWatch | PeerMark):
+                elif orders is not None and isinstance(msg, PeerClose | PeerWatch | PeerMark | PeerKnown):
                     orders(msg)
 
         loop.add_reader(self.rfd, on_read)

@@ -28,6 +28,7 @@ from hbd.workers_codec import (
     PeerConnected,
     PeerGone,
     PeerHello,
+    PeerKnown,
     PeerLate,
     PeerMark,
     PeerOrder,
@@ -173,6 +174,22 @@ def test_a_name_on_two_workers_is_one_row_and_the_newer_takes_over(fleet) -> Non
     assert f.events[1:] == [("down", "web1", "disconnected", True)]
 
 
+def test_a_greeting_with_a_known_name_is_one_row_until_its_first_ping(fleet) -> None:
+    f = fleet()
+    a = f.connect(1, 40001)
+    f.say(a, b"hello web1\nping\n")
+    a.close()
+    f.pump()
+    b, c = f.connect(2, 40002), f.connect(2, 40003)
+    f.say(b, b"hello web1\n")  # a known name: the registry's DOWN row stands for it, as in one process
+    f.say(c, b"hello web9\n")  # a new one: shown as a connection, NEW
+    rows = f.rows()
+    assert rows["web1"] == ("DOWN", "disconnected", None, False, ())
+    assert rows["web9"][0] == "NEW"
+    f.say(b, b"ping\n")
+    assert f.rows()["web1"] == ("UP", "ping", 2, False, ())
+
+
 def test_a_refused_greeting_is_closed_by_its_worker(fleet) -> None:
     f = fleet(unexpected="reject")
     a = f.connect(1, 40001)
@@ -262,6 +279,7 @@ def test_report_frames_fit_in_an_atomic_pipe_write() -> None:
     orders: list[PeerOrder] = [
         PeerClose(7, "replaced", logging.WARNING),
         PeerWatch(7, True),
+        PeerKnown(7),
         PeerMark(7, "web1", True, "UP", T0, "ping", False, ["flapping"], [["rack", "r1"]], None),
     ]
     assert Decoder(down=True).feed(b"".join(encode(m) for m in orders)) == orders
