@@ -256,10 +256,18 @@ class Decoder:
         return msg
 
 
+MAX_PENDING = 4 << 20  # bytes of registry reports a worker keeps while its pipe is full (~40,000 reports)
+REPORTS = (PeerHello, PeerConnected, PeerPinged, PeerLate, PeerBack, PeerGone)
+
+
 class WorkerChannel:
-    """The worker's end of the pipes. Writes never block: if the supervisor is not reading, the
-    message is dropped (the worker's own terminal/journald output still has its log lines).
-    ``attach()`` starts reading the supervisor's messages on the worker's loop."""
+    """The worker's end of the pipes. Writes never block: if the supervisor is not reading, a
+    status or log message is dropped (the worker's own terminal/journald output still has its log
+    lines); the registry's reports are not (a lost ``gone`` would leave a peer UP for ever): they
+    wait in order, up to MAX_PENDING, until the pipe takes them (a reconnect storm of thousands of
+    peers fills a 64 KB pipe faster than the supervisor's loop turns). While any wait, nothing else
+    is written, so frames never interleave. ``attach()`` starts reading the supervisor's messages on
+    the worker's loop."""
 
     def __init__(self, fd: int, index: int = 0, config: ServerConfig | None = None, rfd: int = -1) -> None:
         self.fd = fd
@@ -267,6 +275,9 @@ class WorkerChannel:
         self.index = index  # which worker this is (its status socket is <control_socket>.<index>)
         self.config = config  # the latest configuration the supervisor sent: the one a reload applies
         self.decoder = Decoder(down=True)
+        self.pending = bytearray()  # reports the pipe did not take yet
+        self.lost = 0  # reports dropped past MAX_PENDING (the supervisor is hung: it will be restarted)
+        self.loop: EventLoop | None = None
         os.set_blocking(fd, False)
 
     def send(self, msg: Message) -> None:
@@ -276,16 +287,50 @@ class WorkerChannel:
             frame = encode(msg)
         if len(frame) > select.PIPE_BUF:
             return  # only writes up to PIPE_BUF are all-or-nothing: a torn frame would garble the rest
+        report = isinstance(msg, REPORTS)
+        if self.pending:
+            if report:
+                self._queue(frame)
+            return  # the pipe is full: a status or log line is dropped, as it always was
         try:
             os.write(self.fd, frame)
-        except (BlockingIOError, BrokenPipeError):
+        except BlockingIOError:
+            if report:
+                self._queue(frame)
+        except BrokenPipeError:
             pass
+
+    def _queue(self, frame: bytes) -> None:
+        if len(self.pending) + len(frame) > MAX_PENDING:
+            if not self.lost:
+                logging.getLogger("hbd").error("the supervisor does not read its pipe: peer reports are lost")
+            self.lost += 1
+            return
+        self.pending += frame
+        if self.loop is not None:
+            self.loop.add_writer(self.fd, self._flush)
+
+    def _flush(self) -> None:
+        """The pipe takes more: as much of the waiting reports as it will (a partial write is fine:
+        nothing else is written meanwhile)."""
+        try:
+            n = os.write(self.fd, self.pending)
+        except BlockingIOError:
+            return
+        except OSError:  # the supervisor is gone
+            n = len(self.pending)
+        del self.pending[:n]
+        if not self.pending and self.loop is not None:
+            self.loop.remove_writer(self.fd)
 
     def attach(
         self, loop: EventLoop, reload: Callable[[], object], orders: Callable[[PeerOrder], object] | None = None
     ) -> None:
         """On each Reload from the supervisor: keep its config, then call ``reload()``; the
         registry's orders go to ``orders``."""
+        self.loop = loop
+        if self.pending:
+            loop.add_writer(self.fd, self._flush)
         if self.rfd < 0:
             return
         os.set_blocking(self.rfd, False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import stat
 import time
@@ -286,3 +287,29 @@ def test_down_peers_and_silences_outlive_a_restart_of_the_supervisor(tmp_path: P
     assert (web2["state"], web2["reason"]) == ("DOWN", "disconnected")
     silences = json.loads(query(str(sock2), '{"request": "silences"}'))["silences"]
     assert [(x["peer"], x["reason"]) for x in silences] == [("web3", "rack move")]
+
+
+def test_a_connect_storm_loses_no_report(tmp_path: Path, procs) -> None:
+    # 1,500 peers greeting while the supervisor does not read (stopped: as a busy one would be) fill
+    # the workers' 64 KB pipes: their reports wait in the workers, none is dropped (a lost one
+    # would leave a peer wrong for ever).
+    n = 1500
+    srv = start(tmp_path, heartbeat_timeout=120.0, max_clients=10000)
+    procs.append(srv)
+    sock = tmp_path / "server.sock"
+    socks = []
+    srv.signal(signal.SIGSTOP)
+    try:
+        for i in range(n):
+            s = socket.create_connection(("127.0.0.1", srv.config["port"]))
+            s.sendall(f"hello h{i}\nping\n".encode())
+            socks.append(s)
+        for s in socks:
+            assert recv_exactly(s, 5) == b"pong\n"  # the workers serve on
+        srv.signal(signal.SIGCONT)
+        wait_until(lambda: status_of(sock)["counts"]["UP"] == n, timeout=30)
+    finally:
+        for s in socks:
+            s.close()
+    wait_until(lambda: status_of(sock)["counts"]["DOWN"] == n, timeout=30)
+    assert status_of(sock)["events"] == {"up": n, "late": 0, "down": n, "flapping": 0, "stable": 0}
