@@ -313,3 +313,47 @@ def test_a_connect_storm_loses_no_report(tmp_path: Path, procs) -> None:
             s.close()
     wait_until(lambda: status_of(sock)["counts"]["DOWN"] == n, timeout=30)
     assert status_of(sock)["events"] == {"up": n, "late": 0, "down": n, "flapping": 0, "stable": 0}
+
+
+def hook_scenario(tmp_path: Path, procs, workers: int) -> list[dict[str, str]]:
+    """An expected peer never seen, a named one up then gone: the hooks' environments (times and
+    ports left out)."""
+    out = tmp_path / f"env{workers}"
+    out.mkdir()
+    path = tmp_path / f"hook{workers}.sh"
+    path.write_text(f'#!/bin/sh\nenv | grep "^HBD_" | sort > {out}/$(date +%s%N)\n')
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    peers = [{"name": "db1", "timeout": 1.0, "labels": {"rack": "r1"}}, {"name": "web1", "labels": {"rack": "r2"}}]
+    srv = start(
+        tmp_path, name=f"h{workers}", workers=workers, heartbeat_timeout=10.0, peers=peers, on_change=[str(path)]
+    )
+    procs.append(srv)
+    with connect(srv.config["port"]) as s:
+        s.sendall(b"hello web1\nping\n")
+        assert recv_exactly(s, 5) == b"pong\n"
+        wait_until(lambda: len(list(out.iterdir())) == 2)  # up web1, down db1 (never connected)
+    wait_until(lambda: len(list(out.iterdir())) == 3)  # down web1
+    time.sleep(0.3)
+    runs = []
+    for f in sorted(out.iterdir()):
+        env = dict(line.split("=", 1) for line in f.read_text().splitlines())
+        for varying in ("HBD_ADDRESS", "HBD_TIME", "HBD_SINCE"):  # ports and times
+            env.pop(varying)
+        runs.append(env)
+    return sorted(runs, key=lambda e: (e["HBD_PEER"], e["HBD_EVENT"]))
+
+
+def test_hooks_are_the_same_for_one_process_and_two_workers(tmp_path: Path, procs) -> None:
+    one = hook_scenario(tmp_path, procs, 1)
+    two = hook_scenario(tmp_path, procs, 2)
+    assert one == two
+    assert [(e["HBD_PEER"], e["HBD_EVENT"], e["HBD_EXPECTED"], e["HBD_LABEL_RACK"]) for e in two] == [
+        ("db1", "down", "1", "r1"),
+        ("web1", "down", "1", "r2"),
+        ("web1", "up", "1", "r2"),
+    ]
+    assert [(e["HBD_PREVIOUS"], e["HBD_REASON"]) for e in two] == [
+        ("new", "never connected"),
+        ("up", "disconnected"),
+        ("new", "first ping"),
+    ]
