@@ -24,18 +24,13 @@ from hbd.errors import StartError
 from hbd.logs import fields, log
 from hbd.loop import EventLoop
 from hbd.workers_codec import (
+    REPORTS,
     CodecError,
     Decoder,
     LogLine,
     Message,
     Numbers,
-    PeerBack,
-    PeerConnected,
-    PeerGone,
-    PeerHello,
-    PeerLate,
     PeerOrder,
-    PeerPinged,
     PeerReport,
     Ready,
     Reloaded,
@@ -211,10 +206,7 @@ class WorkerPool:
             w.numbers = msg.values
         elif isinstance(msg, LogLine):
             self._to_file(w.index, msg.level, msg.message)
-        elif (
-            isinstance(msg, PeerHello | PeerConnected | PeerPinged | PeerLate | PeerBack | PeerGone)
-            and self.peers is not None
-        ):
+        elif isinstance(msg, REPORTS) and self.peers is not None:
             self.peers.report(w.index, msg)
 
     def order(self, index: int, msg: PeerOrder) -> None:
