@@ -19,6 +19,7 @@ from hbd import tls
 from hbd.connection import Connection
 from hbd.logs import PeerLog
 from hbd.protocol import Hello, PeerState, StateChange
+from hbd.server_registry import PENDING
 from hbd.view import PeerRow
 from hbd.workers_codec import (
     MAX_REASON,
@@ -179,6 +180,7 @@ class RemotePeers:
                     peer.timeout,
                     peer.interval,
                     worker,
+                    flags=PENDING,  # no peer yet: shown, no series of its own (as in one process)
                 )
                 continue
             yield PeerRow(
