@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from itertools import islice
 from typing import Any
 
-from hbd import metrics, status
+from hbd import metrics, status, supervisor_metrics
 from hbd.control import Reply
 from hbd.operated import Operated
 from hbd.silencing import NO_SILENCES, Silencing, check_peer, check_reason, check_seconds
@@ -54,7 +54,7 @@ def answer(
         view = daemon.view()
         return status.peers_fragment(view) if isinstance(view, ServerView) else iter([])
     if command == "metrics":
-        return iter([metrics.collect(daemon.view()).render()])
+        return _metrics(daemon, control_path, wake)
     if command == "reload" and daemon.worker_index is None:
         return _reload_reply(daemon, wake, uid)
     return _error(f"unknown command {command[:40]!r}; try: status, metrics, reload, silences")
@@ -99,6 +99,22 @@ def _silence_list(silencing: Silencing) -> Iterator[bytes]:
         yield (("" if first else ",") + ",".join(chunk)).encode()
         first = False
     yield b"]}\n"
+
+
+def _metrics(daemon: Operated, control_path: str | None, wake: Callable[[], None]) -> Reply:
+    view = daemon.view()
+    if isinstance(view, SupervisorView):
+        view = yield from supervisor_metrics.with_workers_peers(view, daemon.loop, control_path, wake)
+    yield metrics.collect(view).render()
+
+
+def http_metrics(daemon: Operated, control_path: str | None, request: bytes, wake: Callable[[], None]) -> Reply:
+    """The metrics endpoint's answer (a supervisor's relays its workers' peers first)."""
+    if daemon.supervises:
+        view = daemon.view()
+        assert isinstance(view, SupervisorView)
+        return supervisor_metrics.http_reply(view, daemon.loop, control_path, request, wake)
+    return metrics.http_reply(daemon.view, request)
 
 
 def _reload_reply(daemon: Operated, wake: Callable[[], None], uid: int | None) -> Reply:

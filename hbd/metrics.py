@@ -206,6 +206,8 @@ def collect(view: DaemonViews) -> Exposition:
             total = total.plus(numbers.counters)
         out.one("hbd_server_workers", "gauge", "Worker processes running.", len(view.workers))
         _collect_server(total, view.counts, out)
+        if view.counts is not None:  # the one registry's peers (hbd.supervisor_metrics relays the connected ones)
+            _collect_peers(view, out)
     else:
         _collect_server(view.counters, view.counts, out)
         if view.counts is not None:  # a registry's view: every known peer has its own series
@@ -213,7 +215,7 @@ def collect(view: DaemonViews) -> Exposition:
     return out
 
 
-def _collect_peers(view: ServerView, out: Exposition) -> None:
+def _collect_peers(view: ServerView | SupervisorView, out: Exposition) -> None:
     offset = time.time() - view.daemon.now  # monotonic -> wall clock
     # the registry's peers (a connection that has not pinged yet is no peer: no series of its own)
     rows = [({"peer": row.peer, **dict(row.labels)}, row) for row in view.peers if "pending" not in row.flags]

@@ -201,7 +201,7 @@ class Ops:
             self.metrics = RequestServer(
                 self.loop,
                 sock,
-                lambda req, wake: metrics.http_reply(self.daemon.view, req),
+                lambda req, wake: commands.http_metrics(self.daemon, self.control_path, req, wake),
                 terminator=b"\r\n\r\n",
                 max_request=8192,
                 too_long=metrics._http(431, "Request Header Fields Too Large", b""),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from hbd.access import AllowList
@@ -24,9 +24,11 @@ from hbd.listener import Listener
 from hbd.liveness import WHEEL_RESOLUTION, Liveness, timeout_for  # noqa: F401 (WHEEL_RESOLUTION: for the tests)
 from hbd.logs import log
 from hbd.protocol import Hello, PeerState, StateChange
+from hbd.registry import registry_settings
+from hbd.registry_remote import RemotePeers
 from hbd.server_registry import ServerRegistry, peer_rows, start_registry
 from hbd.server_report import ServerReport
-from hbd.view import ServerCounters, ServerSettings, ServerView, WorkerNumbers
+from hbd.view import PeerRow, ServerCounters, ServerSettings, ServerView, WorkerNumbers
 from hbd.workers_codec import Numbers, Ready, Reloaded, Status
 
 if TYPE_CHECKING:
@@ -56,9 +58,10 @@ class Server(Daemon):
         self.report = ServerReport(self.peer_log, lambda *a, **kw: self.ops.event(*a, **kw), self.clock)
         self.tls_context: ssl.SSLContext | None = None
         self.allow: AllowList | None = None
-        # The peer registry (hbd.server_registry); a worker of several keeps none (its peers are
-        # the connections it serves, as before the registry).
+        # The peer registry (hbd.server_registry); a worker of several keeps none: the one registry
+        # is the supervisor's, and this worker reports to it (hbd.registry_remote).
         self.registry: ServerRegistry | None = None
+        self.remote: RemotePeers | None = None
 
     # what the status socket and the metrics read
     address = property(lambda self: self.listener.address)
@@ -77,13 +80,22 @@ class Server(Daemon):
         self.tls_context, self.allow = load_security(cfg)
         self.listener.use(self.listener.bind(cfg.host, cfg.port, cfg.backlog))
         self.loop.stall_callbacks.append(self.liveness.on_stall)
-        if self.worker is None:  # a worker of several keeps no registry
+        if self.worker is None:  # a worker of several reports to its supervisor's (hbd.registry_remote)
             reg = start_registry(cfg, self.loop, self.peer_log, self.ops, self._close, self.is_open)
             self.registry = self.report.peers = self.silencing = reg
+        else:
+            self.remote = RemotePeers(
+                self.worker.send,
+                self._close,
+                self.is_open,
+                self.peer_log,
+                lambda: registry_settings(self.config).name_from,
+            )
+            self.report.peers = self.remote
         self.start_status_updates()
         self.report.listening(self.address, cfg, self.max_clients, self.tls_context is not None, self.allow)
         if self.worker is not None:
-            self.worker.attach(self.loop, self.reload)  # the supervisor's Reload(config)
+            self.worker.attach(self.loop, self.reload, self.remote.order if self.remote else None)
             self.worker.send(Ready())
 
     @property
@@ -176,8 +188,12 @@ class Server(Daemon):
         return ServerCounters(len(self.conns), self.late, pings, **self.stats)
 
     def view(self) -> ServerView:
-        cfg, addr = self.config, self.address
-        rows, counts = peer_rows(self.registry, list(self.conns.values()), self.worker_index)
+        cfg, addr, conns = self.config, self.address, list(self.conns.values())
+        rows: Iterable[PeerRow]
+        if self.remote is not None:  # one of several workers: the rows carry the supervisor's marks
+            rows, counts = self.remote.rows(conns, self.worker_index), None
+        else:
+            rows, counts = peer_rows(self.registry, conns, self.worker_index)
         settings = ServerSettings(cfg.heartbeat_timeout, cfg.max_clients, cfg.workers)
         listen = f"{addr[0]}:{addr[1]}" if addr else None
         return ServerView(self.daemon_view(), listen, settings, self.counters(), rows, counts)
@@ -197,8 +213,9 @@ class Server(Daemon):
                 return  # what it said before closed it (a refused name)
             if isinstance(ev, Hello):
                 self.report.hello(conn, ev, self.config.max_interval)
-                if self.registry is not None:
-                    self.registry.hello(conn, ev)
+                peers = self.registry or self.remote
+                if peers is not None:
+                    peers.hello(conn, ev)
             elif isinstance(ev, StateChange):
                 self.report.changed(conn, ev)
                 if ev.old is PeerState.NEW and conn.slot != -1:
@@ -255,6 +272,8 @@ class Server(Daemon):
         conn.timer = None
         conn.slot = -1
         self.report.closed(conn)
+        if self.remote is not None:
+            self.remote.closed(conn)
         self.loop.forget(sock)
         try:
             sock.shutdown(socket.SHUT_RDWR)  # the peer sees EOF now, not whenever we are collected

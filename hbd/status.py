@@ -15,7 +15,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 
 from hbd import __version__
@@ -124,7 +124,11 @@ def peer_doc(row: PeerRow, clock: Clock) -> dict[str, object]:
 
 def server_peers(view: ServerView, clock: Clock) -> Iterator[str]:
     """Comma-separated peer objects, SLICE at a time, as the view produces its rows."""
-    rows = iter(view.peers)
+    return _rows_chunks(view.peers, clock)
+
+
+def _rows_chunks(peers: Iterable[PeerRow], clock: Clock) -> Iterator[str]:
+    rows = iter(peers)
     while chunk := [_dumps(peer_doc(row, clock)) for row in islice(rows, SLICE)]:
         yield ",".join(chunk)
 
@@ -151,7 +155,8 @@ def peers_fragment(view: ServerView) -> Reply:
 def supervisor_document(
     view: SupervisorView, loop: EventLoop, control_path: str | None, wake: Callable[[], None]
 ) -> Reply:
-    """Relay every worker's peers into one document, one worker at a time, without blocking."""
+    """Relay every worker's peers into one document, one worker at a time, without blocking; then
+    the registry's peers that no worker holds."""
     clock = Clock(view.daemon.now)
     doc = server_head(view, clock)
     doc["workers"] = [
@@ -165,6 +170,21 @@ def supervisor_document(
             turns = turns.plus(w.numbers.loop.turns)
     doc["loop"] = loop_doc(view.daemon.loop, turns)
     yield _dumps(doc)[:-1].encode() + b',"peers":['
+    wrote = False
+    for chunk in relay_peers(view, loop, control_path, wake):
+        if chunk:
+            wrote = True
+        yield chunk
+    for text in _rows_chunks(view.peers, clock):
+        yield ("," + text if wrote else text).encode()
+        wrote = True
+    yield b"]}\n"
+
+
+def relay_peers(
+    view: SupervisorView, loop: EventLoop, control_path: str | None, wake: Callable[[], None]
+) -> Iterator[bytes | None]:
+    """The workers' peer objects, comma-separated across workers (None: waiting for one)."""
     wrote = False
     for w in view.workers:
         relay = _Relay(loop, f"{control_path}.{w.index}", wake)
@@ -184,7 +204,6 @@ def supervisor_document(
                 yield chunk
         finally:
             relay.close()
-    yield b"]}\n"
 
 
 class _Relay:

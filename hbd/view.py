@@ -221,13 +221,15 @@ class WorkerRow:
 
 @dataclass(frozen=True, slots=True)
 class SupervisorView:
-    """``workers: K``: the peers live in the workers (status relays them); the counters are theirs."""
+    """``workers: K``: connected peers are shown by the workers that hold them (status relays them,
+    with what the supervisor's registry says of each); the others are the supervisor's ``peers``."""
 
     daemon: DaemonView
     listen: str
     config: ServerSettings
     workers: tuple[WorkerRow, ...]  # by index
     counts: Mapping[str, int] | None = None  # peers by state, from the registry
+    peers: Iterable[PeerRow] = ()  # the registry's peers no worker holds a connection of (one pass)
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,7 +3,9 @@ ways (the message pump), reaping, restarting and the hang check.
 
 It knows nothing of the daemon it serves: the supervisor (hbd.workers) hands down what a forked child
 runs (``child``), where a worker's log lines go (``to_file``) and how many workers are wanted now
-(``wanted``), and reads the table back for its status and its reload verdict.
+(``wanted``), and reads the table back for its status and its reload verdict. With the peer registry
+(``peers``, hbd.supervisor_registry) the workers' reports go to it, its orders go to the worker that
+holds the connection, and a worker that exits takes its connections with it (``worker_died``).
 """
 
 from __future__ import annotations
@@ -14,18 +16,33 @@ import select
 import signal
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from hbd.config import ServerConfig
 from hbd.early import LOOP_SIGNALS
 from hbd.errors import StartError
 from hbd.logs import fields, log
 from hbd.loop import EventLoop
-from hbd.workers_codec import CodecError, Decoder, LogLine, Message, Numbers, Ready, Reloaded, Status, encode
+from hbd.workers_codec import (
+    REPORTS,
+    CodecError,
+    Decoder,
+    LogLine,
+    Message,
+    Numbers,
+    PeerOrder,
+    PeerReport,
+    Ready,
+    Reloaded,
+    Status,
+    encode,
+)
 
 READY_TIMEOUT = 10.0  # a worker that does not listen within this is a start-up failure
 HANG_AFTER = 10.0  # a worker silent this long (it reports every second) is killed and restarted
 RESTART_DELAY = 1.0
 STOP_TIMEOUT = 5.0
+MAX_OUTBUF = 1 << 20  # bytes queued for one worker past which the registry's orders to it are dropped
 # The supervisor's signals (LOOP_SIGNALS) are blocked across fork() and in a new worker until its own loop
 # handles them (Daemon.run unblocks them): until then the worker still has the supervisor's handlers, whose
 # wakeup fd is the supervisor's (a SIGHUP meant for the worker would reload the supervisor). A signal sent
@@ -33,6 +50,13 @@ STOP_TIMEOUT = 5.0
 
 # In the forked child: serve ``config`` as worker ``index`` over the pipe fds (up, down); the exit status.
 Child = Callable[[ServerConfig, int, int, int], int]
+
+
+class Peers(Protocol):
+    """The supervisor's peer registry (hbd.supervisor_registry.SupervisorRegistry)."""
+
+    def report(self, index: int, msg: PeerReport) -> None: ...
+    def worker_died(self, index: int, reason: str = ...) -> None: ...
 
 
 class Worker:
@@ -80,6 +104,8 @@ class WorkerPool:
         self._wanted = wanted  # the configuration in force: how many workers, and what a restart serves
         self.workers: dict[int, Worker] = {}  # by pid
         self.stopping = False
+        self.peers: Peers | None = None  # the peer registry the workers report to
+        self.orders_dropped = 0  # orders to a worker whose pipe was full (it is hung: it will be restarted)
 
     def by_index(self) -> list[Worker]:
         return sorted(self.workers.values(), key=lambda w: w.index)
@@ -180,6 +206,19 @@ class WorkerPool:
             w.numbers = msg.values
         elif isinstance(msg, LogLine):
             self._to_file(w.index, msg.level, msg.message)
+        elif isinstance(msg, REPORTS) and self.peers is not None:
+            self.peers.report(w.index, msg)
+
+    def order(self, index: int, msg: PeerOrder) -> None:
+        """The registry's order to the worker holding that connection; dropped (counted) if that
+        worker's pipe holds MAX_OUTBUF already: it is not reading, and will be restarted."""
+        for w in self.workers.values():
+            if w.index == index:
+                if len(w.outbuf) > MAX_OUTBUF:
+                    self.orders_dropped += 1
+                else:
+                    self.send(w, msg)
+                return
 
     def send(self, w: Worker, msg: Message) -> None:
         """To a worker, never blocking: what its pipe does not take now is written when it can."""
@@ -218,6 +257,8 @@ class WorkerPool:
             wanted = self._wanted().workers
             if w.index > wanted:
                 log.info("worker %d stopped (workers reduced to %d)", w.index, wanted)
+                if self.peers is not None:
+                    self.peers.worker_died(w.index, "worker stopped")
                 continue
             log.error(
                 "worker %d (pid %d) exited unexpectedly (%s); restarting it in %g s",
@@ -227,6 +268,8 @@ class WorkerPool:
                 RESTART_DELAY,
                 extra=fields(event="worker-died"),
             )
+            if self.peers is not None:  # its clients reconnect to the other workers
+                self.peers.worker_died(w.index)
             self.loop.call_later(RESTART_DELAY, functools.partial(self._restart, w.index))
 
     def _restart(self, index: int) -> None:

@@ -29,6 +29,9 @@ from hbd.early import catch_signals, take_hup
 from hbd.logs import Logging, log
 from hbd.names import bind_tcp
 from hbd.notify import Notifier
+from hbd.registry import expected_peers, registry_settings
+from hbd.server_registry import open_store
+from hbd.supervisor_registry import SupervisorRegistry
 from hbd.view import ServerSettings, SupervisorView, WorkerNumbers, WorkerRow
 from hbd.worker_pool import WorkerPool, kill
 from hbd.workers_codec import PipeLogHandler, Reload, WorkerChannel
@@ -46,6 +49,7 @@ class Supervisor(Daemon[ServerConfig]):
         super().__init__(config, **kwargs)  # type: ignore[arg-type]
         self.pool = WorkerPool(self.loop, self._run_worker, self._to_file, lambda: self.config)
         self._hupped: set[int] = set()  # pids sent the new configuration by the latest reload
+        self.registry: SupervisorRegistry | None = None  # the one peer registry (hbd.supervisor_registry)
 
     def load(self) -> ServerConfig:
         return load_server_config(self.config.path, self.overrides)
@@ -54,13 +58,27 @@ class Supervisor(Daemon[ServerConfig]):
     def start(self) -> None:
         check_bind(self.config)
         self.loop.add_signal_handler(signal.SIGCHLD, self.pool.reap)
+        self._start_registry(self.config)
         for index in range(1, self.config.workers + 1):
             self.pool.spawn(index, self.config)
         self.pool.wait_ready()
         self.start_status_updates()
         log.info("%d workers listening on %s:%d", len(self.pool.workers), self.config.host, self.config.port)
 
+    def _start_registry(self, cfg: ServerConfig) -> None:
+        reg = SupervisorRegistry(
+            self.loop, registry_settings(cfg), expected_peers(cfg), self.peer_log, self.ops, self.pool.order
+        )
+        self.registry = self.pool.peers = self.silencing = reg  # silences on the supervisor's socket
+        # The store is opened before the workers are forked: they inherit the open database but never
+        # touch it, and end with os._exit (no close, no checkpoint from a child).
+        store, peers, silences = open_store(cfg.state_dir)
+        if store is not None:
+            reg.attach(store, peers, silences)
+
     def shutdown(self) -> None:
+        if self.registry is not None:
+            self.registry.close()
         self.pool.stop()
 
     # -- reload ---------------------------------------------------------------------------------------
@@ -72,6 +90,8 @@ class Supervisor(Daemon[ServerConfig]):
             raise StartError("workers: going from several workers to 1 needs a restart (systemctl restart hbd-server)")
 
         def commit() -> None:
+            if self.registry is not None:
+                self.registry.configure(registry_settings(new), expected_peers(new))
             by_index = self.pool.by_index()
             self._hupped = set()
             for w in by_index:
@@ -134,11 +154,14 @@ class Supervisor(Daemon[ServerConfig]):
             WorkerRow(w.index, w.pid, w.clients, w.late, WorkerNumbers.from_dict(w.numbers) if w.numbers else None)
             for w in self.pool.by_index()
         )
+        reg = self.registry
         return SupervisorView(
             self.daemon_view(),
             f"{cfg.host}:{cfg.port}",
             ServerSettings(cfg.heartbeat_timeout, cfg.max_clients, cfg.workers),
             workers,
+            reg.counts() if reg is not None else None,
+            reg.unconnected_rows() if reg is not None else (),
         )
 
     def on_status_tick(self) -> None:

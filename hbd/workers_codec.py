@@ -76,9 +76,126 @@ class Reload:
     config: ServerConfig
 
 
-Message = Ready | Status | Numbers | LogLine | Reloaded | Reload
-UP_KINDS = {Ready: 1, Status: 2, Numbers: 3, LogLine: 4, Reloaded: 5}  # worker -> supervisor
-DOWN_KINDS = {Reload: 10}  # supervisor -> worker
+# -- the peer registry (hbd.registry_remote in the worker, hbd.supervisor_registry in the supervisor) ---
+# ``conn`` is the worker's own number for one connection (a counter, never reused: a reused fd cannot
+# be confused). Times are monotonic: one host, one clock. Nothing goes up per ping except while a
+# peer rises (``rise:``, PeerPinged).
+@dataclass(frozen=True, slots=True)
+class PeerHello:
+    """A connection greeted (the registry may refuse the name at once)."""
+
+    conn: int
+    name: str
+    certificate: str | None
+    address: str
+
+
+@dataclass(frozen=True, slots=True)
+class PeerConnected:
+    """A connection's first ping."""
+
+    conn: int
+    name: str | None
+    certificate: str | None
+    address: str
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class PeerPinged:
+    """A ping on a watched connection (its peer is rising)."""
+
+    conn: int
+    silent_for: float
+
+
+@dataclass(frozen=True, slots=True)
+class PeerLate:
+    conn: int
+
+
+@dataclass(frozen=True, slots=True)
+class PeerBack:
+    conn: int
+
+
+@dataclass(frozen=True, slots=True)
+class PeerGone:
+    """A connection that pinged has ended."""
+
+    conn: int
+    reason: str
+    last_ping: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class PeerClose:
+    """Supervisor -> worker: close this connection (a refused name, a takeover)."""
+
+    conn: int
+    reason: str
+    level: int
+
+
+@dataclass(frozen=True, slots=True)
+class PeerWatch:
+    """Supervisor -> worker: report this connection's every ping while ``on`` (its peer rises)."""
+
+    conn: int
+    on: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PeerMark:
+    """Supervisor -> worker: what the registry says of this connection's peer, for its status row
+    (sent when it changes, never per ping)."""
+
+    conn: int
+    peer: str
+    named: bool
+    state: str
+    since: float
+    reason: str
+    expected: bool
+    flags: list[str]
+    labels: list[list[str]]
+    silenced_until: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class PeerKnown:
+    """Supervisor -> worker: this connection greeted with a known peer's name; until its first ping
+    the registry's row of that peer stands for it (as in one process)."""
+
+    conn: int
+
+
+PeerReport = PeerHello | PeerConnected | PeerPinged | PeerLate | PeerBack | PeerGone
+PeerOrder = PeerClose | PeerWatch | PeerMark | PeerKnown
+MAX_REASON = 256  # characters of a reason sent up (a TLS error can be long; frames stay under PIPE_BUF)
+
+Message = Ready | Status | Numbers | LogLine | Reloaded | Reload | PeerReport | PeerOrder
+UP_KINDS: dict[type, int] = {
+    Ready: 1,
+    Status: 2,
+    Numbers: 3,
+    LogLine: 4,
+    Reloaded: 5,
+    PeerHello: 20,
+    PeerConnected: 21,
+    PeerPinged: 22,
+    PeerLate: 23,
+    PeerBack: 24,
+    PeerGone: 25,
+}  # worker -> supervisor
+DOWN_KINDS: dict[type, int] = {
+    Reload: 10,
+    PeerClose: 30,
+    PeerWatch: 31,
+    PeerMark: 32,
+    PeerKnown: 33,
+}  # supervisor -> worker
+KINDS = {**UP_KINDS, **DOWN_KINDS}
 
 
 def encode(msg: Message) -> bytes:
@@ -91,14 +208,14 @@ def encode(msg: Message) -> bytes:
         fields = (
             {"values": msg.values} if isinstance(msg, Numbers) else {k: getattr(msg, k) for k in type(msg).__slots__}
         )
-        kind, payload = UP_KINDS[type(msg)], json.dumps(fields).encode()
+        kind, payload = KINDS[type(msg)], json.dumps(fields).encode()
     if len(payload) > MAX_FRAME:
         raise CodecError(f"{type(msg).__name__}: {len(payload)} bytes is more than a frame holds ({MAX_FRAME})")
     return HEADER.pack(len(payload), kind) + payload
 
 
 class Decoder:
-    """Frames in, messages out. ``down``: the worker's decoder (it takes Reload and nothing else);
+    """Frames in, messages out. ``down``: the worker's decoder (Reload and the registry's orders);
     the supervisor's takes the worker's messages and never unpickles."""
 
     def __init__(self, down: bool = False) -> None:
@@ -106,19 +223,25 @@ class Decoder:
         self.buf = b""
 
     def feed(self, data: bytes) -> list[Message]:
-        buf = self.buf + data
+        buf = self.buf + data if self.buf else data
         out: list[Message] = []
-        while len(buf) >= HEADER.size:
-            size, kind = HEADER.unpack_from(buf)
+        at, end = 0, len(buf)  # an offset, not a slice per frame: a 64 KB read of small frames stays O(n)
+        while end - at >= HEADER.size:
+            size, kind = HEADER.unpack_from(buf, at)
             cls = self.kinds.get(kind)
             if cls is None or size > MAX_FRAME:
                 self.buf = b""
                 raise CodecError(f"not a frame: kind {kind}, {size} bytes")
-            if len(buf) < HEADER.size + size:
+            start = at + HEADER.size
+            if end < start + size:
                 break
-            payload, buf = buf[HEADER.size : HEADER.size + size], buf[HEADER.size + size :]
-            out.append(self._message(cls, payload))
-        self.buf = buf
+            at = start + size
+            try:
+                out.append(self._message(cls, buf[start:at]))
+            except CodecError:
+                self.buf = buf[at:]  # the next frames are still good
+                raise
+        self.buf = buf[at:]
         return out
 
     @staticmethod
@@ -133,10 +256,18 @@ class Decoder:
         return msg
 
 
+MAX_PENDING = 4 << 20  # bytes of registry reports a worker keeps while its pipe is full (~40,000 reports)
+REPORTS = (PeerHello, PeerConnected, PeerPinged, PeerLate, PeerBack, PeerGone)
+
+
 class WorkerChannel:
-    """The worker's end of the pipes. Writes never block: if the supervisor is not reading, the
-    message is dropped (the worker's own terminal/journald output still has its log lines).
-    ``attach()`` starts reading the supervisor's Reload messages on the worker's loop."""
+    """The worker's end of the pipes. Writes never block: if the supervisor is not reading, a
+    status or log message is dropped (the worker's own terminal/journald output still has its log
+    lines); the registry's reports are not (a lost ``gone`` would leave a peer UP for ever): they
+    wait in order, up to MAX_PENDING, until the pipe takes them (a reconnect storm of thousands of
+    peers fills a 64 KB pipe faster than the supervisor's loop turns). While any wait, nothing else
+    is written, so frames never interleave. ``attach()`` starts reading the supervisor's messages on
+    the worker's loop."""
 
     def __init__(self, fd: int, index: int = 0, config: ServerConfig | None = None, rfd: int = -1) -> None:
         self.fd = fd
@@ -144,6 +275,9 @@ class WorkerChannel:
         self.index = index  # which worker this is (its status socket is <control_socket>.<index>)
         self.config = config  # the latest configuration the supervisor sent: the one a reload applies
         self.decoder = Decoder(down=True)
+        self.pending = bytearray()  # reports the pipe did not take yet
+        self.lost = 0  # reports dropped past MAX_PENDING (the supervisor is hung: it will be restarted)
+        self.loop: EventLoop | None = None
         os.set_blocking(fd, False)
 
     def send(self, msg: Message) -> None:
@@ -153,13 +287,50 @@ class WorkerChannel:
             frame = encode(msg)
         if len(frame) > select.PIPE_BUF:
             return  # only writes up to PIPE_BUF are all-or-nothing: a torn frame would garble the rest
+        report = isinstance(msg, REPORTS)
+        if self.pending:
+            if report:
+                self._queue(frame)
+            return  # the pipe is full: a status or log line is dropped, as it always was
         try:
             os.write(self.fd, frame)
-        except (BlockingIOError, BrokenPipeError):
+        except BlockingIOError:
+            if report:
+                self._queue(frame)
+        except BrokenPipeError:
             pass
 
-    def attach(self, loop: EventLoop, reload: Callable[[], object]) -> None:
-        """On each Reload from the supervisor: keep its config, then call ``reload()``."""
+    def _queue(self, frame: bytes) -> None:
+        if len(self.pending) + len(frame) > MAX_PENDING:
+            if not self.lost:
+                logging.getLogger("hbd").error("the supervisor does not read its pipe: peer reports are lost")
+            self.lost += 1
+            return
+        self.pending += frame
+        if self.loop is not None:
+            self.loop.add_writer(self.fd, self._flush)
+
+    def _flush(self) -> None:
+        """The pipe takes more: as much of the waiting reports as it will (a partial write is fine:
+        nothing else is written meanwhile)."""
+        try:
+            n = os.write(self.fd, self.pending)
+        except BlockingIOError:
+            return
+        except OSError:  # the supervisor is gone
+            n = len(self.pending)
+        del self.pending[:n]
+        if not self.pending and self.loop is not None:
+            self.loop.remove_writer(self.fd)
+
+    def attach(
+        self, loop: EventLoop, reload: Callable[[], object], orders: Callable[[PeerOrder], object] | None = None
+    ) -> None:
+        """On each Reload from the supervisor: keep its config, then call ``reload()``; the
+        registry's orders go to ``orders``."""
+        self.loop = loop
+        if self.pending:
+            loop.add_writer(self.fd, self._flush)
         if self.rfd < 0:
             return
         os.set_blocking(self.rfd, False)
@@ -176,6 +347,8 @@ class WorkerChannel:
                 if isinstance(msg, Reload):
                     self.config = msg.config
                     reload()
+                elif orders is not None and isinstance(msg, PeerClose | PeerWatch | PeerMark | PeerKnown):
+                    orders(msg)
 
         loop.add_reader(self.rfd, on_read)
 

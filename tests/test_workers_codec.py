@@ -118,3 +118,42 @@ def test_a_reload_carries_no_expected_peers_so_a_large_list_fits() -> None:
     assert len(frame) < 10_000
     (msg,) = Decoder(down=True).feed(frame)
     assert isinstance(msg, Reload) and msg.config.peers == () and msg.config.rise == 3
+
+
+def test_registry_reports_wait_in_order_while_the_pipe_is_full_and_nothing_else_interleaves(monkeypatch) -> None:
+    from hbd import workers_codec
+    from hbd.workers_codec import PeerBack, PeerLate
+
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    ch = WorkerChannel(w)
+    n = 0
+    while not ch.pending:  # until the pipe is full
+        ch.send(PeerLate(n))
+        n += 1
+    ch.send(Status(1, 0))  # dropped, as ever: the pipe is full
+    ch.send(LogLine(30, "dropped too"))
+    for i in range(n, n + 100):
+        ch.send(PeerBack(i))  # wait in order
+    got: list = []
+    dec = Decoder()
+    while True:
+        try:
+            data = os.read(r, 65536)
+        except BlockingIOError:
+            if not ch.pending:
+                break
+            ch._flush()  # what the loop does when the pipe is writable
+            continue
+        got += dec.feed(data)
+    assert [m.conn for m in got] == list(range(n + 100))
+    assert {type(m) for m in got} == {PeerLate, PeerBack}
+    # bounded: past MAX_PENDING reports are lost (the supervisor is not reading: it is hung)
+    monkeypatch.setattr(workers_codec, "MAX_PENDING", 1000)
+    while not ch.pending:
+        ch.send(PeerLate(0))
+    for _ in range(100):
+        ch.send(PeerLate(1))
+    assert len(ch.pending) <= 1000 and ch.lost > 0
+    os.close(r)
+    os.close(w)

@@ -1,0 +1,203 @@
+"""A worker's side of the one peer registry (``workers: K``): the registry lives in the supervisor
+(hbd.supervisor_registry); this stands in for it in each worker.
+
+What the worker's connections report (greeting, first ping, late, back, end; the pings of a rising
+peer) goes up the pipe as a small message keyed by the worker's own number for that connection
+(a counter, never reused). Nothing is decided here and nothing goes up per ping: the supervisor's
+registry answers asynchronously with orders — close a connection (a refused name, the older of two
+connections with one name, on this or another worker), watch a rising peer's pings — and a mark
+per connection (its peer's name, state, since, reason, flags, labels, silence) whenever that
+changes, which this worker's status rows show. Hooks and the registry's own log lines are the
+supervisor's; the connection's own lines (timed out, late, back) are logged here as in one process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from hbd import tls
+from hbd.connection import Connection
+from hbd.logs import PeerLog
+from hbd.protocol import Hello, PeerState, StateChange
+from hbd.server_registry import PENDING
+from hbd.view import PeerRow
+from hbd.workers_codec import (
+    MAX_REASON,
+    Message,
+    PeerBack,
+    PeerClose,
+    PeerConnected,
+    PeerGone,
+    PeerHello,
+    PeerKnown,
+    PeerLate,
+    PeerMark,
+    PeerOrder,
+    PeerPinged,
+    PeerWatch,
+)
+
+
+class RemotePeers:
+    """The worker's registry stand-in (hbd.server_report's ``Peers``, plus ``hello``, ``closed``,
+    ``order`` and ``rows``). Its tables hold open connections only (``closed`` drops them)."""
+
+    def __init__(
+        self,
+        send: Callable[[Message], None],
+        close: Callable[[Connection], None],
+        is_open: Callable[[Connection], bool],
+        peer_log: PeerLog,
+        name_from: Callable[[], str] = lambda: "greeting",
+    ) -> None:
+        self.send = send
+        self.close_conn = close
+        self.is_open = is_open
+        self.peer_log = peer_log
+        self.name_from = name_from  # the setting tls.name_from, as configured now
+        self._next = 0
+        self.ids: dict[Connection, int] = {}
+        self.conns: dict[int, Connection] = {}
+        self.reported: set[int] = set()  # connections the registry was told of (their first ping)
+        self.marks: dict[int, PeerMark] = {}
+        self.watched: set[int] = set()
+        self.known: set[int] = set()  # greeted as a known peer, not pinged yet: the registry's row shows it
+
+    def _id(self, conn: Connection) -> int:
+        cid = self.ids.get(conn)
+        if cid is None:
+            self._next += 1
+            cid = self.ids[conn] = self._next
+            self.conns[cid] = conn
+        return cid
+
+    def certificate(self, conn: Connection) -> str | None:
+        """The certificate's name, when that is the peer's identity (``tls.name_from: certificate``)."""
+        if self.name_from() != "certificate" or not hasattr(conn, "context"):
+            return None
+        return tls.certificate_name(conn.sock)  # type: ignore[arg-type]  # a TLS connection's SSLSocket
+
+    # -- what the worker's connections report (hbd.server_report.Peers) ---------------------------------
+    def hello(self, conn: Connection, ev: Hello) -> None:
+        self.send(PeerHello(self._id(conn), ev.name, self.certificate(conn), conn.addr))
+
+    def changed(self, conn: Connection, change: StateChange) -> None:
+        new, cid = change.new, self._id(conn)
+        if new is PeerState.UP:
+            if change.old is PeerState.NEW:
+                peer = conn.peer
+                self.reported.add(cid)
+                self.send(PeerConnected(cid, peer.name, self.certificate(conn), conn.addr, peer.timeout))
+            elif change.old is PeerState.RISING:
+                self.send(PeerPinged(cid, change.silent_for))
+            else:
+                self.send(PeerBack(cid))
+            if cid in self.watched and self.is_open(conn):
+                conn.peer.state = PeerState.RISING  # its next ping reports a change again
+        elif new is PeerState.LATE:
+            self.send(PeerLate(cid))
+        elif new is PeerState.DEAD:
+            self.gone(conn, "timeout")
+
+    def gone(self, conn: Connection, reason: str) -> None:
+        cid = self.ids.get(conn)
+        if cid is None or cid not in self.reported:
+            return  # it never pinged: the registry never heard of it
+        self.reported.discard(cid)
+        peer = conn.peer
+        self.send(PeerGone(cid, reason[:MAX_REASON], peer.last_heard if peer.pings else None))
+
+    def quiet(self, conn: Connection) -> bool:
+        """Its lines are logged at info (a silenced peer, as the supervisor's mark says)."""
+        cid = self.ids.get(conn)
+        mark = self.marks.get(cid) if cid is not None else None
+        return mark is not None and mark.silenced_until is not None
+
+    def closed(self, conn: Connection) -> None:
+        """The worker closed it (whatever the reason): forget it."""
+        cid = self.ids.pop(conn, None)
+        if cid is not None:
+            del self.conns[cid]
+            self.reported.discard(cid)
+            self.marks.pop(cid, None)
+            self.watched.discard(cid)
+            self.known.discard(cid)
+
+    # -- the supervisor's orders ---------------------------------------------------------------------------
+    def order(self, msg: PeerOrder) -> None:
+        conn = self.conns.get(msg.conn)
+        if conn is None or not self.is_open(conn):
+            return  # closed meanwhile
+        if isinstance(msg, PeerMark):
+            self.marks[msg.conn] = msg
+        elif isinstance(msg, PeerKnown):
+            self.known.add(msg.conn)
+        elif isinstance(msg, PeerWatch):
+            if msg.on:
+                self.watched.add(msg.conn)
+                conn.peer.state = PeerState.RISING
+            else:
+                self.watched.discard(msg.conn)
+                if conn.peer.state is PeerState.RISING:
+                    conn.peer.state = PeerState.UP
+        elif isinstance(msg, PeerClose):
+            self.reported.discard(msg.conn)  # the registry has let it go already
+            self.peer_log.log(
+                msg.level,
+                conn.source,
+                "closing client %s: %s",
+                conn.label,
+                msg.reason,
+                event="refused-peer",
+                peer=conn.addr,
+                peer_address=conn.addr,
+            )
+            self.close_conn(conn)
+
+    # -- status rows ---------------------------------------------------------------------------------------
+    def rows(self, conns: list[Connection], worker: int | None) -> Iterator[PeerRow]:
+        """Rows of a snapshot of connections, made as they are read: a connection whose peer the
+        registry knows carries the registry's view of it (the mark); the others are no peer yet."""
+        for conn in conns:
+            if conn.sock.fileno() < 0:
+                continue  # closed since the snapshot
+            peer = conn.peer
+            cid = self.ids.get(conn)
+            mark = self.marks.get(cid) if cid is not None else None
+            last_ping = peer.last_heard if peer.pings else None
+            if mark is None:
+                if cid in self.known and not peer.pings:
+                    continue  # the supervisor shows the peer it claims to be
+                state = peer.state.value if peer.state is not PeerState.RISING else "UP"
+                yield PeerRow(
+                    peer.name or conn.addr,
+                    peer.name,
+                    conn.addr,
+                    state,
+                    conn.since,
+                    last_ping,
+                    peer.pings,
+                    peer.timeout,
+                    peer.interval,
+                    worker,
+                    flags=PENDING,  # no peer yet: shown, no series of its own (as in one process)
+                )
+                continue
+            yield PeerRow(
+                mark.peer,
+                mark.peer if mark.named else None,
+                conn.addr,
+                mark.state,
+                conn.since,
+                last_ping,
+                peer.pings,
+                peer.timeout,
+                peer.interval,
+                worker,
+                since=mark.since,
+                reason=mark.reason,
+                expected=mark.expected,
+                silenced_until=mark.silenced_until,
+                flags=frozenset(mark.flags),
+                labels=tuple((k, v) for k, v in mark.labels),
+            )

@@ -1,0 +1,197 @@
+"""The one peer registry of a server with ``workers: K``, in the supervisor, fed by the workers.
+
+Each worker reports what its connections do (hbd.registry_remote: greeting, first ping, late,
+back, end, a rising peer's pings) as small messages over its private pipe; a connection is keyed
+``(worker index, the worker's number for it)``, so a reused fd cannot be confused. The registry's
+answers are carried out here as in one process (hbd.server_registry, which this extends: notices
+logged, counted and hooked — hooks run here and only here — its deadlines from one loop timer,
+silences, the state store), except that closing a connection or watching its pings is an order
+sent down to the worker that holds it. A worker also gets, for each of its connections, a mark
+(the peer's name, state, since, reason, flags, labels, silence) whenever that changes, never per
+ping, so that its status rows are the registry's; the supervisor's own rows are the peers with no
+connection (DOWN, NEW). When a worker dies, all its connections are gone (``worker died``): their
+clients reconnect to the other workers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, cast
+
+from hbd.connection import Connection
+from hbd.logs import PeerLog
+from hbd.registry import Action, Close, Expected, Log, Notice, Peer, RegistrySettings, Watch
+from hbd.server_registry import Events, ServerRegistry
+from hbd.silencing import Silence
+from hbd.view import PeerRow
+from hbd.workers_codec import (
+    PeerBack,
+    PeerClose,
+    PeerConnected,
+    PeerGone,
+    PeerHello,
+    PeerKnown,
+    PeerLate,
+    PeerMark,
+    PeerOrder,
+    PeerPinged,
+    PeerReport,
+    PeerWatch,
+)
+
+if TYPE_CHECKING:
+    from hbd.loop import EventLoop
+
+Key = tuple[int, int]  # (worker index, that worker's number for the connection)
+WORKER_DIED = "worker died"
+
+
+class _Held:
+    """What the registry room reads of the connection whose report caused a notice: when it first
+    pinged (a hook's standing). That connection is in a worker; its own log lines are written there."""
+
+    __slots__ = ("since",)
+
+    def __init__(self, since: float) -> None:
+        self.since = since
+
+
+class SupervisorRegistry(ServerRegistry):
+    def __init__(
+        self,
+        loop: EventLoop,
+        settings: RegistrySettings,
+        expected: tuple[Expected, ...],
+        peer_log: PeerLog,
+        events: Events,
+        send: Callable[[int, PeerOrder], None],
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(loop, settings, expected, peer_log, events, _nothing, _never, wall)
+        self.send = send  # an order to the worker of that index
+        self._marks: dict[Key, PeerMark] = {}  # what each connection's worker was last told of it
+        self._since: dict[Key, float] = {}  # when each connection first pinged
+
+    # -- what the workers report ---------------------------------------------------------------------
+    def report(self, index: int, msg: PeerReport) -> None:
+        key: Key = (index, msg.conn)
+        reg, now = self.registry, self.clock()
+        if isinstance(msg, PeerHello):
+            actions = reg.hello(key, msg.name, msg.certificate, msg.address)
+            if not actions and msg.name in reg.peers:
+                self.send(index, PeerKnown(msg.conn))
+        elif isinstance(msg, PeerConnected):
+            self._since[key] = now
+            actions = reg.connected(key, msg.name, msg.certificate, msg.address, msg.timeout, now)
+        elif isinstance(msg, PeerPinged):
+            actions = reg.pinged(key, msg.silent_for, now)
+        elif isinstance(msg, PeerLate):
+            actions = reg.late(key, now)
+        elif isinstance(msg, PeerBack):
+            actions = reg.back(key, now)
+        else:
+            actions = reg.gone(key, msg.reason, now, msg.last_ping)
+        held = _Held(self._since.get(key, now))
+        if isinstance(msg, PeerGone) or key not in reg.by_key:
+            self._drop(key)
+        self.apply(actions, cast(Connection, held))  # its own lines were logged by its worker
+        self._mark(reg.by_key.get(key))
+
+    def worker_died(self, index: int, reason: str = WORKER_DIED) -> None:
+        """All the connections of that worker are gone (their clients will reconnect to the others)."""
+        reg, now = self.registry, self.clock()
+        for key in keys_of(index, reg.by_key):
+            self.apply(reg.gone(key, reason, now))
+        for key in keys_of(index, [*self._since, *self._marks]):
+            self._drop(key)
+
+    def _drop(self, key: Key) -> None:
+        self._since.pop(key, None)
+        self._marks.pop(key, None)
+
+    # -- carrying out what the registry says ----------------------------------------------------------------
+    def apply(self, actions: list[Action], conn: Connection | None = None) -> None:
+        """As in one process; closing and watching are the worker's, and the marks of the peers
+        these actions are about follow."""
+        names: set[str] = set()
+        for action in actions:
+            if isinstance(action, Close | Watch):
+                key = action.key
+                if isinstance(key, tuple) and len(key) == 2:
+                    if isinstance(action, Close):
+                        self._drop(key)
+                        self.send(key[0], PeerClose(key[1], action.reason, action.level))
+                    else:
+                        self.send(key[0], PeerWatch(key[1], action.on))
+            elif isinstance(action, Notice | Log):
+                names.add(action.peer)
+        super().apply(actions, conn)
+        peers = self.registry.peers
+        for name in names:
+            self._mark(peers.get(name))
+
+    def _mark(self, peer: Peer | None) -> None:
+        """Tell the peer's worker what the registry says of it, if that changed."""
+        if peer is None or not isinstance(peer.key, tuple):
+            return
+        key = cast(Key, peer.key)
+        silence = self.registry.silenced.get(peer.name)
+        flags = [f for f, on in (("flapping", peer.flapping), ("rising", peer.rising > 0)) if on]
+        mark = PeerMark(
+            key[1],
+            peer.name,
+            peer.named,
+            peer.status.value,
+            peer.since,
+            peer.reason,
+            peer.expected,
+            flags,
+            [[k, v] for k, v in peer.labels],
+            silence.until if silence is not None else None,
+        )
+        if self._marks.get(key) != mark:
+            self._marks[key] = mark
+            self.send(key[0], mark)
+
+    def _mark_all(self) -> None:
+        for peer in list(self.registry.by_key.values()):
+            self._mark(peer)
+
+    # -- reloads, silences: what changes the marks of peers not reporting anything ----------------------------
+    def configure(self, settings: RegistrySettings, expected: tuple[Expected, ...]) -> None:
+        super().configure(settings, expected)
+        self._mark_all()  # expected, labels
+
+    def silence(self, peer: str, seconds: float, reason: str) -> Silence | str:
+        done = super().silence(peer, seconds, reason)
+        self._mark(self.registry.peers.get(peer))
+        return done
+
+    def unsilence(self, peer: str) -> bool:
+        done = super().unsilence(peer)
+        self._mark(self.registry.peers.get(peer))
+        return done
+
+    # -- what status and metrics read ------------------------------------------------------------------------
+    def unconnected_rows(self) -> Iterator[PeerRow]:
+        """The registry's peers that no worker holds a connection of (DOWN, NEW): the workers show
+        the others, with their marks."""
+        peers = self.registry.peers
+        for row in self.registry.rows():
+            peer = peers.get(row.peer)
+            if peer is None or peer.key is None:
+                yield row
+
+
+def _nothing(conn: Connection) -> None:
+    """A connection of the supervisor's own: there are none."""
+
+
+def _never(conn: Connection) -> bool:
+    return False
+
+
+def keys_of(index: int, keys: Iterable[object]) -> list[Key]:
+    """The keys of one worker's connections."""
+    return [cast(Key, k) for k in keys if isinstance(k, tuple) and k[0] == index]

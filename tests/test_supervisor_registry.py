@@ -1,0 +1,296 @@
+"""The one registry of ``workers: K`` in virtual time: the supervisor's SupervisorRegistry and two
+in-process worker Servers (their RemotePeers), every message through the real codec, delivered
+when ``pump()`` says (as the pipes would: later, never inside the call that sent it)."""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+from types import SimpleNamespace
+
+import pytest
+from virtual_time import run_until
+
+from hbd.config import ServerConfig
+from hbd.logs import log
+from hbd.protocol import NAME_PATTERN
+from hbd.registry import RegistrySettings
+from hbd.server import Server
+from hbd.supervisor_registry import SupervisorRegistry
+from hbd.worker_pool import MAX_OUTBUF, WorkerPool
+from hbd.workers_codec import (
+    MAX_REASON,
+    Decoder,
+    Message,
+    PeerBack,
+    PeerClose,
+    PeerConnected,
+    PeerGone,
+    PeerHello,
+    PeerKnown,
+    PeerLate,
+    PeerMark,
+    PeerOrder,
+    PeerPinged,
+    PeerWatch,
+    encode,
+)
+
+T0 = 1000.0
+REPORTS = (PeerHello, PeerConnected, PeerPinged, PeerLate, PeerBack, PeerGone)
+
+
+class Channel:
+    """A worker's end of the pipes, in process: what it sends waits in ``up`` for pump()."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.config = None
+        self.up: list[bytes] = []
+        self.orders = None
+
+    def send(self, msg: Message) -> None:
+        if isinstance(msg, REPORTS):
+            frame = encode(msg)
+            assert len(frame) <= select.PIPE_BUF
+            self.up.append(frame)
+
+    def attach(self, loop, reload, orders=None) -> None:
+        self.orders = orders
+
+
+class Fleet:
+    """The supervisor's registry and two workers; ``events``: (event, peer, reason, hooked)."""
+
+    def __init__(self, vloop, settings: RegistrySettings, expected: tuple = ()) -> None:
+        self.loop = vloop
+        self.events: list[tuple[str, str, str, bool]] = []
+        self.down: dict[int, list[bytes]] = {1: [], 2: []}
+        self.sup = SupervisorRegistry(
+            vloop,
+            settings,
+            expected,
+            _peer_log(vloop),
+            self,  # the Events sink (hbd.server_registry.Events)
+            lambda index, order: self.down[index].append(encode(order)),
+        )
+        self.channels = {i: Channel(i) for i in (1, 2)}
+        self.workers = {}
+        cfg = ServerConfig(
+            host="127.0.0.1", port=0, heartbeat_timeout=2.0, log_file=None, control_socket=None, state_dir=None
+        )
+        for i, ch in self.channels.items():
+            srv = Server(cfg, loop=vloop, worker=ch)  # type: ignore[arg-type]
+            srv.start()
+            self.workers[i] = srv
+
+    def event(self, event: str, peer: str, address: str, **kw: object) -> None:
+        self.events.append((event, peer, str(kw["reason"]), True))
+
+    def count(self, event: str, peer: str, address: str, previous: str | None, reason: str) -> None:
+        self.events.append((event, peer, reason, False))
+
+    def pump(self) -> None:
+        """Deliver everything sent so far, both ways, until nothing is left."""
+        self.loop.run_once(0)
+        while any(ch.up for ch in self.channels.values()) or any(self.down.values()):
+            for i, ch in self.channels.items():
+                frames, ch.up = ch.up, []
+                for msg in Decoder().feed(b"".join(frames)):
+                    self.sup.report(i, msg)  # type: ignore[arg-type]
+            for i, frames in self.down.items():
+                self.down[i] = []
+                for msg in Decoder(down=True).feed(b"".join(frames)):
+                    self.channels[i].orders(msg)  # type: ignore[misc]
+            self.loop.run_once(0)
+
+    def connect(self, index: int, port: int) -> socket.socket:
+        a, b = socket.socketpair()
+        b.setblocking(False)
+        self.workers[index].on_accept(a, ("127.0.0.1", port))
+        return b
+
+    def say(self, b: socket.socket, data: bytes) -> None:
+        b.send(data)
+        self.pump()
+        try:
+            b.recv(65536)
+        except BlockingIOError:
+            pass
+
+    def rows(self) -> dict[str, tuple]:
+        """Every row status shows: the workers' and the supervisor's own."""
+        out: dict[str, tuple] = {}
+        for srv in self.workers.values():
+            for r in srv.view().peers:
+                assert r.peer not in out, r.peer  # a name is never shown twice
+                out[r.peer] = (r.state, r.reason, r.worker, r.silenced_until is not None, tuple(sorted(r.flags)))
+        for r in self.sup.unconnected_rows():
+            assert r.peer not in out, r.peer
+            out[r.peer] = (r.state, r.reason, None, r.silenced_until is not None, tuple(sorted(r.flags)))
+        return out
+
+    def close(self) -> None:
+        for srv in self.workers.values():
+            srv.shutdown()
+        self.sup.close()
+
+
+def _peer_log(vloop):
+    from hbd.logs import PeerLog
+
+    return PeerLog(vloop.clock)
+
+
+@pytest.fixture
+def fleet(vloop):
+    made: list[Fleet] = []
+
+    def make(expected: tuple = (), **settings: object) -> Fleet:
+        f = Fleet(vloop, RegistrySettings(heartbeat_timeout=2.0, **settings), expected)  # type: ignore[arg-type]
+        logging.getLogger("hbd").setLevel(logging.INFO)
+        made.append(f)
+        return f
+
+    yield make
+    for f in made:
+        f.close()
+
+
+def test_a_name_on_two_workers_is_one_row_and_the_newer_takes_over(fleet) -> None:
+    f = fleet()
+    a = f.connect(1, 40001)
+    f.say(a, b"hello web1\nping\n")
+    assert f.rows() == {"web1": ("UP", "first ping", 1, False, ())}
+    b = f.connect(2, 40002)
+    f.say(b, b"hello web1\nping\n")
+    assert a.recv(100) == b"" and not f.workers[1].conns  # closed on worker 1 by the registry's order
+    assert f.rows() == {"web1": ("UP", "first ping", 2, False, ())}
+    assert f.events == [("up", "web1", "first ping", True)]  # no down for a name still connected
+    b.close()
+    f.pump()
+    assert f.rows() == {"web1": ("DOWN", "disconnected", None, False, ())}
+    assert f.events[1:] == [("down", "web1", "disconnected", True)]
+
+
+def test_a_greeting_with_a_known_name_is_one_row_until_its_first_ping(fleet) -> None:
+    f = fleet()
+    a = f.connect(1, 40001)
+    f.say(a, b"hello web1\nping\n")
+    a.close()
+    f.pump()
+    b, c = f.connect(2, 40002), f.connect(2, 40003)
+    f.say(b, b"hello web1\n")  # a known name: the registry's DOWN row stands for it, as in one process
+    f.say(c, b"hello web9\n")  # a new one: shown as a connection, NEW
+    rows = f.rows()
+    assert rows["web1"] == ("DOWN", "disconnected", None, False, ())
+    assert rows["web9"][0] == "NEW"
+    f.say(b, b"ping\n")
+    assert f.rows()["web1"] == ("UP", "ping", 2, False, ())
+
+
+def test_a_refused_greeting_is_closed_by_its_worker(fleet) -> None:
+    f = fleet(unexpected="reject")
+    a = f.connect(1, 40001)
+    f.say(a, b"hello web1\n")
+    assert a.recv(100) == b"" and not f.workers[1].conns
+    assert f.rows() == {} and f.events == []
+
+
+def test_an_expected_peer_never_seen_is_down_in_the_supervisors_rows_and_its_hook_runs_once(fleet, vclock) -> None:
+    f = fleet(expected=(SimpleNamespace(name="db1", address=None, timeout=5.0, labels=(("rack", "r1"),)),))
+    assert f.rows() == {"db1": ("NEW", "not seen yet", None, False, ())}
+    run_until(f.loop, vclock, vclock() + 6)
+    assert f.rows() == {"db1": ("DOWN", "never connected", None, False, ())}
+    assert f.events == [("down", "db1", "never connected", True)]
+    a = f.connect(2, 40001)
+    f.say(a, b"hello db1\nping\n")
+    [row] = [r for r in f.workers[2].view().peers]
+    assert (row.state, row.expected, row.labels) == ("UP", True, (("rack", "r1"),))  # the mark came down
+
+
+def test_a_rising_peer_is_watched_on_its_worker_until_rise_pings(fleet, vclock) -> None:
+    f = fleet(rise=3)
+    a = f.connect(1, 40001)
+    f.say(a, b"hello web1\nping\n")
+    a.close()
+    f.pump()
+    b = f.connect(2, 40002)
+    f.say(b, b"hello web1\nping\n")  # the first of three: the registry orders its pings watched
+    assert f.rows()["web1"] == ("DOWN", "rising: 1 of 3 pings", 2, False, ("rising",))
+    vclock.advance(0.2)
+    f.say(b, b"ping\n")
+    assert f.rows()["web1"] == ("DOWN", "rising: 2 of 3 pings", 2, False, ("rising",))
+    vclock.advance(0.2)
+    f.say(b, b"ping\n")
+    assert f.rows()["web1"] == ("UP", "3 pings on time", 2, False, ())
+    assert [e[:2] for e in f.events] == [("up", "web1"), ("down", "web1"), ("up", "web1")]
+    vclock.advance(0.2)
+    f.say(b, b"ping\n")  # no longer watched: nothing goes up per ping
+    assert not f.channels[2].up
+
+
+def test_a_silence_reaches_the_worker_and_its_peer_goes_down_without_a_hook(fleet, caplog) -> None:
+    f = fleet()
+    a = f.connect(1, 40001)
+    f.say(a, b"hello web1\nping\n")
+    done = f.sup.silence("web1", 60, "maintenance")
+    assert not isinstance(done, str) and done.reason == "maintenance"
+    f.pump()
+    assert f.rows()["web1"][3] is True  # its worker's row shows the silence
+    with caplog.at_level(logging.INFO, logger=log.name):
+        a.send(b"garbage that is no protocol at all\n" * 3)
+        f.pump()
+    assert f.rows()["web1"][0] == "DOWN"
+    assert f.events[-1][:2] == ("down", "web1") and f.events[-1][3] is False  # counted, not hooked
+    assert f.sup.unsilence("web1") and f.rows()["web1"][3] is False
+
+
+def test_a_dead_workers_connections_are_gone_and_reconnect_elsewhere(fleet) -> None:
+    f = fleet()
+    a, b = f.connect(1, 40001), f.connect(2, 40002)
+    f.say(a, b"hello w1\nping\n")
+    f.say(b, b"hello w2\nping\n")
+    f.sup.worker_died(1)
+    rows = {r.peer: r for r in f.sup.unconnected_rows()}
+    assert (rows["w1"].state, rows["w1"].reason) == ("DOWN", "worker died")
+    assert "w2" not in rows
+    c = f.connect(2, 40003)
+    f.say(c, b"hello w1\nping\n")
+    assert [r.peer for r in f.sup.unconnected_rows()] == []
+    assert [e[:3] for e in f.events][-2:] == [("down", "w1", "worker died"), ("up", "w1", "ping")]
+
+
+def test_report_frames_fit_in_an_atomic_pipe_write() -> None:
+    name = "n" * 64
+    assert __import__("re").match(NAME_PATTERN, name)
+    address = "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff%eth0]:65535"
+    for msg in (
+        PeerHello(2**53, name, name, address),
+        PeerConnected(2**53, name, name, address, 1e9),
+        PeerPinged(2**53, 1e9),
+        PeerLate(2**53),
+        PeerBack(2**53),
+        PeerGone(2**53, "é" * MAX_REASON, 1e9),
+    ):
+        assert len(encode(msg)) <= select.PIPE_BUF
+        assert Decoder().feed(encode(msg)) == [msg]
+    orders: list[PeerOrder] = [
+        PeerClose(7, "replaced", logging.WARNING),
+        PeerWatch(7, True),
+        PeerKnown(7),
+        PeerMark(7, "web1", True, "UP", T0, "ping", False, ["flapping"], [["rack", "r1"]], None),
+    ]
+    assert Decoder(down=True).feed(b"".join(encode(m) for m in orders)) == orders
+
+
+def test_orders_to_a_worker_that_does_not_read_are_bounded() -> None:
+    sent: list = []
+    w = SimpleNamespace(index=1, outbuf=b"")
+    pool = SimpleNamespace(workers={100: w}, orders_dropped=0, send=lambda w, msg: sent.append(msg))
+    WorkerPool.order(pool, 1, PeerWatch(1, True))  # type: ignore[arg-type]
+    w.outbuf = b"x" * (MAX_OUTBUF + 1)  # it stopped reading: it will be killed as hung and restarted
+    WorkerPool.order(pool, 1, PeerWatch(2, True))  # type: ignore[arg-type]
+    WorkerPool.order(pool, 9, PeerWatch(3, True))  # type: ignore[arg-type]  # no such worker (restarting)
+    assert sent == [PeerWatch(1, True)] and pool.orders_dropped == 1
