@@ -274,8 +274,15 @@ def test_a_silent_peer_dies_on_time_under_bursts_of_pings_from_1500_connections(
             f"ping, one that never pinged after {took_never:.3f} s (heartbeat_timeout {timeout:g} s); "
             f"max loop lag {loop['max_lag_ms']:.0f} ms, stalls {loop['stalls']} ({stalled:.3f} s not running)"
         )
-        assert timeout <= took <= timeout + 1.0 + stalled
-        assert took_never <= timeout + 1.0 + stalled
+        # The rule is judged by the server's own clock: the registry's row of the silent peer says when
+        # it last pinged and when it went DOWN. What this test process saw (``took``) also holds the
+        # time it was itself not running on a loaded machine, so it only has to show the close came.
+        row = next(p for p in doc["peers"] if p["peer"] == "silent")
+        decided = row["since"] - row["last_ping"]
+        print(f"the server decided DOWN {decided:.3f} s after the silent peer's ping ({row['reason']})")
+        assert row["state"] == "DOWN" and row["reason"] == "timeout", row
+        assert timeout <= decided <= timeout + 1.0 + stalled
+        assert timeout <= took <= timeout + 30 and took_never <= timeout + 30
         assert srv.count("is back", after=mark) == 0  # no up without a ping
         assert srv.count(r"silent .*is late", after=mark) == 1
         assert loop["max_lag_ms"] > 10  # busy turns show (the figure used to stay at a few ms)
