@@ -41,7 +41,8 @@ DEFAULT_CLIENT_SOCKET = "/run/hbd/client.sock"
 DEFAULT_STATE_DIR = "/var/lib/hbd"  # the server unit's StateDirectory=
 
 # Bounds on what a configuration file may cost to load, whatever it holds (it is read on SIGHUP by
-# the running daemon, from the event loop): a real file is a few KB and a few levels deep.
+# the running daemon, in a helper thread that shares the GIL with the event loop): a real file is a
+# few KB and a few levels deep.
 MAX_CONFIG_BYTES = 64 * 1024  # ~1000 servers; parsing this much takes ~0.1 s on a slow machine
 MAX_DEPTH = 32  # nesting of lists and mappings, aliases expanded
 MAX_NODES = 50_000  # values in the document, aliases expanded (a YAML "billion laughs" stops here)
