@@ -6,12 +6,14 @@ keeps when it fails."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 from helpers import run_reload
 from virtual_time import run_until
 
 from hbd.errors import ConfigError
+from hbd.loop import EventLoop
 from hbd.reloading import LOAD_TIMEOUT, MAX_UNFINISHED, Deliver, Done, Reloader
 
 PATH = "/etc/hbd/x.yaml"
@@ -32,6 +34,7 @@ class Host:
         self.committed: list[object] = []
         self.ended: list[list[str]] = []
         self.threads: dict[str, int] = {}  # where each part ran
+        self.gate: threading.Event | None = None  # set: loads wait for it (a hung file read)
         self.reloader: Reloader[int] = Reloader(loop, self) if threads else Reloader(loop, self, self.offload)
 
     def offload(self, load: Callable[[], object], deliver: Deliver) -> None:
@@ -49,10 +52,12 @@ class Host:
     # -- hbd.reloading.ReloadHost --------------------------------------------------------------------
     def reload_job(self) -> tuple[str, Callable[[], int]]:
         self.jobs += 1
-        number, fails = self.jobs, self.load_fails
+        number, fails, gate = self.jobs, self.load_fails, self.gate
 
         def load() -> int:
             self.threads["load"] = threading.get_ident()
+            if gate is not None:
+                gate.wait(10)
             if fails is not None:
                 raise fails
             return number
@@ -247,3 +252,26 @@ def test_a_stopping_daemon_answers_without_reloading(vloop, vclock) -> None:
     host.reloader.request(answers.append)
     run_until(vloop, vclock, 1001.0)
     assert answers == [["the daemon is stopping"]] and host.jobs == 0
+
+
+def test_a_real_thread_stuck_in_a_load_is_given_up_on_and_its_late_result_dropped() -> None:
+    loop = EventLoop()
+    try:
+        host = Host(loop, threads=True)
+        host.reloader.timeout = 0.3
+        host.gate = threading.Event()
+        answers: list[list[str]] = []
+        host.reloader.request(answers.append)
+        run_reload(loop, host.reloader)
+        assert "loading took more than 0.3 s" in answers[0][0] and host.reloader.unfinished == 1
+        host.gate.set()  # the stuck one comes back, then a new reload works
+        host.gate = None
+        host.reloader.hup()
+        run_reload(loop, host.reloader)
+        deadline = time.monotonic() + 10
+        while host.reloader.unfinished:
+            assert time.monotonic() < deadline
+            loop.run_once(0.01)
+        assert host.committed == [2] and host.reloader.ok == 1
+    finally:
+        loop.close()
