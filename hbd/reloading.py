@@ -181,12 +181,13 @@ class Reloader(Generic[T]):
             if self._again or self._waiters:  # asked again meanwhile: that needs a reload of its own
                 self._kick()
 
-        errors = self.apply(path, result, error)
+        errors = ["an unexpected error while applying the new configuration (see the log)"]
         try:
+            errors = self.apply(path, result, error)
             self.host.reload_ended(errors)
             self.host.reload_verdict(errors, finished)
         except Exception:
-            finished(errors)  # never leave reloads wedged behind a bug
+            finished(errors)  # a bug (a commit that raised, say) must not wedge the reloads after it
             raise
 
     def apply(self, path: str, new: object, error: Exception | None) -> list[str]:

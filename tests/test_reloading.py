@@ -275,3 +275,31 @@ def test_a_real_thread_stuck_in_a_load_is_given_up_on_and_its_late_result_droppe
         assert host.committed == [2] and host.reloader.ok == 1
     finally:
         loop.close()
+
+
+def test_a_commit_that_raises_is_a_bug_that_does_not_wedge_later_reloads(vloop, vclock) -> None:
+    host = Host(vloop)
+    errors: list[Exception] = []
+    vloop.on_error = lambda fileobj, callback, exc: errors.append(exc)
+    real = host.prepare_reload
+
+    def broken(new: int) -> Callable[[], None]:
+        def commit() -> None:
+            raise RuntimeError("a bug in a commit")
+
+        return commit
+
+    host.prepare_reload = broken  # type: ignore[method-assign]
+    answers: list[list[str]] = []
+    host.reloader.request(answers.append)
+    turn(vloop, vclock)
+    host.finish()
+    turn(vloop, vclock)
+    assert [str(e) for e in errors] == ["a bug in a commit"] and host.reloader.idle
+    assert answers == [["an unexpected error while applying the new configuration (see the log)"]]
+    host.prepare_reload = real  # type: ignore[method-assign]
+    host.reloader.hup()
+    turn(vloop, vclock)
+    host.finish()
+    turn(vloop, vclock)
+    assert host.committed == [2]
