@@ -200,13 +200,11 @@ class Daemon(Generic[C]):
             self.loop.stop()
 
     def reload(self) -> None:
-        """SIGHUP: reload soon (the new config is loaded off the loop, see hbd.reloading); whatever is
-        invalid, the old one keeps running."""
+        """SIGHUP: reload soon, loading off the loop (hbd.reloading); if anything fails the old config stays."""
         self.reloads.hup()
 
     def loader(self) -> Callable[[], C]:
-        """The pure load of the new config (parse + validate), run in a helper thread on reload: it
-        may read files and build the config, nothing else. Taken on the loop."""
+        """On the loop: the pure load of the new config, for a helper thread (read files, parse, validate)."""
         raise NotImplementedError
 
     # -- hbd.reloading.ReloadHost: called by the Reloader, on the loop --------------------------------
