@@ -8,6 +8,7 @@ blocks: connects are non-blocking with a timeout, and host names are resolved of
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import logging
 import os
@@ -406,8 +407,8 @@ class Client(Daemon[ClientConfig]):
             return [Target(s.host, s.port or cfg.port, s.name) for s in cfg.servers]
         return [Target(cfg.host, cfg.port)]
 
-    def load(self) -> ClientConfig:
-        return load_client_config(self.config.path, self.overrides)
+    def loader(self) -> Callable[[], ClientConfig]:
+        return functools.partial(load_client_config, self.config.path, dict(self.overrides))
 
     @staticmethod
     def _context(cfg: ClientConfig) -> ssl.SSLContext | None:

@@ -6,6 +6,7 @@ running the old configuration when it is invalid.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import ipaddress
@@ -15,7 +16,7 @@ import shlex
 import shutil
 import socket
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,8 @@ DEFAULT_CLIENT_SOCKET = "/run/hbd/client.sock"
 DEFAULT_STATE_DIR = "/var/lib/hbd"  # the server unit's StateDirectory=
 
 # Bounds on what a configuration file may cost to load, whatever it holds (it is read on SIGHUP by
-# the running daemon, from the event loop): a real file is a few KB and a few levels deep.
+# the running daemon, in a helper thread that shares the GIL with the event loop): a real file is a
+# few KB and a few levels deep.
 MAX_CONFIG_BYTES = 64 * 1024  # ~1000 servers; parsing this much takes ~0.1 s on a slow machine
 MAX_DEPTH = 32  # nesting of lists and mappings, aliases expanded
 MAX_NODES = 50_000  # values in the document, aliases expanded (a YAML "billion laughs" stops here)
@@ -355,7 +357,8 @@ def load_client_config(path: str | Path, overrides: Mapping[str, object] | None 
 
 
 def _load(cls: type, path: Path, overrides: Mapping[str, object]) -> Any:
-    result = _validate(cls, path, overrides)
+    with _collector_paused():
+        result = _validate(cls, path, overrides)
     if isinstance(result, list):  # error lines: a bounded number of bounded lines
         if len(result) > MAX_ERRORS:
             result = [*result[:MAX_ERRORS], f"{path}: ... and {len(result) - MAX_ERRORS} more errors"]
@@ -498,9 +501,30 @@ def read_document(path: str | Path) -> object:
     """The file's YAML document with the loader's bounds (size, kind of file, nesting, aliases), or
     None if it cannot be read or parsed: for a second look at a file already found invalid."""
     try:
-        return _parse(_read(Path(path)))[0]
+        with _collector_paused():
+            return _parse(_read(Path(path)))[0]
     except ConfigError:
         return None
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """A large document builds many objects and no cycles: collecting garbage meanwhile only costs
+    time (half of it for a 100,000-entry peers_file). Paused over the whole load (the parse's
+    temporaries are freed as their references go), and what was allocated meanwhile is then moved to
+    the oldest generation unwalked (freeze + unfreeze): back on with the new peers in its young
+    generation, the collector's next pass would walk them all at once, holding the GIL (0.2-0.4 s for
+    50,000 peers: a stall of the loop while a reload loads off it, in hbd.reloading's thread). Nothing
+    in hbd keeps objects frozen (this would undo a gc.freeze() made elsewhere)."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.freeze()
+            gc.unfreeze()
+            gc.enable()
 
 
 def _read(path: Path, max_bytes: int = MAX_CONFIG_BYTES) -> str:
@@ -565,7 +589,6 @@ def _parse(
     nesting and the number of values (aliases expanded) are checked before any Python object is
     built. The lists whose items' lines are given: the document itself (key None) if it is a list,
     and each top-level key's value that is a list."""
-    collecting = gc.isenabled()
     try:
         depth = values = 0
         aliases = False
@@ -585,9 +608,6 @@ def _parse(
             if values > max_nodes:
                 line = event.start_mark.line + 1 if event.start_mark else 0
                 raise ConfigError([f"line {line}: more than {max_nodes} values"])
-        # A large document builds many objects and no cycles: collecting garbage meanwhile only
-        # costs time (half of it for a 100,000-entry peers_file).
-        gc.disable()
         loader = _Loader(text)
         try:
             node = loader.get_single_node()
@@ -606,9 +626,6 @@ def _parse(
         raise
     except Exception as exc:  # e.g. a date like 2024-02-30, an integer of 5000 digits
         raise ConfigError([f"invalid value: {cut(str(exc), 80)}"]) from None
-    finally:
-        if collecting:
-            gc.enable()
     lines: dict[str, int] = {}
     items: dict[str | None, list[int]] = {}
     if isinstance(node, yaml.SequenceNode):

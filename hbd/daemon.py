@@ -1,8 +1,9 @@
 """What the server and the client daemons share: start-up, signals, reload, watchdog, shutdown.
 
-A subclass provides ``load()`` (parse + validate its config), ``start()``, ``prepare(new)`` (do
-everything that can fail for a reload and return a commit function) and ``shutdown()``. The reload
-machinery itself (outcomes, ``hbd reload`` requests and their verdicts) is hbd.reloading's.
+A subclass provides ``loader()`` (the pure parse + validate of its config, run off the loop on
+reload), ``start()``, ``prepare(new)`` (do everything else that can fail for a reload and return a
+commit function) and ``shutdown()``. The reload machinery itself (loading off the loop, outcomes,
+``hbd reload`` requests and their verdicts) is hbd.reloading's.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class Daemon(Generic[C]):
         self.logs = logs if logs is not None else Logging(self.identifier)
         self.exit_code = 0
         self._stopping = False
-        self.reloads = Reloader(self.loop, self.reload, self.reload_verdict, lambda: self._stopping)
+        self.reloads: Reloader[C] = Reloader(self.loop, self)
         self.peer_log = PeerLog(self.loop.clock)  # lines peers can cause, rate-limited all together
         self.ops = Ops(self)  # status socket, metrics, on_change hooks
         self.internal_errors = 0
@@ -83,9 +84,6 @@ class Daemon(Generic[C]):
         self.loop.on_error = self.callback_failed
 
     # -- subclass hooks ---------------------------------------------------------------------------
-    def load(self) -> C:
-        raise NotImplementedError
-
     def start(self) -> None:
         raise NotImplementedError
 
@@ -201,19 +199,32 @@ class Daemon(Generic[C]):
             self.notifier.stopping()
             self.loop.stop()
 
-    def reload(self) -> bool:
-        """SIGHUP: validate the whole new config first; keep the old one running if anything fails."""
+    def reload(self) -> None:
+        """SIGHUP: reload soon, loading off the loop (hbd.reloading); if anything fails the old config stays."""
+        self.reloads.hup()
+
+    def loader(self) -> Callable[[], C]:
+        """On the loop: the pure load of the new config, for a helper thread (read files, parse, validate)."""
+        raise NotImplementedError
+
+    # -- hbd.reloading.ReloadHost: called by the Reloader, on the loop --------------------------------
+    def reload_job(self) -> tuple[str, Callable[[], C]]:
+        return self.config.path, self.loader()
+
+    def reload_began(self) -> None:
         self.notifier.reloading()
-        ok = self.reloads.run(self.config.path, self._prepare_reload)
+
+    def reload_ended(self, errors: list[str]) -> None:
         self._update_status()
         self.notifier.ready()
-        self.on_reloaded(list(self.reloads.last_errors))
-        return ok
+        self.on_reloaded(errors)
 
-    def _prepare_reload(self) -> Commit:
-        """Everything a reload does that can fail (the new config, log file, sockets, the subclass's
+    def reload_stopping(self) -> bool:
+        return self._stopping
+
+    def prepare_reload(self, new: C) -> Commit:
+        """Everything a reload does on the loop that can fail (log file, sockets, the subclass's
         part), changing nothing; the commit applies it all."""
-        new = self.load()
         handler = self.logs.prepare(new.log_file)
         try:
             ops_commit = self.ops.prepare(new)
@@ -242,7 +253,7 @@ class Daemon(Generic[C]):
         self.reloads.request(done)
 
     def reload_verdict(self, errors: list[str], finished: Callable[[list[str]], None]) -> None:
-        """The answer for a requested reload; the supervisor overrides it to wait for its workers."""
+        """The answer for a reload; the supervisor overrides it to wait for its workers."""
         finished(errors)
 
     # What the status view and tests read: the reloads' outcomes.

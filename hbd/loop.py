@@ -11,6 +11,7 @@ Time enters only through ``clock`` (default ``time.monotonic``), so tests can dr
 from __future__ import annotations
 
 import collections
+import contextlib
 import heapq
 import selectors
 import signal
@@ -147,11 +148,12 @@ class EventLoop:
 
     def call_soon_threadsafe(self, callback: Callback) -> None:
         """Run ``callback`` in the loop; the only loop method another thread may call."""
+        wakeup = self._wakeup_w
+        if wakeup is None:  # closed: nothing would run it (a helper thread finishing after the daemon stopped)
+            return
         self._threadsafe.append(callback)
-        try:
-            self._wakeup().send(b"\0")
-        except BlockingIOError:
-            pass  # the loop is already being woken
+        with contextlib.suppress(OSError):  # BlockingIOError: already being woken; else closed meanwhile
+            wakeup.send(b"\0")
 
     def _on_wakeup(self) -> None:
         assert self._wakeup_r is not None

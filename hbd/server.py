@@ -11,6 +11,7 @@ the peer registry (who the peers are, hbd.server_registry) hears what they do an
 from __future__ import annotations
 
 import dataclasses
+import functools
 import socket
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
@@ -70,10 +71,11 @@ class Server(Daemon):
     closed_pings = property(lambda self: self.report.closed_pings)
 
     # -- Daemon hooks --------------------------------------------------------------------------------
-    def load(self) -> ServerConfig:
+    def loader(self) -> Callable[[], ServerConfig]:
         if self.worker is not None and self.worker.config is not None:  # validated by the supervisor
-            return dataclasses.replace(self.worker.config, log_file=None)  # the supervisor writes the file
-        return load_server_config(self.config.path, self.overrides)
+            cfg = dataclasses.replace(self.worker.config, log_file=None)  # the supervisor writes the file
+            return lambda: cfg
+        return functools.partial(load_server_config, self.config.path, dict(self.overrides))
 
     def start(self) -> None:
         cfg = self.config

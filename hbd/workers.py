@@ -20,6 +20,8 @@ hbd.workers_codec; the worker processes and their pipes are hbd.worker_pool's. T
 from __future__ import annotations
 
 import dataclasses
+import functools
+import gc
 import signal
 from collections.abc import Callable
 
@@ -51,8 +53,8 @@ class Supervisor(Daemon[ServerConfig]):
         self._hupped: set[int] = set()  # pids sent the new configuration by the latest reload
         self.registry: SupervisorRegistry | None = None  # the one peer registry (hbd.supervisor_registry)
 
-    def load(self) -> ServerConfig:
-        return load_server_config(self.config.path, self.overrides)
+    def loader(self) -> Callable[[], ServerConfig]:
+        return functools.partial(load_server_config, self.config.path, dict(self.overrides))
 
     # -- start and stop -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -172,6 +174,9 @@ class Supervisor(Daemon[ServerConfig]):
         serve ``config``."""
         from hbd.server import Server
 
+        # Forked while a reload's helper thread parsed with the garbage collector off (hbd.config): that
+        # thread is not in the child, and nothing would turn it back on.
+        gc.enable()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(signum, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)

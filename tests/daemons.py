@@ -128,7 +128,12 @@ class HbdProcess:
 
 
 def start_server(
-    tmp_path: Path, name: str = "server", env: dict | None = None, wrap: list[str] | None = None, **cfg
+    tmp_path: Path,
+    name: str = "server",
+    env: dict | None = None,
+    wrap: list[str] | None = None,
+    ready_timeout: float = 5.0,
+    **cfg,
 ) -> HbdProcess:
     config = {
         "host": "127.0.0.1",
@@ -142,7 +147,7 @@ def start_server(
     }
     srv = HbdProcess("server", config, tmp_path, env=env, name=name, wrap=wrap)
     try:
-        srv.wait_for(r"listening on")
+        srv.wait_for(r"listening on", timeout=ready_timeout)
     except AssertionError:
         srv.kill()  # not handed to the caller yet: nobody else would stop it
         raise

@@ -1,6 +1,6 @@
 """Test helpers shared by several test modules (test modules never import each other): the
-reliability report and a stand-in for systemd's notify socket. Daemon processes: daemons.py;
-certificates: certs.py; virtual time: virtual_time.py; the client fleet: fleet.py."""
+reliability report, a stand-in for systemd's notify socket, waiting for an in-process reload. Daemon
+processes: daemons.py; certificates: certs.py; virtual time: virtual_time.py; the client fleet: fleet.py."""
 
 from __future__ import annotations
 
@@ -60,3 +60,14 @@ class NotifySocket:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def run_reload(loop, reloads, timeout: float = 10.0) -> None:
+    """Turn ``loop`` until ``reloads`` (a daemon's hbd.reloading.Reloader) has nothing under way or
+    asked for. A reload's load runs in a real helper thread: the loop is turned without waiting, so
+    a virtual clock does not move meanwhile (and no load timeout fires)."""
+    deadline = time.monotonic() + timeout
+    while not reloads.idle:
+        assert time.monotonic() < deadline, "the reload did not finish"
+        loop.run_once(0)
+        time.sleep(0.001)

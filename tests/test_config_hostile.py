@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 from daemons import ROOT, connect, recv_exactly, start_client, start_server
+from helpers import run_reload
 
 from hbd.client import resolve
 from hbd.config import MAX_CONFIG_BYTES, MAX_ERROR_LINE, MAX_ERRORS, ConfigError, load_client_config, load_server_config
@@ -298,8 +299,11 @@ def test_an_unexpected_error_during_a_reload_keeps_the_old_config(tmp_path: Path
     from hbd.notify import Notifier
 
     class Broken(Daemon):
-        def load(self):
-            raise RuntimeError("a bug")
+        def loader(self):
+            def load():
+                raise RuntimeError("a bug")
+
+            return load
 
     path = tmp_path / "s.yaml"
     path.write_text("port: 1234\n")
@@ -308,7 +312,8 @@ def test_an_unexpected_error_during_a_reload_keeps_the_old_config(tmp_path: Path
     logs = Logging("hbd-test", journald=False)
     try:
         d = Broken(cfg, loop=loop, notifier=Notifier({}), logs=logs)
-        assert d.reload() is False
+        d.reload()
+        run_reload(loop, d.reloads)
         assert d.config is cfg and d.reloads_failed == 1 and d.last_reload_error == "a bug"
     finally:
         logs.close()

@@ -5,6 +5,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from helpers import run_reload
 
 from hbd import config, control, daemon, errors, logs, protocol, state_store
 from hbd.daemon import Daemon
@@ -40,8 +41,11 @@ class _Failing(Daemon):
         super().__init__(cfg)
         self.exc = exc
 
-    def load(self) -> Any:
-        raise self.exc
+    def loader(self) -> Any:
+        def load() -> Any:
+            raise self.exc  # in the reload's helper thread: reported from the loop all the same
+
+        return load
 
 
 class _NewKind(HbdError):
@@ -89,7 +93,8 @@ def _reload_failing(exc: Exception) -> list[logging.LogRecord]:
     handler = _Records()
     logs.log.addHandler(handler)
     try:
-        assert d.reload() is False
+        d.reload()
+        run_reload(d.loop, d.reloads)
     finally:
         logs.log.removeHandler(handler)
         d.loop.close()

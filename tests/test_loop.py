@@ -141,6 +141,15 @@ def test_call_soon_threadsafe_wakes_the_loop() -> None:
     assert got == [1]
 
 
+def test_call_soon_threadsafe_after_close_is_dropped() -> None:
+    """A reload's helper thread may finish after the daemon stopped and closed its loop: its callback
+    is dropped, and the closed loop makes no new wakeup socket for it."""
+    loop = EventLoop()
+    loop.close()
+    loop.call_soon_threadsafe(lambda: None)
+    assert loop._wakeup_w is None and not loop._threadsafe
+
+
 def test_timer_rearmed_at_a_due_time_runs_next_turn_not_forever(vloop: EventLoop, vclock: FakeClock) -> None:
     loop, clock = vloop, vclock
     runs: list[float] = []

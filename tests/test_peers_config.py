@@ -405,3 +405,30 @@ def test_the_shipped_example_peers_file_loads(tmp_path: Path) -> None:
     s = load_server_config(write(tmp_path, f"peers_file: {example}\n"))
     assert [p.name for p in s.peers][:3] == ["web1", "web2", "web3"] and len(s.peers) == 6
     assert s.peers[-1].address == ipaddress.ip_network("198.51.100.0/28")
+
+
+def test_a_load_leaves_the_collector_on_and_its_young_generation_small(tmp_path: Path) -> None:
+    """The collector is paused over a load, and what the load built is not left in the young
+    generation: the next collection, wherever it runs (the loop, while a reload's thread loads), would
+    walk it all at once, holding the GIL."""
+    import gc
+
+    write(
+        tmp_path, "".join(f"- {{name: w{i}, address: 10.0.{i // 250}.{i % 250}}}\n" for i in range(5000)), "fleet.yaml"
+    )
+    path = write(tmp_path, "peers_file: fleet.yaml\n")
+    passes: list[int] = []
+
+    def seen(phase: str, info: dict) -> None:
+        if phase == "start":
+            passes.append(info["generation"])
+
+    assert gc.isenabled()
+    gc.callbacks.append(seen)
+    try:
+        s = load_server_config(path)
+    finally:
+        gc.callbacks.remove(seen)
+    assert gc.isenabled() and len(s.peers) == 5000
+    assert passes == []  # paused all along
+    assert len(gc.get_objects(generation=0)) + len(gc.get_objects(generation=1)) < 1000  # not the peers'

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from daemons import ROOT, free_port, start_client, start_server
+from helpers import run_reload
 
 
 def hbd_reload(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -162,11 +163,11 @@ def test_requests_that_arrive_together_share_one_reload(tmp_path: Path, vloop) -
         for _ in range(10):
             client.request_reload(answers.append)
         assert client.reloads_ok == 0  # nothing runs inside the request: the loop does it
-        loop.run_once(max_wait=0.01)
+        run_reload(loop, client.reloads)
         assert client.reloads_ok == 1 and answers == [[]] * 10
         cfg_file.write_text("port: 0\n")
         client.request_reload(answers.append)
-        loop.run_once(max_wait=0.01)
+        run_reload(loop, client.reloads)
         assert client.reloads_failed == 1 and "port" in answers[-1][0]
     finally:
         logs.close()
