@@ -1,0 +1,43 @@
+"""Flap detection for the peer registry (pure): a peer flaps when it changes state more than
+``flap_threshold`` times within ``flap_window`` seconds, and is stable again after a whole window
+without a change. The change times live on the peer (at most flap_threshold + 1 of them)."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from hbd.registry_types import Peer
+
+
+class FlapDetector:
+    __slots__ = ("threshold", "window")
+
+    def __init__(self, threshold: int, window: float) -> None:
+        self.threshold = threshold
+        self.window = window
+
+    def record(self, peer: Peer, now: float) -> bool:
+        """Record a change; True when it makes the peer flapping."""
+        n = self.threshold
+        changes = peer.changes
+        if changes is None or changes.maxlen != n + 1:
+            changes = peer.changes = deque(changes or (), maxlen=n + 1)
+        changes.append(now)
+        if peer.flapping or len(changes) <= n or now - changes[0] > self.window:
+            return False
+        peer.flapping = True
+        return True
+
+    def stable_at(self, peer: Peer) -> float:
+        """When a flapping peer is stable if nothing changes until then (inf: it is not flapping)."""
+        if peer.flapping and peer.changes:
+            return peer.changes[-1] + self.window
+        return float("inf")
+
+    def settle(self, peer: Peer, now: float) -> bool:
+        """True when a flapping peer is stable at ``now`` (it is no longer flapping then)."""
+        if peer.flapping and peer.changes and now >= peer.changes[-1] + self.window:
+            peer.flapping = False
+            peer.changes.clear()
+            return True
+        return False

@@ -1,0 +1,211 @@
+"""The peer registry's data: peer states, settings, the actions it returns and the per-peer state
+(hbd.registry and its pieces share these; nothing here does anything).
+
+Times are monotonic except silences and the records written to the state store (wall clock).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import deque
+from collections.abc import Hashable
+from dataclasses import dataclass
+from enum import Enum
+from typing import NamedTuple, Protocol
+
+from hbd.access import Network
+from hbd.config import ServerConfig
+from hbd.protocol import NAME_PATTERN
+from hbd.store_records import PeerRecord, SilenceRecord
+
+NAME_RE = re.compile(NAME_PATTERN)
+
+Key = Hashable  # a connection, as the server identifies it
+
+
+class PeerStatus(Enum):
+    NEW = "NEW"  # expected (or remembered across a restart) and not seen yet: waiting for its first ping
+    UP = "UP"
+    LATE = "LATE"
+    DOWN = "DOWN"
+
+
+class Expected(Protocol):
+    """An expected peer from the config (hbd.config's ExpectedPeer has these attributes)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def address(self) -> Network | None: ...
+    @property
+    def timeout(self) -> float | None: ...
+    @property
+    def labels(self) -> tuple[tuple[str, str], ...]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrySettings:
+    heartbeat_timeout: float = 10.0  # the timeout of a peer that announced none
+    forget_after: float = 604800.0
+    startup_grace: float | None = None  # None: each peer's timeout
+    unexpected: str = "allow"  # allow | warn | reject
+    rise: int = 1
+    flap_threshold: int = 5
+    flap_window: float = 300.0
+    max_peers: int = 10000
+    name_from: str = "greeting"  # greeting | certificate
+
+
+def registry_settings(cfg: ServerConfig) -> RegistrySettings:
+    """The registry's settings from a server's configuration."""
+    return RegistrySettings(
+        heartbeat_timeout=cfg.heartbeat_timeout,
+        forget_after=cfg.forget_after,
+        startup_grace=cfg.startup_grace,
+        unexpected=cfg.unexpected,
+        rise=cfg.rise,
+        flap_threshold=cfg.flap_threshold,
+        flap_window=cfg.flap_window,
+        max_peers=cfg.max_peers,
+        name_from=cfg.tls.name_from if cfg.tls is not None else "greeting",
+    )
+
+
+def expected_peers(cfg: ServerConfig) -> tuple[Expected, ...]:
+    return cfg.peers
+
+
+class Dirty(NamedTuple):
+    """What changed since the last take_dirty(): what the state store must write."""
+
+    peers: list[PeerRecord]
+    forgotten: list[str]
+    silences: list[SilenceRecord]
+    unsilenced: list[str]
+
+
+# -- actions ----------------------------------------------------------------------------------------
+class Close(NamedTuple):
+    """Close this connection (a refused name, or the older of two connections with one name)."""
+
+    key: Key
+    reason: str
+    peer: str
+    level: int = logging.WARNING
+
+
+class Notice(NamedTuple):
+    """A peer's state changed (``up``, ``late``, ``down``) or its flapping did (``flapping``,
+    ``stable``): log it (``level``), count it, and run the hooks when ``hook``."""
+
+    peer: str
+    event: str
+    old: str
+    new: str
+    reason: str
+    silenced: bool
+    level: int
+    hook: bool
+    address: str
+    expected: bool
+    since: float  # monotonic: when it happened
+    labels: tuple[tuple[str, str], ...]
+    named: bool  # False for an unnamed legacy client (its identity is its address)
+
+
+class Log(NamedTuple):
+    """A line worth logging that is no state change (unexpected peers, forgetting, silences)."""
+
+    level: int
+    peer: str
+    address: str
+    message: str
+
+
+class Watch(NamedTuple):
+    """Report this connection's every ping (``pinged``) while ``on``: its peer is rising."""
+
+    key: Key
+    on: bool
+
+
+Action = Close | Notice | Log | Watch
+
+
+class Live(NamedTuple):
+    """What the server knows of a connected peer's connection, for its row."""
+
+    connected: float  # monotonic
+    last_ping: float | None
+    pings: int
+    timeout: float
+    interval: float | None
+
+
+class Peer:
+    __slots__ = (
+        "address",
+        "changes",
+        "expected",
+        "filed",
+        "flapping",
+        "grace",
+        "key",
+        "labels",
+        "last_ping",
+        "name",
+        "named",
+        "reason",
+        "rising",
+        "since",
+        "status",
+        "timeout",
+    )
+
+    def __init__(self, name: str, address: str, status: PeerStatus, now: float, timeout: float, named: bool) -> None:
+        self.name = name
+        self.named = named  # False: an unnamed legacy client, known by its address
+        self.address = address
+        self.status = status
+        self.since = now
+        self.last_ping: float | None = None
+        self.reason = ""
+        self.expected = False
+        self.labels: tuple[tuple[str, str], ...] = ()
+        self.timeout = timeout
+        self.key: Key | None = None  # its connection, once it pinged on one
+        self.rising = 0  # on-time pings counted while it rises from DOWN (0: not rising)
+        self.flapping = False
+        self.changes: deque[float] | None = None  # recent state changes (flap detection), made on first use
+        self.grace = float("inf")  # NEW: DOWN "never connected" at this time
+        self.filed = float("inf")  # when its live entry in the deadline heap is due
+
+
+def notice(
+    peer: Peer,
+    event: str,
+    old: str,
+    new: str,
+    reason: str,
+    silenced: bool,
+    level: int,
+    hook: bool,
+    now: float,
+) -> Notice:
+    """A Notice about this peer (its address, expected, labels and named as they are now)."""
+    return Notice(
+        peer.name,
+        event,
+        old,
+        new,
+        reason,
+        silenced,
+        level,
+        hook,
+        peer.address,
+        peer.expected,
+        now,
+        peer.labels,
+        peer.named,
+    )
