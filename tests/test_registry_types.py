@@ -1,0 +1,60 @@
+"""hbd.registry_types, and the shape of the registry's pieces (handed down, none importing
+hbd.registry back; their size is tests/test_shape.py's)."""
+
+from __future__ import annotations
+
+import ast
+import logging
+from pathlib import Path
+
+import pytest
+
+from hbd import registry
+from hbd.registry_types import Notice, Peer, PeerStatus, notice
+
+PACKAGE = Path(__file__).resolve().parent.parent / "hbd"
+PIECES = ("types", "table", "identity", "states", "flapping", "deadlines", "silences", "records")
+
+
+def test_notice_carries_the_peer_as_it_is_now() -> None:
+    peer = Peer("10.0.0.5:4000", "10.0.0.5:4000", PeerStatus.UP, 0.0, 10.0, False)
+    peer.expected, peer.labels = True, (("rack", "r1"),)
+    n = notice(peer, "down", "UP", "DOWN", "timeout", False, logging.WARNING, True, 12.0)
+    assert n == Notice(
+        "10.0.0.5:4000",
+        "down",
+        "UP",
+        "DOWN",
+        "timeout",
+        False,
+        logging.WARNING,
+        True,
+        "10.0.0.5:4000",
+        True,
+        12.0,
+        (("rack", "r1"),),
+        False,
+    )
+
+
+def test_per_peer_state_has_slots() -> None:
+    peer = Peer("a", "", PeerStatus.NEW, 0.0, 1.0, True)
+    with pytest.raises(AttributeError):
+        peer.extra = 1  # type: ignore[attr-defined]
+
+
+def test_hbd_registry_re_exports_what_its_callers_import() -> None:
+    for name in registry.__all__:
+        assert hasattr(registry, name), name
+    assert registry.Peer is Peer and registry.PeerStatus is PeerStatus  # the same classes, not copies
+
+
+@pytest.mark.parametrize("piece", PIECES)
+def test_no_piece_imports_the_registry(piece: str) -> None:
+    path = PACKAGE / f"registry_{piece}.py"
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom):
+            assert node.module != "hbd.registry", f"{path.name} imports hbd.registry"
+            assert not (node.module == "hbd" and any(a.name == "registry" for a in node.names)), path.name
+        elif isinstance(node, ast.Import):
+            assert all(a.name != "hbd.registry" for a in node.names), f"{path.name} imports hbd.registry"
