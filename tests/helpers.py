@@ -4,10 +4,17 @@ processes: daemons.py; certificates: certs.py; virtual time: virtual_time.py; th
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+from hbd.control import query
+
+T = TypeVar("T")
 
 
 def report(title: str, lines: list[str]) -> None:
@@ -71,3 +78,24 @@ def run_reload(loop, reloads, timeout: float = 10.0) -> None:
         assert time.monotonic() < deadline, "the reload did not finish"
         loop.run_once(0)
         time.sleep(0.001)
+
+
+def status_of(path: Path) -> dict:
+    """A daemon's ``hbd status --json`` document, from its status socket."""
+    return json.loads(query(str(path), "status"))
+
+
+def peers_of(path: Path) -> dict[str, dict]:
+    """A server's peers by how they are shown (name, else address)."""
+    return {p["peer"]: p for p in status_of(path)["peers"]}
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 10.0) -> T:
+    """Poll ``predicate`` until it returns something true (returned), else fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")

@@ -11,24 +11,11 @@ from pathlib import Path
 
 import pytest
 from daemons import connect, recv_exactly, start_client, start_server
+from helpers import status_of, wait_until
 
 from hbd.cli import main
-from hbd.control import BindError, RequestServer, UnixListener, query
+from hbd.control import BindError, RequestServer, UnixListener
 from hbd.loop import EventLoop
-
-
-def status_of(path: Path) -> dict:
-    return json.loads(query(str(path), "status"))
-
-
-def wait_until(predicate, timeout: float = 5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 # -- binding ----------------------------------------------------------------------------------------

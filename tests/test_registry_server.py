@@ -10,28 +10,11 @@ import urllib.request
 from pathlib import Path
 
 from daemons import connect, free_port, recv_exactly, start_client, start_server
+from helpers import peers_of, status_of, wait_until
 
 from hbd.control import query
 
 http = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def status_of(path: Path) -> dict:
-    return json.loads(query(str(path), "status"))
-
-
-def peers_of(path: Path) -> dict[str, dict]:
-    return {p["peer"]: p for p in status_of(path)["peers"]}
-
-
-def wait_until(predicate, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 def script(tmp_path: Path, body: str) -> str:

@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 from daemons import connect, free_port, recv_exactly, start_client, start_server
+from helpers import peers_of, status_of, wait_until
 
 from hbd.control import query
 
@@ -21,24 +22,6 @@ def scrape(port: int) -> list[str]:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with opener.open(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         return r.read().decode().splitlines()
-
-
-def status_of(path: Path) -> dict:
-    return json.loads(query(str(path), "status"))
-
-
-def peers_of(path: Path) -> dict[str, dict]:
-    return {p["peer"]: p for p in status_of(path)["peers"]}
-
-
-def wait_until(predicate, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 def hook(tmp_path: Path) -> tuple[str, Path]:
