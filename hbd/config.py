@@ -288,6 +288,7 @@ class ServerConfig(_DaemonConfig):
     flap_window: float = field(default=300.0, metadata={"conv": _seconds})
     max_peers: int = field(default=10000, metadata={"conv": _integer(1, 1_000_000)})
     state_dir: str | None = field(default=DEFAULT_STATE_DIR, metadata={"conv": _dir_path})  # absolute once loaded
+    history_days: int = field(default=30, metadata={"conv": _integer(1, 3650)})  # changes older than this are pruned
 
 
 @dataclass(frozen=True)

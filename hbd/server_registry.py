@@ -63,6 +63,9 @@ class Events(Protocol):
 
 
 FLUSH_INTERVAL = 0.5  # seconds between writes of the registry's changes to the state store
+ALIVE_INTERVAL = 5.0  # seconds between the run's signs of life (`hbd history`: after a crash, unknown from there)
+PRUNE_INTERVAL = 60.0  # seconds between asking the store to prune the history past history_days
+DAY = 86400.0
 CHANGES = frozenset({"up", "late", "down"})  # the notices that are state changes (history rows)
 
 
@@ -77,6 +80,9 @@ class Store(Protocol):
     def put_silence(self, rec: SilenceRecord) -> None: ...
     def drop_silence(self, name: str) -> None: ...
     def add_change(self, rec: ChangeRecord) -> None: ...
+    def start_run(self, now: float) -> None: ...
+    def alive(self, now: float) -> None: ...
+    def prune_changes(self, before: float) -> None: ...
     def flush(self) -> bool: ...
     def take_messages(self) -> list[str]: ...
     def close(self) -> None: ...
@@ -187,7 +193,7 @@ class ServerRegistry:
                 peer=n.peer,
             )
         if self.writer is not None and n.event in CHANGES:
-            self.writer.store.add_change(ChangeRecord(self.wall(), n.peer, n.old, n.new, n.reason))
+            self.writer.change(n)
         if not n.hook:  # silenced, or flapping: counted and shown, no hook
             self.events.count(n.event, n.peer, n.address, n.old.lower(), n.reason)
             return
@@ -245,11 +251,13 @@ class ServerRegistry:
         if writer is not None:
             writer.close()
 
-    def attach(self, store: Store, peers: list[PeerRecord], silences: list[SilenceRecord]) -> None:
+    def attach(
+        self, store: Store, peers: list[PeerRecord], silences: list[SilenceRecord], history_days: int = 30
+    ) -> None:
         """Remember what the store remembered (restart continuity), then write changes to it."""
         self.restore(peers, silences)
         self.registry.take_dirty(self.clock(), self.wall())  # what restore() changed is in the store already
-        self.writer = StoreWriter(self.loop, self.registry, store, self.wall, self.live)
+        self.writer = StoreWriter(self.loop, self.registry, store, self.wall, self.live, history_days)
 
     # -- reloads -----------------------------------------------------------------------------------------
     def configure(self, settings: RegistrySettings, expected: tuple[Expected, ...]) -> None:
@@ -259,6 +267,8 @@ class ServerRegistry:
     def reconfigure(self, new: ServerConfig, old: ServerConfig) -> None:
         """A reload committed: new settings and expected peers (the state store stays where it is)."""
         self.configure(registry_settings(new), expected_peers(new))
+        if self.writer is not None:
+            self.writer.history_days = new.history_days
         if new.state_dir != old.state_dir:
             log.info("state_dir: the new directory is used from the next start")
 
@@ -308,7 +318,12 @@ class ServerRegistry:
 
 class StoreWriter:
     """Writes the registry's changes to the state store from a loop timer: every FLUSH_INTERVAL, one
-    bounded batch (again on the next turn while more wait); stops for good if the store fails."""
+    bounded batch (again on the next turn while more wait); stops for good if the store fails.
+
+    The history: each state change is queued as it is applied (``change``, O(1)); this daemon's run
+    starts when the writer does, a sign of life is queued every ALIVE_INTERVAL and once more at
+    close (so `hbd history` counts the time the server was down as unknown), and every PRUNE_INTERVAL
+    the store is asked to prune what is older than ``history_days`` (a batch per flush)."""
 
     def __init__(
         self,
@@ -317,17 +332,34 @@ class StoreWriter:
         store: Store,
         wall: Callable[[], float],
         live: Callable[[object], Live | None],
+        history_days: int = 30,
     ) -> None:
         self.loop = loop
         self.registry = registry
         self.store = store
         self.wall = wall
         self.live = live
+        self.history_days = history_days
         self._messages()
+        now = loop.clock()
+        store.start_run(wall())
+        self._alive_at = now + ALIVE_INTERVAL
+        self._prune_at = now  # the first flush prunes what went stale while the daemon was stopped
         self._timer: Timer | None = loop.call_later(FLUSH_INTERVAL, self._flush)
+
+    def change(self, n: Notice) -> None:
+        """A state change (up, late, down) for the history: queued, written by a later flush."""
+        self.store.add_change(ChangeRecord(self.wall(), n.peer, n.old, n.new, n.reason, "server"))
 
     def _flush(self) -> None:
         store = self.store
+        now = self.loop.clock()
+        if now >= self._alive_at:
+            self._alive_at = now + ALIVE_INTERVAL
+            store.alive(self.wall())
+        if now >= self._prune_at:
+            self._prune_at = now + PRUNE_INTERVAL
+            store.prune_changes(self.wall() - self.history_days * DAY)
         self._queue()
         more = store.flush() or self.registry.dirty() > 0
         self._messages()
@@ -358,6 +390,7 @@ class StoreWriter:
         self.loop.cancel(self._timer)
         self._timer = None
         if self.store.failed is None:
+            self.store.alive(self.wall())
             self.registry.mark_connected_dirty()
             while True:
                 self._queue()
@@ -379,7 +412,7 @@ def start_registry(
     reg = ServerRegistry(loop, registry_settings(cfg), expected_peers(cfg), peer_log, events, close, is_open)
     store, peers, silences = open_store(cfg.state_dir)
     if store is not None:
-        reg.attach(store, peers, silences)
+        reg.attach(store, peers, silences, cfg.history_days)
     return reg
 
 

@@ -204,6 +204,9 @@ class FakeStore:
         self.peers: dict[str, object] = {}
         self.silences: dict[str, object] = {}
         self.changes: list = []
+        self.runs: list[float] = []
+        self.alives: list[float] = []
+        self.prunes: list[float] = []
         self.flushes = 0
         self.closed = False
 
@@ -221,6 +224,15 @@ class FakeStore:
 
     def add_change(self, rec) -> None:
         self.changes.append(rec)
+
+    def start_run(self, now: float) -> None:
+        self.runs.append(now)
+
+    def alive(self, now: float) -> None:
+        self.alives.append(now)
+
+    def prune_changes(self, before: float) -> None:
+        self.prunes.append(before)
 
     def flush(self) -> bool:
         self.flushes += 1
@@ -259,6 +271,41 @@ def test_the_store_gets_changes_from_a_flush_timer_and_restores_peers(server, vc
     assert "web2" not in store.peers  # restored as it was: nothing to write back
     srv.shutdown()
     assert store.closed and store.peers["web1"].last_ping is not None  # type: ignore[attr-defined]
+    b.close()
+
+
+def test_the_history_gets_every_change_the_runs_signs_of_life_and_pruning(server, vclock, vloop) -> None:
+    """Each up/late/down is queued as a change (wall time, reason, side server) when it is applied;
+    the run starts at attach, is alive every 5 s and at close; pruning past history_days once a minute."""
+    srv, _ = server()
+    reg = srv.registry
+    assert reg is not None
+    wall = [1_700_000_000.0]
+    reg.wall = lambda: wall[0]
+    store = FakeStore()
+    reg.attach(store, [], [], history_days=2)
+    assert reg.writer is not None
+    reg.writer.wall = lambda: wall[0]
+    assert store.runs == [wall[0]] and store.alives == []
+    b = pair(srv)
+    send(srv, b, b"hello web1\nping")
+    run_until(vloop, vclock, vclock() + 1.0)
+    wall[0] += 1.5
+    run_until(vloop, vclock, vclock() + 1.5)  # timeout 2 s: late
+    wall[0] += 10
+    run_until(vloop, vclock, vclock() + 10)  # down
+    assert [(c.peer, c.old, c.new, c.side) for c in store.changes] == [
+        ("web1", "NEW", "UP", "server"),
+        ("web1", "UP", "LATE", "server"),
+        ("web1", "LATE", "DOWN", "server"),
+    ]
+    assert store.changes[0].time == 1_700_000_000.0 and store.changes[2].reason
+    assert store.prunes == [1_700_000_000.0 - 2 * 86400]  # at the first flush, then once a minute
+    assert len(store.alives) == 2  # at 5 s and 10 s
+    run_until(vloop, vclock, vclock() + 60)
+    assert len(store.prunes) == 2 and len(store.alives) == 14
+    srv.shutdown()
+    assert len(store.alives) == 15 and store.closed
     b.close()
 
 
