@@ -343,6 +343,8 @@ class StoreWriter:
         self._messages()
         now = loop.clock()
         store.start_run(wall())
+        store.flush()  # before the loop runs: the run is on file before the server listens, so a reader
+        # right after a restart does not take the killed run's recent sign of life for this one's
         self._alive_at = now + ALIVE_INTERVAL
         self._prune_at = now  # the first flush prunes what went stale while the daemon was stopped
         self._timer: Timer | None = loop.call_later(FLUSH_INTERVAL, self._flush)
