@@ -340,6 +340,8 @@ class StoreWriter:
         self.wall = wall
         self.live = live
         self.history_days = history_days
+        self.flushes = 0  # flush() calls from the loop, and the longest (perf counter seconds): the
+        self.longest_flush = 0.0  # loop's share of the disk, logged at close (docs/performance.md)
         self._messages()
         now = loop.clock()
         store.start_run(wall())
@@ -363,7 +365,12 @@ class StoreWriter:
             self._prune_at = now + PRUNE_INTERVAL
             store.prune_changes(self.wall() - self.history_days * DAY)
         self._queue()
-        more = store.flush() or self.registry.dirty() > 0
+        started = time.perf_counter()
+        more = store.flush()
+        took = time.perf_counter() - started
+        self.flushes += 1
+        self.longest_flush = max(self.longest_flush, took)
+        more = more or self.registry.dirty() > 0
         self._messages()
         if store.failed is not None:
             self._timer = None  # it said why, once; the registry runs on without it
@@ -391,6 +398,12 @@ class StoreWriter:
         their grace), then everything still queued (blocking: after the loop)."""
         self.loop.cancel(self._timer)
         self._timer = None
+        log.info(
+            "state store: %d flushes from the loop, the longest %.1f ms",
+            self.flushes,
+            self.longest_flush * 1000,
+            extra=fields(event="state-store"),
+        )
         if self.store.failed is None:
             self.store.alive(self.wall())
             self.registry.mark_connected_dirty()
