@@ -235,6 +235,16 @@ def _collect_peers(view: ServerView | SupervisorView, out: Exposition) -> None:
     out.family("hbd_peer_expected", "gauge", "1 for a peer listed in peers: (expected to be alive), else 0.")
     for labels, row in rows:
         out.sample("hbd_peer_expected", 1 if row.expected else 0, labels)
+    out.family("hbd_peer_outages_total", "counter", "Times the peer went DOWN since this server started.")
+    for labels, row in rows:
+        out.sample("hbd_peer_outages_total", row.outages or 0, labels)
+    out.family(
+        "hbd_peer_down_seconds_total",
+        "counter",
+        "Seconds the peer was DOWN since this server started (the current outage too).",
+    )
+    for labels, row in rows:
+        out.sample("hbd_peer_down_seconds_total", round(row.down_seconds or 0.0, 3), labels)
 
 
 def _summed(own: Mapping[str, int], others: list[Mapping[str, int]]) -> dict[str, int]:

@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from itertools import chain
 from typing import TYPE_CHECKING, Protocol
 
@@ -21,6 +22,7 @@ from hbd import tls
 from hbd.config import ServerConfig
 from hbd.connection import Connection
 from hbd.logs import PeerLog, fields, log
+from hbd.peer_uptime import Uptime
 from hbd.protocol import Hello, PeerState, StateChange
 from hbd.registry import (
     Action,
@@ -108,6 +110,7 @@ class ServerRegistry:
         self.close_conn = close
         self.is_open = is_open
         self.registry = Registry(settings, expected, self.clock(), wall())
+        self.uptime = Uptime()  # outages, down time and 24 h uptime per peer, from the changes applied here
         self._timer: Timer | None = None
         self.writer: StoreWriter | None = None
         self._rearm()
@@ -192,8 +195,11 @@ class ServerRegistry:
                 event=n.event,
                 peer=n.peer,
             )
-        if self.writer is not None and n.event in CHANGES:
-            self.writer.change(n)
+        if n.event in CHANGES:
+            self.uptime.change(n.peer, n.new, self.clock())
+            self.uptime.sweep(self.registry.peers, len(self.registry.peers))
+            if self.writer is not None:
+                self.writer.change(n)
         if not n.hook:  # silenced, or flapping: counted and shown, no hook
             self.events.count(n.event, n.peer, n.address, n.old.lower(), n.reason)
             return
@@ -278,7 +284,15 @@ class ServerRegistry:
 
     # -- what status and metrics read ----------------------------------------------------------------------
     def rows(self, worker: int | None = None) -> Iterator[PeerRow]:
-        return self.registry.rows(self.live, worker)
+        """The registry's rows with this process's accounting of each peer (hbd.peer_uptime)."""
+        accounts, uptime, now = self.uptime.accounts, self.uptime.uptime, self.clock()
+        for row in self.registry.rows(self.live, worker):
+            acc = accounts.get(row.peer)
+            if acc is None:
+                yield row
+            else:
+                down = acc.down_seconds(now)
+                yield replace(row, uptime_24h=uptime(row.peer, now), outages=acc.outages, down_seconds=down)
 
     def unknown(self, conns: list[Connection]) -> list[Connection]:
         """Connections that are no peer yet (no first ping) and do not claim a known peer's name:

@@ -117,6 +117,9 @@ def peer_doc(row: PeerRow, clock: Clock) -> dict[str, object]:
                 "flapping": "flapping" in row.flags,
                 "silenced_until": row.silenced_until,
                 "labels": dict(row.labels),
+                "uptime_24h": None if row.uptime_24h is None else round(row.uptime_24h, 3),
+                "outages": row.outages or 0,
+                "down_seconds": round(row.down_seconds or 0.0, 3),
             }
         )
     return doc
@@ -346,6 +349,12 @@ def _flags(p: PeerDoc, now: float) -> str:
     return text or "-"
 
 
+def _uptime(p: PeerDoc) -> str:
+    """This server process's accounting (``hbd history`` reads the whole record): "-" before a change."""
+    u = p.get("uptime_24h")
+    return "-" if u is None else f"{u:.2f}%"
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
@@ -379,13 +388,13 @@ def render(doc: StatusDoc, recent: int = 10) -> str:
                 age(now - p["last_ping"]) + " ago" if p["last_ping"] is not None else "never",
                 str(p["pings"]),
                 f"{p['timeout']:g}s",
-                *([_flags(p, now)] if registry else []),
+                *([_uptime(p), _flags(p, now)] if registry else []),
             ]
             for p in sorted(peers, key=lambda p: (_ORDER.get(p["state"], 9), p["name"] or "~", p["address"]))
         ]
         header = ["PEER", "ADDRESS", "STATE", "CONNECTED", "LAST PING", "PINGS", "TIMEOUT"]
         if registry:
-            header = [*header[:3], "SINCE", *header[3:], "FLAGS"]
+            header = [*header[:3], "SINCE", *header[3:], "UPTIME 24h", "FLAGS"]
     else:
         servers = doc["servers"]
         name = f"client_name {doc['name']}; " if doc["name"] else ""

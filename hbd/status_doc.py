@@ -58,6 +58,7 @@ class PeerDoc(TypedDict):
     expected: NotRequired[bool]
     flapping: NotRequired[bool]
     silenced_until: NotRequired[float | None]
+    uptime_24h: NotRequired[float | None]  # this process's accounting (hbd.peer_uptime)
 
 
 class ServerDoc(HeadDoc):
@@ -181,6 +182,8 @@ def _peer(raw: object, where: str) -> PeerDoc:
         doc["silenced_until"] = _opt_num(d, "silenced_until", where)
         doc["expected"] = d.get("expected") is True
         doc["flapping"] = d.get("flapping") is True
+        if "uptime_24h" in d:  # a server from before issue 13 sends none
+            doc["uptime_24h"] = _opt_num(d, "uptime_24h", where)
     return doc
 
 

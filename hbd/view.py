@@ -131,6 +131,10 @@ class PeerRow:
     silenced_until: float | None = None  # wall clock
     flags: frozenset[str] = frozenset()  # e.g. "flapping"; "pending": a connection that is no peer yet
     labels: tuple[tuple[str, str], ...] = ()
+    # This process's accounting of the peer's changes (hbd.peer_uptime): None before its first change.
+    uptime_24h: float | None = None  # percent of the known time UP or LATE, over at most the last 24 h
+    outages: int | None = None
+    down_seconds: float | None = None
 
 
 class ServerCounters(NamedTuple):

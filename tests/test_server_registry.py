@@ -339,3 +339,34 @@ def test_a_flapping_peer_gets_one_flapping_hook_then_none_until_one_stable(serve
     del events[:]
     run_until(vloop, vclock, vclock() + 11)
     assert [(e[1], e[2], e[3], e[4]) for e in events] == [("stable", "web1", "no change for 10 s: DOWN", True)]
+
+
+def test_status_and_metrics_show_each_peers_outages_down_time_and_uptime(server, vclock, vloop) -> None:
+    """From the changes applied in this process (hbd.peer_uptime), never from the store: none here."""
+    import json
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from hbd import metrics, status
+    from hbd.status_doc import parse_document
+
+    srv, _ = server()
+    b = pair(srv)
+    send(srv, b, b"hello web1\nping")
+    run_until(vloop, vclock, vclock() + 5)  # up at once, late at 1 s, down at 2 s (timeout 2 s)
+    b.close()
+    [row] = srv.view().peers
+    assert row.state == "DOWN" and row.outages == 1 and row.down_seconds == pytest.approx(3.0, abs=0.2)
+    assert row.uptime_24h == pytest.approx(100 * 2 / 5, abs=5)  # UP and LATE 2 s of the 5 known
+    doc = json.loads(b"".join(status.server_document(srv.view())))
+    assert doc["peers"][0]["outages"] == 1 and doc["peers"][0]["uptime_24h"] == pytest.approx(40, abs=5)
+    text = status.render(parse_document(doc))
+    header = next(line for line in text.splitlines() if line.startswith("PEER"))
+    assert "UPTIME 24h" in header
+    assert next(line for line in text.splitlines() if line.startswith("web1")).split()[-2].endswith("%")
+    families = {f.name: f for f in text_string_to_metric_families(metrics.collect(srv.view()).render().decode())}
+    assert [(s.labels["peer"], s.value) for s in families["hbd_peer_outages"].samples if s.name.endswith("_total")] == [
+        ("web1", 1)
+    ]
+    [down] = [s for s in families["hbd_peer_down_seconds"].samples if s.name.endswith("_total")]
+    assert down.value == pytest.approx(3.0, abs=0.2)

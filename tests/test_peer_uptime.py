@@ -1,0 +1,65 @@
+"""hbd.peer_uptime: each peer's outages, down time and 24 h uptime, in made-up monotonic times."""
+
+from __future__ import annotations
+
+import pytest
+
+from hbd.peer_uptime import MAX_SPANS, WINDOW, Uptime
+
+H = 3600.0
+
+
+def test_outages_and_down_seconds_count_the_current_outage_too() -> None:
+    u = Uptime()
+    u.change("web1", "UP", 0.0)
+    u.change("web1", "DOWN", 100.0)
+    u.change("web1", "UP", 160.0)
+    u.change("web1", "DOWN", 200.0)
+    acc = u.accounts["web1"]
+    assert acc.outages == 2
+    assert acc.down_seconds(230.0) == 60.0 + 30.0
+    u.change("web1", "DOWN", 240.0)  # the same state again: nothing new
+    assert acc.outages == 2 and acc.down_seconds(250.0) == 110.0
+
+
+def test_uptime_is_up_or_late_over_known_time_new_is_unknown() -> None:
+    u = Uptime()
+    assert u.uptime("web1", 0.0) is None
+    u.change("web1", "NEW", 0.0)
+    assert u.uptime("web1", 10.0) is None  # nothing known yet
+    u.change("web1", "UP", 10.0)
+    u.change("web1", "LATE", 70.0)
+    u.change("web1", "DOWN", 80.0)
+    u.change("web1", "UP", 110.0)
+    # known 10..130: UP 60 + LATE 10 + DOWN 30 + UP 20
+    assert u.uptime("web1", 130.0) == pytest.approx(100.0 * 90 / 120)
+
+
+def test_only_the_last_24_hours_count() -> None:
+    u = Uptime()
+    u.change("web1", "DOWN", 0.0)
+    u.change("web1", "UP", 2 * H)
+    assert u.uptime("web1", 2 * H + WINDOW - H) == pytest.approx(100.0 * 23 / 24)  # 1 h of the DOWN left
+    assert u.uptime("web1", 2 * H + WINDOW) == 100.0
+    assert u.accounts["web1"].outages == 1 and u.accounts["web1"].down_seconds(3 * WINDOW) == 2 * H
+
+
+def test_the_states_kept_per_peer_are_bounded() -> None:
+    u = Uptime()
+    for i in range(10 * MAX_SPANS):
+        u.change("flappy", "UP" if i % 2 == 0 else "DOWN", float(i))
+    acc = u.accounts["flappy"]
+    assert len(acc.spans) == MAX_SPANS and acc.outages == 5 * MAX_SPANS
+    assert acc.down_seconds(10.0 * MAX_SPANS) == 5 * MAX_SPANS  # the counters keep everything
+    assert u.uptime("flappy", 10.0 * MAX_SPANS) == pytest.approx(50.0)
+
+
+def test_forgotten_peers_are_swept_once_they_outnumber_the_known() -> None:
+    u = Uptime()
+    for i in range(300):
+        u.change(f"gone{i}", "UP", 0.0)
+        u.sweep({"web1"}, 1)
+    assert len(u.accounts) <= 2 * 1 + 100 + 1
+    u.change("web1", "UP", 1.0)
+    u.sweep({"web1"}, 1)
+    assert "web1" in u.accounts
