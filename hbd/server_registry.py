@@ -285,14 +285,16 @@ class ServerRegistry:
     # -- what status and metrics read ----------------------------------------------------------------------
     def rows(self, worker: int | None = None) -> Iterator[PeerRow]:
         """The registry's rows with this process's accounting of each peer (hbd.peer_uptime)."""
-        accounts, uptime, now = self.uptime.accounts, self.uptime.uptime, self.clock()
-        for row in self.registry.rows(self.live, worker):
-            acc = accounts.get(row.peer)
-            if acc is None:
-                yield row
-            else:
-                down = acc.down_seconds(now)
-                yield replace(row, uptime_24h=uptime(row.peer, now), outages=acc.outages, down_seconds=down)
+        return map(self.account, self.registry.rows(self.live, worker))
+
+    def account(self, row: PeerRow) -> PeerRow:
+        """``row`` with this process's accounting of its peer: 24 h uptime, outages, seconds down."""
+        acc = self.uptime.accounts.get(row.peer)
+        if acc is None:
+            return row
+        now = self.clock()
+        down = acc.down_seconds(now)
+        return replace(row, uptime_24h=self.uptime.uptime(row.peer, now), outages=acc.outages, down_seconds=down)
 
     def unknown(self, conns: list[Connection]) -> list[Connection]:
         """Connections that are no peer yet (no first ping) and do not claim a known peer's name:

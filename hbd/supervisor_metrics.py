@@ -47,6 +47,8 @@ def with_workers_peers(
         docs = []  # a worker restarting mid-reply: its peers are missing from this scrape
     offset = time.time() - view.daemon.now  # wall clock -> monotonic, as the rows carry it
     rows = [row for doc in docs if isinstance(doc, dict) and (row := _row(doc, offset)) is not None]
+    if view.account is not None:  # the supervisor's registry keeps the accounting, not the workers
+        rows = [view.account(row) for row in rows]
     return dataclasses.replace(view, peers=[*rows, *view.peers])
 
 

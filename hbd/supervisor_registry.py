@@ -181,7 +181,7 @@ class SupervisorRegistry(ServerRegistry):
         for row in self.registry.rows():
             peer = peers.get(row.peer)
             if peer is None or peer.key is None:
-                yield row
+                yield self.account(row)
 
 
 def _nothing(conn: Connection) -> None:

@@ -17,7 +17,7 @@ This module imports nothing from hbd.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -234,6 +234,8 @@ class SupervisorView:
     workers: tuple[WorkerRow, ...]  # by index
     counts: Mapping[str, int] | None = None  # peers by state, from the registry
     peers: Iterable[PeerRow] = ()  # the registry's peers no worker holds a connection of (one pass)
+    # fills in the registry's accounting (uptime, outages, down time) of a row a worker relayed
+    account: Callable[[PeerRow], PeerRow] | None = None
 
 
 @dataclass(frozen=True, slots=True)

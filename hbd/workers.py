@@ -76,7 +76,7 @@ class Supervisor(Daemon[ServerConfig]):
         # touch it, and end with os._exit (no close, no checkpoint from a child).
         store, peers, silences = open_store(cfg.state_dir)
         if store is not None:
-            reg.attach(store, peers, silences)
+            reg.attach(store, peers, silences, cfg.history_days)
 
     def shutdown(self) -> None:
         if self.registry is not None:
@@ -94,6 +94,8 @@ class Supervisor(Daemon[ServerConfig]):
         def commit() -> None:
             if self.registry is not None:
                 self.registry.configure(registry_settings(new), expected_peers(new))
+                if self.registry.writer is not None:
+                    self.registry.writer.history_days = new.history_days
             by_index = self.pool.by_index()
             self._hupped = set()
             for w in by_index:
@@ -164,6 +166,7 @@ class Supervisor(Daemon[ServerConfig]):
             workers,
             reg.counts() if reg is not None else None,
             reg.unconnected_rows() if reg is not None else (),
+            reg.account if reg is not None else None,
         )
 
     def on_status_tick(self) -> None:

@@ -181,7 +181,10 @@ def metric_scenario(tmp_path: Path, procs, workers: int) -> list[str]:
     web1.close()
     last = [line for line in lines if line.startswith("hbd_peer_last_ping")]
     assert len(last) == 2  # web1 (connected: relayed from its worker) and db1 (down: the supervisor's own)
-    return sorted(line.rsplit(" ", 1)[0] if line in last else line for line in lines)
+    down = [line for line in lines if line.startswith("hbd_peer_down_seconds_total")]  # how long: timing
+    values = {line.split('"')[1]: float(line.rsplit(" ", 1)[1]) for line in down}
+    assert values["db1"] > 0 and values["web1"] == 0.0
+    return sorted(line.rsplit(" ", 1)[0] if line in last or line in down else line for line in lines)
 
 
 def test_metrics_are_the_same_for_one_process_and_two_workers(tmp_path: Path, procs) -> None:
