@@ -228,10 +228,12 @@ def test_status_table_and_json_with_named_and_unnamed_clients(tmp_path: Path, pr
         "PING",
         "PINGS",
         "TIMEOUT",
+        "UPTIME",
+        "24h",
         "FLAGS",
     ]
     row = next(line for line in lines if line.startswith("web1 "))
-    assert " UP " in row and " ago" in row
+    assert " UP " in row and " ago" in row and " 100.00% " in row  # UP since its first ping
     assert any(line.startswith("-") and legacy_addr in line and " UP " in line for line in lines)
     assert main(["status", "-s", str(sock), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["role"] == "server"
