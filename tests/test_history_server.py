@@ -12,24 +12,9 @@ import time
 from pathlib import Path
 
 from daemons import HbdProcess, start_client, start_server
-
-from hbd.control import query
+from helpers import peers_of, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def peers_of(sock: Path) -> dict[str, dict]:
-    return {p["peer"]: p for p in json.loads(query(str(sock), "status"))["peers"]}
-
-
-def wait_until(predicate, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 def state_of(sock: Path, peer: str) -> str | None:
