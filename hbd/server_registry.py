@@ -65,7 +65,7 @@ class Events(Protocol):
 
 
 FLUSH_INTERVAL = 0.5  # seconds between writes of the registry's changes to the state store
-ALIVE_INTERVAL = 5.0  # seconds between the run's signs of life (`hbd history`: after a crash, unknown from there)
+ALIVE_INTERVAL = 1.0  # seconds between the run's signs of life (`hbd history`: after a crash, unknown from there)
 PRUNE_INTERVAL = 60.0  # seconds between asking the store to prune the history past history_days
 DAY = 86400.0
 CHANGES = frozenset({"up", "late", "down"})  # the notices that are state changes (history rows)

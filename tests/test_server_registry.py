@@ -276,7 +276,7 @@ def test_the_store_gets_changes_from_a_flush_timer_and_restores_peers(server, vc
 
 def test_the_history_gets_every_change_the_runs_signs_of_life_and_pruning(server, vclock, vloop) -> None:
     """Each up/late/down is queued as a change (wall time, reason, side server) when it is applied;
-    the run starts at attach, is alive every 5 s and at close; pruning past history_days once a minute."""
+    the run starts at attach, is alive every second and at close; pruning past history_days once a minute."""
     srv, _ = server()
     reg = srv.registry
     assert reg is not None
@@ -301,11 +301,11 @@ def test_the_history_gets_every_change_the_runs_signs_of_life_and_pruning(server
     ]
     assert store.changes[0].time == 1_700_000_000.0 and store.changes[2].reason
     assert store.prunes == [1_700_000_000.0 - 2 * 86400]  # at the first flush, then once a minute
-    assert len(store.alives) == 2  # at 5 s and 10 s
+    assert len(store.alives) == 12  # every second of the 12.5 s so far
     run_until(vloop, vclock, vclock() + 60)
-    assert len(store.prunes) == 2 and len(store.alives) == 14
+    assert len(store.prunes) == 2 and len(store.alives) == 72
     srv.shutdown()
-    assert len(store.alives) == 15 and store.closed
+    assert len(store.alives) == 73 and store.closed
     b.close()
 
 
