@@ -25,6 +25,9 @@ def _run(*args: str, cwd: Path) -> None:
     subprocess.run([OPENSSL or "openssl", *args], cwd=cwd, check=True, capture_output=True, text=True)
 
 
+NEW_EC_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes")  # a fresh P-256 key, unencrypted
+
+
 def make_ca(d: Path, name: str) -> Pair:
     if OPENSSL is None:
         pytest.skip("needs the openssl command (Debian package openssl)")
@@ -32,11 +35,7 @@ def make_ca(d: Path, name: str) -> Pair:
     _run(
         "req",
         "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
+        *NEW_EC_KEY,
         "-keyout",
         f"{name}.key",
         "-out",
@@ -58,11 +57,7 @@ def make_cert(d: Path, ca: Pair, name: str, *, server: bool, days: int = 30) -> 
     ext.write_text(f"basicConstraints=CA:FALSE\nextendedKeyUsage={usage}\n{san}")
     _run(
         "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
+        *NEW_EC_KEY,
         "-keyout",
         f"{name}.key",
         "-out",

@@ -3,7 +3,9 @@ to on_verdict (no Server involved: the liveness part needs only what it is given
 
 from __future__ import annotations
 
+import contextlib
 import socket
+from collections.abc import Iterator
 
 from virtual_time import FakeClock, VirtualSelector
 
@@ -52,7 +54,9 @@ def run_until(loop: EventLoop, clock: FakeClock, t: float) -> None:
         loop.run_once(max_wait=t - (clock.now - 1000.0))
 
 
-def test_verdicts_come_at_the_deadline_through_on_verdict() -> None:
+@contextlib.contextmanager
+def pinged_connection() -> Iterator[tuple[FakeClock, EventLoop, Owner, socket.socket]]:
+    """A connection (4 s timeout) on virtual time whose peer has just pinged once; the peer's end too."""
     clock = FakeClock()
     loop = EventLoop(clock, VirtualSelector(clock))
     owner = Owner(loop)
@@ -63,6 +67,15 @@ def test_verdicts_come_at_the_deadline_through_on_verdict() -> None:
         conn.start()
         b.sendall(b"ping")
         loop.run_once(0)
+        yield clock, loop, owner, b
+    finally:
+        a.close()
+        b.close()
+        loop.close()
+
+
+def test_verdicts_come_at_the_deadline_through_on_verdict() -> None:
+    with pinged_connection() as (clock, loop, owner, b):
         assert b.recv(4) == b"pong"
         run_until(loop, clock, 10.0)
         assert [v[1] for v in owner.verdicts] == [PeerState.LATE, PeerState.DEAD]
@@ -70,23 +83,10 @@ def test_verdicts_come_at_the_deadline_through_on_verdict() -> None:
         assert 2.0 <= late <= 2.0 + WHEEL_RESOLUTION + 1e-9  # more than half the timeout: late
         assert 4.0 <= dead <= 4.0 + WHEEL_RESOLUTION + 1e-9
         assert len(owner.liveness.wheel) == 0  # a dead connection is no longer filed
-    finally:
-        a.close()
-        b.close()
-        loop.close()
 
 
 def test_a_stall_of_our_own_is_forgiven() -> None:
-    clock = FakeClock()
-    loop = EventLoop(clock, VirtualSelector(clock))
-    owner = Owner(loop)
-    a, b = socket.socketpair()
-    try:
-        conn = Connection(owner, a, "127.0.0.1:1", clock(), 4.0)
-        a.setblocking(False)
-        conn.start()
-        b.sendall(b"ping")
-        loop.run_once(0)
+    with pinged_connection() as (clock, loop, owner, _peer):
         clock.advance(5.0)  # we were stopped past its whole timeout
         owner.liveness.on_stall(1000.0, clock())
         loop.run_once(0)
@@ -96,7 +96,3 @@ def test_a_stall_of_our_own_is_forgiven() -> None:
             owner.verdicts[-1][1] is PeerState.DEAD
             and 5.0 + 4.0 <= owner.verdicts[-1][0] <= 9.0 + WHEEL_RESOLUTION + 1e-9
         )
-    finally:
-        a.close()
-        b.close()
-        loop.close()
