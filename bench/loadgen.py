@@ -250,6 +250,7 @@ def worker(a: argparse.Namespace, sch: Schedule, n: int, wid: int) -> dict[str, 
     next_slot, cur_slot = sch.start, 0
     next_sweep = 0.0
     silenced = False
+    named = 0
     while True:
         now = mono()
         if now >= sch.hard_end:
@@ -340,6 +341,13 @@ def worker(a: argparse.Namespace, sch: Schedule, n: int, wid: int) -> dict[str, 
                 c.state = OPEN
                 conn_lat.append(now - c.t_conn)
                 ep.modify(fd, select.EPOLLIN)
+                if a.hello:  # a named peer, as a fleet of hbd clients greets: one line before its pings
+                    named += 1
+                    try:
+                        c.sock.send(f"hello {a.hello}{wid}-{named}\n".encode())
+                    except OSError:
+                        lost(c, "reset", now)
+                        continue
                 if closed_loop:
                     if now < se:
                         send_ping(c, a.depth)
@@ -531,6 +539,9 @@ def parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--src-net", default=None, help="bind worker i to source address SRC_NET.(i+1), e.g. 127.1.7")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument(
+        "--hello", default=None, metavar="PREFIX", help="greet each conn as `hello PREFIX<worker>-<k>` before its pings"
+    )
     return ap
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from bench import servers
 from bench.loadgen import make_schedule
 from bench.modes import FULL
-from bench.runner import cpu_split, gen_command, sleep_until
+from bench.runner import cpu_split, gen_command, hello_for, sleep_until
 
 
 def summarize(raw: Path, top: int) -> str:
@@ -73,7 +73,18 @@ def main() -> int:
             sch = make_schedule(start_at, a.n, FULL.rate, FULL.settle, duration, 0.0, 2.0)
             m = dataclasses.replace(FULL, wire=a.wire)
             cmd = gen_command(
-                srv.port, a.n, max(1, -(-a.n // m.conns_per_gen)), "open", start_at, m, duration, 0.0, 0.0, gcpu, m.rate
+                srv.port,
+                a.n,
+                max(1, -(-a.n // m.conns_per_gen)),
+                "open",
+                start_at,
+                m,
+                duration,
+                0.0,
+                0.0,
+                gcpu,
+                m.rate,
+                hello_for(a.server),
             )
             gen = subprocess.Popen(
                 cmd, cwd=servers.REPO, stdout=subprocess.DEVNULL, env={"PYTHONPATH": str(servers.REPO)}

@@ -57,6 +57,7 @@ def gen_command(
     silent_frac: float,
     cpus: set[int] | None,
     rate: float,
+    hello: str | None = None,
 ) -> list[str]:
     cmd = [
         servers.PYTHON,
@@ -94,7 +95,15 @@ def gen_command(
     if cpus:
         cmd += ["--cpus", ",".join(map(str, sorted(cpus)))]
     cmd += ["--src-net", next_src_net()]
+    if hello:
+        cmd += ["--hello", hello]
     return cmd
+
+
+def hello_for(server: str) -> str | None:
+    """hbd's clients greet with a name (``hello peer<w>-<k>``), as a fleet of hbd clients does, so the
+    registry keeps a named peer for each; the floor and the thread server know no greeting."""
+    return "peer" if server == "hbd" else None
 
 
 def drive(
@@ -154,7 +163,9 @@ def run_open(name: str, n: int, m: Mode, tmp: Path) -> dict[str, Any]:
         procs = max(1, math.ceil(n / m.conns_per_gen))
         start_at = time.monotonic() + m.lead
         sch = make_schedule(start_at, n, m.rate, m.settle, duration, detect_wait, GRACE)
-        cmd = gen_command(srv.port, n, procs, "open", start_at, m, duration, detect_wait, silent, gcpu, m.rate)
+        cmd = gen_command(
+            srv.port, n, procs, "open", start_at, m, duration, detect_wait, silent, gcpu, m.rate, hello_for(name)
+        )
         s = drive(srv, cmd, start_at, sch.ss, sch.se, sch.hard_end)
     finally:
         srv.stop()
@@ -230,7 +241,9 @@ def run_closed(name: str, workers: int, depth: int, m: Mode, tmp: Path) -> dict[
         start_at = time.monotonic() + m.lead
         rate = 10000.0
         sch = make_schedule(start_at, m.closed_conns, rate, m.settle, m.closed_duration, 0.0, GRACE)
-        cmd = gen_command(srv.port, m.closed_conns, 2, "closed", start_at, m, m.closed_duration, 0.0, 0.0, None, rate)
+        cmd = gen_command(
+            srv.port, m.closed_conns, 2, "closed", start_at, m, m.closed_duration, 0.0, 0.0, None, rate, hello_for(name)
+        )
         cmd += ["--depth", str(depth)]
         s = drive(srv, cmd, start_at, sch.ss, sch.se, sch.hard_end)
     finally:

@@ -33,7 +33,13 @@ def free_port() -> int:
 
 
 def hbd_server_yaml(
-    port: int, timeout: float, log_file: Path, workers: int | None, max_clients: int, control_socket: Path
+    port: int,
+    timeout: float,
+    log_file: Path,
+    workers: int | None,
+    max_clients: int,
+    control_socket: Path,
+    state_dir: Path,
 ) -> str:
     lines = [
         "host: 127.0.0.1",
@@ -44,6 +50,10 @@ def hbd_server_yaml(
         f"log_file: {log_file}",
         "log_level: info",
         f"control_socket: {control_socket}",
+        # everything in: every client a named peer of the registry (max_peers at least N) and the
+        # state store with its history (a directory per run; the default /var/lib/hbd is the unit's)
+        f"max_peers: {max_clients}",
+        f"state_dir: {state_dir}",
     ]
     if workers is not None:  # only sent when asked, so a core without the option still runs
         lines.append(f"workers: {workers}")
@@ -122,8 +132,9 @@ def command(
         return [PYTHON, "-m", "bench.thread_server", "--port", str(port), "--timeout", str(timeout)]
     if name == "hbd":
         cfg = tmp / f"hbd-server-{port}.yaml"
-        log, sock = tmp / f"hbd-server-{port}.log", status_socket(tmp, port)
-        cfg.write_text(hbd_server_yaml(port, timeout, log, workers, max_clients, sock))
+        log, sock, state = tmp / f"hbd-server-{port}.log", status_socket(tmp, port), tmp / f"hbd-state-{port}"
+        state.mkdir(exist_ok=True)
+        cfg.write_text(hbd_server_yaml(port, timeout, log, workers, max_clients, sock, state))
         return [PYTHON, "-m", "hbd", "server", "-c", str(cfg)]
     raise ValueError(f"unknown server {name!r}")
 
