@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from hbd import peers_config
+from hbd import heap, peers_config
 from hbd.access import Network, parse_allow
 from hbd.durations import DAY, seconds_value
 from hbd.durations import parse_duration as parse_duration  # re-exported: the one duration parser
@@ -520,8 +520,9 @@ def _collector_paused() -> Iterator[None]:
     temporaries are freed as their references go), and what was allocated meanwhile is then moved to
     the oldest generation unwalked (freeze + unfreeze): back on with the new peers in its young
     generation, the collector's next pass would walk them all at once, holding the GIL (0.2-0.4 s for
-    50,000 peers: a stall of the loop while a reload loads off it, in hbd.reloading's thread). Nothing
-    in hbd keeps objects frozen (this would undo a gc.freeze() made elsewhere)."""
+    50,000 peers: a stall of the loop while a reload loads off it, in hbd.reloading's thread). In a
+    daemon that keeps its long-lived objects frozen (hbd.heap) they stay frozen: an unfreeze would hand
+    them all back to the collector's next full pass."""
     collecting = gc.isenabled()
     gc.disable()
     try:
@@ -529,7 +530,8 @@ def _collector_paused() -> Iterator[None]:
     finally:
         if collecting:
             gc.freeze()
-            gc.unfreeze()
+            if not heap.frozen:
+                gc.unfreeze()
             gc.enable()
 
 

@@ -15,6 +15,7 @@ from typing import Generic, TypeVar
 from hbd.early import LOOP_SIGNALS, STRAY_SIGNALS, take_hup
 from hbd.errors import HbdError
 from hbd.errors import StartError as StartError  # re-exported: where callers import it from
+from hbd.heap import Heap
 from hbd.logs import Logging, PeerLog, log
 from hbd.loop import EventLoop
 from hbd.notify import Notifier
@@ -179,6 +180,7 @@ class Daemon(Generic[C]):
             self._pet_watchdog()
         self._update_status()
         self.notifier.ready(self.status_text())
+        Heap(loop).start()  # from now on, long-lived objects are not walked by the collector again
         try:
             loop.run()
         finally:
