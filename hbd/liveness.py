@@ -18,6 +18,7 @@ from hbd.protocol import PeerState, ServerPeer, StateChange, peer_timeout
 from hbd.wheel import DeadlineWheel
 
 WHEEL_RESOLUTION = 0.01  # verdicts come at most this late; the issue allows 100 ms, benchmarks 50
+AFTER_NOW = 1e-6  # "later than now" for the wheel: far above the clock's float resolution, far below a slot
 STALLS_KEPT = 256  # recent stalls of our own loop remembered for forgiveness; older ones are forgotten
 
 
@@ -54,7 +55,9 @@ class Liveness:
         after a ping), else it is moved; so no sequence of messages can pile up entries."""
         # Never at or before now: the rules are strict (silent for MORE than the timeout), so a
         # check exactly at the deadline changes nothing and must not be re-filed for the same instant.
-        when = max(conn.peer.next_deadline() + forgiven, self.clock() + WHEEL_RESOLUTION)
+        # Just after now is enough: its slot is the first that ends after now (now + a whole slot
+        # would make a verdict that was just short of its deadline up to two slots late).
+        when = max(conn.peer.next_deadline() + forgiven, self.clock() + AFTER_NOW)
         if conn.slot != -1:
             if self.wheel.tick(when) >= conn.slot:
                 return
