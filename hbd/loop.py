@@ -21,6 +21,7 @@ from bisect import bisect_left
 from collections.abc import Callable
 from typing import Protocol
 
+from hbd.selector import default_selector
 from hbd.view import TURN_BUCKETS
 
 Callback = Callable[[], object]
@@ -64,7 +65,7 @@ class EventLoop:
         self.clock = clock
         # CPU time of the loop's thread; with a virtual clock (tests) every second of a turn is work.
         self.cpu_clock = cpu_clock or (time.thread_time if clock is time.monotonic else clock)
-        self.selector = selector if selector is not None else selectors.DefaultSelector()
+        self.selector = selector if selector is not None else default_selector()
         self._timers: list[Timer] = []
         self._cancelled = 0
         self._running = False
@@ -216,8 +217,9 @@ class EventLoop:
             except Exception as exc:
                 self.report_error(key.fileobj, cb, exc)
         if timers and timers[0].when <= (now := self.clock()):
-            cpu = self._check_turn(seg, cpu, now)  # a stop in the middle of the I/O, before verdicts
-            seg = now
+            if now - seg > STALL_THRESHOLD:  # a stop in the middle of the I/O, before verdicts
+                cpu = self._check_turn(seg, cpu, now)
+                seg = now
             # Take every due timer first, then run them: a callback that re-arms at a time that is
             # already due runs on the next turn instead of spinning inside this one.
             due = []
@@ -237,7 +239,8 @@ class EventLoop:
                 except Exception as exc:
                     self.report_error(None, timer.callback, exc)
         end = self.clock()
-        self._check_turn(seg, cpu, end)
+        if end - seg > STALL_THRESHOLD:  # only a stretch that long can hide a stall: spare the CPU clock
+            self._check_turn(seg, cpu, end)  # (a system call) on every other turn
         turn = end - woke
         if turn < 0.001:  # TURN_BUCKETS[0]: most turns skip the bisect (~100 ns of the ~200 this costs)
             self.turn_counts[0] += 1
