@@ -135,7 +135,9 @@ def command(
         log, sock, state = tmp / f"hbd-server-{port}.log", status_socket(tmp, port), tmp / f"hbd-state-{port}"
         state.mkdir(exist_ok=True)
         cfg.write_text(hbd_server_yaml(port, timeout, log, workers, max_clients, sock, state))
-        return [PYTHON, "-m", "hbd", "server", "-c", str(cfg)]
+        trace = os.environ.get("HBD_BENCH_GCTRACE")  # every collector pass timed (bench/gctrace.py)
+        run = ["-m", "bench.gctrace", trace] if trace else ["-m", "hbd"]
+        return [PYTHON, *run, "server", "-c", str(cfg)]
     raise ValueError(f"unknown server {name!r}")
 
 
