@@ -180,10 +180,11 @@ class Daemon(Generic[C]):
             self._pet_watchdog()
         self._update_status()
         self.notifier.ready(self.status_text())
-        Heap(loop).start()  # from now on, long-lived objects are not walked by the collector again
+        heap = Heap(loop).start()  # from now on, long-lived objects are not walked by the collector again
         try:
             loop.run()
         finally:
+            heap.close()
             self.notifier.stopping()
             self.ops.stopping()
             self.shutdown()

@@ -39,10 +39,11 @@ class Heap:
         self.freezes = 0
         self._timer: Timer | None = None
 
-    def start(self) -> None:
+    def start(self) -> Heap:
         global frozen
         frozen = True
         self._freeze()
+        return self
 
     def _freeze(self) -> None:
         gc.collect(1)  # young cycles that are garbage now: freed, never frozen
@@ -51,5 +52,10 @@ class Heap:
         self._timer = self.loop.call_later(self.interval, self._freeze)
 
     def close(self) -> None:
+        """The loop has stopped: the timer ends and the frozen objects go back to the collector (a
+        daemon run inside a test process must not leave that process's garbage frozen)."""
+        global frozen
         self.loop.cancel(self._timer)
         self._timer = None
+        frozen = False
+        gc.unfreeze()

@@ -50,8 +50,7 @@ def test_garbage_cycles_are_collected_and_what_lives_is_frozen_every_interval(
     dead.me = dead  # a cycle that is garbage: collected, not frozen with the rest
     gone = weakref.ref(dead)
     del dead
-    h = Heap(vloop)
-    h.start()
+    h = Heap(vloop).start()
     assert heap.frozen and h.freezes == 1
     assert gone() is None
     assert not walked(live) and gc.is_tracked(live)  # frozen, not untracked: freed by its last reference
@@ -60,6 +59,7 @@ def test_garbage_cycles_are_collected_and_what_lives_is_frozen_every_interval(
     run_to(vloop, vclock, vclock.now + FREEZE_INTERVAL + 0.01)
     assert h.freezes == 2 and not walked(later)
     h.close()
+    assert not heap.frozen and walked(live)  # back to the collector
     run_to(vloop, vclock, vclock.now + 3 * FREEZE_INTERVAL)
     assert h.freezes == 2
 
