@@ -3,8 +3,10 @@ import signal
 import socket
 from collections.abc import Callable
 
+import pytest
 from virtual_time import FakeClock, VirtualSelector
 
+import hbd.loop
 from hbd.loop import STALL_THRESHOLD, EventLoop
 from hbd.view import TURN_BUCKETS, Turns
 
@@ -342,3 +344,99 @@ def test_the_turn_histogram_takes_no_clock_reading_of_its_own() -> None:
         assert loop.turn_counts[0] == 10
     finally:
         loop.close()
+
+
+def test_a_turn_handles_at_most_max_events_ready_sockets_and_none_starves(
+    vloop: EventLoop, vselector: VirtualSelector
+) -> None:
+    """A mass disconnect makes thousands of sockets ready at once: each turn takes its share, the
+    rest come back on the next turns (epoll is level-triggered), every one within ceil(N / budget)
+    turns, each handled once, none of them skipped."""
+    loop, budget, n = vloop, 8, 50
+    vselector.max_events = budget
+    pairs = [socket.socketpair() for _ in range(n)]
+    handled: list[int] = []
+    per_turn: list[int] = []
+
+    def reader(i: int, s: socket.socket) -> Callable[[], None]:
+        def on_read() -> None:
+            s.recv(10)  # no longer ready once read: as a connection that is closed
+            loop.remove_reader(s)
+            handled.append(i)
+
+        return on_read
+
+    try:
+        for i, (a, b) in enumerate(pairs):
+            loop.add_reader(a, reader(i, a))
+            b.send(b"x")
+        while len(handled) < n and len(per_turn) < 100:
+            before = len(handled)
+            loop.run_once(0.0)
+            per_turn.append(len(handled) - before)
+        assert sorted(handled) == list(range(n))  # each once
+        assert len(per_turn) == -(-n // budget)
+        assert max(per_turn) == budget
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+
+
+def test_a_socket_that_stays_ready_does_not_starve_the_others(vloop: EventLoop, vselector: VirtualSelector) -> None:
+    """Level-triggered sockets that stay ready (a peer that floods) are handed out round-robin:
+    with more ready than the budget, each gets its turn."""
+    loop, budget, n = vloop, 4, 12
+    vselector.max_events = budget
+    pairs = [socket.socketpair() for _ in range(n)]
+    seen: list[int] = []
+    try:
+        for i, (a, b) in enumerate(pairs):
+            loop.add_reader(a, lambda i=i: seen.append(i))  # never reads: stays ready for ever
+            b.send(b"x")
+        for _ in range(-(-n // budget)):
+            loop.run_once(0.0)
+        assert sorted(seen) == list(range(n))
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+
+
+def test_a_turn_runs_at_most_max_timers_due_timers_in_order(
+    vloop: EventLoop, vclock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop, clock = vloop, vclock
+    monkeypatch.setattr(hbd.loop, "MAX_TIMERS", 10)
+    fired: list[int] = []
+    for i in range(35):
+        loop.call_at(clock() - 1.0 + (i // 5) * 0.01, lambda i=i: fired.append(i))  # due, some at the same time
+    waits: list[int] = []
+    turns = 0
+    while len(fired) < 35 and turns < 10:
+        before = len(fired)
+        loop.run_once(5.0)
+        turns += 1
+        waits.append(len(fired) - before)
+    assert fired == list(range(35))  # earliest first, and in the order set when due at the same time
+    assert waits == [10, 10, 10, 5]
+    assert clock() == 1000.0  # the turns after a full one did not sleep: the rest were due
+
+
+def test_a_timer_rearming_for_now_does_not_starve_the_other_due_timers(
+    vloop: EventLoop, vclock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop, clock = vloop, vclock
+    monkeypatch.setattr(hbd.loop, "MAX_TIMERS", 2)
+    fired: list[str] = []
+
+    def again() -> None:
+        fired.append("again")
+        loop.call_at(clock(), again)
+
+    loop.call_at(clock(), again)
+    for name in "abcd":
+        loop.call_at(clock(), lambda name=name: fired.append(name))
+    for _ in range(4):
+        loop.run_once(0.0)
+    assert [f for f in fired if f != "again"] == ["a", "b", "c", "d"]

@@ -6,12 +6,12 @@ Tests take the fixtures (registered in conftest.py): ``vclock`` (a FakeClock at 
 
 from __future__ import annotations
 
-import selectors
 from collections.abc import Iterator
 
 import pytest
 
 from hbd.loop import EventLoop
+from hbd.selector import EpollSelector
 
 
 class FakeClock:
@@ -25,7 +25,7 @@ class FakeClock:
         self.now += seconds
 
 
-class VirtualSelector(selectors.DefaultSelector):  # type: ignore[misc, valid-type]
+class VirtualSelector(EpollSelector):
     def __init__(self, clock: FakeClock) -> None:
         super().__init__()
         self.clock = clock
