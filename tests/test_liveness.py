@@ -7,8 +7,10 @@ import contextlib
 import socket
 from collections.abc import Iterator
 
+import pytest
 from virtual_time import FakeClock, VirtualSelector
 
+from hbd import liveness
 from hbd.connection import Connection
 from hbd.liveness import WHEEL_RESOLUTION, Liveness
 from hbd.loop import EventLoop
@@ -96,3 +98,35 @@ def test_a_stall_of_our_own_is_forgiven() -> None:
             owner.verdicts[-1][1] is PeerState.DEAD
             and 5.0 + 4.0 <= owner.verdicts[-1][0] <= 9.0 + WHEEL_RESOLUTION + 1e-9
         )
+
+
+def test_a_turn_takes_at_most_wheel_checks_verdicts_the_rest_come_next_turns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Peers that pinged in the same burst are due in the same slot: their verdicts are spread over
+    turns of WHEEL_CHECKS each (with the I/O of every turn in between), all at their deadline's time."""
+    monkeypatch.setattr(liveness, "WHEEL_CHECKS", 4)
+    clock = FakeClock()
+    loop = EventLoop(clock, VirtualSelector(clock))
+    owner = Owner(loop)
+    pairs = [socket.socketpair() for _ in range(10)]
+    try:
+        for i, (a, b) in enumerate(pairs):
+            a.setblocking(False)
+            Connection(owner, a, f"127.0.0.1:{i + 1}", clock(), 4.0).start()
+            b.sendall(b"ping")
+        loop.run_once(0)
+        per_turn: list[int] = []
+        while len(owner.verdicts) < 20 and len(per_turn) < 1000:
+            before = len(owner.verdicts)
+            loop.run_once(10.0)
+            per_turn.append(len(owner.verdicts) - before)
+        busy = [n for n in per_turn if n]
+        assert busy == [4, 4, 2, 4, 4, 2]  # 10 LATE, then 10 DEAD: never more than 4 in a turn
+        assert [v[1] for v in owner.verdicts] == [PeerState.LATE] * 10 + [PeerState.DEAD] * 10
+        assert all(2.0 <= t <= 2.0 + WHEEL_RESOLUTION + 1e-9 for t, _ in owner.verdicts[:10])  # no later for it
+        assert all(4.0 <= t <= 4.0 + WHEEL_RESOLUTION + 1e-9 for t, _ in owner.verdicts[10:])
+        assert len(owner.liveness.wheel) == 0
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+        loop.close()
