@@ -24,6 +24,7 @@ from hbd.errors import StartError
 from hbd.logs import fields, log
 from hbd.loop import EventLoop
 from hbd.workers_codec import (
+    PIPE_READ,
     REPORTS,
     CodecError,
     Decoder,
@@ -177,7 +178,7 @@ class WorkerPool:
     def _on_pipe(self, w: Worker) -> bool:
         """Read what a worker sent; False at EOF (the worker is gone)."""
         try:
-            data = os.read(w.rfd, 65536)
+            data = os.read(w.rfd, PIPE_READ)
         except BlockingIOError:
             return True
         except OSError:
