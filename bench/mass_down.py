@@ -8,7 +8,10 @@ records. Measured (the loop's own numbers, from the status socket before and aft
 the server's log at shutdown):
 
 - the loop turns of the disconnect phase: how many, how many over 20 ms and 50 ms, the longest;
-- the longest ``flush()`` the loop made over the whole run (the server logs it at close);
+- the loop turns' histogram of that phase (``turns_le_ms``: turns that took at most each bound);
+- the loop's share of the state store over the whole run (the server logs it at close): the longest
+  hand-over (the timer that gives the writer thread the registry's changed peers and wakes it) and
+  the longest wait for the writer's lock (the writer holds it while it takes a batch);
 - how long until all N DOWN changes were in the file (read with a read-only connection).
 
 Needs RLIMIT_NOFILE >= N + 100 for the server; the clients split N over --procs processes.
@@ -170,19 +173,24 @@ def run(n: int, procs: int, directory: str, store: bool = True) -> dict[str, flo
         server.send_signal(signal.SIGTERM)
         server.wait(60)
     text = (Path(directory) / "server.out").read_text()  # its terminal output: written to the end
-    m = re.findall(r"(\d+) flushes from the loop, the longest ([\d.]+) ms", text)
+    m = re.findall(
+        r"(\d+) flushes from the loop, the longest ([\d.]+) ms(?:; the longest wait for the writer ([\d.]+) ms)?", text
+    )
     return {
         "n": n,
         "down": down,
         "connect_s": connected,
         "written_s": written,
         "turns": after["count"] - before["count"],
+        # the disconnect phase's turns by duration: how many took at most each bound (ms), cumulative
+        "turns_le_ms": {b: after["le_ms"][b] - before["le_ms"].get(b, 0) for b in after["le_ms"]},
         "over_20ms": over(after, "20") - over(before, "20"),
         "over_50ms": over(after, "50") - over(before, "50"),
         "max_ms_before": before["max_ms"],
         "max_ms_after": after["max_ms"],
         "flushes": int(m[-1][0]) if m else -1,
         "longest_flush_ms": float(m[-1][1]) if m else -1.0,
+        "longest_lock_wait_ms": float(m[-1][2]) if m and m[-1][2] else -1.0,
     }
 
 
@@ -202,7 +210,8 @@ def main() -> None:
         " the file);"
         f" {r['turns']} loop turns, {r['over_20ms']} over 20 ms, {r['over_50ms']} over 50 ms; longest turn"
         f" {r['max_ms_after']:.1f} ms {'(in this phase)' if grew else '(before it: this phase stayed below)'};"
-        f" longest flush() {r['longest_flush_ms']:.1f} ms of {r['flushes']}"
+        f" longest hand-over to the store {r['longest_flush_ms']:.1f} ms of {r['flushes']},"
+        f" longest wait for its writer's lock {r['longest_lock_wait_ms']:.2f} ms"
     )
 
 
