@@ -139,7 +139,7 @@ class StoreWriter:
         self._timer = None
         wait = getattr(self.store, "longest_wait", 0.0)
         log.info(
-            "state store: %d flushes from the loop, the longest %.1f ms; the longest wait for the writer %.1f ms",
+            "state store: %d flushes from the loop, the longest %.1f ms; the longest wait for the writer %.2f ms",
             self.flushes,
             self.longest_flush * 1000,
             wait * 1000,
