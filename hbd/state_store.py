@@ -50,6 +50,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from typing import Self
 
 from hbd.errors import StoreError
 from hbd.store_file import CLIENT_DB_NAME as CLIENT_DB_NAME
@@ -116,7 +117,7 @@ class StateStore:
         file: str = DB_NAME,
         max_changes: int = MAX_CHANGES,
         wall: Callable[[], float] = time.time,
-    ) -> StateStore:
+    ) -> Self:
         """Open (or create) ``<state_dir>/<file>`` (the server's state.db, the client's CLIENT_DB_NAME).
         Blocking: call it before the loop runs.
 
@@ -254,6 +255,10 @@ class StateStore:
         One call is one bounded step: a batch of rows, or a WAL checkpoint, or a batch of pruning. A write
         error sets ``failed`` (see the module docstring); this never raises.
         """
+        return self._step(max_rows)
+
+    def _step(self, max_rows: int) -> bool:
+        """flush() itself, on whichever thread writes (hbd.store_thread overrides flush, not this)."""
         if self._file.conn is None:
             return False
         try:
@@ -276,7 +281,7 @@ class StateStore:
         deadline = time.monotonic() + CLOSE_SECONDS
         while self._file.conn is not None and self.pending() and time.monotonic() < deadline:
             busy = self.busy
-            self.flush(MAX_ROWS * 10)
+            self._step(MAX_ROWS * 10)
             if self.busy > busy:
                 time.sleep(0.01)  # someone else holds the write lock
         if unwritten := self.pending():

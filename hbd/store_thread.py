@@ -1,6 +1,7 @@
 """The state store's writer thread: the loop hands rows over, one thread of its own writes them.
 
-A ``StoreThread`` wraps a ``StateStore`` (hbd.state_store) and offers the same calls. Queueing
+A ``StoreThread`` is a ``StateStore`` (hbd.state_store) whose ``flush`` and ``close`` hand the
+writing to a thread of its own. Queueing
 (``put_peer``, ``add_change``, ``alive`` ...) is the store's own: O(1) under its lock, on the loop's
 thread. ``flush()`` only wakes the writer and returns at once; the writer takes a bounded batch from
 the queues (under the lock: the loop waits for it at most that long, ``longest_wait``), then runs the
@@ -26,71 +27,34 @@ import threading
 import time
 
 from hbd.state_store import CLOSE_SECONDS, MAX_ROWS, StateStore
-from hbd.store_records import ChangeRecord, PeerRecord, SilenceRecord
+from hbd.store_file import StoreFile
 
 IDLE_WAKE = 1.0  # the writer looks at the queues at least this often, woken or not
 BUSY_PAUSE = 0.01  # after a step put off by another connection's lock
 JOIN_SLACK = 1.0  # close() waits this much longer than CLOSE_SECONDS for the writer to finish
 
 
-class StoreThread:
-    """A StateStore written by a thread of its own; see the module docstring."""
+class StoreThread(StateStore):
+    """A StateStore written by a thread of its own (``StoreThread.open(...)``); see the module docstring."""
 
-    def __init__(self, store: StateStore, max_rows: int = MAX_ROWS) -> None:
-        self.store = store
-        self.max_rows = max_rows
-        self.path = store.path
+    def __init__(self, file: StoreFile, notice: str | None, max_changes: int) -> None:
+        super().__init__(file, notice, max_changes)
         self._wake = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._messages: list[str] = []
+        self._closing: list[str] = []  # what close() has to say itself
 
-    # -- the loop's side: queueing is the store's, O(1) under its lock --
-
-    @property
-    def failed(self) -> str | None:
-        return self.store.failed
-
-    @property
-    def longest_wait(self) -> float:
-        return self.store.longest_wait
-
-    def put_peer(self, rec: PeerRecord) -> None:
-        self.store.put_peer(rec)
-
-    def forget_peer(self, name: str) -> None:
-        self.store.forget_peer(name)
-
-    def put_silence(self, rec: SilenceRecord) -> None:
-        self.store.put_silence(rec)
-
-    def drop_silence(self, name: str) -> None:
-        self.store.drop_silence(name)
-
-    def add_change(self, rec: ChangeRecord) -> None:
-        self.store.add_change(rec)
-
-    def start_run(self, now: float) -> None:
-        self.store.start_run(now)
-
-    def alive(self, now: float) -> None:
-        self.store.alive(now)
-
-    def prune_changes(self, before: float) -> None:
-        self.store.prune_changes(before)
-
-    def pending(self) -> int:
-        return self.store.pending()
+    # -- the loop's side: queueing is the StateStore's, O(1) under its lock --
 
     def take_messages(self) -> list[str]:
-        out, self._messages = self._messages, []
-        return self.store.take_messages() + out
+        out, self._closing = self._closing, []
+        return super().take_messages() + out
 
-    def flush(self) -> bool:
+    def flush(self, max_rows: int = MAX_ROWS) -> bool:
         """Wake the writer; never more for the loop to do here (False). The first call writes a step
         on the caller's thread and starts the writer."""
         if self._thread is None:
-            self.store.flush(self.max_rows)
+            self._step(max_rows)
             self._start()
         else:
             self._wake.set()
@@ -101,15 +65,15 @@ class StoreThread:
         CLOSE_SECONDS + JOIN_SLACK)."""
         thread = self._thread
         if thread is None:
-            self.store.close()
+            super().close()
             return
         self._stopping = True
         self._wake.set()
         thread.join(CLOSE_SECONDS + JOIN_SLACK)
         if thread.is_alive():  # stuck in the disk: it is a daemon thread, the process may end without it
-            self._messages.append(
+            self._closing.append(
                 f"state store: the writer did not finish within {CLOSE_SECONDS + JOIN_SLACK:g} s"
-                f" (the disk does not answer); {self.store.pending()} rows may be lost"
+                f" (the disk does not answer); {self.pending()} rows may be lost"
             )
 
     # -- the writer --
@@ -125,20 +89,18 @@ class StoreThread:
         self._thread = thread
 
     def _run(self) -> None:
-        store = self.store
-        while not self._stopping and store.failed is None:
+        while not self._stopping and self.failed is None:
             self._wake.wait(IDLE_WAKE)
             self._wake.clear()
             self._drain()
-        store.close()  # what is still queued, within CLOSE_SECONDS; then the file is closed
+        super().close()  # what is still queued, within CLOSE_SECONDS; then the file is closed
 
     def _drain(self) -> None:
         """Write until the queues are empty (a batch per transaction), the store fails, or close() is
         called (then the store's close writes the rest)."""
-        store = self.store
         while not self._stopping:
-            busy = store.busy
-            if not store.flush(self.max_rows) or store.failed is not None:
+            busy = self.busy
+            if not self._step(MAX_ROWS) or self.failed is not None:
                 return
-            if store.busy > busy:
+            if self.busy > busy:
                 time.sleep(BUSY_PAUSE)  # another connection holds the write lock: let it finish
