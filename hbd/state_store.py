@@ -1,10 +1,15 @@
-"""The state store: what the server remembers across restarts, in one SQLite file (stdlib ``sqlite3``, WAL).
+"""The state store: what a daemon remembers across restarts, in one SQLite file (stdlib ``sqlite3``, WAL).
 
-``<state_dir>/state.db`` (mode 0640) holds the peers the registry knows, the silences, and every state
-change (the history, issue 13). An operator may query it with ``sqlite3 -readonly``; ``hbd history``
-reads it the same way while the daemon writes (WAL: readers never wait for the writer, nor it for them).
+The server's ``<state_dir>/state.db`` (mode 0640) holds the peers the registry knows, the silences,
+and every state change (the history, issue 13); the client's ``<state_dir>/client.db``
+(CLIENT_DB_NAME) the state changes of its server links. An operator may query them with ``sqlite3
+-readonly``; ``hbd history`` reads them the same way while the daemon writes (WAL: readers never wait
+for the writer, nor it for them).
 
-The event loop never waits on the disk for more than a few milliseconds:
+The daemons write it from a thread of their own (hbd.store_thread.StoreThread, a StateStore whose
+``flush`` wakes that thread): the event loop only queues, and never waits on the disk. The queues and
+the run's row are shared under a lock that the writer holds only while it takes a batch (never while
+SQLite works). Used from one thread (tests, tools), a StateStore writes on that thread:
 
 - ``put_peer``/``forget_peer``/``put_silence``/``drop_silence``/``add_change`` only queue (O(1), no I/O).
   Peers and silences are coalesced by name (the newest record of a name is the only one written), so
@@ -12,10 +17,9 @@ The event loop never waits on the disk for more than a few milliseconds:
   oldest is dropped and counted (``dropped_changes``).
 - ``start_run(now)`` and ``alive(now)`` (every few seconds) record when the daemon ran, one row per
   run in ``runs``: ``hbd history`` shows the time outside every run as unknown. Also O(1).
-- ``flush(max_rows)``, called from a loop timer a few times per second, writes at most ``max_rows`` rows
-  in one transaction and says whether more remain (then call it again soon, say on the next loop turn).
-  MAX_ROWS is sized so that one call stays well under 20 ms on the reference machine (see
-  docs/performance.md, bench/store_flush.py).
+- ``flush(max_rows)`` writes at most ``max_rows`` rows in one transaction and says whether more remain
+  (then call it again). MAX_ROWS keeps one transaction short (a few ms; see docs/performance.md,
+  bench/store_flush.py), so that the writer takes the queues' lock often and briefly.
 - The WAL is checkpointed by ``flush`` itself, as a step of its own (``wal_autocheckpoint`` would do it
   inside whichever commit crossed the threshold, stretching that one call).
 
@@ -61,9 +65,9 @@ from hbd.store_file import StoreFile
 from hbd.store_queues import StoreQueues
 from hbd.store_records import ChangeRecord, PeerRecord, SilenceRecord, Snapshot
 
-# Rows written per flush() call: at 500, the longest call of a 19,000-peer mass disconnect took
-# 5-6 ms on the quiet 2-core reference machine, up to 17 ms loaded, more with its cores oversubscribed
-# (bench/store_flush.py; docs/performance.md).
+# Rows written per flush() call (a transaction): at 500, the longest call of a 19,000-peer mass
+# disconnect took 5-6 ms on the quiet 2-core reference machine, up to 17 ms loaded, more with its
+# cores oversubscribed (bench/store_flush.py; docs/performance.md). The writer thread runs them.
 MAX_ROWS = 500
 # Queue bounds. Peers and silences are coalesced by name, so these only matter if the registry's own
 # bound (max_peers, plus the expected peers) failed; changes come at the rate peers change state.
