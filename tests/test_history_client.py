@@ -164,3 +164,14 @@ def test_a_links_changes_and_the_clients_run_are_queued_in_virtual_time(tmp_path
         assert store.closed and store.alives[-1] == wall[0] and client.writer is None
     finally:
         logs.close()
+
+
+def test_a_clients_state_dir_is_as_the_servers(tmp_path: Path) -> None:
+    """The default is the units' StateDirectory=; a relative path is relative to the file; null is none."""
+    (tmp_path / "client.yaml").write_text("heartbeat_interval: 2\n")
+    assert load_client_config(tmp_path / "client.yaml").state_dir == "/var/lib/hbd"
+    (tmp_path / "client.yaml").write_text("state_dir: state\nhistory_days: 7\n")
+    cfg = load_client_config(tmp_path / "client.yaml")
+    assert cfg.state_dir == str(tmp_path / "state") and cfg.history_days == 7
+    (tmp_path / "client.yaml").write_text("state_dir: null\n")
+    assert load_client_config(tmp_path / "client.yaml").state_dir is None
