@@ -8,7 +8,10 @@ records. Measured (the loop's own numbers, from the status socket before and aft
 the server's log at shutdown):
 
 - the loop turns of the disconnect phase: how many, how many over 20 ms and 50 ms, the longest;
-- the longest ``flush()`` the loop made over the whole run (the server logs it at close);
+- the loop turns' histogram of that phase (``turns_le_ms``: turns that took at most each bound);
+- the loop's share of the state store over the whole run (the server logs it at close): the longest
+  hand-over (the timer that gives the writer thread the registry's changed peers and wakes it) and
+  the longest wait for the writer's lock (the writer holds it while it takes a batch);
 - how long until all N DOWN changes were in the file (read with a read-only connection).
 
 With ``--workers K`` the server is a supervisor and K workers (N may then pass the per-process
@@ -312,7 +315,11 @@ def run(
         server.send_signal(signal.SIGTERM)
         server.wait(60)
     text = (Path(directory) / "server.out").read_text()  # its terminal output: written to the end
-    m = re.findall(r"(\d+) flushes from the loop, the longest ([\d.]+) ms", text)
+    m = re.findall(
+        r"(\d+) flushes from the loop, the longest ([\d.]+) ms(?: \(CPU ([\d.]+) ms\))?"
+        r"(?:; the longest wait for the writer ([\d.]+) ms)?",
+        text,
+    )
     stalls = re.findall(r"event loop stalled for ([\d.]+) s", text)
     return {
         "n": n,
@@ -324,6 +331,8 @@ def run(
         "longest_flush_ms": float(m[-1][1]) if m else -1.0,
         "stalls_logged_s": [float(x) for x in stalls],
         "phases": phases,
+        "longest_flush_cpu_ms": float(m[-1][2]) if m and m[-1][2] else -1.0,
+        "longest_lock_wait_ms": float(m[-1][3]) if m and m[-1][3] else -1.0,
     }
 
 
@@ -352,7 +361,9 @@ def main() -> None:
     print(
         f"{r['n']} peers ({r['workers'] or 'no'} workers): all UP in {r['connect_s']:.1f} s; DOWN after"
         f" {r['written_s']:.1f} s{' (with the store: all changes in the file)' if r['flushes'] >= 0 else ''};"
-        f" longest flush() {r['longest_flush_ms']:.1f} ms of {r['flushes']}; stalls logged {r['stalls_logged_s']}"
+        f" longest hand-over to the store {r['longest_flush_ms']:.1f} ms (CPU {r['longest_flush_cpu_ms']:.1f} ms)"
+        f" of {r['flushes']}, longest wait for its writer's lock {r['longest_lock_wait_ms']:.2f} ms;"
+        f" stalls logged {r['stalls_logged_s']}"
     )
     for name, p in r["phases"].items():
         procs_text = ", ".join(

@@ -1,10 +1,20 @@
-"""How long one state-store flush() holds the loop: ``python3 -m bench.store_flush [-n 19000] [--max-rows 500]``.
+"""How long the state store holds the loop: ``python3 -m bench.store_flush [-n 19000] [--max-rows 500] [--thread]``.
 
 A server that knew N peers (all UP, already in the store) loses them all at once: each peer's record
-becomes DOWN and one change (UP -> DOWN) is queued for the history. The loop then calls flush() until
-nothing is left, as its timer would. Prints the longest, median and 99th-percentile call in ms, and
-what a checkpoint step cost. The store lives in a temporary directory on the disk (``--dir`` for
-another); figures are for this machine at this moment: run it a few times.
+becomes DOWN and one change (UP -> DOWN) is queued for the history.
+
+Without ``--thread``: one thread queues and then calls flush() until nothing is left, each call one
+bounded SQLite step (a transaction of max_rows, a WAL checkpoint). Prints the longest, median and
+99th-percentile call in ms, and what a checkpoint step cost: what each step costs the thread that runs
+it (the daemons' writer thread, hbd.store_thread, since the loop no longer runs them).
+
+With ``--thread``: the daemons' way. The store's writer thread writes while this thread, standing in
+for the loop, hands the rows over as the loop does (a turn: 500 peer records and 500 changes queued,
+then flush(), which only wakes the writer). Prints the longest and median hand-over of a turn in ms,
+the longest wait for the writer's lock, and how long the writer took to write it all.
+
+The store lives in a temporary directory on the disk (``--dir`` for another); figures are for this
+machine at this moment: run it a few times.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
 from hbd.state_store import DB_NAME, MAX_ROWS, ChangeRecord, PeerRecord, StateStore
+from hbd.store_thread import StoreThread
 
 
 def peer(i: int, state: str, now: float) -> PeerRecord:
@@ -97,6 +108,45 @@ def run(n: int, max_rows: int, directory: str, history: int = 0) -> dict[str, fl
     }
 
 
+def run_thread(n: int, directory: str, history: int = 0, turn: int = 500) -> dict[str, float]:
+    """The mass disconnect handed to the writer thread ``turn`` peers (and their changes) at a time."""
+    if history:
+        prefill(directory, history)
+    store = StoreThread.open(directory)
+    now = time.time()
+    for i in range(n):
+        store.put_peer(peer(i, "UP", now))
+    while store._step(5000):  # the store as the restart found it; not measured
+        pass
+    store.start_run(now)
+    store.flush()  # the first, before the loop runs: starts the writer
+    now = time.time()
+    started = time.perf_counter()
+    turns: list[float] = []
+    for first in range(0, n, turn):
+        t = time.perf_counter()
+        for i in range(first, min(n, first + turn)):
+            store.put_peer(peer(i, "DOWN", now))
+            store.add_change(ChangeRecord(now, f"host{i:05d}.example.net", "UP", "DOWN", "no ping for 10 s"))
+        store.flush()
+        turns.append(time.perf_counter() - t)
+        time.sleep(0.001)  # the loop's other work between turns
+    while store.pending():
+        time.sleep(0.005)
+    written = time.perf_counter() - started
+    store.close()
+    assert store.failed is None, store.failed
+    ms = sorted(t * 1000 for t in turns)
+    return {
+        "turns": len(ms),
+        "max_ms": ms[-1],
+        "median_ms": statistics.median(ms),
+        "wait_ms": store.longest_wait * 1000,
+        "written_s": written,
+        "checkpoints": store.checkpoints,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("-n", type=int, default=19000, help="peers that go down at once (default 19000)")
@@ -104,7 +154,19 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="repeat, each in a new store (default 3)")
     ap.add_argument("--history", type=int, default=0, help="changes already in the store (default 0)")
     ap.add_argument("--dir", default=None, help="where to put the stores (default: a temporary directory)")
+    ap.add_argument("--thread", action="store_true", help="hand the rows to the writer thread, as the daemons do")
     args = ap.parse_args()
+    if args.thread:
+        print(f"{args.n} peers down at once, handed to the writer thread 500 a turn; one new store per run")
+        print(f"{'run':>3} {'turns':>6} {'max ms':>7} {'median ms':>9} {'lock wait ms':>12} {'written s':>9}")
+        for k in range(args.runs):
+            with tempfile.TemporaryDirectory(dir=args.dir) as d:
+                r = run_thread(args.n, d, args.history)
+            print(
+                f"{k + 1:>3} {r['turns']:>6} {r['max_ms']:>7.2f} {r['median_ms']:>9.2f} {r['wait_ms']:>12.3f}"
+                f" {r['written_s']:>9.2f}"
+            )
+        return
     print(f"{args.n} peers down at once, flush(max_rows={args.max_rows}); one new store per run")
     print(
         f"{'run':>3} {'calls':>6} {'rows':>7} {'max ms':>7} {'p99 ms':>7} {'median ms':>9} {'total ms':>8}"

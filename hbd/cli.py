@@ -22,6 +22,7 @@ from hbd.config import (
     ClientConfig,
     ConfigError,
     ServerConfig,
+    config_role,
     load_client_config,
     load_server_config,
     parse_duration,
@@ -138,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
         "history",
         help="show the peers' uptime and outages from the state store",
         description="Read the server's state store (state_dir of its configuration) read-only, while the "
-        "server runs or not, and show per peer: uptime over the last 24 h, 7 d and 30 d (time UP or LATE "
+        "server runs or not (a client's configuration: the client's store, its server links), and show "
+        "per peer: uptime over the last 24 h, 7 d and 30 d (time UP or LATE "
         "over the time known; time the server was not running is shown apart as unknown), the outages "
         "of the last DURATION (count, total, longest), when it was last seen and a timeline of the last "
         "24 h. With PEER: that peer's outages and changes too. Exit 1 if the store cannot be read.",
@@ -148,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-c",
         "--config",
         metavar="FILE",
-        help=f"the server's configuration, for state_dir (default {DEFAULT_SERVER_CONFIG})",
+        help=f"the server's or the client's configuration, for state_dir (default {DEFAULT_SERVER_CONFIG})",
     )
     p.add_argument(
         "--since",
@@ -391,31 +393,35 @@ def _wall() -> float:
     return time.time()
 
 
-def _state_dir(config_path: str) -> str | None:
-    """The server's state_dir (None: it keeps no store); ConfigError if the file is invalid."""
-    return load_server_config(config_path).state_dir
+def _state_dir(config_path: str) -> tuple[str | None, str]:
+    """The daemon's state_dir (None: it keeps no store) and which daemon the file is for ("server" or
+    "client": config_role); ConfigError if the file is invalid."""
+    role = config_role(config_path)
+    loader = load_client_config if role == "client" else load_server_config
+    return loader(config_path).state_dir, role
 
 
 def history(args: argparse.Namespace) -> int:
-    """``hbd history``: uptime and outages per peer, from the server's state store (read-only)."""
+    """``hbd history``: uptime and outages per peer (a client's: per server link), from the state
+    store of the daemon the configuration is for (read-only)."""
     from hbd import history_report as hr
     from hbd.history import WINDOWS
     from hbd.history_reader import HistoryError, HistoryStore, store_path
 
     path = args.config or DEFAULT_SERVER_CONFIG
     try:
-        state_dir = _state_dir(path)
+        state_dir, role = _state_dir(path)
     except ConfigError as exc:
         for line in exc.errors:
             print(f"hbd: error: {line}", file=sys.stderr)
         return 1
     if state_dir is None:
-        print(f"hbd: error: {path} sets state_dir: null: the server keeps no history", file=sys.stderr)
+        print(f"hbd: error: {path} sets state_dir: null: the {role} keeps no history", file=sys.stderr)
         return 1
     now = _wall()
     since = now - max(args.since, *WINDOWS.values())  # as far back as any number needs
     try:
-        with HistoryStore(store_path(state_dir)) as store:
+        with HistoryStore(store_path(state_dir, role), role) as store:
             report = hr.build(
                 store.path,
                 store.histories(since, args.peer),
@@ -425,6 +431,7 @@ def history(args: argparse.Namespace) -> int:
                 now,
                 args.since,
                 detail=args.peer is not None,
+                daemon=role,
             )
     except HistoryError as exc:
         print(f"hbd: error: {exc}", file=sys.stderr)

@@ -15,6 +15,7 @@ import os
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,6 +28,8 @@ from hbd.logs import fields, log
 from hbd.loop import EventLoop, Timer
 from hbd.metrics import LinkStats
 from hbd.protocol import ClientLink
+from hbd.state_store import CLIENT_DB_NAME
+from hbd.store_writer import StoreWriter, open_store
 from hbd.view import ClientSettings, ClientView, LinkRow
 
 
@@ -313,8 +316,12 @@ class Link:
         self._set_timer(nxt.at, self.connect)
 
     def _report(self, change: HealthChange | None, **extra: object) -> None:
-        """Report a state change of this server (status socket, metrics, on_change hooks)."""
+        """Report a state change of this server (status socket, metrics, on_change hooks, the history)."""
         if change is not None:
+            writer = self.client.writer
+            if writer is not None:  # the history's states are the server's (UP, LATE, DOWN; NEW before any)
+                old = change.old.upper() if change.old is not None else "NEW"
+                writer.change(self.target.peer, old, change.new.upper(), change.reason)
             self.client.ops.event(
                 change.new,
                 self.target.peer,
@@ -399,6 +406,7 @@ class Client(Daemon[ClientConfig]):
         # under journald pongs are debug lines (connects, losses and retries stay info/warning).
         self.pong_level = logging.DEBUG if self.logs.journald else logging.INFO
         self.tls_context: ssl.SSLContext | None = None
+        self.writer: StoreWriter | None = None  # the links' history (state_dir), when there is a store
 
     @staticmethod
     def targets(cfg: ClientConfig) -> list[Target]:
@@ -420,8 +428,12 @@ class Client(Daemon[ClientConfig]):
             raise StartError(f"tls: cannot load the certificate files: {exc}") from None
 
     def start(self) -> None:
-        self.tls_context = self._context(self.config)
+        cfg = self.config
+        self.tls_context = self._context(cfg)
         self.loop.stall_callbacks.append(self.on_stall)
+        store, _, _ = open_store(cfg.state_dir, CLIENT_DB_NAME, "the server links' history")
+        if store is not None:
+            self.writer = StoreWriter(self.loop, store, time.time, cfg.history_days, side="client")
         self.links = [Link(self, t) for t in self.targets(self.config)]
         for link in self.links:
             link.connect()
@@ -433,6 +445,10 @@ class Client(Daemon[ClientConfig]):
 
         def commit() -> None:
             self.tls_context = context
+            if self.writer is not None:
+                self.writer.history_days = new.history_days
+            if new.state_dir != self.config.state_dir:
+                log.info("state_dir: the new directory is used from the next start")
             # Links to servers still listed carry on undisturbed; removed ones close, new ones start
             # (all of them when the TLS settings changed).
             old = {} if tls_changed else {link.target: link for link in self.links}
@@ -463,6 +479,9 @@ class Client(Daemon[ClientConfig]):
     def shutdown(self) -> None:
         for link in self.links:
             link.close()
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            writer.close()  # what is queued, and the run's last sign of life (blocking: after the loop)
 
     def on_stall(self, planned: float, woke: float) -> None:
         """Our own loop did not run (SIGSTOP, starvation): pongs could not have been read, so that

@@ -38,7 +38,7 @@ DEFAULT_SERVER_CONFIG = "/etc/hbd/server.yaml"
 DEFAULT_CLIENT_CONFIG = "/etc/hbd/client.yaml"
 DEFAULT_SERVER_SOCKET = "/run/hbd/server.sock"  # /run/hbd is the units' RuntimeDirectory=
 DEFAULT_CLIENT_SOCKET = "/run/hbd/client.sock"
-DEFAULT_STATE_DIR = "/var/lib/hbd"  # the server unit's StateDirectory=
+DEFAULT_STATE_DIR = "/var/lib/hbd"  # the units' StateDirectory=
 
 # Bounds on what a configuration file may cost to load, whatever it holds (it is read on SIGHUP by
 # the running daemon, in a helper thread that shares the GIL with the event loop): a real file is a
@@ -310,6 +310,9 @@ class ClientConfig(_DaemonConfig):
     servers: tuple[ServerEntry, ...] = field(default=(), metadata={"conv": _servers})
     log_file: str | None = field(default="/var/log/hbd/client.log", metadata={"conv": _log_file})
     control_socket: str | None = field(default=DEFAULT_CLIENT_SOCKET, metadata={"conv": _socket_path})
+    # The history of the server links (store_file.CLIENT_DB_NAME in it: never the server's file)
+    state_dir: str | None = field(default=DEFAULT_STATE_DIR, metadata={"conv": _dir_path})  # absolute once loaded
+    history_days: int = field(default=30, metadata={"conv": _integer(1, 3650)})  # changes older than this are pruned
 
 
 def _check_client(cfg: dict[str, Any], given: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
@@ -358,6 +361,27 @@ def load_server_config(path: str | Path, overrides: Mapping[str, object] | None 
 
 def load_client_config(path: str | Path, overrides: Mapping[str, object] | None = None) -> ClientConfig:
     return _load(ClientConfig, Path(path), overrides or {})
+
+
+def config_role(path: str | Path) -> str:
+    """Which daemon a configuration file is for, "server" or "client", from its keys (``hbd history
+    -c FILE`` reads that daemon's store): a key only a client has (servers, heartbeat_interval, ...)
+    and none only a server has makes it a client's. A file of shared keys only (host, port, state_dir
+    ...) is a client's if its name starts with "client", else a server's. ConfigError if it cannot be
+    read or parsed."""
+    with _collector_paused():
+        try:
+            data, _, _ = _parse(_read(Path(path)))
+        except ConfigError as exc:
+            raise ConfigError([f"{path}: {e}" for e in exc.errors]) from None
+    keys = {k for k in data if isinstance(k, str)} if isinstance(data, dict) else set()
+    server = {f.name for f in dataclasses.fields(ServerConfig)}
+    client = {f.name for f in dataclasses.fields(ClientConfig)}
+    if keys & (client - server) and not keys & (server - client):
+        return "client"
+    if keys & (server - client):
+        return "server"
+    return "client" if Path(path).name.startswith("client") else "server"
 
 
 def _load(cls: type, path: Path, overrides: Mapping[str, object]) -> Any:
@@ -411,6 +435,8 @@ def _validate(cls: type, path: Path, overrides: Mapping[str, object]) -> Any:
         errors.append(f"{where(key)}: {reason}")
     if cls is ServerConfig:
         errors.extend(_registry_keys(values, data, path, lines, items, where))
+    elif values.get("state_dir"):
+        values["state_dir"] = os.path.abspath(path.parent / values["state_dir"])
     if errors:
         return errors
     return cls(**values, path=str(path))

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 from hbd.errors import HbdError
 from hbd.history import Run
-from hbd.state_store import DB_NAME, SCHEMA_VERSION, ChangeRecord
+from hbd.state_store import CLIENT_DB_NAME, DB_NAME, SCHEMA_VERSION, ChangeRecord
 
 KNOWN_SCHEMA = SCHEMA_VERSION  # the newest store layout this reader understands: the store's own
 # The daemon marks its run alive every few seconds: a run whose last sign of life is this recent is
@@ -32,8 +32,11 @@ class HistoryError(HbdError):
     """The history cannot be read; the message says why."""
 
 
-def store_path(state_dir: str) -> str:
-    return os.path.join(state_dir, DB_NAME)
+SIDES = ("server", "client")  # whose store: the server's peers, or the client's server links
+
+
+def store_path(state_dir: str, side: str = "server") -> str:
+    return os.path.join(state_dir, CLIENT_DB_NAME if side == "client" else DB_NAME)
 
 
 # Rows a hand-edited file may hold that the daemon never writes are skipped, not fatal: a time that
@@ -42,10 +45,14 @@ _TIME_OK = "typeof({0}) IN ('integer', 'real') AND abs({0}) < 1e11"
 
 
 class HistoryStore:
-    """A state store opened read-only; use as a context manager. Every method raises HistoryError."""
+    """A state store opened read-only; use as a context manager. Every method raises HistoryError.
+    ``side``: whose changes to read, the server's (its peers) or the client's (its server links)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, side: str = "server") -> None:
+        if side not in SIDES:
+            raise ValueError(f"side: {side!r}")
         self.path = path
+        self.side = side  # one of SIDES: safe to write into the SQL
         self._conn = _open(path)
         try:
             self._has_runs = self._check()
@@ -101,18 +108,18 @@ class HistoryStore:
         """Each peer's first recorded change, however far back."""
         where, args = ("AND peer = ?", (peer,)) if peer is not None else ("", ())
         sql = (
-            f"SELECT peer, min(time) FROM changes WHERE side = 'server' AND peer IS NOT NULL"
+            f"SELECT peer, min(time) FROM changes WHERE side = '{self.side}' AND peer IS NOT NULL"
             f" AND {_TIME_OK.format('time')} {where} GROUP BY peer"
         )
         return {str(n): float(t) for n, t in self._rows(sql, args)}
 
     def histories(self, since: float, peer: str | None = None) -> Iterator[tuple[str, list[ChangeRecord]]]:
-        """Per peer, in name order: its server-side changes from ``since`` on, led by its last change
+        """Per peer, in name order: its changes (of this side) from ``since`` on, led by its last change
         before ``since`` (its state then). The rows are fetched at once, as plain tuples: a reader's
         lock on a stopped daemon's store (rollback journal) then lasts only as long as the query, not
         as long as the arithmetic (a daemon that starts meanwhile waits for it)."""
         where, args = ("AND peer = ?", (peer,)) if peer is not None else ("", ())
-        valid = f"side = 'server' AND peer IS NOT NULL AND {_TIME_OK.format('time')} {where}"
+        valid = f"side = '{self.side}' AND peer IS NOT NULL AND {_TIME_OK.format('time')} {where}"
         # SQLite takes a bare column (id) from the row that holds its group's max(time).
         sql = (
             f"SELECT time, peer, old, new, reason FROM changes WHERE {valid} AND (time >= ? OR id IN"
@@ -141,8 +148,8 @@ def _open(path: str) -> sqlite3.Connection:
         ) from None
     except FileNotFoundError:
         raise HistoryError(
-            f"{path}: no such file: the server has not kept a state store there yet "
-            "(is state_dir right? it is written once the server runs)"
+            f"{path}: no such file: the daemon has not kept a state store there yet "
+            "(is state_dir right? it is written once the daemon runs)"
         ) from None
     except OSError as e:
         raise HistoryError(f"{path}: {e.strerror}") from None

@@ -19,6 +19,8 @@ from hbd.status import age
 
 CELLS = 48  # half-hour cells in the 24 h timeline
 LEGEND = {h.UP: "up", h.LATE: "late", h.DOWN: "down", h.UNKNOWN: "unknown (server not running, or peer NEW)"}
+# A client's store (hbd history -c client.yaml): its peers are its server links.
+CLIENT_LEGEND = {**LEGEND, h.UNKNOWN: "unknown (client not running, or link NEW)"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +43,7 @@ class Report:
     runs_recorded: bool
     peers: list[PeerHistory]
     detail: bool = False  # one peer asked for: its outages and changes too
+    daemon: str = "server"  # whose store: "client" shows its server links
 
 
 def build(
@@ -52,6 +55,7 @@ def build(
     now: float,
     since: float,
     detail: bool = False,
+    daemon: str = "server",
 ) -> Report:
     """The numbers of every peer (with ``detail``: its outages and changes too) from what the reader
     gives: each peer's changes (in name order, one peer at a time), the server's runs (None: the
@@ -67,7 +71,7 @@ def build(
     for name, ping in last_pings.items():  # remembered, but no change recorded (pruned, or none yet)
         if name not in peers:
             peers[name] = _peer(name, [], runs, ping, first_seen, now, since, detail)
-    return Report(path, now, since, runs_recorded, [peers[name] for name in sorted(peers)], detail)
+    return Report(path, now, since, runs_recorded, [peers[name] for name in sorted(peers)], detail, daemon)
 
 
 def _peer(
@@ -131,13 +135,14 @@ def render(report: Report, chars: Mapping[str, str] = h.BLOCKS) -> str:
         f"outages, down and unknown time over the last {since}"
     ]
     if not report.runs_recorded:
-        lines.append("(this store records no server runs: time while the server was down counts as watched)")
+        who = report.daemon
+        lines.append(f"(this store records no {who} runs: time while the {who} was down counts as watched)")
     if not report.peers:
         lines.append("")
-        lines.append("(no peers recorded)")
+        lines.append("(no server links recorded)" if report.daemon == "client" else "(no peers recorded)")
         return "\n".join(lines) + "\n"
     header = [
-        "PEER",
+        "SERVER" if report.daemon == "client" else "PEER",
         "STATE",
         "UPTIME 24h",
         "7d",
@@ -173,7 +178,9 @@ def render(report: Report, chars: Mapping[str, str] = h.BLOCKS) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
         lines.append("  ".join(c.ljust(wd) for c, wd in zip(r, widths, strict=True)).rstrip())
-    legend = "  ".join(f"{chars[s]} {word}" for s, word in LEGEND.items())
+    legend = "  ".join(
+        f"{chars[s]} {word}" for s, word in (CLIENT_LEGEND if report.daemon == "client" else LEGEND).items()
+    )
     lines.append("")
     lines.append(f"timeline: {CELLS} cells of {duration(h.DAY / CELLS)} (local time), each its worst state: {legend}")
     if report.detail:
@@ -243,6 +250,7 @@ def chunks(report: Report) -> Iterator[str]:
         "store": report.path,
         "now": _r(report.now),
         "since_seconds": _r(report.since),
+        "daemon": report.daemon,
         "runs_recorded": report.runs_recorded,
         "timeline": {
             "start": _r(cells[0][0]),

@@ -13,7 +13,7 @@ accounts of peers the registry forgot are swept once they outnumber the known on
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Container
+from collections.abc import Container, Iterable, Sequence
 
 WINDOW = 86400.0  # seconds: the uptime's window (`hbd status` UPTIME 24h)
 MAX_SPANS = 64
@@ -35,6 +35,35 @@ class Account:
         if self.spans and self.spans[-1][1] == "DOWN":
             return self.down + max(0.0, now - self.spans[-1][0])
         return self.down
+
+    def uptime(self, now: float) -> float | None:
+        """Percent of the known time in the last WINDOW that the peer was UP or LATE; None if none known."""
+        start = now - WINDOW
+        up = known = 0.0
+        spans = self.spans
+        for i, (begin, state) in enumerate(spans):
+            end = spans[i + 1][0] if i + 1 < len(spans) else now
+            length = min(end, now) - max(begin, start)
+            if length <= 0 or state not in _COUNTED:
+                continue
+            known += length
+            if state in _UP:
+                up += length
+        return 100.0 * up / known if known > 0 else None
+
+    def copy(self) -> tuple[int, float, list[tuple[float, str]]]:
+        """What another process needs to show this account (a worker, hbd.registry_remote): plain values."""
+        return self.outages, self.down, list(self.spans)
+
+    @classmethod
+    def of(cls, outages: int, down: float, spans: Iterable[Sequence[object]]) -> Account:
+        """The account ``copy()`` describes (values of the wrong type are skipped: they came over a pipe)."""
+        acc = cls()
+        acc.outages, acc.down = outages, down
+        for span in spans:
+            if len(span) == 2 and isinstance(span[0], int | float) and isinstance(span[1], str):
+                acc.spans.append((float(span[0]), span[1]))
+        return acc
 
 
 class Uptime:
@@ -64,20 +93,7 @@ class Uptime:
     def uptime(self, name: str, now: float) -> float | None:
         """Percent of the known time in the last WINDOW that ``name`` was UP or LATE; None if none known."""
         acc = self.accounts.get(name)
-        if acc is None:
-            return None
-        start = now - WINDOW
-        up = known = 0.0
-        spans = acc.spans
-        for i, (begin, state) in enumerate(spans):
-            end = spans[i + 1][0] if i + 1 < len(spans) else now
-            length = min(end, now) - max(begin, start)
-            if length <= 0 or state not in _COUNTED:
-                continue
-            known += length
-            if state in _UP:
-                up += length
-        return 100.0 * up / known if known > 0 else None
+        return acc.uptime(now) if acc is not None else None
 
     def sweep(self, keep: Container[str], known: int) -> None:
         """Drop the accounts of peers not in ``keep`` once there are more than twice ``known`` (+100):

@@ -13,11 +13,13 @@ supervisor's; the connection's own lines (timed out, late, back) are logged here
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 
 from hbd import tls
 from hbd.connection import Connection
 from hbd.logs import PeerLog
+from hbd.peer_uptime import Account
 from hbd.protocol import Hello, PeerState, StateChange
 from hbd.server_registry import PENDING
 from hbd.view import PeerRow
@@ -49,17 +51,20 @@ class RemotePeers:
         is_open: Callable[[Connection], bool],
         peer_log: PeerLog,
         name_from: Callable[[], str] = lambda: "greeting",
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.send = send
         self.close_conn = close
         self.is_open = is_open
         self.peer_log = peer_log
         self.name_from = name_from  # the setting tls.name_from, as configured now
+        self.clock = clock  # the loop's (monotonic: the supervisor's times in the marks are on it too)
         self._next = 0
         self.ids: dict[Connection, int] = {}
         self.conns: dict[int, Connection] = {}
         self.reported: set[int] = set()  # connections the registry was told of (their first ping)
         self.marks: dict[int, PeerMark] = {}
+        self.accounts: dict[int, Account] = {}  # the registry's accounting of each marked peer
         self.watched: set[int] = set()
         self.known: set[int] = set()  # greeted as a known peer, not pinged yet: the registry's row shows it
 
@@ -120,6 +125,7 @@ class RemotePeers:
             del self.conns[cid]
             self.reported.discard(cid)
             self.marks.pop(cid, None)
+            self.accounts.pop(cid, None)
             self.watched.discard(cid)
             self.known.discard(cid)
 
@@ -130,6 +136,7 @@ class RemotePeers:
             return  # closed meanwhile
         if isinstance(msg, PeerMark):
             self.marks[msg.conn] = msg
+            self.accounts[msg.conn] = Account.of(msg.outages, msg.down, msg.spans)
         elif isinstance(msg, PeerKnown):
             self.known.add(msg.conn)
         elif isinstance(msg, PeerWatch):
@@ -158,12 +165,13 @@ class RemotePeers:
     def rows(self, conns: list[Connection], worker: int | None) -> Iterator[PeerRow]:
         """Rows of a snapshot of connections, made as they are read: a connection whose peer the
         registry knows carries the registry's view of it (the mark); the others are no peer yet."""
+        now = self.clock()
         for conn in conns:
             if conn.sock.fileno() < 0:
                 continue  # closed since the snapshot
             peer = conn.peer
             cid = self.ids.get(conn)
-            mark = self.marks.get(cid) if cid is not None else None
+            mark, acc = (self.marks.get(cid), self.accounts.get(cid)) if cid is not None else (None, None)
             last_ping = peer.last_heard if peer.pings else None
             if mark is None:
                 if cid in self.known and not peer.pings:
@@ -200,4 +208,7 @@ class RemotePeers:
                 silenced_until=mark.silenced_until,
                 flags=frozenset(mark.flags),
                 labels=tuple((k, v) for k, v in mark.labels),
+                uptime_24h=acc.uptime(now) if acc is not None else None,
+                outages=acc.outages if acc is not None else None,
+                down_seconds=acc.down_seconds(now) if acc is not None else None,
             )

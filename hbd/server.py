@@ -92,6 +92,7 @@ class Server(Daemon):
                 self.is_open,
                 self.peer_log,
                 lambda: registry_settings(self.config).name_from,
+                self.loop.clock,
             )
             self.report.peers = self.remote
         self.start_status_updates()

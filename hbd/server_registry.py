@@ -11,7 +11,6 @@ exception: while it rises its connection reports every ping (protocol.PeerState.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 from hbd import tls
 from hbd.config import ServerConfig
 from hbd.connection import Connection
-from hbd.logs import PeerLog, fields, log
+from hbd.logs import PeerLog, log
 from hbd.peer_uptime import Uptime
 from hbd.protocol import Hello, PeerState, StateChange
 from hbd.registry import (
@@ -38,7 +37,9 @@ from hbd.registry import (
     registry_settings,
 )
 from hbd.silencing import Silence
-from hbd.state_store import ChangeRecord, PeerRecord, SilenceRecord, StateStore, StoreError
+from hbd.state_store import PeerRecord, SilenceRecord
+from hbd.store_writer import Store as Store
+from hbd.store_writer import StoreWriter, open_store
 from hbd.view import PeerRow
 
 if TYPE_CHECKING:
@@ -64,30 +65,7 @@ class Events(Protocol):
     def count(self, event: str, peer: str, address: str, previous: str | None, reason: str) -> None: ...
 
 
-FLUSH_INTERVAL = 0.5  # seconds between writes of the registry's changes to the state store
-ALIVE_INTERVAL = 1.0  # seconds between the run's signs of life (`hbd history`: after a crash, unknown from there)
-PRUNE_INTERVAL = 60.0  # seconds between asking the store to prune the history past history_days
-DAY = 86400.0
 CHANGES = frozenset({"up", "late", "down"})  # the notices that are state changes (history rows)
-
-
-class Store(Protocol):
-    """What this needs of the state store (hbd.state_store.StateStore): queueing is O(1) and
-    ``flush`` writes one bounded batch."""
-
-    failed: str | None
-
-    def put_peer(self, rec: PeerRecord) -> None: ...
-    def forget_peer(self, name: str) -> None: ...
-    def put_silence(self, rec: SilenceRecord) -> None: ...
-    def drop_silence(self, name: str) -> None: ...
-    def add_change(self, rec: ChangeRecord) -> None: ...
-    def start_run(self, now: float) -> None: ...
-    def alive(self, now: float) -> None: ...
-    def prune_changes(self, before: float) -> None: ...
-    def flush(self) -> bool: ...
-    def take_messages(self) -> list[str]: ...
-    def close(self) -> None: ...
 
 
 class ServerRegistry:
@@ -199,7 +177,7 @@ class ServerRegistry:
             self.uptime.change(n.peer, n.new, self.clock())
             self.uptime.sweep(self.registry.peers, len(self.registry.peers))
             if self.writer is not None:
-                self.writer.change(n)
+                self.writer.change(n.peer, n.old, n.new, n.reason)
         if not n.hook:  # silenced, or flapping: counted and shown, no hook
             self.events.count(n.event, n.peer, n.address, n.old.lower(), n.reason)
             return
@@ -263,7 +241,7 @@ class ServerRegistry:
         """Remember what the store remembered (restart continuity), then write changes to it."""
         self.restore(peers, silences)
         self.registry.take_dirty(self.clock(), self.wall())  # what restore() changed is in the store already
-        self.writer = StoreWriter(self.loop, self.registry, store, self.wall, self.live, history_days)
+        self.writer = StoreWriter(self.loop, store, self.wall, history_days, registry=self.registry, live=self.live)
 
     # -- reloads -----------------------------------------------------------------------------------------
     def configure(self, settings: RegistrySettings, expected: tuple[Expected, ...]) -> None:
@@ -332,105 +310,6 @@ class ServerRegistry:
         return [Silence(s.name, s.until, s.reason, s.created) for s in self.registry.silences()]
 
 
-class StoreWriter:
-    """Writes the registry's changes to the state store from a loop timer: every FLUSH_INTERVAL, one
-    bounded batch (again on the next turn while more wait); stops for good if the store fails.
-
-    The history: each state change is queued as it is applied (``change``, O(1)); this daemon's run
-    starts when the writer does, a sign of life is queued every ALIVE_INTERVAL and once more at
-    close (so `hbd history` counts the time the server was down as unknown), and every PRUNE_INTERVAL
-    the store is asked to prune what is older than ``history_days`` (a batch per flush)."""
-
-    def __init__(
-        self,
-        loop: EventLoop,
-        registry: Registry,
-        store: Store,
-        wall: Callable[[], float],
-        live: Callable[[object], Live | None],
-        history_days: int = 30,
-    ) -> None:
-        self.loop = loop
-        self.registry = registry
-        self.store = store
-        self.wall = wall
-        self.live = live
-        self.history_days = history_days
-        self.flushes = 0  # flush() calls from the loop, and the longest (perf counter seconds): the
-        self.longest_flush = 0.0  # loop's share of the disk, logged at close (docs/performance.md)
-        self._messages()
-        now = loop.clock()
-        store.start_run(wall())
-        store.flush()  # before the loop runs: the run is on file before the server listens, so a reader
-        # right after a restart does not take the killed run's recent sign of life for this one's
-        self._alive_at = now + ALIVE_INTERVAL
-        self._prune_at = now  # the first flush prunes what went stale while the daemon was stopped
-        self._timer: Timer | None = loop.call_later(FLUSH_INTERVAL, self._flush)
-
-    def change(self, n: Notice) -> None:
-        """A state change (up, late, down) for the history: queued, written by a later flush."""
-        self.store.add_change(ChangeRecord(self.wall(), n.peer, n.old, n.new, n.reason, "server"))
-
-    def _flush(self) -> None:
-        store = self.store
-        now = self.loop.clock()
-        if now >= self._alive_at:
-            self._alive_at = now + ALIVE_INTERVAL
-            store.alive(self.wall())
-        if now >= self._prune_at:
-            self._prune_at = now + PRUNE_INTERVAL
-            store.prune_changes(self.wall() - self.history_days * DAY)
-        self._queue()
-        started = time.perf_counter()
-        more = store.flush()
-        took = time.perf_counter() - started
-        self.flushes += 1
-        self.longest_flush = max(self.longest_flush, took)
-        more = more or self.registry.dirty() > 0
-        self._messages()
-        if store.failed is not None:
-            self._timer = None  # it said why, once; the registry runs on without it
-            return
-        self._timer = self.loop.call_later(0 if more else FLUSH_INTERVAL, self._flush)
-
-    def _queue(self) -> None:
-        store = self.store
-        dirty = self.registry.take_dirty(self.loop.clock(), self.wall(), self.live)
-        for rec in dirty.peers:
-            store.put_peer(rec)
-        for name in dirty.forgotten:
-            store.forget_peer(name)
-        for sil in dirty.silences:
-            store.put_silence(sil)
-        for name in dirty.unsilenced:
-            store.drop_silence(name)
-
-    def _messages(self) -> None:
-        for message in self.store.take_messages():
-            log.warning("%s", message, extra=fields(event="state-store"))
-
-    def close(self) -> None:
-        """At shutdown: connected peers are written with their last pings (after a restart they get
-        their grace), then everything still queued (blocking: after the loop)."""
-        self.loop.cancel(self._timer)
-        self._timer = None
-        log.info(
-            "state store: %d flushes from the loop, the longest %.1f ms",
-            self.flushes,
-            self.longest_flush * 1000,
-            extra=fields(event="state-store"),
-        )
-        if self.store.failed is None:
-            self.store.alive(self.wall())
-            self.registry.mark_connected_dirty()
-            while True:
-                self._queue()
-                if not self.registry.dirty():
-                    break
-        self.store.close()
-        self._messages()
-
-
 def start_registry(
     cfg: ServerConfig,
     loop: EventLoop,
@@ -445,33 +324,6 @@ def start_registry(
     if store is not None:
         reg.attach(store, peers, silences, cfg.history_days)
     return reg
-
-
-def open_store(state_dir: str | None) -> tuple[StateStore | None, list[PeerRecord], list[SilenceRecord]]:
-    """The state store under ``state_dir`` and what it remembers; without one (none configured, or
-    it cannot be opened: said once) the registry runs on memory alone. Blocking: before the loop."""
-    if state_dir is None:
-        return None, [], []
-    if not os.path.isdir(state_dir):
-        # /var/lib/hbd comes from the unit's StateDirectory=; run by hand there is none (as for the
-        # status socket's directory: an informational line, not a warning)
-        log.info(
-            "no state store: the directory %s does not exist (set state_dir to an existing directory, or null)",
-            state_dir,
-            extra=fields(event="state-store"),
-        )
-        return None, [], []
-    try:
-        store = StateStore.open(state_dir)
-    except StoreError as exc:
-        log.warning(
-            "no state store, peers and silences will not outlive this process: %s",
-            exc,
-            extra=fields(event="state-store"),
-        )
-        return None, [], []
-    snapshot = store.load()
-    return store, snapshot.peers, snapshot.silences
 
 
 def peer_rows(

@@ -1,10 +1,15 @@
-"""The state store: what the server remembers across restarts, in one SQLite file (stdlib ``sqlite3``, WAL).
+"""The state store: what a daemon remembers across restarts, in one SQLite file (stdlib ``sqlite3``, WAL).
 
-``<state_dir>/state.db`` (mode 0640) holds the peers the registry knows, the silences, and every state
-change (the history, issue 13). An operator may query it with ``sqlite3 -readonly``; ``hbd history``
-reads it the same way while the daemon writes (WAL: readers never wait for the writer, nor it for them).
+The server's ``<state_dir>/state.db`` (mode 0640) holds the peers the registry knows, the silences,
+and every state change (the history, issue 13); the client's ``<state_dir>/client.db``
+(CLIENT_DB_NAME) the state changes of its server links. An operator may query them with ``sqlite3
+-readonly``; ``hbd history`` reads them the same way while the daemon writes (WAL: readers never wait
+for the writer, nor it for them).
 
-The event loop never waits on the disk for more than a few milliseconds:
+The daemons write it from a thread of their own (hbd.store_thread.StoreThread, a StateStore whose
+``flush`` wakes that thread): the event loop only queues, and never waits on the disk. The queues and
+the run's row are shared under a lock that the writer holds only while it takes a batch (never while
+SQLite works). Used from one thread (tests, tools), a StateStore writes on that thread:
 
 - ``put_peer``/``forget_peer``/``put_silence``/``drop_silence``/``add_change`` only queue (O(1), no I/O).
   Peers and silences are coalesced by name (the newest record of a name is the only one written), so
@@ -12,10 +17,9 @@ The event loop never waits on the disk for more than a few milliseconds:
   oldest is dropped and counted (``dropped_changes``).
 - ``start_run(now)`` and ``alive(now)`` (every few seconds) record when the daemon ran, one row per
   run in ``runs``: ``hbd history`` shows the time outside every run as unknown. Also O(1).
-- ``flush(max_rows)``, called from a loop timer a few times per second, writes at most ``max_rows`` rows
-  in one transaction and says whether more remain (then call it again soon, say on the next loop turn).
-  MAX_ROWS is sized so that one call stays well under 20 ms on the reference machine (see
-  docs/performance.md, bench/store_flush.py).
+- ``flush(max_rows)`` writes at most ``max_rows`` rows in one transaction and says whether more remain
+  (then call it again). MAX_ROWS keeps one transaction short (a few ms; see docs/performance.md,
+  bench/store_flush.py), so that the writer takes the queues' lock often and briefly.
 - The WAL is checkpointed by ``flush`` itself, as a step of its own (``wal_autocheckpoint`` would do it
   inside whichever commit crossed the threshold, stretching that one call).
 
@@ -47,10 +51,13 @@ any write error into ``failed``. The records and StoreError (from hbd.errors) ar
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
+from typing import Self
 
 from hbd.errors import StoreError
+from hbd.store_file import CLIENT_DB_NAME as CLIENT_DB_NAME
 from hbd.store_file import DB_NAME as DB_NAME
 from hbd.store_file import SCHEMA_VERSION as SCHEMA_VERSION
 from hbd.store_file import STEPS as _STEPS
@@ -58,9 +65,9 @@ from hbd.store_file import StoreFile
 from hbd.store_queues import StoreQueues
 from hbd.store_records import ChangeRecord, PeerRecord, SilenceRecord, Snapshot
 
-# Rows written per flush() call: at 500, the longest call of a 19,000-peer mass disconnect took
-# 5-6 ms on the quiet 2-core reference machine, up to 17 ms loaded, more with its cores oversubscribed
-# (bench/store_flush.py; docs/performance.md).
+# Rows written per flush() call (a transaction): at 500, the longest call of a 19,000-peer mass
+# disconnect took 5-6 ms on the quiet 2-core reference machine, up to 17 ms loaded, more with its
+# cores oversubscribed (bench/store_flush.py; docs/performance.md). The writer thread runs them.
 MAX_ROWS = 500
 # Queue bounds. Peers and silences are coalesced by name, so these only matter if the registry's own
 # bound (max_peers, plus the expected peers) failed; changes come at the rate peers change state.
@@ -70,6 +77,25 @@ MAX_CHANGES = 100_000
 
 
 __all__ = ["ChangeRecord", "PeerRecord", "SilenceRecord", "Snapshot", "StateStore", "StoreError"]
+
+
+class _TimedLock:
+    """A lock that keeps how long its longest contended wait took (the loop's share of the writer thread)."""
+
+    __slots__ = ("lock", "longest_wait")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.longest_wait = 0.0  # perf counter seconds
+
+    def __enter__(self) -> None:
+        if not self.lock.acquire(blocking=False):  # the writer thread is taking a batch: a short wait
+            started = time.perf_counter()
+            self.lock.acquire()
+            self.longest_wait = max(self.longest_wait, time.perf_counter() - started)
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
 
 
 class StateStore:
@@ -82,20 +108,35 @@ class StateStore:
         self.notice = notice  # set when a corrupt file was moved aside at open
         self.failed: str | None = None
         self._messages: list[str] = [notice] if notice else []
+        # Held by whoever touches the queues, the run's row or the messages: the loop queueing, the
+        # writer thread taking a batch (hbd.store_thread). Never held while SQLite works.
+        self._guard = _TimedLock()
+        self._lock = self._guard.lock  # the writer's side: not timed
 
     @classmethod
     def open(
-        cls, state_dir: str, *, max_changes: int = MAX_CHANGES, wall: Callable[[], float] = time.time
-    ) -> StateStore:
-        """Open (or create) ``<state_dir>/state.db``. Blocking: call it before the loop runs.
+        cls,
+        state_dir: str,
+        *,
+        file: str = DB_NAME,
+        max_changes: int = MAX_CHANGES,
+        wall: Callable[[], float] = time.time,
+    ) -> Self:
+        """Open (or create) ``<state_dir>/<file>`` (the server's state.db, the client's CLIENT_DB_NAME).
+        Blocking: call it before the loop runs.
 
         Raises StoreError with the reason when the store cannot be used. A corrupt file is moved aside
         and a new store started: then ``notice`` (and the first ``take_messages()``) says so.
         """
-        file, notice = StoreFile.open(state_dir, wall, _STEPS)
-        return cls(file, notice, max_changes)
+        store_file, notice = StoreFile.open(state_dir, wall, _STEPS, file)
+        return cls(store_file, notice, max_changes)
 
     # -- counters --
+
+    @property
+    def longest_wait(self) -> float:
+        """The longest the queueing side (the loop) waited for the writer to let go of the queues (seconds)."""
+        return self._guard.longest_wait
 
     @property
     def dropped_changes(self) -> int:
@@ -142,55 +183,65 @@ class StateStore:
 
     def put_peer(self, rec: PeerRecord) -> None:
         if self._file.conn is not None:
-            self._said_dropped_name(self._queues.put_peer(rec.name, rec, MAX_QUEUED_NAMES))
+            with self._guard:
+                self._said_dropped_name(self._queues.put_peer(rec.name, rec, MAX_QUEUED_NAMES))
 
     def forget_peer(self, name: str) -> None:
         if self._file.conn is not None:
-            self._said_dropped_name(self._queues.put_peer(name, None, MAX_QUEUED_NAMES))
+            with self._guard:
+                self._said_dropped_name(self._queues.put_peer(name, None, MAX_QUEUED_NAMES))
 
     def put_silence(self, rec: SilenceRecord) -> None:
         if self._file.conn is not None:
-            self._said_dropped_name(self._queues.put_silence(rec.name, rec, MAX_QUEUED_NAMES))
+            with self._guard:
+                self._said_dropped_name(self._queues.put_silence(rec.name, rec, MAX_QUEUED_NAMES))
 
     def drop_silence(self, name: str) -> None:
         if self._file.conn is not None:
-            self._said_dropped_name(self._queues.put_silence(name, None, MAX_QUEUED_NAMES))
+            with self._guard:
+                self._said_dropped_name(self._queues.put_silence(name, None, MAX_QUEUED_NAMES))
 
     def add_change(self, rec: ChangeRecord) -> None:
         if self._file.conn is None:
             return
-        if not self._queues.add_change(rec) and self._queues.dropped_changes == 1:
-            self._messages.append(
-                f"state store: {self._queues.max_changes} changes wait to be written; dropping the oldest"
-                " (counted in dropped_changes)"
-            )
+        with self._guard:
+            if not self._queues.add_change(rec) and self._queues.dropped_changes == 1:
+                self._messages.append(
+                    f"state store: {self._queues.max_changes} changes wait to be written; dropping the oldest"
+                    " (counted in dropped_changes)"
+                )
 
     def prune_changes(self, before: float) -> None:
         """Delete the changes older than ``before`` (wall clock), a batch per flush() (history retention)."""
         if self._file.conn is not None:
-            self._file.prune_before = before
+            with self._guard:
+                self._file.prune_before = before
 
     def start_run(self, now: float) -> None:
         """This daemon's run begins at ``now`` (wall clock): a new row in ``runs``, written by the next
         flush(). ``hbd history`` counts the time outside every run as unknown."""
         if self._file.conn is not None:
-            self._file.start_run(now)
+            with self._guard:
+                self._file.start_run(now)
 
     def alive(self, now: float) -> None:
         """The daemon is alive at ``now`` (wall clock). Call it every few seconds, and once more just
         before close(). O(1): the next flush() writes the newest value to the run's row (one row however
         often it is called). Without start_run(), the run starts here."""
         if self._file.conn is not None:
-            self._file.alive(now)
+            with self._guard:
+                self._file.alive(now)
 
     def pending(self) -> int:
         """Rows waiting to be written (not counting a pending prune)."""
-        return self._file.pending(self._queues)
+        with self._guard:
+            return self._file.pending(self._queues)
 
     def take_messages(self) -> list[str]:
         """What the daemon should log, each message once: the corrupt-file notice, the first drop from a
         full queue, the failure."""
-        out, self._messages = self._messages, []
+        with self._guard:
+            out, self._messages = self._messages, []
         return out
 
     def _said_dropped_name(self, queued: bool) -> None:
@@ -208,10 +259,14 @@ class StateStore:
         One call is one bounded step: a batch of rows, or a WAL checkpoint, or a batch of pruning. A write
         error sets ``failed`` (see the module docstring); this never raises.
         """
+        return self._step(max_rows)
+
+    def _step(self, max_rows: int) -> bool:
+        """flush() itself, on whichever thread writes (hbd.store_thread overrides flush, not this)."""
         if self._file.conn is None:
             return False
         try:
-            return self._file.step(self._queues, max_rows)
+            return self._file.step(self._queues, max_rows, self._lock)
         except Exception as e:  # nothing raises into the loop: a store that cannot write stops, and says why
             self._fail(f"cannot write {self.path}: {e}" if isinstance(e, sqlite3.Error) else f"{self.path}: {e!r}")
             return False
@@ -220,8 +275,9 @@ class StateStore:
         if self.failed is not None:
             return
         self.failed = reason
-        self._messages.append(f"state store stopped: {reason}; nothing more is written until restart")
-        self._queues.clear()
+        with self._lock:
+            self._messages.append(f"state store stopped: {reason}; nothing more is written until restart")
+            self._queues.clear()
         self._file.abandon()
 
     def close(self) -> None:
@@ -229,11 +285,12 @@ class StateStore:
         deadline = time.monotonic() + CLOSE_SECONDS
         while self._file.conn is not None and self.pending() and time.monotonic() < deadline:
             busy = self.busy
-            self.flush(MAX_ROWS * 10)
+            self._step(MAX_ROWS * 10)
             if self.busy > busy:
                 time.sleep(0.01)  # someone else holds the write lock
-        if self.pending():
-            self._messages.append(f"state store closed with {self.pending()} rows unwritten (the file stayed locked)")
+        if unwritten := self.pending():
+            with self._lock:
+                self._messages.append(f"state store closed with {unwritten} rows unwritten (the file stayed locked)")
         try:
             self._file.close()
         except sqlite3.Error as e:

@@ -21,12 +21,14 @@ import sqlite3
 import stat
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 from hbd.errors import StoreError
 from hbd.store_queues import Batch, StoreQueues
 from hbd.store_records import PeerRecord, SilenceRecord, Snapshot
 
-DB_NAME = "state.db"
+DB_NAME = "state.db"  # the server's
+CLIENT_DB_NAME = "client.db"  # the client's (its server links' history): both daemons may share state_dir
 SCHEMA_VERSION = 2
 FILE_MODE = 0o640
 DIR_MODE = 0o750
@@ -78,6 +80,7 @@ _ADD_CHANGE = "INSERT INTO changes (time, peer, old, new, reason, side) VALUES (
 # the wall clock waits until the front reaches it).
 _PRUNE = "DELETE FROM changes WHERE id IN (SELECT id FROM changes ORDER BY id LIMIT ?) AND time < ?"
 _PRUNE_RUNS = "DELETE FROM runs WHERE alive < ? AND id IS NOT ?"  # a few rows: one per daemon start
+_UNGUARDED: AbstractContextManager[object] = nullcontext()  # one thread queues and writes (tests, tools)
 
 
 def _upgrade(conn: sqlite3.Connection, path: str, steps: tuple[tuple[str, ...], ...]) -> None:
@@ -166,8 +169,10 @@ def _connect(path: str, steps: tuple[tuple[str, ...], ...]) -> sqlite3.Connectio
         # sqlite would fall back to read-only without a word, and fail at the first write
         mode = stat.filemode(os.stat(path).st_mode)
         raise StoreError(f"{path}: not readable and writable by uid {os.geteuid()} ({mode})")
-    # isolation_level=None: transactions are ours (BEGIN IMMEDIATE ... COMMIT), one per flush
-    conn = sqlite3.connect(path, timeout=OPEN_TIMEOUT, isolation_level=None)
+    # isolation_level=None: transactions are ours (BEGIN IMMEDIATE ... COMMIT), one per flush.
+    # check_same_thread=False: opened here, written by the store's writer thread (hbd.store_thread),
+    # closed by whichever of them is last; never two threads at a time.
+    conn = sqlite3.connect(path, timeout=OPEN_TIMEOUT, isolation_level=None, check_same_thread=False)
     try:
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]  # persistent; close() undoes it
         if mode != "wal":
@@ -228,12 +233,12 @@ class StoreFile:
 
     @classmethod
     def open(
-        cls, state_dir: str, wall: Callable[[], float], steps: tuple[tuple[str, ...], ...]
+        cls, state_dir: str, wall: Callable[[], float], steps: tuple[tuple[str, ...], ...], file: str = DB_NAME
     ) -> tuple[StoreFile, str | None]:
-        """Open (or create) ``<state_dir>/state.db`` at schema version len(steps); the notice says if a
+        """Open (or create) ``<state_dir>/<file>`` at schema version len(steps); the notice says if a
         corrupt file was moved aside. Blocking; raises StoreError."""
         _check_dir(state_dir)
-        path = os.path.join(state_dir, DB_NAME)
+        path = os.path.join(state_dir, file)
         _create_file(path)
         notice = None
         try:
@@ -283,16 +288,22 @@ class StoreFile:
                 bad += 1
         return Snapshot(peers, silences), bad
 
-    def step(self, queues: StoreQueues, max_rows: int) -> bool:
+    def step(self, queues: StoreQueues, max_rows: int, guard: AbstractContextManager[object] = _UNGUARDED) -> bool:
         """One bounded step: a WAL checkpoint, or up to ``max_rows`` rows from ``queues`` in one transaction,
-        or a batch of pruning. True if more remain (call again soon)."""
+        or a batch of pruning. True if more remain (call again soon).
+
+        ``guard`` (a lock) is held while this reads or takes what the queueing side writes (the queues,
+        the run's sign of life, the pruning asked for), and never while SQLite works: the store's
+        writer thread (hbd.store_thread) writes while the loop queues."""
         conn = self.conn
         if conn is None:
             return False
         if self._wal_pages >= CHECKPOINT_PAGES:
-            return self._checkpoint(conn, queues)
-        if not self.pending(queues):
-            return self._prune(conn, max_rows) if self.prune_before is not None else False
+            return self._checkpoint(conn, queues, guard)
+        with guard:
+            pending, prune_before = self.pending(queues), self.prune_before
+        if not pending:
+            return self._prune(conn, max_rows, prune_before, guard) if prune_before is not None else False
         try:
             conn.execute("BEGIN IMMEDIATE")  # takes the write lock before anything leaves the queues
         except sqlite3.OperationalError as e:
@@ -301,8 +312,10 @@ class StoreFile:
                 return True
             raise
         try:
-            run = self._write_run(conn)  # one row, beside the budget
-            batch = queues.take_batch(max_rows)
+            with guard:
+                run = self._take_run()
+                batch = queues.take_batch(max_rows)
+            rows = self._write_run(conn, run)  # one row, beside the budget
             _write(conn, batch)
             conn.execute("COMMIT")
         except BaseException:
@@ -312,12 +325,16 @@ class StoreFile:
                 except sqlite3.Error:
                     pass  # the write's own error says more
             raise
-        rows = run + len(batch)
+        rows += len(batch)
         self.rows_written += rows
         self._wal_pages += rows // 16 + 1  # an estimate (~20 rows a page): the checkpoint reads the real size
-        return bool(self.pending(queues)) or self.prune_before is not None or self._wal_pages >= CHECKPOINT_PAGES
+        return self._more(queues, guard) or self._wal_pages >= CHECKPOINT_PAGES
 
-    def _checkpoint(self, conn: sqlite3.Connection, queues: StoreQueues) -> bool:
+    def _more(self, queues: StoreQueues, guard: AbstractContextManager[object]) -> bool:
+        with guard:
+            return bool(self.pending(queues)) or self.prune_before is not None
+
+    def _checkpoint(self, conn: sqlite3.Connection, queues: StoreQueues, guard: AbstractContextManager[object]) -> bool:
         # PASSIVE: copies what no reader still needs, never waits for readers; TRUNCATE-style shrinking
         # is left to journal_size_limit.
         # A reader's snapshot may keep part of the WAL from being copied: that part waits for the next
@@ -325,12 +342,13 @@ class StoreFile:
         conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         self.checkpoints += 1
         self._wal_pages = 0
-        return bool(self.pending(queues)) or self.prune_before is not None
+        return self._more(queues, guard)
 
-    def _prune(self, conn: sqlite3.Connection, max_rows: int) -> bool:
-        assert self.prune_before is not None
+    def _prune(
+        self, conn: sqlite3.Connection, max_rows: int, before: float, guard: AbstractContextManager[object]
+    ) -> bool:
         try:
-            deleted = conn.execute(_PRUNE, (max(1, max_rows), self.prune_before)).rowcount
+            deleted = conn.execute(_PRUNE, (max(1, max_rows), before)).rowcount
         except sqlite3.OperationalError as e:
             if _code(e) in _BUSY_CODES:
                 self.busy += 1
@@ -338,9 +356,12 @@ class StoreFile:
             raise
         self._wal_pages += deleted // 16 + 1
         if deleted < max_rows:
-            conn.execute(_PRUNE_RUNS, (self.prune_before, self._run_id))  # the runs that ended before it too
-            self.prune_before = None
-        return self.prune_before is not None
+            conn.execute(_PRUNE_RUNS, (before, self._run_id))  # the runs that ended before it too
+            with guard:
+                if self.prune_before == before:  # not asked again meanwhile
+                    self.prune_before = None
+        with guard:
+            return self.prune_before is not None
 
     def start_run(self, now: float) -> None:
         """This daemon's run begins at ``now`` (wall clock): a new row in ``runs``, written by the next step."""
@@ -357,15 +378,21 @@ class StoreFile:
         """Rows waiting to be written: the queues', and this run's sign of life."""
         return queues.pending() + (self._alive is not None)
 
-    def _write_run(self, conn: sqlite3.Connection) -> int:
+    def _take_run(self) -> tuple[float, float] | None:
+        """The run's start and newest sign of life, to write (None: nothing new); taken, under the guard."""
         if self._alive is None or self._run_started is None:
+            return None
+        run, self._alive = (self._run_started, self._alive), None
+        return run
+
+    def _write_run(self, conn: sqlite3.Connection, run: tuple[float, float] | None) -> int:
+        if run is None:
             return 0
         if self._run_id is None:
-            cursor = conn.execute("INSERT INTO runs (started, alive) VALUES (?, ?)", (self._run_started, self._alive))
+            cursor = conn.execute("INSERT INTO runs (started, alive) VALUES (?, ?)", run)
             self._run_id = cursor.lastrowid
         else:
-            conn.execute("UPDATE runs SET alive = ? WHERE id = ?", (self._alive, self._run_id))
-        self._alive = None
+            conn.execute("UPDATE runs SET alive = ? WHERE id = ?", (run[1], self._run_id))
         return 1
 
     def abandon(self) -> None:

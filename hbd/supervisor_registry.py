@@ -7,8 +7,9 @@ answers are carried out here as in one process (hbd.server_registry, which this 
 logged, counted and hooked — hooks run here and only here — its deadlines from one loop timer,
 silences, the state store), except that closing a connection or watching its pings is an order
 sent down to the worker that holds it. A worker also gets, for each of its connections, a mark
-(the peer's name, state, since, reason, flags, labels, silence) whenever that changes, never per
-ping, so that its status rows are the registry's; the supervisor's own rows are the peers with no
+(the peer's name, state, since, reason, flags, labels, silence, and this registry's accounting of
+it: outages, down time, the states of its last 24 h) whenever that changes, never per ping, so that
+its status rows are the registry's (UPTIME 24h included); the supervisor's own rows are the peers with no
 connection (DOWN, NEW). When a worker dies, all its connections are gone (``worker died``): their
 clients reconnect to the other workers.
 """
@@ -138,6 +139,8 @@ class SupervisorRegistry(ServerRegistry):
         key = cast(Key, peer.key)
         silence = self.registry.silenced.get(peer.name)
         flags = [f for f, on in (("flapping", peer.flapping), ("rising", peer.rising > 0)) if on]
+        acc = self.uptime.accounts.get(peer.name)
+        outages, down, spans = acc.copy() if acc is not None else (0, 0.0, [])
         mark = PeerMark(
             key[1],
             peer.name,
@@ -149,6 +152,9 @@ class SupervisorRegistry(ServerRegistry):
             flags,
             [[k, v] for k, v in peer.labels],
             silence.until if silence is not None else None,
+            outages,
+            down,
+            [[start, state] for start, state in spans],
         )
         if self._marks.get(key) != mark:
             self._marks[key] = mark

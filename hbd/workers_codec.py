@@ -21,7 +21,7 @@ import pickle
 import select
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -160,6 +160,11 @@ class PeerMark:
     flags: list[str]
     labels: list[list[str]]
     silenced_until: float | None
+    # The registry's accounting of the peer (hbd.peer_uptime.Account.copy(): it changes with the
+    # state), so that the worker's row shows its 24 h uptime, outages and down time as one process does.
+    outages: int = 0
+    down: float = 0.0
+    spans: list[list[object]] = field(default_factory=list)  # [monotonic start, state], at most MAX_SPANS
 
 
 @dataclass(frozen=True, slots=True)

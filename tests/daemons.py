@@ -168,6 +168,7 @@ def start_client(
         "log_file": str(tmp_path / f"{name}.log"),
         "log_level": "info",
         "control_socket": str(tmp_path / f"{name}.sock"),
+        "state_dir": None,  # no state store unless a test asks for one (never the system's /var/lib/hbd)
         **cfg,
     }
     if "servers" in cfg:

@@ -214,7 +214,7 @@ def test_a_store_without_runs_takes_the_server_as_running(config: Path, capsys: 
 @pytest.mark.parametrize(
     ("make", "why"),
     [
-        (lambda d: None, "state.db: no such file: the server has not kept a state store there yet"),
+        (lambda d: None, "state.db: no such file: the daemon has not kept a state store there yet"),
         (lambda d: (d / "state.db").write_bytes(b"garbage " * 1000), "state.db: not a readable hbd state store"),
         (lambda d: (d / "state.db").mkdir(), "state.db: not a regular file"),
         (lambda d: make_store(d, version=9), "written by a newer hbd (schema version 9"),

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from collections import deque
+
 import pytest
 
-from hbd.peer_uptime import MAX_SPANS, WINDOW, Uptime
+from hbd.peer_uptime import MAX_SPANS, WINDOW, Account, Uptime
 
 H = 3600.0
 
@@ -63,3 +66,18 @@ def test_forgotten_peers_are_swept_once_they_outnumber_the_known() -> None:
     u.change("web1", "UP", 1.0)
     u.sweep({"web1"}, 1)
     assert "web1" in u.accounts
+
+
+def test_an_account_copied_to_another_process_reads_the_same() -> None:
+    """A worker shows the supervisor's accounting of a peer it holds (hbd.registry_remote): the copy
+    goes over a pipe as JSON, and reads the same at any later time."""
+    u = Uptime()
+    u.change("web1", "UP", 0.0)
+    u.change("web1", "DOWN", 2 * H)
+    u.change("web1", "UP", 3 * H)
+    acc = u.accounts["web1"]
+    copy = Account.of(*json.loads(json.dumps(acc.copy())))
+    for now in (3 * H, 10 * H, WINDOW + 2.5 * H, 2 * WINDOW):
+        assert copy.uptime(now) == acc.uptime(now) and copy.down_seconds(now) == acc.down_seconds(now)
+    assert copy.outages == 1
+    assert Account.of(0, 0.0, [[1.0, "UP"], ["x", "UP"], [2.0], [3.0, 4]]).spans == deque([(1.0, "UP")])

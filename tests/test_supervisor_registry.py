@@ -281,6 +281,7 @@ def test_report_frames_fit_in_an_atomic_pipe_write() -> None:
         PeerWatch(7, True),
         PeerKnown(7),
         PeerMark(7, "web1", True, "UP", T0, "ping", False, ["flapping"], [["rack", "r1"]], None),
+        PeerMark(7, "web1", True, "UP", T0, "ping", False, [], [], None, 1, 2.5, [[T0 - 3, "DOWN"], [T0, "UP"]]),
     ]
     assert Decoder(down=True).feed(b"".join(encode(m) for m in orders)) == orders
 

@@ -236,6 +236,19 @@ def test_client_links_up_and_server_journal_shows_it(guest):
         lambda: re.search(r"\b1 clients?\b", guest.show("hbd-server", "StatusText")),
     )
 
+    def history() -> dict | None:
+        r = guest.run("hbd", "history", "-c", "/etc/hbd/client.yaml", "--json", check=False)
+        return doc if r.returncode == 0 and (doc := json.loads(r.stdout))["peers"] else None
+
+    # the client's StateDirectory= (the server's /var/lib/hbd): its own store, its link's history in it
+    doc = sg.wait_for("hbd history of the client's store listing its link", history)
+    assert doc["daemon"] == "client" and doc["store"] == "/var/lib/hbd/client.db"
+    assert doc["peers"][0]["peer"] == f"127.0.0.1:{PORT}" and doc["peers"][0]["state"] == "UP"
+    assert guest.sh("stat -c '%U %G %a' /var/lib/hbd /var/lib/hbd/client.db").stdout.split() == [
+        *("_hbd", "_hbd", "750"),
+        *("_hbd", "_hbd", "640"),
+    ]
+
 
 # -- 3. reload ---------------------------------------------------------------------------------------
 def test_reload_applies_new_heartbeat_timeout_in_place(guest):

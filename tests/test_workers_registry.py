@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -16,6 +17,8 @@ from daemons import connect, free_port, recv_exactly, start_client, start_server
 from helpers import peers_of, status_of, wait_until
 
 from hbd.control import query
+from hbd.status import render
+from hbd.status_doc import parse_document
 
 
 def scrape(port: int) -> list[str]:
@@ -161,6 +164,31 @@ def test_status_is_the_same_for_one_process_and_two_workers(tmp_path: Path, proc
     assert one == two
     assert one["counts"] == {"NEW": 0, "UP": 2, "LATE": 0, "DOWN": 1}
     assert one["peers"]["db1"]["reason"] == "disconnected" and not one["peers"]["db1"]["connected"]
+
+
+def test_status_shows_the_uptime_of_a_peer_a_worker_holds(tmp_path: Path, procs) -> None:
+    """The registry is the supervisor's, the connection a worker's: its row (relayed from the worker)
+    carries the registry's accounting, as in one process (UPTIME 24h, outages, down time)."""
+    srv = start(tmp_path, name="up2", workers=2, heartbeat_timeout=2.0)
+    procs.append(srv)
+    sock = tmp_path / "up2.sock"
+    port = srv.config["port"]
+    web1 = connect(port)
+    web1.sendall(b"hello web1\nping\n")
+    assert recv_exactly(web1, 5) == b"pong\n"
+    row = wait_until(lambda: (p := peers_of(sock).get("web1")) and p["state"] == "UP" and p)
+    assert "worker" in row and row["uptime_24h"] == 100.0 and row["outages"] == 0 and row["down_seconds"] == 0.0
+    web1.close()
+    wait_until(lambda: peers_of(sock).get("web1", {}).get("state") == "DOWN")
+    with connect(port) as again:  # back, on whichever worker: down for a while in its last 24 h
+        again.sendall(b"hello web1\nping\n")
+        assert recv_exactly(again, 5) == b"pong\n"
+        row = wait_until(lambda: (p := peers_of(sock).get("web1")) and p["state"] == "UP" and p)
+        assert "worker" in row and 0 < row["uptime_24h"] < 100.0, row
+        assert row["outages"] == 1 and row["down_seconds"] > 0
+        text = render(parse_document(status_of(sock)))
+    line = next(line for line in text.splitlines() if line.startswith("web1 "))
+    assert re.search(r" \d+\.\d\d% ", line), line  # the UPTIME 24h column, not "-"
 
 
 def metric_scenario(tmp_path: Path, procs, workers: int) -> list[str]:
