@@ -326,6 +326,11 @@ def http_reply(view: Callable[[], DaemonViews], request: bytes) -> Reply:
         yield _http(404, "Not Found", b"not found; try /metrics\n")
 
 
+def busy() -> Reply:
+    """Too many big replies under way (hbd.commands.MAX_BIG): come back at the next scrape."""
+    yield _http(503, "Service Unavailable", b"busy: other scrapes or status requests are under way\n")
+
+
 def _http(
     code: int,
     reason: str,

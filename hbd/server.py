@@ -27,9 +27,9 @@ from hbd.logs import log
 from hbd.protocol import Hello, PeerState, StateChange
 from hbd.registry import registry_settings
 from hbd.registry_remote import RemotePeers
-from hbd.server_registry import ServerRegistry, peer_rows, start_registry
+from hbd.server_registry import ServerRegistry, peer_rows, peer_sources, start_registry
 from hbd.server_report import ServerReport
-from hbd.view import PeerRow, ServerCounters, ServerSettings, ServerView, WorkerNumbers
+from hbd.view import PeerRow, PeerSource, ServerCounters, ServerSettings, ServerView, WorkerNumbers
 from hbd.workers_codec import Numbers, Ready, Reloaded, Status
 
 if TYPE_CHECKING:
@@ -192,13 +192,16 @@ class Server(Daemon):
     def view(self) -> ServerView:
         cfg, addr, conns = self.config, self.address, list(self.conns.values())
         rows: Iterable[PeerRow]
+        sources: tuple[PeerSource, ...]
         if self.remote is not None:  # one of several workers: the rows carry the supervisor's marks
             rows, counts = self.remote.rows(conns, self.worker_index), None
+            sources = (self.remote.source(conns, self.worker_index),)
         else:
             rows, counts = peer_rows(self.registry, conns, self.worker_index)
+            sources = peer_sources(self.registry, conns, self.worker_index)
         settings = ServerSettings(cfg.heartbeat_timeout, cfg.max_clients, cfg.workers)
         listen = f"{addr[0]}:{addr[1]}" if addr else None
-        return ServerView(self.daemon_view(), listen, settings, self.counters(), rows, counts)
+        return ServerView(self.daemon_view(), listen, settings, self.counters(), rows, counts, sources)
 
     def arm(self, conn: Connection, forgiven: float = 0.0) -> None:
         self.liveness.arm(conn, forgiven)

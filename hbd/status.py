@@ -210,10 +210,10 @@ def relay_peers(
 
 
 class _Relay:
-    """A non-blocking ``peers`` request to one worker socket; ``take()`` returns bytes, b"" at the
+    """A non-blocking ``peers`` request (or ``request``) to one worker socket; ``take()`` returns bytes, b"" at the
     end, or None when nothing has arrived yet (``wake`` is called when something does)."""
 
-    def __init__(self, loop: EventLoop, path: str, wake: Callable[[], None]) -> None:
+    def __init__(self, loop: EventLoop, path: str, wake: Callable[[], None], request: bytes = b"peers\n") -> None:
         self.loop = loop
         self.wake = wake
         self.buf: list[bytes] = []
@@ -222,7 +222,7 @@ class _Relay:
         self.sock.setblocking(False)
         try:
             self.sock.connect(path)
-            self.sock.send(b"peers\n")  # a fresh unix socket always takes six bytes
+            self.sock.send(request)  # a fresh unix socket always takes a short line whole
         except OSError:
             self.close()  # that worker is restarting: its peers are missing from this reply
             self.eof = True

@@ -24,7 +24,7 @@ from hbd.logs import PeerLog
 from hbd.registry import Action, Close, Expected, Log, Notice, Peer, RegistrySettings, Watch
 from hbd.server_registry import Events, ServerRegistry
 from hbd.silencing import Silence
-from hbd.view import PeerRow
+from hbd.view import PeerRow, PeerSource
 from hbd.workers_codec import (
     PeerBack,
     PeerClose,
@@ -177,11 +177,13 @@ class SupervisorRegistry(ServerRegistry):
     def unconnected_rows(self) -> Iterator[PeerRow]:
         """The registry's peers that no worker holds a connection of (DOWN, NEW): the workers show
         the others, with their marks."""
-        peers = self.registry.peers
-        for row in self.registry.rows():
-            peer = peers.get(row.peer)
-            if peer is None or peer.key is None:
-                yield self.account(row)
+        reg = self.registry
+        for peer in [p for p in reg.peers.values() if p.key is None]:  # not a row for each connected one
+            yield self.account(reg.row(peer, None, None))
+
+    def unconnected_source(self) -> PeerSource:
+        """The same peers for a filtered status: a snapshot of them, each row made only if kept."""
+        return self.registry.source(account=self.account, unconnected=True)
 
 
 def _nothing(conn: Connection) -> None:

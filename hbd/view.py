@@ -137,6 +137,20 @@ class PeerRow:
     down_seconds: float | None = None
 
 
+Who = tuple[str | None, str, str]  # how a peer would be shown: (its name or None, address, state)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerSource:
+    """A snapshot of things a server may show as peer rows, for a filtered status: ``who(i)`` says
+    cheaply how the i-th one would be shown (None: it is not), so that a filter is applied before
+    its row is made (``row(i)``; None: gone since the snapshot). ``size`` items, 0 to size - 1."""
+
+    size: int
+    who: Callable[[int], Who | None]
+    row: Callable[[int], PeerRow | None]
+
+
 class ServerCounters(NamedTuple):
     """One server process's counters; a worker sends them to its supervisor, which sums them."""
 
@@ -212,6 +226,7 @@ class ServerView:
     counters: ServerCounters
     peers: Iterable[PeerRow]  # one pass
     counts: Mapping[str, int] | None = None  # peers by state, from the registry
+    sources: tuple[PeerSource, ...] = ()  # the same peers, for a filtered status (hbd.status_select)
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +251,7 @@ class SupervisorView:
     peers: Iterable[PeerRow] = ()  # the registry's peers no worker holds a connection of (one pass)
     # fills in the registry's accounting (uptime, outages, down time) of a row a worker relayed
     account: Callable[[PeerRow], PeerRow] | None = None
+    sources: tuple[PeerSource, ...] = ()  # ``peers``, for a filtered status (hbd.status_select)
 
 
 @dataclass(frozen=True, slots=True)

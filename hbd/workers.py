@@ -167,6 +167,7 @@ class Supervisor(Daemon[ServerConfig]):
             reg.counts() if reg is not None else None,
             reg.unconnected_rows() if reg is not None else (),
             reg.account if reg is not None else None,
+            (reg.unconnected_source(),) if reg is not None else (),
         )
 
     def on_status_tick(self) -> None:
