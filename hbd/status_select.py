@@ -89,8 +89,8 @@ def scan(sources: Sequence[PeerSource], flt: StatusFilter, tally: Tally) -> Iter
 
 
 def _tail(flt: StatusFilter, tally: Tally, counts: bool) -> bytes:
-    tail: dict[str, object] = {"filter": flt.to_json(), "matched": tally.matched}
-    if counts:  # no registry's counts in the head: the peers this scan saw, by state
+    tail: dict[str, object] = {"filter": flt.to_json(), "matched": tally.matched, "registry": not counts}
+    if counts:  # no registry's counts in the head: the connections this scan saw, by state
         tail["counts"] = tally.states
     return b"]," + _dumps(tail)[1:].encode() + b"\n"
 
@@ -164,12 +164,13 @@ def supervisor_select(
     else:
         wrote = False
         for path in paths:
+            first = True  # a worker's chunks continue one another; its first one follows the others'
             for chunk in _relayed(loop, path, request, wake, tally):
-                if chunk:
-                    yield b"," + chunk if wrote else chunk
-                    wrote = True
-                elif chunk is None:
+                if chunk is None:
                     yield None
+                elif chunk:
+                    yield b"," + chunk if first and wrote else chunk
+                    first, wrote = False, True
         for batch in scan(view.sources, flt, tally):
             if batch is None:
                 loop.call_later(0, wake)
