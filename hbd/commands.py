@@ -96,6 +96,9 @@ def answer(
         except FilterError as exc:
             return _error(str(exc))
         return status_select.worker_select(view, flt, daemon.loop, wake)
+    if command == "pings" and daemon.role == "server" and not daemon.supervises:
+        view = daemon.view()
+        return _pings(view) if isinstance(view, ServerView) else iter([])
     if command == "metrics":
         return BIG.counted(_metrics(daemon, control_path, wake), _busy)
     if command == "reload" and daemon.worker_index is None:
@@ -172,18 +175,37 @@ def _silence_list(silencing: Silencing) -> Iterator[bytes]:
 def _metrics(daemon: Operated, control_path: str | None, wake: Callable[[], None]) -> Reply:
     view = daemon.view()
     if isinstance(view, SupervisorView):
-        view = yield from supervisor_metrics.with_workers_peers(view, daemon.loop, control_path, wake)
-    yield metrics.collect(view).render()
+        return supervisor_metrics.exposition(view, daemon.loop, control_path, wake)
+    return metrics.exposition(view, _breathe(daemon, wake))
+
+
+def _breathe(daemon: Operated, wake: Callable[[], None]) -> Callable[[], None]:
+    """What a reply calls before it yields None to let the loop turn: wake it on the next turn."""
+
+    def breathe() -> None:
+        daemon.loop.call_later(0, wake)
+
+    return breathe
+
+
+def _pings(view: ServerView) -> Reply:
+    """A worker's answer to its supervisor's scrape: ``["peer", last ping]`` per line (wall clock)."""
+    if view.last_pings is None:
+        return
+    offset = time.time() - view.daemon.now
+    pairs = view.last_pings()
+    while batch := list(islice(pairs, 2000)):
+        yield "".join(f"[{json.dumps(peer)},{round(last + offset, 3)}]\n" for peer, last in batch).encode()
 
 
 def http_metrics(daemon: Operated, control_path: str | None, request: bytes, wake: Callable[[], None]) -> Reply:
-    """The metrics endpoint's answer (a supervisor's relays its workers' peers first)."""
+    """The metrics endpoint's answer (a supervisor's relays its workers' last pings first)."""
     if daemon.supervises:
         view = daemon.view()
         assert isinstance(view, SupervisorView)
         reply = supervisor_metrics.http_reply(view, daemon.loop, control_path, request, wake)
     else:
-        reply = metrics.http_reply(daemon.view, request)
+        reply = metrics.http_reply(daemon.view, request, _breathe(daemon, wake))
     return BIG.counted(reply, metrics.busy)
 
 

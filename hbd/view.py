@@ -17,7 +17,7 @@ This module imports nothing from hbd.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -227,6 +227,8 @@ class ServerView:
     peers: Iterable[PeerRow]  # one pass
     counts: Mapping[str, int] | None = None  # peers by state, from the registry
     sources: tuple[PeerSource, ...] = ()  # the same peers, for a filtered status (hbd.status_select)
+    # a worker's connected peers and when each last pinged (monotonic): the supervisor's metrics ask
+    last_pings: Callable[[], Iterator[tuple[str, float]]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +254,7 @@ class SupervisorView:
     # fills in the registry's accounting (uptime, outages, down time) of a row a worker relayed
     account: Callable[[PeerRow], PeerRow] | None = None
     sources: tuple[PeerSource, ...] = ()  # ``peers``, for a filtered status (hbd.status_select)
+    everyone: PeerSource | None = None  # every peer of the registry, with its accounting (the metrics)
 
 
 @dataclass(frozen=True, slots=True)
