@@ -30,6 +30,15 @@ MAX_FRAGMENT = 16 << 20  # a worker's limited answer larger than this is a broke
 MAX_TRAILER = 1024
 
 
+# One encoder call per slice of rows, not one json.dumps (and a new encoder) per row: half the CPU.
+_ENCODE = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+
+
+def _rows_text(batch: list[PeerRow], clock: Clock) -> str:
+    """Rows as comma-separated JSON objects."""
+    return _ENCODE([peer_doc(row, clock) for row in batch])[1:-1]
+
+
 class Tally:
     """What a scan found besides the rows: how many matched, and (for a server without a registry's
     counts) every peer by state."""
@@ -107,7 +116,7 @@ def server_select(view: ServerView, flt: StatusFilter, loop: EventLoop, wake: Ca
             loop.call_later(0, wake)
             yield None
             continue
-        text = ",".join(_dumps(peer_doc(row, clock)) for row in batch)
+        text = _rows_text(batch, clock)
         yield (text if first else "," + text).encode()
         first = False
     yield _tail(flt, tally, "counts" not in head)
@@ -124,7 +133,7 @@ def worker_select(view: ServerView, flt: StatusFilter, loop: EventLoop, wake: Ca
             loop.call_later(0, wake)
             yield None
             continue
-        text = ",".join(_dumps(peer_doc(row, clock)) for row in batch)
+        text = _rows_text(batch, clock)
         yield (text if first else "," + text).encode()
         first = False
     yield b"\n" + _dumps({"matched": tally.matched}).encode() + b"\n"
@@ -176,7 +185,7 @@ def supervisor_select(
                 loop.call_later(0, wake)
                 yield None
                 continue
-            text = ",".join(_dumps(peer_doc(row, clock)) for row in batch)
+            text = _rows_text(batch, clock)
             yield ("," + text if wrote else text).encode()
             wrote = True
     yield _tail(flt, tally, "counts" not in doc)
@@ -268,5 +277,5 @@ def _merged(
             best.append((sort_key(r.name, r.address, r.state), seen, peer_doc(r, clock)))
     best = heapq.nsmallest(flt.limit, best)
     for start in range(0, len(best), SLICE):
-        text = ",".join(_dumps(row) for _, _, row in best[start : start + SLICE])
+        text = _ENCODE([row for _, _, row in best[start : start + SLICE]])[1:-1]
         yield ("," + text if start else text).encode()
