@@ -57,43 +57,59 @@ def raise_nofile() -> None:
 
 # -- the clients -----------------------------------------------------------------------------------------
 def clients(port: int, first: int, count: int, source: str, interval: float, down: int, ready: int) -> None:
-    """A forked client process: ``count`` named connections; a byte to ``ready`` once all are
-    connected, another once its first ``down`` are closed; then pings, spread over ``interval``."""
+    """A forked client process: ``count`` named connections, made while the ones made already keep
+    pinging (a slow ramp must not let them time out); a byte to ``ready`` once all are connected,
+    another once its first ``down`` are closed; pings spread evenly over ``interval``."""
     raise_nofile()
-    socks: list[socket.socket] = []
-    for i in range(first, first + count):
-        s = socket.socket()
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        s.bind((source, 0))
-        s.settimeout(60)
-        s.connect(("127.0.0.1", port))
-        s.sendall(f"hello host{i:06d}\nping\n".encode())
-        s.setblocking(False)
-        socks.append(s)
-    os.write(ready, b"x")
-    time.sleep(3.0)  # every peer has pinged once: these go DOWN, not vanish
-    for s in socks[:down]:
-        s.close()
-    socks = socks[down:]
-    os.write(ready, b"y")
+    socks: list[socket.socket | None] = []
     steps = 100
     k = 0
     next_at = mono()
+    todo = iter(range(first, first + count))
+    connected_at: float | None = None
+    closed = False
     while True:
-        next_at += interval / steps
+        if connected_at is None:
+            for i in todo:
+                s = socket.socket()
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                s.bind((source, 0))
+                s.settimeout(60)
+                s.connect(("127.0.0.1", port))
+                s.sendall(f"hello host{i:06d}\nping\n".encode())
+                s.setblocking(False)
+                socks.append(s)
+                if mono() >= next_at:
+                    break  # time for the next slice of pings
+            else:
+                connected_at = mono()
+                os.write(ready, b"x")
+        elif not closed and mono() - connected_at > 3.0:  # every peer has pinged: these go DOWN
+            for j in range(down):
+                sock = socks[j]
+                if sock is not None:
+                    sock.close()
+                socks[j] = None
+            closed = True
+            os.write(ready, b"y")
         delay = next_at - mono()
-        if delay > 0:
+        if delay > 0 and (connected_at is not None):
             time.sleep(delay)
-        for s in socks[k % steps :: steps]:
+        if mono() < next_at:
+            continue
+        next_at += interval / steps
+        for sock in socks[k % steps :: steps]:
+            if sock is None:
+                continue
             try:
-                while s.recv(4096):
+                while sock.recv(4096):
                     pass
             except BlockingIOError:
                 pass
             except OSError:
                 continue
             try:
-                s.send(b"ping\n")
+                sock.send(b"ping\n")
             except OSError:
                 pass
         k += 1
