@@ -238,6 +238,7 @@ PEER_FAMILIES = (  # (name, type, help, the sample's field)
     ),
 )
 CHUNK = 2000  # samples per chunk of a streamed exposition (about 100 KB, a millisecond or two)
+ROWS_PER_TURN = 500  # peers' rows read per loop turn while a scrape gathers their values (a few ms)
 
 
 def peer_sample(row: PeerRow, offset: float, last_ping: float | None = None) -> PeerSample:
@@ -335,7 +336,7 @@ def _collect_client(view: ClientView, out: Exposition) -> None:
 # -- HTTP ------------------------------------------------------------------------------------------------
 def exposition(view: DaemonViews, breathe: Callable[[], None] | None = None) -> Reply:
     """The whole exposition, a chunk at a time: the daemon's families, then the per-peer ones.
-    The peers' values are taken CHUNK rows per loop turn (``breathe`` arranges the next turn's
+    The peers' values are taken ROWS_PER_TURN rows per loop turn (``breathe`` arranges the next turn's
     wake-up; None: all at once), then written family by family, so that 100,000 peers never hold
     the loop for long and what is kept meanwhile is one small tuple per peer."""
     yield collect(view, peers=False).render()
@@ -344,7 +345,7 @@ def exposition(view: DaemonViews, breathe: Callable[[], None] | None = None) -> 
     offset = time.time() - view.daemon.now  # monotonic -> wall clock
     rows = iter(view.peers)
     samples: list[PeerSample] = []
-    while batch := list(islice(rows, CHUNK)):
+    while batch := list(islice(rows, ROWS_PER_TURN)):
         samples += [peer_sample(row, offset) for row in batch if "pending" not in row.flags]
         if breathe is not None:
             breathe()

@@ -21,11 +21,12 @@ from collections.abc import Callable, Iterator, Sequence
 
 from hbd.control import Reply
 from hbd.loop import EventLoop
-from hbd.status import SLICE, Clock, _dumps, _Relay, loop_doc, peer_doc, server_head
+from hbd.status import Clock, _dumps, _Relay, loop_doc, peer_doc, server_head
 from hbd.status_filter import SortKey, StatusFilter, sort_key
 from hbd.view import PeerRow, PeerSource, ServerView, SupervisorView
 
 SCAN = 2000  # peers looked at per loop turn (a few milliseconds)
+ROWS = 100  # rows made and serialised per loop turn (about a millisecond)
 MAX_FRAGMENT = 16 << 20  # a worker's limited answer larger than this is a broken worker: dropped
 MAX_TRAILER = 1024
 
@@ -49,8 +50,10 @@ class Tally:
 
 
 def scan(sources: Sequence[PeerSource], flt: StatusFilter, tally: Tally) -> Iterator[list[PeerRow] | None]:
-    """The rows ``flt`` keeps, in batches of at most SLICE; None after every SCAN peers looked at
-    (the caller lets the loop turn). With a limit, the first ``limit`` in the table's order, sorted."""
+    """The rows ``flt`` keeps, in batches of at most ROWS; None after every SCAN peers looked at and
+    after each batch (the caller lets the loop turn: pings are served between batches, so a
+    listing delays a pong by about one batch). With a limit, the first ``limit`` in the table's
+    order, sorted."""
     keep, limit, states = flt.keep, flt.limit, tally.states
     batch: list[PeerRow] = []
     best: list[tuple[SortKey, int, int, int]] = []  # (key, order seen, source, index): rows not made yet
@@ -82,16 +85,18 @@ def scan(sources: Sequence[PeerSource], flt: StatusFilter, tally: Tally) -> Iter
                 continue
             tally.matched += 1
             batch.append(row)
-            if len(batch) >= SLICE:
+            if len(batch) >= ROWS:
                 yield batch
+                yield None
                 batch = []
     if limit:
         for _, _, s, i in heapq.nsmallest(limit, best):
             row = sources[s].row(i)
             if row is not None:
                 batch.append(row)
-                if len(batch) >= SLICE:
+                if len(batch) >= ROWS:
                     yield batch
+                    yield None
                     batch = []
     if batch:
         yield batch
@@ -276,6 +281,8 @@ def _merged(
             seen += 1
             best.append((sort_key(r.name, r.address, r.state), seen, peer_doc(r, clock)))
     best = heapq.nsmallest(flt.limit, best)
-    for start in range(0, len(best), SLICE):
-        text = _ENCODE([row for _, _, row in best[start : start + SLICE]])[1:-1]
+    for start in range(0, len(best), ROWS):
+        text = _ENCODE([row for _, _, row in best[start : start + ROWS]])[1:-1]
         yield ("," + text if start else text).encode()
+        loop.call_later(0, wake)
+        yield None

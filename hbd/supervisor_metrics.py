@@ -6,7 +6,7 @@ worker over its private status socket (``pings``: one line ``["peer", last ping]
 peer, without blocking, one worker at a time) and takes everything else from its own registry.
 
 Nothing holds the loop for long at 100,000 peers: the workers' lines are parsed as they arrive,
-the registry's rows are read CHUNK per loop turn into one small tuple per peer, and the families
+the registry's rows are read ROWS_PER_TURN per loop turn into one small tuple per peer, and the families
 are written a chunk at a time as the scraper reads (hbd.metrics.exposition does the same for one
 process). Nothing is spent between scrapes.
 """
@@ -47,8 +47,8 @@ def exposition(view: SupervisorView, loop: EventLoop, control_path: str | None, 
     last = yield from last_pings(view, loop, control_path, wake)
     offset = time.time() - view.daemon.now  # monotonic -> wall clock
     samples: list[metrics.PeerSample] = []
-    for start in range(0, src.size, metrics.CHUNK):
-        for i in range(start, min(start + metrics.CHUNK, src.size)):
+    for start in range(0, src.size, metrics.ROWS_PER_TURN):
+        for i in range(start, min(start + metrics.ROWS_PER_TURN, src.size)):
             row = src.row(i)
             if row is not None:
                 samples.append(metrics.peer_sample(row, offset, last.get(row.peer)))

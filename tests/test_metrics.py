@@ -139,7 +139,7 @@ def test_workers_metrics_are_summed(tmp_path: Path, procs) -> None:
 
 
 def test_a_big_exposition_is_streamed_a_chunk_per_loop_turn() -> None:
-    """10,000 peers: their values are read CHUNK rows per turn (the loop runs in between), the text is
+    """10,000 peers: their values are read ROWS_PER_TURN rows per turn (the loop runs in between), the text is
     the same as the all-at-once exposition and parses, and no chunk is big."""
     from hbd import metrics
     from hbd.view import DaemonView, LoopNumbers, PeerRow, ServerCounters, ServerSettings, ServerView
@@ -156,7 +156,7 @@ def test_a_big_exposition_is_streamed_a_chunk_per_loop_turn() -> None:
         return ServerView(daemon, "x:1", ServerSettings(10.0, 100, 1), ServerCounters(), iter(rows), counts=counts)
 
     chunks = list(metrics.exposition(view(), lambda: turns.append(1)))
-    assert len(turns) == 10_000 // metrics.CHUNK and chunks.count(None) == len(turns)
+    assert len(turns) == 10_000 // metrics.ROWS_PER_TURN and chunks.count(None) == len(turns)
     body = b"".join(c for c in chunks if c is not None)
 
     def steady(text: bytes) -> list[bytes]:  # the wall clock moved between the two: last pings differ
