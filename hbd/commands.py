@@ -32,30 +32,67 @@ SLICE = 250  # silences serialised per chunk
 MAX_BIG = 4  # big replies (status, select, metrics) under way at once in one process
 
 
-class BigReplies:
-    """How many big replies are under way in this process (a forked worker starts from none)."""
+STALLED = 1.0  # a big reply not resumed for this long (its reader takes nothing) may be evicted
 
-    def __init__(self, limit: int = MAX_BIG) -> None:
+
+class _Slot:
+    __slots__ = ("evicted", "reply", "resumed")
+
+    def __init__(self, reply: Reply, now: float) -> None:
+        self.reply = reply
+        self.resumed = now
+        self.evicted = False
+
+
+class BigReplies:
+    """How many big replies are under way in this process (a forked worker starts from none).
+
+    When all ``limit`` slots are taken, a newcomer evicts the one whose reader has taken nothing
+    for STALLED seconds (its reply ends there), so readers that never read cannot lock status and
+    metrics out; only when every slot is making progress is the newcomer told "busy"."""
+
+    def __init__(self, limit: int = MAX_BIG, clock: Callable[[], float] = time.monotonic) -> None:
         self.limit = limit
+        self.clock = clock
         self._pid = os.getpid()
-        self._running = 0
+        self._slots: list[_Slot] = []
 
     @property
     def running(self) -> int:
         if self._pid != os.getpid():  # forked while some were under way: those are the parent's
-            self._pid, self._running = os.getpid(), 0
-        return self._running
+            self._pid, self._slots = os.getpid(), []
+        return len(self._slots)
 
     def counted(self, reply: Reply, busy: Callable[[], Reply]) -> Reply:
         """``reply`` holding a slot while it runs (given back however it ends), or ``busy()``."""
+        now = self.clock()
         if self.running >= self.limit:
-            yield from busy()
-            return
-        self._running += 1
+            stalled = min(self._slots, key=lambda s: s.resumed)
+            if now - stalled.resumed < STALLED:
+                yield from busy()
+                return
+            self._evict(stalled)
+        slot = _Slot(reply, now)
+        self._slots.append(slot)
         try:
-            yield from reply
+            for chunk in reply:
+                if slot.evicted:
+                    return
+                yield chunk
+                slot.resumed = self.clock()
         finally:
-            self._running -= 1
+            if not slot.evicted:
+                self._slots.remove(slot)
+            close = getattr(reply, "close", None)
+            if close is not None:
+                close()
+
+    def _evict(self, slot: _Slot) -> None:
+        slot.evicted = True
+        self._slots.remove(slot)
+        close = getattr(slot.reply, "close", None)
+        if close is not None:
+            close()  # its relays and buffers go now; its reader gets what was sent, then EOF
 
 
 BIG = BigReplies()

@@ -157,47 +157,68 @@ def test_plain_all_sends_the_old_request(tmp_path: Path, capsys) -> None:
 
 def test_big_replies_are_bounded_in_number_and_unread_ones_in_memory(tmp_path: Path) -> None:
     """MAX_BIG readers that never read hold their slots with at most a buffer's worth produced each;
-    one more is told "busy" at once; a closed one gives its slot back."""
+    one more is told "busy" while they are fresh, and evicts the longest-stalled once it has taken
+    nothing for STALLED seconds; a closed one gives its slot back."""
     loop = EventLoop()
     listener = UnixListener(str(tmp_path / "c.sock"))
     produced = [0] * 10
+    now = [0.0]
+    big = commands.BigReplies(clock=lambda: now[0])
 
-    def big(n: int):
+    def reply(n: int):
         for _ in range(10_000):  # 100 MB if it were all made
             produced[n] += 1
             yield b"x" * 10_000
 
     def handler(request: bytes, wake):
-        n = int(request)
-        return commands.BIG.counted(big(n), commands._busy)
+        return big.counted(reply(int(request)), commands._busy)
 
     server = RequestServer(loop, listener.sock, handler)
-    readers = []
-    for n in range(commands.MAX_BIG + 1):
+
+    def ask(n: int) -> socket.socket:
         s = socket.socket(socket.AF_UNIX)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         s.connect(listener.path)
         s.sendall(b"%d\n" % n)
         s.setblocking(False)
-        readers.append(s)
         end = time.monotonic() + 0.2
         while time.monotonic() < end:
             loop.run_once(0.01)
-    assert commands.BIG.running == commands.MAX_BIG
-    last = readers[-1]
-    last.setblocking(True)
-    last.settimeout(5)
-    assert b"busy" in last.recv(1000)
+        return s
+
+    readers = [ask(n) for n in range(commands.MAX_BIG)]
+    assert big.running == commands.MAX_BIG
+    extra = ask(commands.MAX_BIG)
+    extra.setblocking(True)
+    extra.settimeout(5)
+    assert b"busy" in extra.recv(1000)  # every slot was resumed just now
     for n in range(commands.MAX_BIG):  # unread: each made only what fits the buffers
         assert 0 < produced[n] * 10_000 < HIGH_WATER + 1_000_000, produced
-    readers[0].close()
-    end = time.monotonic() + 0.5
-    while time.monotonic() < end and commands.BIG.running == commands.MAX_BIG:
+    made = produced[0]
+    now[0] += commands.STALLED + 0.1  # none of them has taken anything since
+    late = ask(commands.MAX_BIG + 1)
+    assert big.running == commands.MAX_BIG and produced[commands.MAX_BIG + 1] > 0  # it got a slot
+    got, end = 0, time.monotonic() + 5
+    while time.monotonic() < end:  # the evicted one's reader gets what was made, then EOF
+        loop.run_once(0.001)
+        try:
+            chunk = readers[0].recv(1 << 16)
+        except BlockingIOError:
+            continue
+        if not chunk:
+            break
+        got += len(chunk)
+    else:
+        raise AssertionError("the evicted reply did not end")
+    assert produced[0] == made and got <= made * 10_000  # nothing more was made for it
+    readers[1].close()
+    end = time.monotonic() + 2
+    while time.monotonic() < end and big.running == commands.MAX_BIG:
         loop.run_once(0.01)
-    assert commands.BIG.running == commands.MAX_BIG - 1  # its generator was closed: the slot is free
+    assert big.running == commands.MAX_BIG - 1  # its generator was closed: the slot is free
     server.close()  # closes the others: every slot back
-    assert commands.BIG.running == 0
-    for s in readers:
+    assert big.running == 0
+    for s in [*readers, extra, late]:
         s.close()
     listener.remove()
     loop.close()
