@@ -13,7 +13,9 @@ every round trip with its send time, so the pong RTT can be cut by phase:
   full       the whole ``status`` document, read as fast as the socket gives it
   metrics    GET /metrics, likewise
 
-For each phase: the request times, the probe's RTT p50/p99/max, and the daemon's loop turns in it
+For each phase: the request times, the probe's RTT p50/p99/max over the phase and over the pings
+sent while one of its requests was under way (``rtt_during_ms``: the summary line shows this one),
+and the daemon's loop turns in it
 (every process together, from the turn histograms of the status document): how many, how many over
 20/50/100 ms. Prints one JSON document, then a summary. Needs ``ulimit -n`` 20000 (each process
 holds N/procs sockets). Run it under the bench lock: ``flock /tmp/hbd-bench.lock python3 -m ...``.
@@ -190,9 +192,13 @@ def turns_between(a: dict, b: dict) -> dict:
     }
 
 
+BUSY: list[tuple[float, float]] = []  # when a request was under way: the RTT "while it runs"
+
+
 def timed_query(sock: str, request: str) -> tuple[float, int]:
     start = mono()
     size = len(query(sock, request, timeout=120))
+    BUSY.append((start, mono()))
     return mono() - start, size
 
 
@@ -203,6 +209,7 @@ def scrape(port: int) -> tuple[float, int]:
         size = 0
         while chunk := s.recv(1 << 16):
             size += len(chunk)
+    BUSY.append((start, mono()))
     return mono() - start, size
 
 
@@ -278,11 +285,13 @@ def run(a: argparse.Namespace, directory: str) -> dict:
 
         def phase(name: str, work) -> None:
             before = loop_now(sock)["turns"]
+            BUSY.clear()
             t0 = mono()
             info = work()
             t1 = mono()
             after = loop_now(sock)["turns"]
-            phases[name] = {"start": t0, "end": t1, **info, "loop": turns_between(before, after)}
+            busy = list(BUSY)
+            phases[name] = {"start": t0, "end": t1, "busy": busy, **info, "loop": turns_between(before, after)}
             print(f"{name}: {json.dumps(phases[name])}", file=sys.stderr, flush=True)
 
         def quiet(seconds: float):
@@ -347,6 +356,10 @@ def run(a: argparse.Namespace, directory: str) -> dict:
         for info in phases.values():
             xs = array("d", (rt for t, rt in zip(t_send, rtts, strict=True) if info["start"] <= t < info["end"]))
             info["rtt_ms"] = summary(xs, 1000.0)
+            busy = info.pop("busy")
+            if busy:  # only the pings sent while one of the phase's requests was under way
+                during = (rt for t, rt in zip(t_send, rtts, strict=True) if any(a <= t < b for a, b in busy))
+                info["rtt_during_ms"] = summary(array("d", during), 1000.0)
             info["duration_s"] = round(info.pop("end") - info.pop("start"), 1)
         result["phases"] = phases
         result["loadavg"] = Path("/proc/loadavg").read_text().split()[:3]
@@ -380,7 +393,7 @@ def main() -> None:
     print(json.dumps(r))
     quiet = r["phases"]["quiet"]["rtt_ms"]
     for name, p in r["phases"].items():
-        rtt = p["rtt_ms"]
+        rtt = p.get("rtt_during_ms", p["rtt_ms"])
         ratio = rtt["p99"] / quiet["p99"] if quiet.get("p99") else float("nan")
         print(
             f"{name:9s} {p['duration_s']:6.1f} s  requests {p.get('times_s', '-')}  "
