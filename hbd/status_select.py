@@ -16,6 +16,7 @@ one it relays the rows as they come.
 from __future__ import annotations
 
 import heapq
+import itertools
 import json
 from collections.abc import Callable, Iterator, Sequence
 
@@ -197,10 +198,11 @@ def supervisor_select(
 
 
 def _relayed(
-    loop: EventLoop, path: str, request: bytes, wake: Callable[[], None], tally: Tally
+    loop: EventLoop, path: str | _Relay, request: bytes, wake: Callable[[], None], tally: Tally
 ) -> Iterator[bytes | None]:
-    """One worker's rows as they arrive (None: nothing yet); its ``matched`` goes to ``tally``."""
-    relay = _Relay(loop, path, wake, request)
+    """One worker's rows as they arrive (None: nothing yet); its ``matched`` goes to ``tally``.
+    ``path`` may be a relay already asked (the workers of a limited select work at once)."""
+    relay = path if isinstance(path, _Relay) else _Relay(loop, path, wake, request)
     trailer: bytes | None = None
     try:
         while True:
@@ -235,6 +237,39 @@ def _matched(trailer: bytes | None) -> int:
     return n if isinstance(n, int) and not isinstance(n, bool) else 0
 
 
+def _merge_one(
+    relay: _Relay,
+    loop: EventLoop,
+    request: bytes,
+    wake: Callable[[], None],
+    tally: Tally,
+    best: list[tuple[SortKey, int, dict]],
+    seen: Iterator[int],
+) -> Reply:
+    """One worker's first rows into ``best`` (``seen``: a tie-break, so rows never compare)."""
+    parts: list[bytes] = []
+    size = 0
+    for chunk in _relayed(loop, relay, request, wake, tally):
+        if chunk is None:
+            yield None
+            continue
+        parts.append(chunk)
+        size += len(chunk)
+        if size > MAX_FRAGMENT:
+            parts = []
+            break
+    try:
+        rows = json.loads(b"[" + b"".join(parts) + b"]")
+    except ValueError:
+        rows = []  # a worker restarting mid-reply: its peers are missing from this reply
+    for row in rows:
+        if isinstance(row, dict):
+            key = sort_key(row.get("name"), str(row.get("address")), str(row.get("state")))
+            best.append((key, next(seen), row))
+    loop.call_later(0, wake)
+    yield None  # parsing that worker's rows was this turn's work
+
+
 def _merged(
     view: SupervisorView,
     flt: StatusFilter,
@@ -247,39 +282,24 @@ def _merged(
 ) -> Reply:
     """With a limit: each worker's first rows and the supervisor's own, merged in the table's order."""
     best: list[tuple[SortKey, int, dict]] = []
-    seen = 0
-    for path in paths:
-        parts: list[bytes] = []
-        size = 0
-        for chunk in _relayed(loop, path, request, wake, tally):
-            if chunk is None:
-                yield None
-                continue
-            parts.append(chunk)
-            size += len(chunk)
-            if size > MAX_FRAGMENT:
-                parts = []
-                break
-        try:
-            rows = json.loads(b"[" + b"".join(parts) + b"]")
-        except ValueError:
-            rows = []  # a worker restarting mid-reply: its peers are missing from this reply
-        for row in rows:
-            if isinstance(row, dict):
-                seen += 1
-                key = sort_key(row.get("name"), str(row.get("address")), str(row.get("state")))
-                best.append((key, seen, row))
-        best = heapq.nsmallest(flt.limit, best)
-        loop.call_later(0, wake)
-        yield None  # parsing that worker's rows was this turn's work
+    seen = itertools.count()
+    # Every worker is asked at once (their scans run side by side), then read one after another;
+    # each sends at most ``limit`` rows, and a relay stops reading at 1 MB until it is taken.
+    relays = [_Relay(loop, path, wake, request) for path in paths]
+    try:
+        for relay in relays:
+            yield from _merge_one(relay, loop, request, wake, tally, best, seen)
+            best[:] = heapq.nsmallest(flt.limit, best)
+    finally:
+        for relay in relays:
+            relay.close()
     for batch in scan(view.sources, flt, tally):
         if batch is None:
             loop.call_later(0, wake)
             yield None
             continue
         for r in batch:
-            seen += 1
-            best.append((sort_key(r.name, r.address, r.state), seen, peer_doc(r, clock)))
+            best.append((sort_key(r.name, r.address, r.state), next(seen), peer_doc(r, clock)))
     best = heapq.nsmallest(flt.limit, best)
     for start in range(0, len(best), ROWS):
         text = _ENCODE([row for _, _, row in best[start : start + ROWS]])[1:-1]
