@@ -223,7 +223,7 @@ def run(a: argparse.Namespace, directory: str) -> dict:
         "host": "127.0.0.1",
         "port": port,
         "heartbeat_timeout": a.interval * 6,
-        "max_clients": n + a.probes + 100,
+        "max_clients": 2 * (n + a.probes),  # per worker; SO_REUSEPORT spreads connections unevenly
         "max_peers": n + a.probes + 100,
         "workers": a.workers,
         "backlog": 4096,
