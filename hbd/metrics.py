@@ -27,6 +27,7 @@ from hbd.view import (
     DaemonViews,
     LoopNumbers,
     PeerRow,
+    PeerSample,
     Rtt,
     ServerCounters,
     ServerView,
@@ -219,10 +220,6 @@ def collect(view: DaemonViews, peers: bool = True) -> Exposition:
     return out
 
 
-# One peer's per-peer values: its labels (rendered), up, last ping (wall clock or None), flapping,
-# silenced, expected, outages, seconds down. A scrape keeps these, not rows, until every family is out.
-PeerSample = tuple[str, int, float | None, int, int, int, int, float]
-
 PEER_FAMILIES = (  # (name, type, help, the sample's field)
     ("hbd_peer_up", "gauge", "1 while the peer pings on time (UP or LATE), else 0.", 1),
     ("hbd_peer_last_ping_timestamp_seconds", "gauge", "When the peer last pinged, Unix time.", 2),
@@ -247,7 +244,7 @@ def peer_sample(row: PeerRow, offset: float, last_ping: float | None = None) -> 
     if last_ping is None and row.last_ping is not None:
         last_ping = round(row.last_ping + offset, 3)
     return (
-        _labels({"peer": row.peer, **dict(row.labels)}),
+        peer_labels(row.peer, row.labels),
         1 if row.state in ("UP", "LATE") else 0,
         last_ping,
         1 if "flapping" in row.flags else 0,
@@ -256,6 +253,11 @@ def peer_sample(row: PeerRow, offset: float, last_ping: float | None = None) -> 
         row.outages or 0,
         round(row.down_seconds or 0.0, 3),
     )
+
+
+def peer_labels(peer: str, labels: Iterable[tuple[str, str]]) -> str:
+    """A peer's label set as the per-peer series carry it."""
+    return _labels({"peer": peer, **dict(labels)})
 
 
 def peer_chunks(samples: Sequence[PeerSample]) -> Iterator[bytes]:

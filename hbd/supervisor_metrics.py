@@ -41,19 +41,25 @@ def http_reply(
 
 def exposition(view: SupervisorView, loop: EventLoop, control_path: str | None, wake: Callable[[], None]) -> Reply:
     yield metrics.collect(view, peers=False).render()
-    src = view.everyone
-    if view.counts is None or src is None:
+    if view.counts is None or (view.samples is None and view.everyone is None):
         return
     last = yield from last_pings(view, loop, control_path, wake)
     offset = time.time() - view.daemon.now  # monotonic -> wall clock
     samples: list[metrics.PeerSample] = []
-    for start in range(0, src.size, metrics.ROWS_PER_TURN):
-        for i in range(start, min(start + metrics.ROWS_PER_TURN, src.size)):
-            row = src.row(i)
-            if row is not None:
-                samples.append(metrics.peer_sample(row, offset, last.get(row.peer)))
-        loop.call_later(0, wake)
-        yield None
+    if view.samples is not None:  # straight from the registry: no row per peer
+        for batch in view.samples(offset, last, metrics.ROWS_PER_TURN):
+            samples += batch
+            loop.call_later(0, wake)
+            yield None
+    elif view.everyone is not None:
+        src = view.everyone
+        for start in range(0, src.size, metrics.ROWS_PER_TURN):
+            for i in range(start, min(start + metrics.ROWS_PER_TURN, src.size)):
+                row = src.row(i)
+                if row is not None:
+                    samples.append(metrics.peer_sample(row, offset, last.get(row.peer)))
+            loop.call_later(0, wake)
+            yield None
     yield from metrics.peer_chunks(samples)
 
 

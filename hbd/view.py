@@ -139,6 +139,13 @@ class PeerRow:
 
 Who = tuple[str | None, str, str]  # how a peer would be shown: (its name or None, address, state)
 
+# One peer's per-peer metric values: its labels (rendered), up, last ping (wall clock or None),
+# flapping, silenced, expected, outages, seconds down. A scrape keeps these, not rows, until every
+# family is out.
+PeerSample = tuple[str, int, float | None, int, int, int, int, float]
+# (wall-clock offset, the workers' last pings by peer, peers per batch) -> batches of samples
+SampleBatches = Callable[[float, Mapping[str, float], int], Iterator[list[PeerSample]]]
+
 
 @dataclass(frozen=True, slots=True)
 class PeerSource:
@@ -255,6 +262,7 @@ class SupervisorView:
     account: Callable[[PeerRow], PeerRow] | None = None
     sources: tuple[PeerSource, ...] = ()  # ``peers``, for a filtered status (hbd.status_select)
     everyone: PeerSource | None = None  # every peer of the registry, with its accounting (the metrics)
+    samples: SampleBatches | None = None  # the same peers' metric values, without a row each (the metrics)
 
 
 @dataclass(frozen=True, slots=True)

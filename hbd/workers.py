@@ -169,6 +169,7 @@ class Supervisor(Daemon[ServerConfig]):
             reg.account if reg is not None else None,
             (reg.unconnected_source(),) if reg is not None else (),
             reg.registry.source(account=reg.account) if reg is not None else None,
+            reg.metric_samples if reg is not None else None,
         )
 
     def on_status_tick(self) -> None:
