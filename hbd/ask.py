@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 
 from hbd.config import DEFAULT_CLIENT_SOCKET, DEFAULT_SERVER_SOCKET, ConfigError, load_client_config, load_server_config
 
@@ -36,9 +37,11 @@ def socket_of(args: argparse.Namespace, role: str | None) -> str | None:
     return path
 
 
-def ask(path: str, request: str, timeout: float) -> dict[str, object] | None:
+def ask(
+    path: str, request: str, timeout: float, explain: Callable[[str], str] | None = None
+) -> dict[str, object] | None:
     """Send one request to a status socket and return its JSON reply; None once an error
-    (unreachable, no permission, an error reply) has been printed."""
+    (unreachable, no permission, an error reply: through ``explain`` if given) has been printed."""
     from hbd.control import query
 
     try:
@@ -58,6 +61,7 @@ def ask(path: str, request: str, timeout: float) -> dict[str, object] | None:
         print(f"hbd: error: {path}: not a status reply: {exc}", file=sys.stderr)
         return None
     if "error" in doc:
-        print(f"hbd: error: {path}: {doc['error']}", file=sys.stderr)
+        error = str(doc["error"])
+        print(f"hbd: error: {path}: {explain(error) if explain else error}", file=sys.stderr)
         return None
     return doc

@@ -28,6 +28,7 @@ from hbd.config import (
     parse_duration,
     read_document,
 )
+from hbd.status_filter import DEFAULT_LIMIT, MAX_LIMIT
 
 if TYPE_CHECKING:
     from hbd.daemon import Daemon
@@ -69,10 +70,31 @@ def build_parser() -> argparse.ArgumentParser:
         "status",
         help="show a running daemon's peers",
         description="Ask a running daemon for its peers through its status socket and print "
-        "a table (or the JSON document). Without ROLE or -s: the server's socket if it exists, "
-        "else the client's. Exit 1 if the daemon cannot be reached.",
+        "the counts by state, then a table of the first --limit peers that match (problems first), "
+        "or the JSON document. The server applies the filter itself. Without ROLE or -s: the server's "
+        "socket if it exists, else the client's. Exit 1 if the daemon cannot be reached.",
     )
-    p.add_argument("role", nargs="?", choices=("server", "client"), help="which daemon to ask")
+    p.add_argument("role", nargs="?", metavar="ROLE", help="which daemon to ask: server or client")
+    p.add_argument(
+        "peer",
+        nargs="?",
+        metavar="PEER",
+        help="only the peers whose name or address matches this name or glob (web*, 10.0.0.*); "
+        "a lone argument that is not server or client is PEER",
+    )
+    p.add_argument(
+        "--state",
+        metavar="STATES",
+        help="only peers in these states, comma-separated: DOWN,LATE,NEW,UP (any case)",
+    )
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=DEFAULT_LIMIT,
+        metavar="N",
+        help=f"show at most N peers, problems first (default {DEFAULT_LIMIT}, at most {MAX_LIMIT}; 0: all)",
+    )
+    p.add_argument("--all", action="store_true", help="show every matching peer (the same as --limit 0)")
     p.add_argument("-s", "--socket", metavar="PATH", help="the status socket (default /run/hbd/ROLE.sock)")
     p.add_argument("-c", "--config", metavar="FILE", help="take control_socket from this configuration file")
     p.add_argument("--json", action="store_true", help="print the daemon's JSON document instead of a table")
@@ -365,13 +387,28 @@ def _read_reply(s: socket.socket, limit: int = 1 << 20) -> bytes:
 
 
 def status(args: argparse.Namespace) -> int:
-    """``hbd status``: one request to a status socket, printed as a table or as JSON."""
+    """``hbd status``: one request to a status socket, printed as a table or as JSON. With a filter
+    or a limit (the default), the ``select`` request: the daemon picks the rows."""
     from hbd import status as st
     from hbd.ask import ask, socket_of
     from hbd.status_doc import StatusDocError, parse_document
+    from hbd.status_filter import FilterError, StatusFilter, parse_states
 
+    if args.role not in (None, "server", "client"):
+        if args.peer is not None:
+            print(f"hbd: error: ROLE is server or client, got {args.role!r}", file=sys.stderr)
+            return 2
+        args.role, args.peer = None, args.role  # hbd status web1
+    try:
+        states = parse_states(args.state) if args.state is not None else None
+        flt = StatusFilter(states, args.peer, 0 if args.all else args.limit)
+    except FilterError as exc:
+        hint = "; --all lists every match" if "limit" in str(exc) else ""
+        print(f"hbd: error: {exc}{hint}", file=sys.stderr)
+        return 2
     path = socket_of(args, args.role)
-    doc = ask(path, "status", args.timeout) if path is not None else None
+    request = "status" if flt.everything else json.dumps(flt.to_request())
+    doc = ask(path, request, args.timeout, _explain) if path is not None else None
     if doc is None:
         return 1
     if args.json:
@@ -384,6 +421,16 @@ def status(args: argparse.Namespace) -> int:
         return 1
     sys.stdout.write(st.render(parsed, recent=max(args.recent, 0)))
     return 0
+
+
+def _explain(error: str) -> str:
+    """A daemon's refusal of ``select``, as the operator can act on it."""
+    if error.startswith("unknown command 'select'"):
+        return (
+            "this daemon is older than status filters (select) and can only send its whole status: "
+            "hbd status --all, without --state or PEER"
+        )
+    return error
 
 
 def _wall() -> float:

@@ -1,6 +1,11 @@
-"""The status socket's commands: ``status``, ``peers`` (a worker's, for its supervisor), ``metrics``,
-``reload`` and the silences (``silence``, ``unsilence``, ``silences``). Answers are rendered from the
-daemon's view; ``reload`` and the silences act.
+"""The status socket's commands: ``status``, ``select`` (a server's status for a filter:
+hbd.status_filter), ``peers`` (a worker's, for its supervisor), ``metrics``, ``reload`` and the
+silences (``silence``, ``unsilence``, ``silences``). Answers are rendered from the daemon's view;
+``reload`` and the silences act.
+
+The big replies (a server's status or selection, the metrics) look at every peer: at most
+``MAX_BIG`` of them are under way at once in a process; one more is refused ("busy") rather than
+queued, so that idle or never-reading clients cannot pile up work or memory.
 
 A request is one line: a word (``status``), or a JSON object whose ``request`` names the command and
 whose other fields are its arguments (``{"request": "silence", "peer": "web1", "seconds": 7200,
@@ -15,14 +20,86 @@ from collections.abc import Callable, Iterator
 from itertools import islice
 from typing import Any
 
-from hbd import metrics, status, supervisor_metrics
+from hbd import metrics, status, status_select, supervisor_metrics
 from hbd.control import Reply
 from hbd.operated import Operated
 from hbd.silencing import NO_SILENCES, Silencing, check_peer, check_reason, check_seconds
+from hbd.status_filter import FilterError, StatusFilter
 from hbd.view import ClientView, ServerView, SupervisorView
 
 SILENCE_COMMANDS = ("silence", "unsilence", "silences")
 SLICE = 250  # silences serialised per chunk
+MAX_BIG = 4  # big replies (status, select, metrics) under way at once in one process
+
+
+STALLED = 1.0  # a big reply not resumed for this long (its reader takes nothing) may be evicted
+
+
+class _Slot:
+    __slots__ = ("evicted", "reply", "resumed")
+
+    def __init__(self, reply: Reply, now: float) -> None:
+        self.reply = reply
+        self.resumed = now
+        self.evicted = False
+
+
+class BigReplies:
+    """How many big replies are under way in this process (a forked worker starts from none).
+
+    When all ``limit`` slots are taken, a newcomer evicts the one whose reader has taken nothing
+    for STALLED seconds (its reply ends there), so readers that never read cannot lock status and
+    metrics out; only when every slot is making progress is the newcomer told "busy"."""
+
+    def __init__(self, limit: int = MAX_BIG, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit
+        self.clock = clock
+        self._pid = os.getpid()
+        self._slots: list[_Slot] = []
+
+    @property
+    def running(self) -> int:
+        if self._pid != os.getpid():  # forked while some were under way: those are the parent's
+            self._pid, self._slots = os.getpid(), []
+        return len(self._slots)
+
+    def counted(self, reply: Reply, busy: Callable[[], Reply]) -> Reply:
+        """``reply`` holding a slot while it runs (given back however it ends), or ``busy()``."""
+        now = self.clock()
+        if self.running >= self.limit:
+            stalled = min(self._slots, key=lambda s: s.resumed)
+            if now - stalled.resumed < STALLED:
+                yield from busy()
+                return
+            self._evict(stalled)
+        slot = _Slot(reply, now)
+        self._slots.append(slot)
+        try:
+            for chunk in reply:
+                if slot.evicted:
+                    return
+                yield chunk
+                slot.resumed = self.clock()
+        finally:
+            if not slot.evicted:
+                self._slots.remove(slot)
+            close = getattr(reply, "close", None)
+            if close is not None:
+                close()
+
+    def _evict(self, slot: _Slot) -> None:
+        slot.evicted = True
+        self._slots.remove(slot)
+        close = getattr(slot.reply, "close", None)
+        if close is not None:
+            close()  # its relays and buffers go now; its reader gets what was sent, then EOF
+
+
+BIG = BigReplies()
+
+
+def _busy() -> Reply:
+    return _error(f"busy: {BIG.limit} status or metrics replies are under way; try again in a moment")
 
 
 def answer(
@@ -43,21 +120,52 @@ def answer(
     command = words[0].lower() if words else ""
     if command in SILENCE_COMMANDS:
         return _silences_reply(daemon.silencing, command, fields)
-    if command == "status":
-        view = daemon.view()
-        if isinstance(view, ClientView):
-            return status.client_document(view)
-        if isinstance(view, SupervisorView):
-            return status.supervisor_document(view, daemon.loop, control_path, wake)
-        return status.server_document(view)
+    if command in ("status", "select"):
+        return _status(daemon, control_path, command, fields, wake)
     if command == "peers" and daemon.role == "server" and not daemon.supervises:
         view = daemon.view()
-        return status.peers_fragment(view) if isinstance(view, ServerView) else iter([])
+        if not isinstance(view, ServerView):
+            return iter([])
+        if not fields:  # the metrics' relay: every row, no trailer
+            return status.peers_fragment(view)
+        try:
+            flt = StatusFilter.from_request(fields)
+        except FilterError as exc:
+            return _error(str(exc))
+        return status_select.worker_select(view, flt, daemon.loop, wake)
+    if command == "pings" and daemon.role == "server" and not daemon.supervises:
+        view = daemon.view()
+        return _pings(view) if isinstance(view, ServerView) else iter([])
     if command == "metrics":
-        return _metrics(daemon, control_path, wake)
+        return BIG.counted(_metrics(daemon, control_path, wake), _busy)
     if command == "reload" and daemon.worker_index is None:
         return _reload_reply(daemon, wake, uid)
-    return _error(f"unknown command {command[:40]!r}; try: status, metrics, reload, silences")
+    return _error(f"unknown command {command[:40]!r}; try: status, select, metrics, reload, silences")
+
+
+def _status(
+    daemon: Operated, control_path: str | None, command: str, fields: dict[str, Any], wake: Callable[[], None]
+) -> Reply:
+    """``status`` (everything) or ``select`` (a filter's rows, hbd.status_filter)."""
+    flt = StatusFilter()
+    if command == "select":
+        try:
+            flt = StatusFilter.from_request(fields)
+        except FilterError as exc:
+            return _error(str(exc))
+    elif set(fields) - {"request"}:
+        # a newer CLI's arguments: refused, not ignored (the filter is select's)
+        return _error(f"status takes no arguments (got {sorted(fields)[0][:40]!r}); filters are select's")
+    view = daemon.view()
+    if isinstance(view, ClientView):
+        if flt.states is not None or flt.peer is not None:
+            return _error("select: a client's servers are not filtered; ask for its whole status")
+        return status.client_document(view)  # a few servers: a limit leaves them all
+    if isinstance(view, SupervisorView):
+        reply = status_select.supervisor_select(view, flt, daemon.loop, control_path, wake)
+    else:
+        reply = status_select.server_select(view, flt, daemon.loop, wake)
+    return BIG.counted(reply, _busy)
 
 
 def _error(reason: str) -> Reply:
@@ -104,17 +212,38 @@ def _silence_list(silencing: Silencing) -> Iterator[bytes]:
 def _metrics(daemon: Operated, control_path: str | None, wake: Callable[[], None]) -> Reply:
     view = daemon.view()
     if isinstance(view, SupervisorView):
-        view = yield from supervisor_metrics.with_workers_peers(view, daemon.loop, control_path, wake)
-    yield metrics.collect(view).render()
+        return supervisor_metrics.exposition(view, daemon.loop, control_path, wake)
+    return metrics.exposition(view, _breathe(daemon, wake))
+
+
+def _breathe(daemon: Operated, wake: Callable[[], None]) -> Callable[[], None]:
+    """What a reply calls before it yields None to let the loop turn: wake it on the next turn."""
+
+    def breathe() -> None:
+        daemon.loop.call_later(0, wake)
+
+    return breathe
+
+
+def _pings(view: ServerView) -> Reply:
+    """A worker's answer to its supervisor's scrape: ``["peer", last ping]`` per line (wall clock)."""
+    if view.last_pings is None:
+        return
+    offset = time.time() - view.daemon.now
+    pairs = view.last_pings()
+    while batch := list(islice(pairs, 2000)):
+        yield "".join(f"[{json.dumps(peer)},{round(last + offset, 3)}]\n" for peer, last in batch).encode()
 
 
 def http_metrics(daemon: Operated, control_path: str | None, request: bytes, wake: Callable[[], None]) -> Reply:
-    """The metrics endpoint's answer (a supervisor's relays its workers' peers first)."""
+    """The metrics endpoint's answer (a supervisor's relays its workers' last pings first)."""
     if daemon.supervises:
         view = daemon.view()
         assert isinstance(view, SupervisorView)
-        return supervisor_metrics.http_reply(view, daemon.loop, control_path, request, wake)
-    return metrics.http_reply(daemon.view, request)
+        reply = supervisor_metrics.http_reply(view, daemon.loop, control_path, request, wake)
+    else:
+        reply = metrics.http_reply(daemon.view, request, _breathe(daemon, wake))
+    return BIG.counted(reply, metrics.busy)
 
 
 def _reload_reply(daemon: Operated, wake: Callable[[], None], uid: int | None) -> Reply:

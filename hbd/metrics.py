@@ -13,7 +13,9 @@ from __future__ import annotations
 import math
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from itertools import islice
+from typing import cast
 
 from hbd import __version__
 from hbd.control import Reply
@@ -24,6 +26,8 @@ from hbd.view import (
     ClientView,
     DaemonViews,
     LoopNumbers,
+    PeerRow,
+    PeerSample,
     Rtt,
     ServerCounters,
     ServerView,
@@ -143,7 +147,8 @@ class Exposition:
 
 
 # -- what each daemon exposes ------------------------------------------------------------------------
-def collect(view: DaemonViews) -> Exposition:
+def collect(view: DaemonViews, peers: bool = True) -> Exposition:
+    """Every family (``peers`` False: all but the per-peer ones, which ``exposition`` streams)."""
     d = view.daemon
     workers = [w.numbers for w in view.workers if w.numbers is not None] if isinstance(view, SupervisorView) else []
     out = Exposition()
@@ -206,45 +211,76 @@ def collect(view: DaemonViews) -> Exposition:
             total = total.plus(numbers.counters)
         out.one("hbd_server_workers", "gauge", "Worker processes running.", len(view.workers))
         _collect_server(total, view.counts, out)
-        if view.counts is not None:  # the one registry's peers (hbd.supervisor_metrics relays the connected ones)
+        if view.counts is not None and peers:  # the one registry's peers (hbd.supervisor_metrics streams them)
             _collect_peers(view, out)
     else:
         _collect_server(view.counters, view.counts, out)
-        if view.counts is not None:  # a registry's view: every known peer has its own series
+        if view.counts is not None and peers:  # a registry's view: every known peer has its own series
             _collect_peers(view, out)
     return out
+
+
+PEER_FAMILIES = (  # (name, type, help, the sample's field)
+    ("hbd_peer_up", "gauge", "1 while the peer pings on time (UP or LATE), else 0.", 1),
+    ("hbd_peer_last_ping_timestamp_seconds", "gauge", "When the peer last pinged, Unix time.", 2),
+    ("hbd_peer_flapping", "gauge", "1 while the peer is flagged as flapping.", 3),
+    ("hbd_peer_silenced", "gauge", "1 while the peer is silenced (maintenance).", 4),
+    ("hbd_peer_expected", "gauge", "1 for a peer listed in peers: (expected to be alive), else 0.", 5),
+    ("hbd_peer_outages_total", "counter", "Times the peer went DOWN since this server started.", 6),
+    (
+        "hbd_peer_down_seconds_total",
+        "counter",
+        "Seconds the peer was DOWN since this server started (the current outage too).",
+        7,
+    ),
+)
+CHUNK = 2000  # samples per chunk of a streamed exposition (about 100 KB, a millisecond or two)
+ROWS_PER_TURN = 500  # peers' rows read per loop turn while a scrape gathers their values (a few ms)
+
+
+def peer_sample(row: PeerRow, offset: float, last_ping: float | None = None) -> PeerSample:
+    """``row``'s values; ``offset`` turns its monotonic times into wall clock; ``last_ping`` (wall
+    clock) overrides the row's (a worker's, for the supervisor's registry row)."""
+    if last_ping is None and row.last_ping is not None:
+        last_ping = round(row.last_ping + offset, 3)
+    return (
+        peer_labels(row.peer, row.labels),
+        1 if row.state in ("UP", "LATE") else 0,
+        last_ping,
+        1 if "flapping" in row.flags else 0,
+        1 if row.silenced_until is not None else 0,
+        1 if row.expected else 0,
+        row.outages or 0,
+        round(row.down_seconds or 0.0, 3),
+    )
+
+
+def peer_labels(peer: str, labels: Iterable[tuple[str, str]]) -> str:
+    """A peer's label set as the per-peer series carry it."""
+    return _labels({"peer": peer, **dict(labels)})
+
+
+def peer_chunks(samples: Sequence[PeerSample]) -> Iterator[bytes]:
+    """The per-peer families, each family's samples together, CHUNK samples per chunk."""
+    for name, kind, help_text, field in PEER_FAMILIES:
+        yield f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n".encode()
+        for start in range(0, len(samples), CHUNK):
+            lines = [
+                f"{name}{s[0]} {_num(cast(float, v))}\n"
+                for s in samples[start : start + CHUNK]
+                if (v := s[field]) is not None
+            ]
+            if lines:
+                yield "".join(lines).encode()
 
 
 def _collect_peers(view: ServerView | SupervisorView, out: Exposition) -> None:
     offset = time.time() - view.daemon.now  # monotonic -> wall clock
     # the registry's peers (a connection that has not pinged yet is no peer: no series of its own)
-    rows = [({"peer": row.peer, **dict(row.labels)}, row) for row in view.peers if "pending" not in row.flags]
-    out.family("hbd_peer_up", "gauge", "1 while the peer pings on time (UP or LATE), else 0.")
-    for labels, row in rows:
-        out.sample("hbd_peer_up", 1 if row.state in ("UP", "LATE") else 0, labels)
-    out.family("hbd_peer_last_ping_timestamp_seconds", "gauge", "When the peer last pinged, Unix time.")
-    for labels, row in rows:
-        if row.last_ping is not None:
-            out.sample("hbd_peer_last_ping_timestamp_seconds", round(row.last_ping + offset, 3), labels)
-    out.family("hbd_peer_flapping", "gauge", "1 while the peer is flagged as flapping.")
-    for labels, row in rows:
-        out.sample("hbd_peer_flapping", 1 if "flapping" in row.flags else 0, labels)
-    out.family("hbd_peer_silenced", "gauge", "1 while the peer is silenced (maintenance).")
-    for labels, row in rows:
-        out.sample("hbd_peer_silenced", 1 if row.silenced_until is not None else 0, labels)
-    out.family("hbd_peer_expected", "gauge", "1 for a peer listed in peers: (expected to be alive), else 0.")
-    for labels, row in rows:
-        out.sample("hbd_peer_expected", 1 if row.expected else 0, labels)
-    out.family("hbd_peer_outages_total", "counter", "Times the peer went DOWN since this server started.")
-    for labels, row in rows:
-        out.sample("hbd_peer_outages_total", row.outages or 0, labels)
-    out.family(
-        "hbd_peer_down_seconds_total",
-        "counter",
-        "Seconds the peer was DOWN since this server started (the current outage too).",
-    )
-    for labels, row in rows:
-        out.sample("hbd_peer_down_seconds_total", round(row.down_seconds or 0.0, 3), labels)
+    samples = [peer_sample(row, offset) for row in view.peers if "pending" not in row.flags]
+    for name, _, _, _ in PEER_FAMILIES:
+        out._seen.add(name)
+    out.lines.append(b"".join(peer_chunks(samples)).decode().rstrip("\n"))
 
 
 def _summed(own: Mapping[str, int], others: list[Mapping[str, int]]) -> dict[str, int]:
@@ -300,30 +336,60 @@ def _collect_client(view: ClientView, out: Exposition) -> None:
 
 
 # -- HTTP ------------------------------------------------------------------------------------------------
-def http_reply(view: Callable[[], DaemonViews], request: bytes) -> Reply:
-    """Answer one HTTP request head: GET /metrics (or /) with the exposition, else an error."""
+def exposition(view: DaemonViews, breathe: Callable[[], None] | None = None) -> Reply:
+    """The whole exposition, a chunk at a time: the daemon's families, then the per-peer ones.
+    The peers' values are taken ROWS_PER_TURN rows per loop turn (``breathe`` arranges the next turn's
+    wake-up; None: all at once), then written family by family, so that 100,000 peers never hold
+    the loop for long and what is kept meanwhile is one small tuple per peer."""
+    yield collect(view, peers=False).render()
+    if isinstance(view, ClientView) or view.counts is None:
+        return
+    offset = time.time() - view.daemon.now  # monotonic -> wall clock
+    rows = iter(view.peers)
+    samples: list[PeerSample] = []
+    while batch := list(islice(rows, ROWS_PER_TURN)):
+        samples += [peer_sample(row, offset) for row in batch if "pending" not in row.flags]
+        if breathe is not None:
+            breathe()
+            yield None
+    yield from peer_chunks(samples)
+
+
+def http_head(request: bytes) -> tuple[Reply | None, bool]:
+    """An HTTP request head -> (the whole reply unless it is GET or HEAD /metrics, HEAD?)."""
     line = request.split(b"\r\n", 1)[0].decode("latin-1", "replace")
     parts = line.split()
     if len(parts) != 3 or not parts[2].startswith("HTTP/"):
-        yield _http(400, "Bad Request", b"bad request\n")
-        return
+        return iter([_http(400, "Bad Request", b"bad request\n")]), False
     method, target = parts[0], parts[1].split("?", 1)[0]
     if method not in ("GET", "HEAD"):
-        yield _http(405, "Method Not Allowed", b"only GET\n", extra="Allow: GET, HEAD\r\n")
-        return
+        return iter([_http(405, "Method Not Allowed", b"only GET\n", extra="Allow: GET, HEAD\r\n")]), False
     if target == "/metrics":
-        body = collect(view()).render()
-        yield _http(200, "OK", body, content_type=CONTENT_TYPE, head_only=method == "HEAD")
-    elif target == "/":
-        yield _http(
-            200,
-            "OK",
-            b'<html><body><a href="/metrics">hbd metrics</a></body></html>\n',
-            content_type="text/html",
-            head_only=method == "HEAD",
-        )
-    else:
-        yield _http(404, "Not Found", b"not found; try /metrics\n")
+        return None, method == "HEAD"
+    if target == "/":
+        page = b'<html><body><a href="/metrics">hbd metrics</a></body></html>\n'
+        return iter([_http(200, "OK", page, content_type="text/html", head_only=method == "HEAD")]), False
+    return iter([_http(404, "Not Found", b"not found; try /metrics\n")]), False
+
+
+# The exposition is streamed: no Content-Length, the body ends when the connection closes (HTTP/1.0).
+STREAM_HEAD = f"HTTP/1.0 200 OK\r\nContent-Type: {CONTENT_TYPE}\r\nConnection: close\r\n\r\n".encode()
+
+
+def http_reply(view: Callable[[], DaemonViews], request: bytes, breathe: Callable[[], None] | None = None) -> Reply:
+    """Answer one HTTP request head: GET /metrics (or /) with the exposition, else an error."""
+    other, head_only = http_head(request)
+    if other is not None:
+        yield from other
+        return
+    yield STREAM_HEAD
+    if not head_only:
+        yield from exposition(view(), breathe)
+
+
+def busy() -> Reply:
+    """Too many big replies under way (hbd.commands.MAX_BIG): come back at the next scrape."""
+    yield _http(503, "Service Unavailable", b"busy: other scrapes or status requests are under way\n")
 
 
 def _http(

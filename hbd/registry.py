@@ -56,7 +56,7 @@ from hbd.registry_types import (
     registry_settings,
 )
 from hbd.store_records import PeerRecord, SilenceRecord
-from hbd.view import PeerRow
+from hbd.view import PeerRow, PeerSource, Who
 
 __all__ = [
     "DIRTY_BATCH",
@@ -245,29 +245,51 @@ class Registry:
 
     def rows(self, live: Callable[[Key], Live | None] | None = None, worker: int | None = None) -> Iterator[PeerRow]:
         """One row per known peer, made as they are read (from a snapshot of the peers)."""
-        silenced = self.silenced
         for peer in list(self.peers.values()):
-            info = live(peer.key) if live is not None and peer.key is not None else None
-            silence = silenced.get(peer.name)
-            flags = _FLAGS[peer.flapping, peer.rising > 0]
-            yield PeerRow(
-                peer.name,
-                peer.name if peer.named else None,
-                peer.address,
-                peer.status.value,
-                info.connected if info is not None else None,
-                info.last_ping if info is not None and info.last_ping is not None else peer.last_ping,
-                info.pings if info is not None else 0,
-                info.timeout if info is not None else peer.timeout,
-                info.interval if info is not None else None,
-                worker,
-                since=peer.since,
-                reason=peer.reason,
-                expected=peer.expected,
-                silenced_until=silence.until if silence is not None else None,
-                flags=flags,
-                labels=peer.labels,
-            )
+            yield self.row(peer, live, worker)
+
+    def source(
+        self,
+        live: Callable[[Key], Live | None] | None = None,
+        worker: int | None = None,
+        account: Callable[[PeerRow], PeerRow] | None = None,
+        unconnected: bool = False,
+    ) -> PeerSource:
+        """The peers (only those without a connection if ``unconnected``) for a filtered status:
+        a snapshot, each row made only if the filter keeps it."""
+        peers = [p for p in self.peers.values() if p.key is None] if unconnected else list(self.peers.values())
+
+        def who(i: int) -> Who:
+            peer = peers[i]
+            return (peer.name if peer.named else None, peer.address, peer.status.value)
+
+        def row(i: int) -> PeerRow:
+            made = self.row(peers[i], live, worker)
+            return account(made) if account is not None else made
+
+        return PeerSource(len(peers), who, row)
+
+    def row(self, peer: Peer, live: Callable[[Key], Live | None] | None, worker: int | None) -> PeerRow:
+        info = live(peer.key) if live is not None and peer.key is not None else None
+        silence = self.silenced.get(peer.name)
+        return PeerRow(
+            peer.name,
+            peer.name if peer.named else None,
+            peer.address,
+            peer.status.value,
+            info.connected if info is not None else None,
+            info.last_ping if info is not None and info.last_ping is not None else peer.last_ping,
+            info.pings if info is not None else 0,
+            info.timeout if info is not None else peer.timeout,
+            info.interval if info is not None else None,
+            worker,
+            since=peer.since,
+            reason=peer.reason,
+            expected=peer.expected,
+            silenced_until=silence.until if silence is not None else None,
+            flags=_FLAGS[peer.flapping, peer.rising > 0],
+            labels=peer.labels,
+        )
 
     # -- the state store (hbd.registry_records) ------------------------------------------------------------
     def take_dirty(

@@ -22,7 +22,7 @@ from hbd.logs import PeerLog
 from hbd.peer_uptime import Account
 from hbd.protocol import Hello, PeerState, StateChange
 from hbd.server_registry import PENDING
-from hbd.view import PeerRow
+from hbd.view import PeerRow, PeerSource, Who
 from hbd.workers_codec import (
     MAX_REASON,
     Message,
@@ -165,50 +165,83 @@ class RemotePeers:
     def rows(self, conns: list[Connection], worker: int | None) -> Iterator[PeerRow]:
         """Rows of a snapshot of connections, made as they are read: a connection whose peer the
         registry knows carries the registry's view of it (the mark); the others are no peer yet."""
-        now = self.clock()
         for conn in conns:
+            row = self.row(conn, worker)
+            if row is not None:
+                yield row
+
+    def source(self, conns: list[Connection], worker: int | None) -> PeerSource:
+        """The same rows for a filtered status: how each is shown is read first, the row made only if kept."""
+
+        def who(i: int) -> Who | None:
+            conn = conns[i]
             if conn.sock.fileno() < 0:
-                continue  # closed since the snapshot
-            peer = conn.peer
+                return None
             cid = self.ids.get(conn)
-            mark, acc = (self.marks.get(cid), self.accounts.get(cid)) if cid is not None else (None, None)
-            last_ping = peer.last_heard if peer.pings else None
-            if mark is None:
-                if cid in self.known and not peer.pings:
-                    continue  # the supervisor shows the peer it claims to be
-                state = peer.state.value if peer.state is not PeerState.RISING else "UP"
-                yield PeerRow(
-                    peer.name or conn.addr,
-                    peer.name,
-                    conn.addr,
-                    state,
-                    conn.since,
-                    last_ping,
-                    peer.pings,
-                    peer.timeout,
-                    peer.interval,
-                    worker,
-                    flags=PENDING,  # no peer yet: shown, no series of its own (as in one process)
-                )
-                continue
-            yield PeerRow(
-                mark.peer,
-                mark.peer if mark.named else None,
+            mark = self.marks.get(cid) if cid is not None else None
+            if mark is not None:
+                return (mark.peer if mark.named else None, conn.addr, mark.state)
+            peer = conn.peer
+            if cid in self.known and not peer.pings:
+                return None
+            return (peer.name, conn.addr, peer.state.value if peer.state is not PeerState.RISING else "UP")
+
+        return PeerSource(len(conns), who, lambda i: self.row(conns[i], worker))
+
+    def last_pings(self, conns: list[Connection]) -> Iterator[tuple[str, float]]:
+        """(peer, last ping, monotonic) of each connection of a snapshot that is a peer and has pinged."""
+        marks, ids = self.marks, self.ids
+        for conn in conns:
+            cid = ids.get(conn)
+            mark = marks.get(cid) if cid is not None else None
+            if mark is not None and conn.peer.pings and conn.sock.fileno() >= 0:
+                yield mark.peer, conn.peer.last_heard
+
+    def row(self, conn: Connection, worker: int | None) -> PeerRow | None:
+        """A connection's row (None: closed since the snapshot, or shown by the supervisor)."""
+        if conn.sock.fileno() < 0:
+            return None  # closed since the snapshot
+        peer = conn.peer
+        cid = self.ids.get(conn)
+        mark = self.marks.get(cid) if cid is not None else None
+        last_ping = peer.last_heard if peer.pings else None
+        if mark is None:
+            if cid in self.known and not peer.pings:
+                return None  # the supervisor shows the peer it claims to be
+            state = peer.state.value if peer.state is not PeerState.RISING else "UP"
+            return PeerRow(
+                peer.name or conn.addr,
+                peer.name,
                 conn.addr,
-                mark.state,
+                state,
                 conn.since,
                 last_ping,
                 peer.pings,
                 peer.timeout,
                 peer.interval,
                 worker,
-                since=mark.since,
-                reason=mark.reason,
-                expected=mark.expected,
-                silenced_until=mark.silenced_until,
-                flags=frozenset(mark.flags),
-                labels=tuple((k, v) for k, v in mark.labels),
-                uptime_24h=acc.uptime(now) if acc is not None else None,
-                outages=acc.outages if acc is not None else None,
-                down_seconds=acc.down_seconds(now) if acc is not None else None,
+                flags=PENDING,  # no peer yet: shown, no series of its own (as in one process)
             )
+        acc = self.accounts.get(cid) if cid is not None else None
+        now = self.clock()
+        return PeerRow(
+            mark.peer,
+            mark.peer if mark.named else None,
+            conn.addr,
+            mark.state,
+            conn.since,
+            last_ping,
+            peer.pings,
+            peer.timeout,
+            peer.interval,
+            worker,
+            since=mark.since,
+            reason=mark.reason,
+            expected=mark.expected,
+            silenced_until=mark.silenced_until,
+            flags=frozenset(mark.flags),
+            labels=tuple((k, v) for k, v in mark.labels),
+            uptime_24h=acc.uptime(now) if acc is not None else None,
+            outages=acc.outages if acc is not None else None,
+            down_seconds=acc.down_seconds(now) if acc is not None else None,
+        )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from hbd.access import AllowList
@@ -27,9 +27,9 @@ from hbd.logs import log
 from hbd.protocol import Hello, PeerState, StateChange
 from hbd.registry import registry_settings
 from hbd.registry_remote import RemotePeers
-from hbd.server_registry import ServerRegistry, peer_rows, start_registry
+from hbd.server_registry import ServerRegistry, peer_rows, peer_sources, start_registry
 from hbd.server_report import ServerReport
-from hbd.view import PeerRow, ServerCounters, ServerSettings, ServerView, WorkerNumbers
+from hbd.view import PeerRow, PeerSource, ServerCounters, ServerSettings, ServerView, WorkerNumbers
 from hbd.workers_codec import Numbers, Ready, Reloaded, Status
 
 if TYPE_CHECKING:
@@ -193,13 +193,19 @@ class Server(Daemon):
     def view(self) -> ServerView:
         cfg, addr, conns = self.config, self.address, list(self.conns.values())
         rows: Iterable[PeerRow]
+        sources: tuple[PeerSource, ...]
+        last_pings: Callable[[], Iterator[tuple[str, float]]] | None
         if self.remote is not None:  # one of several workers: the rows carry the supervisor's marks
             rows, counts = self.remote.rows(conns, self.worker_index), None
+            sources = (self.remote.source(conns, self.worker_index),)
+            last_pings = functools.partial(self.remote.last_pings, conns)
         else:
             rows, counts = peer_rows(self.registry, conns, self.worker_index)
+            sources = peer_sources(self.registry, conns, self.worker_index)
+            last_pings = None
         settings = ServerSettings(cfg.heartbeat_timeout, cfg.max_clients, cfg.workers)
         listen = f"{addr[0]}:{addr[1]}" if addr else None
-        return ServerView(self.daemon_view(), listen, settings, self.counters(), rows, counts)
+        return ServerView(self.daemon_view(), listen, settings, self.counters(), rows, counts, sources, last_pings)
 
     def arm(self, conn: Connection, forgiven: float = 0.0) -> None:
         self.liveness.arm(conn, forgiven)

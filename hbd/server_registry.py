@@ -40,7 +40,7 @@ from hbd.silencing import Silence
 from hbd.state_store import PeerRecord, SilenceRecord
 from hbd.store_writer import Store as Store
 from hbd.store_writer import StoreWriter, open_store
-from hbd.view import PeerRow
+from hbd.view import PeerRow, PeerSource, Who
 
 if TYPE_CHECKING:
     from hbd.loop import EventLoop, Timer
@@ -336,6 +336,13 @@ def peer_rows(
     return chain(reg.rows(worker), connection_rows(reg.unknown(conns), worker, PENDING)), reg.counts()
 
 
+def peer_sources(reg: ServerRegistry | None, conns: list[Connection], worker: int | None) -> tuple[PeerSource, ...]:
+    """The same peers as ``peer_rows``, for a filtered status (the filter is applied before a row is made)."""
+    if reg is None:
+        return (connection_source(conns, worker),)
+    return (reg.registry.source(reg.live, worker, reg.account), connection_source(reg.unknown(conns), worker, PENDING))
+
+
 PENDING = frozenset({"pending"})  # a connection that has not pinged yet: shown, but no peer (no metrics)
 
 
@@ -346,22 +353,38 @@ def connection_rows(
     a server without a registry shows its connections so; one with a registry, those that are
     no peer yet."""
     for conn in conns:
+        row = connection_row(conn, worker, flags)
+        if row is not None:
+            yield row
+
+
+def connection_source(conns: list[Connection], worker: int | None, flags: frozenset[str] = frozenset()) -> PeerSource:
+    def who(i: int) -> Who | None:
+        conn = conns[i]
         if conn.sock.fileno() < 0:
-            continue  # closed since the snapshot
-        peer = conn.peer
-        yield PeerRow(
-            peer.name or conn.addr,
-            peer.name,
-            conn.addr,
-            peer.state.value,
-            conn.since,
-            peer.last_heard if peer.pings else None,
-            peer.pings,
-            peer.timeout,
-            peer.interval,
-            worker,
-            flags=flags,
-        )
+            return None
+        return (conn.peer.name, conn.addr, conn.peer.state.value)
+
+    return PeerSource(len(conns), who, lambda i: connection_row(conns[i], worker, flags))
+
+
+def connection_row(conn: Connection, worker: int | None, flags: frozenset[str]) -> PeerRow | None:
+    if conn.sock.fileno() < 0:
+        return None  # closed since the snapshot
+    peer = conn.peer
+    return PeerRow(
+        peer.name or conn.addr,
+        peer.name,
+        conn.addr,
+        peer.state.value,
+        conn.since,
+        peer.last_heard if peer.pings else None,
+        peer.pings,
+        peer.timeout,
+        peer.interval,
+        worker,
+        flags=flags,
+    )
 
 
 def _source(address: str) -> str:

@@ -210,10 +210,10 @@ def relay_peers(
 
 
 class _Relay:
-    """A non-blocking ``peers`` request to one worker socket; ``take()`` returns bytes, b"" at the
+    """A non-blocking ``peers`` request (or ``request``) to one worker socket; ``take()`` returns bytes, b"" at the
     end, or None when nothing has arrived yet (``wake`` is called when something does)."""
 
-    def __init__(self, loop: EventLoop, path: str, wake: Callable[[], None]) -> None:
+    def __init__(self, loop: EventLoop, path: str, wake: Callable[[], None], request: bytes = b"peers\n") -> None:
         self.loop = loop
         self.wake = wake
         self.buf: list[bytes] = []
@@ -222,7 +222,7 @@ class _Relay:
         self.sock.setblocking(False)
         try:
             self.sock.connect(path)
-            self.sock.send(b"peers\n")  # a fresh unix socket always takes six bytes
+            self.sock.send(request)  # a fresh unix socket always takes a short line whole
         except OSError:
             self.close()  # that worker is restarting: its peers are missing from this reply
             self.eof = True
@@ -365,19 +365,34 @@ def render(doc: StatusDoc, recent: int = 10) -> str:
     now = doc["now"]
     lines = [f"hbd-{doc['role']} {doc['version']} (pid {doc['pid']}), up {age(now - doc['started'])}: {doc['status']}"]
     cfg = doc["config"]
+    more: list[str] = []
     if doc["role"] == "server":
         peers = doc["peers"]
-        counts = {s: sum(1 for p in peers if p["state"] == s) for s in ("UP", "LATE", "NEW", "DOWN")}
+        registry = doc.get("registry", "counts" in doc)  # a registry's peers (issue 12): SINCE, FLAGS, DOWN
+        counts = doc.get("counts")
+        if counts is None:  # a daemon that counts nothing: what it listed
+            counts = {s: sum(1 for p in peers if p["state"] == s) for s in ("UP", "LATE", "NEW", "DOWN")}
+        total = sum(counts.values())
         where = f"listening on {doc['listen']}" if doc["listen"] else "not listening"
         workers = f", {doc['workers']} workers" if doc["workers"] else ""
-        registry = "counts" in doc  # a registry's peers (issue 12): every known peer, with SINCE and FLAGS
         noun = "peer" if registry else "client"
         lines.append(
             f"{where}{workers}; heartbeat_timeout {cfg.get('heartbeat_timeout', 0):g} s; "
-            f"{len(peers)} {noun}{'s' if len(peers) != 1 else ''}: "
-            f"{counts['UP']} up, {counts['LATE']} late, {counts['NEW']} new"
-            + (f", {counts['DOWN']} down" if registry else "")
+            f"{total} {noun}{'s' if total != 1 else ''}: "
+            f"{counts.get('UP', 0)} up, {counts.get('LATE', 0)} late, {counts.get('NEW', 0)} new"
+            + (f", {counts.get('DOWN', 0)} down" if registry else "")
         )
+        flt = doc.get("filter")
+        matched = doc.get("matched", len(peers))
+        if flt is not None and (flt["state"] is not None or flt["peer"] is not None):
+            what = [f"state {','.join(flt['state'])}"] if flt["state"] is not None else []
+            what += [f"peer {flt['peer']}"] if flt["peer"] is not None else []
+            lines.append(f"{matched} match{'es' if matched != 1 else ''} {'; '.join(what)}")
+        if matched > len(peers):
+            more.append(
+                f"... {matched - len(peers)} more matched, not shown (the first {len(peers)} in this order are): "
+                "--limit N shows more, --all every one"
+            )
         rows = [
             [
                 p["name"] or "-",
@@ -424,6 +439,7 @@ def render(doc: StatusDoc, recent: int = 10) -> str:
         header = ["SERVER", "ADDRESS", "STATE", "SINCE", "LAST PONG", "RTT ms (last/avg/max)", "TIMEOUTS", ""]
     lines.append("")
     lines.extend(_table(header, rows) if rows else ["(no peers)"])
+    lines.extend(more)
     events = doc["recent"][-recent:]
     if events and recent:
         lines.append("")

@@ -61,12 +61,23 @@ class PeerDoc(TypedDict):
     uptime_24h: NotRequired[float | None]  # this process's accounting (hbd.peer_uptime)
 
 
+class FilterDoc(TypedDict):
+    """The filter a ``select`` reply was made for (hbd.status_filter), as the daemon echoes it."""
+
+    state: list[str] | None  # None: every state
+    peer: str | None  # a name or glob; None: every peer
+    limit: int  # 0: every match
+
+
 class ServerDoc(HeadDoc):
     role: Literal["server"]
     listen: str | None
     workers: int  # how many worker processes (0: one process)
-    peers: list[PeerDoc]
-    counts: NotRequired[dict[str, int]]  # a registry's peers by state
+    peers: list[PeerDoc]  # the rows the filter kept (at most its limit)
+    counts: NotRequired[dict[str, int]]  # every peer by state (a registry's; else those of the connections)
+    matched: NotRequired[int]  # peers the filter matched: more than len(peers) when the limit cut the list
+    filter: NotRequired[FilterDoc]  # a daemon from before filters sends neither
+    registry: NotRequired[bool]  # its peers are a registry's (SINCE, FLAGS, DOWN); before filters: "counts" said so
 
 
 class RttDoc(TypedDict):
@@ -194,6 +205,16 @@ def _counts(d: Mapping[str, object]) -> dict[str, int]:
     return {str(k): v for k, v in raw.items() if isinstance(v, int) and not isinstance(v, bool)}
 
 
+def _filter(raw: object) -> FilterDoc:
+    d = _object(raw, "filter")
+    state = d.get("state")
+    return {
+        "state": [str(x) for x in state] if isinstance(state, list) else None,
+        "peer": _opt_str(d, "peer", "filter."),
+        "limit": _int(d, "limit", "filter.") if "limit" in d else 0,
+    }
+
+
 def _link(raw: object, where: str) -> LinkDoc:
     d = _object(raw, where.rstrip("."))
     rtt = _object(_get(d, "rtt_ms", where), f"{where}rtt_ms")
@@ -252,5 +273,11 @@ def parse_document(raw: object) -> StatusDoc:
         }
         if "counts" in d:
             server["counts"] = _counts(d)
+        if "matched" in d:
+            server["matched"] = _int(d, "matched", "")
+        if "filter" in d:
+            server["filter"] = _filter(d["filter"])
+        if isinstance(d.get("registry"), bool):
+            server["registry"] = d["registry"] is True
         return server
     return {**head, "role": "client", "name": _opt_str(d, "name", ""), "servers": _list(d, "servers", "", _link)}

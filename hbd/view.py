@@ -17,7 +17,7 @@ This module imports nothing from hbd.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -137,6 +137,27 @@ class PeerRow:
     down_seconds: float | None = None
 
 
+Who = tuple[str | None, str, str]  # how a peer would be shown: (its name or None, address, state)
+
+# One peer's per-peer metric values: its labels (rendered), up, last ping (wall clock or None),
+# flapping, silenced, expected, outages, seconds down. A scrape keeps these, not rows, until every
+# family is out.
+PeerSample = tuple[str, int, float | None, int, int, int, int, float]
+# (wall-clock offset, the workers' last pings by peer, peers per batch) -> batches of samples
+SampleBatches = Callable[[float, Mapping[str, float], int], Iterator[list[PeerSample]]]
+
+
+@dataclass(frozen=True, slots=True)
+class PeerSource:
+    """A snapshot of things a server may show as peer rows, for a filtered status: ``who(i)`` says
+    cheaply how the i-th one would be shown (None: it is not), so that a filter is applied before
+    its row is made (``row(i)``; None: gone since the snapshot). ``size`` items, 0 to size - 1."""
+
+    size: int
+    who: Callable[[int], Who | None]
+    row: Callable[[int], PeerRow | None]
+
+
 class ServerCounters(NamedTuple):
     """One server process's counters; a worker sends them to its supervisor, which sums them."""
 
@@ -212,6 +233,9 @@ class ServerView:
     counters: ServerCounters
     peers: Iterable[PeerRow]  # one pass
     counts: Mapping[str, int] | None = None  # peers by state, from the registry
+    sources: tuple[PeerSource, ...] = ()  # the same peers, for a filtered status (hbd.status_select)
+    # a worker's connected peers and when each last pinged (monotonic): the supervisor's metrics ask
+    last_pings: Callable[[], Iterator[tuple[str, float]]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +260,9 @@ class SupervisorView:
     peers: Iterable[PeerRow] = ()  # the registry's peers no worker holds a connection of (one pass)
     # fills in the registry's accounting (uptime, outages, down time) of a row a worker relayed
     account: Callable[[PeerRow], PeerRow] | None = None
+    sources: tuple[PeerSource, ...] = ()  # ``peers``, for a filtered status (hbd.status_select)
+    everyone: PeerSource | None = None  # every peer of the registry, with its accounting (the metrics)
+    samples: SampleBatches | None = None  # the same peers' metric values, without a row each (the metrics)
 
 
 @dataclass(frozen=True, slots=True)

@@ -167,6 +167,9 @@ class Supervisor(Daemon[ServerConfig]):
             reg.counts() if reg is not None else None,
             reg.unconnected_rows() if reg is not None else (),
             reg.account if reg is not None else None,
+            (reg.unconnected_source(),) if reg is not None else (),
+            reg.registry.source(account=reg.account) if reg is not None else None,
+            reg.metric_samples if reg is not None else None,
         )
 
     def on_status_tick(self) -> None:

@@ -136,3 +136,70 @@ def test_workers_metrics_are_summed(tmp_path: Path, procs) -> None:
     assert value(m, "hbd_peer_events_total", event="up") == 30
     for s in socks:
         s.close()
+
+
+def test_a_big_exposition_is_streamed_a_chunk_per_loop_turn() -> None:
+    """10,000 peers: their values are read ROWS_PER_TURN rows per turn (the loop runs in between), the text is
+    the same as the all-at-once exposition and parses, and no chunk is big."""
+    from hbd import metrics
+    from hbd.view import DaemonView, LoopNumbers, PeerRow, ServerCounters, ServerSettings, ServerView
+
+    daemon = DaemonView("server", 1000.0, 1_700_000_000.0, "", 0, 0, None, LoopNumbers(0.0, 0.0, 0), {}, {}, ())
+    rows = [
+        PeerRow(f"p{i}", f"p{i}", f"10.0.{i // 250}.{i % 250}:1", "UP" if i % 7 else "DOWN", 990.0, 999.0, 1, 10.0, 2.0)
+        for i in range(10_000)
+    ]
+    counts = {"NEW": 0, "UP": 8571, "LATE": 0, "DOWN": 1429}
+    turns = []
+
+    def view() -> ServerView:
+        return ServerView(daemon, "x:1", ServerSettings(10.0, 100, 1), ServerCounters(), iter(rows), counts=counts)
+
+    chunks = list(metrics.exposition(view(), lambda: turns.append(1)))
+    assert len(turns) == 10_000 // metrics.ROWS_PER_TURN and chunks.count(None) == len(turns)
+    body = b"".join(c for c in chunks if c is not None)
+
+    def steady(text: bytes) -> list[bytes]:  # the wall clock moved between the two: last pings differ
+        return [line for line in text.split(b"\n") if not line.startswith(b"hbd_peer_last_ping_timestamp_seconds{")]
+
+    assert steady(body) == steady(metrics.collect(view()).render())
+    assert max(len(c) for c in chunks if c is not None) < 200_000
+    fams = {f.name: f for f in parser.text_string_to_metric_families(body.decode())}
+    assert len(fams["hbd_peer_up"].samples) == 10_000
+    assert sum(s.value for s in fams["hbd_peer_up"].samples) == 8571
+
+
+def test_workers_peer_series_come_from_the_registry_and_the_workers_pings(tmp_path: Path, procs) -> None:
+    mport = free_port()
+    srv = start_server(tmp_path, workers=2, heartbeat_timeout=30, metrics={"port": mport})
+    procs.append(srv)
+    srv.wait_for("2 workers listening")
+    socks = []
+    for i in range(12):
+        s = connect(srv.config["port"])
+        s.sendall(b"hello m%d\nping" % i)
+        socks.append(s)
+    for s in socks:
+        recv_exactly(s, 4)
+    socks.pop(3).close()
+    started = time.time()
+    deadline = time.monotonic() + 10
+    while True:
+        m = scrape(mport)
+        up = {dict(k[1])["peer"]: v for k, v in m.items() if k[0] == "hbd_peer_up"}
+        if (up.get("m3") == 0 and len(up) == 12) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert up == {f"m{i}": (0 if i == 3 else 1) for i in range(12)}
+    pings = {dict(k[1])["peer"]: v for k, v in m.items() if k[0] == "hbd_peer_last_ping_timestamp_seconds"}
+    assert len(pings) == 12  # the connected ones' from their workers, m3's from the registry
+    assert all(started - 30 < v <= time.time() for v in pings.values()), pings
+    assert value(m, "hbd_peer_outages_total", peer="m3") == 1
+    with socket.create_connection(("127.0.0.1", mport), timeout=5) as s:  # HEAD: the head alone
+        s.sendall(b"HEAD /metrics HTTP/1.0\r\n\r\n")
+        head = b""
+        while chunk := s.recv(4096):
+            head += chunk
+    assert head.startswith(b"HTTP/1.0 200 OK\r\n") and head.endswith(b"\r\n\r\n")
+    for s in socks:
+        s.close()

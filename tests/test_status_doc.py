@@ -77,6 +77,28 @@ def test_new_optional_keys_are_accepted() -> None:
     assert parse_document(doc)["peers"][0]["state"] == "UP"
 
 
+def test_a_selection_parses_and_renders_counts_first_and_what_the_limit_left_out() -> None:
+    doc = server_doc()
+    doc.update(
+        counts={"NEW": 0, "UP": 90, "LATE": 3, "DOWN": 7},
+        matched=10,
+        registry=True,
+        filter={"state": ["LATE", "DOWN"], "peer": "web*", "limit": 1},
+    )
+    doc["peers"][0].update(state="DOWN", since=990.0, reason="disconnected")
+    parsed = parse_document(doc)
+    assert parsed["matched"] == 10 and parsed["filter"] == {"state": ["LATE", "DOWN"], "peer": "web*", "limit": 1}
+    lines = status.render(parsed).splitlines()
+    assert lines[1].endswith("100 peers: 90 up, 3 late, 0 new, 7 down")  # every peer, not the rows shown
+    assert lines[2] == "10 matches state LATE,DOWN; peer web*"
+    assert lines[-4].startswith("... 9 more matched, not shown")  # right after the table
+    for bad, message in (({"limit": "1"}, "filter.limit: expected a whole number"), (5, "filter: expected an object")):
+        with pytest.raises(StatusDocError, match=message):
+            parse_document({**doc, "filter": bad})
+    with pytest.raises(StatusDocError, match="matched: expected a whole number"):
+        parse_document({**doc, "matched": None})
+
+
 @pytest.mark.parametrize(
     ("mangle", "message"),
     [

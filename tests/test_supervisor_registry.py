@@ -295,3 +295,28 @@ def test_orders_to_a_worker_that_does_not_read_are_bounded() -> None:
     WorkerPool.order(pool, 1, PeerWatch(2, True))  # type: ignore[arg-type]
     WorkerPool.order(pool, 9, PeerWatch(3, True))  # type: ignore[arg-type]  # no such worker (restarting)
     assert sent == [PeerWatch(1, True)] and pool.orders_dropped == 1
+
+
+def test_the_scrapes_samples_from_the_registry_are_those_of_the_rows(fleet) -> None:
+    """hbd.supervisor_metrics takes every peer's metric values straight from the registry (no row per
+    peer): they are what metrics.peer_sample makes of each peer's accounted row."""
+    from hbd.metrics import peer_sample
+
+    f = fleet()
+    socks = [f.connect(1 + i % 2, 41000 + i) for i in range(5)]
+    for i, s in enumerate(socks):
+        f.say(s, b"hello m%d\nping\n" % i)
+    socks[2].close()
+    f.pump()
+    f.sup.silence("m3", 600, "maintenance")
+    src = f.sup.registry.source(account=f.sup.account)
+    rows = [src.row(i) for i in range(src.size)]
+    offset, last = 1000.0, {"m1": 5000.5}
+    expected = [peer_sample(r, offset, last.get(r.peer)) for r in rows if r is not None]
+    batches = list(f.sup.metric_samples(offset, last, 2))
+    assert [len(b) for b in batches] == [2, 2, 1]
+    assert [s for b in batches for s in b] == expected
+    assert {s[0]: (s[1], s[4]) for s in expected}['{peer="m2"}'] == (0, 0)  # down
+    assert {s[0]: (s[1], s[4]) for s in expected}['{peer="m3"}'] == (1, 1)  # up, silenced
+    for s in socks:
+        s.close()
