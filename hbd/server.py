@@ -75,7 +75,11 @@ class Server(Daemon):
         if self.worker is not None and self.worker.config is not None:  # validated by the supervisor
             cfg = dataclasses.replace(self.worker.config, log_file=None)  # the supervisor writes the file
             return lambda: cfg
-        return functools.partial(load_server_config, self.config.path, dict(self.overrides))
+        load = functools.partial(load_server_config, self.config.path, dict(self.overrides))
+        if self.registry is None:
+            return load
+        plan = self.registry.planner()  # the registry's part of the reload, worked out in the helper thread too
+        return lambda: plan(load())
 
     def start(self) -> None:
         cfg = self.config
@@ -105,6 +109,13 @@ class Server(Daemon):
         """The configured limit, or this worker's share of it."""
         cfg = self.config
         return -(-cfg.max_clients // cfg.workers) if self.worker is not None else cfg.max_clients
+
+    def reload_verdict(self, errors: list[str], finished: Callable[[list[str]], None]) -> None:
+        """The answer waits until the registry has applied the new expected peers (a slice per turn)."""
+        if self.registry is not None and not errors:
+            self.registry.when_applied(lambda: finished(errors))
+        else:
+            finished(errors)
 
     def on_reloaded(self, errors: list[str]) -> None:
         if self.worker is not None:  # the supervisor's answer to `hbd reload` waits for this
