@@ -497,6 +497,7 @@ def _parse_peers_file(path: Path, text: str) -> _PeersFile:
     if not isinstance(data, list):
         return [], [f"{path}: must hold a list of peers, or a mapping with just peers: (a list), got {_show(data)}"]
     peers, problems = peers_config.parse_peers(data, lines)
+    drop_in_slices(data)  # (the document's own list: nothing else holds it)
     errors = [f"{path}: line {line}: {reason}" if line else f"{path}: {reason}" for line, reason in problems]
     if errors:
         return [], errors
@@ -644,7 +645,21 @@ def _parse(
                 lines[k.value] = k.start_mark.line + 1
                 if isinstance(v, yaml.SequenceNode):
                     items[k.value] = [item.start_mark.line + 1 for item in v.value]
+                    drop_in_slices(v.value)
+    if isinstance(node, yaml.SequenceNode):
+        drop_in_slices(node.value)
     return data, lines, items
+
+
+DROP_SLICE = 1000  # items freed per step by drop_in_slices()
+
+
+def drop_in_slices(items: list[Any]) -> None:
+    """Empty a big list a slice at a time. Freeing 100,000 parsed peers in one go is one C call of
+    tens of ms (more on a loaded machine) that holds the GIL: in hbd.reloading's helper thread, a
+    stall of the loop all the same. Between slices the loop can take the GIL."""
+    while items:
+        del items[-DROP_SLICE:]
 
 
 def _check_size(root: yaml.Node, max_depth: int = MAX_DEPTH, max_nodes: int = MAX_NODES) -> None:

@@ -40,6 +40,7 @@ from hbd.registry import (
     plan_expected,
     registry_settings,
 )
+from hbd.retire import Retirer
 from hbd.silencing import Silence
 from hbd.state_store import ChangeRecord, PeerRecord, SilenceRecord, StateStore, StoreError
 from hbd.view import PeerRow
@@ -122,6 +123,8 @@ class ServerRegistry:
         self._slicing: Timer | None = None  # the next slice of a reload's changes
         self._applied: list[Callable[[], None]] = []  # called once the changes are all applied
         self._apply_began = 0.0
+        self._applying: ExpectedPlan | None = None  # the plan being applied (its list, retired after)
+        self.retirer = Retirer(loop)  # what a reload replaces, freed a slice per turn
         self._rearm()
 
     # -- what the server reports ------------------------------------------------------------------
@@ -262,6 +265,7 @@ class ServerRegistry:
         """At shutdown: a reload's changes are applied, the timer stops; the store writes what it has
         not written yet."""
         self.finish_applying()
+        self.retirer.close()
         self.loop.cancel(self._timer)
         self._timer = None
         writer, self.writer = self.writer, None
@@ -306,8 +310,12 @@ class ServerRegistry:
         else:  # not planned off the loop (a test, say): O(peers) here
             plan = self.registry.plan(settings, expected_peers(new))
         self.finish_applying()
+        replaced = self.registry.expected
         self.registry.begin(settings, plan, self.clock())
+        if self.registry.expected is not replaced:  # (a dict nothing else changes: hbd.registry_plan)
+            self.retirer.retire(replaced)
         if self.registry.applying():
+            self._applying = plan
             log.info(
                 "expected peers: %d added, %d removed, %d changed; applying them %d per loop turn",
                 plan.added,
@@ -354,6 +362,9 @@ class ServerRegistry:
         self._done_applying()
 
     def _done_applying(self) -> None:
+        if self._applying is not None:
+            self.retirer.retire(self._applying.changes)
+            self._applying = None
         waiters, self._applied = self._applied, []
         for done in waiters:
             done()

@@ -491,3 +491,27 @@ def test_an_invalid_config_mid_apply_keeps_the_one_being_applied(reloadable, vcl
     assert (srv.reloads_ok, srv.reloads_failed) == (1, 1)
     assert set(reg.peers) == {f"q{i}" for i in range(1000)} and reg.applying() == 0
     assert "fleet.yaml: line 1: item 1: name: must be" in str(srv.last_reload_error)
+
+
+def test_what_a_reload_replaces_is_freed_a_slice_per_turn(reloadable, vclock, vloop) -> None:
+    from helpers import run_reload
+
+    srv, fleet = reloadable([f"p{i}" for i in range(3000)])
+    assert srv.registry is not None
+    old = srv.registry.registry.expected
+    srv.registry.retirer.slice = 1000
+    _fleet_file(fleet, [f"q{i}" for i in range(3000)])
+    freed = []
+    step = srv.registry.retirer._step
+
+    def counted() -> None:
+        before = len(srv.registry.retirer)  # type: ignore[union-attr]
+        step()
+        freed.append(before - len(srv.registry.retirer))  # type: ignore[union-attr]
+
+    srv.registry.retirer._step = counted  # type: ignore[method-assign]
+    srv.reload()
+    run_reload(vloop, srv.reloads)
+    while len(srv.registry.retirer):
+        vloop.run_once(0)
+    assert old == {} and max(freed) <= 1000 and sum(freed) == 3000 + 6000  # the old dict, the plan's changes
