@@ -6,10 +6,10 @@ connects M of them (``hello hostNNNNNN``, a ping every 5 s) from --procs forked 
 probe process whose 20 connections ping every 20 ms and note each pong's round trip. Then, after a
 quiet window, it rewrites the peers_file and sends SIGHUP; ``--change all`` (the worst case) changes
 heartbeat_timeout (the timeout of every expected peer, all 100,000 changed) and the labels of every
-tenth, ``--change one`` changes one entry. It asks ``hbd reload`` at the same time, whose answer
-comes once the reload is applied (after the registry's slices, where there are any). Measured:
+tenth, ``--change one`` changes one entry. The reload is applied at the log's "reloaded" or, where the registry applies
+its changes a slice per loop turn, at its "expected peers applied" (the log is polled). Measured:
 
-- the probe's pong RTT (p50, p99, max) in the quiet window and during the reload (SIGHUP to answer);
+- the probe's pong RTT (p50, p99, max) in the quiet window and during the reload (SIGHUP to applied);
 - the loop's own turn histogram from the status socket (read before the quiet window and after the
   reload): how many turns over 20, 50 and 100 ms, and the longest turn if it grew meanwhile.
 
@@ -27,7 +27,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -121,7 +120,7 @@ def run(n: int, m: int, procs: int, change: str, quiet: float, root: Path, direc
     }
     cfg = d / "server.yaml"
     cfg.write_text(json.dumps(config))  # JSON is YAML
-    env = {**os.environ, "PYTHONPATH": str(root)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("BENCH_PYTHONPATH"), str(root)]))}
     with open(d / "server.out", "w") as out:
         server = subprocess.Popen(
             [sys.executable, "-m", "hbd", "server", "-c", str(cfg)], stdout=out, stderr=out, env=env, cwd=root
@@ -169,13 +168,16 @@ def run(n: int, m: int, procs: int, change: str, quiet: float, root: Path, direc
             lines = peers.read_text().splitlines(keepends=True)
             lines[n // 2] = lines[n // 2].replace("}\n", ", timeout: 30}\n")
             peers.write_text("".join(lines))
-        answer: list[tuple[float, bytes]] = []
-        thread = threading.Thread(target=lambda: answer.append(_answer(sock)), daemon=True)
+        log = d / "server.out"
+        mark = len(log.read_text())
+        sliced = "expected peers applied" in (root / "hbd" / "server_registry.py").read_text()
         hup = time.monotonic()
         server.send_signal(signal.SIGHUP)
-        thread.start()
-        thread.join(300)
-        done = answer[0][0]
+        # applied: at "reloaded" (the commit) or, with the registry's slices, once they are all done
+        _wait_log(log, mark, "reloaded")
+        if sliced and "expected peers:" in log.read_text()[mark:]:
+            _wait_log(log, mark, "expected peers applied")
+        done = time.monotonic()
         time.sleep(1.0)
         after = turns(sock)
         os.close(sw)  # the probe stops and writes what it measured
@@ -187,7 +189,11 @@ def run(n: int, m: int, procs: int, change: str, quiet: float, root: Path, direc
             os.waitpid(kid, 0)
         server.send_signal(signal.SIGTERM)
         server.wait(120)
-    log = [line for line in (d / "server.out").read_text().splitlines() if "reload" in line or "expected peers" in line]
+    log = [
+        line
+        for line in (d / "server.out").read_text().splitlines()
+        if any(w in line for w in ("reload", "expected peers", "stalled", "GCDBG"))
+    ]
     quiet_rtts = [rtt for t, rtt in samples if start + 1.0 <= t < quiet_end]
     during = [rtt for t, rtt in samples if hup <= t <= done]
     return {
@@ -197,7 +203,6 @@ def run(n: int, m: int, procs: int, change: str, quiet: float, root: Path, direc
         "root": str(root),
         "connect_s": round(connected, 1),
         "reload_s": round(done - hup, 2),
-        "answer": answer[0][1].decode().strip(),
         "quiet": {"pings": len(quiet_rtts), **_rtt(quiet_rtts)},
         "during": {"pings": len(during), **_rtt(during)},
         "turns": after["count"] - before["count"],
@@ -207,7 +212,7 @@ def run(n: int, m: int, procs: int, change: str, quiet: float, root: Path, direc
         "max_ms_before": before["max_ms"],
         "max_ms_after": after["max_ms"],
         "loadavg": Path("/proc/loadavg").read_text().split()[:3],
-        "log": log[-6:],
+        "log": log[-12:],
         "hup_mono": hup,
         "worst": sorted(
             ((round(t - hup, 3), round(rtt * 1000, 1)) for t, rtt in samples if t >= hup - 1), key=lambda x: -x[1]
@@ -225,9 +230,13 @@ def _wait_up(sock: str, m: int) -> float:
     return time.monotonic() - start
 
 
-def _answer(sock: str) -> tuple[float, bytes]:
-    reply = query(sock, "reload", timeout=300)
-    return time.monotonic(), reply
+def _wait_log(log: Path, mark: int, needle: str, timeout: float = 300.0) -> None:
+    """Until ``needle`` is in the server's output past ``mark`` (polled every 20 ms)."""
+    deadline = time.monotonic() + timeout
+    while needle not in log.read_text()[mark:]:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {needle!r}")
+        time.sleep(0.02)
 
 
 def _rtt(values: list[float]) -> dict[str, float]:

@@ -361,7 +361,7 @@ def load_client_config(path: str | Path, overrides: Mapping[str, object] | None 
 
 
 def _load(cls: type, path: Path, overrides: Mapping[str, object]) -> Any:
-    with _collector_paused():
+    with collector_paused():
         result = _validate(cls, path, overrides)
     if isinstance(result, list):  # error lines: a bounded number of bounded lines
         if len(result) > MAX_ERRORS:
@@ -508,14 +508,14 @@ def read_document(path: str | Path) -> object:
     """The file's YAML document with the loader's bounds (size, kind of file, nesting, aliases), or
     None if it cannot be read or parsed: for a second look at a file already found invalid."""
     try:
-        with _collector_paused():
+        with collector_paused():
             return _parse(_read(Path(path)))[0]
     except ConfigError:
         return None
 
 
 @contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
+def collector_paused() -> Iterator[None]:
     """A large document builds many objects and no cycles: collecting garbage meanwhile only costs
     time (half of it for a 100,000-entry peers_file). Paused over the whole load (the parse's
     temporaries are freed as their references go), and what was allocated meanwhile is then moved to
@@ -523,7 +523,8 @@ def _collector_paused() -> Iterator[None]:
     generation, the collector's next pass would walk them all at once, holding the GIL (0.2-0.4 s for
     50,000 peers: a stall of the loop while a reload loads off it, in hbd.reloading's thread). In a
     daemon that keeps its long-lived objects frozen (hbd.heap) they stay frozen: an unfreeze would hand
-    them all back to the collector's next full pass."""
+    them all back to the collector's next full pass. Also for other big builds off the loop (the
+    registry's plan of a reload, hbd.server_reload)."""
     collecting = gc.isenabled()
     gc.disable()
     try:
