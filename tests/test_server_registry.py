@@ -515,3 +515,17 @@ def test_what_a_reload_replaces_is_freed_a_slice_per_turn(reloadable, vclock, vl
     while len(srv.registry.retirer):
         vloop.run_once(0)
     assert old == {} and max(freed) <= 1000 and sum(freed) == 3000 + 6000  # the old dict, the plan's changes
+
+
+def test_a_stop_mid_apply_applies_the_rest_at_once(reloadable, vclock, vloop) -> None:
+    srv, fleet = reloadable([f"p{i}" for i in range(1000)])
+    assert srv.registry is not None
+    reg = srv.registry.registry
+    srv.registry.slice = 100
+    _fleet_file(fleet, [f"q{i}" for i in range(1000)])
+    answers: list[list[str]] = []
+    srv.request_reload(answers.append)
+    while not reg.applying():
+        vloop.run_once(0)
+    srv.registry.close()  # (as at shutdown: the store, if any, gets the final state)
+    assert reg.applying() == 0 and set(reg.peers) == {f"q{i}" for i in range(1000)} and answers == [[]]
