@@ -34,9 +34,10 @@ import logging
 from collections.abc import Callable, Iterable, Iterator
 
 from hbd.registry_deadlines import Deadlines
-from hbd.registry_identity import AddressBook, Admission, show_address
-from hbd.registry_plan import Change, ExpectedPlan, plan_expected
+from hbd.registry_identity import AddressBook, Admission
+from hbd.registry_plan import ExpectedPlan, plan_expected
 from hbd.registry_records import DIRTY_BATCH, Records
+from hbd.registry_reload import ReloadApply
 from hbd.registry_silences import MAX_REASON, MAX_SILENCES, Silence, Silences
 from hbd.registry_states import PeerStates
 from hbd.registry_table import PeerTable
@@ -115,10 +116,7 @@ class Registry:
         self._deadlines = Deadlines(self.peers)
         self._states = PeerStates(settings, self._table, self._admission, self.silenced, self._deadlines)
         self._records = Records(self._table, self.silences_)
-        self._plan: ExpectedPlan | None = None  # the last reload's changes, while some wait (apply_some)
-        self._planned_at = now  # when that reload was committed
-        self._next = 0  # the index in its changes apply_some() goes on from
-        self.reconfigured: list[Peer] | None = None  # see take_reconfigured(); None: nobody asks
+        self._reload = ReloadApply(self._table, self._admission, self._states)
         self.configure(settings, expected, now)
 
     @property
@@ -151,86 +149,30 @@ class Registry:
         expected peer is NEW with its grace starting ``now``; one no longer listed becomes forgettable.
 
         Until a peer's change is applied it is shown as before (status, metrics: as if read just before
-        the reload), but any event about it applies its change first (``_touch``), so that what it
+        the reload), but any event about it applies its change first (hbd.registry_reload), so that what it
         does from then on (its notices and hooks, expected and labels, forgetting) follows the new
         configuration. Meanwhile admission counts every peer still to be added towards max_peers (an
         upper bound: it may refuse an unexpected name at the limit, never admit one past it)."""
-        if self._plan is not None:
-            self.apply_some(None)  # the previous one first (reloads are serialised: it is done already)
+        self._reload.apply_some(None)  # the previous one first (reloads are serialised: it is done already)
         if plan.base is not self.expected or plan.base_timeout != self.settings.heartbeat_timeout:
             plan = self.plan(settings, plan.expected.values())  # made against another base: redone here
         self.settings = settings
         self._admission.configure(settings, plan.expected, plan.addresses)
         self._states.configure(settings)
-        self._admission.to_add = plan.added
-        self._plan, self._planned_at, self._next = (plan, now, 0) if plan.changes else (None, now, 0)
+        self._reload.begin(plan, now)
 
     def applying(self) -> int:
         """Changes of the last reload still to be applied."""
-        return len(self._plan.pending) if self._plan is not None else 0
+        return self._reload.pending()
 
     def apply_some(self, budget: int | None = APPLY_SLICE) -> None:
         """Apply the next ``budget`` changes of the reload (None: all of them)."""
-        plan = self._plan
-        if plan is None:
-            return
-        changes, pending, at = plan.changes, plan.pending, self._next
-        end = len(changes) if budget is None else min(len(changes), at + budget)
-        for change in changes[at:end]:
-            if pending.pop(change.name, None) is not None:  # else an event applied it already
-                self._apply(change)
-        self._next = end
-        if end >= len(changes):
-            self._plan = None
-            self._admission.to_add = 0
-
-    def _touch(self, name: str) -> None:
-        """An event about ``name`` while a reload is applied: its change first."""
-        plan = self._plan
-        if plan is not None and (change := plan.pending.pop(name, None)) is not None:
-            self._apply(change)
-
-    def _apply(self, change: Change) -> None:
-        """One peer's change (what a reload did to each peer before it was sliced)."""
-        name, e = change.name, change.entry
-        table, now = self._table, self._planned_at
-        if change.added:
-            self._admission.to_add -= 1
-        peer = self.peers.get(name)
-        if e is None:
-            if peer is None:
-                return
-            peer.expected = False
-            table.dirty[name] = None
-            if peer.key is None and peer.status is PeerStatus.NEW:
-                table.forget(peer)  # never seen: nothing to remember
-                return
-        else:
-            timeout = e.timeout if e.timeout is not None else self.settings.heartbeat_timeout
-            if peer is None:
-                peer = table.add(name, show_address(e.address), now, timeout, True)
-                peer.reason = "not seen yet"
-                peer.grace = now + self._grace(timeout)
-            elif peer.key is None:
-                peer.timeout = timeout
-                if peer.status is PeerStatus.NEW and peer.last_ping is None:  # never seen: shown as listed
-                    peer.address = show_address(e.address)
-            table.dirty[name] = None  # (only peers whose entry changed get here)
-            peer.expected = True
-            peer.labels = e.labels
-        self._states.schedule(peer)
-        if peer.key is not None and self.reconfigured is not None:
-            self.reconfigured.append(peer)
+        self._reload.apply_some(budget)
 
     def take_reconfigured(self) -> list[Peer]:
         """Connected peers whose expected flag or labels a reload may have changed since last asked
         (their connections' marks follow, hbd.supervisor_registry). Kept from the first call on."""
-        peers, self.reconfigured = self.reconfigured or [], []
-        return peers
-
-    def _grace(self, timeout: float) -> float:
-        grace = self.settings.startup_grace
-        return timeout if grace is None else grace
+        return self._reload.take_reconfigured()
 
     # -- identity (hbd.registry_identity) ------------------------------------------------------------
     def identify(self, name: str | None, certificate: str | None, address: str) -> tuple[str, bool] | str:
@@ -246,44 +188,39 @@ class Registry:
         self, key: Key, name: str | None, certificate: str | None, address: str, timeout: float, now: float
     ) -> list[Action]:
         """The connection's first ping: it is this peer's connection from now on."""
-        if self._plan is not None:
+        if self._reload.plan is not None:
             who = self._admission.identify(name, certificate, address)
             if not isinstance(who, str):
-                self._touch(who[0])
+                self._reload.touch(who[0])
         return self._states.connected(key, name, certificate, address, timeout, now)
 
     def pinged(self, key: Key, silent_for: float, now: float) -> list[Action]:
         """A ping on a watched connection (its peer is rising from DOWN)."""
-        if self._plan is not None:
-            self._touch_key(key)
+        if self._reload.plan is not None:
+            self._reload.touch_key(key)
         return self._states.pinged(key, silent_for, now)
 
     def late(self, key: Key, now: float) -> list[Action]:
         """Its connection is silent for more than half its timeout."""
-        if self._plan is not None:
-            self._touch_key(key)
+        if self._reload.plan is not None:
+            self._reload.touch_key(key)
         return self._states.late(key, now)
 
     def back(self, key: Key, now: float) -> list[Action]:
         """A ping after it was late."""
-        if self._plan is not None:
-            self._touch_key(key)
+        if self._reload.plan is not None:
+            self._reload.touch_key(key)
         return self._states.back(key, now)
 
     def gone(self, key: Key, reason: str, now: float, last_ping: float | None = None) -> list[Action]:
         """Its connection ended (timed out, disconnected, broke the protocol...). Nothing happens for
         a connection that never pinged or that a newer one replaced."""
-        if self._plan is not None:
-            self._touch_key(key)
+        if self._reload.plan is not None:
+            self._reload.touch_key(key)
         return self._states.gone(key, reason, now, last_ping)
 
     def rising(self, key: Key) -> bool:
         return self._states.rising(key)
-
-    def _touch_key(self, key: Key) -> None:
-        peer = self.by_key.get(key)
-        if peer is not None:
-            self._touch(peer.name)
 
     # -- deadlines -------------------------------------------------------------------------------------
     def next_deadline(self) -> float | None:
@@ -301,8 +238,8 @@ class Registry:
         states, deadlines = self._states, self._deadlines
         while budget > 0 and (peer := deadlines.pop(now)) is not None:
             budget -= 1
-            if self._plan is not None:
-                self._touch(peer.name)  # a reload's change first: it may forget the peer, or file it anew
+            if self._reload.plan is not None:
+                self._reload.touch(peer.name)  # a reload's change first: it may forget the peer, or file it anew
                 if self.peers.get(peer.name) is not peer:
                     continue
             states.due_now(peer, now, actions)

@@ -76,10 +76,7 @@ class Server(Daemon):
             cfg = dataclasses.replace(self.worker.config, log_file=None)  # the supervisor writes the file
             return lambda: cfg
         load = functools.partial(load_server_config, self.config.path, dict(self.overrides))
-        if self.registry is None:
-            return load
-        plan = self.registry.planner()  # the registry's part of the reload, worked out in the helper thread too
-        return lambda: plan(load())
+        return load if self.registry is None else self.registry.reload.planned(load)  # its plan: there too
 
     def start(self) -> None:
         cfg = self.config
@@ -111,11 +108,9 @@ class Server(Daemon):
         return -(-cfg.max_clients // cfg.workers) if self.worker is not None else cfg.max_clients
 
     def reload_verdict(self, errors: list[str], finished: Callable[[list[str]], None]) -> None:
-        """The answer waits until the registry has applied the new expected peers (a slice per turn)."""
-        if self.registry is not None and not errors:
-            self.registry.when_applied(lambda: finished(errors))
-        else:
-            finished(errors)
+        if self.registry is None:  # else the answer waits for the registry's slices (hbd.server_reload)
+            return finished(errors)
+        self.registry.reload.when_applied(lambda: finished(errors))
 
     def on_reloaded(self, errors: list[str]) -> None:
         if self.worker is not None:  # the supervisor's answer to `hbd reload` waits for this

@@ -19,17 +19,15 @@ from itertools import chain
 from typing import TYPE_CHECKING, Protocol
 
 from hbd import tls
-from hbd.config import ServerConfig, collector_paused
+from hbd.config import ServerConfig
 from hbd.connection import Connection
 from hbd.logs import PeerLog, fields, log
 from hbd.peer_uptime import Uptime
 from hbd.protocol import Hello, PeerState, StateChange
 from hbd.registry import (
-    APPLY_SLICE,
     Action,
     Close,
     Expected,
-    ExpectedPlan,
     Live,
     Log,
     Notice,
@@ -37,10 +35,9 @@ from hbd.registry import (
     RegistrySettings,
     Watch,
     expected_peers,
-    plan_expected,
     registry_settings,
 )
-from hbd.retire import Retirer
+from hbd.server_reload import RegistryReload
 from hbd.silencing import Silence
 from hbd.state_store import ChangeRecord, PeerRecord, SilenceRecord, StateStore, StoreError
 from hbd.view import PeerRow
@@ -73,7 +70,6 @@ ALIVE_INTERVAL = 1.0  # seconds between the run's signs of life (`hbd history`: 
 PRUNE_INTERVAL = 60.0  # seconds between asking the store to prune the history past history_days
 DAY = 86400.0
 CHANGES = frozenset({"up", "late", "down"})  # the notices that are state changes (history rows)
-APPLY_RETRY = 0.01  # seconds before a reload's next slice when the workers' pipes are full (supervisor)
 
 
 class Store(Protocol):
@@ -118,13 +114,7 @@ class ServerRegistry:
         self.uptime = Uptime()  # outages, down time and 24 h uptime per peer, from the changes applied here
         self._timer: Timer | None = None
         self.writer: StoreWriter | None = None
-        self.slice = APPLY_SLICE  # a reload's changes applied per loop turn
-        self._planned: tuple[ServerConfig, ExpectedPlan] | None = None  # a reload's plan, from its thread
-        self._slicing: Timer | None = None  # the next slice of a reload's changes
-        self._applied: list[Callable[[], None]] = []  # called once the changes are all applied
-        self._apply_began = 0.0
-        self._applying: ExpectedPlan | None = None  # the plan being applied (its list, retired after)
-        self.retirer = Retirer(loop)  # what a reload replaces, freed a slice per turn
+        self.reload = RegistryReload(self.registry, loop, self._reloaded_some)
         self._rearm()
 
     # -- what the server reports ------------------------------------------------------------------
@@ -264,8 +254,7 @@ class ServerRegistry:
     def close(self) -> None:
         """At shutdown: a reload's changes are applied, the timer stops; the store writes what it has
         not written yet."""
-        self.finish_applying()
-        self.retirer.close()
+        self.reload.close()
         self.loop.cancel(self._timer)
         self._timer = None
         writer, self.writer = self.writer, None
@@ -281,103 +270,24 @@ class ServerRegistry:
         self.writer = StoreWriter(self.loop, self.registry, store, self.wall, self.live, history_days)
 
     # -- reloads -----------------------------------------------------------------------------------------
+    def _reloaded_some(self) -> None:  # a slice: the supervisor's marks of its peers, the timer
+        self.apply([])
+        self._rearm()
+
     def configure(self, settings: RegistrySettings, expected: tuple[Expected, ...]) -> None:
         """New settings and expected peers, applied at once (tests; a reload is sliced: reconfigure)."""
-        self.finish_applying()
+        self.reload.finish()
         self.apply(self.registry.configure(settings, expected, self.clock()))
         self._rearm()
 
-    def planner(self) -> Callable[[ServerConfig], ServerConfig]:
-        """On the loop, as a reload starts: what its helper thread calls with the loaded configuration,
-        to work out the registry's part of it off the loop (hbd.registry_plan) from the expected peers
-        in force now (a snapshot: reloads are serialised, so they are still in force at the commit)."""
-        base, timeout = self.registry.expected, self.registry.settings.heartbeat_timeout
-
-        def plan(cfg: ServerConfig) -> ServerConfig:
-            # 200,000 new objects for 100,000 changes: with the collector on, they would be promoted
-            # to its oldest generation and bring on a full collection (0.5 s at 100,000 peers)
-            with collector_paused():
-                self._planned = (cfg, plan_expected(base, timeout, expected_peers(cfg), cfg.heartbeat_timeout))
-            return cfg
-
-        return plan
-
     def reconfigure(self, new: ServerConfig, old: ServerConfig) -> None:
-        """A reload committed: new settings and expected peers (the state store stays where it is).
-        The peers' changes are applied a slice per loop turn from the next one; ``when_applied``
-        says when they all are."""
-        planned, self._planned = self._planned, None
-        settings = registry_settings(new)
-        if planned is not None and planned[0] is new:
-            plan = planned[1]
-        else:  # not planned off the loop (a test, say): O(peers) here
-            plan = self.registry.plan(settings, expected_peers(new))
-        self.finish_applying()
-        replaced = self.registry.expected
-        self.registry.begin(settings, plan, self.clock())
-        if self.registry.expected is not replaced:  # (a dict nothing else changes: hbd.registry_plan)
-            self.retirer.retire(replaced)
-        if self.registry.applying():
-            self._applying = plan
-            log.info(
-                "expected peers: %d added, %d removed, %d changed; applying them %d per loop turn",
-                plan.added,
-                plan.removed,
-                plan.changed,
-                self.slice,
-            )
-            self._apply_began = self.clock()
-            self._slicing = self.loop.call_later(0, self._apply_slice)
-        self.apply([])
-        self._rearm()
+        """A reload committed (the peers' own changes: a slice per turn, hbd.server_reload)."""
+        self.reload.commit(new)
+        self._reloaded_some()
         if self.writer is not None:
             self.writer.history_days = new.history_days
         if new.state_dir != old.state_dir:
             log.info("state_dir: the new directory is used from the next start")
-
-    def _apply_slice(self) -> None:
-        self._slicing = None
-        if not self.may_apply():
-            self._slicing = self.loop.call_later(APPLY_RETRY, self._apply_slice)
-            return
-        self.registry.apply_some(self.slice)
-        self.apply([])
-        self._rearm()
-        if self.registry.applying():
-            self._slicing = self.loop.call_later(0, self._apply_slice)
-            return
-        log.info("expected peers applied in %.2f s", self.clock() - self._apply_began)
-        self._done_applying()
-
-    def may_apply(self) -> bool:
-        """Whether the next slice may run now (the supervisor waits while its workers' pipes are full)."""
-        return True
-
-    def finish_applying(self) -> None:
-        """Apply what a reload still has to, at once (at shutdown; before another reload's commit)."""
-        if self._slicing is None and not self.registry.applying():
-            return
-        self.loop.cancel(self._slicing)
-        self._slicing = None
-        self.registry.apply_some(None)
-        self.apply([])
-        self._rearm()
-        self._done_applying()
-
-    def _done_applying(self) -> None:
-        if self._applying is not None:
-            self.retirer.retire(self._applying.changes)
-            self._applying = None
-        waiters, self._applied = self._applied, []
-        for done in waiters:
-            done()
-
-    def when_applied(self, done: Callable[[], None]) -> None:
-        """Call ``done`` once the last reload's changes are all applied (now, if they are)."""
-        if self._slicing is None and not self.registry.applying():
-            done()
-        else:
-            self._applied.append(done)
 
     def restore(self, peers: list[PeerRecord], silences: list[SilenceRecord]) -> None:
         self.apply(self.registry.restore(peers, silences, self.clock(), self.wall()))

@@ -74,6 +74,7 @@ class SupervisorRegistry(ServerRegistry):
         self.send = send  # an order to the worker of that index
         self.backlog = backlog  # bytes waiting in the fullest pipe to a worker
         self.registry.take_reconfigured()  # from now on the registry keeps them for the marks
+        self.reload.may_apply = self._may_apply
         self._marks: dict[Key, PeerMark] = {}  # what each connection's worker was last told of it
         self._since: dict[Key, float] = {}  # when each connection first pinged
 
@@ -161,7 +162,7 @@ class SupervisorRegistry(ServerRegistry):
             self.send(key[0], mark)
 
     # -- reloads, silences: what changes the marks of peers not reporting anything ----------------------------
-    def may_apply(self) -> bool:
+    def _may_apply(self) -> bool:
         """A reload's next slice (up to a mark per peer, ~200 bytes each) waits while a worker's pipe
         holds more than APPLY_BACKLOG: its orders would be dropped past MAX_OUTBUF (hbd.worker_pool)."""
         return self.backlog() <= APPLY_BACKLOG

@@ -55,10 +55,7 @@ class Supervisor(Daemon[ServerConfig]):
 
     def loader(self) -> Callable[[], ServerConfig]:
         load = functools.partial(load_server_config, self.config.path, dict(self.overrides))
-        if self.registry is None:
-            return load
-        plan = self.registry.planner()  # the registry's part, worked out in the helper thread too
-        return lambda: plan(load())
+        return load if self.registry is None else self.registry.reload.planned(load)  # its plan: there too
 
     # -- start and stop -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -128,7 +125,7 @@ class Supervisor(Daemon[ServerConfig]):
             finished(errors)
             return
         if self.registry is not None:  # the answer also waits for the registry's slices
-            self.registry.when_applied(lambda: self._workers_verdict(finished))
+            self.registry.reload.when_applied(lambda: self._workers_verdict(finished))
         else:
             self._workers_verdict(finished)
 

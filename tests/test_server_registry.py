@@ -422,7 +422,7 @@ def test_a_reload_applies_its_changes_a_slice_per_turn_and_answers_once_all_are(
     new = old[500:] + [f"q{i}" for i in range(500)]  # 500 removed, 500 added
     labelled = set(old[500::2])  # and 1250 kept with new labels; the 1250 others unchanged
     _fleet_file(fleet, new, labelled)
-    srv.registry.slice = 250
+    srv.registry.reload.slice = 250
     slices: list[tuple[int, int, int]] = []  # (loop turn, changes applied, changes left)
     apply_some = reg.apply_some
 
@@ -453,7 +453,7 @@ def test_a_second_sighup_mid_apply_makes_one_more_reload_after_it_and_the_newest
     srv, fleet = reloadable([f"p{i}" for i in range(2000)])
     assert srv.registry is not None
     reg = srv.registry.registry
-    srv.registry.slice = 100
+    srv.registry.reload.slice = 100
     _fleet_file(fleet, [f"q{i}" for i in range(2000)])
     srv.reload()
     while not reg.applying():  # the load runs in a real thread; the virtual clock stands still meanwhile
@@ -479,7 +479,7 @@ def test_an_invalid_config_mid_apply_keeps_the_one_being_applied(reloadable, vcl
     srv, fleet = reloadable([f"p{i}" for i in range(1000)])
     assert srv.registry is not None
     reg = srv.registry.registry
-    srv.registry.slice = 100
+    srv.registry.reload.slice = 100
     _fleet_file(fleet, [f"q{i}" for i in range(1000)])
     srv.reload()
     while not reg.applying():
@@ -499,20 +499,20 @@ def test_what_a_reload_replaces_is_freed_a_slice_per_turn(reloadable, vclock, vl
     srv, fleet = reloadable([f"p{i}" for i in range(3000)])
     assert srv.registry is not None
     old = srv.registry.registry.expected
-    srv.registry.retirer.slice = 1000
+    srv.registry.reload.retirer.slice = 1000
     _fleet_file(fleet, [f"q{i}" for i in range(3000)])
     freed = []
-    step = srv.registry.retirer._step
+    step = srv.registry.reload.retirer._step
 
     def counted() -> None:
-        before = len(srv.registry.retirer)  # type: ignore[union-attr]
+        before = len(srv.registry.reload.retirer)  # type: ignore[union-attr]
         step()
-        freed.append(before - len(srv.registry.retirer))  # type: ignore[union-attr]
+        freed.append(before - len(srv.registry.reload.retirer))  # type: ignore[union-attr]
 
-    srv.registry.retirer._step = counted  # type: ignore[method-assign]
+    srv.registry.reload.retirer._step = counted  # type: ignore[method-assign]
     srv.reload()
     run_reload(vloop, srv.reloads)
-    while len(srv.registry.retirer):
+    while len(srv.registry.reload.retirer):
         vloop.run_once(0)
     assert old == {} and max(freed) <= 1000 and sum(freed) == 3000 + 6000  # the old dict, the plan's changes
 
@@ -521,7 +521,7 @@ def test_a_stop_mid_apply_applies_the_rest_at_once(reloadable, vclock, vloop) ->
     srv, fleet = reloadable([f"p{i}" for i in range(1000)])
     assert srv.registry is not None
     reg = srv.registry.registry
-    srv.registry.slice = 100
+    srv.registry.reload.slice = 100
     _fleet_file(fleet, [f"q{i}" for i in range(1000)])
     answers: list[list[str]] = []
     srv.request_reload(answers.append)

@@ -312,7 +312,7 @@ def test_a_reloads_marks_go_down_a_slice_per_turn_and_wait_while_a_workers_pipe_
     assert {r[0] for r in f.rows().values()} == {"UP"}
     backlog = [APPLY_BACKLOG + 1]
     f.sup.backlog = lambda: backlog[0]
-    f.sup.slice = 10
+    f.sup.reload.slice = 10
     base = dict(host="127.0.0.1", port=1, heartbeat_timeout=2.0, log_file=None, control_socket=None, state_dir=None)
     old = ServerConfig(**base, peers=tuple(ExpectedPeer(n) for n in names))  # type: ignore[arg-type]
     new = ServerConfig(**base, peers=tuple(ExpectedPeer(n, labels=(("site", "b"),)) for n in names))  # type: ignore[arg-type]
