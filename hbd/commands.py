@@ -246,6 +246,9 @@ def http_metrics(daemon: Operated, control_path: str | None, request: bytes, wak
     return BIG.counted(reply, metrics.busy)
 
 
+RELOAD_KEEPALIVE = 5.0  # seconds between the spaces a reload's answer sends while it waits (IDLE_TIMEOUT: 10 s)
+
+
 def _reload_reply(daemon: Operated, wake: Callable[[], None], uid: int | None) -> Reply:
     """``reload``: reload on the loop, answer once it is applied or rejected (JSON line)."""
     if uid not in (0, os.geteuid()):
@@ -261,7 +264,13 @@ def _reload_reply(daemon: Operated, wake: Callable[[], None], uid: int | None) -
 
     daemon.request_reload(done)
     while not verdict:
-        yield None  # the loop goes on; done() wakes this connection
+        timer = daemon.loop.call_later(RELOAD_KEEPALIVE, wake)
+        yield None  # the loop goes on; done() (or the timer) wakes this connection
+        daemon.loop.cancel(timer)
+        if not verdict:
+            # a reload of a 100,000-entry peers_file can take longer than the socket's IDLE_TIMEOUT:
+            # a space is progress, and JSON allows it before the document
+            yield b" "
     errors = verdict[0]
     doc = {"reload": "ok"} if not errors else {"reload": "failed", "errors": errors}
     yield json.dumps(doc).encode() + b"\n"

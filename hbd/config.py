@@ -369,7 +369,7 @@ def config_role(path: str | Path) -> str:
     and none only a server has makes it a client's. A file of shared keys only (host, port, state_dir
     ...) is a client's if its name starts with "client", else a server's. ConfigError if it cannot be
     read or parsed."""
-    with _collector_paused():
+    with collector_paused():
         try:
             data, _, _ = _parse(_read(Path(path)))
         except ConfigError as exc:
@@ -385,7 +385,7 @@ def config_role(path: str | Path) -> str:
 
 
 def _load(cls: type, path: Path, overrides: Mapping[str, object]) -> Any:
-    with _collector_paused():
+    with collector_paused():
         result = _validate(cls, path, overrides)
     if isinstance(result, list):  # error lines: a bounded number of bounded lines
         if len(result) > MAX_ERRORS:
@@ -523,6 +523,7 @@ def _parse_peers_file(path: Path, text: str) -> _PeersFile:
     if not isinstance(data, list):
         return [], [f"{path}: must hold a list of peers, or a mapping with just peers: (a list), got {_show(data)}"]
     peers, problems = peers_config.parse_peers(data, lines)
+    drop_in_slices(data)  # (the document's own list: nothing else holds it)
     errors = [f"{path}: line {line}: {reason}" if line else f"{path}: {reason}" for line, reason in problems]
     if errors:
         return [], errors
@@ -533,14 +534,14 @@ def read_document(path: str | Path) -> object:
     """The file's YAML document with the loader's bounds (size, kind of file, nesting, aliases), or
     None if it cannot be read or parsed: for a second look at a file already found invalid."""
     try:
-        with _collector_paused():
+        with collector_paused():
             return _parse(_read(Path(path)))[0]
     except ConfigError:
         return None
 
 
 @contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
+def collector_paused() -> Iterator[None]:
     """A large document builds many objects and no cycles: collecting garbage meanwhile only costs
     time (half of it for a 100,000-entry peers_file). Paused over the whole load (the parse's
     temporaries are freed as their references go), and what was allocated meanwhile is then moved to
@@ -548,7 +549,8 @@ def _collector_paused() -> Iterator[None]:
     generation, the collector's next pass would walk them all at once, holding the GIL (0.2-0.4 s for
     50,000 peers: a stall of the loop while a reload loads off it, in hbd.reloading's thread). In a
     daemon that keeps its long-lived objects frozen (hbd.heap) they stay frozen: an unfreeze would hand
-    them all back to the collector's next full pass."""
+    them all back to the collector's next full pass. Also for other big builds off the loop (the
+    registry's plan of a reload, hbd.server_reload)."""
     collecting = gc.isenabled()
     gc.disable()
     try:
@@ -670,7 +672,21 @@ def _parse(
                 lines[k.value] = k.start_mark.line + 1
                 if isinstance(v, yaml.SequenceNode):
                     items[k.value] = [item.start_mark.line + 1 for item in v.value]
+                    drop_in_slices(v.value)
+    if isinstance(node, yaml.SequenceNode):
+        drop_in_slices(node.value)
     return data, lines, items
+
+
+DROP_SLICE = 1000  # items freed per step by drop_in_slices()
+
+
+def drop_in_slices(items: list[Any]) -> None:
+    """Empty a big list a slice at a time. Freeing 100,000 parsed peers in one go is one C call of
+    tens of ms (more on a loaded machine) that holds the GIL: in hbd.reloading's helper thread, a
+    stall of the loop all the same. Between slices the loop can take the GIL."""
+    while items:
+        del items[-DROP_SLICE:]
 
 
 def _check_size(root: yaml.Node, max_depth: int = MAX_DEPTH, max_nodes: int = MAX_NODES) -> None:

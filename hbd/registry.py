@@ -34,8 +34,10 @@ import logging
 from collections.abc import Callable, Iterable, Iterator
 
 from hbd.registry_deadlines import Deadlines
-from hbd.registry_identity import AddressBook, Admission, show_address
+from hbd.registry_identity import AddressBook, Admission
+from hbd.registry_plan import ExpectedPlan, plan_expected
 from hbd.registry_records import DIRTY_BATCH, Records
+from hbd.registry_reload import ReloadApply
 from hbd.registry_silences import MAX_REASON, MAX_SILENCES, Silence, Silences
 from hbd.registry_states import PeerStates
 from hbd.registry_table import PeerTable
@@ -59,6 +61,7 @@ from hbd.store_records import PeerRecord, SilenceRecord
 from hbd.view import PeerRow, PeerSource, Who
 
 __all__ = [
+    "APPLY_SLICE",
     "DIRTY_BATCH",
     "MAX_REASON",
     "MAX_SILENCES",
@@ -68,6 +71,7 @@ __all__ = [
     "Close",
     "Dirty",
     "Expected",
+    "ExpectedPlan",
     "Key",
     "Live",
     "Log",
@@ -82,10 +86,12 @@ __all__ = [
     "Silences",
     "Watch",
     "expected_peers",
+    "plan_expected",
     "registry_settings",
 ]
 
 TICK_BUDGET = 500  # peers tick() looks at per call (each may make a notice: a log line, an event, a hook)
+APPLY_SLICE = 1000  # a reload's changes apply_some() applies per call (2-12 us each: a few ms per loop turn)
 
 _FLAGS = {  # a row's flags by (flapping, rising): made once, not per row
     (f, r): frozenset(name for name, on in (("flapping", f), ("rising", r)) if on)
@@ -110,6 +116,7 @@ class Registry:
         self._deadlines = Deadlines(self.peers)
         self._states = PeerStates(settings, self._table, self._admission, self.silenced, self._deadlines)
         self._records = Records(self._table, self.silences_)
+        self._reload = ReloadApply(self._table, self._admission, self._states)
         self.configure(settings, expected, now)
 
     @property
@@ -126,44 +133,46 @@ class Registry:
 
     # -- configuration -------------------------------------------------------------------------------
     def configure(self, settings: RegistrySettings, expected: Iterable[Expected], now: float) -> list[Action]:
-        """New settings and expected peers (start-up and every reload). A newly expected peer is
-        NEW with its grace starting now; one no longer listed becomes forgettable."""
-        self.settings = settings
-        new = {e.name: e for e in expected}
-        old = self._admission.expected
-        self._admission.configure(settings, new)
-        self._states.configure(settings)
-        table, schedule = self._table, self._states.schedule
-        actions: list[Action] = []
-        for name in old.keys() - new.keys():
-            peer = self.peers.get(name)
-            if peer is None:
-                continue
-            peer.expected = False
-            table.dirty[name] = None
-            if peer.key is None and peer.status is PeerStatus.NEW:
-                table.forget(peer)  # never seen: nothing to remember
-            else:
-                schedule(peer)
-        for name, e in new.items():
-            peer = self.peers.get(name)
-            timeout = e.timeout if e.timeout is not None else settings.heartbeat_timeout
-            if peer is None:
-                peer = table.add(name, show_address(e.address), now, timeout, True)
-                peer.reason = "not seen yet"
-                peer.grace = now + self._grace(timeout)
-            elif peer.key is None:
-                peer.timeout = timeout
-            if not peer.expected or peer.labels != e.labels:
-                table.dirty[name] = None
-            peer.expected = True
-            peer.labels = e.labels
-            schedule(peer)
-        return actions
+        """New settings and expected peers, applied at once (start-up, tests): see begin()."""
+        self.begin(settings, self.plan(settings, expected), now)
+        self.apply_some(None)
+        return []
 
-    def _grace(self, timeout: float) -> float:
-        grace = self.settings.startup_grace
-        return timeout if grace is None else grace
+    def plan(self, settings: RegistrySettings, expected: Iterable[Expected]) -> ExpectedPlan:
+        """The plan from the expected peers in force to these (O(peers): a reload makes it off the
+        loop from a snapshot, ``plan_expected(reg.expected, reg.settings.heartbeat_timeout, ...)``)."""
+        return plan_expected(self.expected, self.settings.heartbeat_timeout, expected, settings.heartbeat_timeout)
+
+    def begin(self, settings: RegistrySettings, plan: ExpectedPlan, now: float) -> None:
+        """Commit a reload: the settings, who is expected and the address book take effect now (O(1));
+        the peers' own changes wait in ``plan`` for apply_some(), a slice per loop turn. A newly
+        expected peer is NEW with its grace starting ``now``; one no longer listed becomes forgettable.
+
+        Until a peer's change is applied it is shown as before (status, metrics: as if read just before
+        the reload), but any event about it applies its change first (hbd.registry_reload), so that what it
+        does from then on (its notices and hooks, expected and labels, forgetting) follows the new
+        configuration. Meanwhile admission counts every peer still to be added towards max_peers (an
+        upper bound: it may refuse an unexpected name at the limit, never admit one past it)."""
+        self._reload.apply_some(None)  # the previous one first (reloads are serialised: it is done already)
+        if plan.base is not self.expected or plan.base_timeout != self.settings.heartbeat_timeout:
+            plan = self.plan(settings, plan.expected.values())  # made against another base: redone here
+        self.settings = settings
+        self._admission.configure(settings, plan.expected, plan.addresses)
+        self._states.configure(settings)
+        self._reload.begin(plan, now)
+
+    def applying(self) -> int:
+        """Changes of the last reload still to be applied."""
+        return self._reload.pending()
+
+    def apply_some(self, budget: int | None = APPLY_SLICE) -> None:
+        """Apply the next ``budget`` changes of the reload (None: all of them)."""
+        self._reload.apply_some(budget)
+
+    def take_reconfigured(self) -> list[Peer]:
+        """Connected peers whose expected flag or labels a reload may have changed since last asked
+        (their connections' marks follow, hbd.supervisor_registry). Kept from the first call on."""
+        return self._reload.take_reconfigured()
 
     # -- identity (hbd.registry_identity) ------------------------------------------------------------
     def identify(self, name: str | None, certificate: str | None, address: str) -> tuple[str, bool] | str:
@@ -179,23 +188,35 @@ class Registry:
         self, key: Key, name: str | None, certificate: str | None, address: str, timeout: float, now: float
     ) -> list[Action]:
         """The connection's first ping: it is this peer's connection from now on."""
+        if self._reload.plan is not None:
+            who = self._admission.identify(name, certificate, address)
+            if not isinstance(who, str):
+                self._reload.touch(who[0])
         return self._states.connected(key, name, certificate, address, timeout, now)
 
     def pinged(self, key: Key, silent_for: float, now: float) -> list[Action]:
         """A ping on a watched connection (its peer is rising from DOWN)."""
+        if self._reload.plan is not None:
+            self._reload.touch_key(key)
         return self._states.pinged(key, silent_for, now)
 
     def late(self, key: Key, now: float) -> list[Action]:
         """Its connection is silent for more than half its timeout."""
+        if self._reload.plan is not None:
+            self._reload.touch_key(key)
         return self._states.late(key, now)
 
     def back(self, key: Key, now: float) -> list[Action]:
         """A ping after it was late."""
+        if self._reload.plan is not None:
+            self._reload.touch_key(key)
         return self._states.back(key, now)
 
     def gone(self, key: Key, reason: str, now: float, last_ping: float | None = None) -> list[Action]:
         """Its connection ended (timed out, disconnected, broke the protocol...). Nothing happens for
         a connection that never pinged or that a newer one replaced."""
+        if self._reload.plan is not None:
+            self._reload.touch_key(key)
         return self._states.gone(key, reason, now, last_ping)
 
     def rising(self, key: Key) -> bool:
@@ -217,6 +238,10 @@ class Registry:
         states, deadlines = self._states, self._deadlines
         while budget > 0 and (peer := deadlines.pop(now)) is not None:
             budget -= 1
+            if self._reload.plan is not None:
+                self._reload.touch(peer.name)  # a reload's change first: it may forget the peer, or file it anew
+                if self.peers.get(peer.name) is not peer:
+                    continue
             states.due_now(peer, now, actions)
             if self.peers.get(peer.name) is peer:
                 states.schedule(peer)
@@ -312,6 +337,7 @@ class Registry:
     ) -> list[Action]:
         """After a restart: remembered peers come back as NEW with a grace of their timeout (DOWN
         ones stay DOWN, since when and why); silences that have not ended come back."""
+        self.apply_some(None)  # (at start-up: no reload is under way)
         self._records.restore(peers, now, wall, self.settings, self._states.schedule)
         self.silences_.load(silences, now, wall)
         return []

@@ -58,18 +58,22 @@ class AddressBook:
 class Admission:
     """Identity and admission, reading the registry's known peers (handed down, never changed here)."""
 
-    __slots__ = ("addresses", "expected", "peers", "settings")
+    __slots__ = ("addresses", "expected", "peers", "settings", "to_add")
 
     def __init__(self, peers: Mapping[str, Peer], settings: RegistrySettings) -> None:
         self.peers = peers
         self.settings = settings
-        self.expected: dict[str, Expected] = {}
+        self.expected: dict[str, Expected] = {}  # replaced on each reload, never changed: a snapshot
         self.addresses = AddressBook()
+        self.to_add = 0  # expected peers a reload has yet to add (hbd.registry.Registry.begin)
 
-    def configure(self, settings: RegistrySettings, expected: dict[str, Expected]) -> None:
+    def configure(
+        self, settings: RegistrySettings, expected: dict[str, Expected], addresses: AddressBook | None = None
+    ) -> None:
+        """``addresses``: the book of ``expected``, when made already (off the loop: hbd.registry_plan)."""
         self.settings = settings
         self.expected = expected
-        self.addresses = AddressBook(expected.values())
+        self.addresses = addresses if addresses is not None else AddressBook(expected.values())
 
     def identify(self, name: str | None, certificate: str | None, address: str) -> tuple[str, bool] | str:
         """(identity, named) for a connection, or why it is refused."""
@@ -92,7 +96,7 @@ class Admission:
             return None
         if self.settings.unexpected == "reject":
             return Close(key, f"{identity} is not an expected peer (unexpected: reject)", identity)
-        if identity not in self.peers and len(self.peers) >= self.settings.max_peers:
+        if identity not in self.peers and len(self.peers) + self.to_add >= self.settings.max_peers:
             return Close(key, f"max_peers ({self.settings.max_peers}) reached: {identity} refused", identity)
         return None
 

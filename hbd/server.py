@@ -75,7 +75,8 @@ class Server(Daemon):
         if self.worker is not None and self.worker.config is not None:  # validated by the supervisor
             cfg = dataclasses.replace(self.worker.config, log_file=None)  # the supervisor writes the file
             return lambda: cfg
-        return functools.partial(load_server_config, self.config.path, dict(self.overrides))
+        load = functools.partial(load_server_config, self.config.path, dict(self.overrides))
+        return load if self.registry is None else self.registry.reload.planned(load)  # its plan: there too
 
     def start(self) -> None:
         cfg = self.config
@@ -106,6 +107,11 @@ class Server(Daemon):
         """The configured limit, or this worker's share of it."""
         cfg = self.config
         return -(-cfg.max_clients // cfg.workers) if self.worker is not None else cfg.max_clients
+
+    def reload_verdict(self, errors: list[str], finished: Callable[[list[str]], None]) -> None:
+        if self.registry is None:  # else the answer waits for the registry's slices (hbd.server_reload)
+            return finished(errors)
+        self.registry.reload.when_applied(lambda: finished(errors))
 
     def on_reloaded(self, errors: list[str]) -> None:
         if self.worker is not None:  # the supervisor's answer to `hbd reload` waits for this

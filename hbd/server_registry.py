@@ -36,6 +36,7 @@ from hbd.registry import (
     expected_peers,
     registry_settings,
 )
+from hbd.server_reload import RegistryReload
 from hbd.silencing import Silence
 from hbd.state_store import PeerRecord, SilenceRecord
 from hbd.store_writer import Store as Store
@@ -91,6 +92,7 @@ class ServerRegistry:
         self.uptime = Uptime()  # outages, down time and 24 h uptime per peer, from the changes applied here
         self._timer: Timer | None = None
         self.writer: StoreWriter | None = None
+        self.reload = RegistryReload(self.registry, loop, self._reloaded_some)
         self._rearm()
 
     # -- what the server reports ------------------------------------------------------------------
@@ -228,7 +230,9 @@ class ServerRegistry:
         self._rearm()
 
     def close(self) -> None:
-        """At shutdown: the timer stops; the store writes what it has not written yet."""
+        """At shutdown: a reload's changes are applied, the timer stops; the store writes what it has
+        not written yet."""
+        self.reload.close()
         self.loop.cancel(self._timer)
         self._timer = None
         writer, self.writer = self.writer, None
@@ -244,13 +248,20 @@ class ServerRegistry:
         self.writer = StoreWriter(self.loop, store, self.wall, history_days, registry=self.registry, live=self.live)
 
     # -- reloads -----------------------------------------------------------------------------------------
+    def _reloaded_some(self) -> None:  # a slice: the supervisor's marks of its peers, the timer
+        self.apply([])
+        self._rearm()
+
     def configure(self, settings: RegistrySettings, expected: tuple[Expected, ...]) -> None:
+        """New settings and expected peers, applied at once (tests; a reload is sliced: reconfigure)."""
+        self.reload.finish()
         self.apply(self.registry.configure(settings, expected, self.clock()))
         self._rearm()
 
     def reconfigure(self, new: ServerConfig, old: ServerConfig) -> None:
-        """A reload committed: new settings and expected peers (the state store stays where it is)."""
-        self.configure(registry_settings(new), expected_peers(new))
+        """A reload committed (the peers' own changes: a slice per turn, hbd.server_reload)."""
+        self.reload.commit(new)
+        self._reloaded_some()
         if self.writer is not None:
             self.writer.history_days = new.history_days
         if new.state_dir != old.state_dir:

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
 Key = tuple[int, int]  # (worker index, that worker's number for the connection)
 WORKER_DIED = "worker died"
+APPLY_BACKLOG = 256 * 1024  # bytes in a worker's pipe past which a reload's marks wait (MAX_OUTBUF is 1 MiB)
 
 
 class _Held:
@@ -69,9 +70,13 @@ class SupervisorRegistry(ServerRegistry):
         events: Events,
         send: Callable[[int, PeerOrder], None],
         wall: Callable[[], float] = time.time,
+        backlog: Callable[[], int] = lambda: 0,
     ) -> None:
         super().__init__(loop, settings, expected, peer_log, events, _nothing, _never, wall)
         self.send = send  # an order to the worker of that index
+        self.backlog = backlog  # bytes waiting in the fullest pipe to a worker
+        self.registry.take_reconfigured()  # from now on the registry keeps them for the marks
+        self.reload.may_apply = self._may_apply
         self._marks: dict[Key, PeerMark] = {}  # what each connection's worker was last told of it
         self._since: dict[Key, float] = {}  # when each connection first pinged
 
@@ -132,6 +137,8 @@ class SupervisorRegistry(ServerRegistry):
         peers = self.registry.peers
         for name in names:
             self._mark(peers.get(name))
+        for peer in self.registry.take_reconfigured():  # a reload changed its expected flag or labels
+            self._mark(peer)
 
     def _mark(self, peer: Peer | None) -> None:
         """Tell the peer's worker what the registry says of it, if that changed."""
@@ -161,14 +168,11 @@ class SupervisorRegistry(ServerRegistry):
             self._marks[key] = mark
             self.send(key[0], mark)
 
-    def _mark_all(self) -> None:
-        for peer in list(self.registry.by_key.values()):
-            self._mark(peer)
-
     # -- reloads, silences: what changes the marks of peers not reporting anything ----------------------------
-    def configure(self, settings: RegistrySettings, expected: tuple[Expected, ...]) -> None:
-        super().configure(settings, expected)
-        self._mark_all()  # expected, labels
+    def _may_apply(self) -> bool:
+        """A reload's next slice (up to a mark per peer, ~200 bytes each) waits while a worker's pipe
+        holds more than APPLY_BACKLOG: its orders would be dropped past MAX_OUTBUF (hbd.worker_pool)."""
+        return self.backlog() <= APPLY_BACKLOG
 
     def silence(self, peer: str, seconds: float, reason: str) -> Silence | str:
         done = super().silence(peer, seconds, reason)

@@ -81,7 +81,7 @@ class Worker:
         self.pid = pid
         self.rfd = rfd  # its messages to us
         self.wfd = wfd  # ours to it (Reload)
-        self.outbuf = b""  # what the pipe to it did not take yet
+        self.outbuf = bytearray()  # what the pipe to it did not take yet (appended in place: O(1) a frame)
         self.decoder = Decoder()
         self.last_seen = now
         self.ready = False
@@ -221,6 +221,10 @@ class WorkerPool:
                     self.send(w, msg)
                 return
 
+    def backlog(self) -> int:
+        """Bytes waiting in the fullest pipe to a worker."""
+        return max((len(w.outbuf) for w in self.workers.values()), default=0)
+
     def send(self, w: Worker, msg: Message) -> None:
         """To a worker, never blocking: what its pipe does not take now is written when it can."""
         w.outbuf += encode(msg)
@@ -232,8 +236,8 @@ class WorkerPool:
         except BlockingIOError:
             sent = 0
         except OSError:  # it is gone: reap() forgets it
-            sent, w.outbuf = 0, b""
-        w.outbuf = w.outbuf[sent:]
+            sent = len(w.outbuf)
+        del w.outbuf[:sent]
         if w.outbuf:
             self.loop.add_writer(w.wfd, lambda: self._flush(w))
         else:

@@ -54,7 +54,8 @@ class Supervisor(Daemon[ServerConfig]):
         self.registry: SupervisorRegistry | None = None  # the one peer registry (hbd.supervisor_registry)
 
     def loader(self) -> Callable[[], ServerConfig]:
-        return functools.partial(load_server_config, self.config.path, dict(self.overrides))
+        load = functools.partial(load_server_config, self.config.path, dict(self.overrides))
+        return load if self.registry is None else self.registry.reload.planned(load)  # its plan: there too
 
     # -- start and stop -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -69,7 +70,13 @@ class Supervisor(Daemon[ServerConfig]):
 
     def _start_registry(self, cfg: ServerConfig) -> None:
         reg = SupervisorRegistry(
-            self.loop, registry_settings(cfg), expected_peers(cfg), self.peer_log, self.ops, self.pool.order
+            self.loop,
+            registry_settings(cfg),
+            expected_peers(cfg),
+            self.peer_log,
+            self.ops,
+            self.pool.order,
+            backlog=self.pool.backlog,
         )
         self.registry = self.pool.peers = self.silencing = reg  # silences on the supervisor's socket
         # The store is opened before the workers are forked: they inherit the open database but never
@@ -93,9 +100,7 @@ class Supervisor(Daemon[ServerConfig]):
 
         def commit() -> None:
             if self.registry is not None:
-                self.registry.configure(registry_settings(new), expected_peers(new))
-                if self.registry.writer is not None:
-                    self.registry.writer.history_days = new.history_days
+                self.registry.reconfigure(new, old)  # its peers' changes: a slice per loop turn
             by_index = self.pool.by_index()
             self._hupped = set()
             for w in by_index:
@@ -119,6 +124,12 @@ class Supervisor(Daemon[ServerConfig]):
         if errors:
             finished(errors)
             return
+        if self.registry is not None:  # the answer also waits for the registry's slices
+            self.registry.reload.when_applied(lambda: self._workers_verdict(finished))
+        else:
+            self._workers_verdict(finished)
+
+    def _workers_verdict(self, finished: Callable[[list[str]], None]) -> None:
         deadline = self.loop.time() + RELOAD_TIMEOUT
         workers = self.pool.workers
 

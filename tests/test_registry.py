@@ -459,3 +459,64 @@ def test_status_enum_values_are_the_views() -> None:
     from hbd.view import PEER_STATES
 
     assert tuple(s.value for s in PeerStatus) == PEER_STATES
+
+
+# -- a reload applied in slices (Registry.begin / apply_some) ----------------------------------------------
+def _reload(reg: Registry, expected: list, now: float, **kw: object) -> None:
+    """Commit a reload; its peers' changes wait for apply_some()."""
+    new = settings(**kw) if kw else reg.settings
+    reg.begin(new, reg.plan(new, expected), now)
+
+
+def test_a_reload_applies_a_slice_at_a_time_and_unchanged_peers_cost_nothing() -> None:
+    names = [f"p{i}" for i in range(10)]
+    reg = Registry(settings(), [Exp(n) for n in names], T0)
+    _reload(reg, [Exp(n, labels=(("k", "v"),)) if i % 2 else Exp(n) for i, n in enumerate(names)], T0 + 1)
+    assert reg.applying() == 5  # the odd ones
+    reg.apply_some(2)
+    assert reg.applying() == 3 and [reg.peers[n].labels != () for n in ("p1", "p3", "p5")] == [True, True, False]
+    reg.apply_some(None)
+    assert reg.applying() == 0 and all(reg.peers[n].labels == (("k", "v"),) for n in names[1::2])
+
+
+def test_an_event_about_a_peer_mid_reload_applies_its_change_first() -> None:
+    reg = Registry(settings(), [Exp("a"), Exp("b")], T0)
+    reg.connected("ca", "a", None, "x:1", 10.0, T0)
+    reg.connected("cb", "b", None, "x:2", 10.0, T0)
+    _reload(reg, [Exp("b"), Exp("z"), Exp("a", labels=(("site", "new"),))], T0 + 1)
+    assert reg.peers["a"].labels == ()  # not applied yet: shown as before
+    [down] = [a for a in reg.gone("ca", "timeout", T0 + 2) if isinstance(a, Notice)]
+    assert down.labels == (("site", "new"),) and down.expected
+    _reload(reg, [Exp("z")], T0 + 3)  # the first one is finished first; b is no longer expected
+    [gone] = [a for a in reg.gone("cb", "disconnected", T0 + 4) if isinstance(a, Notice)]
+    assert not gone.expected
+
+
+def test_a_newly_expected_peer_is_admitted_at_the_commit_and_expected_from_its_first_ping() -> None:
+    reg = Registry(settings(unexpected="reject"), [Exp(f"p{i}") for i in range(5)], T0)
+    _reload(reg, [*(Exp(f"p{i}") for i in range(5)), Exp("new1"), Exp("new2")], T0 + 1, unexpected="reject")
+    assert "new2" not in reg.peers
+    assert not closes(reg.hello("c", "new2", None, "x:1"))
+    acts = reg.connected("c", "new2", None, "x:1", 10.0, T0 + 2)
+    assert not closes(acts) and [(n.peer, n.event, n.expected) for n in acts if isinstance(n, Notice)] == [
+        ("new2", "up", True)
+    ]
+    reg.apply_some(None)
+    assert state(reg, "new2") == "UP" and reg.peers["new2"].expected and state(reg, "new1") == "NEW"
+
+
+def test_a_removed_never_seen_peer_whose_grace_ends_mid_reload_is_forgotten_not_down() -> None:
+    reg = Registry(settings(), [Exp(f"p{i}") for i in range(5)], T0)
+    _reload(reg, [], T0 + 1)
+    reg.apply_some(1)
+    assert notices(tick_until(reg, T0 + 11)) == []  # their graces ended: the reload's change came first
+    assert reg.peers == {} and reg.applying() == 0
+
+
+def test_max_peers_counts_the_peers_a_reload_has_yet_to_add() -> None:
+    reg = Registry(settings(max_peers=4), [Exp("a")], T0)
+    _reload(reg, [Exp("a"), Exp("b"), Exp("c")], T0 + 1, max_peers=4)
+    assert not closes(reg.connected("c1", "x", None, "x:1", 10.0, T0 + 1))  # 1 + 2 to add + x = 4
+    assert closes(reg.connected("c2", "y", None, "x:2", 10.0, T0 + 1))  # the fifth, once all are added
+    reg.apply_some(None)
+    assert set(reg.peers) == {"a", "b", "c", "x"}

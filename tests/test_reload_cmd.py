@@ -171,3 +171,35 @@ def test_requests_that_arrive_together_share_one_reload(tmp_path: Path, vloop) -
         assert client.reloads_failed == 1 and "port" in answers[-1][0]
     finally:
         logs.close()
+
+
+def test_a_long_reload_keeps_its_answer_alive_past_the_sockets_idle_timeout(vloop, vclock) -> None:
+    """A reload of a 100,000-entry peers_file can take longer than the status socket's IDLE_TIMEOUT
+    (a reply making no progress is dropped): the answer sends a space every RELOAD_KEEPALIVE, which
+    JSON allows before the document."""
+    import json
+    import os
+    from types import SimpleNamespace
+
+    from hbd.commands import RELOAD_KEEPALIVE, _reload_reply
+    from hbd.control import IDLE_TIMEOUT
+
+    asked: list = []
+    woken: list[float] = []
+    daemon = SimpleNamespace(loop=vloop, request_reload=asked.append)
+    reply = _reload_reply(daemon, lambda: woken.append(vclock()), os.geteuid())  # type: ignore[arg-type]
+    assert next(reply) is None and len(asked) == 1
+    out = b""
+    start = vclock()
+    while vclock() < start + 3 * IDLE_TIMEOUT:
+        vloop.run_once(RELOAD_KEEPALIVE)
+        if woken:
+            woken.clear()
+            chunk = next(reply)
+            if chunk is not None:
+                out += chunk
+                assert next(reply) is None
+    assert RELOAD_KEEPALIVE < IDLE_TIMEOUT and out == b" " * int(3 * IDLE_TIMEOUT / RELOAD_KEEPALIVE)
+    asked[0]([])
+    out += b"".join(c for c in reply if c is not None)
+    assert json.loads(out) == {"reload": "ok"}

@@ -370,3 +370,162 @@ def test_status_and_metrics_show_each_peers_outages_down_time_and_uptime(server,
     ]
     [down] = [s for s in families["hbd_peer_down_seconds"].samples if s.name.endswith("_total")]
     assert down.value == pytest.approx(3.0, abs=0.2)
+
+
+# -- a reload's expected peers, applied a slice per loop turn ------------------------------------------------
+def _fleet_file(path, names: list[str], labelled: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    path.write_text("".join(f"- {{name: {n}, labels: {{site: b}}}}\n" if n in labelled else f"- {n}\n" for n in names))
+
+
+@pytest.fixture
+def reloadable(tmp_path, vclock, vloop):
+    """A started in-process Server on the virtual loop whose config (and peers_file) is on disk:
+    ``srv, fleet = reloadable(names)``; a reload is ``srv.reload()`` then ``run_reload``."""
+    from daemons import free_port
+
+    from hbd.config import load_server_config
+
+    made: list[Server] = []
+
+    def make(names: list[str]) -> tuple[Server, object]:
+        fleet = tmp_path / "fleet.yaml"
+        _fleet_file(fleet, names)
+        path = tmp_path / "server.yaml"
+        path.write_text(
+            f"host: 127.0.0.1\nport: {free_port()}\nheartbeat_timeout: 2\nlog_file: null\ncontrol_socket: null\n"
+            f"state_dir: null\nmax_peers: 100000\npeers_file: {fleet}\n"
+        )
+        srv = Server(load_server_config(path), loop=vloop)
+        srv.start()
+        made.append(srv)
+        return srv, fleet
+
+    yield make
+    for srv in made:
+        srv.shutdown()
+
+
+def _snapshot(reg) -> dict[str, tuple]:
+    return {p.name: (p.status.value, p.expected, p.labels, p.timeout, p.since, p.grace) for p in reg.peers.values()}
+
+
+def test_a_reload_applies_its_changes_a_slice_per_turn_and_answers_once_all_are(reloadable, vclock, vloop) -> None:
+    from helpers import run_reload
+
+    from hbd.registry import Registry
+
+    old = [f"p{i}" for i in range(3000)]
+    srv, fleet = reloadable(old)
+    assert srv.registry is not None
+    reg = srv.registry.registry
+    reference = Registry(reg.settings, reg.expected.values(), vclock())  # the same start, reloaded unsliced
+    new = old[500:] + [f"q{i}" for i in range(500)]  # 500 removed, 500 added
+    labelled = set(old[500::2])  # and 1250 kept with new labels; the 1250 others unchanged
+    _fleet_file(fleet, new, labelled)
+    srv.registry.reload.slice = 250
+    slices: list[tuple[int, int, int]] = []  # (loop turn, changes applied, changes left)
+    apply_some = reg.apply_some
+
+    def counted(budget: int | None = None) -> None:
+        before = reg.applying()
+        apply_some(budget)
+        slices.append((sum(vloop.turn_counts), before - reg.applying(), reg.applying()))
+
+    reg.apply_some = counted  # type: ignore[method-assign]
+    answers: list[tuple[list[str], int]] = []
+    srv.request_reload(lambda errors: answers.append((errors, reg.applying())))
+    run_reload(vloop, srv.reloads)
+    assert answers == [([], 0)]  # answered once every change was applied
+    assert [n for _, n, _ in slices] == [250] * 9  # 2250 changes; the 1250 unchanged cost nothing
+    turns = [t for t, _, _ in slices]
+    assert turns == sorted(set(turns))  # one slice per turn
+    committed = min(p.since for p in reg.peers.values() if p.name.startswith("q"))
+    reference.configure(reg.settings, srv.config.peers, committed)
+    assert _snapshot(reg) == _snapshot(reference)
+    assert reg.counts() == reference.counts() == {"NEW": 3000, "UP": 0, "LATE": 0, "DOWN": 0}
+
+
+def test_a_second_sighup_mid_apply_makes_one_more_reload_after_it_and_the_newest_config_wins(
+    reloadable, vclock, vloop
+) -> None:
+    from hbd.registry import Registry
+
+    srv, fleet = reloadable([f"p{i}" for i in range(2000)])
+    assert srv.registry is not None
+    reg = srv.registry.registry
+    srv.registry.reload.slice = 100
+    _fleet_file(fleet, [f"q{i}" for i in range(2000)])
+    srv.reload()
+    while not reg.applying():  # the load runs in a real thread; the virtual clock stands still meanwhile
+        vloop.run_once(0)
+    vloop.run_once(0)
+    vloop.run_once(0)
+    assert 0 < reg.applying() < 4000  # mid-apply: another SIGHUP, after the file changed again
+    newest = [f"r{i}" for i in range(1500)] + [f"q{i}" for i in range(500)]
+    _fleet_file(fleet, newest)
+    srv.reload()
+    srv.reload()  # (coalesced with the one before)
+    while not srv.reloads.idle:
+        vloop.run_once(0)
+    assert srv.reloads_ok == 2 and reg.applying() == 0
+    assert set(reg.peers) == set(newest) and set(reg.expected) == set(newest)
+    fresh = Registry(reg.settings, srv.config.peers, vclock())
+    assert {n: (p.status, p.expected) for n, p in reg.peers.items()} == {
+        n: (p.status, p.expected) for n, p in fresh.peers.items()
+    }
+
+
+def test_an_invalid_config_mid_apply_keeps_the_one_being_applied(reloadable, vclock, vloop) -> None:
+    srv, fleet = reloadable([f"p{i}" for i in range(1000)])
+    assert srv.registry is not None
+    reg = srv.registry.registry
+    srv.registry.reload.slice = 100
+    _fleet_file(fleet, [f"q{i}" for i in range(1000)])
+    srv.reload()
+    while not reg.applying():
+        vloop.run_once(0)
+    fleet.write_text("- {name: bad name}\n")
+    srv.reload()
+    while not srv.reloads.idle:
+        vloop.run_once(0)
+    assert (srv.reloads_ok, srv.reloads_failed) == (1, 1)
+    assert set(reg.peers) == {f"q{i}" for i in range(1000)} and reg.applying() == 0
+    assert "fleet.yaml: line 1: item 1: name: must be" in str(srv.last_reload_error)
+
+
+def test_what_a_reload_replaces_is_freed_a_slice_per_turn(reloadable, vclock, vloop) -> None:
+    from helpers import run_reload
+
+    srv, fleet = reloadable([f"p{i}" for i in range(3000)])
+    assert srv.registry is not None
+    old = srv.registry.registry.expected
+    srv.registry.reload.retirer.slice = 1000
+    _fleet_file(fleet, [f"q{i}" for i in range(3000)])
+    freed = []
+    step = srv.registry.reload.retirer._step
+
+    def counted() -> None:
+        before = len(srv.registry.reload.retirer)  # type: ignore[union-attr]
+        step()
+        freed.append(before - len(srv.registry.reload.retirer))  # type: ignore[union-attr]
+
+    srv.registry.reload.retirer._step = counted  # type: ignore[method-assign]
+    srv.reload()
+    run_reload(vloop, srv.reloads)
+    while len(srv.registry.reload.retirer):
+        vloop.run_once(0)
+    assert old == {} and max(freed) <= 1000 and sum(freed) == 3000 + 6000  # the old dict, the plan's changes
+
+
+def test_a_stop_mid_apply_applies_the_rest_at_once(reloadable, vclock, vloop) -> None:
+    srv, fleet = reloadable([f"p{i}" for i in range(1000)])
+    assert srv.registry is not None
+    reg = srv.registry.registry
+    srv.registry.reload.slice = 100
+    _fleet_file(fleet, [f"q{i}" for i in range(1000)])
+    answers: list[list[str]] = []
+    srv.request_reload(answers.append)
+    while not reg.applying():
+        vloop.run_once(0)
+    srv.registry.close()  # (as at shutdown: the store, if any, gets the final state)
+    assert reg.applying() == 0 and set(reg.peers) == {f"q{i}" for i in range(1000)} and answers == [[]]

@@ -320,3 +320,42 @@ def test_the_scrapes_samples_from_the_registry_are_those_of_the_rows(fleet) -> N
     assert {s[0]: (s[1], s[4]) for s in expected}['{peer="m3"}'] == (1, 1)  # up, silenced
     for s in socks:
         s.close()
+
+
+def test_a_reloads_marks_go_down_a_slice_per_turn_and_wait_while_a_workers_pipe_is_full(fleet, vclock) -> None:
+    """A reload that changes the labels of every connected peer sends each one's mark in its slice,
+    never all in one turn, and holds the slices while a worker's pipe is past APPLY_BACKLOG (past
+    MAX_OUTBUF its orders would be dropped)."""
+    from hbd.config import ServerConfig
+    from hbd.peers_config import ExpectedPeer
+    from hbd.supervisor_registry import APPLY_BACKLOG
+
+    names = [f"p{i:02d}" for i in range(30)]
+    f = fleet(tuple(ExpectedPeer(n) for n in names))
+    socks = [f.connect(1, 40000 + i) for i in range(30)]
+    for s, n in zip(socks, names, strict=True):
+        f.say(s, f"hello {n}\nping\n".encode())
+    assert {r[0] for r in f.rows().values()} == {"UP"}
+    backlog = [APPLY_BACKLOG + 1]
+    f.sup.backlog = lambda: backlog[0]
+    f.sup.reload.slice = 10
+    base = dict(host="127.0.0.1", port=1, heartbeat_timeout=2.0, log_file=None, control_socket=None, state_dir=None)
+    old = ServerConfig(**base, peers=tuple(ExpectedPeer(n) for n in names))  # type: ignore[arg-type]
+    new = ServerConfig(**base, peers=tuple(ExpectedPeer(n, labels=(("site", "b"),)) for n in names))  # type: ignore[arg-type]
+    f.sup.reconfigure(new, old)
+    for _ in range(5):  # the pipe is full: nothing is applied, nothing sent
+        vclock.advance(0.02)
+        f.loop.run_once(0)
+    assert f.sup.registry.applying() == 30 and f.down[1] == []
+    backlog[0] = 0
+    per_turn = []
+    while f.sup.registry.applying():
+        vclock.advance(0.02)
+        f.loop.run_once(0)
+        per_turn.append(len(f.down[1]) - sum(per_turn))
+    assert per_turn == [10, 10, 10]
+    f.pump()
+    worker_rows = {r.peer: r.labels for r in f.workers[1].view().peers}
+    assert worker_rows == {n: (("site", "b"),) for n in names}
+    for s in socks:
+        s.close()

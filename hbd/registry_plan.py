@@ -1,0 +1,74 @@
+"""What a reload changes in the registry's expected peers, worked out off the loop (pure).
+
+The expected peers in force are an immutable snapshot: the registry replaces its dict of them on
+each reload and never changes it in place, so a helper thread (the one that loaded the new
+configuration, hbd.reloading) can compare it with the new list while the loop goes on serving. The
+plan holds everything the commit needs that costs O(peers): the new dict by name, the address book
+(hbd.registry_identity) and the changes, in the order they are to be applied (the peers no longer
+expected, then the newly expected ones and the ones expected differently: another address, timeout
+or labels, or the default timeout they use). Unchanged peers are not in it: they cost nothing on the
+loop. The registry applies the changes a slice per loop turn (hbd.registry.Registry.apply_some).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import NamedTuple
+
+from hbd.registry_identity import AddressBook
+from hbd.registry_types import Expected
+
+
+class Change(NamedTuple):
+    """One peer's change: ``entry`` None means it is no longer expected; ``added``: newly expected."""
+
+    name: str
+    entry: Expected | None
+    added: bool
+
+
+class ExpectedPlan:
+    """A reload's new expected peers and how they differ from ``base``. Handed over to the registry,
+    which consumes ``changes`` (a slice at a time) and ``pending`` (as it applies them)."""
+
+    __slots__ = ("added", "addresses", "base", "base_timeout", "changed", "changes", "expected", "pending", "removed")
+
+    def __init__(
+        self,
+        base: Mapping[str, Expected],
+        base_timeout: float,
+        expected: dict[str, Expected],
+        addresses: AddressBook,
+        changes: list[Change],
+    ) -> None:
+        self.base = base  # the expected peers it was worked out from (checked at commit: by identity)
+        self.base_timeout = base_timeout  # and the default timeout then in force
+        self.expected = expected
+        self.addresses = addresses
+        self.changes = changes
+        self.pending = {c.name: c for c in changes}  # not applied yet
+        self.added = sum(1 for c in changes if c.added)
+        self.removed = sum(1 for c in changes if c.entry is None)
+        self.changed = len(changes) - self.added - self.removed
+
+
+def plan_expected(
+    base: Mapping[str, Expected], base_timeout: float, new: Iterable[Expected], new_timeout: float
+) -> ExpectedPlan:
+    """The plan that takes the registry from the expected peers ``base`` (with the default timeout
+    ``base_timeout``) to ``new`` (``new_timeout``). For a name listed twice the last entry counts."""
+    expected = {e.name: e for e in new}
+    changes = [Change(name, None, False) for name in base if name not in expected]
+    default_changed = new_timeout != base_timeout
+    for name, e in expected.items():
+        old = base.get(name)
+        if old is None:
+            changes.append(Change(name, e, True))
+        elif (
+            old.labels != e.labels
+            or old.timeout != e.timeout
+            or old.address != e.address
+            or (default_changed and e.timeout is None)
+        ):
+            changes.append(Change(name, e, False))
+    return ExpectedPlan(base, base_timeout, expected, AddressBook(expected.values()), changes)
