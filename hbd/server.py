@@ -198,17 +198,7 @@ class Server(Daemon):
 
     def view(self) -> ServerView:
         cfg, addr, conns = self.config, self.address, list(self.conns.values())
-        rows: Iterable[PeerRow]
-        sources: tuple[PeerSource, ...]
-        last_pings: Callable[[], Iterator[tuple[str, float]]] | None
-        if self.remote is not None:  # one of several workers: the rows carry the supervisor's marks
-            rows, counts = self.remote.rows(conns, self.worker_index), None
-            sources = (self.remote.source(conns, self.worker_index),)
-            last_pings = functools.partial(self.remote.last_pings, conns)
-        else:
-            rows, counts = peer_rows(self.registry, conns, self.worker_index)
-            sources = peer_sources(self.registry, conns, self.worker_index)
-            last_pings = None
+        rows, counts, sources, last_pings = _peers_of(self.remote, self.registry, conns, self.worker_index)
         settings = ServerSettings(cfg.heartbeat_timeout, cfg.max_clients, cfg.workers)
         listen = f"{addr[0]}:{addr[1]}" if addr else None
         return ServerView(self.daemon_view(), listen, settings, self.counters(), rows, counts, sources, last_pings)
@@ -295,3 +285,22 @@ class Server(Daemon):
         except OSError:
             pass
         sock.close()
+
+
+LastPings = Callable[[], Iterator[tuple[str, float]]]
+
+
+def _peers_of(
+    remote: RemotePeers | None, registry: ServerRegistry | None, conns: list[Connection], worker: int | None
+) -> tuple[Iterable[PeerRow], dict[str, int] | None, tuple[PeerSource, ...], LastPings | None]:
+    """A server's peers for its view: a worker's rows carry the supervisor's marks (no counts of its
+    own); a single process's come from its registry."""
+    if remote is not None:
+        return (
+            remote.rows(conns, worker),
+            None,
+            (remote.source(conns, worker),),
+            functools.partial(remote.last_pings, conns),
+        )
+    rows, counts = peer_rows(registry, conns, worker)
+    return rows, counts, peer_sources(registry, conns, worker), None
