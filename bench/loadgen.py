@@ -455,6 +455,7 @@ def merge(a: argparse.Namespace, sch: Schedule, parts: list[dict[str, Any]]) -> 
             "detected": len(det),
             "undetected": sum(r["undetected"] for r in parts),
             "detect_ms": summary(det, 1000.0, 1),
+            "detect_min_ms": round(min(det) * 1000.0, 1) if det else None,
         }
     return out
 
