@@ -130,7 +130,7 @@ def worker(a: argparse.Namespace, sch: Schedule, n: int, wid: int) -> dict[str, 
     addr = loopback_addr(a.host, a.port)
     # Our own source address per worker: a run's 19000 ports in TIME_WAIT would otherwise crowd
     # the next run (same port range, 28k ports) and slow its connect()s down.
-    src = loopback_addr(f"{a.src_net}.{wid + 1}", 0)[0] if a.src_net else None
+    src = loopback_addr(f"{a.src_net}.{wid + 1}", 0)[0] if a.src_net and not a.src_per else None
     rate = a.rate / a.procs
     ep = select.epoll()
     conns: dict[int, Conn] = {}
@@ -266,7 +266,10 @@ def worker(a: argparse.Namespace, sch: Schedule, n: int, wid: int) -> dict[str, 
                 E["fd_exhausted" if e.errno in (errno.EMFILE, errno.ENFILE) else "connect_error"] += 1
                 continue
             s.setblocking(False)
-            if src is not None:
+            if a.src_per:  # SRC_NET.(worker+1).(k+1): a few ports per address keeps connect()'s port search short
+                s.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                s.bind((f"{a.src_net}.{wid + 1}.{idx // a.src_per + 1}", 0))
+            elif src is not None:
                 s.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)  # port chosen at connect()
                 s.bind((src, 0))
             c = Conn(s, mono())
@@ -539,6 +542,12 @@ def parser() -> argparse.ArgumentParser:
         "--cpus", type=lambda s: {int(x) for x in s.split(",")}, default=None, help="pin workers to these CPUs, e.g. 1"
     )
     ap.add_argument("--src-net", default=None, help="bind worker i to source address SRC_NET.(i+1), e.g. 127.1.7")
+    ap.add_argument(
+        "--src-per",
+        type=int,
+        default=0,
+        help="with a two-part --src-net (127.A): connection k of worker i binds to 127.A.(i+1).(k/SRC_PER+1)",
+    )
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument(
         "--hello", default=None, metavar="PREFIX", help="greet each conn as `hello PREFIX<worker>-<k>` before its pings"
@@ -550,6 +559,8 @@ def main() -> None:
     a = parser().parse_args()
     if a.conns < 1 or a.interval <= 0 or a.duration < 0 or a.deadline <= 0:
         sys.exit("loadgen: bad arguments")
+    if a.src_per and (not a.src_net or a.procs > 254 or a.conns / a.procs / a.src_per > 254):
+        sys.exit("loadgen: --src-per needs --src-net 127.A and at most 254 workers and addresses per worker")
     print(json.dumps(run(a)), flush=True)
 
 

@@ -40,7 +40,6 @@ from typing import Any
 
 from bench import procstat, servers
 from bench.loadgen import make_schedule
-from bench.runner import next_src_net
 
 RESULTS = servers.REPO / "bench" / "results"
 FD_CAP = 20_000  # the per-process open-file hard limit on the bench machine
@@ -48,6 +47,13 @@ PER_PROC = 17_000  # connections per process: the cap less room for listeners, p
 MAX_WORKERS = 64  # hbd's own bound on ``workers:``
 SILENT_FRAC = 0.01
 GiB = 1 << 30
+SRC_PER = 1000  # connections per loopback source address
+
+
+def src_block() -> str:
+    """127.A for this run: A from the clock, so that a run's TIME_WAITs (left by the generator's
+    closes) are not on the next run's source addresses."""
+    return f"127.{100 + int(time.time() / 60) % 150}"
 
 
 @dataclass(frozen=True)
@@ -73,7 +79,7 @@ def plan(
     n: int,
     interval: float = 10.0,
     timeout: float | None = None,
-    rate: float = 2000.0,
+    rate: float = 1000.0,
     deadline: float = 2.0,
     per_proc: int = PER_PROC,
 ) -> Plan:
@@ -232,7 +238,9 @@ def gen_command(p: Plan, port: int, start_at: float) -> list[str]:
         "--start-at",
         str(start_at),
         "--src-net",
-        next_src_net(),
+        src_block(),
+        "--src-per",
+        str(SRC_PER),
         "--hello",
         "c",
     ]
@@ -303,6 +311,7 @@ def run(p: Plan, tmp: Path, min_free: int, log: Any = sys.stderr) -> dict[str, A
                     seen[name] = {
                         "t": now,
                         "cpu_s": procstat.tree_cpu_s(pids),
+                        "cpu_by_proc_s": [procstat.cpu_s(q) for q in pids],  # the supervisor first
                         "mem": procstat.tree_status(pids),
                         "kernel": k,
                         **hbd_numbers(status),
@@ -374,6 +383,10 @@ def derive(rec: dict[str, Any]) -> dict[str, Any]:
     idle = rec.get("idle", {})
     if ss and se and connected:
         d["cpu_pct"] = round(100.0 * (se["cpu_s"] - ss["cpu_s"]) / (se["t"] - ss["t"]), 1)
+        by0, by1 = ss.get("cpu_by_proc_s"), se.get("cpu_by_proc_s")
+        if by0 and by1 and len(by0) == len(by1):
+            pct = [round(100.0 * (b - a) / (se["t"] - ss["t"]), 1) for a, b in zip(by0, by1, strict=True)]
+            d["cpu_supervisor_pct"], d["cpu_worker_max_pct"] = pct[0], max(pct[1:], default=None)
         d["rss_per_conn_b"] = round((se["mem"]["VmRSS"] - idle["VmRSS"]) / connected)
         d["rss_total_mib"] = round(se["mem"]["VmRSS"] / 2**20)
         k, k0 = se["kernel"], rec.get("kernel_idle", {})
@@ -481,7 +494,7 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=100_000, help="clients (default 100000)")
     ap.add_argument("--interval", type=float, default=10.0, help="seconds between a client's pings (default 10)")
     ap.add_argument("--timeout", type=float, default=None, help="hbd's heartbeat_timeout (default 3 x interval)")
-    ap.add_argument("--rate", type=float, default=2000.0, help="connects per second in total (default 2000)")
+    ap.add_argument("--rate", type=float, default=1000.0, help="connects per second in total (default 1000)")
     ap.add_argument("--deadline", type=float, default=2.0, help="a pong later than this is missed (default 2 s)")
     ap.add_argument("--min-free", type=float, default=4.0, help="stop when MemAvailable falls under this (GiB)")
     ap.add_argument("--per-proc", type=int, default=PER_PROC, help=f"clients per process (default {PER_PROC})")
