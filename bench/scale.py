@@ -94,7 +94,7 @@ def plan(
         interval=interval,
         timeout=timeout,
         rate=rate,
-        settle=max(5.0, interval / 2),
+        settle=5.0,
         window=max(20.0, interval),
         detect_wait=timeout + 5.0,
         deadline=deadline,
@@ -108,7 +108,9 @@ def server_yaml(p: Plan, port: int, tmp: Path) -> str:
         "host": "127.0.0.1",
         "port": port,
         "heartbeat_timeout": p.timeout,
-        "max_clients": p.n + 100 * p.workers,
+        # hbd shares max_clients out evenly, but SO_REUSEPORT's hash does not: a worker's share is
+        # about as many as the cap lets it hold, so an unlucky worker never refuses (hbd's bound: 1e6)
+        "max_clients": min(p.workers * (FD_CAP - 1000), 1_000_000),
         "max_peers": min(p.n + 100, 1_000_000),
         "workers": p.workers,
         "backlog": 4096,
@@ -275,6 +277,7 @@ def run(p: Plan, tmp: Path, min_free: int, log: Any = sys.stderr) -> dict[str, A
         pids = srv.pids()
         rec["hbd_procs"] = len(pids)
         rec["idle"] = procstat.tree_status(pids)
+        rec["idle_rss_by_proc"] = [procstat.status(q).get("VmRSS", 0) for q in pids]
         rec["kernel_idle"] = kernel()
         start_at = time.monotonic() + 1.0
         sch = make_schedule(start_at, p.n, p.rate, p.settle, p.window, p.detect_wait, p.deadline)
@@ -313,6 +316,7 @@ def run(p: Plan, tmp: Path, min_free: int, log: Any = sys.stderr) -> dict[str, A
                         "cpu_s": procstat.tree_cpu_s(pids),
                         "cpu_by_proc_s": [procstat.cpu_s(q) for q in pids],  # the supervisor first
                         "mem": procstat.tree_status(pids),
+                        "rss_by_proc": [procstat.status(q).get("VmRSS", 0) for q in pids],
                         "kernel": k,
                         **hbd_numbers(status),
                     }
@@ -388,6 +392,10 @@ def derive(rec: dict[str, Any]) -> dict[str, Any]:
             pct = [round(100.0 * (b - a) / (se["t"] - ss["t"]), 1) for a, b in zip(by0, by1, strict=True)]
             d["cpu_supervisor_pct"], d["cpu_worker_max_pct"] = pct[0], max(pct[1:], default=None)
         d["rss_per_conn_b"] = round((se["mem"]["VmRSS"] - idle["VmRSS"]) / connected)
+        by0, by1 = rec.get("idle_rss_by_proc"), se.get("rss_by_proc")
+        if by0 and by1 and len(by0) == len(by1):  # where the memory is: the registry's process or the workers
+            d["rss_supervisor_per_conn_b"] = round((by1[0] - by0[0]) / connected)
+            d["rss_workers_per_conn_b"] = round((sum(by1[1:]) - sum(by0[1:])) / connected)
         d["rss_total_mib"] = round(se["mem"]["VmRSS"] / 2**20)
         k, k0 = se["kernel"], rec.get("kernel_idle", {})
         d["kernel"] = {
@@ -471,7 +479,7 @@ def plot(results: Path, path: Path) -> bool:
             if not d["held"]:
                 ax1.plot([d["n"]], [d["rss_per_conn_b"]], "x", ms=12, mew=2, color="black")
                 ax2.plot([d["n"]], [d["cpu_pct"]], "x", ms=12, mew=2, color="black")
-    held = [d["n"] for d in rows if d["held"]]
+    held = [d["n"] for d in rows if d["held"] and d["interval_s"] in (10.0, 60.0)]
     for ax in (ax1, ax2):
         if held:
             ax.axvline(max(held), color="gray", ls=":", label=f"largest held: {max(held):,}")
