@@ -139,7 +139,16 @@ def worker(a: argparse.Namespace, sch: Schedule, n: int, wid: int) -> dict[str, 
     slots: list[list[Conn]] = [[] for _ in range(NSLOTS)]
     slot_len = a.interval / NSLOTS
     E = dict.fromkeys(ERRORS, 0)
-    C = {"pings": 0, "pongs": 0, "pings_total": 0, "pongs_total": 0, "missed": 0, "skipped_slots": 0}
+    C = {
+        "pings": 0,
+        "pongs": 0,
+        "pings_total": 0,
+        "pongs_total": 0,
+        "missed": 0,
+        "late_pongs": 0,
+        "skipped_slots": 0,
+    }
+    rtt_max = [0.0]  # the longest RTT over the deadline, whole run (rtt holds the window's only)
     rtt, conn_lat, detect, lag = array("d"), array("d"), array("d"), array("d")
     silent_idx: set[int] = set()
     if not closed_loop and a.silent_frac > 0:
@@ -232,6 +241,9 @@ def worker(a: argparse.Namespace, sch: Schedule, n: int, wid: int) -> dict[str, 
             t = c.out.popleft()
             st["outstanding"] -= 1
             C["pongs_total"] += 1
+            if now - t > a.deadline:  # answered, but later than a client would have waited
+                C["late_pongs"] += 1
+                rtt_max[0] = max(rtt_max[0], now - t)
             if closed_loop:
                 if ss <= now < se:
                     C["pongs"] += 1
@@ -402,6 +414,7 @@ def worker(a: argparse.Namespace, sch: Schedule, n: int, wid: int) -> dict[str, 
         "detect": detect.tobytes(),
         "lag": lag.tobytes(),
         "cpu_window_s": cpu_se - cpu_ss,
+        "late_rtt_max_s": rtt_max[0],
         "cpu_total_s": cpu_now() - cpu0,
     }
 
@@ -445,6 +458,7 @@ def merge(a: argparse.Namespace, sch: Schedule, parts: list[dict[str, Any]]) -> 
         "rtt_ms": summary(rtt, 1000.0),
         "connect_ms": summary(cl, 1000.0),
         "lag_ms": summary(lag, 1000.0),
+        "late_rtt_max_ms": round(1000.0 * max(r.get("late_rtt_max_s", 0.0) for r in parts), 1),
         "gen_cpu_pct": round(100.0 * sum(cpu_w) / window, 1) if window > 0 else None,
         "gen_cpu_max_proc_pct": round(100.0 * max(cpu_w) / window, 1) if window > 0 else None,
     }

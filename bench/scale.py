@@ -10,7 +10,8 @@ silent (their connections stay open) and the server must close each of them at i
 
 Measured, with the same clock as the generator's schedule:
 
-- connected, errors, missed pongs (a ping not answered within --deadline), false deaths (a
+- connected, errors, missed pongs (a ping not answered within --deadline, at any time of the run:
+  never answered, or answered later), false deaths (a
   pinging client that the server closed; and the server's own DOWN count against the silent ones);
 - detection time of the silent clients (from their last ping) against the timeout;
 - RSS per connection of all hbd processes together: (sum of VmRSS at the window's end - the same
@@ -313,6 +314,7 @@ def run(p: Plan, tmp: Path, min_free: int, log: Any = sys.stderr) -> dict[str, A
                     pids = srv.pids()
                     seen[name] = {
                         "t": now,
+                        "wall": time.time(),  # to place hbd's logged stalls
                         "cpu_s": procstat.tree_cpu_s(pids),
                         "cpu_by_proc_s": [procstat.cpu_s(q) for q in pids],  # the supervisor first
                         "mem": procstat.tree_status(pids),
@@ -369,7 +371,9 @@ def derive(rec: dict[str, Any]) -> dict[str, Any]:
         "gen_procs": p["gen_procs"],
         "connected": connected,
         "errors": sum(errors.values()),
-        "missed": g.get("missed"),
+        "missed": None if g.get("missed") is None else g["missed"] + g.get("late_pongs", 0),
+        "late_pongs": g.get("late_pongs"),
+        "late_rtt_max_ms": g.get("late_rtt_max_ms"),
         "pings": g.get("pings_total"),
         "false_deaths": false_client,
         "server_down": server_down,

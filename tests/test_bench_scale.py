@@ -54,6 +54,7 @@ def record() -> dict[str, Any]:
             "connected": 100_000,
             "errors": {"refused": 0, "closed_by_peer": 0, "reset": 0},
             "missed": 0,
+            "late_pongs": 0,
             "pings_total": 700_000,
             "rtt_ms": {"n": 200_000, "p99": 3.0, "max": 40.0},
             "gen_cpu_pct": 60.0,
@@ -100,6 +101,7 @@ def test_derive_of_a_run_that_held() -> None:
     "change",
     [
         lambda r: r["gen"].update(missed=1),
+        lambda r: r["gen"].update(late_pongs=1),  # answered, but after the deadline
         lambda r: r["gen"].update(connected=99_999),
         lambda r: r["gen"]["errors"].update(closed_by_peer=1),  # a pinging client closed: a false death
         lambda r: r["marks"]["before_end"]["counts"].update(DOWN=1001),  # the server saw one more DOWN
