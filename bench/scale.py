@@ -158,6 +158,16 @@ def _read(path: str) -> str:
         return ""
 
 
+def _commit() -> str:
+    """The code measured: HEAD, and ``+dirty`` when the work tree differs from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=servers.REPO, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "hbd"], cwd=servers.REPO).returncode
+    except OSError:
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
 def kernel() -> dict[str, int]:
     k = {**sockstat(_read("/proc/net/sockstat")), **meminfo(_read("/proc/meminfo"))}
     files = _read("/proc/sys/fs/file-nr").split()
@@ -270,7 +280,11 @@ def run(p: Plan, tmp: Path, min_free: int, log: Any = sys.stderr) -> dict[str, A
         )
     srv = servers.Running("hbd", proc, port, out, status_path=status)
     gen: subprocess.Popen[bytes] | None = None
-    rec: dict[str, Any] = {"plan": asdict(p), "loadavg_before": _read("/proc/loadavg").split()[:3]}
+    rec: dict[str, Any] = {
+        "plan": asdict(p),
+        "commit": _commit(),
+        "loadavg_before": _read("/proc/loadavg").split()[:3],
+    }
     try:
         if not servers.wait_ready(srv, 30.0):
             raise RuntimeError(f"hbd did not start: {srv.output_tail()}")
