@@ -431,10 +431,14 @@ def derive(rec: dict[str, Any]) -> dict[str, Any]:
         d["hwm_per_conn_b"] = round((end_mem["VmHWM"] - idle["VmHWM"]) / connected)
     if rec.get("min_mem_available") is not None:
         d["min_mem_available_gib"] = round(rec["min_mem_available"] / GiB, 2)
-    turns = (rec.get("end") or {}).get("turns") or (marks.get("before_end") or {}).get("turns")
+    # the run itself (to just before the generator hangs up), and its end: N disconnects at once
+    turns = (marks.get("before_end") or {}).get("turns")
     if turns:
         d["loop_turn_max_ms"] = turns["max_ms"]
         d["loop_turns_over_100ms"] = turns["over_100ms"]
+    end_turns = (rec.get("end") or {}).get("turns")
+    if end_turns:
+        d["loop_turn_max_with_teardown_ms"] = end_turns["max_ms"]
     det = d["detect_ms"] or {}
     d["detect_over_timeout_ms"] = None if det.get("max") is None else round(det["max"] - 1000 * p["timeout"], 1)
     d["held"] = bool(
@@ -453,7 +457,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     """A table of derived rows, one per run."""
     head = (
         "| N | interval | workers | connected | errors | missed pongs | false deaths (client / server) | silent"
-        " closed after (min-max, timeout) | RSS/conn (VmRSS, VmHWM) | hbd CPU | longest loop turn | TCP mem |"
+        " closed after (min-max, timeout) | RSS/conn (VmRSS, VmHWM) | hbd CPU | longest loop turn (with the"
+        " teardown) | kernel slab/conn |"
         " held |\n|" + "---|" * 13 + "\n"
     )
     lines = []
@@ -465,7 +470,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f" {d['missed']} | {d['false_deaths']} / {d['false_deaths_server']} |"
             f" {(d.get('detect_min_ms') or 0) / 1000:.3f}-{(det.get('max') or 0) / 1000:.3f} s ({d['timeout_s']:g} s) |"
             f" {d.get('rss_per_conn_b', '-')} B, {d.get('hwm_per_conn_b', '-')} B | {d.get('cpu_pct', '-')} % |"
-            f" {d.get('loop_turn_max_ms', '-')} ms | {k.get('tcp_mem_mib', '-')} MiB |"
+            f" {d.get('loop_turn_max_ms', '-')} ms ({d.get('loop_turn_max_with_teardown_ms', '-')} ms) |"
+            f" {k.get('slab_per_conn_b', '-')} B |"
             f" {'yes' if d['held'] else 'NO' + (': ' + d['aborted'] if d['aborted'] else '')} |"
         )
     return head + "\n".join(lines) + "\n"
@@ -484,7 +490,7 @@ def plot(results: Path, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    rows = [r["derived"] for f in sorted(results.glob("scale-*.jsonl")) for r in load(f)]
+    rows = [derive(r) for f in sorted(results.glob("scale-*.jsonl")) for r in load(f)]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for interval, colour in ((10.0, "tab:blue"), (60.0, "tab:green")):
         rs = sorted((d for d in rows if d["interval_s"] == interval and "rss_per_conn_b" in d), key=lambda d: d["n"])
@@ -515,7 +521,21 @@ def plot(results: Path, path: Path) -> bool:
     return True
 
 
-def main() -> None:
+def write_report(out: Path) -> None:
+    """scale-N.md from the raw records of scale-N.jsonl (derived again: the arithmetic may have
+    changed since), and the plot of every scale-*.jsonl next to it."""
+    recs = load(out)
+    for r in recs:
+        r["derived"] = derive(r)
+    n = recs[-1]["plan"]["n"]
+    out.with_suffix(".md").write_text(
+        f"# bench-scale, N = {n:,}\n\nRaw records: {out.name} (one line per run; `python3 -m bench.scale --render"
+        f" {out}` rewrites this table and the plot).\n\n" + markdown([r["derived"] for r in recs])
+    )
+    plot(out.parent, out.parent / "scale.png")
+
+
+def main_args(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("-n", type=int, default=100_000, help="clients (default 100000)")
     ap.add_argument("--interval", type=float, default=10.0, help="seconds between a client's pings (default 10)")
@@ -525,7 +545,12 @@ def main() -> None:
     ap.add_argument("--min-free", type=float, default=4.0, help="stop when MemAvailable falls under this (GiB)")
     ap.add_argument("--per-proc", type=int, default=PER_PROC, help=f"clients per process (default {PER_PROC})")
     ap.add_argument("--out", type=Path, default=None, help="default bench/results/scale-N.jsonl")
-    a = ap.parse_args()
+    ap.add_argument("--render", type=Path, nargs="*", help="no run: rewrite the .md and the plot of these .jsonl")
+    a = ap.parse_args(argv)
+    if a.render is not None:
+        for path in a.render:
+            write_report(path)
+        return
     p = plan(a.n, a.interval, a.timeout, a.rate, a.deadline, a.per_proc)
     print(
         f"bench.scale: {p.n} clients, ping every {p.interval:g} s, timeout {p.timeout:g} s, {p.workers} workers,"
@@ -540,12 +565,12 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a") as f:
         f.write(json.dumps(rec) + "\n")
-    out.with_suffix(".md").write_text(
-        f"# bench-scale, N = {p.n:,}\n\nRaw records: {out.name} (one line per run).\n\n"
-        + markdown([r["derived"] for r in load(out)])
-    )
-    plot(out.parent, out.parent / "scale.png")
+    write_report(out)
     print(json.dumps(rec["derived"]))
+
+
+def main() -> None:
+    main_args()
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import socket
 import threading
 from pathlib import Path
@@ -93,7 +94,8 @@ def test_derive_of_a_run_that_held() -> None:
     assert d["kernel"]["used_per_conn_b"] == round(2 * 2**30 / 100_000)
     assert d["kernel"]["tcp_mem_mib"] == 1.0
     assert d["detect_over_timeout_ms"] == 14.0
-    assert d["loop_turn_max_ms"] == 41.0
+    assert d["loop_turn_max_ms"] == 40.5  # to just before the generator hangs up
+    assert d["loop_turn_max_with_teardown_ms"] == 41.0
     assert d["min_mem_available_gib"] == 19.0
 
 
@@ -164,3 +166,13 @@ def test_status_head_reads_no_further_than_the_peer_list(tmp_path: Path) -> None
     srv.close()
     assert doc == {"counts": {"UP": 3, "DOWN": 1}, "loop": {"turns": None}}
     assert len(sent) < 10_000
+
+
+def test_render_rewrites_the_table_from_the_raw_records(tmp_path: Path) -> None:
+    out = tmp_path / "scale-100000.jsonl"
+    held, failed = record(), record()
+    failed["gen"]["missed"] = 5
+    out.write_text(json.dumps(held) + "\n" + json.dumps(failed) + "\n")
+    scale.main_args(["--render", str(out)])
+    md = (tmp_path / "scale-100000.md").read_text()
+    assert "N = 100,000" in md and md.count("| yes |") == 1 and md.count("| NO |") == 1
