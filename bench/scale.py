@@ -305,7 +305,8 @@ def run(p: Plan, tmp: Path, min_free: int, log: Any = sys.stderr) -> dict[str, A
             preexec_fn=lambda: servers._preexec(None),
             start_new_session=True,  # its workers are one process group: stopped together on abort
         )
-        marks = {"ss": sch.ss, "se": sch.se, "before_end": sch.end - 2.0}
+        ramp_end = start_at + p.n / p.rate
+        marks = {"start": start_at, "ramp_end": ramp_end, "ss": sch.ss, "se": sch.se, "before_end": sch.end - 2.0}
         seen: dict[str, dict[str, Any]] = {}
         peak: dict[str, int] = {}
         min_avail = None
@@ -405,6 +406,11 @@ def derive(rec: dict[str, Any]) -> dict[str, Any]:
     idle = rec.get("idle", {})
     if ss and se and connected:
         d["cpu_pct"] = round(100.0 * (se["cpu_s"] - ss["cpu_s"]) / (se["t"] - ss["t"]), 1)
+        r0, r1 = marks.get("start"), marks.get("ramp_end")
+        if r0 and r1 and len(r0["cpu_by_proc_s"]) == len(r1["cpu_by_proc_s"]):  # the ramp: greetings, registry, store
+            span = r1["t"] - r0["t"]
+            d["cpu_ramp_pct"] = round(100.0 * (r1["cpu_s"] - r0["cpu_s"]) / span, 1)
+            d["cpu_ramp_supervisor_pct"] = round(100.0 * (r1["cpu_by_proc_s"][0] - r0["cpu_by_proc_s"][0]) / span, 1)
         by0, by1 = ss.get("cpu_by_proc_s"), se.get("cpu_by_proc_s")
         if by0 and by1 and len(by0) == len(by1):
             pct = [round(100.0 * (b - a) / (se["t"] - ss["t"]), 1) for a, b in zip(by0, by1, strict=True)]
@@ -504,7 +510,9 @@ def plot(results: Path, path: Path) -> bool:
                 ax1.plot([d["n"]], [d["rss_per_conn_b"]], "x", ms=12, mew=2, color="black")
                 ax2.plot([d["n"]], [d["cpu_pct"]], "x", ms=12, mew=2, color="black")
     held = [d["n"] for d in rows if d["held"] and d["interval_s"] in (10.0, 60.0)]
+    top = max((d["n"] for d in rows), default=1)
     for ax in (ax1, ax2):
+        ax.set_xlim(0, top * 1.1)
         if held:
             ax.axvline(max(held), color="gray", ls=":", label=f"largest held: {max(held):,}")
         ax.set_xlabel("named clients N (hbd with workers, state store and history)")
