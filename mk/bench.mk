@@ -2,9 +2,9 @@
 #   make -f mk/bench.mk bench | bench-quick
 # bench        full run (about 11 min; 662 s in the committed run): N = 100..19000, writes bench/results/full.{jsonl,png} (committed)
 # bench-quick  CI-sized run (about 2 min): N = 100, 1000, writes bench/results/tmp/quick.{jsonl,png}
-# bench-scale  N named clients (default N=100000, about 5 min) pinging every INTERVAL s (default 10) against
+# bench-scale  N named clients (default N=100000, about 3 min) pinging every INTERVAL s (default 10) against
 #              hbd with workers, state store and history; writes bench/results/scale-N.{jsonl,md}, scale.png.
-#              Toward a million: make bench-scale N=400000 INTERVAL=60 SCALE_ARGS="--timeout 90 --rate 3000"
+#              Toward a million: make bench-scale N=250000 INTERVAL=60 SCALE_ARGS="--timeout 90 --rate 1500"
 #              Runs under flock $(BENCH_LOCK): one load run at a time on a shared machine.
 # They run on Debian's python3 and install what they miss with apt-get (root, or sudo):
 # python3-yaml for hbd itself, python3-matplotlib for the PNG (the run still works without it).
