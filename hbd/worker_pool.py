@@ -81,7 +81,10 @@ class Worker:
         self.pid = pid
         self.rfd = rfd  # its messages to us
         self.wfd = wfd  # ours to it (Reload)
-        self.outbuf = b""  # what the pipe to it did not take yet
+        # what the pipe to it did not take yet: a bytearray, because while a busy worker does not
+        # read, every mark is appended to it (bytes would copy the whole backlog per mark: at 150,000
+        # peers greeting, seconds of the supervisor's loop)
+        self.outbuf = bytearray()
         self.decoder = Decoder()
         self.last_seen = now
         self.ready = False
@@ -223,8 +226,10 @@ class WorkerPool:
 
     def send(self, w: Worker, msg: Message) -> None:
         """To a worker, never blocking: what its pipe does not take now is written when it can."""
+        waiting = bool(w.outbuf)
         w.outbuf += encode(msg)
-        self._flush(w)
+        if not waiting:  # else the pipe is full and _flush runs when it takes more
+            self._flush(w)
 
     def _flush(self, w: Worker) -> None:
         try:
@@ -232,8 +237,8 @@ class WorkerPool:
         except BlockingIOError:
             sent = 0
         except OSError:  # it is gone: reap() forgets it
-            sent, w.outbuf = 0, b""
-        w.outbuf = w.outbuf[sent:]
+            sent = len(w.outbuf)
+        del w.outbuf[:sent]
         if w.outbuf:
             self.loop.add_writer(w.wfd, lambda: self._flush(w))
         else:
