@@ -130,7 +130,7 @@ def worker(a: argparse.Namespace, sch: Schedule, n: int, wid: int) -> dict[str, 
     addr = loopback_addr(a.host, a.port)
     # Our own source address per worker: a run's 19000 ports in TIME_WAIT would otherwise crowd
     # the next run (same port range, 28k ports) and slow its connect()s down.
-    src = loopback_addr(f"{a.src_net}.{wid + 1}", 0)[0] if a.src_net else None
+    src = loopback_addr(f"{a.src_net}.{wid + 1}", 0)[0] if a.src_net and not a.src_per else None
     rate = a.rate / a.procs
     ep = select.epoll()
     conns: dict[int, Conn] = {}
@@ -139,7 +139,16 @@ def worker(a: argparse.Namespace, sch: Schedule, n: int, wid: int) -> dict[str, 
     slots: list[list[Conn]] = [[] for _ in range(NSLOTS)]
     slot_len = a.interval / NSLOTS
     E = dict.fromkeys(ERRORS, 0)
-    C = {"pings": 0, "pongs": 0, "pings_total": 0, "pongs_total": 0, "missed": 0, "skipped_slots": 0}
+    C = {
+        "pings": 0,
+        "pongs": 0,
+        "pings_total": 0,
+        "pongs_total": 0,
+        "missed": 0,
+        "late_pongs": 0,
+        "skipped_slots": 0,
+    }
+    rtt_max = [0.0]  # the longest RTT over the deadline, whole run (rtt holds the window's only)
     rtt, conn_lat, detect, lag = array("d"), array("d"), array("d"), array("d")
     silent_idx: set[int] = set()
     if not closed_loop and a.silent_frac > 0:
@@ -232,6 +241,9 @@ def worker(a: argparse.Namespace, sch: Schedule, n: int, wid: int) -> dict[str, 
             t = c.out.popleft()
             st["outstanding"] -= 1
             C["pongs_total"] += 1
+            if now - t > a.deadline:  # answered, but later than a client would have waited
+                C["late_pongs"] += 1
+                rtt_max[0] = max(rtt_max[0], now - t)
             if closed_loop:
                 if ss <= now < se:
                     C["pongs"] += 1
@@ -266,7 +278,10 @@ def worker(a: argparse.Namespace, sch: Schedule, n: int, wid: int) -> dict[str, 
                 E["fd_exhausted" if e.errno in (errno.EMFILE, errno.ENFILE) else "connect_error"] += 1
                 continue
             s.setblocking(False)
-            if src is not None:
+            if a.src_per:  # SRC_NET.(worker+1).(k+1): a few ports per address keeps connect()'s port search short
+                s.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                s.bind((f"{a.src_net}.{wid + 1}.{idx // a.src_per + 1}", 0))
+            elif src is not None:
                 s.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)  # port chosen at connect()
                 s.bind((src, 0))
             c = Conn(s, mono())
@@ -399,6 +414,7 @@ def worker(a: argparse.Namespace, sch: Schedule, n: int, wid: int) -> dict[str, 
         "detect": detect.tobytes(),
         "lag": lag.tobytes(),
         "cpu_window_s": cpu_se - cpu_ss,
+        "late_rtt_max_s": rtt_max[0],
         "cpu_total_s": cpu_now() - cpu0,
     }
 
@@ -442,6 +458,7 @@ def merge(a: argparse.Namespace, sch: Schedule, parts: list[dict[str, Any]]) -> 
         "rtt_ms": summary(rtt, 1000.0),
         "connect_ms": summary(cl, 1000.0),
         "lag_ms": summary(lag, 1000.0),
+        "late_rtt_max_ms": round(1000.0 * max(r.get("late_rtt_max_s", 0.0) for r in parts), 1),
         "gen_cpu_pct": round(100.0 * sum(cpu_w) / window, 1) if window > 0 else None,
         "gen_cpu_max_proc_pct": round(100.0 * max(cpu_w) / window, 1) if window > 0 else None,
     }
@@ -455,6 +472,7 @@ def merge(a: argparse.Namespace, sch: Schedule, parts: list[dict[str, Any]]) -> 
             "detected": len(det),
             "undetected": sum(r["undetected"] for r in parts),
             "detect_ms": summary(det, 1000.0, 1),
+            "detect_min_ms": round(min(det) * 1000.0, 1) if det else None,
         }
     return out
 
@@ -538,6 +556,12 @@ def parser() -> argparse.ArgumentParser:
         "--cpus", type=lambda s: {int(x) for x in s.split(",")}, default=None, help="pin workers to these CPUs, e.g. 1"
     )
     ap.add_argument("--src-net", default=None, help="bind worker i to source address SRC_NET.(i+1), e.g. 127.1.7")
+    ap.add_argument(
+        "--src-per",
+        type=int,
+        default=0,
+        help="with a two-part --src-net (127.A): connection k of worker i binds to 127.A.(i+1).(k/SRC_PER+1)",
+    )
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument(
         "--hello", default=None, metavar="PREFIX", help="greet each conn as `hello PREFIX<worker>-<k>` before its pings"
@@ -549,6 +573,8 @@ def main() -> None:
     a = parser().parse_args()
     if a.conns < 1 or a.interval <= 0 or a.duration < 0 or a.deadline <= 0:
         sys.exit("loadgen: bad arguments")
+    if a.src_per and (not a.src_net or a.procs > 254 or a.conns / a.procs / a.src_per > 254):
+        sys.exit("loadgen: --src-per needs --src-net 127.A and at most 254 workers and addresses per worker")
     print(json.dumps(run(a)), flush=True)
 
 

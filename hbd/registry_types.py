@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import re
-from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass
 from enum import Enum
@@ -177,7 +176,7 @@ class Peer:
         self.key: Key | None = None  # its connection, once it pinged on one
         self.rising = 0  # on-time pings counted while it rises from DOWN (0: not rising)
         self.flapping = False
-        self.changes: deque[float] | None = None  # recent state changes (flap detection), made on first use
+        self.changes: tuple[float, ...] | None = None  # recent state changes (flap detection)
         self.grace = float("inf")  # NEW: DOWN "never connected" at this time
         self.filed = float("inf")  # when its live entry in the deadline heap is due
 

@@ -227,8 +227,10 @@ class WorkerPool:
 
     def send(self, w: Worker, msg: Message) -> None:
         """To a worker, never blocking: what its pipe does not take now is written when it can."""
+        waiting = bool(w.outbuf)
         w.outbuf += encode(msg)
-        self._flush(w)
+        if not waiting:  # else the pipe is full and _flush runs when it takes more
+            self._flush(w)
 
     def _flush(self, w: Worker) -> None:
         try:

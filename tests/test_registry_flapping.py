@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from hbd.registry_flapping import FlapDetector
 from hbd.registry_types import Peer, PeerStatus
 
@@ -50,3 +52,14 @@ def test_stable_after_a_whole_window_without_a_change() -> None:
     assert flaps.settle(p, 65.0)
     assert not p.flapping and not p.changes and flaps.stable_at(p) == float("inf")
     assert not flaps.settle(p, 1000.0)  # once
+
+
+def test_the_history_costs_little_memory_per_peer() -> None:
+    """Every peer records its first change (NEW -> UP): at 100,000 peers a deque (a 64-slot block,
+    about 760 bytes with its first entry) was more than half of the registry's memory."""
+    flaps, p = FlapDetector(5, 60.0), peer()
+    flaps.record(p, 1.0)
+    assert sys.getsizeof(p.changes) < 100
+    for t in range(2, 10):
+        flaps.record(p, float(t))
+    assert sys.getsizeof(p.changes) < 150  # at most threshold + 1 times

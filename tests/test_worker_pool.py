@@ -1,0 +1,47 @@
+"""hbd.worker_pool on its own: the supervisor's writes to a worker that does not read."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from hbd.loop import EventLoop
+from hbd.worker_pool import Worker, WorkerPool
+from hbd.workers_codec import Decoder, PeerMark
+
+
+def mark(i: int) -> PeerMark:
+    return PeerMark(i, f"c1x{i}", True, "UP", 1.0e9 + i, "first ping", False, [], [], None)
+
+
+def test_a_worker_that_does_not_read_costs_the_supervisor_linear_time() -> None:
+    """40,000 marks (about 5 MB) to a worker whose pipe is full: each is appended, not the whole
+    backlog copied per mark (that was quadratic: seconds of the supervisor's loop at 150,000
+    peers); all arrive, in order, once the worker reads."""
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    loop = EventLoop()
+    pool = WorkerPool(loop, None, lambda *a: None, lambda: None)  # type: ignore[arg-type]
+    worker = Worker(1, 0, -1, w, 0.0)
+    try:
+        start = time.process_time()
+        for i in range(40_000):
+            pool.send(worker, mark(i))
+        took = time.process_time() - start
+        assert len(worker.outbuf) > 4_000_000  # the pipe (64 KB) took little: the rest waits
+        assert took < 3.0, f"{took:.2f} s of CPU for 40,000 marks"  # bytes: about 40 s here
+        got: list[int] = []
+        dec = Decoder(down=True)
+        os.set_blocking(r, False)
+        while len(got) < 40_000:
+            try:
+                data = os.read(r, 1 << 20)
+            except BlockingIOError:
+                pool._flush(worker)  # what the loop's writer callback does when the pipe has room
+                continue
+            got += [m.conn for m in dec.feed(data)]
+        assert got == list(range(40_000)) and not worker.outbuf
+    finally:
+        os.close(r)
+        os.close(w)
+        loop.close()
