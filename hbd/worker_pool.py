@@ -41,6 +41,7 @@ from hbd.workers_codec import (
 
 READY_TIMEOUT = 10.0  # a worker that does not listen within this is a start-up failure
 HANG_AFTER = 10.0  # a worker silent this long (it reports every second) is killed and restarted
+STALL_GAP = 3.0  # hang checks (about one a second) this far apart: the supervisor itself stalled
 RESTART_DELAY = 1.0
 STOP_TIMEOUT = 5.0
 MAX_OUTBUF = 1 << 20  # bytes queued for one worker past which the registry's orders to it are dropped
@@ -107,6 +108,7 @@ class WorkerPool:
         self.stopping = False
         self.peers: Peers | None = None  # the peer registry the workers report to
         self.orders_dropped = 0  # orders to a worker whose pipe was full (it is hung: it will be restarted)
+        self._checked_at: float | None = None  # our own last hang check (its gap: how long we stalled)
 
     def by_index(self) -> list[Worker]:
         return sorted(self.workers.values(), key=lambda w: w.index)
@@ -293,8 +295,15 @@ class WorkerPool:
                 pass
 
     def check_hung(self) -> None:
-        """Kill a ready worker that stopped reporting for HANG_AFTER (reap() restarts it)."""
+        """Kill a ready worker that stopped reporting for HANG_AFTER (reap() restarts it). Called about
+        once a second; after a longer gap it is we who stalled, not reading the pipes meanwhile: the
+        workers' silence is ours, so each gets HANG_AFTER afresh (as clients are forgiven our stall)."""
         now = self.loop.time()
+        checked, self._checked_at = self._checked_at, now
+        if checked is not None and now - checked > STALL_GAP:
+            for w in self.workers.values():
+                w.last_seen = max(w.last_seen, now)
+            return
         for w in list(self.workers.values()):
             if w.ready and now - w.last_seen > HANG_AFTER:
                 log.error(

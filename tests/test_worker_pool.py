@@ -6,7 +6,7 @@ import os
 import time
 
 from hbd.loop import EventLoop
-from hbd.worker_pool import Worker, WorkerPool
+from hbd.worker_pool import HANG_AFTER, Worker, WorkerPool
 from hbd.workers_codec import Decoder, PeerMark
 
 
@@ -45,3 +45,34 @@ def test_a_worker_that_does_not_read_costs_the_supervisor_linear_time() -> None:
         os.close(r)
         os.close(w)
         loop.close()
+
+
+def test_a_worker_silent_past_hang_after_is_killed_but_not_for_the_supervisors_own_stall(
+    vloop, vclock, monkeypatch
+) -> None:
+    """Checked every second, a worker that stops reporting is killed after HANG_AFTER; when the
+    supervisor's own loop stalled past HANG_AFTER (it read no pipe meanwhile) nobody is killed: each
+    worker gets HANG_AFTER afresh from the end of the stall."""
+    import hbd.worker_pool as worker_pool
+
+    killed: list[int] = []
+    monkeypatch.setattr(worker_pool, "kill", lambda pid, sig: killed.append(pid))
+    pool = WorkerPool(vloop, None, lambda *a: None, lambda: None)  # type: ignore[arg-type]
+    a, b = Worker(1, 101, -1, -1, vclock.now), Worker(2, 102, -1, -1, vclock.now)
+    a.ready = b.ready = True
+    pool.workers = {101: a, 102: b}
+
+    def seconds(n: int, reporting: list[Worker]) -> None:
+        for _ in range(n):
+            vclock.advance(1.0)
+            for w in reporting:
+                w.last_seen = vclock.now
+            pool.check_hung()
+
+    seconds(3, [a, b])
+    vclock.advance(HANG_AFTER + 13)  # our own stall of 23 s: neither pipe read meanwhile
+    pool.check_hung()
+    seconds(int(HANG_AFTER) - 1, [a, b])
+    assert killed == []
+    seconds(int(HANG_AFTER) + 2, [a])  # b really stops reporting
+    assert killed == [102]
