@@ -155,23 +155,30 @@ def peers_fragment(view: ServerView) -> Reply:
         first = False
 
 
-def supervisor_document(
-    view: SupervisorView, loop: EventLoop, control_path: str | None, wake: Callable[[], None]
-) -> Reply:
-    """Relay every worker's peers into one document, one worker at a time, without blocking; then
-    the registry's peers that no worker holds."""
-    clock = Clock(view.daemon.now)
+def supervisor_head(view: SupervisorView, clock: Clock) -> dict[str, object]:
+    """The supervisor's document without its peers: the server's head, its workers, and the loop turns
+    of every process together (as in the metrics)."""
     doc = server_head(view, clock)
     doc["workers"] = [
         {"index": w.index, "pid": w.pid, "clients": w.clients, "late": w.late}
         | ({"loop": loop_doc(w.numbers.loop)} if w.numbers is not None else {})
         for w in view.workers
     ]
-    turns = view.daemon.loop.turns  # every process's turns together, as in the metrics
+    turns = view.daemon.loop.turns
     for w in view.workers:
         if w.numbers is not None:
             turns = turns.plus(w.numbers.loop.turns)
     doc["loop"] = loop_doc(view.daemon.loop, turns)
+    return doc
+
+
+def supervisor_document(
+    view: SupervisorView, loop: EventLoop, control_path: str | None, wake: Callable[[], None]
+) -> Reply:
+    """Relay every worker's peers into one document, one worker at a time, without blocking; then
+    the registry's peers that no worker holds."""
+    clock = Clock(view.daemon.now)
+    doc = supervisor_head(view, clock)
     yield _dumps(doc)[:-1].encode() + b',"peers":['
     wrote = False
     for chunk in relay_peers(view, loop, control_path, wake):

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 from hbd.control import Reply
 from hbd.loop import EventLoop
-from hbd.status import Clock, _dumps, _Relay, loop_doc, peer_doc, server_head
+from hbd.status import Clock, _dumps, _Relay, peer_doc, server_head, supervisor_head
 from hbd.status_filter import SortKey, StatusFilter, sort_key
 from hbd.view import PeerRow, PeerSource, ServerView, SupervisorView
 
@@ -159,17 +159,7 @@ def supervisor_select(
     """The supervisor's document: every worker's rows for ``flt`` and its own (the peers no worker
     holds), one worker at a time, never waiting on one."""
     clock = Clock(view.daemon.now)
-    doc = server_head(view, clock)
-    doc["workers"] = [
-        {"index": w.index, "pid": w.pid, "clients": w.clients, "late": w.late}
-        | ({"loop": loop_doc(w.numbers.loop)} if w.numbers is not None else {})
-        for w in view.workers
-    ]
-    turns = view.daemon.loop.turns  # every process's turns together, as in the metrics
-    for w in view.workers:
-        if w.numbers is not None:
-            turns = turns.plus(w.numbers.loop.turns)
-    doc["loop"] = loop_doc(view.daemon.loop, turns)
+    doc = supervisor_head(view, clock)
     yield _dumps(doc)[:-1].encode() + b',"peers":['
     tally = Tally()
     request = worker_request(flt)
