@@ -110,12 +110,10 @@ def _tail(flt: StatusFilter, tally: Tally, counts: bool) -> bytes:
     return b"]," + _dumps(tail)[1:].encode() + b"\n"
 
 
-def server_select(view: ServerView, flt: StatusFilter, loop: EventLoop, wake: Callable[[], None]) -> Reply:
-    """One process's document: its head, the rows ``flt`` keeps, then how many matched."""
-    clock = Clock(view.daemon.now)
-    head = server_head(view, clock)
-    yield _dumps(head)[:-1].encode() + b',"peers":['
-    tally = Tally()
+def _kept_rows(
+    view: ServerView, flt: StatusFilter, loop: EventLoop, wake: Callable[[], None], clock: Clock, tally: Tally
+) -> Iterator[bytes | None]:
+    """The rows ``flt`` keeps, comma-separated, a scan's slice per loop turn (None: on the next one)."""
     first = True
     for batch in scan(view.sources, flt, tally):
         if batch is None:
@@ -125,6 +123,15 @@ def server_select(view: ServerView, flt: StatusFilter, loop: EventLoop, wake: Ca
         text = _rows_text(batch, clock)
         yield (text if first else "," + text).encode()
         first = False
+
+
+def server_select(view: ServerView, flt: StatusFilter, loop: EventLoop, wake: Callable[[], None]) -> Reply:
+    """One process's document: its head, the rows ``flt`` keeps, then how many matched."""
+    clock = Clock(view.daemon.now)
+    head = server_head(view, clock)
+    yield _dumps(head)[:-1].encode() + b',"peers":['
+    tally = Tally()
+    yield from _kept_rows(view, flt, loop, wake, clock, tally)
     yield _tail(flt, tally, "counts" not in head)
 
 
@@ -133,15 +140,7 @@ def worker_select(view: ServerView, flt: StatusFilter, loop: EventLoop, wake: Ca
     ``{"matched": N}`` (a row never holds a raw newline: JSON escapes it)."""
     clock = Clock(view.daemon.now)
     tally = Tally()
-    first = True
-    for batch in scan(view.sources, flt, tally):
-        if batch is None:
-            loop.call_later(0, wake)
-            yield None
-            continue
-        text = _rows_text(batch, clock)
-        yield (text if first else "," + text).encode()
-        first = False
+    yield from _kept_rows(view, flt, loop, wake, clock, tally)
     yield b"\n" + _dumps({"matched": tally.matched}).encode() + b"\n"
 
 
