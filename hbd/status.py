@@ -197,23 +197,16 @@ def relay_peers(
     """The workers' peer objects, comma-separated across workers (None: waiting for one)."""
     wrote = False
     for w in view.workers:
-        relay = _Relay(loop, f"{control_path}.{w.index}", wake)
-        try:
-            first = True
-            while True:
-                chunk = relay.take()
-                if chunk is None:
-                    yield None
-                    continue
-                if not chunk:
-                    break
-                if first and wrote:
-                    chunk = b"," + chunk
-                first = False
-                wrote = True
-                yield chunk
-        finally:
-            relay.close()
+        first = True
+        for chunk in _Relay(loop, f"{control_path}.{w.index}", wake).chunks():
+            if chunk is None:
+                yield None
+                continue
+            if first and wrote:
+                chunk = b"," + chunk
+            first = False
+            wrote = True
+            yield chunk
 
 
 class _Relay:
@@ -261,6 +254,14 @@ class _Relay:
                 self.loop.add_reader(self.sock, self._on_read)
             return data
         return b"" if self.eof else None
+
+    def chunks(self) -> Iterator[bytes | None]:
+        """What arrives, chunk by chunk (None: nothing yet) up to the end; closed when done or dropped."""
+        try:
+            while (chunk := self.take()) != b"":
+                yield chunk
+        finally:
+            self.close()
 
     def close(self) -> None:
         if self.sock is not None:

@@ -194,13 +194,10 @@ def _relayed(
     relay = path if isinstance(path, _Relay) else _Relay(loop, path, wake, request)
     trailer: bytes | None = None
     try:
-        while True:
-            chunk = relay.take()
+        for chunk in relay.chunks():
             if chunk is None:
                 yield None
                 continue
-            if not chunk:
-                break
             if trailer is not None:
                 trailer += chunk
                 if len(trailer) > MAX_TRAILER:
@@ -213,7 +210,7 @@ def _relayed(
             if chunk:
                 yield chunk
     finally:
-        relay.close()
+        relay.close()  # ended or left early (its socket closed either way)
     tally.matched += _matched(trailer)
 
 

@@ -69,25 +69,18 @@ def last_pings(
     """Every worker's connected peers -> when each last pinged (wall clock), as the lines arrive."""
     out: dict[str, float] = {}
     for w in view.workers:
-        relay = _Relay(loop, f"{control_path}.{w.index}", wake, b"pings\n")
         rest = b""
-        try:
-            while True:
-                chunk = relay.take()
-                if chunk is None:
-                    yield None
-                    continue
-                if not chunk:
-                    break
-                data = rest + chunk
-                end = data.rfind(b"\n")
-                rest = data[end + 1 :]
-                if len(rest) > MAX_PARTIAL:
-                    break
-                if end >= 0:
-                    _take(data[:end], out)
-        finally:
-            relay.close()
+        for chunk in _Relay(loop, f"{control_path}.{w.index}", wake, b"pings\n").chunks():
+            if chunk is None:
+                yield None
+                continue
+            data = rest + chunk
+            end = data.rfind(b"\n")
+            rest = data[end + 1 :]
+            if len(rest) > MAX_PARTIAL:
+                break
+            if end >= 0:
+                _take(data[:end], out)
     return out
 
 
