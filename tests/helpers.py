@@ -9,9 +9,11 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from hbd.access import Network
 from hbd.control import query
 
 T = TypeVar("T")
@@ -99,3 +101,13 @@ def wait_until(predicate: Callable[[], T], timeout: float = 10.0) -> T:
             return value
         time.sleep(0.05)
     raise AssertionError("condition not met in time")
+
+
+@dataclass(frozen=True)
+class Exp:
+    """An expected peer as the registry reads one from the configuration (hbd.peers_config.ExpectedPeer's shape)."""
+
+    name: str
+    address: Network | None = None
+    timeout: float | None = None
+    labels: tuple[tuple[str, str], ...] = ()

@@ -5,11 +5,10 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
-from dataclasses import dataclass
 
 import pytest
+from helpers import Exp
 
-from hbd.access import Network
 from hbd.registry import (
     Close,
     Log,
@@ -25,14 +24,6 @@ from hbd.registry import (
 
 T0 = 1000.0
 WALL = 1_700_000_000.0
-
-
-@dataclass(frozen=True)
-class Exp:
-    name: str
-    address: Network | None = None
-    timeout: float | None = None
-    labels: tuple[tuple[str, str], ...] = ()
 
 
 def settings(**kw: object) -> RegistrySettings:

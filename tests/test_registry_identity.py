@@ -3,19 +3,11 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
 
-from hbd.access import Network
+from helpers import Exp
+
 from hbd.registry_identity import AddressBook, Admission, show_address
 from hbd.registry_types import Close, Expected, Peer, PeerStatus, RegistrySettings
-
-
-@dataclass(frozen=True)
-class Exp:
-    name: str
-    address: Network | None = None
-    timeout: float | None = None
-    labels: tuple[tuple[str, str], ...] = ()
 
 
 def admission(peers: dict[str, Peer] | None = None, *exp: Expected, **kw: object) -> Admission:

@@ -4,23 +4,14 @@ that applying it in slices, whatever their size, ends where a registry built fro
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
 
+from helpers import Exp
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hbd.access import Network
 from hbd.registry import PeerStatus, Registry, RegistrySettings, plan_expected
 
 T0 = 1000.0
-
-
-@dataclass(frozen=True)
-class Exp:
-    name: str
-    address: Network | None = None
-    timeout: float | None = None
-    labels: tuple[tuple[str, str], ...] = ()
 
 
 def by_name(*peers: Exp) -> dict[str, Exp]:

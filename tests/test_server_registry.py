@@ -6,25 +6,16 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
-from dataclasses import dataclass
 
 import pytest
+from helpers import Exp
 from virtual_time import run_until
 
-from hbd.access import Network
 from hbd.config import ServerConfig
 from hbd.logs import log
 from hbd.protocol import PeerState
 from hbd.registry import RegistrySettings
 from hbd.server import Server
-
-
-@dataclass(frozen=True)
-class Exp:
-    name: str
-    address: Network | None = None
-    timeout: float | None = None
-    labels: tuple[tuple[str, str], ...] = ()
 
 
 @pytest.fixture
