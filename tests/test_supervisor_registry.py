@@ -359,3 +359,39 @@ def test_a_reloads_marks_go_down_a_slice_per_turn_and_wait_while_a_workers_pipe_
     assert worker_rows == {n: (("site", "b"),) for n in names}
     for s in socks:
         s.close()
+
+
+def _cost_per_change(vloop, vclock, n: int, changes: int = 2000) -> float:
+    """Seconds (process time) per state change report (LATE, then back) with ``n`` peers connected."""
+    import time
+
+    sent: list[PeerOrder] = []
+    sup = SupervisorRegistry(
+        vloop,
+        RegistrySettings(heartbeat_timeout=90.0, max_peers=n + 10),
+        (),
+        _peer_log(vloop),
+        SimpleNamespace(event=lambda *a, **k: None, count=lambda *a, **k: None),  # type: ignore[arg-type]
+        lambda index, order: sent.append(order),
+    )
+    for c in range(n):
+        sup.report(c % 4, PeerHello(c, f"c{c}", None, "127.0.0.1:1"))
+        sup.report(c % 4, PeerConnected(c, f"c{c}", None, "127.0.0.1:1", 90.0))
+    vclock.advance(50.0)
+    sent.clear()
+    started = time.process_time()
+    for c in range(changes // 2):
+        sup.report(c % 4, PeerLate(c))
+        sup.report(c % 4, PeerBack(c))
+    took = time.process_time() - started
+    assert len(sent) == changes  # a mark per change: the registry took every one
+    sup.close()
+    return took / changes
+
+
+def test_a_state_change_costs_the_supervisor_the_same_at_any_number_of_peers(vloop, vclock) -> None:
+    """bench-scale's push to 250,000 (issue 14): every peer went LATE and back once a ping interval,
+    N/30 changes a second; a cost per change growing with N would make that quadratic."""
+    small = min(_cost_per_change(vloop, vclock, 1000) for _ in range(2))
+    large = _cost_per_change(vloop, vclock, 30_000)
+    assert large < 4 * small + 50e-6, (small, large)  # generous: a shared, loaded machine
