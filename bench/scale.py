@@ -585,6 +585,13 @@ def main_args(argv: list[str] | None = None) -> None:
         file=sys.stderr,
         flush=True,
     )
+    if p.timeout < 2 * p.interval:  # hbd calls a peer LATE after half its timeout without a ping
+        print(
+            f"bench.scale: timeout {p.timeout:g} s < 2 x interval: every client goes LATE and back once an interval"
+            f" ({p.n / p.interval * 2:.0f} state changes a second for hbd's supervisor)",
+            file=sys.stderr,
+            flush=True,
+        )
     with tempfile.TemporaryDirectory(prefix="hbd-scale-") as d:
         rec = run(p, Path(d), int(a.min_free * GiB))
     rec["derived"] = derive(rec)
