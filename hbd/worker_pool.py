@@ -75,6 +75,7 @@ class Worker:
         "reload",
         "rfd",
         "wfd",
+        "writing",
     )
 
     def __init__(self, index: int, pid: int, rfd: int, wfd: int, now: float) -> None:
@@ -83,6 +84,7 @@ class Worker:
         self.rfd = rfd  # its messages to us
         self.wfd = wfd  # ours to it (Reload)
         self.outbuf = bytearray()  # what the pipe to it did not take yet (appended in place: O(1) a frame)
+        self.writing = False  # a writer callback is registered for wfd (set and dropped once, not per message)
         self.decoder = Decoder()
         self.last_seen = now
         self.ready = False
@@ -242,7 +244,10 @@ class WorkerPool:
         except OSError:  # it is gone: reap() forgets it
             sent = len(w.outbuf)
         del w.outbuf[:sent]
-        if w.outbuf:
+        if bool(w.outbuf) is w.writing:
+            return
+        w.writing = bool(w.outbuf)
+        if w.writing:
             self.loop.add_writer(w.wfd, lambda: self._flush(w))
         else:
             self.loop.remove_writer(w.wfd)
