@@ -12,7 +12,6 @@ accounts of peers the registry forgot are swept once they outnumber the known on
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Container, Iterable, Sequence
 
 WINDOW = 86400.0  # seconds: the uptime's window (`hbd status` UPTIME 24h)
@@ -29,7 +28,16 @@ class Account:
     def __init__(self) -> None:
         self.outages = 0
         self.down = 0.0  # seconds DOWN, not counting the current state
-        self.spans: deque[tuple[float, str]] = deque(maxlen=MAX_SPANS)
+        # A list, trimmed to MAX_SPANS by hand: a deque(maxlen=...) costs ~600 B even with one span,
+        # and there is an Account per peer (in the supervisor and, copied, in its worker).
+        self.spans: list[tuple[float, str]] = []
+
+    def add(self, span: tuple[float, str]) -> None:
+        """Append a state, dropping the oldest beyond MAX_SPANS (O(MAX_SPANS) only when full)."""
+        spans = self.spans
+        spans.append(span)
+        if len(spans) > MAX_SPANS:
+            del spans[0]
 
     def down_seconds(self, now: float) -> float:
         if self.spans and self.spans[-1][1] == "DOWN":
@@ -62,7 +70,7 @@ class Account:
         acc.outages, acc.down = outages, down
         for span in spans:
             if len(span) == 2 and isinstance(span[0], int | float) and isinstance(span[1], str):
-                acc.spans.append((float(span[0]), span[1]))
+                acc.add((float(span[0]), span[1]))
         return acc
 
 
@@ -86,9 +94,9 @@ class Uptime:
                 acc.down += max(0.0, now - start)
         if new == "DOWN":
             acc.outages += 1
-        spans.append((now, new))
+        acc.add((now, new))
         while len(spans) > 1 and spans[1][0] <= now - WINDOW:  # the first span ends before the window
-            spans.popleft()
+            del spans[0]
 
     def uptime(self, name: str, now: float) -> float | None:
         """Percent of the known time in the last WINDOW that ``name`` was UP or LATE; None if none known."""
