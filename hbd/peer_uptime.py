@@ -12,6 +12,7 @@ accounts of peers the registry forgot are swept once they outnumber the known on
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Container, Iterable, Sequence
 
 WINDOW = 86400.0  # seconds: the uptime's window (`hbd status` UPTIME 24h)
@@ -70,7 +71,7 @@ class Account:
         acc.outages, acc.down = outages, down
         for span in spans:
             if len(span) == 2 and isinstance(span[0], int | float) and isinstance(span[1], str):
-                acc.add((float(span[0]), span[1]))
+                acc.add((float(span[0]), sys.intern(span[1])))  # one "UP" for all, not one per copy
         return acc
 
 

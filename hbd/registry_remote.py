@@ -13,8 +13,10 @@ supervisor's; the connection's own lines (timed out, late, back) are logged here
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 from hbd import tls
 from hbd.connection import Connection
@@ -40,6 +42,52 @@ from hbd.workers_codec import (
 )
 
 
+class Mark:
+    """What a worker keeps of a PeerMark: what its rows show, and the peer's account. One per
+    connection (100,000 of them): the flags and labels are shared between equal marks, the name
+    with the connection's own when they are equal, and the message's lists are not kept."""
+
+    __slots__ = (
+        "account",
+        "expected",
+        "flags",
+        "labels",
+        "named",
+        "peer",
+        "reason",
+        "silenced_until",
+        "since",
+        "state",
+    )
+
+    def __init__(self, msg: PeerMark, name: str | None, shared: dict[object, object]) -> None:
+        self.peer = name if name == msg.peer and name is not None else msg.peer
+        self.named = msg.named
+        self.state = sys.intern(msg.state)
+        self.since = msg.since
+        self.reason = msg.reason
+        self.expected = msg.expected
+        self.silenced_until = msg.silenced_until
+        self.flags: frozenset[str] = _shared(shared, frozenset(msg.flags))
+        self.labels: tuple[tuple[str, str], ...] = _shared(shared, tuple((k, v) for k, v in msg.labels))
+        self.account = Account.of(msg.outages, msg.down, msg.spans)
+
+
+_T = TypeVar("_T")
+MAX_SHARED = 4096  # distinct flag sets and label tuples kept for sharing (the config's: few)
+
+
+def _shared(shared: dict[object, object], value: _T) -> _T:
+    """The one copy of ``value`` kept (equal marks' flags and labels are one object)."""
+    kept = shared.get(value)
+    if kept is not None:
+        return kept  # type: ignore[return-value]  # equal values are of one type here
+    if len(shared) >= MAX_SHARED:
+        shared.clear()
+    shared[value] = value
+    return value
+
+
 class RemotePeers:
     """The worker's registry stand-in (hbd.server_report's ``Peers``, plus ``hello``, ``closed``,
     ``order`` and ``rows``). Its tables hold open connections only (``closed`` drops them)."""
@@ -63,8 +111,8 @@ class RemotePeers:
         self.ids: dict[Connection, int] = {}
         self.conns: dict[int, Connection] = {}
         self.reported: set[int] = set()  # connections the registry was told of (their first ping)
-        self.marks: dict[int, PeerMark] = {}
-        self.accounts: dict[int, Account] = {}  # the registry's accounting of each marked peer
+        self.marks: dict[int, Mark] = {}  # with the registry's accounting of each marked peer
+        self.shared: dict[object, object] = {}  # the marks' flags and labels, one copy of each
         self.watched: set[int] = set()
         self.known: set[int] = set()  # greeted as a known peer, not pinged yet: the registry's row shows it
 
@@ -125,7 +173,6 @@ class RemotePeers:
             del self.conns[cid]
             self.reported.discard(cid)
             self.marks.pop(cid, None)
-            self.accounts.pop(cid, None)
             self.watched.discard(cid)
             self.known.discard(cid)
 
@@ -135,8 +182,8 @@ class RemotePeers:
         if conn is None or not self.is_open(conn):
             return  # closed meanwhile
         if isinstance(msg, PeerMark):
-            self.marks[msg.conn] = msg
-            self.accounts[msg.conn] = Account.of(msg.outages, msg.down, msg.spans)
+            peer = getattr(conn, "peer", None)
+            self.marks[msg.conn] = Mark(msg, peer.name if peer is not None else None, self.shared)
         elif isinstance(msg, PeerKnown):
             self.known.add(msg.conn)
         elif isinstance(msg, PeerWatch):
@@ -222,7 +269,7 @@ class RemotePeers:
                 worker,
                 flags=PENDING,  # no peer yet: shown, no series of its own (as in one process)
             )
-        acc = self.accounts.get(cid) if cid is not None else None
+        acc = mark.account
         now = self.clock()
         return PeerRow(
             mark.peer,
@@ -239,9 +286,9 @@ class RemotePeers:
             reason=mark.reason,
             expected=mark.expected,
             silenced_until=mark.silenced_until,
-            flags=frozenset(mark.flags),
-            labels=tuple((k, v) for k, v in mark.labels),
-            uptime_24h=acc.uptime(now) if acc is not None else None,
-            outages=acc.outages if acc is not None else None,
-            down_seconds=acc.down_seconds(now) if acc is not None else None,
+            flags=mark.flags,
+            labels=mark.labels,
+            uptime_24h=acc.uptime(now),
+            outages=acc.outages,
+            down_seconds=acc.down_seconds(now),
         )
