@@ -77,7 +77,7 @@ class SupervisorRegistry(ServerRegistry):
         self.backlog = backlog  # bytes waiting in the fullest pipe to a worker
         self.registry.take_reconfigured()  # from now on the registry keeps them for the marks
         self.reload.may_apply = self._may_apply
-        self._marks: dict[Key, PeerMark] = {}  # what each connection's worker was last told of it
+        self._marks: dict[Key, tuple[object, ...]] = {}  # what each connection's worker was last told of it
         self._since: dict[Key, float] = {}  # when each connection first pinged
 
     # -- what the workers report ---------------------------------------------------------------------
@@ -146,9 +146,17 @@ class SupervisorRegistry(ServerRegistry):
             return
         key = cast(Key, peer.key)
         silence = self.registry.silenced.get(peer.name)
-        flags = [f for f, on in (("flapping", peer.flapping), ("rising", peer.rising > 0)) if on]
         acc = self.uptime.accounts.get(peer.name)
-        outages, down, spans = acc.copy() if acc is not None else (0, 0.0, [])
+        outages, down, spans = (acc.outages, acc.down, tuple(acc.spans)) if acc is not None else (0, 0.0, ())
+        until = silence.until if silence is not None else None
+        # What the mark says, in a tuple of the registry's own objects (shared, not copied): it is
+        # kept per connection (100,000 of them), and equal exactly when the marks would be equal.
+        said: tuple[object, ...] = (peer.name, peer.named, peer.status, peer.since, peer.reason, peer.expected)
+        said += (peer.flapping, peer.rising > 0, peer.labels, until, outages, down, spans)
+        if self._marks.get(key) == said:
+            return
+        self._marks[key] = said
+        flags = [f for f, on in (("flapping", peer.flapping), ("rising", peer.rising > 0)) if on]
         mark = PeerMark(
             key[1],
             peer.name,
@@ -159,14 +167,12 @@ class SupervisorRegistry(ServerRegistry):
             peer.expected,
             flags,
             [[k, v] for k, v in peer.labels],
-            silence.until if silence is not None else None,
+            until,
             outages,
             down,
             [[start, state] for start, state in spans],
         )
-        if self._marks.get(key) != mark:
-            self._marks[key] = mark
-            self.send(key[0], mark)
+        self.send(key[0], mark)
 
     # -- reloads, silences: what changes the marks of peers not reporting anything ----------------------------
     def _may_apply(self) -> bool:
