@@ -70,7 +70,17 @@ class Mark:
         self.silenced_until = msg.silenced_until
         self.flags: frozenset[str] = _shared(shared, frozenset(msg.flags))
         self.labels: tuple[tuple[str, str], ...] = _shared(shared, tuple((k, v) for k, v in msg.labels))
-        self.account = Account.of(msg.outages, msg.down, msg.spans)
+        spans = msg.spans
+        if msg.outages == 0 and msg.down == 0 and len(spans) == 1 and list(spans[0]) == [msg.since, msg.state]:
+            self.account: Account | None = None  # nothing but its state since then: made when a row is
+        else:
+            self.account = Account.of(msg.outages, msg.down, spans)
+
+    def accounted(self) -> Account:
+        """The peer's account (one the mark itself tells is made here, ~200 B not kept per connection)."""
+        if self.account is not None:
+            return self.account
+        return Account.of(0, 0.0, [(self.since, self.state)])
 
 
 _T = TypeVar("_T")
@@ -269,7 +279,7 @@ class RemotePeers:
                 worker,
                 flags=PENDING,  # no peer yet: shown, no series of its own (as in one process)
             )
-        acc = mark.account
+        acc = mark.accounted()
         now = self.clock()
         return PeerRow(
             mark.peer,
