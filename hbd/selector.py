@@ -32,6 +32,7 @@ class EpollSelector(selectors.EpollSelector):
 
     def __init__(self) -> None:
         super().__init__()
+        self.full = False  # the last select() returned max_events: more are ready behind them
         # the standard library's own epoll object and key table, under names the type checker knows
         self._epoll: select.epoll = vars(self)["_selector"]
         self._keys: dict[int, selectors.SelectorKey] = vars(self)["_fd_to_key"]
@@ -47,6 +48,7 @@ class EpollSelector(selectors.EpollSelector):
             ready = self._epoll.poll(timeout, self.max_events)
         except InterruptedError:
             return []
+        self.full = len(ready) >= self.max_events
         keys = self._keys
         return [
             (key, ((_WRITE if ev & _NOT_IN else 0) | (_READ if ev & _NOT_OUT else 0)) & key.events)

@@ -27,6 +27,7 @@ from hbd.logs import log
 from hbd.protocol import Hello, PeerState, StateChange
 from hbd.registry import registry_settings
 from hbd.registry_remote import RemotePeers
+from hbd.server_ends import EndQueue
 from hbd.server_registry import ServerRegistry, peer_rows, peer_sources, start_registry
 from hbd.server_report import ServerReport
 from hbd.view import PeerRow, PeerSource, ServerCounters, ServerSettings, ServerView, WorkerNumbers
@@ -63,6 +64,8 @@ class Server(Daemon):
         # is the supervisor's, and this worker reports to it (hbd.registry_remote).
         self.registry: ServerRegistry | None = None
         self.remote: RemotePeers | None = None
+        self.ending = EndQueue(self.loop, lambda conn: self.remote.closed(conn) if self.remote else None)
+        self.report.before = self.ending.work_off  # queued ends before a greeting or a change (a takeover)
 
     # what the status socket and the metrics read
     address = property(lambda self: self.listener.address)
@@ -144,6 +147,7 @@ class Server(Daemon):
         return commit
 
     def shutdown(self) -> None:
+        self.ending.work_off()
         for conn in list(self.conns.values()):
             self._close(conn)  # not a change of theirs: the registry keeps them as they were
         self.listener.close()
@@ -244,8 +248,8 @@ class Server(Daemon):
     def _end(self, conn: Connection, report: Callable[..., None], *args: object) -> None:
         if conn.peer.events:  # what it did before comes out first
             self.on_events(conn)
-        report(conn, *args)
-        self._close(conn)
+        self._close(conn, reported=False)  # now; reported after this turn's I/O (hbd.server_ends)
+        self.ending.push(conn, report, args)
 
     # -- verdicts, errors, closing ---------------------------------------------------------------------
     def on_verdict(self, conn: Connection, change: StateChange) -> None:
@@ -269,7 +273,7 @@ class Server(Daemon):
             return f"client {conn.label} (closed)"
         return super().contain(fileobj, callback, exc)
 
-    def _close(self, conn: Connection) -> None:
+    def _close(self, conn: Connection, reported: bool = True) -> None:
         sock = conn.sock
         if self.conns.pop(sock.fileno(), None) is None:
             return
@@ -277,7 +281,7 @@ class Server(Daemon):
         conn.timer = None
         conn.slot = -1
         self.report.closed(conn)
-        if self.remote is not None:
+        if self.remote is not None and reported:  # else once its end is reported (hbd.server_ends)
             self.remote.closed(conn)
         self.loop.forget(sock)
         try:
