@@ -23,7 +23,7 @@ from hbd.connection import Connection
 from hbd.logs import PeerLog
 from hbd.peer_uptime import Account
 from hbd.protocol import Hello, PeerState, StateChange
-from hbd.server_registry import PENDING
+from hbd.server_registry import PENDING, log_refused
 from hbd.view import PeerRow, PeerSource, Who
 from hbd.workers_codec import (
     MAX_REASON,
@@ -206,16 +206,7 @@ class RemotePeers:
                     conn.peer.state = PeerState.UP
         elif isinstance(msg, PeerClose):
             self.reported.discard(msg.conn)  # the registry has let it go already
-            self.peer_log.log(
-                msg.level,
-                conn.source,
-                "closing client %s: %s",
-                conn.label,
-                msg.reason,
-                event="refused-peer",
-                peer=conn.addr,
-                peer_address=conn.addr,
-            )
+            log_refused(self.peer_log, msg.level, conn, msg.reason, peer_address=conn.addr)
             self.close_conn(conn)
 
     # -- status rows ---------------------------------------------------------------------------------------

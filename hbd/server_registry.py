@@ -69,6 +69,22 @@ class Events(Protocol):
 CHANGES = frozenset({"up", "late", "down"})  # the notices that are state changes (history rows)
 
 
+def log_refused(peer_log: PeerLog, level: int, conn: Connection, reason: str, **extra: object) -> None:
+    """The registry closes a connection it refused (max_peers, unexpected, a takeover...): one
+    rate-limited line, in one process or in a worker."""
+    peer_log.log(
+        level,
+        conn.source,
+        "closing client %s: %s",
+        conn.label,
+        reason,
+        event="refused-peer",
+        peer=conn.addr,
+        stacklevel=3,
+        **extra,
+    )
+
+
 class ServerRegistry:
     def __init__(
         self,
@@ -201,15 +217,7 @@ class ServerRegistry:
         conn = action.key
         if not isinstance(conn, Connection) or not self.is_open(conn):
             return
-        self._log(
-            action.level,
-            conn.source,
-            "closing client %s: %s",
-            conn.label,
-            action.reason,
-            event="refused-peer",
-            peer=conn.addr,
-        )
+        log_refused(self.peer_log, action.level, conn, action.reason)
         self.close_conn(conn)
 
     def _log(self, level: int, source: str, msg: str, *args: object, event: str, peer: str) -> None:
