@@ -346,7 +346,19 @@ def test_frozen_main_loop_is_killed_by_watchdog_and_restarted(guest):
         ),
         timeout=15,
     )
-    messages = [text_of(e) for e in guest.journal(cur, "hbd-server")]
+    # faulthandler writes the hung loop's thread last (after the store's writer thread): journald may
+    # still be taking in the dump when the restart is done, so wait for its last lines too
+    loop_frame = re.compile(r'File ".*/hbd/loop\.py", line \d+')
+
+    def messages_of_the_hang() -> list[str]:
+        return [text_of(e) for e in guest.journal(cur, "hbd-server")]
+
+    sg.wait_for(
+        "the hung loop's stack in the journal",
+        lambda: any(loop_frame.search(m) for m in messages_of_the_hang()),
+        timeout=10,
+    )
+    messages = messages_of_the_hang()
     assert any("Watchdog timeout" in m for m in messages), messages
     # systemd follows SIGABRT with SIGCONT, so faulthandler runs and leaves the stack of the hung loop.
     assert any("most recent call first" in m for m in messages), messages
