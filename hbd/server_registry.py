@@ -192,7 +192,9 @@ class ServerRegistry:
                 peer=n.peer,
             )
         if n.event in CHANGES:
-            self.uptime.change(n.peer, n.new, self.clock())
+            # at the change's own time, the peer's since: a worker's mark then shows the account
+            # in its state and since alone, and the worker keeps none (~220 B per connection)
+            self.uptime.change(n.peer, n.new, n.since)
             self.uptime.sweep(self.registry.peers, len(self.registry.peers))
             if self.writer is not None:
                 self.writer.change(n.peer, n.old, n.new, n.reason)
