@@ -36,6 +36,9 @@ class Account:
     def add(self, span: tuple[float, str]) -> None:
         """Append a state, dropping the oldest beyond MAX_SPANS (O(MAX_SPANS) only when full)."""
         spans = self.spans
+        if not spans:
+            self.spans = [span]  # a list of one (64 B): append() would make room for four (88 B)
+            return
         spans.append(span)
         if len(spans) > MAX_SPANS:
             del spans[0]
@@ -96,6 +99,7 @@ class Uptime:
         if new == "DOWN":
             acc.outages += 1
         acc.add((now, new))
+        spans = acc.spans  # the first add() makes the list
         while len(spans) > 1 and spans[1][0] <= now - WINDOW:  # the first span ends before the window
             del spans[0]
 

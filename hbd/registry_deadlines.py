@@ -10,7 +10,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Mapping
 
-from hbd.registry_types import Peer
+from hbd.registry_types import NEVER, Peer
 
 
 class Deadlines:
@@ -44,6 +44,6 @@ class Deadlines:
             when, _, peer = heapq.heappop(heap)
             if peer.filed != when or self.peers.get(peer.name) is not peer:
                 continue  # stale
-            peer.filed = float("inf")
+            peer.filed = NEVER
             return peer
         return None

@@ -5,7 +5,7 @@ tuple: a deque costs about 760 bytes per peer (its first block), more than the r
 
 from __future__ import annotations
 
-from hbd.registry_types import Peer
+from hbd.registry_types import NEVER, Peer
 
 
 class FlapDetector:
@@ -29,7 +29,7 @@ class FlapDetector:
         """When a flapping peer is stable if nothing changes until then (inf: it is not flapping)."""
         if peer.flapping and peer.changes:
             return peer.changes[-1] + self.window
-        return float("inf")
+        return NEVER
 
     def settle(self, peer: Peer, now: float) -> bool:
         """True when a flapping peer is stable at ``now`` (it is no longer flapping then)."""

@@ -9,7 +9,7 @@ from itertools import islice
 
 from hbd.registry_silences import Silences
 from hbd.registry_table import PeerTable
-from hbd.registry_types import NAME_RE, Dirty, Key, Live, Peer, PeerStatus, RegistrySettings
+from hbd.registry_types import NAME_RE, NEVER, Dirty, Key, Live, Peer, PeerStatus, RegistrySettings
 from hbd.store_records import PeerRecord
 
 DIRTY_BATCH = 500  # peer records take_dirty() returns per call (the store writes 500 rows per flush)
@@ -94,7 +94,7 @@ class Records:
                 table.move(peer, PeerStatus.DOWN)
                 peer.since = min(rec.since + offset, now)
                 peer.reason = rec.reason
-                peer.grace = float("inf")
+                peer.grace = NEVER
             else:
                 if not peer.expected:
                     peer.timeout = rec.timeout

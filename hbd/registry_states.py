@@ -16,7 +16,7 @@ from hbd.registry_deadlines import Deadlines
 from hbd.registry_flapping import FlapDetector
 from hbd.registry_identity import Admission
 from hbd.registry_table import PeerTable
-from hbd.registry_types import Action, Close, Key, Log, Peer, PeerStatus, RegistrySettings, Watch, notice
+from hbd.registry_types import NEVER, Action, Close, Key, Log, Peer, PeerStatus, RegistrySettings, Watch, notice
 
 
 class PeerStates:
@@ -75,7 +75,7 @@ class PeerStates:
         peer.address = address
         peer.timeout = timeout
         peer.last_ping = now
-        peer.grace = float("inf")
+        peer.grace = NEVER
         self.dirty[identity] = None
         if peer.status is PeerStatus.DOWN and self.settings.rise > 1:
             peer.rising = 1
@@ -185,7 +185,7 @@ class PeerStates:
     # -- deadlines -------------------------------------------------------------------------------------
     def due(self, peer: Peer) -> float:
         """When the registry's tick() must next look at this peer."""
-        due = peer.grace if peer.status is PeerStatus.NEW and peer.key is None else float("inf")
+        due = peer.grace if peer.status is PeerStatus.NEW and peer.key is None else NEVER
         if peer.status is PeerStatus.DOWN and peer.key is None and not peer.expected:
             due = min(due, peer.since + self.settings.forget_after)
         if peer.flapping:
@@ -200,7 +200,7 @@ class PeerStates:
     def due_now(self, peer: Peer, now: float, actions: list[Action]) -> None:
         """What a peer's deadline finds: its grace over, forgetting it, or it stable again."""
         if peer.status is PeerStatus.NEW and peer.key is None and peer.grace <= now:
-            peer.grace = float("inf")
+            peer.grace = NEVER
             reason = "never connected" if peer.last_ping is None else "not back after a restart"
             self.change(peer, PeerStatus.DOWN, reason, now, actions)
             if not peer.expected and not peer.named:

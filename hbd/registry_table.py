@@ -7,7 +7,7 @@ moves a count in O(1), and the counts always sum to the number of known peers.
 
 from __future__ import annotations
 
-from hbd.registry_types import Key, Peer, PeerStatus
+from hbd.registry_types import NEVER, Key, Peer, PeerStatus
 
 
 class PeerTable:
@@ -45,7 +45,7 @@ class PeerTable:
         self.counts[peer.status] -= 1
         if peer.key is not None:
             self.by_key.pop(peer.key, None)
-        peer.filed = float("inf")
+        peer.filed = NEVER
         self.dirty.pop(peer.name, None)
         if peer.named:
             self.forgotten.add(peer.name)

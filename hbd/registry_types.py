@@ -7,6 +7,7 @@ Times are monotonic except silences and the records written to the state store (
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -142,6 +143,11 @@ class Live(NamedTuple):
     interval: float | None
 
 
+# "Never" (a deadline not set): one float object for every peer; float("inf") makes a new one
+# (24 B) each time, and a peer keeps two.
+NEVER = math.inf
+
+
 class Peer:
     __slots__ = (
         "address",
@@ -177,8 +183,8 @@ class Peer:
         self.rising = 0  # on-time pings counted while it rises from DOWN (0: not rising)
         self.flapping = False
         self.changes: tuple[float, ...] | None = None  # recent state changes (flap detection)
-        self.grace = float("inf")  # NEW: DOWN "never connected" at this time
-        self.filed = float("inf")  # when its live entry in the deadline heap is due
+        self.grace = NEVER  # NEW: DOWN "never connected" at this time
+        self.filed = NEVER  # when its live entry in the deadline heap is due
 
 
 def notice(

@@ -77,8 +77,9 @@ class SupervisorRegistry(ServerRegistry):
         self.backlog = backlog  # bytes waiting in the fullest pipe to a worker
         self.registry.take_reconfigured()  # from now on the registry keeps them for the marks
         self.reload.may_apply = self._may_apply
-        self._marks: dict[Key, tuple[object, ...]] = {}  # what each connection's worker was last told of it
+        self._marks: dict[Key, int] = {}  # the hash of what each connection's worker was last told of it
         self._since: dict[Key, float] = {}  # when each connection first pinged
+        self._timeouts: dict[float, float] = {}
 
     # -- what the workers report ---------------------------------------------------------------------
     def report(self, index: int, msg: PeerReport) -> None:
@@ -90,7 +91,10 @@ class SupervisorRegistry(ServerRegistry):
                 self.send(index, PeerKnown(msg.conn))
         elif isinstance(msg, PeerConnected):
             self._since[key] = now
-            actions = reg.connected(key, msg.name, msg.certificate, msg.address, msg.timeout, now)
+            timeout = self._timeouts.setdefault(msg.timeout, msg.timeout)  # one float per value, not per peer
+            if len(self._timeouts) > 64:
+                self._timeouts.clear()  # the config's timeouts are few; a peer's announced ones could be many
+            actions = reg.connected(key, msg.name, msg.certificate, msg.address, timeout, now)
         elif isinstance(msg, PeerPinged):
             actions = reg.pinged(key, msg.silent_for, now)
         elif isinstance(msg, PeerLate):
@@ -147,12 +151,28 @@ class SupervisorRegistry(ServerRegistry):
         key = cast(Key, peer.key)
         silence = self.registry.silenced.get(peer.name)
         acc = self.uptime.accounts.get(peer.name)
-        outages, down, spans = (acc.outages, acc.down, tuple(acc.spans)) if acc is not None else (0, 0.0, ())
+        outages, down, spans = (acc.outages, acc.down, acc.spans) if acc is not None else (0, 0.0, [])
         until = silence.until if silence is not None else None
-        # What the mark says, in a tuple of the registry's own objects (shared, not copied): it is
-        # kept per connection (100,000 of them), and equal exactly when the marks would be equal.
-        said: tuple[object, ...] = (peer.name, peer.named, peer.status, peer.since, peer.reason, peer.expected)
-        said += (peer.flapping, peer.rising > 0, peer.labels, until, outages, down, spans)
+        # What the mark says is kept per connection (100,000 of them) as its hash: an int (32 B), where
+        # a tuple of the registry's own objects was 190 B. Equal marks hash equal; two different ones
+        # hash equal once in 2**64 changes, and then the next change's mark corrects the worker's row.
+        said = hash(
+            (
+                peer.name,
+                peer.named,
+                peer.status,
+                peer.since,
+                peer.reason,
+                peer.expected,
+                peer.flapping,
+                peer.rising > 0,
+                peer.labels,
+                until,
+                outages,
+                down,
+                tuple(spans),
+            )
+        )
         if self._marks.get(key) == said:
             return
         self._marks[key] = said
