@@ -65,7 +65,7 @@ class Mark:
         self.named = msg.named
         self.state = sys.intern(msg.state)
         self.since = msg.since
-        self.reason = msg.reason
+        self.reason: str = _shared(shared, msg.reason)  # a few reasons ("first ping"...) for all
         self.expected = msg.expected
         self.silenced_until = msg.silenced_until
         self.flags: frozenset[str] = _shared(shared, frozenset(msg.flags))
