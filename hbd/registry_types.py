@@ -166,6 +166,7 @@ class Peer:
         "since",
         "status",
         "timeout",
+        "told",
     )
 
     def __init__(self, name: str, address: str, status: PeerStatus, now: float, timeout: float, named: bool) -> None:
@@ -185,6 +186,7 @@ class Peer:
         self.changes: tuple[float, ...] | None = None  # recent state changes (flap detection)
         self.grace = NEVER  # NEW: DOWN "never connected" at this time
         self.filed = NEVER  # when its live entry in the deadline heap is due
+        self.told = 0  # with workers: the hash of the mark its worker was last sent (hbd.supervisor_registry)
 
 
 def notice(

@@ -77,7 +77,6 @@ class SupervisorRegistry(ServerRegistry):
         self.backlog = backlog  # bytes waiting in the fullest pipe to a worker
         self.registry.take_reconfigured()  # from now on the registry keeps them for the marks
         self.reload.may_apply = self._may_apply
-        self._marks: dict[Key, int] = {}  # the hash of what each connection's worker was last told of it
         self._since: dict[Key, float] = {}  # when each connection first pinged
         self._timeouts: dict[float, float] = {}
 
@@ -114,12 +113,11 @@ class SupervisorRegistry(ServerRegistry):
         reg, now = self.registry, self.clock()
         for key in keys_of(index, reg.by_key):
             self.apply(reg.gone(key, reason, now))
-        for key in keys_of(index, [*self._since, *self._marks]):
+        for key in keys_of(index, self._since):
             self._drop(key)
 
     def _drop(self, key: Key) -> None:
         self._since.pop(key, None)
-        self._marks.pop(key, None)
 
     # -- carrying out what the registry says ----------------------------------------------------------------
     def apply(self, actions: list[Action], conn: Connection | None = None) -> None:
@@ -153,11 +151,13 @@ class SupervisorRegistry(ServerRegistry):
         acc = self.uptime.accounts.get(peer.name)
         outages, down, spans = (acc.outages, acc.down, acc.spans) if acc is not None else (0, 0.0, [])
         until = silence.until if silence is not None else None
-        # What the mark says is kept per connection (100,000 of them) as its hash: an int (32 B), where
-        # a tuple of the registry's own objects was 190 B. Equal marks hash equal; two different ones
+        # What its worker was last told is kept in the peer as a hash (an int, 32 B; a tuple of the
+        # registry's own objects was 190 B, plus an entry in a table of 100,000). The connection's key
+        # is in it: a peer on a new connection is marked. Equal marks hash equal; two different ones
         # hash equal once in 2**64 changes, and then the next change's mark corrects the worker's row.
         said = hash(
             (
+                key,
                 peer.name,
                 peer.named,
                 peer.status,
@@ -173,9 +173,9 @@ class SupervisorRegistry(ServerRegistry):
                 tuple(spans),
             )
         )
-        if self._marks.get(key) == said:
+        if peer.told == said:
             return
-        self._marks[key] = said
+        peer.told = said
         flags = [f for f, on in (("flapping", peer.flapping), ("rising", peer.rising > 0)) if on]
         mark = PeerMark(
             key[1],

@@ -462,8 +462,8 @@ def test_a_connected_peer_costs_the_supervisor_little_memory(vloop) -> None:
     """Everything the supervisor keeps for a named peer on a worker's connection (the registry's Peer,
     its name, address and key, the tables' entries, its account, its flap history, what its worker was
     told), measured with tracemalloc over 20,000 peers: ~1,050 B per peer before the cuts of issue 14
-    (the mark kept as a 13-tuple plus a tuple of its spans, two float("inf") per peer, an account list
-    with room for four, a timeout float per peer), ~800 B after."""
+    (the mark kept as a 13-tuple plus a tuple of its spans, in a table of its own; two float("inf")
+    per peer; an account list with room for four; a timeout float per peer), ~780 B after."""
     n = 20000
     sent: list[PeerOrder] = []
     sup = SupervisorRegistry(
