@@ -4,7 +4,8 @@ Usage: ``python3 -m bench.memprobe DIR server -c CONFIG``; then ``kill -SIGRTMIN
 ``probe(pids, tag)`` below) makes each process write DIR/PID-TAG.json: VmRSS and /proc/PID/smaps_rollup,
 glibc's mallinfo2 (what malloc holds and what of it is free), pymalloc's arenas and blocks
 (sys._debugmallocstats), the container objects the collector tracks by type (count and sys.getsizeof
-total), the same for a few untracked types reached from them is not attempted; and the RSS again after
+total; untracked objects such as str, float and int are not seen), and who holds the newest small
+lists; and the RSS again after
 ``malloc_trim(0)`` when DIR/trim exists (an experiment: memory freed but held by malloc).
 A measuring tool: a probe of 100,000 connections takes about a second and stalls that process's loop.
 """
@@ -33,7 +34,18 @@ TAG_FILE = "tag"
 class _Mallinfo2(ctypes.Structure):
     _fields_ = [
         (name, ctypes.c_size_t)
-        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
     ]
 
 
@@ -92,9 +104,11 @@ def types() -> list[tuple[str, int, int]]:
     """(type, count, bytes by sys.getsizeof) of the tracked objects, biggest first."""
     count: Counter[str] = Counter()
     size: Counter[str] = Counter()
+    frozen = gc.get_freeze_count() > 0
     gc.unfreeze()  # hbd.heap freezes what lives long: out of get_objects()' sight
     objects = gc.get_objects()
-    gc.freeze()
+    if frozen:
+        gc.freeze()
     for o in objects:
         name = type(o).__qualname__
         count[name] += 1

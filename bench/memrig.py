@@ -64,6 +64,15 @@ def probe(out: Path, pids: list[int], tag: str, wait: float = 20.0) -> dict[int,
     return got
 
 
+def _per(x: dict[str, Any], y: dict[str, Any], path: tuple[str, ...], per: float) -> float:
+    """(y - x) at ``path`` (keys into the probe's record), per connection."""
+    a: Any = x
+    b: Any = y
+    for key in path:
+        a, b = a.get(key, 0), b.get(key, 0)
+    return (b - a) / per
+
+
 def report(pids: list[int], a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]], n: int, label: str) -> None:
     print(f"\n== {label}: per connection (n={n:,}; workers share it: the supervisor's over all n) ==")
     for i, pid in enumerate(pids):
@@ -72,19 +81,16 @@ def report(pids: list[int], a: dict[int, dict[str, Any]], b: dict[int, dict[str,
             print(f"pid {pid}: no probe")
             continue
         per = n if i == 0 else n / (len(pids) - 1)
-
-        def d(get: Any) -> float:
-            return (get(y) - get(x)) / per
-
         who = "supervisor" if i == 0 else f"worker {i}"
+        rss, anon = _per(x, y, ("vmrss",), per), _per(x, y, ("rollup", "Anonymous"), per)
+        used, free = _per(x, y, ("mallinfo", "uordblks"), per), _per(x, y, ("mallinfo", "fordblks"), per)
+        mapped = _per(x, y, ("mallinfo", "hblkhd"), per)
         print(
-            f"{who} (pid {pid}): RSS {d(lambda r: r['vmrss']):.0f} B, anon {d(lambda r: r['rollup'].get('Anonymous', 0)):.0f},"
-            f" malloc in use {d(lambda r: r['mallinfo']['uordblks']):.0f} free {d(lambda r: r['mallinfo']['fordblks']):.0f}"
-            f" mmapped {d(lambda r: r['mallinfo']['hblkhd']):.0f}"
+            f"{who} (pid {pid}): RSS {rss:.0f} B, anon {anon:.0f},"
+            f" malloc in use {used:.0f} free {free:.0f} mmapped {mapped:.0f}"
         )
-        pm = lambda r, k: r["pymalloc"].get(k, 0)  # noqa: E731
         keys = [k for k in y["pymalloc"] if "bytes" in k or "arenas" in k]
-        print("   pymalloc: " + ", ".join(f"{k} {d(lambda r, k=k: pm(r, k)):.0f}" for k in keys))
+        print("   pymalloc: " + ", ".join(f"{k} {_per(x, y, ('pymalloc', k), per):.0f}" for k in keys))
         if "vmrss_after_trim" in y:
             print(f"   after malloc_trim: RSS {(y['vmrss_after_trim'] - x['vmrss']) / per:.0f} B")
         tx = {t: (c, s) for t, c, s in x["types"]}
@@ -94,6 +100,8 @@ def report(pids: list[int], a: dict[int, dict[str, Any]], b: dict[int, dict[str,
             rows.append((s - s0, t, c - c0))
         rows.sort(reverse=True)
         print("   types: " + ", ".join(f"{t} {dc / per:.2f}x {ds / per:.0f} B" for ds, t, dc in rows[:12]))
+        if y.get("list_holders"):
+            print(f"   small lists held by: {y['list_holders']}")
 
 
 def main() -> None:
@@ -130,12 +138,36 @@ def main() -> None:
         ramp = args.n / args.rate
         gen = subprocess.Popen(
             [
-                servers.PYTHON, "-m", "bench.loadgen", "--port", str(port), "-n", str(args.n),
-                "--procs", str(max(1, args.workers)), "--mode", "open", "--rate", str(args.rate),
-                "--interval", str(args.interval), "--settle", "2", "--duration", str(args.hold + 60),
-                "--connect-timeout", "30", "--start-at", str(start), "--src-net", src_block(),
-                "--src-per", "1000", "--hello", "c",
-            ],  # fmt: skip
+                servers.PYTHON,
+                "-m",
+                "bench.loadgen",
+                "--port",
+                str(port),
+                "-n",
+                str(args.n),
+                "--procs",
+                str(max(1, args.workers)),
+                "--mode",
+                "open",
+                "--rate",
+                str(args.rate),
+                "--interval",
+                str(args.interval),
+                "--settle",
+                "2",
+                "--duration",
+                str(args.hold + 60),
+                "--connect-timeout",
+                "30",
+                "--start-at",
+                str(start),
+                "--src-net",
+                src_block(),
+                "--src-per",
+                "1000",
+                "--hello",
+                "c",
+            ],
             cwd=servers.REPO,
             env=env,
             stdout=subprocess.DEVNULL,

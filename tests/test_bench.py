@@ -83,3 +83,20 @@ def test_history_read_smoke() -> None:
         "hbd history --json",
         "hbd history one peer",
     ]
+
+
+def test_memprobe_dump(tmp_path: Path) -> None:
+    """bench/memprobe.py's probe, in this process: the figures bench/memrig.py subtracts are there."""
+    import json
+
+    from bench import memprobe
+
+    (tmp_path / "tag").write_text("t")
+    (tmp_path / "trim").write_text("")
+    memprobe.dump(tmp_path)
+    (found,) = tmp_path.glob("*-t.json")
+    rec = json.loads(found.read_text())
+    assert rec["vmrss"] > 0 and rec["rollup"]["Rss"] > 0
+    assert rec["mallinfo"]["uordblks"] > 0 and rec["vmrss_after_trim"] > 0
+    assert rec["pymalloc"]["bytes_in_allocated_blocks"] > 0
+    assert any(name == "dict" and count > 0 for name, count, _ in rec["types"])
