@@ -194,6 +194,24 @@ def turns_between(a: dict, b: dict) -> dict:
     }
 
 
+def cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) so far of ``pid`` ("supervisor") and of its children ("workers")."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def one(p: str) -> float:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / tick
+
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        kids = []
+    return {"supervisor": one(str(pid)), "workers": sum(one(k) for k in kids)}
+
+
 BUSY: list[tuple[float, float]] = []  # when a request was under way: the RTT "while it runs"
 
 
@@ -235,13 +253,16 @@ def run(a: argparse.Namespace, directory: str) -> dict:
     }
     cfg = Path(directory) / "server.yaml"
     cfg.write_text(json.dumps(config))  # JSON is YAML
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    hbd_root = Path(a.hbd).resolve() if a.hbd else ROOT  # whose hbd runs (a baseline: another checkout)
+    env = {**os.environ, "PYTHONPATH": str(hbd_root)}
     with open(Path(directory) / "server.out", "w") as out:
         server = subprocess.Popen(
-            [sys.executable, "-m", "hbd", "server", "-c", str(cfg)], stdout=out, stderr=out, env=env, cwd=ROOT
+            [sys.executable, "-m", "hbd", "server", "-c", str(cfg)], stdout=out, stderr=out, env=env, cwd=hbd_root
         )
     kids: list[int] = []
-    result: dict = {"n": n, "workers": a.workers, "procs": a.procs, "probes": a.probes, "interval_s": a.interval}
+    load_start = Path("/proc/loadavg").read_text().split()[:3]
+    result: dict = {"hbd": str(hbd_root), "n": n, "workers": a.workers, "procs": a.procs, "probes": a.probes}
+    result["interval_s"] = a.interval
     probe_out = str(Path(directory) / "probe.bin")
     try:
         deadline = mono() + 30
@@ -297,12 +318,23 @@ def run(a: argparse.Namespace, directory: str) -> dict:
         def phase(name: str, work) -> None:
             before = loop_now(sock)["turns"]
             BUSY.clear()
+            cpu0 = cpu_seconds(server.pid)
             t0 = mono()
             info = work()
             t1 = mono()
+            cpu1 = cpu_seconds(server.pid)
             after = loop_now(sock)["turns"]
             busy = list(BUSY)
-            phases[name] = {"start": t0, "end": t1, "busy": busy, **info, "loop": turns_between(before, after)}
+            # the server's CPU over the phase, in cores (1.0: one core all the time)
+            cpu = {k: round((cpu1[k] - cpu0[k]) / (t1 - t0), 3) for k in cpu0}
+            phases[name] = {
+                "start": t0,
+                "end": t1,
+                "busy": busy,
+                **info,
+                "cpu_cores": cpu,
+                "loop": turns_between(before, after),
+            }
             print(f"{name}: {json.dumps(phases[name])}", file=sys.stderr, flush=True)
 
         def quiet(seconds: float):
@@ -323,7 +355,7 @@ def run(a: argparse.Namespace, directory: str) -> dict:
                 subprocess.run(
                     [sys.executable, "-m", "hbd", "status", "-s", sock, "--state", "DOWN,LATE"],
                     env=env,
-                    cwd=ROOT,
+                    cwd=hbd_root,
                     stdout=subprocess.DEVNULL,
                     check=True,
                 )
@@ -374,6 +406,7 @@ def run(a: argparse.Namespace, directory: str) -> dict:
             info["duration_s"] = round(info.pop("end") - info.pop("start"), 1)
         result["phases"] = phases
         result["loadavg"] = Path("/proc/loadavg").read_text().split()[:3]
+        result["loadavg_start"] = load_start
     finally:
         for pid in kids:
             os.kill(pid, signal.SIGKILL)
@@ -397,11 +430,15 @@ def main() -> None:
     ap.add_argument("--quiet", type=float, default=20.0, help="seconds of the first quiet phase")
     ap.add_argument("--repeat", type=int, default=2, help="requests per phase")
     ap.add_argument("--dir", default=None, help="where to put the server's files (default: a temporary directory)")
+    ap.add_argument("--hbd", default=None, help="the checkout whose hbd runs (default: this one; e.g. a baseline)")
+    ap.add_argument("--out", default=None, help="also write the JSON document to this file")
     a = ap.parse_args()
     raise_nofile()
     with tempfile.TemporaryDirectory(dir=a.dir) as d:
         r = run(a, d)
     print(json.dumps(r))
+    if a.out:
+        Path(a.out).write_text(json.dumps(r, indent=1) + "\n")
     quiet = r["phases"]["quiet"]["rtt_ms"]
     for name, p in r["phases"].items():
         rtt = p.get("rtt_during_ms", p["rtt_ms"])
@@ -410,7 +447,8 @@ def main() -> None:
             f"{name:9s} {p['duration_s']:6.1f} s  requests {p.get('times_s', '-')}  "
             f"rtt p50 {rtt.get('p50', float('nan')):.2f} p99 {rtt.get('p99', float('nan')):.2f} "
             f"max {rtt.get('max', float('nan')):.2f} ms ({ratio:.2f}x quiet p99)  "
-            f"turns over 100 ms {p['loop']['over_100ms']}, longest <= {p['loop']['longest_at_most_ms']} ms"
+            f"turns over 100 ms {p['loop']['over_100ms']}, longest <= {p['loop']['longest_at_most_ms']} ms  "
+            f"cpu {p['cpu_cores']}"
         )
 
 

@@ -12,6 +12,10 @@ Nothing here may stall the loop, whatever the peer does:
   ``HIGH_WATER``, so a 2 MB status of 19,000 peers is produced a slice at a time, across loop
   turns, as fast as the reader takes it. A chunk may be ``None``: "nothing yet", and the producer
   calls the ``wake`` it was given when it has more (used to relay the replies of worker processes);
+- a big reply (seconds of work: a full status, a scrape at 100,000 peers) is paced by the
+  process's ``hbd.pacing.Pacer``: each ``_on_write`` is a slice, timed on the loop's clock, and
+  after its first ``BURST`` of work the reply rests between slices so that it takes at most a
+  fraction of the wall-clock time (the CPU it leaves goes to the pongs of this process and others);
 - at most ``MAX_CONNECTIONS`` requests are served at once. When a new one comes and the table is
   full, the oldest connection that has not sent a whole request yet makes room (then one whose
   reply has stalled for a second); only when every slot is busy answering is the newcomer closed.
@@ -37,6 +41,7 @@ from hbd.accept import ACCEPT_PAUSE, Acceptor
 from hbd.errors import BindError as BindError  # re-exported: where callers import it from
 from hbd.logs import fields, log
 from hbd.loop import EventLoop, Timer
+from hbd.pacing import Duty, Pacer, pacer_for
 
 Reply = Iterator[bytes | None]
 Handler = Callable[[bytes, Callable[[], None]], Reply]
@@ -52,7 +57,19 @@ SOCKET_MODE = 0o660
 
 
 class _Conn:
-    __slots__ = ("active", "closed", "inbuf", "outbuf", "reply", "requested", "sock", "timer", "waiting")
+    __slots__ = (
+        "active",
+        "closed",
+        "duty",
+        "inbuf",
+        "outbuf",
+        "pause",
+        "reply",
+        "requested",
+        "sock",
+        "timer",
+        "waiting",
+    )
 
     def __init__(self, sock: socket.socket, now: float) -> None:
         self.sock = sock
@@ -64,6 +81,8 @@ class _Conn:
         self.closed = False
         self.active = now
         self.timer: Timer | None = None
+        self.duty = Duty()  # the reply's work, for the pacer
+        self.pause: Timer | None = None  # the reply rests (paced) until this fires
 
 
 class RequestServer:
@@ -78,7 +97,9 @@ class RequestServer:
         too_long: bytes = b'{"error": "request too long"}\n',
         name: str = "control socket",
         on_close: Callable[[], None] | None = None,
+        pacer: Pacer | None = None,
     ) -> None:
+        self.pacer = pacer if pacer is not None else pacer_for(loop)
         self.too_long = too_long
         self.loop = loop
         self.sock = sock
@@ -218,9 +239,29 @@ class RequestServer:
     def _wake(self, conn: _Conn) -> None:
         if not conn.closed and conn.waiting:
             conn.waiting = False
-            self.loop.add_writer(conn.sock, lambda: self._on_write(conn))
+            if conn.pause is None:  # else the end of the rest resumes it
+                self.loop.add_writer(conn.sock, lambda: self._on_write(conn))
 
     def _on_write(self, conn: _Conn) -> None:
+        """A slice of the reply: paced once the reply is big (hbd.pacing)."""
+        start = self.loop.time()
+        rest = self.pacer.wait(conn.duty, start)
+        if rest > 0:
+            self.loop.remove_writer(conn.sock)
+            if conn.pause is None:
+                conn.pause = self.loop.call_later(rest, functools.partial(self._resume, conn))
+            return
+        self._write(conn)
+        if not conn.closed:
+            self.pacer.spent(conn.duty, start, self.loop.time())
+
+    def _resume(self, conn: _Conn) -> None:
+        conn.pause = None
+        if not conn.closed:
+            conn.waiting = False  # a spurious pull of a waiting reply only gets None again
+            self.loop.add_writer(conn.sock, lambda: self._on_write(conn))
+
+    def _write(self, conn: _Conn) -> None:
         reply = conn.reply
         buf = [conn.outbuf] if conn.outbuf else []
         size = len(conn.outbuf)
@@ -266,6 +307,8 @@ class RequestServer:
         conn.closed = True
         self.conns.pop(conn, None)
         self.loop.cancel(conn.timer)
+        self.loop.cancel(conn.pause)
+        self.pacer.done(conn.duty)
         self.loop.forget(conn.sock)
         close = getattr(conn.reply, "close", None)
         if close is not None:

@@ -1,0 +1,89 @@
+"""A duty cycle for big replies: they yield the CPU, not only the loop.
+
+A full status or a scrape at 100,000 peers is seconds of Python. Cut into slices it never holds
+the loop, but on a machine of two cores shared with the workers (and whoever sends the pings) a
+process that works flat out still takes a core the pongs need. So a reply, once it has worked
+``BURST`` seconds (small replies never do, a filtered status included), is paced: after a
+slice that took ``t`` it rests ``t * (n / FRACTION - 1)`` before the next, ``n`` being the big
+replies this process paces at once, so that together they use at most ``FRACTION`` of the
+wall-clock time. The time is the loop's clock (monotonic, virtual in tests) read around each
+slice; the rest is a loop timer, never a sleep.
+
+Pure bookkeeping (times in, a wait out): ``hbd.control.RequestServer`` reads the clock, asks
+``wait`` before a slice and reports it with ``spent`` after.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+# Half a core at most: a scrape of 100,000 peers (about 1.5 CPU-seconds in the supervisor) then
+# takes about 3 s, well inside Prometheus' default 10 s scrape timeout, while the other half of
+# that core stays with the workers' pongs. A smaller fraction would stretch it towards the timeout.
+FRACTION = 0.5
+BURST = 0.1  # seconds of work a reply does unpaced: a filtered status (tens of ms) is never paced
+MIN_PAUSE = 0.002  # shorter rests are owed, not taken: one loop turn each would cost more than that
+MAX_DEBT = 0.5  # a slice that was preempted for long owes no more than this (replies stalled for 1 s are evicted)
+
+
+class Duty:
+    """One reply's account: the work it did, and the rest it owes as of ``at``."""
+
+    __slots__ = ("at", "big", "debt", "work")
+
+    def __init__(self) -> None:
+        self.work = 0.0
+        self.debt = 0.0
+        self.at = 0.0
+        self.big = False  # paced (it has worked BURST seconds)
+
+
+class Pacer:
+    """The big replies of one process (every request server on its loop shares one)."""
+
+    def __init__(self, fraction: float = FRACTION, burst: float = BURST) -> None:
+        if not 0 < fraction <= 1:
+            raise ValueError("fraction must be in (0, 1]")
+        self.fraction = fraction
+        self.burst = burst
+        self.big = 0  # replies being paced now
+
+    def wait(self, duty: Duty, now: float) -> float:
+        """How long ``duty``'s reply must rest before its next slice (0: go now)."""
+        if not duty.big:
+            return 0.0
+        owed = duty.debt - (now - duty.at)
+        return owed if owed >= MIN_PAUSE else 0.0
+
+    def spent(self, duty: Duty, start: float, end: float) -> None:
+        """``duty``'s reply worked from ``start`` to ``end``."""
+        t = max(end - start, 0.0)
+        duty.work += t
+        if not duty.big:
+            if duty.work < self.burst:
+                return
+            duty.big = True  # the burst owes nothing: the slices after it rest
+            self.big += 1
+            duty.debt, duty.at = 0.0, end
+            return
+        rested = max(start - duty.at, 0.0)
+        owed = t * (self.big / self.fraction - 1)
+        duty.debt = min(max(duty.debt - rested, 0.0) + owed, MAX_DEBT)
+        duty.at = end
+
+    def done(self, duty: Duty) -> None:
+        """``duty``'s reply has ended (or was dropped)."""
+        if duty.big:
+            duty.big = False
+            self.big -= 1
+
+
+_PACERS: weakref.WeakKeyDictionary[object, Pacer] = weakref.WeakKeyDictionary()
+
+
+def pacer_for(loop: object) -> Pacer:
+    """The pacer of the process that runs ``loop`` (the status socket and the metrics share it)."""
+    pacer = _PACERS.get(loop)
+    if pacer is None:
+        pacer = _PACERS[loop] = Pacer()
+    return pacer

@@ -1,0 +1,127 @@
+"""The duty cycle of big replies (hbd.pacing), in virtual time: the rule itself, then through a real
+request server whose reply "works" by advancing the virtual clock."""
+
+import itertools
+import socket
+from pathlib import Path
+
+import pytest
+
+from hbd.control import RequestServer, UnixListener
+from hbd.pacing import BURST, FRACTION, MAX_DEBT, MIN_PAUSE, Duty, Pacer
+
+
+def test_a_small_reply_is_never_paced() -> None:
+    pacer, duty = Pacer(), Duty()
+    now = 0.0
+    while duty.work + 0.01 < BURST:
+        pacer.spent(duty, now, now + 0.01)
+        now += 0.01
+        assert pacer.wait(duty, now) == 0.0
+    assert pacer.big == 0
+
+
+def test_a_big_reply_rests_so_that_it_works_at_most_the_fraction() -> None:
+    pacer, duty = Pacer(fraction=0.5), Duty()
+    pacer.spent(duty, 0.0, BURST)  # its burst: from now on it is paced
+    assert pacer.big == 1
+    now = BURST
+    for _ in range(10):
+        pacer.spent(duty, now, now + 0.004)
+        now += 0.004
+        rest = pacer.wait(duty, now)
+        assert rest == pytest.approx(0.004)  # at half the time: as long a rest as the slice
+        now += rest
+    # Time that passed anyway (waiting for the reader) counts as rest.
+    pacer.spent(duty, now, now + 0.004)
+    assert pacer.wait(duty, now + 0.004 + 0.003) == 0.0  # 1 ms owed: under MIN_PAUSE, not a turn
+    # Owed rests below MIN_PAUSE add up until they are worth a pause.
+    d2, p2 = Duty(), Pacer(fraction=0.5)
+    p2.spent(d2, 0.0, BURST)
+    t = BURST
+    waits = []
+    for _ in range(10):
+        p2.spent(d2, t, t + MIN_PAUSE / 4)
+        t += MIN_PAUSE / 4
+        waits.append(p2.wait(d2, t))
+    assert waits[:3] == [0.0] * 3 and max(waits) >= MIN_PAUSE
+    pacer.done(duty)
+    assert pacer.big == 0
+
+
+def test_big_replies_share_the_fraction_and_a_preempted_slice_owes_at_most_max_debt() -> None:
+    pacer = Pacer(fraction=0.5)
+    a, b = Duty(), Duty()
+    pacer.spent(a, 0.0, BURST)
+    pacer.spent(b, 0.0, BURST)
+    assert pacer.big == 2
+    pacer.spent(a, 1.0, 1.004)
+    assert pacer.wait(a, 1.004) == pytest.approx(0.004 * 3)  # two at once: each rests 3 slices' time
+    pacer.done(b)
+    pacer.spent(a, 2.0, 4.0)  # two seconds (the process was preempted)
+    assert pacer.wait(a, 4.0) == MAX_DEBT
+    with pytest.raises(ValueError):
+        Pacer(fraction=0)
+
+
+def _serve(tmp_path: Path, vclock, vloop, slices: int, work: float) -> tuple[float, float, bytes]:
+    """A reply of ``slices`` chunks, each ``work`` seconds of (virtual) work, read as fast as it comes:
+    (its duration, the longest gap between two ticks of a 1 ms timer, the bytes read)."""
+
+    def handler(request: bytes, wake):
+        for i in range(slices):
+            vclock.advance(work)
+            yield b"%d," % i
+            vloop.call_later(0, wake)
+            yield None  # one slice per loop turn, as the status and the scrape do
+
+    listener = UnixListener(str(tmp_path / "c.sock"))
+    server = RequestServer(vloop, listener.sock, handler)
+    assert server.pacer.fraction == FRACTION
+    client = socket.socket(socket.AF_UNIX)
+    client.connect(listener.path)
+    client.sendall(b"status\n")
+    client.setblocking(False)
+    ticks: list[float] = []
+
+    def tick() -> None:
+        ticks.append(vclock())
+        vloop.call_later(0.001, tick)
+
+    tick()
+    t0 = vclock()
+    data = b""
+    while vclock() - t0 < 60:
+        vloop.run_once(1.0)
+        try:
+            chunk = client.recv(1 << 16)
+        except BlockingIOError:
+            continue
+        if not chunk:
+            break
+        data += chunk
+    duration = vclock() - t0
+    gaps = max(b - a for a, b in itertools.pairwise(ticks))
+    assert not server.conns and server.pacer.big == 0
+    client.close()
+    server.close()
+    listener.remove()
+    return duration, gaps, data
+
+
+def test_a_big_reply_through_the_request_server_takes_work_over_fraction(tmp_path: Path, vclock, vloop) -> None:
+    """1 s of work in 4 ms slices takes about 1 s / FRACTION of loop time; every slice's bytes arrive;
+    timers still run between slices (the longest gap is one slice, not the rest)."""
+    duration, gap, data = _serve(tmp_path, vclock, vloop, 250, 0.004)
+    assert data == b"".join(b"%d," % i for i in range(250))
+    work = 250 * 0.004
+    assert duration >= 1.5 * work  # paced at all (FRACTION is at most 2/3)
+    assert work / FRACTION * 0.95 <= duration <= work / FRACTION + BURST + 0.1, duration
+    assert gap <= 0.004 + 0.0011
+
+
+def test_a_small_reply_through_the_request_server_is_not_paced(tmp_path: Path, vclock, vloop) -> None:
+    """A filtered status's worth of work (tens of ms) goes at full speed."""
+    duration, _, data = _serve(tmp_path, vclock, vloop, 20, 0.004)
+    assert data.count(b",") == 20
+    assert duration <= 20 * 0.004 + 0.01, duration
