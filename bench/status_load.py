@@ -213,24 +213,40 @@ def cpu_seconds(pid: int) -> dict[str, float]:
 
 
 BUSY: list[tuple[float, float]] = []  # when a request was under way: the RTT "while it runs"
+PROGRESS: list[list[tuple[float, int]]] = []  # per request: (seconds since its start, bytes read) every 4 MB
 
 
 def timed_query(sock: str, request: str) -> tuple[float, int]:
-    start = mono()
-    size = len(query(sock, request, timeout=120))
-    BUSY.append((start, mono()))
-    return mono() - start, size
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(120)
+        s.connect(sock)
+        start = mono()
+        s.sendall(request.encode() + b"\n")
+        return _read_all(s, start)
 
 
 def scrape(port: int) -> tuple[float, int]:
     start = mono()
     with socket.create_connection(("127.0.0.1", port), timeout=120) as s:
         s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
-        size = 0
-        while chunk := s.recv(1 << 16):
-            size += len(chunk)
-    BUSY.append((start, mono()))
-    return mono() - start, size
+        return _read_all(s, start)
+
+
+def _read_all(s: socket.socket, start: float) -> tuple[float, int]:
+    """Read to the end; when each 4 MB arrived goes to PROGRESS, the request's span to BUSY."""
+    size, mark, progress = 0, 0, []
+    while chunk := s.recv(1 << 16):
+        if size == 0:
+            progress.append((round(mono() - start, 3), 0))
+        size += len(chunk)
+        if size >= mark:
+            progress.append((round(mono() - start, 3), size))
+            mark += 4 << 20
+    end = mono()
+    progress.append((round(end - start, 3), size))
+    BUSY.append((start, end))
+    PROGRESS.append(progress)
+    return end - start, size
 
 
 def run(a: argparse.Namespace, directory: str) -> dict:
@@ -318,6 +334,7 @@ def run(a: argparse.Namespace, directory: str) -> dict:
         def phase(name: str, work) -> None:
             before = loop_now(sock)["turns"]
             BUSY.clear()
+            PROGRESS.clear()
             cpu0 = cpu_seconds(server.pid)
             t0 = mono()
             info = work()
@@ -325,6 +342,8 @@ def run(a: argparse.Namespace, directory: str) -> dict:
             cpu1 = cpu_seconds(server.pid)
             after = loop_now(sock)["turns"]
             busy = list(BUSY)
+            if any(len(p) > 3 for p in PROGRESS):
+                info["progress"] = list(PROGRESS)
             # the server's CPU over the phase, in cores (1.0: one core all the time)
             cpu = {k: round((cpu1[k] - cpu0[k]) / (t1 - t0), 3) for k in cpu0}
             phases[name] = {
@@ -403,6 +422,15 @@ def run(a: argparse.Namespace, directory: str) -> dict:
             if busy:  # only the pings sent while one of the phase's requests was under way
                 during = (rt for t, rt in zip(t_send, rtts, strict=True) if any(a <= t < b for a, b in busy))
                 info["rtt_during_ms"] = summary(array("d", during), 1000.0)
+                # the slow round trips: (request, seconds into it, ms), to see which stage of a reply
+                slow = [
+                    (k, round(t - a, 3), round(rt * 1000, 1))
+                    for t, rt in zip(t_send, rtts, strict=True)
+                    if rt > 0.010
+                    for k, (a, b) in enumerate(busy)
+                    if a <= t < b
+                ]
+                info["slow_during"] = slow[:200]
             info["duration_s"] = round(info.pop("end") - info.pop("start"), 1)
         result["phases"] = phases
         result["loadavg"] = Path("/proc/loadavg").read_text().split()[:3]

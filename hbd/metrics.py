@@ -15,7 +15,6 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import islice
-from typing import cast
 
 from hbd import __version__
 from hbd.control import Reply
@@ -257,21 +256,26 @@ def peer_sample(row: PeerRow, offset: float, last_ping: float | None = None) -> 
 
 def peer_labels(peer: str, labels: Iterable[tuple[str, str]]) -> str:
     """A peer's label set as the per-peer series carry it."""
+    if not labels and "\\" not in peer and '"' not in peer and "\n" not in peer:
+        return f'{{peer="{peer}"}}'  # most peers: nothing to escape, no labels of their own
     return _labels({"peer": peer, **dict(labels)})
 
 
 def peer_chunks(samples: Sequence[PeerSample]) -> Iterator[bytes]:
-    """The per-peer families, each family's samples together, CHUNK samples per chunk."""
+    """The per-peer families, each family's samples together, CHUNK samples per chunk.
+
+    A value is written with ``repr``: a sample's values are ints and finite floats (times, seconds),
+    for which that is what ``_num`` writes, at a fraction of its cost (7 lines per peer)."""
     for name, kind, help_text, field in PEER_FAMILIES:
         yield f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n".encode()
         for start in range(0, len(samples), CHUNK):
-            lines = [
-                f"{name}{s[0]} {_num(cast(float, v))}\n"
-                for s in samples[start : start + CHUNK]
-                if (v := s[field]) is not None
-            ]
-            if lines:
-                yield "".join(lines).encode()
+            part = samples[start : start + CHUNK]
+            if field == 2:  # the last ping: None before the first one (no sample)
+                text = "".join([f"{name}{s[0]} {v!r}\n" for s in part if (v := s[2]) is not None])
+            else:
+                text = "".join([f"{name}{s[0]} {s[field]!r}\n" for s in part])
+            if text:
+                yield text.encode()
 
 
 def _collect_peers(view: ServerView | SupervisorView, out: Exposition) -> None:
