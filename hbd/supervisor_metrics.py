@@ -14,6 +14,7 @@ process). Nothing is spent between scrapes.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Generator
 
@@ -91,5 +92,11 @@ def _take(lines: bytes, out: dict[str, float]) -> None:
     except ValueError:
         return  # a worker restarting mid-reply: its peers keep the registry's last ping
     for pair in pairs:
-        if isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str) and isinstance(pair[1], int | float):
+        if (
+            isinstance(pair, list)
+            and len(pair) == 2
+            and isinstance(pair[0], str)
+            and isinstance(pair[1], int | float)
+            and math.isfinite(pair[1])  # json.loads takes Infinity; hbd.metrics.peer_chunks writes repr
+        ):
             out[pair[0]] = pair[1]
