@@ -251,9 +251,9 @@ class RequestServer:
             if conn.pause is None:
                 conn.pause = self.loop.call_later(rest, functools.partial(self._resume, conn))
             return
-        self._write(conn)
+        sent = self._write(conn)
         if not conn.closed:
-            self.pacer.spent(conn.duty, start, self.loop.time())
+            self.pacer.spent(conn.duty, start, self.loop.time(), sent)
 
     def _resume(self, conn: _Conn) -> None:
         conn.pause = None
@@ -261,7 +261,8 @@ class RequestServer:
             conn.waiting = False  # a spurious pull of a waiting reply only gets None again
             self.loop.add_writer(conn.sock, lambda: self._on_write(conn))
 
-    def _write(self, conn: _Conn) -> None:
+    def _write(self, conn: _Conn) -> int:
+        """Pull the reply while the output is under HIGH_WATER and send; the bytes sent."""
         reply = conn.reply
         buf = [conn.outbuf] if conn.outbuf else []
         size = len(conn.outbuf)
@@ -274,7 +275,7 @@ class RequestServer:
             except Exception:
                 log.exception("%s: the reply failed", self.name)
                 self._close(conn)
-                return
+                return 0
             if chunk is None:
                 conn.waiting = True
                 break
@@ -288,18 +289,20 @@ class RequestServer:
                 sent = 0
             except OSError:
                 self._close(conn)
-                return
+                return 0
             conn.outbuf = out[sent:]
             if sent:
                 conn.active = self.loop.time()
         else:
+            sent = 0
             conn.outbuf = b""
         if conn.outbuf:
-            return  # still writable interest: the socket takes more later
+            return sent  # still writable interest: the socket takes more later
         if reply is None:
             self._close(conn)
         elif conn.waiting:
             self.loop.remove_writer(conn.sock)
+        return sent
 
     def _close(self, conn: _Conn) -> None:
         if conn.closed:

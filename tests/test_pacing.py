@@ -8,22 +8,29 @@ from pathlib import Path
 import pytest
 
 from hbd.control import RequestServer, UnixListener
-from hbd.pacing import BURST, FRACTION, MAX_DEBT, MIN_PAUSE, Duty, Pacer
+from hbd.pacing import BIG, BURST, FRACTION, MAX_DEBT, MIN_PAUSE, Duty, Pacer
 
 
 def test_a_small_reply_is_never_paced() -> None:
+    """Small: under BURST seconds of work, or under BIG bytes however long it worked (a filtered
+    status's scan on a loaded machine)."""
     pacer, duty = Pacer(), Duty()
     now = 0.0
     while duty.work + 0.01 < BURST:
-        pacer.spent(duty, now, now + 0.01)
+        pacer.spent(duty, now, now + 0.01, BIG)
         now += 0.01
         assert pacer.wait(duty, now) == 0.0
+    few = Duty()
+    for _ in range(100):
+        pacer.spent(few, now, now + 0.01, 100)
+        now += 0.01
+        assert pacer.wait(few, now) == 0.0
     assert pacer.big == 0
 
 
 def test_a_big_reply_rests_so_that_it_works_at_most_the_fraction() -> None:
     pacer, duty = Pacer(fraction=0.5), Duty()
-    pacer.spent(duty, 0.0, BURST)  # its burst: from now on it is paced
+    pacer.spent(duty, 0.0, BURST, BIG)  # its burst: from now on it is paced
     assert pacer.big == 1
     now = BURST
     for _ in range(10):
@@ -37,7 +44,7 @@ def test_a_big_reply_rests_so_that_it_works_at_most_the_fraction() -> None:
     assert pacer.wait(duty, now + 0.004 + 0.003) == 0.0  # 1 ms owed: under MIN_PAUSE, not a turn
     # Owed rests below MIN_PAUSE add up until they are worth a pause.
     d2, p2 = Duty(), Pacer(fraction=0.5)
-    p2.spent(d2, 0.0, BURST)
+    p2.spent(d2, 0.0, BURST, BIG)
     t = BURST
     waits = []
     for _ in range(10):
@@ -52,8 +59,8 @@ def test_a_big_reply_rests_so_that_it_works_at_most_the_fraction() -> None:
 def test_big_replies_share_the_fraction_and_a_preempted_slice_owes_at_most_max_debt() -> None:
     pacer = Pacer(fraction=0.5)
     a, b = Duty(), Duty()
-    pacer.spent(a, 0.0, BURST)
-    pacer.spent(b, 0.0, BURST)
+    pacer.spent(a, 0.0, BURST, BIG)
+    pacer.spent(b, 0.0, BURST, BIG)
     assert pacer.big == 2
     pacer.spent(a, 1.0, 1.004)
     assert pacer.wait(a, 1.004) == pytest.approx(0.004 * 3)  # two at once: each rests 3 slices' time
@@ -64,14 +71,15 @@ def test_big_replies_share_the_fraction_and_a_preempted_slice_owes_at_most_max_d
         Pacer(fraction=0)
 
 
-def _serve(tmp_path: Path, vclock, vloop, slices: int, work: float) -> tuple[float, float, bytes]:
-    """A reply of ``slices`` chunks, each ``work`` seconds of (virtual) work, read as fast as it comes:
+def _serve(tmp_path: Path, vclock, vloop, slices: int, work: float, size: int) -> tuple[float, float, bytes]:
+    """A reply of ``slices`` chunks, each ``work`` seconds of (virtual) work and ``size`` bytes more
+    than its number, read as fast as it comes:
     (its duration, the longest gap between two ticks of a 1 ms timer, the bytes read)."""
 
     def handler(request: bytes, wake):
         for i in range(slices):
             vclock.advance(work)
-            yield b"%d," % i
+            yield b"%d," % i + b"." * size
             vloop.call_later(0, wake)
             yield None  # one slice per loop turn, as the status and the scrape do
 
@@ -110,18 +118,24 @@ def _serve(tmp_path: Path, vclock, vloop, slices: int, work: float) -> tuple[flo
 
 
 def test_a_big_reply_through_the_request_server_takes_work_over_fraction(tmp_path: Path, vclock, vloop) -> None:
-    """1 s of work in 4 ms slices takes about 1 s / FRACTION of loop time; every slice's bytes arrive;
+    """1 s of work in 4 ms slices takes about 1 s / FRACTION of loop time (but for its first BIG bytes);
+    every slice's bytes arrive;
     timers still run between slices (the longest gap is one slice, not the rest)."""
-    duration, gap, data = _serve(tmp_path, vclock, vloop, 250, 0.004)
-    assert data == b"".join(b"%d," % i for i in range(250))
+    duration, gap, data = _serve(tmp_path, vclock, vloop, 250, 0.004, 4000)
+    assert data == b"".join(b"%d," % i + b"." * 4000 for i in range(250))
     work = 250 * 0.004
-    assert duration >= 1.5 * work  # paced at all (FRACTION is at most 2/3)
-    assert work / FRACTION * 0.95 <= duration <= work / FRACTION + BURST + 0.1, duration
+    free = max(BURST, BIG / 4000 * 0.004)  # the work done before it counts as big: not paced
+    assert duration >= 1.4 * work  # paced at all (FRACTION is at most 2/3)
+    assert 0.95 <= duration / (free + (work - free) / FRACTION) <= 1.05, duration
     assert gap <= 0.004 + 0.0011
 
 
 def test_a_small_reply_through_the_request_server_is_not_paced(tmp_path: Path, vclock, vloop) -> None:
-    """A filtered status's worth of work (tens of ms) goes at full speed."""
-    duration, _, data = _serve(tmp_path, vclock, vloop, 20, 0.004)
+    """A filtered status's worth of work (tens of ms) goes at full speed; so does one that works long
+    but writes little (a scan of 100,000 peers on a loaded machine, finding a few)."""
+    duration, _, data = _serve(tmp_path, vclock, vloop, 20, 0.004, 4000)
     assert data.count(b",") == 20
     assert duration <= 20 * 0.004 + 0.01, duration
+    duration, _, data = _serve(tmp_path, vclock, vloop, 250, 0.004, 100)
+    assert data.count(b",") == 250
+    assert duration <= 250 * 0.004 + 0.01, duration
