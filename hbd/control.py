@@ -14,7 +14,7 @@ Nothing here may stall the loop, whatever the peer does:
   calls the ``wake`` it was given when it has more (used to relay the replies of worker processes);
 - a big reply (seconds of work: a full status, a scrape at 100,000 peers) is paced by the
   process's ``hbd.pacing.Pacer``: each ``_on_write`` is a slice, timed on the loop's clock, and
-  after its first ``BURST`` of work the reply rests between slices so that it takes at most a
+  after its first ``BURST`` of CPU the reply rests between slices so that it takes at most a
   fraction of the wall-clock time (the CPU it leaves goes to the pongs of this process and others);
 - at most ``MAX_CONNECTIONS`` requests are served at once. When a new one comes and the table is
   full, the oldest connection that has not sent a whole request yet makes room (then one whose
@@ -251,9 +251,10 @@ class RequestServer:
             if conn.pause is None:
                 conn.pause = self.loop.call_later(rest, functools.partial(self._resume, conn))
             return
-        sent = self._write(conn)
+        cpu = self.loop.cpu_clock()
+        self._write(conn)
         if not conn.closed:
-            self.pacer.spent(conn.duty, start, self.loop.time(), sent)
+            self.pacer.spent(conn.duty, start, self.loop.time(), self.loop.cpu_clock() - cpu)
 
     def _resume(self, conn: _Conn) -> None:
         conn.pause = None
@@ -261,8 +262,8 @@ class RequestServer:
             conn.waiting = False  # a spurious pull of a waiting reply only gets None again
             self.loop.add_writer(conn.sock, lambda: self._on_write(conn))
 
-    def _write(self, conn: _Conn) -> int:
-        """Pull the reply while the output is under HIGH_WATER and send; the bytes sent."""
+    def _write(self, conn: _Conn) -> None:
+        """Pull the reply while the output is under HIGH_WATER, and send."""
         reply = conn.reply
         buf = [conn.outbuf] if conn.outbuf else []
         size = len(conn.outbuf)
@@ -275,7 +276,7 @@ class RequestServer:
             except Exception:
                 log.exception("%s: the reply failed", self.name)
                 self._close(conn)
-                return 0
+                return
             if chunk is None:
                 conn.waiting = True
                 break
@@ -289,20 +290,18 @@ class RequestServer:
                 sent = 0
             except OSError:
                 self._close(conn)
-                return 0
+                return
             conn.outbuf = out[sent:]
             if sent:
                 conn.active = self.loop.time()
         else:
-            sent = 0
             conn.outbuf = b""
         if conn.outbuf:
-            return sent  # still writable interest: the socket takes more later
+            return  # still writable interest: the socket takes more later
         if reply is None:
             self._close(conn)
         elif conn.waiting:
             self.loop.remove_writer(conn.sock)
-        return sent
 
     def _close(self, conn: _Conn) -> None:
         if conn.closed:

@@ -3,8 +3,8 @@
 A full status or a scrape at 100,000 peers is seconds of Python. Cut into slices it never holds
 the loop, but on a machine of two cores shared with the workers (and whoever sends the pings) a
 process that works flat out still takes a core the pongs need. So a reply, once it has worked
-``BURST`` seconds and written ``BIG`` bytes (small replies never do: a filtered status, however
-long its scan took on a loaded machine, is a few kilobytes), is paced: after a
+``BURST`` seconds of CPU (small replies never do, a filtered status included: CPU time, not wall
+time, so that a scan preempted on a loaded machine does not count as big), is paced: after a
 slice that took ``t`` it rests ``t * (n / FRACTION - 1)`` before the next, ``n`` being the big
 replies this process paces at once, so that together they use at most ``FRACTION`` of the
 wall-clock time. The time is the loop's clock (monotonic, virtual in tests) read around each
@@ -22,8 +22,7 @@ import weakref
 # takes about 3 s, well inside Prometheus' default 10 s scrape timeout, while the other half of
 # that core stays with the workers' pongs. A smaller fraction would stretch it towards the timeout.
 FRACTION = 0.5
-BURST = 0.1  # seconds of work a reply does unpaced (a filtered status's scan: tens of ms)
-BIG = 256 * 1024  # ... and bytes it writes: a filtered status (100 rows) is under 50 KB, a full one 35 MB
+BURST = 0.1  # CPU seconds a reply works unpaced (a worker's scan for a filtered status: tens of ms)
 MIN_PAUSE = 0.002  # shorter rests are owed, not taken: one loop turn each would cost more than that
 MAX_DEBT = 0.5  # a slice that was preempted for long owes no more than this (replies stalled for 1 s are evicted)
 
@@ -31,25 +30,24 @@ MAX_DEBT = 0.5  # a slice that was preempted for long owes no more than this (re
 class Duty:
     """One reply's account: the work it did, and the rest it owes as of ``at``."""
 
-    __slots__ = ("at", "big", "debt", "sent", "work")
+    __slots__ = ("at", "big", "cpu", "debt", "work")
 
     def __init__(self) -> None:
         self.work = 0.0
-        self.sent = 0  # bytes written
+        self.cpu = 0.0  # CPU seconds of its slices
         self.debt = 0.0
         self.at = 0.0
-        self.big = False  # paced (it has worked BURST seconds and written BIG bytes)
+        self.big = False  # paced (it has worked BURST CPU seconds)
 
 
 class Pacer:
     """The big replies of one process (every request server on its loop shares one)."""
 
-    def __init__(self, fraction: float = FRACTION, burst: float = BURST, big: int = BIG) -> None:
+    def __init__(self, fraction: float = FRACTION, burst: float = BURST) -> None:
         if not 0 < fraction <= 1:
             raise ValueError("fraction must be in (0, 1]")
         self.fraction = fraction
         self.burst = burst
-        self.big_bytes = big
         self.big = 0  # replies being paced now
 
     def wait(self, duty: Duty, now: float) -> float:
@@ -59,13 +57,13 @@ class Pacer:
         owed = duty.debt - (now - duty.at)
         return owed if owed >= MIN_PAUSE else 0.0
 
-    def spent(self, duty: Duty, start: float, end: float, sent: int = 0) -> None:
-        """``duty``'s reply worked from ``start`` to ``end`` and wrote ``sent`` bytes."""
+    def spent(self, duty: Duty, start: float, end: float, cpu: float) -> None:
+        """``duty``'s reply worked from ``start`` to ``end`` (the loop's clock), ``cpu`` of it on the CPU."""
         t = max(end - start, 0.0)
         duty.work += t
-        duty.sent += sent
+        duty.cpu += cpu
         if not duty.big:
-            if duty.work < self.burst or duty.sent < self.big_bytes:
+            if duty.cpu < self.burst:
                 return
             duty.big = True  # the burst owes nothing: the slices after it rest
             self.big += 1
