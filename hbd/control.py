@@ -142,7 +142,9 @@ class RequestServer:
         now = self.loop.time()
         victim = next((c for c in self.conns if not c.requested), None)
         if victim is None:
-            victim = next((c for c in self.conns if not c.waiting and now - c.active >= STALLED_REPLY), None)
+            victim = next(
+                (c for c in self.conns if not c.waiting and c.pause is None and now - c.active >= STALLED_REPLY), None
+            )  # a paced reply resting (hbd.pacing) is not stalled: its rest is ours, not its reader's
         if victim is None:
             return False
         self._drop_note("evicted")
