@@ -142,9 +142,7 @@ class RequestServer:
         now = self.loop.time()
         victim = next((c for c in self.conns if not c.requested), None)
         if victim is None:
-            victim = next(
-                (c for c in self.conns if not c.waiting and c.pause is None and now - c.active >= STALLED_REPLY), None
-            )  # a paced reply resting (hbd.pacing) is not stalled: its rest is ours, not its reader's
+            victim = next((c for c in self.conns if _stalled(c, now)), None)
         if victim is None:
             return False
         self._drop_note("evicted")
@@ -336,6 +334,12 @@ class RequestServer:
         self.sock.close()
         if self._on_close is not None:
             self._on_close()
+
+
+def _stalled(conn: _Conn, now: float) -> bool:
+    """A reply whose reader has taken nothing for STALLED_REPLY. One resting for the pacer
+    (hbd.pacing) is not: its rest is ours, not its reader's."""
+    return not conn.waiting and conn.pause is None and now - conn.active >= STALLED_REPLY
 
 
 def _peer_uid(sock: socket.socket) -> int | None:
