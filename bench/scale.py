@@ -34,6 +34,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -252,6 +253,12 @@ def hbd_numbers(path: Path, timeout: float = 10.0, until: float | None = None, t
     }
 
 
+def _read_status(into: dict[str, Any], name: str, path: Path, p: Plan, until: float | None, log: Any) -> None:
+    into.update(hbd_numbers(path, p.status_wait, until))
+    counts = json.dumps(into["counts"])
+    print(f"bench.scale: {name} {counts} status in {into['status_tries_s']} s", file=log, flush=True)
+
+
 # --- one run --------------------------------------------------------------------------------------
 
 
@@ -351,6 +358,7 @@ def run(p: Plan, tmp: Path, min_free: int, log: Any = sys.stderr) -> dict[str, A
         before_end = sch.se + p.timeout + 3.0
         marks = {"start": start_at, "ramp_end": ramp_end, "ss": sch.ss, "se": sch.se, "before_end": before_end}
         seen: dict[str, dict[str, Any]] = {}
+        readers: list[threading.Thread] = []
         peak: dict[str, int] = {}
         min_avail = None
         aborted = None
@@ -379,20 +387,21 @@ def run(p: Plan, tmp: Path, min_free: int, log: Any = sys.stderr) -> dict[str, A
                         "rss_by_proc": [procstat.status(q).get("VmRSS", 0) for q in pids],
                         "pss_by_proc": [procstat.pss(q) for q in pids],
                         "kernel": k,
-                        **hbd_numbers(status, p.status_wait, sch.end - 0.5 if name == "before_end" else None),
                     }
-                    got = seen[name]
-                    print(
-                        f"bench.scale: {name} {json.dumps(got['counts'])} status in {got['status_tries_s']} s",
-                        file=log,
-                        flush=True,
-                    )
+                    # the status read in a thread of its own: a supervisor slow to answer (tens of seconds
+                    # in a ramp) must not delay the next mark's CPU and memory figures
+                    until = sch.end - 0.5 if name == "before_end" else None
+                    reader = threading.Thread(target=_read_status, args=(seen[name], name, status, p, until, log))
+                    reader.start()
+                    readers.append(reader)
             if not seen and now > start_at:
                 done = min(p.n, int((now - start_at) * p.rate))
                 if int(now) % 30 == 0:
                     print(f"bench.scale: ramp {done}/{p.n}", file=log, flush=True)
             time.sleep(1.0)
         gen_out, _ = gen.communicate(timeout=60)
+        for reader in readers:
+            reader.join(3 * p.status_wait + 5.0)
         pids = srv.pids()
         rec["end"] = {"mem": procstat.tree_status(pids), **hbd_numbers(status, p.status_wait)}
         rec["marks"] = seen
