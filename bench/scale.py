@@ -485,7 +485,7 @@ def derive(rec: dict[str, Any]) -> dict[str, Any]:
         # longest of any mark's (None: no answer within status_wait, after the retries)
         "status_wait_s": p.get("status_wait"),
         "status_end_s": before.get("status_s"),
-        "status_max_s": max((m.get("status_s") or 0 for m in marks.values()), default=None) if marks else None,
+        "status_max_s": max((m["status_s"] for m in marks.values() if m.get("status_s") is not None), default=None),
         "status_unanswered": sum(1 for m in marks.values() if "status_s" in m and m["status_s"] is None),
     }
     ss, se = marks.get("ss"), marks.get("se")
@@ -639,7 +639,7 @@ def write_report(out: Path) -> None:
     n = recs[-1]["plan"]["n"]
     out.with_suffix(".md").write_text(
         f"# bench-scale, N = {n:,}\n\nRaw records: {out.name} (one line per run; `python3 -m bench.scale --render"
-        f" {out}` rewrites this table and the plot).\n\n" + markdown([r["derived"] for r in recs])
+        f" bench/results/{out.name}` rewrites this table and the plot).\n\n" + markdown([r["derived"] for r in recs])
     )
     plot(out.parent, out.parent / "scale.png")
 
