@@ -599,11 +599,15 @@ def plot(results: Path, path: Path) -> bool:
         return False
     rows = [derive(r) for f in sorted(results.glob("scale-*.jsonl")) for r in load(f)]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for interval, colour in ((10.0, "tab:blue"), (60.0, "tab:green")):
-        rs = sorted((d for d in rows if d["interval_s"] == interval and "rss_per_conn_b" in d), key=lambda d: d["n"])
+    series = ((10.0, 30.0, "tab:blue"), (60.0, 90.0, "tab:orange"), (60.0, 180.0, "tab:green"))
+    for interval, timeout, colour in series:  # a timeout under 2 x interval: every peer LATE once an interval
+        rs = sorted(
+            (d for d in rows if (d["interval_s"], d["timeout_s"]) == (interval, timeout) and "rss_per_conn_b" in d),
+            key=lambda d: d["n"],
+        )
         if not rs:
             continue
-        label = f"ping every {interval:g} s"
+        label = f"ping every {interval:g} s, timeout {timeout:g} s"
         ax1.plot([d["n"] for d in rs], [d["rss_per_conn_b"] for d in rs], "o-", color=colour, label=label)
         ax2.plot([d["n"] for d in rs], [d["cpu_pct"] for d in rs], "o-", color=colour, label=label)
         for d in rs:
