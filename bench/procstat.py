@@ -94,3 +94,16 @@ def tree_status(pids: list[int]) -> dict[str, int]:
         for k, v in status(p).items():
             tot[k] += v
     return tot
+
+
+def pss(pid: int) -> int:
+    """Proportional set size in bytes (/proc/PID/smaps_rollup): a forked worker's pages shared with the
+    supervisor count once over the processes that share them, not once in each VmRSS; 0 if unreadable."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0

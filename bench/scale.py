@@ -34,6 +34,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -69,11 +70,19 @@ class Plan:
     deadline: float
     workers: int
     gen_procs: int
+    status_wait: float = 10.0  # how long one status read may take (status_timeout)
 
     @property
     def seconds(self) -> float:
         """The generator's schedule from the first connect to its end (without start and stop)."""
         return self.n / self.rate + self.settle + self.window + self.detect_wait
+
+
+def status_timeout(n: int, interval: float) -> float:
+    """How long the supervisor may take to answer a counts-only status read: 10 s, and 1 s more for
+    every 500 reports a second that N clients could make of it (a state change per peer per interval
+    at worst), at most 45 s (the run's lock time). 250,000 clients at 60 s: 18.3 s."""
+    return round(min(45.0, 10.0 + n / interval / 500.0), 1)
 
 
 def plan(
@@ -85,11 +94,14 @@ def plan(
     per_proc: int = PER_PROC,
 ) -> Plan:
     """Workers and generator processes so that each holds at most PER_PROC connections; a window of
-    at least one interval (every client pings in it); a detection wait of the timeout and 5 s."""
+    at least one interval (every client pings in it); a detection wait of the timeout, 5 s and the
+    status read's time (the DOWN count is read after every silent client is due and before the
+    generator hangs up)."""
     procs = max(1, math.ceil(n / per_proc))
     if procs > MAX_WORKERS:
         raise SystemExit(f"bench.scale: {n} clients need {procs} workers, hbd allows {MAX_WORKERS}")
     timeout = timeout if timeout is not None else 3 * interval
+    wait = status_timeout(n, interval)
     return Plan(
         n=n,
         interval=interval,
@@ -97,10 +109,11 @@ def plan(
         rate=rate,
         settle=5.0,
         window=max(20.0, interval),
-        detect_wait=timeout + 5.0,
+        detect_wait=timeout + 5.0 + wait,
         deadline=deadline,
         workers=procs,
         gen_procs=procs,
+        status_wait=wait,
     )
 
 
@@ -185,15 +198,21 @@ def kernel() -> dict[str, int]:
 
 def status_head(path: Path, timeout: float = 10.0) -> dict[str, Any] | None:
     """The status document without its peer list: read up to ``"peers":[`` and hang up, so that a
-    question at a million peers costs the daemon its counters, not a listing of every peer."""
+    question at a million peers costs the daemon its counters, not a listing of every peer.
+    ``timeout`` bounds the whole read, not each recv."""
     mark = b',"peers":['
     buf = b""
+    end = time.monotonic() + timeout
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
             s.connect(str(path))
             s.sendall(b"status\n")
             while mark not in buf:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return None
+                s.settimeout(left)
                 chunk = s.recv(1 << 16)
                 if not chunk:
                     break
@@ -208,10 +227,36 @@ def status_head(path: Path, timeout: float = 10.0) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
-def hbd_numbers(path: Path) -> dict[str, Any]:
-    doc = status_head(path) or {}
+def hbd_numbers(path: Path, timeout: float = 10.0, until: float | None = None, tries: int = 3) -> dict[str, Any]:
+    """The counts and loop turns from a counts-only status read, retried (each try at most ``timeout``,
+    all before ``until``); how long the answer took (``status_s``: the try that answered, from connect
+    to the head's end) and how many tries, so that a slow supervisor shows as a number, not a gap."""
+    doc: dict[str, Any] | None = None
+    took: list[float] = []
+    for _ in range(tries):
+        t0 = time.monotonic()
+        left = timeout if until is None else min(timeout, until - t0)
+        if left <= 0.5:
+            break
+        doc = status_head(path, left)
+        took.append(round(time.monotonic() - t0, 3))
+        if doc is not None:
+            break
+    doc = doc or {}
     turns = (doc.get("loop") or {}).get("turns")
-    return {"counts": doc.get("counts"), "turns": servers.turns_summary(turns)}
+    return {
+        "counts": doc.get("counts"),
+        "turns": servers.turns_summary(turns),
+        "status_s": took[-1] if doc else None,
+        "status_tries_s": took,
+        "status_done": time.monotonic(),
+    }
+
+
+def _read_status(into: dict[str, Any], name: str, path: Path, p: Plan, until: float | None, log: Any) -> None:
+    into.update(hbd_numbers(path, p.status_wait, until))
+    counts = json.dumps(into["counts"])
+    print(f"bench.scale: {name} {counts} status in {into['status_tries_s']} s", file=log, flush=True)
 
 
 # --- one run --------------------------------------------------------------------------------------
@@ -293,9 +338,11 @@ def run(p: Plan, tmp: Path, min_free: int, log: Any = sys.stderr) -> dict[str, A
         rec["hbd_procs"] = len(pids)
         rec["idle"] = procstat.tree_status(pids)
         rec["idle_rss_by_proc"] = [procstat.status(q).get("VmRSS", 0) for q in pids]
+        rec["idle_pss_by_proc"] = [procstat.pss(q) for q in pids]
         rec["kernel_idle"] = kernel()
         start_at = time.monotonic() + 1.0
         sch = make_schedule(start_at, p.n, p.rate, p.settle, p.window, p.detect_wait, p.deadline)
+        rec["gen_end"] = sch.end  # the generator hangs up here: a DOWN count read later is not the run's
         gen = subprocess.Popen(
             gen_command(p, port, start_at),
             cwd=servers.REPO,
@@ -306,8 +353,12 @@ def run(p: Plan, tmp: Path, min_free: int, log: Any = sys.stderr) -> dict[str, A
             start_new_session=True,  # its workers are one process group: stopped together on abort
         )
         ramp_end = start_at + p.n / p.rate
-        marks = {"start": start_at, "ramp_end": ramp_end, "ss": sch.ss, "se": sch.se, "before_end": sch.end - 2.0}
+        # before_end: every silent client is due (se + timeout) and the read has status_wait before the
+        # generator hangs up (at sch.end: after that every peer goes DOWN and the count means nothing)
+        before_end = sch.se + p.timeout + 3.0
+        marks = {"start": start_at, "ramp_end": ramp_end, "ss": sch.ss, "se": sch.se, "before_end": before_end}
         seen: dict[str, dict[str, Any]] = {}
+        readers: list[threading.Thread] = []
         peak: dict[str, int] = {}
         min_avail = None
         aborted = None
@@ -334,18 +385,25 @@ def run(p: Plan, tmp: Path, min_free: int, log: Any = sys.stderr) -> dict[str, A
                         "cpu_by_proc_s": [procstat.cpu_s(q) for q in pids],  # the supervisor first
                         "mem": procstat.tree_status(pids),
                         "rss_by_proc": [procstat.status(q).get("VmRSS", 0) for q in pids],
+                        "pss_by_proc": [procstat.pss(q) for q in pids],
                         "kernel": k,
-                        **hbd_numbers(status),
                     }
-                    print(f"bench.scale: {name} {json.dumps(seen[name]['counts'])}", file=log, flush=True)
+                    # the status read in a thread of its own: a supervisor slow to answer (tens of seconds
+                    # in a ramp) must not delay the next mark's CPU and memory figures
+                    until = sch.end - 0.5 if name == "before_end" else None
+                    reader = threading.Thread(target=_read_status, args=(seen[name], name, status, p, until, log))
+                    reader.start()
+                    readers.append(reader)
             if not seen and now > start_at:
                 done = min(p.n, int((now - start_at) * p.rate))
                 if int(now) % 30 == 0:
                     print(f"bench.scale: ramp {done}/{p.n}", file=log, flush=True)
             time.sleep(1.0)
         gen_out, _ = gen.communicate(timeout=60)
+        for reader in readers:
+            reader.join(3 * p.status_wait + 5.0)
         pids = srv.pids()
-        rec["end"] = {"mem": procstat.tree_status(pids), **hbd_numbers(status)}
+        rec["end"] = {"mem": procstat.tree_status(pids), **hbd_numbers(status, p.status_wait)}
         rec["marks"] = seen
         rec["peak"] = peak
         rec["min_mem_available"] = min_avail
@@ -392,7 +450,9 @@ def derive(rec: dict[str, Any]) -> dict[str, Any]:
     connected = g.get("connected", 0)
     silent = g.get("silent", {})
     silenced = silent.get("silenced", 0)
-    end_counts = (marks.get("before_end") or {}).get("counts") or {}
+    before = marks.get("before_end") or {}
+    late_read = rec.get("gen_end") is not None and before.get("status_done", 0) > rec["gen_end"]
+    end_counts = {} if late_read else before.get("counts") or {}
     se_counts = (marks.get("se") or {}).get("counts") or {}
     server_down = end_counts.get("DOWN")
     false_client = errors.get("closed_by_peer", 0) + errors.get("reset", 0)
@@ -420,6 +480,13 @@ def derive(rec: dict[str, Any]) -> dict[str, Any]:
         "detect_ms": silent.get("detect_ms"),
         "detect_min_ms": silent.get("detect_min_ms"),
         "gen_cpu_pct": g.get("gen_cpu_pct"),
+        "gen_cpu_max_proc_pct": g.get("gen_cpu_max_proc_pct"),
+        # how long the supervisor took to answer the counts-only status read: the DOWN count's, and the
+        # longest of any mark's (None: no answer within status_wait, after the retries)
+        "status_wait_s": p.get("status_wait"),
+        "status_end_s": before.get("status_s"),
+        "status_max_s": max((m["status_s"] for m in marks.values() if m.get("status_s") is not None), default=None),
+        "status_unanswered": sum(1 for m in marks.values() if "status_s" in m and m["status_s"] is None),
     }
     ss, se = marks.get("ss"), marks.get("se")
     idle = rec.get("idle", {})
@@ -434,16 +501,25 @@ def derive(rec: dict[str, Any]) -> dict[str, Any]:
         if by0 and by1 and len(by0) == len(by1):
             pct = [round(100.0 * (b - a) / (se["t"] - ss["t"]), 1) for a, b in zip(by0, by1, strict=True)]
             d["cpu_supervisor_pct"], d["cpu_worker_max_pct"] = pct[0], max(pct[1:], default=None)
+            d["cpu_workers_pct"] = round(sum(pct[1:]), 1)
         d["rss_per_conn_b"] = round((se["mem"]["VmRSS"] - idle["VmRSS"]) / connected)
         by0, by1 = rec.get("idle_rss_by_proc"), se.get("rss_by_proc")
         if by0 and by1 and len(by0) == len(by1):  # where the memory is: the registry's process or the workers
             d["rss_supervisor_per_conn_b"] = round((by1[0] - by0[0]) / connected)
             d["rss_workers_per_conn_b"] = round((sum(by1[1:]) - sum(by0[1:])) / connected)
+        by0, by1 = rec.get("idle_pss_by_proc"), se.get("pss_by_proc")
+        if by0 and by1 and len(by0) == len(by1) and all(by1):  # proportional: shared pages counted once
+            d["pss_per_conn_b"] = round((sum(by1) - sum(by0)) / connected)
+            d["pss_supervisor_per_conn_b"] = round((by1[0] - by0[0]) / connected)
+            d["pss_workers_per_conn_b"] = round((sum(by1[1:]) - sum(by0[1:])) / connected)
         d["rss_total_mib"] = round(se["mem"]["VmRSS"] / 2**20)
         k, k0 = se["kernel"], rec.get("kernel_idle", {})
         d["kernel"] = {
             "tcp_inuse": k.get("tcp_inuse"),
             "tcp_mem_mib": round(k.get("tcp_mem_pages", 0) * 4096 / 2**20, 1),
+            "sockets_used": k.get("sockets_used"),
+            "tcp_orphan": k.get("tcp_orphan"),
+            "tcp_tw": k.get("tcp_tw"),
             "slab_per_conn_b": round((k.get("Slab", 0) - k0.get("Slab", 0)) / connected),
             "used_per_conn_b": round(((k0.get("MemAvailable", 0) - k.get("MemAvailable", 0)) / connected) if k0 else 0),
             "files_open": k.get("files_open"),
@@ -482,9 +558,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     """A table of derived rows, one per run."""
     head = (
         "| N | interval | workers | connected | errors | missed pongs | false deaths (client / server) | silent"
-        " closed after (min-max, timeout) | RSS/conn (VmRSS, VmHWM) | hbd CPU | longest loop turn (with the"
-        " teardown) | kernel slab/conn |"
-        " held |\n|" + "---|" * 13 + "\n"
+        " closed after (min-max, timeout) | RSS/conn (VmRSS, VmHWM; PSS) | hbd CPU (supervisor, workers) |"
+        " longest loop turn (with the teardown) | kernel slab/conn | status answer (end, slowest) |"
+        " held |\n|" + "---|" * 14 + "\n"
     )
     lines = []
     for d in rows:
@@ -494,12 +570,18 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"| {d['n']:,} | {d['interval_s']:g} s | {d['workers']} | {d['connected']:,} | {d['errors']} |"
             f" {d['missed']} | {d['false_deaths']} / {d['false_deaths_server']} |"
             f" {(d.get('detect_min_ms') or 0) / 1000:.3f}-{(det.get('max') or 0) / 1000:.3f} s ({d['timeout_s']:g} s) |"
-            f" {d.get('rss_per_conn_b', '-')} B, {d.get('hwm_per_conn_b', '-')} B | {d.get('cpu_pct', '-')} % |"
+            f" {d.get('rss_per_conn_b', '-')} B, {d.get('hwm_per_conn_b', '-')} B; {d.get('pss_per_conn_b', '-')} B |"
+            f" {d.get('cpu_pct', '-')} % ({d.get('cpu_supervisor_pct', '-')}, {d.get('cpu_workers_pct', '-')}) |"
             f" {d.get('loop_turn_max_ms', '-')} ms ({d.get('loop_turn_max_with_teardown_ms', '-')} ms) |"
             f" {k.get('slab_per_conn_b', '-')} B |"
+            f" {_secs(d.get('status_end_s'))}, {_secs(d.get('status_max_s'))} |"
             f" {'yes' if d['held'] else 'NO' + (': ' + d['aborted'] if d['aborted'] else '')} |"
         )
     return head + "\n".join(lines) + "\n"
+
+
+def _secs(s: float | None) -> str:
+    return "-" if s is None else f"{s:.2f} s"
 
 
 def load(path: Path) -> list[dict[str, Any]]:
@@ -517,11 +599,15 @@ def plot(results: Path, path: Path) -> bool:
         return False
     rows = [derive(r) for f in sorted(results.glob("scale-*.jsonl")) for r in load(f)]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for interval, colour in ((10.0, "tab:blue"), (60.0, "tab:green")):
-        rs = sorted((d for d in rows if d["interval_s"] == interval and "rss_per_conn_b" in d), key=lambda d: d["n"])
+    series = ((10.0, 30.0, "tab:blue"), (60.0, 90.0, "tab:orange"), (60.0, 180.0, "tab:green"))
+    for interval, timeout, colour in series:  # a timeout under 2 x interval: every peer LATE once an interval
+        rs = sorted(
+            (d for d in rows if (d["interval_s"], d["timeout_s"]) == (interval, timeout) and "rss_per_conn_b" in d),
+            key=lambda d: d["n"],
+        )
         if not rs:
             continue
-        label = f"ping every {interval:g} s"
+        label = f"ping every {interval:g} s, timeout {timeout:g} s"
         ax1.plot([d["n"] for d in rs], [d["rss_per_conn_b"] for d in rs], "o-", color=colour, label=label)
         ax2.plot([d["n"] for d in rs], [d["cpu_pct"] for d in rs], "o-", color=colour, label=label)
         for d in rs:
@@ -557,7 +643,7 @@ def write_report(out: Path) -> None:
     n = recs[-1]["plan"]["n"]
     out.with_suffix(".md").write_text(
         f"# bench-scale, N = {n:,}\n\nRaw records: {out.name} (one line per run; `python3 -m bench.scale --render"
-        f" {out}` rewrites this table and the plot).\n\n" + markdown([r["derived"] for r in recs])
+        f" bench/results/{out.name}` rewrites this table and the plot).\n\n" + markdown([r["derived"] for r in recs])
     )
     plot(out.parent, out.parent / "scale.png")
 

@@ -126,6 +126,9 @@ class RequestServer:
         self.conns[conn] = None
         self.loop.add_reader(sock, functools.partial(self._on_read, conn))
         conn.timer = self.loop.call_later(REQUEST_DEADLINE, functools.partial(self._too_slow, conn))
+        # A client sends its request as it connects: read (and answer) it in this turn, not two turns
+        # later. Each turn of a busy supervisor can be seconds long (issue 14: 400,000 clients).
+        self._on_read(conn)
 
     def _accept_failed(self, exc: OSError) -> None:
         log.error(
@@ -226,6 +229,7 @@ class RequestServer:
         if request is None:
             conn.reply = iter([self.too_long])
             self.loop.add_writer(conn.sock, lambda: self._on_write(conn))
+            self._on_write(conn)
             return
         self.peer_uid = _peer_uid(conn.sock)
         try:
@@ -235,6 +239,7 @@ class RequestServer:
             self._close(conn)
             return
         self.loop.add_writer(conn.sock, lambda: self._on_write(conn))
+        self._on_write(conn)  # a fresh socket takes the first slice now: no turn's wait for writability
 
     def _wake(self, conn: _Conn) -> None:
         if not conn.closed and conn.waiting:

@@ -4,7 +4,7 @@
 # bench-quick  CI-sized run (about 2 min): N = 100, 1000, writes bench/results/tmp/quick.{jsonl,png}
 # bench-scale  N named clients (default N=100000, about 3 min) pinging every INTERVAL s (default 10) against
 #              hbd with workers, state store and history; writes bench/results/scale-N.{jsonl,md}, scale.png.
-#              Toward a million: make bench-scale N=250000 INTERVAL=60 SCALE_ARGS="--rate 1500" (timeout 3 x
+#              Toward a million: make bench-scale N=250000 INTERVAL=60 SCALE_ARGS="--rate 2000" (timeout 3 x
 #              interval; a timeout under 2 x interval makes every client go LATE and back once an interval)
 #              Runs under flock $(BENCH_LOCK): one load run at a time on a shared machine.
 # They run on Debian's python3 and install what they miss with apt-get (root, or sudo):

@@ -176,3 +176,51 @@ def test_render_rewrites_the_table_from_the_raw_records(tmp_path: Path) -> None:
     scale.main_args(["--render", str(out)])
     md = (tmp_path / "scale-100000.md").read_text()
     assert "N = 100,000" in md and md.count("| yes |") == 1 and md.count("| NO |") == 1
+
+
+def test_the_status_read_waits_longer_for_more_reports_a_second() -> None:
+    assert scale.status_timeout(100_000, 10.0) == 30.0  # 10,000 reports/s: 10 + 20 s
+    assert scale.status_timeout(1_000, 10.0) == 10.2
+    assert scale.status_timeout(1_000_000, 10.0) == 45.0  # at most 45 s
+    p = scale.plan(250_000, interval=60.0)
+    assert p.timeout == 180.0 and p.status_wait == 18.3
+    assert p.detect_wait == p.timeout + 5.0 + p.status_wait  # room for the DOWN count before the hang-up
+
+
+def test_a_down_count_read_after_the_generator_hung_up_is_not_the_runs() -> None:
+    r = copy.deepcopy(record())
+    r["gen_end"] = 160.0
+    r["marks"]["before_end"]["status_done"] = 159.0
+    assert scale.derive(r)["held"] is True
+    r["marks"]["before_end"]["status_done"] = 161.0  # every peer is DOWN by then
+    d = scale.derive(r)
+    assert d["server_down"] is None and d["held"] is False
+
+
+def test_hbd_numbers_retries_and_says_how_long_the_answer_took(tmp_path: Path) -> None:
+    """The first connection is never answered; the second is: both tries are recorded."""
+    path = tmp_path / "s.sock"
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    srv.listen(4)
+
+    def serve() -> None:
+        first, _ = srv.accept()  # left unanswered until the reader gives up
+        second, _ = srv.accept()
+        with first, second:
+            second.recv(64)
+            second.sendall(b'{"counts":{"UP":2,"DOWN":0},"loop":{"turns":null},"peers":[]}\n')
+            second.recv(64)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    got = scale.hbd_numbers(path, timeout=1.0)
+    t.join(10.0)
+    srv.close()
+    assert got["counts"] == {"UP": 2, "DOWN": 0}
+    assert len(got["status_tries_s"]) == 2 and got["status_tries_s"][0] >= 0.9
+    assert got["status_s"] == got["status_tries_s"][1] < 1.0
+
+
+def test_pss_of_this_process() -> None:
+    assert 0 < scale.procstat.pss(scale.os.getpid()) < 1 << 34

@@ -86,6 +86,25 @@ def test_large_reply_is_written_in_slices_without_stalling_the_loop(tmp_path: Pa
     loop.close()
 
 
+def test_a_request_sent_with_the_connect_is_answered_in_the_turn_that_accepts_it(tmp_path: Path) -> None:
+    """Accept, request and reply in one loop turn (three before): under a busy supervisor, whose
+    turns take seconds at 400,000 clients, that is the status answer's wait."""
+    loop = EventLoop()
+    listener = UnixListener(str(tmp_path / "c.sock"))
+    server = RequestServer(loop, listener.sock, lambda request, wake: iter([b'{"counts": {}}\n']))
+    client = socket.socket(socket.AF_UNIX)
+    client.connect(listener.path)
+    client.sendall(b"status\n")
+    loop.run_once(1.0)  # one turn
+    client.setblocking(False)
+    assert client.recv(1024) == b'{"counts": {}}\n'
+    assert not server.conns
+    client.close()
+    server.close()
+    listener.remove()
+    loop.close()
+
+
 def test_request_limits(tmp_path: Path) -> None:
     loop = EventLoop()
     listener = UnixListener(str(tmp_path / "c.sock"))

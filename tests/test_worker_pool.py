@@ -76,3 +76,46 @@ def test_a_worker_silent_past_hang_after_is_killed_but_not_for_the_supervisors_o
     assert killed == []
     seconds(int(HANG_AFTER) + 2, [a])  # b really stops reporting
     assert killed == [102]
+
+
+class _Reports:
+    def __init__(self, into: list[object]) -> None:
+        self.into = into
+
+    def report(self, index: int, msg: object) -> None:
+        self.into.append(msg)
+
+
+def test_a_turn_reads_a_bounded_share_of_reports_however_many_workers() -> None:
+    """Every worker's pipe full of reports: one read of each (what one loop turn does) takes at most
+    TURN_READ in all with many workers (24 x 16 KB before: a 12 s turn at 400,000 clients), the
+    whole PIPE_READ with few; nothing is lost, the rest waits in the pipes."""
+    from hbd.worker_pool import MIN_READ, TURN_READ
+    from hbd.workers_codec import PIPE_READ, PeerConnected, encode
+
+    frame = encode(PeerConnected(7, "c1-7", None, "127.0.0.1:40000", 180.0))
+    for count in (2, 24, 64):
+        loop = EventLoop()
+        pool = WorkerPool(loop, None, lambda *a: None, lambda: None)  # type: ignore[arg-type]
+        got: list[object] = []
+        pool.peers = _Reports(got)  # type: ignore[assignment]
+        pipes = [os.pipe() for _ in range(count)]
+        try:
+            for i, (r, w) in enumerate(pipes):
+                os.set_blocking(w, False)
+                os.write(w, frame * (PIPE_READ // len(frame) + 50))  # more than one full read
+                pool.workers[1000 + i] = Worker(i + 1, 1000 + i, r, -1, 0.0)
+            for wk in list(pool.workers.values()):
+                pool._on_pipe(wk)
+            taken = len(got) * len(frame)
+            share = max(MIN_READ, min(PIPE_READ, TURN_READ // count))
+            assert taken <= count * share + count * len(frame)
+            if count >= 24:
+                assert taken <= TURN_READ + count * MIN_READ
+            else:
+                assert taken >= count * (PIPE_READ - len(frame))
+        finally:
+            for r, w in pipes:
+                os.close(r)
+                os.close(w)
+            loop.close()
