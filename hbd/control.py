@@ -56,6 +56,14 @@ ACCEPT_BATCH = 16
 SOCKET_MODE = 0o660
 
 
+# Why a connection was closed, by the name it is counted under in ``dropped``.
+_DROPPED_WHY = {
+    "slow": f"no whole request within {REQUEST_DEADLINE:g} s of connecting",
+    "evicted": f"all {MAX_CONNECTIONS} slots taken, this one still without a whole request",
+    "refused": f"all {MAX_CONNECTIONS} slots busy answering",
+}
+
+
 class _Conn:
     __slots__ = (
         "active",
@@ -166,15 +174,10 @@ class RequestServer:
             return
         self._logged_at = now
         held, self._held = self._held, 0
-        what = {
-            "slow": f"no whole request within {REQUEST_DEADLINE:g} s of connecting",
-            "evicted": f"all {MAX_CONNECTIONS} slots taken, this one still without a whole request",
-            "refused": f"all {MAX_CONNECTIONS} slots busy answering",
-        }[kind]
         log.warning(
             "%s: closed a connection: %s%s",
             self.name,
-            what,
+            _DROPPED_WHY[kind],
             f" ({held} more closed since the last such line)" if held else "",
             extra=fields(event="request-dropped"),
         )
@@ -228,16 +231,14 @@ class RequestServer:
         conn.timer = self.loop.call_later(IDLE_TIMEOUT, functools.partial(self._idle, conn))
         if request is None:
             conn.reply = iter([self.too_long])
-            self.loop.add_writer(conn.sock, lambda: self._on_write(conn))
-            self._on_write(conn)
-            return
-        self.peer_uid = _peer_uid(conn.sock)
-        try:
-            conn.reply = self.handler(request, lambda: self._wake(conn))
-        except Exception:
-            log.exception("%s: cannot answer %r", self.name, request[:64] if request else request)
-            self._close(conn)
-            return
+        else:
+            self.peer_uid = _peer_uid(conn.sock)
+            try:
+                conn.reply = self.handler(request, lambda: self._wake(conn))
+            except Exception:
+                log.exception("%s: cannot answer %r", self.name, request[:64] if request else request)
+                self._close(conn)
+                return
         self.loop.add_writer(conn.sock, lambda: self._on_write(conn))
         self._on_write(conn)  # a fresh socket takes the first slice now: no turn's wait for writability
 
