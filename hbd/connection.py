@@ -12,11 +12,15 @@ import socket
 from collections.abc import Callable
 from typing import Protocol
 
-from hbd.loop import EventLoop, Timer
+from hbd.loop import EventLoop, HangUp, Timer
 from hbd.protocol import ProtocolError, ServerPeer
 
 MAX_OUTBUF = 64 * 1024  # a peer that pings but never reads its pongs is dropped past this
 RECV_SIZE = 4096
+
+
+class Ends(Protocol):
+    on_hangup: HangUp  # one callable for every connection (hbd.server_ends): its peer ended
 
 
 class Owner(Protocol):
@@ -24,6 +28,9 @@ class Owner(Protocol):
 
     loop: EventLoop
     clock: Callable[[], float]
+
+    @property
+    def ending(self) -> Ends: ...  # ends not yet closed or reported: it takes the hang-ups
 
     def is_open(self, conn: Connection) -> bool: ...  # still held (not closed by what it just did)
     def arm(self, conn: Connection, forgiven: float = 0.0) -> None: ...  # file it under its next deadline (+ forgiven)
@@ -62,7 +69,7 @@ class Connection:
 
     def start(self) -> None:
         """Serve it: watch the socket and file its first deadline."""
-        self.owner.loop.add_reader(self.sock, self.on_read)
+        self.owner.loop.add_reader(self.sock, self.on_read, self.owner.ending.on_hangup)
         self.arm()
         self.owner.connected(self, "")
 

@@ -22,7 +22,7 @@ from bisect import bisect_left
 from collections.abc import Callable
 from typing import Protocol
 
-from hbd.selector import MAX_EVENTS, default_selector  # noqa: F401 (MAX_EVENTS: the loop's bound, for the tests)
+from hbd.selector import EVENT_HANGUP, MAX_EVENTS, EpollSelector, default_selector  # noqa: F401 (MAX_EVENTS: tests)
 from hbd.view import TURN_BUCKETS
 
 Callback = Callable[[], object]
@@ -34,6 +34,10 @@ class HasFileno(Protocol):
 
 # What the selector watches: a socket (plain or TLS), a pipe's fd, anything with fileno().
 FileLike = int | HasFileno
+# A reader's hang-up callback (add_reader's ``hung_up``): called with the socket instead of the reader
+# once its peer has ended (closed or shut down its side; data sent before may still be unread), so one
+# callable serves every socket. epoll only (EPOLLRDHUP, hbd.selector); elsewhere the reader reads the end.
+HangUp = Callable[[FileLike], object]
 
 # A wake-up this much later than planned, or this much of a turn spent not running (wall time
 # minus our thread's CPU time), means our own process was stopped or starved (SIGSTOP, swap, CPU
@@ -42,6 +46,7 @@ FileLike = int | HasFileno
 STALL_THRESHOLD = 0.25
 _READ = selectors.EVENT_READ
 _WRITE = selectors.EVENT_WRITE
+_HANGUP = EVENT_HANGUP
 
 # What one turn handles at most: MAX_EVENTS ready sockets (hbd.selector's bound) and MAX_TIMERS due
 # timers. The rest waits for the next turn, which does not sleep (epoll is level-triggered: a ready
@@ -118,20 +123,17 @@ class EventLoop:
             self._cancelled += 1
 
     # -- I/O ------------------------------------------------------------------------------------
-    def add_reader(self, sock: FileLike, callback: Callback) -> None:
-        self._set(sock, 0, callback)
+    def add_reader(self, sock: FileLike, callback: Callback, hung_up: HangUp | None = None) -> None:
+        _set_callback(self.selector, sock, 0, callback, hung_up)  # hung_up: see HangUp
 
     def remove_reader(self, sock: FileLike) -> None:
-        self._set(sock, 0, None)
+        _set_callback(self.selector, sock, 0, None)  # (and its hang-up callback: it comes with the reader)
 
     def add_writer(self, sock: FileLike, callback: Callback) -> None:
-        self._set(sock, 1, callback)
+        _set_callback(self.selector, sock, 1, callback)
 
     def remove_writer(self, sock: FileLike) -> None:
-        self._set(sock, 1, None)
-
-    def _set(self, sock: FileLike, slot: int, callback: Callback | None) -> None:
-        _set_callback(self.selector, sock, slot, callback)
+        _set_callback(self.selector, sock, 1, None)
 
     def forget(self, sock: FileLike) -> None:
         """Drop every callback of a socket that is about to be closed."""
@@ -139,7 +141,7 @@ class EventLoop:
             key = self.selector.unregister(sock)
         except (KeyError, ValueError):
             return
-        key.data[0] = key.data[1] = None  # events already returned for it in this turn are skipped
+        key.data[0] = key.data[1] = key.data[2] = None  # events already returned for it in this turn are skipped
 
     # -- signals ----------------------------------------------------------------------------------
     def add_signal_handler(self, signum: int, callback: Callback) -> None:
@@ -216,7 +218,9 @@ class EventLoop:
             cbs = key.data
             cb = None
             try:  # free unless something raises (3.11): no cost per event on the normal path
-                if mask & _READ:
+                if mask & _HANGUP and (cb := cbs[2]) is not None:  # only a socket with one is told (HangUp)
+                    cb(key.fileobj)
+                elif mask & _READ:
                     cb = cbs[0]
                     if cb is not None:
                         cb()
@@ -317,20 +321,33 @@ class EventLoop:
         self.selector.close()
 
 
-def _set_callback(selector: selectors.BaseSelector, sock: FileLike, slot: int, callback: Callback | None) -> None:
-    """Set (or with None clear) the read (slot 0) or write (slot 1) callback of ``sock``: the selector
-    watches what has a callback, and forgets a socket that has none left."""
+def _set_callback(
+    selector: selectors.BaseSelector,
+    sock: FileLike,
+    slot: int,
+    callback: Callback | None,
+    hung_up: HangUp | None = None,
+) -> None:
+    """Set (or with None clear) the read (slot 0) or write (slot 1) callback of ``sock``, and with the
+    read callback its hang-up callback (slot 2): the selector watches what has a callback, and forgets a
+    socket that has none left."""
+    if hung_up is not None and not isinstance(selector, EpollSelector):
+        hung_up = None  # no EPOLLRDHUP: the reader reads the end
     try:
         key = selector.get_key(sock)
     except KeyError:
         if callback is None:
             return
-        cbs: list[Callback | None] = [None, None]
+        cbs: list[Callable[..., object] | None] = [None, None, None]
         cbs[slot] = callback
+        if slot == 0:
+            cbs[2] = hung_up
         selector.register(sock, _mask(cbs), cbs)
         return
     cbs = key.data
     cbs[slot] = callback
+    if slot == 0:
+        cbs[2] = hung_up if callback is not None else None
     mask = _mask(cbs)
     if mask:
         selector.modify(sock, mask, cbs)
@@ -339,7 +356,7 @@ def _set_callback(selector: selectors.BaseSelector, sock: FileLike, slot: int, c
 
 
 def _mask(cbs: list[Callback | None]) -> int:
-    return (selectors.EVENT_READ if cbs[0] else 0) | (selectors.EVENT_WRITE if cbs[1] else 0)
+    return (_READ if cbs[0] else 0) | (_WRITE if cbs[1] else 0) | (_HANGUP if cbs[2] else 0)
 
 
 def _note_signal(signum: int, frame: object) -> None:

@@ -10,6 +10,11 @@ a bounded share of a mass event (docs/performance.md, "Mass events"). The kernel
 round-robin (a level-triggered descriptor returned goes to the back of epoll's ready list), so
 none starves however many are ready; and the event buffer is ``max_events`` long, not one entry
 per registered descriptor (240 KB allocated every call at 20,000).
+
+A descriptor registered with ``EVENT_HANGUP`` as well is watched for the peer's end too (epoll's
+``EPOLLRDHUP``, and ``EPOLLHUP``/``EPOLLERR``): its event then carries ``EVENT_HANGUP``, so the
+loop can hand an end to a cheaper callback than a read (docs/performance.md, "Mass events": a
+survivor's ping waits behind every end ready before it).
 """
 
 from __future__ import annotations
@@ -17,11 +22,30 @@ from __future__ import annotations
 import math
 import select
 import selectors
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from _typeshed import FileDescriptorLike
 
 _READ = selectors.EVENT_READ
 _WRITE = selectors.EVENT_WRITE
-_NOT_IN = ~select.EPOLLIN  # any other bit (EPOLLOUT, EPOLLERR, EPOLLHUP) wakes a writer
-_NOT_OUT = ~select.EPOLLOUT  # any other bit (EPOLLIN, EPOLLERR, EPOLLHUP) wakes a reader
+EVENT_HANGUP = 4  # next to selectors' EVENT_READ (1) and EVENT_WRITE (2): the peer's end
+_ENDED = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+_BITS = select.EPOLLIN | select.EPOLLPRI | select.EPOLLOUT | _ENDED  # what epoll returns when asked for these
+
+
+def _translate(ev: int) -> int:
+    """epoll's bits as the loop's: any bit but EPOLLIN wakes a writer, any but EPOLLOUT a reader (as the
+    standard library's selector does), and an end sets EVENT_HANGUP."""
+    return (
+        (_WRITE if ev & ~select.EPOLLIN else 0)
+        | (_READ if ev & ~select.EPOLLOUT else 0)
+        | (EVENT_HANGUP if ev & _ENDED else 0)
+    )
+
+
+# Every combination of _BITS, looked up once per event (``& key.events`` drops what a key does not watch)
+_MASKS = {ev: _translate(ev) for ev in range(_BITS + 1) if ev & ~_BITS == 0}
 # Ready descriptors per select(): a close costs 40-70 us, so 256 are 10-18 ms of a turn; the rest
 # are returned by the next calls (epoll is level-triggered).
 MAX_EVENTS = 256
@@ -50,11 +74,44 @@ class EpollSelector(selectors.EpollSelector):
             return []
         self.full = len(ready) >= self.max_events
         keys = self._keys
-        return [
-            (key, ((_WRITE if ev & _NOT_IN else 0) | (_READ if ev & _NOT_OUT else 0)) & key.events)
-            for fd, ev in ready
-            if (key := keys.get(fd)) is not None
-        ]
+        masks = _MASKS
+        return [(key, masks[ev & _BITS] & key.events) for fd, ev in ready if (key := keys.get(fd)) is not None]
+
+    def register(self, fileobj: FileDescriptorLike, events: int, data: object = None) -> selectors.SelectorKey:
+        if not events & EVENT_HANGUP:
+            return super().register(fileobj, events, data)
+        fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+        if fd in self._keys:
+            raise KeyError(f"{fileobj!r} (FD {fd}) is already registered")
+        key = selectors.SelectorKey(fileobj, fd, events, data)
+        self._epoll.register(fd, _epoll_mask(events))
+        self._keys[fd] = key
+        return key
+
+    def modify(self, fileobj: FileDescriptorLike, events: int, data: object = None) -> selectors.SelectorKey:
+        fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+        key = self._keys.get(fd)
+        if key is None or not (events | key.events) & EVENT_HANGUP:
+            return super().modify(fileobj, events, data)
+        if events != key.events:
+            self._epoll.modify(fd, _epoll_mask(events))
+        key = key._replace(events=events, data=data)
+        self._keys[fd] = key
+        return key
+
+
+def _epoll_mask(events: int) -> int:
+    return (
+        (select.EPOLLIN if events & _READ else 0)
+        | (select.EPOLLOUT if events & _WRITE else 0)
+        | (select.EPOLLRDHUP if events & EVENT_HANGUP else 0)
+    )
+
+
+def busy(selector: selectors.BaseSelector) -> bool:
+    """The last select() returned a full batch (``max_events``): more sockets are ready behind it, so
+    deferrable work should take only a small share of the next turns."""
+    return isinstance(selector, EpollSelector) and selector.full
 
 
 def default_selector() -> selectors.BaseSelector:

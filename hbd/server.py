@@ -64,7 +64,7 @@ class Server(Daemon):
         # is the supervisor's, and this worker reports to it (hbd.registry_remote).
         self.registry: ServerRegistry | None = None
         self.remote: RemotePeers | None = None
-        self.ending = EndQueue(self.loop, lambda conn: self.remote.closed(conn) if self.remote else None)
+        self.ending = EndQueue(self.loop, lambda conn: self.remote.closed(conn) if self.remote else None, self.conns)
         self.report.before = self.ending.work_off  # queued ends before a greeting or a change (a takeover)
 
     # what the status socket and the metrics read

@@ -1,10 +1,15 @@
-"""Ends closed but not yet reported: a mass disconnect must not hold back the survivors' pongs.
+"""Ends not yet closed or reported: a mass disconnect must not hold back the survivors' pongs.
 
-The server closes an ended connection in the turn that reads its end (unregister, close: the
-cheap part) and queues its report (log line, registry ``gone``, hooks; a worker's ``PeerGone``:
-40-70 us) here. A timer works them off after the turn's I/O, oldest first; anything that must
-see them first (a greeting, a verdict) calls ``work_off()`` for all of them. At most one per
-connection: bounded by max_clients.
+An end costs in three parts. Its hang-up (epoll's ``EPOLLRDHUP``: the peer closed or shut down its
+side) is seen without a read: in that turn the connection is only taken off epoll (``hung_up``,
+1-2 us), so that epoll does not return it again and the sockets ready behind it (survivors'
+pings) come next. Its close (the data it sent before its end, answered as before, then the read
+of its end, shutdown, close: 15-20 us) and its report (log line, registry ``gone``, hooks; a
+worker's ``PeerGone``: 40-70 us) are queued here and worked off by a timer after each turn's I/O,
+oldest first, a bounded share a turn. An end read the usual way (a connection without the
+hang-up watch: TLS; a reset) is closed in its turn and only its report is queued. Anything that
+must see the ends first (a greeting, a verdict) calls ``work_off()`` for all of them. At most one
+of each per connection: bounded by max_clients.
 """
 
 from __future__ import annotations
@@ -13,24 +18,32 @@ import collections
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
+from hbd.selector import busy
+
 if TYPE_CHECKING:
     from hbd.connection import Connection
-    from hbd.loop import EventLoop, Timer
+    from hbd.loop import EventLoop, FileLike, HangUp, Timer
 
-# Reports per turn (40-70 us each): 256 when the loop has caught up, 16 while its select() returns
-# full batches, so that the sockets ready behind them (survivors' pings) go first.
+# Closes and reports per turn (15-20 and 40-70 us each): 256 when the loop has caught up, 16 while
+# its select() returns full batches, so that the sockets ready behind them (survivors' pings) go first.
 ENDS_PER_TURN = 256
 ENDS_WHEN_BUSY = 16
+# Reads of a hung-up connection's last data at its close (4 KB each): a peer that sent more before its
+# end is then read the usual way, from the loop.
+READS_AT_END = 16
 
 End = tuple["Connection", Callable[..., None], tuple[object, ...]]
 
 
 class EndQueue:
-    def __init__(self, loop: EventLoop, reported: Callable[[Connection], None]) -> None:
+    def __init__(self, loop: EventLoop, reported: Callable[[Connection], None], conns: dict[int, Connection]) -> None:
         self.loop = loop
         self.reported = reported  # called after each report (a worker forgets the connection then)
-        self.ends: collections.deque[End] = collections.deque()
+        self.conns = conns  # the server's open connections by descriptor
+        self.hung: collections.deque[Connection] = collections.deque()  # off epoll, still open
+        self.ends: collections.deque[End] = collections.deque()  # closed, not reported
         self.timer: Timer | None = None
+        self.on_hangup: HangUp = self.hung_up  # one bound method for every connection's registration
 
     def __len__(self) -> int:
         return len(self.ends)
@@ -43,19 +56,55 @@ class EndQueue:
         if self.timer is None:
             self.timer = self.loop.call_at(self.loop.clock(), self._turn)
 
-    def _turn(self) -> None:
-        """A turn's share (a timer: it runs after the turn's I/O)."""
-        self.timer = None
-        busy = getattr(self.loop.selector, "full", False)
-        self.work_off(ENDS_WHEN_BUSY if busy else ENDS_PER_TURN)
-        if self.ends:
+    def hung_up(self, sock: FileLike) -> None:
+        """The loop's hang-up callback of a connection (hbd.connection): its peer ended. Only what keeps
+        epoll from returning it again now; its close comes in a later turn's share."""
+        conn = self.conns.get(sock if isinstance(sock, int) else sock.fileno())
+        self.loop.forget(sock)
+        if conn is None:  # not one of ours (cannot happen: a connection's socket is forgotten at its close)
+            return
+        self.hung.append(conn)
+        if self.timer is None:
             self.timer = self.loop.call_at(self.loop.clock(), self._turn)
 
+    def _turn(self) -> None:
+        """A turn's share (a timer: it runs after the turn's I/O)."""
+        budget = ENDS_WHEN_BUSY if busy(self.loop.selector) else ENDS_PER_TURN
+        self.close_hung(budget)  # (self.timer is still set: the ends these push arm no timer of their own)
+        self.work_off(budget)
+        self.timer = self.loop.call_at(self.loop.clock(), self._turn) if self.ends or self.hung else None
+
+    def close_hung(self, budget: int | None = None) -> None:
+        """Close hung-up connections, oldest first: all of them, or at most ``budget``. Their ends are
+        read as any end is (the server closes them and pushes their reports), after the data they sent
+        before it: a last ping is answered, a greeting heard, as when nothing was deferred."""
+        hung, conns = self.hung, self.conns
+        done = 0
+        while hung and (budget is None or done < budget):  # not a range(): a report in between may work off all
+            conn = hung.popleft()
+            done += 1
+            fd = conn.sock.fileno()
+            try:
+                for _ in range(READS_AT_END):
+                    if conns.get(fd) is not conn:
+                        break
+                    conn.on_read()
+                else:
+                    if conns.get(fd) is conn:  # it sent more than that before its end: the usual way
+                        self.loop.add_reader(conn.sock, conn.on_read)
+            except Exception as exc:  # the server closes that one (Server.contain) and the others go on
+                self.loop.report_error(conn.sock, conn.on_read, exc)
+
     def work_off(self, budget: int | None = None) -> None:
-        """Report queued ends, oldest first: all of them, or at most ``budget``."""
+        """Close the hung-up connections and report queued ends, oldest first: all of them (what must see
+        them first), or at most ``budget`` reports."""
+        if budget is None:
+            self.close_hung()
         ends = self.ends
-        for _ in range(len(ends) if budget is None else min(budget, len(ends))):
+        done = 0
+        while ends and (budget is None or done < budget):  # not a range(): a report may work off all
             conn, report, args = ends.popleft()
+            done += 1
             try:
                 report(conn, *args)
             except Exception as exc:  # one bad report must not lose the others

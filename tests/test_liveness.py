@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import socket
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
 from virtual_time import FakeClock, VirtualSelector
@@ -26,6 +27,7 @@ class Owner:
         self.verdicts: list[tuple[float, PeerState]] = []
         self.closed: list[Connection] = []
         self.liveness = Liveness(loop, self.on_verdict, lambda conn: conn not in self.closed)
+        self.ending = SimpleNamespace(on_hangup=None)  # no hang-up callback: its end is read
 
     def on_verdict(self, conn: Connection, change: StateChange) -> None:
         self.verdicts.append((round(self.clock() - 1000.0, 3), change.new))

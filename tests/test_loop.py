@@ -8,6 +8,7 @@ from virtual_time import FakeClock, VirtualSelector
 
 import hbd.loop
 from hbd.loop import STALL_THRESHOLD, EventLoop
+from hbd.selector import busy
 from hbd.view import TURN_BUCKETS, Turns
 
 
@@ -77,6 +78,31 @@ def test_reader_and_writer_on_one_socket(vloop: EventLoop) -> None:
     assert sorted(seen) == ["r", "w"]
     loop.forget(a)
     loop.forget(a)
+    a.close()
+    b.close()
+
+
+def test_a_hang_up_goes_to_its_own_callback_with_the_socket(vloop: EventLoop) -> None:
+    """A reader with a hang-up callback: data alone is a read; the peer's end (with data before it or
+    not) calls the hang-up callback with the socket, not the reader; re-adding the reader without one,
+    or removing it, takes the watch off."""
+    loop = vloop
+    a, b = socket.socketpair()
+    seen: list[object] = []
+    reader = lambda: seen.append(("read", a.recv(10)))  # noqa: E731
+    loop.add_reader(a, reader, lambda sock: seen.append(("hung up", sock)))
+    b.send(b"ping\n")
+    loop.run_once(0)
+    assert seen == [("read", b"ping\n")]
+    b.send(b"ping\n")
+    b.shutdown(socket.SHUT_WR)
+    loop.run_once(0)
+    assert seen[1:] == [("hung up", a)]  # its last data is the hang-up callback's to read
+    loop.add_reader(a, reader)  # the usual way again: the end is a read
+    loop.run_once(0)
+    assert seen[2:] == [("read", b"ping\n")]
+    loop.remove_reader(a)
+    assert not busy(loop.selector)  # a batch of 1 of MAX_EVENTS
     a.close()
     b.close()
 

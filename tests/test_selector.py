@@ -6,7 +6,7 @@ import selectors
 import socket
 import time
 
-from hbd.selector import EpollSelector, default_selector
+from hbd.selector import EVENT_HANGUP, EpollSelector, default_selector
 
 R, W = selectors.EVENT_READ, selectors.EVENT_WRITE
 
@@ -57,3 +57,40 @@ def test_waits_at_least_its_timeout_and_empty_is_fine() -> None:
         assert time.monotonic() - start >= 0.0105
     finally:
         sel.close()
+
+
+def test_a_hang_up_is_told_only_to_a_socket_that_watches_for_it() -> None:
+    """EPOLLRDHUP (the peer shut down or closed its side) comes as EVENT_HANGUP with the read event,
+    with data still unread or not; a socket registered without it sees a plain read; a reset too."""
+    pairs = [socket.socketpair() for _ in range(4)]
+    sel = EpollSelector()
+    try:
+        sel.register(pairs[0][0], R | EVENT_HANGUP, "watches")
+        sel.register(pairs[1][0], R, "does-not")
+        sel.register(pairs[2][0], R | EVENT_HANGUP, "data-then-end")
+        sel.register(pairs[3][0], R | EVENT_HANGUP, "readable")
+        assert sel.select(0) == []
+        pairs[2][1].send(b"ping\n")
+        pairs[3][1].send(b"ping\n")
+        for i in (0, 1, 2):
+            pairs[i][1].shutdown(socket.SHUT_WR)
+        assert {data: mask for (_, data), mask in ready(sel)} == {
+            "watches": R | EVENT_HANGUP,
+            "does-not": R,
+            "data-then-end": R | EVENT_HANGUP,
+            "readable": R,
+        }
+        key = sel.modify(pairs[3][0], R | W | EVENT_HANGUP, "readable")  # a writer too: still watched
+        assert key.events == R | W | EVENT_HANGUP
+        pairs[3][1].close()
+        assert {data: mask for (_, data), mask in ready(sel)}["readable"] == R | W | EVENT_HANGUP
+        sel.modify(pairs[3][0], R, "readable")  # the watch taken off again
+        assert sel.get_key(pairs[3][0]).events == R
+        assert {data: mask for (_, data), mask in ready(sel)}["readable"] == R
+        sel.unregister(pairs[0][0])
+        assert "watches" not in {data for (_, data), _ in ready(sel)}
+    finally:
+        sel.close()
+        for a, b in pairs:
+            a.close()
+            b.close()

@@ -1,5 +1,6 @@
-"""Ends are closed in the turn that reads them and reported after its I/O (issue 14): a mass
-disconnect does not hold back the survivors' pongs, and every end is still reported, in order."""
+"""An end is taken off epoll in the turn that sees its hang-up, closed and reported in later turns'
+shares (issue 14): a mass disconnect does not hold back the survivors' pongs, and every end is still
+closed and reported, in order, its last data answered as before."""
 
 from __future__ import annotations
 
@@ -14,14 +15,17 @@ from hbd.config import ServerConfig
 from hbd.server import Server
 
 
-def test_a_survivors_ping_is_answered_before_the_ends_read_with_it_are_reported(
+def config(tmp_path: Path) -> ServerConfig:
+    return ServerConfig(
+        host="127.0.0.1", port=0, heartbeat_timeout=30.0, log_file=None, control_socket=str(tmp_path / "s.sock")
+    )
+
+
+def test_a_survivors_ping_is_answered_before_the_ends_seen_with_it_are_closed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(server_ends, "ENDS_PER_TURN", 5)
-    cfg = ServerConfig(
-        host="127.0.0.1", port=0, heartbeat_timeout=30.0, log_file=None, control_socket=str(tmp_path / "s.sock")
-    )
-    srv, _clock, events = virtual(Server, cfg)
+    srv, _clock, events = virtual(Server, config(tmp_path))
     loop = srv.loop
     ending = [socket.create_connection(srv.address) for _ in range(40)]
     survivor = socket.create_connection(srv.address)
@@ -35,19 +39,20 @@ def test_a_survivors_ping_is_answered_before_the_ends_read_with_it_are_reported(
     assert survivor.recv(100) == b"pong\n"
     assert sum(e[1] == "up" for e in events) == 41
     for s in ending:
+        s.recv(100)  # its pong: it closes with nothing unread (a FIN, not a reset)
         s.close()
     survivor.sendall(b"ping\n")
-    loop.run_once(0)  # reads the 40 ends and the ping
+    loop.run_once(0)  # sees the 40 hang-ups and the ping
     survivor.settimeout(0)
     assert survivor.recv(100) == b"pong\n"  # answered in this turn
-    assert len(srv.conns) == 1  # the ends are closed now ...
-    queued = [conn.peer.name for conn, _, _ in srv.ending]
-    downs = [e[2] for e in events if e[1] == "down"]
-    assert len(downs) == 5 and len(queued) == 35  # ... and only a turn's share reported
+    hung = [conn.peer.name for conn in srv.ending.hung]
+    assert len(hung) == 35 and len(srv.conns) == 36  # all off epoll, only a turn's share closed ...
+    assert not list(srv.ending) and len([e for e in events if e[1] == "down"]) == 5  # ... and reported
     for _ in range(10):
         loop.run_once(0)
     downs_after = [e[2] for e in events if e[1] == "down"]
-    assert downs_after[5:] == queued  # all of them, in the order they were read
+    assert len(srv.conns) == 1 and not srv.ending.hung
+    assert downs_after[5:] == hung  # all of them, in the order they hung up
     assert sorted(downs_after) == [f"host{i:02d}" for i in range(40)]
     survivor.close()
     srv.ops.close()
@@ -57,10 +62,7 @@ def test_a_survivors_ping_is_answered_before_the_ends_read_with_it_are_reported(
 
 def test_a_reconnect_of_the_same_name_sees_its_old_end_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(server_ends, "ENDS_PER_TURN", 0)  # nothing worked off but what must be
-    cfg = ServerConfig(
-        host="127.0.0.1", port=0, heartbeat_timeout=30.0, log_file=None, control_socket=str(tmp_path / "s.sock")
-    )
-    srv, _clock, events = virtual(Server, cfg)
+    srv, _clock, events = virtual(Server, config(tmp_path))
     loop = srv.loop
     old = socket.create_connection(srv.address)
     loop.run_once(0)
@@ -70,15 +72,90 @@ def test_a_reconnect_of_the_same_name_sees_its_old_end_first(tmp_path: Path, mon
     old.close()
     for _ in range(3):
         loop.run_once(0)
-    assert len(srv.ending) == 1 and not srv.conns  # closed, its end still queued
+    assert len(srv.ending.hung) == 1 and len(srv.conns) == 1  # off epoll, still open, its end queued
     new = socket.create_connection(srv.address)
     loop.run_once(0)
     new.sendall(b"hello web1\nping\n")
     for _ in range(3):
         loop.run_once(0)
     assert [(e[1], e[2]) for e in events if e[2] == "web1"] == [("up", "web1"), ("down", "web1"), ("up", "web1")]
-    assert not srv.ending
+    assert not srv.ending and not srv.ending.hung
     new.close()
+    srv.ops.close()
+    srv.shutdown()
+    loop.close()
+
+
+def test_what_a_peer_sent_before_its_end_is_answered_as_before(tmp_path: Path) -> None:
+    """Data and the end in one event (a greeting and a last ping, then a close): read and answered at
+    the close, as when every end was read from the loop; then the end."""
+    srv, _clock, events = virtual(Server, config(tmp_path))
+    loop = srv.loop
+    last = socket.create_connection(srv.address)
+    loop.run_once(0)
+    last.sendall(b"hello brief\nping\n")
+    last.shutdown(socket.SHUT_WR)  # its end is in the kernel before the server reads a byte
+    for _ in range(3):
+        loop.run_once(0)
+    last.settimeout(5)
+    assert last.recv(100) == b"pong\n"
+    assert last.recv(100) == b""  # closed after the answer
+    assert [(e[1], e[2]) for e in events if e[2] == "brief"] == [("up", "brief"), ("down", "brief")]
+    assert not srv.conns and not srv.ending.hung
+    last.close()
+    srv.ops.close()
+    srv.shutdown()
+    loop.close()
+
+
+def test_while_select_returns_full_batches_a_turn_closes_only_a_small_share(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """60 ends and a survivor's ping behind them, 8 events a select(): each turn takes 8 off epoll and
+    closes at most ENDS_WHEN_BUSY; the ping is answered within ceil(61 / 8) turns, before most ends
+    are closed; once select() is no longer full, the rest are closed ENDS_PER_TURN a turn."""
+    monkeypatch.setattr(server_ends, "ENDS_WHEN_BUSY", 2)
+    monkeypatch.setattr(server_ends, "ENDS_PER_TURN", 20)
+    srv, _clock, events = virtual(Server, config(tmp_path))
+    loop = srv.loop
+    ending = [socket.create_connection(srv.address) for _ in range(60)]
+    survivor = socket.create_connection(srv.address)
+    for _ in range(3):
+        loop.run_once(0)
+    for i, s in enumerate(ending):
+        s.sendall(f"hello host{i:02d}\nping\n".encode())
+    survivor.sendall(b"hello survivor\nping\n")
+    for _ in range(3):
+        loop.run_once(0)
+    assert len(srv.conns) == 61 and sum(e[1] == "up" for e in events) == 61
+    assert survivor.recv(100) == b"pong\n"
+    monkeypatch.setattr(loop.selector, "max_events", 8)
+    for s in ending:
+        s.recv(100)
+        s.close()
+    survivor.sendall(b"ping\n")
+    survivor.settimeout(0)
+    closed, turns = [], 0
+    while True:
+        before = len(srv.conns)
+        loop.run_once(0)
+        turns += 1
+        closed.append(before - len(srv.conns))
+        try:
+            if survivor.recv(100) == b"pong\n":
+                break
+        except BlockingIOError:
+            pass
+        assert turns < 8, closed
+    # full batches: a small share closed in each turn; the last, not full, closes a full turn's share
+    assert all(n <= 2 for n in closed[:-1]) and closed[-1] <= 20, closed
+    assert len(srv.ending.hung) == 60 - sum(closed) >= 60 - 2 * (turns - 1) - 20
+    while srv.ending.hung or list(srv.ending):
+        before = len(srv.conns)
+        loop.run_once(0)
+        assert before - len(srv.conns) <= 20
+    assert len(srv.conns) == 1 and sum(e[1] == "down" for e in events) == 60
+    survivor.close()
     srv.ops.close()
     srv.shutdown()
     loop.close()
