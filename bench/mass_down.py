@@ -174,7 +174,9 @@ def wait(what: str, predicate, timeout: float) -> float:
         if time.monotonic() - start > timeout:
             raise SystemExit(f"timed out waiting for {what}")
         time.sleep(0.5)
-    return time.monotonic() - start
+    took = time.monotonic() - start
+    print(f"{what}: {took:.1f} s", file=sys.stderr, flush=True)
+    return took
 
 
 def over(t: dict, bound_ms: str) -> int:
@@ -198,6 +200,11 @@ def phase(before: dict[str, dict], after: dict[str, dict], rtt: dict) -> dict:
             "max_ms_so_far": a["max_ms"],
         }
     return out
+
+
+def progress(name: str, p: dict) -> None:
+    """A phase's figures as soon as it is done (stderr): a run cut short by its time slot keeps them."""
+    print(json.dumps({"phase": name, **p}), file=sys.stderr, flush=True)
 
 
 def run(
@@ -286,6 +293,7 @@ def run(
         if store:
             wait("the UP changes in the file", lambda: changes(db, "UP") == up, 300)
         phases["ramp"] = phase(before, after := reading(), rtt())
+        progress("ramp", phases["ramp"])
         killed = time.monotonic()
         for pid in kids:
             os.kill(pid, signal.SIGKILL)
@@ -298,6 +306,8 @@ def run(
             wait("all DOWN", lambda: counts(sock)["DOWN"] == n, 300)
         written = time.monotonic() - killed
         phases["down"] = phase(after, after2 := reading(), rtt())
+        phases["down"]["down_s"] = round(written, 2)
+        progress("down", phases["down"])
         down = counts(sock)["DOWN"]
         if reconnect:
             started = time.monotonic()
@@ -305,6 +315,7 @@ def run(
             wait("all UP again", lambda: counts(sock)["UP"] == up, 600)
             phases["reconnect"] = phase(after2, reading(), rtt())
             phases["reconnect"]["up_again_s"] = round(time.monotonic() - started, 2)
+            progress("reconnect", phases["reconnect"])
     finally:
         for pid in kids:
             os.kill(pid, signal.SIGKILL)
