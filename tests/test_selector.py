@@ -6,6 +6,8 @@ import selectors
 import socket
 import time
 
+import pytest
+
 from hbd.selector import EVENT_HANGUP, EpollSelector, default_selector
 
 R, W = selectors.EVENT_READ, selectors.EVENT_WRITE
@@ -89,6 +91,27 @@ def test_a_hang_up_is_told_only_to_a_socket_that_watches_for_it() -> None:
         assert {data: mask for (_, data), mask in ready(sel)}["readable"] == R
         sel.unregister(pairs[0][0])
         assert "watches" not in {data for (_, data), _ in ready(sel)}
+    finally:
+        sel.close()
+        for a, b in pairs:
+            a.close()
+            b.close()
+
+
+def test_unregister_by_socket_by_descriptor_and_once_closed() -> None:
+    pairs = [socket.socketpair() for _ in range(3)]
+    sel = EpollSelector()
+    try:
+        for i, (a, b) in enumerate(pairs):
+            sel.register(a, R, i)
+            b.send(b"x")
+        assert sel.unregister(pairs[0][0]).data == 0
+        assert sel.unregister(pairs[1][0].fileno()).data == 1
+        pairs[2][0].close()  # fileno() is -1 now: found by the object
+        assert sel.unregister(pairs[2][0]).data == 2
+        assert sel.select(0) == [] and not sel.get_map()
+        with pytest.raises(KeyError):
+            sel.unregister(pairs[0][0])
     finally:
         sel.close()
         for a, b in pairs:
