@@ -1,4 +1,4 @@
-"""Mass events in a real server: ``python3 -m bench.mass_down [-n 19000] [--workers K] [--reconnect]``.
+"""Mass events in a real server: ``python3 -m bench.mass_down [-n 19000] [--workers K] [--reconnect[-now]]``.
 
 Starts ``hbd server`` with a state_dir in a temporary directory, connects N named clients (``hello
 hostNNNNN``, then a ping every few seconds) from --procs forked processes, waits until the server
@@ -19,7 +19,8 @@ descriptor cap). Every phase (the ramp, the disconnect, with ``--reconnect`` the
 reports the loop turns over 20, 50 and 100 ms of every process (from the histograms in the head of
 the status document: the bench reads only the head, never the peer list), and a probe process keeps
 ``--probes`` connections pinging every 100 ms throughout: their pong RTT is what a surviving peer
-saw during each phase.
+saw during each phase. ``--reconnect-now`` starts the reconnect right after the kill instead (one
+phase, ``down+reconnect``: the greetings come in while the server still works off the ends).
 
 Needs RLIMIT_NOFILE >= N + 100 for a single server process (N / K + 100 for a worker); the clients
 split N over --procs processes (default: one per 15,000), from source addresses 127.66.P.A (a new
@@ -208,7 +209,14 @@ def progress(name: str, p: dict) -> None:
 
 
 def run(
-    n: int, procs: int, directory: str, store: bool = True, workers: int = 0, probes: int = 20, reconnect: bool = False
+    n: int,
+    procs: int,
+    directory: str,
+    store: bool = True,
+    workers: int = 0,
+    probes: int = 20,
+    reconnect: bool = False,
+    reconnect_now: bool = False,
 ) -> dict:
     state = Path(directory) / "state"
     state.mkdir()
@@ -300,14 +308,25 @@ def run(
         for pid in kids:
             os.waitpid(pid, 0)
         kids = []
-        if store:
+        if reconnect_now:  # all N again at once while the server still works off their ends
+            started = time.monotonic()
+            kids = start_clients()
+            if store:
+                wait("the DOWN changes in the file", lambda: changes(db, "DOWN") == n, 300)
+            wait("all UP again", lambda: counts(sock)["UP"] == up, 600)
+            phases["down+reconnect"] = phase(after, reading(), rtt())
+            phases["down+reconnect"]["up_again_s"] = round(time.monotonic() - started, 2)
+            progress("down+reconnect", phases["down+reconnect"])
+            reconnect = False
+        elif store:
             wait("the DOWN changes in the file", lambda: changes(db, "DOWN") == n, 300)
         else:
             wait("all DOWN", lambda: counts(sock)["DOWN"] == n, 300)
         written = time.monotonic() - killed
-        phases["down"] = phase(after, after2 := reading(), rtt())
-        phases["down"]["down_s"] = round(written, 2)
-        progress("down", phases["down"])
+        if not reconnect_now:
+            phases["down"] = phase(after, after2 := reading(), rtt())
+            phases["down"]["down_s"] = round(written, 2)
+            progress("down", phases["down"])
         down = counts(sock)["DOWN"]
         if reconnect:
             started = time.monotonic()
@@ -354,6 +373,11 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0, help="server workers (default 0: one process)")
     ap.add_argument("--probes", type=int, default=20, help="connections pinging every 100 ms throughout (default 20)")
     ap.add_argument("--reconnect", action="store_true", help="then reconnect all N at once (a reconnect storm)")
+    ap.add_argument(
+        "--reconnect-now",
+        action="store_true",
+        help="reconnect all N right after they were killed, while the server still works off their ends",
+    )
     ap.add_argument("--dir", default=None, help="where to put the server's files (default: a temporary directory)")
     ap.add_argument("--no-store", action="store_true", help="state_dir: null (what the loop does without the store)")
     args = ap.parse_args()
@@ -367,6 +391,7 @@ def main() -> None:
             workers=args.workers,
             probes=args.probes,
             reconnect=args.reconnect,
+            reconnect_now=args.reconnect_now,
         )
     print(json.dumps(r))
     print(
