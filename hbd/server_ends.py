@@ -92,6 +92,8 @@ class EndQueue:
                 else:
                     if conns.get(fd) is conn:  # it sent more than that before its end: the usual way
                         self.loop.add_reader(conn.sock, conn.on_read)
+                        if conn.outbuf:  # (forgotten with the rest at the hang-up)
+                            self.loop.add_writer(conn.sock, conn.on_write)
             except Exception as exc:  # the server closes that one (Server.contain) and the others go on
                 self.loop.report_error(conn.sock, conn.on_read, exc)
 

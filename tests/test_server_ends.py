@@ -159,3 +159,31 @@ def test_while_select_returns_full_batches_a_turn_closes_only_a_small_share(
     srv.ops.close()
     srv.shutdown()
     loop.close()
+
+
+def test_a_peer_that_sent_more_than_a_close_reads_before_its_end_is_read_the_usual_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More data before the end than READS_AT_END reads take: the rest is read from the loop again,
+    every ping answered, then the end."""
+    monkeypatch.setattr(server_ends, "READS_AT_END", 1)
+    monkeypatch.setattr("hbd.connection.RECV_SIZE", 50)
+    srv, _clock, events = virtual(Server, config(tmp_path))
+    loop = srv.loop
+    chatty = socket.create_connection(srv.address)
+    loop.run_once(0)
+    chatty.sendall(b"hello chatty\n" + b"ping\n" * 40)
+    chatty.shutdown(socket.SHUT_WR)
+    for _ in range(10):
+        loop.run_once(0)
+    chatty.settimeout(5)
+    got = b""
+    while data := chatty.recv(1000):
+        got += data
+    assert got == b"pong\n" * 40
+    assert [(e[1], e[2]) for e in events if e[2] == "chatty"] == [("up", "chatty"), ("down", "chatty")]
+    assert not srv.conns
+    chatty.close()
+    srv.ops.close()
+    srv.shutdown()
+    loop.close()
