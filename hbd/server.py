@@ -65,7 +65,7 @@ class Server(Daemon):
         self.registry: ServerRegistry | None = None
         self.remote: RemotePeers | None = None
         self.ending = EndQueue(self.loop, lambda conn: self.remote.closed(conn) if self.remote else None, self.conns)
-        self.report.before = self.ending.work_off  # queued ends before a greeting or a change (a takeover)
+        self.report.before = self.ending.before  # queued ends before a greeting or a change (a takeover)
 
     # what the status socket and the metrics read
     address = property(lambda self: self.listener.address)

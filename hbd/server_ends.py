@@ -8,8 +8,10 @@ of its end, shutdown, close: 15-20 us) and its report (log line, registry ``gone
 worker's ``PeerGone``: 40-70 us) are queued here and worked off by a timer after each turn's I/O,
 oldest first, a bounded share a turn. An end read the usual way (a connection without the
 hang-up watch: TLS; a reset) is closed in its turn and only its report is queued. Anything that
-must see the ends first (a greeting, a verdict) calls ``work_off()`` for all of them. At most one
-of each per connection: bounded by max_clients.
+must see the ends first (a greeting, a verdict) calls ``before(conn)``: the queued ends of the
+peer that connection may be (the same greeting name) are closed and reported then, out of turn;
+when that cannot be told (it or a queued one has no greeting name: its identity may be its address
+or certificate), all of them, in order. At most one of each per connection: bounded by max_clients.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ ENDS_WHEN_BUSY = 16
 # end is then read the usual way, from the loop.
 READS_AT_END = 16
 
-End = tuple["Connection", Callable[..., None], tuple[object, ...]]
+# A queued report: [connection, report, its arguments]; the connection is None once reported (out of
+# turn: by before()), and the entry is skipped when its turn comes.
+End = list
 
 
 class EndQueue:
@@ -42,19 +46,23 @@ class EndQueue:
         self.conns = conns  # the server's open connections by descriptor
         self.hung: collections.deque[Connection] = collections.deque()  # off epoll, still open
         self.ends: collections.deque[End] = collections.deque()  # closed, not reported
+        # Queued entries (a hung-up Connection or an End) by greeting name, for before(); entries done
+        # meanwhile stay until both queues are empty. Entries without a name are only counted.
+        self.by_name: dict[str, list[Connection | End]] = {}
+        self.unnamed = 0
         self.timer: Timer | None = None
         self.on_hangup: HangUp = self.hung_up  # one bound method for every connection's registration
 
-    def __len__(self) -> int:
-        return len(self.ends)
+    def __len__(self) -> int:  # reports still to make (for the tests: it walks the queue)
+        return sum(e[0] is not None for e in self.ends)
 
     def __iter__(self) -> Iterator[End]:
-        return iter(self.ends)
+        return (e for e in self.ends if e[0] is not None)
 
     def push(self, conn: Connection, report: Callable[..., None], args: tuple[object, ...]) -> None:
-        self.ends.append((conn, report, args))
-        if self.timer is None:
-            self.timer = self.loop.call_at(self.loop.clock(), self._turn)
+        entry: End = [conn, report, args]
+        self.ends.append(entry)
+        self._index(conn, entry)
 
     def hung_up(self, sock: FileLike) -> None:
         """The loop's hang-up callback of a connection (hbd.connection): its peer ended. Only what keeps
@@ -64,6 +72,14 @@ class EndQueue:
         if conn is None:  # not one of ours (cannot happen: a connection's socket is forgotten at its close)
             return
         self.hung.append(conn)
+        self._index(conn, conn)
+
+    def _index(self, conn: Connection, entry: Connection | End) -> None:
+        name = conn.peer.name
+        if name is None:
+            self.unnamed += 1
+        else:
+            self.by_name.setdefault(name, []).append(entry)
         if self.timer is None:
             self.timer = self.loop.call_at(self.loop.clock(), self._turn)
 
@@ -74,28 +90,50 @@ class EndQueue:
         self.work_off(budget)
         self.timer = self.loop.call_at(self.loop.clock(), self._turn) if self.ends or self.hung else None
 
+    def before(self, conn: Connection) -> None:
+        """What the peers must hear before this connection's greeting or state change: the ends of the
+        peer it may be (a reconnect sees its old end first), or all of them when that cannot be told."""
+        if not self.hung and not self.ends:
+            return
+        name = conn.peer.name
+        if name is None or self.unnamed:
+            self.work_off()
+            return
+        while entries := self.by_name.pop(name, None):  # a close pushes its report under the name again
+            for entry in entries:
+                if isinstance(entry, list):
+                    if entry[0] is not None:
+                        self._report(entry)
+                elif entry is not conn:  # (its own last data is being read: the greeting comes from there)
+                    self._close(entry)
+
     def close_hung(self, budget: int | None = None) -> None:
-        """Close hung-up connections, oldest first: all of them, or at most ``budget``. Their ends are
-        read as any end is (the server closes them and pushes their reports), after the data they sent
-        before it: a last ping is answered, a greeting heard, as when nothing was deferred."""
-        hung, conns = self.hung, self.conns
+        """Close hung-up connections, oldest first: all of them, or at most ``budget``."""
+        hung = self.hung
         done = 0
         while hung and (budget is None or done < budget):  # not a range(): a report in between may work off all
             conn = hung.popleft()
             done += 1
-            fd = conn.sock.fileno()
-            try:
-                for _ in range(READS_AT_END):
-                    if conns.get(fd) is not conn:
-                        break
-                    conn.on_read()
-                else:
-                    if conns.get(fd) is conn:  # it sent more than that before its end: the usual way
-                        self.loop.add_reader(conn.sock, conn.on_read)
-                        if conn.outbuf:  # (forgotten with the rest at the hang-up)
-                            self.loop.add_writer(conn.sock, conn.on_write)
-            except Exception as exc:  # the server closes that one (Server.contain) and the others go on
-                self.loop.report_error(conn.sock, conn.on_read, exc)
+            if conn.peer.name is None:
+                self.unnamed -= 1
+            self._close(conn)
+        self._forget_names()
+
+    def _close(self, conn: Connection) -> None:
+        """Its end is read as any end is (the server closes it and pushes its report), after the data it
+        sent before it: a last ping is answered, a greeting heard, as when nothing was deferred."""
+        conns, fd = self.conns, conn.sock.fileno()
+        try:
+            for _ in range(READS_AT_END):
+                if conns.get(fd) is not conn:  # closed (in its turn, out of turn, or by a verdict)
+                    return
+                conn.on_read()
+            if conns.get(fd) is conn:  # it sent more than that before its end: the usual way
+                self.loop.add_reader(conn.sock, conn.on_read)
+                if conn.outbuf:  # (forgotten with the rest at the hang-up)
+                    self.loop.add_writer(conn.sock, conn.on_write)
+        except Exception as exc:  # the server closes that one (Server.contain) and the others go on
+            self.loop.report_error(conn.sock, conn.on_read, exc)
 
     def work_off(self, budget: int | None = None) -> None:
         """Close the hung-up connections and report queued ends, oldest first: all of them (what must see
@@ -105,10 +143,25 @@ class EndQueue:
         ends = self.ends
         done = 0
         while ends and (budget is None or done < budget):  # not a range(): a report may work off all
-            conn, report, args = ends.popleft()
+            entry = ends.popleft()
+            conn = entry[0]
+            if conn is None:  # reported out of turn
+                continue
             done += 1
-            try:
-                report(conn, *args)
-            except Exception as exc:  # one bad report must not lose the others
-                self.loop.report_error(None, report, exc)
-            self.reported(conn)
+            if conn.peer.name is None:
+                self.unnamed -= 1
+            self._report(entry)
+        self._forget_names()
+
+    def _report(self, entry: End) -> None:
+        conn, report, args = entry
+        entry[0] = None
+        try:
+            report(conn, *args)
+        except Exception as exc:  # one bad report must not lose the others
+            self.loop.report_error(None, report, exc)
+        self.reported(conn)
+
+    def _forget_names(self) -> None:
+        if not self.hung and not self.ends:
+            self.by_name.clear()

@@ -38,7 +38,7 @@ class ServerReport:
         self.stats = {"accepted": 0, "refused": 0, "timeouts": 0, "rejected": 0, "denied": 0, "tls_failed": 0}
         self.closed_pings = 0  # pings of connections already closed (metrics add the open ones)
         self.peers: Peers | None = None
-        self.before: Callable[[], object] = lambda: None  # what the peers must hear first (queued ends)
+        self.before: Callable[[Connection], object] = lambda conn: None  # what the peers must hear first (ends)
 
     # -- admission ----------------------------------------------------------------------------------
     @staticmethod
@@ -82,7 +82,7 @@ class ServerReport:
 
     # -- what peers do --------------------------------------------------------------------------------
     def hello(self, conn: Connection, ev: Hello, cap: float) -> None:
-        self.before()
+        self.before(conn)
         self._peer_log(
             logging.INFO,
             conn.source,
@@ -97,7 +97,7 @@ class ServerReport:
         )
 
     def changed(self, conn: Connection, change: StateChange) -> None:
-        self.before()
+        self.before(conn)
         peers = self.peers
         if change.old is PeerState.RISING and change.new is PeerState.UP:
             if peers is not None:  # not a change: a ping the registry counts while the peer rises
