@@ -8,7 +8,6 @@ blocks: connects are non-blocking with a timeout, and host names are resolved of
 from __future__ import annotations
 
 import errno
-import functools
 import ipaddress
 import logging
 import os
@@ -21,13 +20,15 @@ from dataclasses import dataclass
 
 from hbd import tls
 from hbd.client_session import Session, close_socket
-from hbd.config import ClientConfig, load_client_config
+from hbd.config import ClientConfig
 from hbd.daemon import EXIT_GAVE_UP, Daemon, StartError
 from hbd.link import GaveUp, HealthChange, Lifecycle, LinkState, Retry
 from hbd.logs import fields, log
 from hbd.loop import EventLoop, Timer
 from hbd.metrics import LinkStats
 from hbd.protocol import ClientLink
+from hbd.reload_process import ChildLoad
+from hbd.reloading import Load
 from hbd.state_store import CLIENT_DB_NAME
 from hbd.store_writer import StoreWriter, open_store
 from hbd.view import ClientSettings, ClientView, LinkRow
@@ -415,8 +416,8 @@ class Client(Daemon[ClientConfig]):
             return [Target(s.host, s.port or cfg.port, s.name) for s in cfg.servers]
         return [Target(cfg.host, cfg.port)]
 
-    def loader(self) -> Callable[[], ClientConfig]:
-        return functools.partial(load_client_config, self.config.path, dict(self.overrides))
+    def loader(self) -> Load:
+        return ChildLoad("client", self.config.path, self.overrides)
 
     @staticmethod
     def _context(cfg: ClientConfig) -> ssl.SSLContext | None:

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from hbd import heap, peers_config
+from hbd import peers_config
 from hbd.access import Network, parse_allow
 from hbd.durations import DAY, seconds_value
 from hbd.durations import parse_duration as parse_duration  # re-exported: the one duration parser
@@ -41,7 +41,7 @@ DEFAULT_CLIENT_SOCKET = "/run/hbd/client.sock"
 DEFAULT_STATE_DIR = "/var/lib/hbd"  # the units' StateDirectory=
 
 # Bounds on what a configuration file may cost to load, whatever it holds (it is read on SIGHUP by
-# the running daemon, in a helper thread that shares the GIL with the event loop): a real file is a
+# the running daemon, in its reload's loader process: hbd.reload_child): a real file is a
 # few KB and a few levels deep.
 MAX_CONFIG_BYTES = 64 * 1024  # ~1000 servers; parsing this much takes ~0.1 s on a slow machine
 MAX_DEPTH = 32  # nesting of lists and mappings, aliases expanded
@@ -369,7 +369,7 @@ def config_role(path: str | Path) -> str:
     and none only a server has makes it a client's. A file of shared keys only (host, port, state_dir
     ...) is a client's if its name starts with "client", else a server's. ConfigError if it cannot be
     read or parsed."""
-    with collector_paused():
+    with _collector_off():
         try:
             data, _, _ = _parse(_read(Path(path)))
         except ConfigError as exc:
@@ -385,7 +385,7 @@ def config_role(path: str | Path) -> str:
 
 
 def _load(cls: type, path: Path, overrides: Mapping[str, object]) -> Any:
-    with collector_paused():
+    with _collector_off():
         result = _validate(cls, path, overrides)
     if isinstance(result, list):  # error lines: a bounded number of bounded lines
         if len(result) > MAX_ERRORS:
@@ -534,32 +534,24 @@ def read_document(path: str | Path) -> object:
     """The file's YAML document with the loader's bounds (size, kind of file, nesting, aliases), or
     None if it cannot be read or parsed: for a second look at a file already found invalid."""
     try:
-        with collector_paused():
+        with _collector_off():
             return _parse(_read(Path(path)))[0]
     except ConfigError:
         return None
 
 
 @contextlib.contextmanager
-def collector_paused() -> Iterator[None]:
+def _collector_off() -> Iterator[None]:
     """A large document builds many objects and no cycles: collecting garbage meanwhile only costs
-    time (half of it for a 100,000-entry peers_file). Paused over the whole load (the parse's
-    temporaries are freed as their references go), and what was allocated meanwhile is then moved to
-    the oldest generation unwalked (freeze + unfreeze): back on with the new peers in its young
-    generation, the collector's next pass would walk them all at once, holding the GIL (0.2-0.4 s for
-    50,000 peers: a stall of the loop while a reload loads off it, in hbd.reloading's thread). In a
-    daemon that keeps its long-lived objects frozen (hbd.heap) they stay frozen: an unfreeze would hand
-    them all back to the collector's next full pass. Also for other big builds off the loop (the
-    registry's plan of a reload, hbd.server_reload)."""
+    time (half of it for a 100,000-entry peers_file). Only ever in a process's main thread before it
+    serves anything (start-up, ``hbd check-config``, a reload's loader process: hbd.reload_child):
+    never while a daemon's loop runs, which it would stop the collector for."""
     collecting = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
         if collecting:
-            gc.freeze()
-            if not heap.frozen:
-                gc.unfreeze()
             gc.enable()
 
 
@@ -683,8 +675,8 @@ DROP_SLICE = 1000  # items freed per step by drop_in_slices()
 
 def drop_in_slices(items: list[Any]) -> None:
     """Empty a big list a slice at a time. Freeing 100,000 parsed peers in one go is one C call of
-    tens of ms (more on a loaded machine) that holds the GIL: in hbd.reloading's helper thread, a
-    stall of the loop all the same. Between slices the loop can take the GIL."""
+    tens of ms (more on a loaded machine) in one call: a stall for whatever else the process runs
+    (it was the daemon's loop, when reloads parsed in a thread)."""
     while items:
         del items[-DROP_SLICE:]
 

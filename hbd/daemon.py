@@ -21,7 +21,7 @@ from hbd.loop import EventLoop
 from hbd.notify import Notifier
 from hbd.operated import DaemonConfig
 from hbd.ops import Ops
-from hbd.reloading import Commit, Reloader
+from hbd.reloading import Commit, Load, Reloader
 from hbd.silencing import Silencing
 from hbd.view import DaemonView, DaemonViews
 
@@ -185,6 +185,7 @@ class Daemon(Generic[C]):
             loop.run()
         finally:
             heap.close()
+            self.reloads.close()  # a loader process under way is killed
             self.notifier.stopping()
             self.ops.stopping()
             self.shutdown()
@@ -206,12 +207,12 @@ class Daemon(Generic[C]):
         """SIGHUP: reload soon, loading off the loop (hbd.reloading); if anything fails the old config stays."""
         self.reloads.hup()
 
-    def loader(self) -> Callable[[], C]:
-        """On the loop: the pure load of the new config, for a helper thread (read files, parse, validate)."""
+    def loader(self) -> Load:
+        """On the loop: the load of the new config (read files, parse, validate: hbd.reload_process)."""
         raise NotImplementedError
 
     # -- hbd.reloading.ReloadHost: called by the Reloader, on the loop --------------------------------
-    def reload_job(self) -> tuple[str, Callable[[], C]]:
+    def reload_job(self) -> tuple[str, Load]:
         return self.config.path, self.loader()
 
     def reload_began(self) -> None:
@@ -251,8 +252,7 @@ class Daemon(Generic[C]):
     def on_reloaded(self, errors: list[str]) -> None:
         """After every reload, however asked for (a worker reports it to its supervisor)."""
 
-    def request_reload(self, done: Callable[[list[str]], None]) -> None:
-        """``hbd reload``: see Reloader.request."""
+    def request_reload(self, done: Callable[[list[str]], None]) -> None:  # ``hbd reload``: Reloader.request
         self.reloads.request(done)
 
     def reload_verdict(self, errors: list[str], finished: Callable[[list[str]], None]) -> None:

@@ -32,8 +32,11 @@ class AddressBook:
     def __init__(self, expected: Iterable[Expected] = ()) -> None:
         self._by_len: dict[int, dict[Network, str]] = {}  # prefix length -> network -> expected name
         for e in expected:
-            if e.address is not None:
-                self._by_len.setdefault(e.address.prefixlen, {})[e.address] = e.name
+            self.add(e)
+
+    def add(self, e: Expected) -> None:
+        if e.address is not None:
+            self._by_len.setdefault(e.address.prefixlen, {})[e.address] = e.name
 
     def match(self, address: str) -> str | None:
         """The expected peer whose ``address:`` holds this source address ("ip:port")."""

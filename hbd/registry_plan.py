@@ -1,8 +1,9 @@
 """What a reload changes in the registry's expected peers, worked out off the loop (pure).
 
 The expected peers in force are an immutable snapshot: the registry replaces its dict of them on
-each reload and never changes it in place, so a helper thread (the one that loaded the new
-configuration, hbd.reloading) can compare it with the new list while the loop goes on serving. The
+each reload and never changes it in place, so the new list can be compared with it a slice per loop
+turn (``plan_in_slices``, run once a reload's loader has given its configuration) while the loop goes
+on serving. The
 plan holds everything the commit needs that costs O(peers): the new dict by name, the address book
 (hbd.registry_identity) and the changes, in the order they are to be applied (the peers no longer
 expected, then the newly expected ones and the ones expected differently: another address, timeout
@@ -12,7 +13,8 @@ loop. The registry applies the changes a slice per loop turn (hbd.registry.Regis
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Generator, Iterable, Mapping, Sequence
+from itertools import islice
 from typing import NamedTuple
 
 from hbd.registry_identity import AddressBook
@@ -40,13 +42,14 @@ class ExpectedPlan:
         expected: dict[str, Expected],
         addresses: AddressBook,
         changes: list[Change],
+        pending: dict[str, Change] | None = None,
     ) -> None:
         self.base = base  # the expected peers it was worked out from (checked at commit: by identity)
         self.base_timeout = base_timeout  # and the default timeout then in force
         self.expected = expected
         self.addresses = addresses
         self.changes = changes
-        self.pending = {c.name: c for c in changes}  # not applied yet
+        self.pending = {c.name: c for c in changes} if pending is None else pending  # not applied yet
         self.added = sum(1 for c in changes if c.added)
         self.removed = sum(1 for c in changes if c.entry is None)
         self.changed = len(changes) - self.added - self.removed
@@ -72,3 +75,51 @@ def plan_expected(
         ):
             changes.append(Change(name, e, False))
     return ExpectedPlan(base, base_timeout, expected, AddressBook(expected.values()), changes)
+
+
+PLAN_SLICE = 2000  # entries compared per step of plan_in_slices (about a µs each)
+
+
+def plan_in_slices(
+    base: Mapping[str, Expected],
+    base_timeout: float,
+    new: Sequence[Expected],
+    new_timeout: float,
+    slice_: int = PLAN_SLICE,
+) -> Generator[None, None, ExpectedPlan]:
+    """plan_expected() a slice of entries per step (``yield``: the loop serves meanwhile), for a reload
+    whose new peers come to the loop (hbd.reload_process). ``base`` is a snapshot nobody changes."""
+    expected: dict[str, Expected] = {}
+    for i in range(0, len(new), slice_):
+        for e in new[i : i + slice_]:
+            expected[e.name] = e
+        yield
+    removed: list[Change] = []
+    names = iter(base)
+    while chunk := list(islice(names, slice_)):
+        removed += [Change(name, None, False) for name in chunk if name not in expected]
+        yield
+    changes: list[Change] = []
+    addresses = AddressBook()
+    default_changed = new_timeout != base_timeout
+    items = iter(expected.items())
+    while chunk_items := list(islice(items, slice_)):
+        for name, e in chunk_items:
+            addresses.add(e)
+            old = base.get(name)
+            if old is None:
+                changes.append(Change(name, e, True))
+            elif (
+                old.labels != e.labels
+                or old.timeout != e.timeout
+                or old.address != e.address
+                or (default_changed and e.timeout is None)
+            ):
+                changes.append(Change(name, e, False))
+        yield
+    changes[:0] = removed  # (the peers no longer expected first, as plan_expected has them)
+    pending: dict[str, Change] = {}
+    for i in range(0, len(changes), slice_ * 5):
+        pending.update((c.name, c) for c in changes[i : i + slice_ * 5])
+        yield
+    return ExpectedPlan(base, base_timeout, expected, addresses, changes, pending)

@@ -1,13 +1,13 @@
 """A daemon's reloads: load the new configuration off the loop, then on the loop validate the rest and
 commit it or keep the old one; and the ``hbd reload`` requests waiting for a verdict.
 
-Loading (reading and parsing the files: seconds of CPU for a 100,000-entry peers_file) is pure, so it
-runs in a short-lived helper thread while the loop goes on serving; only its outcome comes back, through
-``call_soon_threadsafe``. Everything else (log file, sockets, the daemon's part) is prepared and
+Loading (reading, parsing and validating the files: seconds of CPU for a 100,000-entry peers_file)
+runs in a loader process (hbd.reload_process) while the loop goes on serving; its outcome comes back
+through the loop's selector. Everything else (log file, sockets, the daemon's part) is prepared and
 committed on the loop as before. Reloads are serialised: one at a time, from the load to the verdict;
-SIGHUPs that arrive meanwhile make one more reload afterwards, requests share the next one. A load that
-does not come back within LOAD_TIMEOUT (a file on a hung NFS mount) fails the reload; its thread is left
-behind, and at most MAX_UNFINISHED such threads are, so a stuck filesystem cannot pile them up.
+SIGHUPs that arrive meanwhile make one more reload afterwards (so the newest file wins), requests share
+the next one. A load that does not come back within LOAD_TIMEOUT (a file on a hung NFS mount, a loader
+that hangs) is cancelled (its process killed) and fails the reload; so is the one under way at shutdown.
 
 The daemon hands down what is its own (``ReloadHost``). The outcome counters live here, read by the
 status view and the STATUS= line.
@@ -15,7 +15,6 @@ status view and the STATUS= line.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar, cast
 
@@ -26,24 +25,59 @@ from hbd.loop import EventLoop, Timer
 Done = Callable[[list[str]], None]  # a reload's answer: [] = applied, else one line per error
 Commit = Callable[[], None]
 T = TypeVar("T")
-# How a load is run off the loop: offload(load, deliver) calls deliver(result, None) or
-# deliver(None, exception) once, from any thread.
+T_contra = TypeVar("T_contra", contravariant=True)
+# A load's outcome, called once, on the loop: deliver(result, None) or deliver(None, exception)
 Deliver = Callable[[object, Exception | None], None]
-Offload = Callable[[Callable[[], object], Deliver], None]
 
 LOAD_TIMEOUT = 60.0  # seconds a load may take (seconds of CPU at most, unless a file hangs)
-MAX_UNFINISHED = 3  # loads given up on whose thread still runs: more and a reload fails at once
 
 
-class ReloadHost(Protocol[T]):
-    """What a reload needs from its daemon; everything here is called on the loop."""
+class Load(Protocol):
+    """Loading a configuration off the loop (hbd.reload_process.ChildLoad; ``Given`` for one at hand)."""
 
-    def reload_job(self) -> tuple[str, Callable[[], T]]:
-        """The file to reload and the pure load of it (run in a helper thread: it may only read
-        files and build the new configuration, raising HbdError when it is invalid)."""
+    def start(self, loop: EventLoop, deliver: Deliver) -> None:
+        """Begin; ``deliver`` is called on the loop once, later. Raises if it cannot begin."""
         ...
 
-    def prepare_reload(self, new: T) -> Commit:
+    def cancel(self) -> None:
+        """Stop (kill its process); ``deliver`` is not called any more."""
+        ...
+
+
+class Given:
+    """A load with nothing to do off the loop: ``make()`` is called on the loop, in a turn of its own
+    (a worker's configuration, validated by its supervisor)."""
+
+    def __init__(self, make: Callable[[], object]) -> None:
+        self.make = make
+        self._timer: Timer | None = None
+        self._loop: EventLoop | None = None
+
+    def start(self, loop: EventLoop, deliver: Deliver) -> None:
+        def run() -> None:
+            try:
+                result = self.make()
+            except Exception as exc:
+                deliver(None, exc)
+                return
+            deliver(result, None)
+
+        self._loop, self._timer = loop, loop.call_later(0, run)
+
+    def cancel(self) -> None:
+        if self._loop is not None:
+            self._loop.cancel(self._timer)
+
+
+class ReloadHost(Protocol[T_contra]):
+    """What a reload needs from its daemon; everything here is called on the loop."""
+
+    def reload_job(self) -> tuple[str, Load]:
+        """The file to reload and the load of it (its result is the new configuration; an HbdError when
+        it is invalid)."""
+        ...
+
+    def prepare_reload(self, new: T_contra) -> Commit:
         """All the rest that can fail, changing nothing when it raises; returns the commit."""
         ...
 
@@ -58,28 +92,10 @@ class ReloadHost(Protocol[T]):
     def reload_stopping(self) -> bool: ...
 
 
-def in_thread(load: Callable[[], object], deliver: Deliver) -> None:
-    """Run ``load`` in a short-lived daemon thread (one stuck in a hung file read must not keep the
-    process from exiting)."""
-
-    def work() -> None:
-        try:
-            result = load()
-        except Exception as exc:
-            deliver(None, exc)
-            return
-        deliver(result, None)
-
-    threading.Thread(target=work, name="hbd reload", daemon=True).start()
-
-
 class Reloader(Generic[T]):
-    def __init__(
-        self, loop: EventLoop, host: ReloadHost[T], offload: Offload = in_thread, timeout: float = LOAD_TIMEOUT
-    ) -> None:
+    def __init__(self, loop: EventLoop, host: ReloadHost[T], timeout: float = LOAD_TIMEOUT) -> None:
         self.loop = loop
         self.host = host
-        self.offload = offload
         self.timeout = timeout
         self.ok = 0
         self.failed = 0
@@ -89,9 +105,9 @@ class Reloader(Generic[T]):
         self._again = False  # a SIGHUP (or a worker's Reload) asked for one more
         self._waiters: list[Done] = []  # asked over the control socket, not yet started
         self._queued = False  # a start is scheduled on the loop
-        self._load: object | None = None  # the load whose outcome is awaited
+        self._load: Load | None = None  # the load whose outcome is awaited
+        self._answering: list[Done] = []  # and the requests it answers
         self._timer: Timer | None = None
-        self.unfinished = 0  # loads handed to a thread that have not come back (hung ones included)
 
     @property
     def idle(self) -> bool:
@@ -124,46 +140,43 @@ class Reloader(Generic[T]):
                 done(["the daemon is stopping"])
             return
         self.busy = True
-        token = self._load = object()
         path = "the configuration"
         try:
             path, load = self.host.reload_job()
             self.host.reload_began()
             log.info("reloading %s", path)
-            if self.unfinished >= MAX_UNFINISHED:
-                raise StartError(
-                    f"{path}: {self.unfinished} earlier loads have not finished (a file on a hung filesystem?); "
-                    "not starting another"
-                )
-            self._timer = self.loop.call_later(self.timeout, lambda: self._timed_out(token, path, waiters))
+            self._load, self._answering = load, waiters
+            self._timer = self.loop.call_later(self.timeout, lambda: self._timed_out(load, path, waiters))
+            load.start(self.loop, lambda result, error: self._loaded(load, path, waiters, result, error))
+        except Exception as exc:  # no process could be started, say
+            self._loaded(self._load, path, waiters, None, exc)
 
-            def deliver(result: object, error: Exception | None) -> None:  # in the helper thread
-                self.loop.call_soon_threadsafe(lambda: self._delivered(token, path, waiters, result, error))
-
-            self.offload(load, deliver)
-            self.unfinished += 1
-        except Exception as exc:  # no thread could be started, say
-            self._loaded(token, path, waiters, None, exc)
-
-    def _delivered(
-        self, token: object, path: str, waiters: list[Done], result: object, error: Exception | None
-    ) -> None:
-        self.unfinished -= 1
-        if token is not self._load:
-            log.info("a load of %s given up on has finished after all; its result is not used", path)
-            return
-        self._loaded(token, path, waiters, result, error)
-
-    def _timed_out(self, token: object, path: str, waiters: list[Done]) -> None:
+    def _timed_out(self, load: Load, path: str, waiters: list[Done]) -> None:
+        load.cancel()
         error = StartError(
-            f"{path}: loading took more than {self.timeout:g} s (a file on a hung filesystem?); gave up on it"
+            f"{path}: loading took more than {self.timeout:g} s (a file on a hung filesystem?); its loader was killed"
         )
-        self._loaded(token, path, waiters, None, error)
+        self._loaded(load, path, waiters, None, error)
 
-    def _loaded(self, token: object, path: str, waiters: list[Done], result: object, error: Exception | None) -> None:
+    def close(self) -> None:
+        """At shutdown: the load under way is cancelled (its process killed); its requests are told."""
+        load, self._load = self._load, None
+        waiters, self._waiters = self._waiters, []
+        if load is not None:
+            load.cancel()
+            self.loop.cancel(self._timer)
+            self._timer = None
+            self.busy = False
+            waiters += self._answering
+        for done in waiters:
+            done(["the daemon is stopping"])
+
+    def _loaded(
+        self, load: Load | None, path: str, waiters: list[Done], result: object, error: Exception | None
+    ) -> None:
         """The load's outcome, on the loop: prepare and commit (or keep the old configuration), then
         the verdict; the next reload starts once it is known."""
-        if token is not self._load:
+        if load is not self._load:
             return
         self._load = None
         self.loop.cancel(self._timer)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from hbd.access import AllowList
 from hbd.admission import load_security, shut_out
-from hbd.config import ServerConfig, load_server_config
+from hbd.config import ServerConfig
 from hbd.connection import Connection
 from hbd.daemon import Daemon
 from hbd.listener import Listener
@@ -27,6 +27,8 @@ from hbd.logs import log
 from hbd.protocol import Hello, PeerState, StateChange
 from hbd.registry import registry_settings
 from hbd.registry_remote import RemotePeers
+from hbd.reload_process import ChildLoad
+from hbd.reloading import Given, Load
 from hbd.server_ends import EndQueue
 from hbd.server_registry import ServerRegistry, peer_rows, peer_sources, start_registry
 from hbd.server_report import ServerReport
@@ -74,12 +76,12 @@ class Server(Daemon):
     closed_pings = property(lambda self: self.report.closed_pings)
 
     # -- Daemon hooks --------------------------------------------------------------------------------
-    def loader(self) -> Callable[[], ServerConfig]:
+    def loader(self) -> Load:
         if self.worker is not None and self.worker.config is not None:  # validated by the supervisor
             cfg = dataclasses.replace(self.worker.config, log_file=None)  # the supervisor writes the file
-            return lambda: cfg
-        load = functools.partial(load_server_config, self.config.path, dict(self.overrides))
-        return load if self.registry is None else self.registry.reload.planned(load)  # its plan: there too
+            return Given(lambda: cfg)
+        plan = None if self.registry is None else self.registry.reload.planner()  # its plan: off the loader
+        return ChildLoad("server", self.config.path, self.overrides, plan)
 
     def start(self) -> None:
         cfg = self.config

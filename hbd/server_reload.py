@@ -1,22 +1,24 @@
-"""A reload's part in the server's registry (hbd.server_registry): the plan worked out in the
-reload's helper thread, the commit, then the peers' changes a slice per loop turn, and what the
-reload replaced freed a slice per turn (hbd.retire).
+"""A reload's part in the server's registry (hbd.server_registry): the plan worked out a slice per
+loop turn once the new configuration is read, the commit, then the peers' changes a slice per loop
+turn, and what the reload replaced freed a slice per turn (hbd.retire).
 
 ``planner()`` is taken on the loop as a reload starts: it snapshots the expected peers in force
-(reloads are serialised, so they are still in force at the commit) and is called in the helper
-thread with the loaded configuration. ``commit()`` switches the registry over (hbd.registry.begin)
-and starts the slices; ``when_applied()`` says when they are done (the answer to ``hbd reload``
-waits for it). ``may_apply`` can hold the slices back (the supervisor, while a worker's pipe is full).
+(reloads are serialised, so they are still in force at the commit) and is run, a slice per turn, by
+the reload's load (hbd.reload_process) with the loaded configuration. ``commit()`` switches the
+registry over (hbd.registry.begin) and starts the slices; ``when_applied()`` says when they are
+done (the answer to ``hbd reload`` waits for it). ``may_apply`` can hold the slices back (the
+supervisor, while a worker's pipe is full).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING
 
-from hbd.config import ServerConfig, collector_paused
+from hbd.config import ServerConfig
 from hbd.logs import log
-from hbd.registry import APPLY_SLICE, ExpectedPlan, Registry, expected_peers, plan_expected, registry_settings
+from hbd.registry import APPLY_SLICE, ExpectedPlan, Registry, expected_peers, registry_settings
+from hbd.registry_plan import plan_in_slices
 from hbd.retire import Retirer
 
 if TYPE_CHECKING:
@@ -33,29 +35,21 @@ class RegistryReload:
         self.may_apply: Callable[[], bool] = lambda: True
         self.slice = APPLY_SLICE  # changes applied per loop turn
         self.retirer = Retirer(loop)
-        self._planned: tuple[ServerConfig, ExpectedPlan] | None = None  # a reload's plan, from its thread
+        self._planned: tuple[ServerConfig, ExpectedPlan] | None = None  # a reload's plan, made before its commit
         self._timer: Timer | None = None  # the next slice
         self._waiters: list[Callable[[], None]] = []  # called once all changes are applied
         self._applying: ExpectedPlan | None = None  # the plan being applied (its list is retired after)
         self._began = 0.0
 
-    def planner(self) -> Callable[[ServerConfig], ServerConfig]:
-        """On the loop, as a reload starts: what its helper thread calls with the loaded configuration."""
+    def planner(self) -> Callable[[ServerConfig], Generator[None, None, None]]:
+        """On the loop, as a reload starts: the plan of the loaded configuration, a slice per step."""
         base, timeout = self.registry.expected, self.registry.settings.heartbeat_timeout
 
-        def plan(cfg: ServerConfig) -> ServerConfig:
-            # 200,000 new objects for 100,000 changes: with the collector on, they would be promoted
-            # to its oldest generation and bring on a full collection (0.5 s at 100,000 peers)
-            with collector_paused():
-                self._planned = (cfg, plan_expected(base, timeout, expected_peers(cfg), cfg.heartbeat_timeout))
-            return cfg
+        def plan(cfg: ServerConfig) -> Generator[None, None, None]:
+            planned = yield from plan_in_slices(base, timeout, expected_peers(cfg), cfg.heartbeat_timeout)
+            self._planned = (cfg, planned)
 
         return plan
-
-    def planned(self, load: Callable[[], ServerConfig]) -> Callable[[], ServerConfig]:
-        """``load`` followed by the registry's plan of what it loaded (both in the helper thread)."""
-        plan = self.planner()
-        return lambda: plan(load())
 
     def commit(self, new: ServerConfig) -> None:
         """A reload committed: settings and who is expected now, the peers' changes from the next turn."""

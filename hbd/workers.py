@@ -20,18 +20,18 @@ hbd.workers_codec; the worker processes and their pipes are hbd.worker_pool's. T
 from __future__ import annotations
 
 import dataclasses
-import functools
-import gc
 import signal
 from collections.abc import Callable
 
-from hbd.config import ServerConfig, load_server_config
+from hbd.config import ServerConfig
 from hbd.daemon import Daemon, StartError
 from hbd.early import catch_signals, take_hup
 from hbd.logs import Logging, log
 from hbd.names import bind_tcp
 from hbd.notify import Notifier
 from hbd.registry import expected_peers, registry_settings
+from hbd.reload_process import ChildLoad
+from hbd.reloading import Load
 from hbd.server_registry import open_store
 from hbd.supervisor_registry import SupervisorRegistry
 from hbd.view import ServerSettings, SupervisorView, WorkerNumbers, WorkerRow
@@ -53,9 +53,9 @@ class Supervisor(Daemon[ServerConfig]):
         self._hupped: set[int] = set()  # pids sent the new configuration by the latest reload
         self.registry: SupervisorRegistry | None = None  # the one peer registry (hbd.supervisor_registry)
 
-    def loader(self) -> Callable[[], ServerConfig]:
-        load = functools.partial(load_server_config, self.config.path, dict(self.overrides))
-        return load if self.registry is None else self.registry.reload.planned(load)  # its plan: there too
+    def loader(self) -> Load:
+        plan = None if self.registry is None else self.registry.reload.planner()  # its plan: in slices after
+        return ChildLoad("server", self.config.path, self.overrides, plan)
 
     # -- start and stop -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -191,9 +191,6 @@ class Supervisor(Daemon[ServerConfig]):
         serve ``config``."""
         from hbd.server import Server
 
-        # Forked while a reload's helper thread parsed with the garbage collector off (hbd.config): that
-        # thread is not in the child, and nothing would turn it back on.
-        gc.enable()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(signum, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)

@@ -300,10 +300,12 @@ def test_an_unexpected_error_during_a_reload_keeps_the_old_config(tmp_path: Path
 
     class Broken(Daemon):
         def loader(self):
+            from hbd.reloading import Given
+
             def load():
                 raise RuntimeError("a bug")
 
-            return load
+            return Given(load)
 
     path = tmp_path / "s.yaml"
     path.write_text("port: 1234\n")

@@ -42,10 +42,12 @@ class _Failing(Daemon):
         self.exc = exc
 
     def loader(self) -> Any:
-        def load() -> Any:
-            raise self.exc  # in the reload's helper thread: reported from the loop all the same
+        from hbd.reloading import Given
 
-        return load
+        def load() -> Any:
+            raise self.exc  # as a loader's outcome: reported from the loop all the same
+
+        return Given(load)
 
 
 class _NewKind(HbdError):

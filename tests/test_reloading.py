@@ -1,31 +1,47 @@
 """A daemon's reload machinery on its own, in virtual time: the load runs off the loop and its outcome
 comes back to it, reloads are serialised (SIGHUPs coalesce, requests share one and get its verdict),
-a load that hangs fails the reload after LOAD_TIMEOUT without wedging the next ones, and what a reload
-keeps when it fails."""
+a load that hangs is cancelled and fails the reload after LOAD_TIMEOUT without wedging the next ones,
+one under way at shutdown is cancelled, and what a reload keeps when it fails. (The loads here are
+stand-ins the test finishes; the real loader process: tests/test_reload_process.py.)"""
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable
 
-from helpers import run_reload
 from virtual_time import run_until
 
 from hbd.errors import ConfigError
 from hbd.loop import EventLoop
-from hbd.reloading import LOAD_TIMEOUT, MAX_UNFINISHED, Deliver, Done, Reloader
+from hbd.reloading import LOAD_TIMEOUT, Deliver, Done, Given, Reloader
 
 PATH = "/etc/hbd/x.yaml"
 
 
-class Host:
-    """The daemon's side. Loads are handed to ``offload`` and stay there until the test finishes
-    them (``finish``), as a helper thread would at any moment: the new config is the load's number."""
+class FakeLoad:
+    """A load that stays under way until the test finishes it (``Host.finish``)."""
 
-    def __init__(self, loop, threads: bool = False) -> None:
+    def __init__(self, host: Host, number: int, fails: Exception | None) -> None:
+        self.host, self.number, self.fails = host, number, fails
+        self.deliver: Deliver | None = None
+        self.cancelled = False
+
+    def start(self, loop: EventLoop, deliver: Deliver) -> None:
+        self.deliver = deliver
+        self.host.loads.append(self)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.host.loads.remove(self)
+
+
+class Host:
+    """The daemon's side. Loads stay under way until the test finishes them (``finish``), as a loader
+    process would at any moment: the new config is the load's number."""
+
+    def __init__(self, loop) -> None:
         self.loop = loop
-        self.loads: list[tuple[Callable[[], object], Deliver]] = []  # handed off, not finished yet
+        self.loads: list[FakeLoad] = []  # under way, not finished yet
+        self.made: list[FakeLoad] = []
         self.jobs = 0
         self.load_fails: Exception | None = None
         self.prepare_fails: Exception | None = None
@@ -33,39 +49,22 @@ class Host:
         self.stopping = False
         self.committed: list[object] = []
         self.ended: list[list[str]] = []
-        self.threads: dict[str, int] = {}  # where each part ran
-        self.gate: threading.Event | None = None  # set: loads wait for it (a hung file read)
-        self.reloader: Reloader[int] = Reloader(loop, self) if threads else Reloader(loop, self, self.offload)
-
-    def offload(self, load: Callable[[], object], deliver: Deliver) -> None:
-        self.loads.append((load, deliver))
+        self.reloader: Reloader[int] = Reloader(loop, self)
 
     def finish(self, index: int = 0) -> None:
-        load, deliver = self.loads.pop(index)
-        try:
-            result = load()
-        except Exception as exc:
-            deliver(None, exc)
-            return
-        deliver(result, None)
+        load = self.loads.pop(index)
+        deliver = load.deliver
+        assert deliver is not None  # (from the loop, as a loader's outcome comes)
+        self.loop.call_later(0, lambda: deliver(None if load.fails else load.number, load.fails))
 
     # -- hbd.reloading.ReloadHost --------------------------------------------------------------------
-    def reload_job(self) -> tuple[str, Callable[[], int]]:
+    def reload_job(self) -> tuple[str, FakeLoad]:
         self.jobs += 1
-        number, fails, gate = self.jobs, self.load_fails, self.gate
-
-        def load() -> int:
-            self.threads["load"] = threading.get_ident()
-            if gate is not None:
-                gate.wait(10)
-            if fails is not None:
-                raise fails
-            return number
-
+        load = FakeLoad(self, self.jobs, self.load_fails)
+        self.made.append(load)
         return PATH, load
 
     def prepare_reload(self, new: int) -> Callable[[], None]:
-        self.threads["prepare"] = threading.get_ident()
         if self.prepare_fails is not None:
             raise self.prepare_fails
         return lambda: self.committed.append(new)
@@ -106,12 +105,19 @@ def test_the_load_runs_off_the_loop_which_goes_on_meanwhile(vloop, vclock) -> No
     assert host.committed == [1] and host.ended == [[]] and host.reloader.ok == 1 and host.reloader.idle
 
 
-def test_with_a_real_thread_only_the_load_leaves_the_loop_thread(vloop) -> None:
-    host = Host(vloop, threads=True)
-    host.reloader.hup()
-    run_reload(vloop, host.reloader)
-    assert host.committed == [1]
-    assert host.threads["prepare"] == threading.get_ident() != host.threads["load"]
+def test_a_given_load_is_made_on_the_loop_in_a_turn_of_its_own(vloop, vclock) -> None:
+    made: list[int] = []
+    load = Given(lambda: made.append(7) or 7)
+    got: list[tuple[object, Exception | None]] = []
+    load.start(vloop, lambda result, error: got.append((result, error)))
+    assert made == []
+    turn(vloop, vclock)
+    assert got == [(7, None)]
+    load = Given(lambda: 1 // 0)
+    load.start(vloop, lambda result, error: got.append((result, error)))
+    load.cancel()  # cancelled: never made, never delivered
+    turn(vloop, vclock)
+    assert len(got) == 1
 
 
 def test_a_failed_reload_changes_nothing_and_says_why(vloop, vclock, records) -> None:
@@ -126,7 +132,7 @@ def test_a_failed_reload_changes_nothing_and_says_why(vloop, vclock, records) ->
 
     reload()
     host.load_fails = ConfigError(["x.yaml: line 3: port: must be 1-65535", "x.yaml: line 4: bogus: unknown key"])
-    reload()  # invalid, found by the load (in its thread)
+    reload()  # invalid, found by the load (in its loader process)
     assert (r.ok, r.failed, host.committed) == (1, 1, [1])
     assert r.last_error == "x.yaml: line 3: port: must be 1-65535" and len(r.last_errors) == 2
     assert host.ended[-1] == r.last_errors
@@ -197,7 +203,7 @@ def test_requests_share_a_reload_and_one_asked_during_its_verdict_gets_its_own(v
     assert answers[-1][0] == "d" and answers[-1][2] == [] and host.jobs == 2
 
 
-def test_a_load_that_hangs_fails_the_reload_and_later_ones_still_work(vloop, vclock, records) -> None:
+def test_a_load_that_hangs_is_cancelled_and_fails_the_reload_and_later_ones_still_work(vloop, vclock, records) -> None:
     host = Host(vloop)
     r = host.reloader
     answers: list[list[str]] = []
@@ -207,42 +213,31 @@ def test_a_load_that_hangs_fails_the_reload_and_later_ones_still_work(vloop, vcl
     turn(vloop, vclock, 1.5)
     (errors,) = answers  # ... up to LOAD_TIMEOUT
     assert errors == [
-        f"{PATH}: loading took more than {LOAD_TIMEOUT:g} s (a file on a hung filesystem?); gave up on it"
+        f"{PATH}: loading took more than {LOAD_TIMEOUT:g} s (a file on a hung filesystem?); its loader was killed"
     ]
-    assert r.failed == 1 and r.last_errors == errors and r.idle and r.unfinished == 1
+    assert r.failed == 1 and r.last_errors == errors and r.idle
+    assert host.made[0].cancelled and host.loads == []  # (its process killed)
     r.hup()  # the next reload runs as usual
     turn(vloop, vclock)
-    host.finish(1)
+    host.finish()
     turn(vloop, vclock)
     assert host.committed == [2] and r.ok == 1
-    host.finish(0)  # the hung one comes back after all: dropped
+    host.made[0].deliver(1, None)  # a late outcome of the cancelled one (it cannot come: if it did) is dropped
     turn(vloop, vclock)
-    assert host.committed == [2] and r.unfinished == 0
-    assert any("given up on has finished after all" in rec.getMessage() for rec in records)
+    assert host.committed == [2] and r.ok == 1
 
 
-def test_hung_loads_do_not_pile_up(vloop, vclock) -> None:
+def test_a_load_under_way_at_shutdown_is_cancelled_and_its_requests_told(vloop, vclock) -> None:
     host = Host(vloop)
     r = host.reloader
-    for _ in range(MAX_UNFINISHED):
-        r.hup()
-        turn(vloop, vclock, LOAD_TIMEOUT + 1)
-    assert len(host.loads) == MAX_UNFINISHED and r.failed == MAX_UNFINISHED
-    answers: list[list[str]] = []
-    r.request(answers.append)
+    answers: list[tuple[str, list[str]]] = []
+    r.request(lambda errors: answers.append(("a", errors)))
     turn(vloop, vclock)
-    assert len(host.loads) == MAX_UNFINISHED  # no new thread while that many are stuck
-    assert answers == [
-        [f"{PATH}: 3 earlier loads have not finished (a file on a hung filesystem?); not starting another"]
-    ]
-    host.finish()  # one comes back: reloads start again
-    turn(vloop, vclock)
-    r.hup()
-    turn(vloop, vclock)
-    assert len(host.loads) == MAX_UNFINISHED
-    host.finish(MAX_UNFINISHED - 1)
-    turn(vloop, vclock)
-    assert r.ok == 1 and r.idle
+    r.request(lambda errors: answers.append(("b", errors)))  # waits for the next one
+    r.close()
+    assert host.made[0].cancelled and host.loads == [] and host.jobs == 1
+    assert sorted(answers) == [("a", ["the daemon is stopping"]), ("b", ["the daemon is stopping"])]
+    assert host.committed == [] and r.idle
 
 
 def test_a_stopping_daemon_answers_without_reloading(vloop, vclock) -> None:
@@ -252,29 +247,6 @@ def test_a_stopping_daemon_answers_without_reloading(vloop, vclock) -> None:
     host.reloader.request(answers.append)
     run_until(vloop, vclock, 1001.0)
     assert answers == [["the daemon is stopping"]] and host.jobs == 0
-
-
-def test_a_real_thread_stuck_in_a_load_is_given_up_on_and_its_late_result_dropped() -> None:
-    loop = EventLoop()
-    try:
-        host = Host(loop, threads=True)
-        host.reloader.timeout = 0.3
-        host.gate = threading.Event()
-        answers: list[list[str]] = []
-        host.reloader.request(answers.append)
-        run_reload(loop, host.reloader)
-        assert "loading took more than 0.3 s" in answers[0][0] and host.reloader.unfinished == 1
-        host.gate.set()  # the stuck one comes back, then a new reload works
-        host.gate = None
-        host.reloader.hup()
-        run_reload(loop, host.reloader)
-        deadline = time.monotonic() + 10
-        while host.reloader.unfinished:
-            assert time.monotonic() < deadline
-            loop.run_once(0.01)
-        assert host.committed == [2] and host.reloader.ok == 1
-    finally:
-        loop.close()
 
 
 def test_a_commit_that_raises_is_a_bug_that_does_not_wedge_later_reloads(vloop, vclock) -> None:
