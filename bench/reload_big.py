@@ -33,8 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout
 
-from bench.mass_down import clients, free_port, over, turns, wait  # noqa: E402
-from hbd.control import query  # noqa: E402
+from bench.mass_down import clients, free_port, head, over, wait  # noqa: E402
 
 PROBES = 20
 PROBE_EVERY = 0.02  # seconds between one probe connection's pings
@@ -135,7 +134,7 @@ def run(n: int, m: int, procs: int, change: str, quiet: float, root: Path, direc
             if pid == 0:  # a client process: never returns
                 try:
                     os.close(r)
-                    clients(port, k * per, min(per, m - k * per), f"127.67.{k + 1}.1", w)
+                    clients(port, k * per, min(per, m - k * per), k, w)
                 finally:
                     os._exit(0)
             kids.append(pid)
@@ -220,10 +219,15 @@ def run(n: int, m: int, procs: int, change: str, quiet: float, root: Path, direc
     }
 
 
+def turns(sock: str) -> dict:
+    """The server loop's turn histogram (the status document without its peer list)."""
+    return head(sock)["loop"]["turns"]
+
+
 def _wait_up(sock: str, m: int) -> float:
     """Until m peers are UP (a status document at 100,000 peers is tens of MB: asked every 3 s)."""
     start = time.monotonic()
-    while int(json.loads(query(sock, "status", timeout=120))["counts"]["UP"]) < m:
+    while int(head(sock)["counts"]["UP"]) < m:
         if time.monotonic() - start > 300:
             raise SystemExit("timed out waiting for all UP")
         time.sleep(3.0)

@@ -29,7 +29,7 @@ from hbd.errors import ConfigError, HbdError
 from hbd.peers_config import ExpectedPeer
 from hbd.tls import TLSConfig
 
-DECODE_SLICE = 2000  # peers decoded per step (a few µs each)
+DECODE_SLICE = 1000  # peers decoded per step (about 7 µs each)
 MAX_ERRORS = 25  # error lines taken from the loader (hbd.config reports at most 21)
 MAX_ERROR_LINE = 600
 END = b'"end"'
