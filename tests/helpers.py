@@ -73,7 +73,7 @@ class NotifySocket:
 
 def run_reload(loop, reloads, timeout: float = 10.0) -> None:
     """Turn ``loop`` until ``reloads`` (a daemon's hbd.reloading.Reloader) has nothing under way or
-    asked for. A reload's load runs in a real helper thread: the loop is turned without waiting, so
+    asked for. A reload's load runs in a real loader process: the loop is turned without waiting, so
     a virtual clock does not move meanwhile (and no load timeout fires)."""
     deadline = time.monotonic() + timeout
     while not reloads.idle:
