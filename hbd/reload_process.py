@@ -136,7 +136,7 @@ class ChildLoad:
             if rc is None:
                 self._timer = self._loop.call_later(REAP_POLL, self._reap)
                 return
-            how = f"was killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"
+            how = f"was killed by signal {-rc}" if rc < 0 else f"exited with status {rc}" if rc else "stopped short"
             last = bytes(self._err).decode("utf-8", "replace").strip().splitlines()[-1:]
             detail = f": {last[0][-300:]}" if last else ""
             return self._fail(StartError(f"{self.path}: the configuration's loader {how}{detail}"))
