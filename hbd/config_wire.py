@@ -120,9 +120,12 @@ def decode(data: bytes, role: str, slice_: int = DECODE_SLICE) -> Generator[None
         raise WireError(f"the loader's output does not make a configuration: {exc}") from None
 
 
+_DECODER = json.JSONDecoder()
+
+
 def _json(line: bytes) -> Any:
     try:
-        return json.loads(line)
+        return _DECODER.decode(line.decode())  # (json.loads would first guess the encoding of each line)
     except ValueError:  # (UnicodeDecodeError is one)
         raise WireError("the loader's output is not JSON lines") from None
 

@@ -142,7 +142,7 @@ class ChildLoad:
             return self._fail(StartError(f"{self.path}: the configuration's loader {how}{detail}"))
         data, self._out = bytes(self._out), bytearray()
         self._work = self._steps(data)
-        self._step()
+        self._timer = self._loop.call_later(0, self._step)  # (in this turn's timers: one slice, not two)
 
     def _steps(self, data: bytes) -> Generator[None, None, ServerConfig | ClientConfig]:
         cfg = yield from config_wire.decode(data, self.role)
