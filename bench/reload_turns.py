@@ -12,22 +12,43 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# --root DIR: that checkout's hbd (another version's, to compare); read before hbd is imported
+_at = sys.argv.index("--root") + 1 if "--root" in sys.argv else 0
+sys.path.insert(0, sys.argv[_at] if _at else str(ROOT))
 
-from bench.mass_down import free_port  # noqa: E402
-from bench.reload_big import fleet  # noqa: E402
 from hbd.config import load_server_config  # noqa: E402
 from hbd.heap import Heap  # noqa: E402
 from hbd.logs import Logging  # noqa: E402
 from hbd.loop import EventLoop  # noqa: E402
 from hbd.notify import Notifier  # noqa: E402
 from hbd.server import Server  # noqa: E402
+
+
+def fleet(path: Path, n: int, generation: int) -> None:
+    """bench.reload_big's fleet (not imported from there: that would import this checkout's hbd)."""
+    lines = []
+    for i in range(n):
+        if i % 2:
+            lines.append(f"- host{i:05d}\n")
+            continue
+        a, b = divmod(i, 250)
+        labels = ([f"site: s{i % 7}"] + ([f"rev: r{generation}"] if generation else [])) if i % 10 == 0 else []
+        text = f", labels: {{{', '.join(labels)}}}" if labels else ""
+        lines.append(f"- {{name: host{i:05d}, address: 10.{a // 250}.{a % 250}.{b}{text}}}\n")
+    path.write_text("".join(lines))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def run(n: int, directory: Path) -> dict[str, object]:
@@ -65,7 +86,10 @@ def run(n: int, directory: Path) -> dict[str, object]:
         loop.close()
     by_wall = sorted(turns, key=lambda t: -t[1])[:5]
     by_cpu = sorted(turns, key=lambda t: -t[2])[:5]
+    import hbd
+
     return {
+        "hbd": str(Path(hbd.__file__).parent),
         "n": n,
         "answer": answers[0],
         "reload_s": round(took, 2),
@@ -80,6 +104,7 @@ def run(n: int, directory: Path) -> dict[str, object]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("-n", type=int, default=100_000, help="expected peers in the peers_file (default 100000)")
+    ap.add_argument("--root", default=str(ROOT), help="the hbd checkout whose server is measured")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         print(json.dumps(run(args.n, Path(d))))
