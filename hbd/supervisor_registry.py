@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, cast
 from hbd.connection import Connection
 from hbd.logs import PeerLog
 from hbd.metrics import peer_labels
+from hbd.peer_uptime import Account, parts
 from hbd.registry import Action, Close, Expected, Log, Notice, Peer, RegistrySettings, Watch
 from hbd.server_registry import Events, ServerRegistry
 from hbd.silencing import Silence
@@ -148,8 +149,7 @@ class SupervisorRegistry(ServerRegistry):
             return
         key = cast(Key, peer.key)
         silence = self.registry.silenced.get(peer.name)
-        acc = self.uptime.accounts.get(peer.name)
-        outages, down, spans = (acc.outages, acc.down, acc.spans) if acc is not None else (0, 0.0, [])
+        outages, down, spans = parts(peer.account)
         until = silence.until if silence is not None else None
         # What its worker was last told is kept in the peer as a hash (an int, 32 B; a tuple of the
         # registry's own objects was 190 B, plus an entry in a table of 100,000). The connection's key
@@ -225,7 +225,7 @@ class SupervisorRegistry(ServerRegistry):
         ``last``: the workers' last pings (wall clock); else the registry's own (monotonic + offset)."""
         reg = self.registry
         peers = list(reg.peers.values())
-        silenced, accounts = reg.silenced, self.uptime.accounts
+        silenced = reg.silenced
         for start in range(0, len(peers), per):
             now = self.clock()
             batch: list[PeerSample] = []
@@ -234,7 +234,7 @@ class SupervisorRegistry(ServerRegistry):
                 last_ping = last.get(name)
                 if last_ping is None and peer.last_ping is not None:
                     last_ping = round(peer.last_ping + offset, 3)
-                acc = accounts.get(name)
+                acc = peer.account
                 batch.append(
                     (
                         peer_labels(name, peer.labels),
@@ -243,8 +243,8 @@ class SupervisorRegistry(ServerRegistry):
                         1 if peer.flapping else 0,
                         1 if silenced.get(name) is not None else 0,
                         1 if peer.expected else 0,
-                        acc.outages if acc is not None else 0,
-                        round(acc.down_seconds(now), 3) if acc is not None else 0.0,
+                        acc.outages if isinstance(acc, Account) else 0,
+                        round(acc.down_seconds(now), 3) if isinstance(acc, Account) else 0.0,  # a span: never DOWN
                     )
                 )
             yield batch
