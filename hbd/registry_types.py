@@ -158,6 +158,7 @@ class Peer:
         "changes",
         "expected",
         "filed",
+        "first_ping",
         "flapping",
         "grace",
         "key",
@@ -190,6 +191,7 @@ class Peer:
         self.changes: tuple[float, ...] | None = None  # recent state changes (flap detection)
         self.grace = NEVER  # NEW: DOWN "never connected" at this time
         self.filed = NEVER  # when its live entry in the deadline heap is due
+        self.first_ping = NEVER  # with workers: when its connection first pinged (a hook's standing)
         self.told = 0  # with workers: the hash of the mark its worker was last sent (hbd.supervisor_registry)
         # This process's accounting of it (hbd.peer_uptime: outages, down time, 24 h uptime), kept here
         # rather than in a table by name (~150 B less per peer); None until its first change.
