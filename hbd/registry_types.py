@@ -188,7 +188,8 @@ class Peer:
         self.key: Key | None = None  # its connection, once it pinged on one
         self.rising = 0  # on-time pings counted while it rises from DOWN (0: not rising)
         self.flapping = False
-        self.changes: tuple[float, ...] | None = None  # recent state changes (flap detection)
+        # recent state changes (flap detection): the one time alone, else a tuple (hbd.registry_flapping)
+        self.changes: float | tuple[float, ...] | None = None
         self.grace = NEVER  # NEW: DOWN "never connected" at this time
         self.filed = NEVER  # when its live entry in the deadline heap is due
         self.first_ping = NEVER  # with workers: when its connection first pinged (a hook's standing)
