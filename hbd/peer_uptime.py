@@ -10,8 +10,9 @@ peer (a peer that changed more often in 24 h has its uptime over its last MAX_SP
 accounts of peers the registry forgot are swept once they outnumber the known ones.
 
 A known peer's account is kept in its registry ``Peer`` (``Peer.account``, no table of its own), and
-only as much of it as there is: None before its first change, the span itself while it has had one
-state and no outage (a fresh peer: one tuple, ~56 B), an ``Account`` from its second state on. The
+only as much of it as there is: None before its first change; while it has had one state and no
+outage, the span itself, or for UP (a fresh peer) the span's start alone (the float is the peer's
+since: nothing more); an ``Account`` from its second state on. The
 registry's table keeps the accounts of the peers it forgets (``PeerTable.orphaned``) and gives one
 back to a peer of that name that comes back.
 """
@@ -85,8 +86,10 @@ class Account:
         return acc
 
 
-# A peer's account as kept: None (no change yet), one span with no outage (the span itself), or an Account.
-Held = Account | tuple[float, str] | None
+# A peer's account as kept: None (no change yet); one span with no outage: the span itself, or for UP
+# its start alone; or an Account.
+Kept = Account | tuple[float, str] | float
+Held = Kept | None
 
 
 class Holder(Protocol):
@@ -100,8 +103,12 @@ def account(held: Held) -> Account | None:
     if held is None or isinstance(held, Account):
         return held
     acc = Account()
-    acc.spans = [held]
+    acc.spans = [_span(held)]
     return acc
+
+
+def _span(held: tuple[float, str] | float) -> tuple[float, str]:
+    return held if isinstance(held, tuple) else (held, "UP")
 
 
 def parts(held: Held) -> tuple[int, float, list[tuple[float, str]]]:
@@ -110,22 +117,25 @@ def parts(held: Held) -> tuple[int, float, list[tuple[float, str]]]:
         return 0, 0.0, []
     if isinstance(held, Account):
         return held.outages, held.down, held.spans
-    return 0, 0.0, [held]
+    return 0, 0.0, [_span(held)]
 
 
 def changed(held: Held, new: str, now: float) -> Held:
     """The account ``held`` once its peer is in state ``new`` from ``now`` on. O(1)."""
     if held is None:
+        if new == "UP":
+            return now  # one state, no outage: its start is the whole account
         if new != "DOWN":
-            return (now, new)  # one state, no outage: the span is the whole account
+            return (now, new)
         acc = Account()
     elif isinstance(held, Account):
         acc = held
     else:
-        if held[1] == new:
+        span = _span(held)
+        if span[1] == new:
             return held
         acc = Account()
-        acc.spans = [held]
+        acc.spans = [span]
     spans = acc.spans
     if spans:
         start, state = spans[-1]
@@ -150,10 +160,10 @@ class Uptime:
     def __init__(
         self,
         peers: Mapping[str, Holder] | None = None,
-        orphans: dict[str, Account | tuple[float, str]] | None = None,
+        orphans: dict[str, Kept] | None = None,
     ) -> None:
         self.peers: Mapping[str, Holder] = {} if peers is None else peers
-        self.orphans: dict[str, Account | tuple[float, str]] = {} if orphans is None else orphans
+        self.orphans: dict[str, Kept] = {} if orphans is None else orphans
 
     def held(self, name: str) -> Held:
         peer = self.peers.get(name)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from hbd.registry_types import NEVER, Key, Peer, PeerStatus
 
 if TYPE_CHECKING:
-    from hbd.peer_uptime import Account
+    from hbd.peer_uptime import Kept
 
 
 class PeerTable:
@@ -26,7 +26,7 @@ class PeerTable:
         self.forgotten: set[str] = set()  # names to delete from the store
         # The accounts (hbd.peer_uptime) of forgotten peers, by name: a peer of that name that comes
         # back has its outages counted on (swept by hbd.peer_uptime.Uptime, which shares this dict).
-        self.orphaned: dict[str, Account | tuple[float, str]] = {}
+        self.orphaned: dict[str, Kept] = {}
 
     def __len__(self) -> int:
         return len(self.peers)
