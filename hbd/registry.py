@@ -110,6 +110,7 @@ class Registry:
         self._table = PeerTable()
         self.peers = self._table.peers
         self.by_key = self._table.by_key
+        self.orphaned = self._table.orphaned  # forgotten peers' accounts (hbd.peer_uptime)
         self.silences_ = Silences()
         self.silenced = self.silences_.by_name  # name -> Silence (read by the server's log levels)
         self._admission = Admission(self.peers, settings)

@@ -7,11 +7,16 @@ moves a count in O(1), and the counts always sum to the number of known peers.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from hbd.registry_types import NEVER, Key, Peer, PeerStatus
+
+if TYPE_CHECKING:
+    from hbd.peer_uptime import Kept
 
 
 class PeerTable:
-    __slots__ = ("by_key", "counts", "dirty", "forgotten", "peers")
+    __slots__ = ("by_key", "counts", "dirty", "forgotten", "orphaned", "peers")
 
     def __init__(self) -> None:
         self.peers: dict[str, Peer] = {}
@@ -19,6 +24,9 @@ class PeerTable:
         self.counts = dict.fromkeys(PeerStatus, 0)
         self.dirty: dict[str, None] = {}  # names to write, oldest first (an ordered set)
         self.forgotten: set[str] = set()  # names to delete from the store
+        # The accounts (hbd.peer_uptime) of forgotten peers, by name: a peer of that name that comes
+        # back has its outages counted on (swept by hbd.peer_uptime.Uptime, which shares this dict).
+        self.orphaned: dict[str, Kept] = {}
 
     def __len__(self) -> int:
         return len(self.peers)
@@ -26,6 +34,8 @@ class PeerTable:
     def add(self, name: str, address: str, now: float, timeout: float, named: bool) -> Peer:
         """A peer not known yet, NEW."""
         peer = Peer(name, address, PeerStatus.NEW, now, timeout, named)
+        if self.orphaned:
+            peer.account = self.orphaned.pop(name, None)
         self.peers[name] = peer
         self.counts[PeerStatus.NEW] += 1
         return peer
@@ -42,6 +52,8 @@ class PeerTable:
         if self.peers.get(peer.name) is not peer:
             return False
         del self.peers[peer.name]
+        if peer.account is not None:
+            self.orphaned[peer.name] = peer.account
         self.counts[peer.status] -= 1
         if peer.key is not None:
             self.by_key.pop(peer.key, None)

@@ -12,12 +12,15 @@ import re
 from collections.abc import Hashable
 from dataclasses import dataclass
 from enum import Enum
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from hbd.access import Network
 from hbd.config import ServerConfig
 from hbd.protocol import NAME_PATTERN
 from hbd.store_records import PeerRecord, SilenceRecord
+
+if TYPE_CHECKING:
+    from hbd.peer_uptime import Held
 
 NAME_RE = re.compile(NAME_PATTERN)
 
@@ -150,10 +153,12 @@ NEVER = math.inf
 
 class Peer:
     __slots__ = (
+        "account",
         "address",
         "changes",
         "expected",
         "filed",
+        "first_ping",
         "flapping",
         "grace",
         "key",
@@ -183,10 +188,15 @@ class Peer:
         self.key: Key | None = None  # its connection, once it pinged on one
         self.rising = 0  # on-time pings counted while it rises from DOWN (0: not rising)
         self.flapping = False
-        self.changes: tuple[float, ...] | None = None  # recent state changes (flap detection)
+        # recent state changes (flap detection): the one time alone, else a tuple (hbd.registry_flapping)
+        self.changes: float | tuple[float, ...] | None = None
         self.grace = NEVER  # NEW: DOWN "never connected" at this time
         self.filed = NEVER  # when its live entry in the deadline heap is due
+        self.first_ping = NEVER  # with workers: when its connection first pinged (a hook's standing)
         self.told = 0  # with workers: the hash of the mark its worker was last sent (hbd.supervisor_registry)
+        # This process's accounting of it (hbd.peer_uptime: outages, down time, 24 h uptime), kept here
+        # rather than in a table by name (~150 B less per peer); None until its first change.
+        self.account: Held = None
 
 
 def notice(

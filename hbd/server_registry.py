@@ -105,7 +105,8 @@ class ServerRegistry:
         self.close_conn = close
         self.is_open = is_open
         self.registry = Registry(settings, expected, self.clock(), wall())
-        self.uptime = Uptime()  # outages, down time and 24 h uptime per peer, from the changes applied here
+        # outages, down time and 24 h uptime per peer, from the changes applied here (kept in the peers)
+        self.uptime = Uptime(self.registry.peers, self.registry.orphaned)
         self._timer: Timer | None = None
         self.writer: StoreWriter | None = None
         self.reload = RegistryReload(self.registry, loop, self._reloaded_some)
@@ -288,12 +289,12 @@ class ServerRegistry:
 
     def account(self, row: PeerRow) -> PeerRow:
         """``row`` with this process's accounting of its peer: 24 h uptime, outages, seconds down."""
-        acc = self.uptime.accounts.get(row.peer)
+        acc = self.uptime.account(row.peer)
         if acc is None:
             return row
         now = self.clock()
         down = acc.down_seconds(now)
-        return replace(row, uptime_24h=self.uptime.uptime(row.peer, now), outages=acc.outages, down_seconds=down)
+        return replace(row, uptime_24h=acc.uptime(now), outages=acc.outages, down_seconds=down)
 
     def unknown(self, conns: list[Connection]) -> list[Connection]:
         """Connections that are no peer yet (no first ping) and do not claim a known peer's name:

@@ -1,17 +1,17 @@
 """The one peer registry of a server with ``workers: K``, in the supervisor, fed by the workers.
 
-Each worker reports what its connections do (hbd.registry_remote: greeting, first ping, late,
-back, end, a rising peer's pings) as small messages over its private pipe; a connection is keyed
-``(worker index, the worker's number for it)``, so a reused fd cannot be confused. The registry's
-answers are carried out here as in one process (hbd.server_registry, which this extends: notices
-logged, counted and hooked — hooks run here and only here — its deadlines from one loop timer,
-silences, the state store), except that closing a connection or watching its pings is an order
-sent down to the worker that holds it. A worker also gets, for each of its connections, a mark
+Each worker reports what its connections do (hbd.registry_remote: greeting, first ping, late, back,
+end, a rising peer's pings) as small messages over its private pipe; a connection is keyed by the
+worker's number for it and the worker's index (one int: ``Key``), so a reused fd cannot be confused.
+The registry's answers are carried out here as in one process (hbd.server_registry, which this
+extends: notices logged, counted and hooked — hooks run here and only here — its deadlines from one
+loop timer, silences, the state store), except that closing a connection or watching its pings is an
+order sent down to the worker that holds it. A worker also gets, for each of its connections, a mark
 (the peer's name, state, since, reason, flags, labels, silence, and this registry's accounting of
 it: outages, down time, the states of its last 24 h) whenever that changes, never per ping, so that
-its status rows are the registry's (UPTIME 24h included); the supervisor's own rows are the peers with no
-connection (DOWN, NEW). When a worker dies, all its connections are gone (``worker died``): their
-clients reconnect to the other workers.
+its status rows are the registry's (UPTIME 24h included); the supervisor's own rows are the peers
+with no connection (DOWN, NEW). When a worker dies, all its connections are gone (``worker died``):
+their clients reconnect to the other workers.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, cast
 from hbd.connection import Connection
 from hbd.logs import PeerLog
 from hbd.metrics import peer_labels
+from hbd.peer_uptime import Account, parts
 from hbd.registry import Action, Close, Expected, Log, Notice, Peer, RegistrySettings, Watch
 from hbd.server_registry import Events, ServerRegistry
 from hbd.silencing import Silence
@@ -31,7 +32,6 @@ from hbd.workers_codec import (
     PeerBack,
     PeerClose,
     PeerConnected,
-    PeerGone,
     PeerHello,
     PeerKnown,
     PeerLate,
@@ -45,7 +45,20 @@ from hbd.workers_codec import (
 if TYPE_CHECKING:
     from hbd.loop import EventLoop
 
-Key = tuple[int, int]  # (worker index, that worker's number for the connection)
+# A connection's key: that worker's number for it and the worker's index, as one int (a dict key and
+# Peer.key for each of 100,000 peers: an int is 28-32 B, a tuple of two ~84 B with its number).
+Key = int
+WORKER_BITS = 16  # index < 2**16 (workers: at most 64); the number is any int: conn << 16 | index
+
+
+def worker_of(key: Key) -> int:
+    return key & ((1 << WORKER_BITS) - 1)
+
+
+def conn_of(key: Key) -> int:
+    return key >> WORKER_BITS
+
+
 WORKER_DIED = "worker died"
 APPLY_BACKLOG = 256 * 1024  # bytes in a worker's pipe past which a reload's marks wait (MAX_OUTBUF is 1 MiB)
 
@@ -77,23 +90,26 @@ class SupervisorRegistry(ServerRegistry):
         self.backlog = backlog  # bytes waiting in the fullest pipe to a worker
         self.registry.take_reconfigured()  # from now on the registry keeps them for the marks
         self.reload.may_apply = self._may_apply
-        self._since: dict[Key, float] = {}  # when each connection first pinged
         self._timeouts: dict[float, float] = {}
 
     # -- what the workers report ---------------------------------------------------------------------
     def report(self, index: int, msg: PeerReport) -> None:
-        key: Key = (index, msg.conn)
+        key: Key = msg.conn << WORKER_BITS | index
         reg, now = self.registry, self.clock()
+        peer = reg.by_key.get(key)
+        since = peer.first_ping if peer is not None else now  # when its connection first pinged
         if isinstance(msg, PeerHello):
             actions = reg.hello(key, msg.name, msg.certificate, msg.address)
             if not actions and msg.name in reg.peers:
                 self.send(index, PeerKnown(msg.conn))
         elif isinstance(msg, PeerConnected):
-            self._since[key] = now
             timeout = self._timeouts.setdefault(msg.timeout, msg.timeout)  # one float per value, not per peer
             if len(self._timeouts) > 64:
                 self._timeouts.clear()  # the config's timeouts are few; a peer's announced ones could be many
             actions = reg.connected(key, msg.name, msg.certificate, msg.address, timeout, now)
+            since = now
+            if (peer := reg.by_key.get(key)) is not None:
+                peer.first_ping = now
         elif isinstance(msg, PeerPinged):
             actions = reg.pinged(key, msg.silent_for, now)
         elif isinstance(msg, PeerLate):
@@ -102,10 +118,7 @@ class SupervisorRegistry(ServerRegistry):
             actions = reg.back(key, now)
         else:
             actions = reg.gone(key, msg.reason, now, msg.last_ping)
-        held = _Held(self._since.get(key, now))
-        if isinstance(msg, PeerGone) or key not in reg.by_key:
-            self._drop(key)
-        self.apply(actions, cast(Connection, held))  # its own lines were logged by its worker
+        self.apply(actions, cast(Connection, _Held(since)))  # its own lines were logged by its worker
         self._mark(reg.by_key.get(key))
 
     def worker_died(self, index: int, reason: str = WORKER_DIED) -> None:
@@ -113,11 +126,6 @@ class SupervisorRegistry(ServerRegistry):
         reg, now = self.registry, self.clock()
         for key in keys_of(index, reg.by_key):
             self.apply(reg.gone(key, reason, now))
-        for key in keys_of(index, self._since):
-            self._drop(key)
-
-    def _drop(self, key: Key) -> None:
-        self._since.pop(key, None)
 
     # -- carrying out what the registry says ----------------------------------------------------------------
     def apply(self, actions: list[Action], conn: Connection | None = None) -> None:
@@ -127,12 +135,11 @@ class SupervisorRegistry(ServerRegistry):
         for action in actions:
             if isinstance(action, Close | Watch):
                 key = action.key
-                if isinstance(key, tuple) and len(key) == 2:
+                if isinstance(key, int):
                     if isinstance(action, Close):
-                        self._drop(key)
-                        self.send(key[0], PeerClose(key[1], action.reason, action.level))
+                        self.send(worker_of(key), PeerClose(conn_of(key), action.reason, action.level))
                     else:
-                        self.send(key[0], PeerWatch(key[1], action.on))
+                        self.send(worker_of(key), PeerWatch(conn_of(key), action.on))
             elif isinstance(action, Notice | Log):
                 names.add(action.peer)
         super().apply(actions, conn)
@@ -144,12 +151,11 @@ class SupervisorRegistry(ServerRegistry):
 
     def _mark(self, peer: Peer | None) -> None:
         """Tell the peer's worker what the registry says of it, if that changed."""
-        if peer is None or not isinstance(peer.key, tuple):
+        if peer is None or not isinstance(peer.key, int):
             return
-        key = cast(Key, peer.key)
+        key = peer.key
         silence = self.registry.silenced.get(peer.name)
-        acc = self.uptime.accounts.get(peer.name)
-        outages, down, spans = (acc.outages, acc.down, acc.spans) if acc is not None else (0, 0.0, [])
+        outages, down, spans = parts(peer.account)
         until = silence.until if silence is not None else None
         # What its worker was last told is kept in the peer as a hash (an int, 32 B; a tuple of the
         # registry's own objects was 190 B, plus an entry in a table of 100,000). The connection's key
@@ -178,7 +184,7 @@ class SupervisorRegistry(ServerRegistry):
         peer.told = said
         flags = [f for f, on in (("flapping", peer.flapping), ("rising", peer.rising > 0)) if on]
         mark = PeerMark(
-            key[1],
+            conn_of(key),
             peer.name,
             peer.named,
             peer.status.value,
@@ -192,7 +198,7 @@ class SupervisorRegistry(ServerRegistry):
             down,
             [[start, state] for start, state in spans],
         )
-        self.send(key[0], mark)
+        self.send(worker_of(key), mark)
 
     # -- reloads, silences: what changes the marks of peers not reporting anything ----------------------------
     def _may_apply(self) -> bool:
@@ -225,7 +231,7 @@ class SupervisorRegistry(ServerRegistry):
         ``last``: the workers' last pings (wall clock); else the registry's own (monotonic + offset)."""
         reg = self.registry
         peers = list(reg.peers.values())
-        silenced, accounts = reg.silenced, self.uptime.accounts
+        silenced = reg.silenced
         for start in range(0, len(peers), per):
             now = self.clock()
             batch: list[PeerSample] = []
@@ -234,7 +240,7 @@ class SupervisorRegistry(ServerRegistry):
                 last_ping = last.get(name)
                 if last_ping is None and peer.last_ping is not None:
                     last_ping = round(peer.last_ping + offset, 3)
-                acc = accounts.get(name)
+                acc = peer.account
                 batch.append(
                     (
                         peer_labels(name, peer.labels),
@@ -243,8 +249,8 @@ class SupervisorRegistry(ServerRegistry):
                         1 if peer.flapping else 0,
                         1 if silenced.get(name) is not None else 0,
                         1 if peer.expected else 0,
-                        acc.outages if acc is not None else 0,
-                        round(acc.down_seconds(now), 3) if acc is not None else 0.0,
+                        acc.outages if isinstance(acc, Account) else 0,
+                        round(acc.down_seconds(now), 3) if isinstance(acc, Account) else 0.0,  # a span: never DOWN
                     )
                 )
             yield batch
@@ -264,4 +270,4 @@ def _never(conn: Connection) -> bool:
 
 def keys_of(index: int, keys: Iterable[object]) -> list[Key]:
     """The keys of one worker's connections."""
-    return [cast(Key, k) for k in keys if isinstance(k, tuple) and k[0] == index]
+    return [k for k in keys if isinstance(k, int) and worker_of(k) == index]

@@ -7,7 +7,7 @@ import tracemalloc
 
 import pytest
 
-from hbd.peer_uptime import MAX_SPANS, WINDOW, Account, Uptime
+from hbd.peer_uptime import MAX_SPANS, WINDOW, Account, Held, Uptime, parts
 
 H = 3600.0
 
@@ -18,7 +18,8 @@ def test_outages_and_down_seconds_count_the_current_outage_too() -> None:
     u.change("web1", "DOWN", 100.0)
     u.change("web1", "UP", 160.0)
     u.change("web1", "DOWN", 200.0)
-    acc = u.accounts["web1"]
+    acc = u.account("web1")
+    assert acc is not None
     assert acc.outages == 2
     assert acc.down_seconds(230.0) == 60.0 + 30.0
     u.change("web1", "DOWN", 240.0)  # the same state again: nothing new
@@ -44,14 +45,15 @@ def test_only_the_last_24_hours_count() -> None:
     u.change("web1", "UP", 2 * H)
     assert u.uptime("web1", 2 * H + WINDOW - H) == pytest.approx(100.0 * 23 / 24)  # 1 h of the DOWN left
     assert u.uptime("web1", 2 * H + WINDOW) == 100.0
-    assert u.accounts["web1"].outages == 1 and u.accounts["web1"].down_seconds(3 * WINDOW) == 2 * H
+    assert (acc := u.account("web1")) is not None and acc.outages == 1 and acc.down_seconds(3 * WINDOW) == 2 * H
 
 
 def test_the_states_kept_per_peer_are_bounded() -> None:
     u = Uptime()
     for i in range(10 * MAX_SPANS):
         u.change("flappy", "UP" if i % 2 == 0 else "DOWN", float(i))
-    acc = u.accounts["flappy"]
+    acc = u.account("flappy")
+    assert acc is not None
     assert len(acc.spans) == MAX_SPANS and acc.outages == 5 * MAX_SPANS
     assert acc.down_seconds(10.0 * MAX_SPANS) == 5 * MAX_SPANS  # the counters keep everything
     assert u.uptime("flappy", 10.0 * MAX_SPANS) == pytest.approx(50.0)
@@ -62,10 +64,10 @@ def test_forgotten_peers_are_swept_once_they_outnumber_the_known() -> None:
     for i in range(300):
         u.change(f"gone{i}", "UP", 0.0)
         u.sweep({"web1"}, 1)
-    assert len(u.accounts) <= 2 * 1 + 100 + 1
+    assert len(u.orphans) <= 1 + 100 + 1
     u.change("web1", "UP", 1.0)
     u.sweep({"web1"}, 1)
-    assert "web1" in u.accounts
+    assert "web1" in u.orphans
 
 
 def test_an_account_copied_to_another_process_reads_the_same() -> None:
@@ -75,7 +77,8 @@ def test_an_account_copied_to_another_process_reads_the_same() -> None:
     u.change("web1", "UP", 0.0)
     u.change("web1", "DOWN", 2 * H)
     u.change("web1", "UP", 3 * H)
-    acc = u.accounts["web1"]
+    acc = u.account("web1")
+    assert acc is not None
     copy = Account.of(*json.loads(json.dumps(acc.copy())))
     for now in (3 * H, 10 * H, WINDOW + 2.5 * H, 2 * WINDOW):
         assert copy.uptime(now) == acc.uptime(now) and copy.down_seconds(now) == acc.down_seconds(now)
@@ -94,9 +97,48 @@ def test_an_account_costs_little_memory() -> None:
         u = Uptime()
         for name in names:
             u.change(name, "UP", 1.0)
-        copies = [Account.of(*acc.copy()) for acc in u.accounts.values()]
+        copies = [Account.of(*parts(u.held(name))) for name in names]
         used = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
     assert len(copies) == n
     assert used / n < 2 * 450, f"{used / n:.0f} B per peer for an account and its copy"
+
+
+class _Peer:
+    __slots__ = ("account",)
+
+    def __init__(self) -> None:
+        self.account: Held = None
+
+
+def test_a_peers_account_is_kept_in_the_peer_and_a_fresh_ones_is_its_one_span() -> None:
+    """The registry's Peer keeps its account (no table by name); a peer UP since its first change
+    keeps the time alone (its since: nothing more; an Account, its list and span, in a table's entry,
+    were ~200 B), one in another single state the span (~56 B)."""
+    n = 20000
+    peers = {f"peer{i:06d}": _Peer() for i in range(n)}
+    u = Uptime(peers)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for name in peers:
+            u.change(name, "UP", 1.0)
+        used = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert not u.orphans and peers["peer000001"].account == 1.0
+    assert used / n < 8, f"{used / n:.0f} B per peer for its account"
+    u.change("peer000001", "LATE", 5.0)
+    u.change("peer000001", "DOWN", 10.0)
+    acc = u.account("peer000001")
+    assert isinstance(peers["peer000001"].account, Account) and acc is peers["peer000001"].account
+    assert acc.outages == 1 and acc.down_seconds(12.0) == 2.0
+    assert acc.uptime(12.0) == pytest.approx(100.0 * 9 / 11)
+    peers["fresh"] = _Peer()
+    u.change("fresh", "DOWN", 1.0)  # a first state DOWN is an outage: an Account at once
+    assert parts(peers["fresh"].account) == (1, 0.0, [(1.0, "DOWN")])
+    peers["late"] = _Peer()
+    u.change("late", "LATE", 2.0)
+    assert peers["late"].account == (2.0, "LATE") and u.uptime("late", 4.0) == 100.0
+    assert u.uptime("peer000003", 5.0) == 100.0 and u.uptime("nobody", 5.0) is None

@@ -56,10 +56,14 @@ def test_stable_after_a_whole_window_without_a_change() -> None:
 
 def test_the_history_costs_little_memory_per_peer() -> None:
     """Every peer records its first change (NEW -> UP): at 100,000 peers a deque (a 64-slot block,
-    about 760 bytes with its first entry) was more than half of the registry's memory."""
+    about 760 bytes with its first entry) was more than half of the registry's memory. The first change
+    is kept as its time alone (the float is the peer's since: nothing more), a tuple from the second."""
     flaps, p = FlapDetector(5, 60.0), peer()
-    flaps.record(p, 1.0)
-    assert sys.getsizeof(p.changes) < 100
+    now = 1.0
+    flaps.record(p, now)
+    assert p.changes is now
+    flaps.record(p, 1.5)
+    assert p.changes == (1.0, 1.5) and flaps.stable_at(p) == float("inf")
     for t in range(2, 10):
         flaps.record(p, float(t))
     assert sys.getsizeof(p.changes) < 150  # at most threshold + 1 times

@@ -37,3 +37,16 @@ def test_forget_ignores_a_peer_the_table_does_not_hold() -> None:
     new = table.add("a", "x:2", 1.0, 10.0, True)
     assert not table.forget(old)  # an old object of the same name: the new one stays
     assert table.peers == {"a": new} and table.counts[PeerStatus.NEW] == 1
+
+
+def test_a_forgotten_peers_account_comes_back_with_its_name() -> None:
+    """A peer's account (hbd.peer_uptime) is kept in its Peer: forgetting it keeps the account by name
+    (its outages are Prometheus counters: they count on if it comes back), and a new peer of that
+    name has it again."""
+    t = PeerTable()
+    peer = t.add("web1", "10.0.0.1:1", 0.0, 10.0, True)
+    peer.account = (1.0, "UP")
+    assert t.forget(peer) and t.orphaned == {"web1": (1.0, "UP")}
+    again = t.add("web1", "10.0.0.1:2", 5.0, 10.0, True)
+    assert again.account == (1.0, "UP") and not t.orphaned
+    assert t.add("web2", "10.0.0.2:1", 5.0, 10.0, True).account is None

@@ -463,7 +463,11 @@ def test_a_connected_peer_costs_the_supervisor_little_memory(vloop) -> None:
     its name, address and key, the tables' entries, its account, its flap history, what its worker was
     told), measured with tracemalloc over 20,000 peers: ~1,050 B per peer before the cuts of issue 14
     (the mark kept as a 13-tuple plus a tuple of its spans, in a table of its own; two float("inf")
-    per peer; an account list with room for four; a timeout float per peer), ~780 B after."""
+    per peer; an account list with room for four; a timeout float per peer), ~780 B after; ~650 B with
+    the account in the Peer (a fresh peer's: its one span, no Account, no table entry); ~575 B with
+    the connection's key one int and its first ping in the Peer (no table of first pings); ~525 B
+    with its one state change's time kept alone (no tuple of one); ~470 B with an account UP since
+    its first change kept as that time alone (no span tuple)."""
     n = 20000
     sent: list[PeerOrder] = []
     sup = SupervisorRegistry(
@@ -491,4 +495,40 @@ def test_a_connected_peer_costs_the_supervisor_little_memory(vloop) -> None:
     finally:
         tracemalloc.stop()
     assert len(sup.registry.by_key) == n
-    assert used / n < 880, f"{used / n:.0f} B per peer kept by the supervisor"
+    assert used / n < 530, f"{used / n:.0f} B per peer kept by the supervisor"
+
+
+class _Standing(_Quiet):
+    def __init__(self) -> None:
+        self.hooked: list[tuple[str, float]] = []
+
+    def event(self, event: str, peer: str, address: str, *, standing: float = 0.0, **kw: object) -> None:
+        self.hooked.append((event, standing))
+
+
+def test_a_connections_key_is_one_int_and_a_hooks_standing_is_its_first_ping(vloop) -> None:
+    """A connection is keyed by one int (its number and worker: no tuple per peer) and its first
+    ping is kept in its Peer (no table of its own): the orders go to the right worker with the
+    worker's own number, however large, and a hook's standing is the time since that first ping."""
+    from hbd.supervisor_registry import WORKER_BITS, conn_of, worker_of
+
+    sent: list[tuple[int, PeerOrder]] = []
+    events = _Standing()
+    sup = SupervisorRegistry(vloop, RegistrySettings(), (), _peer_log(vloop), events, lambda i, o: sent.append((i, o)))
+    now = [T0]
+    sup.clock = lambda: now[0]
+    big = 2**40 + 5  # a worker's number grows with every connection it ever had
+    for index, conn in ((64, big), (1, 3)):
+        key = conn << WORKER_BITS | index
+        assert (worker_of(key), conn_of(key)) == (index, conn)
+    sup.report(64, PeerHello(big, "web1", None, "127.0.0.1:7"))
+    sup.report(64, PeerConnected(big, "web1", None, "127.0.0.1:7", 9.0))
+    now[0] = T0 + 100.0
+    sup.report(2, PeerHello(3, "web1", None, "127.0.0.1:8"))
+    sup.report(2, PeerConnected(3, "web1", None, "127.0.0.1:8", 9.0))  # takes over: the old one is closed
+    assert [(i, o.conn) for i, o in sent if isinstance(o, PeerClose)] == [(64, big)]
+    assert [(i, o.conn) for i, o in sent if isinstance(o, PeerMark)][-1] == (2, 3)
+    now[0] = T0 + 130.0
+    sup.report(2, PeerGone(3, "timed out", None))
+    assert events.hooked[0] == ("up", 0.0) and events.hooked[-1] == ("down", 30.0)
+    assert not sup.registry.by_key
