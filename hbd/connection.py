@@ -81,20 +81,47 @@ class Connection:
         except OSError as exc:
             self.owner.drop(self, f"connection error: {exc.strerror or exc}", logging.WARNING)
             return
-        self.received(data)
-
-    def received(self, data: bytes) -> None:
-        """Bytes from the peer (b"" at end of file), after any TLS layer."""
         if not data:
             self.owner.drop(self, "disconnected", logging.INFO)
             return
+        # received() and send() inlined for the usual read, a ping answered straight into an empty
+        # send buffer: a Python call costs about as much as the rest of a ping's own work here
+        # (docs/performance.md, "CPU per ping with everything in")
         peer = self.peer
         try:
             reply = peer.feed(data, self.owner.clock())
         except ProtocolError as exc:
             self.owner.reject(self, str(exc))
             return
-        if peer.events:  # before the reply: a send that finds the peer gone reports its end after this
+        if peer.events or not reply or self.outbuf:
+            self.answer(reply)
+            return
+        try:
+            sent = self.sock.send(reply)
+        except self.BLOCKING:
+            sent = 0
+        except OSError as exc:
+            self.owner.drop(self, f"connection error: {exc.strerror or exc}", logging.WARNING)
+            return
+        if sent < len(reply):
+            self.outbuf = reply[sent:]
+            self.owner.loop.add_writer(self.sock, self.on_write)
+
+    def received(self, data: bytes) -> None:
+        """Bytes from the peer (b"" at end of file), after any TLS layer."""
+        if not data:
+            self.owner.drop(self, "disconnected", logging.INFO)
+            return
+        try:
+            reply = self.peer.feed(data, self.owner.clock())
+        except ProtocolError as exc:
+            self.owner.reject(self, str(exc))
+            return
+        self.answer(reply)
+
+    def answer(self, reply: bytes) -> None:
+        """What the peer's bytes produced: its events first, then the reply."""
+        if self.peer.events:  # before the reply: a send that finds the peer gone reports its end after this
             self.owner.on_events(self)
             if not self.owner.is_open(self):
                 return  # what it said closed it (a refused name)

@@ -7,6 +7,7 @@ Runs the real runner in its 'smoke' mode: the floor, hbd and thread-per-client s
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -66,7 +67,6 @@ def test_runner_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 
 def test_history_read_smoke() -> None:
     """bench/history_read.py at 50 peers: it builds its store and times the three commands."""
-    import subprocess
 
     r = subprocess.run(
         [sys.executable, "-m", "bench.history_read", "--peers", "50", "--changes", "4"],
@@ -100,3 +100,12 @@ def test_memprobe_dump(tmp_path: Path) -> None:
     assert rec["mallinfo"]["uordblks"] > 0 and rec["vmrss_after_trim"] > 0
     assert rec["pymalloc"]["bytes_in_allocated_blocks"] > 0
     assert any(name == "dict" and count > 0 for name, count, _ in rec["types"])
+
+
+@pytest.mark.parametrize("server", ["hbd", "floor"])
+def test_ping_instructions_driver_serves_every_ping(server: str) -> None:
+    """bench.ping_instructions' measured process, without valgrind: a few rounds, every pong read
+    (its recv would wait forever otherwise: a timeout fails the test)."""
+    cmd = [sys.executable, "-m", "bench.ping_instructions", "--drive", server, "--rounds", "8"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -128,3 +128,34 @@ def test_client_any_split_gives_the_same_pongs(data: bytes, cuts: list[int]) -> 
 @given(st.lists(st.binary(max_size=64), max_size=20))
 def test_client_fuzz_only_protocol_errors(chunks: list[bytes]) -> None:
     run_client(chunks)
+
+
+def peer_state(peer: ServerPeer) -> tuple:
+    events = [(type(e).__name__, *(getattr(e, f) for f in e.__slots__)) for e in peer.events or []]
+    return (peer.state, peer.last_heard, peer.pings, peer._echo, peer._junk, peer._buf, events)
+
+
+@SETTINGS
+@given(st.lists(st.tuples(PIECES, st.floats(0.0, 2.0)), max_size=60))
+def test_server_steady_state_fast_path_is_the_generic_parser(reads: list[tuple[bytes, float]]) -> None:
+    """feed() answers a whole ``ping`` or ``ping\\n`` from an UP peer without its parser loop (most
+    reads: docs/performance.md); fed one byte at a time, the same reads never take that path. Reply,
+    state, events and error come out the same after every read."""
+    fast, slow = ServerPeer(0.0, 3.0), ServerPeer(0.0, 3.0)
+    now = 0.0
+    for data, dt in reads:
+        now += dt
+        try:
+            reply = fast.feed(data, now)
+        except ProtocolError:
+            reply = None
+        try:
+            reply_slow: bytes | None = b"".join(slow.feed(data[i : i + 1], now) for i in range(len(data)))
+        except ProtocolError:
+            reply_slow = None
+        assert reply == reply_slow
+        if reply is None:
+            return
+        assert peer_state(fast) == peer_state(slow)
+        fast.poll(now)  # verdicts too (LATE, DEAD): the path is taken only while UP
+        slow.poll(now)

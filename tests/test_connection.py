@@ -1,0 +1,162 @@
+"""A server connection's read path on real sockets: the steady ping answered in on_read itself
+(docs/performance.md, "CPU per ping with everything in"), events before the reply, a full send
+buffer, a peer that does not read its pongs, the end and garbage."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from hbd.connection import MAX_OUTBUF, Connection
+from hbd.protocol import Hello, PeerState, StateChange
+
+
+class FakeLoop:
+    def __init__(self) -> None:
+        self.writers: dict[object, object] = {}
+
+    def add_writer(self, sock: object, callback: object) -> None:
+        self.writers[sock] = callback
+
+    def remove_writer(self, sock: object) -> None:
+        del self.writers[sock]
+
+
+class Owner:
+    """Records what a connection hands to its server."""
+
+    def __init__(self) -> None:
+        self.loop = FakeLoop()
+        self.now = 100.0
+        self.calls: list[tuple] = []
+        self.events: list[object] = []
+        self.open = True
+        self.close_on_hello = False
+
+    def clock(self) -> float:
+        return self.now
+
+    def is_open(self, conn: Connection) -> bool:
+        return self.open
+
+    def arm(self, conn: Connection, forgiven: float = 0.0) -> None:
+        self.calls.append(("arm",))
+
+    def on_events(self, conn: Connection) -> None:
+        events, conn.peer.events = conn.peer.events or [], None
+        self.events += events
+        if self.close_on_hello and any(isinstance(e, Hello) for e in events):
+            self.open = False
+
+    def connected(self, conn: Connection, how: str) -> None:
+        self.calls.append(("connected",))
+
+    def drop(self, conn: Connection, reason: str, level: int) -> None:
+        self.calls.append(("drop", reason))
+
+    def reject(self, conn: Connection, reason: str) -> None:
+        self.calls.append(("reject", reason))
+
+    def tls_failed(self, conn: Connection, reason: str) -> None:
+        self.calls.append(("tls_failed", reason))
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.settimeout(2.0)
+    yield ours, theirs
+    ours.close()
+    theirs.close()
+
+
+def connection(owner: Owner, sock: socket.socket) -> Connection:
+    return Connection(owner, sock, "127.0.0.1:5000", owner.now, 3.0)  # type: ignore[arg-type]
+
+
+def test_steady_pings_are_answered_in_their_own_form_and_counted(pair) -> None:
+    ours, theirs = pair
+    owner = Owner()
+    conn = connection(owner, ours)
+    theirs.send(b"ping")
+    conn.on_read()
+    assert theirs.recv(16) == b"pong"
+    assert owner.events == [StateChange(PeerState.NEW, PeerState.UP, 0.0)]  # the first ping: through on_events
+    for i, (ping, pong) in enumerate([(b"ping", b"pong"), (b"ping\n", b"pong\n"), (b"ping", b"pong")] * 3):
+        owner.now += 1.0
+        theirs.send(ping)
+        conn.on_read()  # the steady state: no events, straight into the send buffer
+        assert theirs.recv(16) == pong
+        assert conn.peer.pings == i + 2 and conn.peer.last_heard == owner.now
+    assert len(owner.events) == 1 and conn.outbuf == b"" and owner.calls == []
+
+
+def test_a_greeting_reaches_the_owner_before_the_reply_and_a_refused_one_gets_none(pair) -> None:
+    ours, theirs = pair
+    owner = Owner()
+    conn = connection(owner, ours)
+    theirs.send(b"hello web1\nping\n")
+    conn.on_read()
+    assert owner.events[0] == Hello("web1", None)
+    assert theirs.recv(16) == b"pong\n"
+    owner2, (ours2, theirs2) = Owner(), socket.socketpair()
+    with ours2, theirs2:
+        ours2.setblocking(False)
+        owner2.close_on_hello = True  # the registry refused the name: closed before its pong
+        conn2 = connection(owner2, ours2)
+        theirs2.send(b"hello web1\nping\n")
+        conn2.on_read()
+        theirs2.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            theirs2.recv(16)
+
+
+def test_a_full_send_buffer_queues_the_pong_until_writable_and_a_non_reader_is_rejected(pair) -> None:
+    ours, theirs = pair
+    owner = Owner()
+    conn = connection(owner, ours)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    filler = 0
+    with pytest.raises(BlockingIOError):
+        while True:
+            filler += ours.send(b"x" * 4096)
+    theirs.send(b"ping")
+    conn.on_read()  # the pong does not fit: queued, and the connection waits for writability
+    assert conn.outbuf == b"pong" and owner.loop.writers == {ours: conn.on_write}
+    theirs.send(b"ping\n")
+    conn.on_read()  # behind what is queued, never before it
+    assert conn.outbuf == b"pongpong\n"
+    got = b""
+    while len(got) < filler:
+        got += theirs.recv(65536)
+    conn.on_write()
+    assert conn.outbuf == b"" and owner.loop.writers == {}
+    theirs.settimeout(2.0)
+    assert theirs.recv(16) == b"pongpong\n"
+    # a peer that pings but never reads: dropped once MAX_OUTBUF is queued, not buffered without end
+    with pytest.raises(BlockingIOError):
+        while True:
+            ours.send(b"x" * 4096)
+    owner.now += 1.0
+    for _ in range(MAX_OUTBUF // 4 + 1):
+        theirs.send(b"ping")
+        conn.on_read()
+        if owner.calls:
+            break
+    assert owner.calls[-1][0] == "reject" and "does not read its pongs" in owner.calls[-1][1]
+    assert len(conn.outbuf) <= MAX_OUTBUF
+
+
+def test_the_end_and_garbage_go_to_the_owner(pair) -> None:
+    ours, theirs = pair
+    owner = Owner()
+    conn = connection(owner, ours)
+    theirs.send(b"GET / HTTP/1.0\r\n")
+    conn.on_read()
+    assert owner.calls == [("reject", "unexpected bytes b'GET / HTTP/1.0\\r\\n'")]
+    theirs.shutdown(socket.SHUT_WR)
+    conn.on_read()
+    assert owner.calls[-1] == ("drop", "disconnected")
