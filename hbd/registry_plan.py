@@ -60,21 +60,14 @@ def plan_expected(
 ) -> ExpectedPlan:
     """The plan that takes the registry from the expected peers ``base`` (with the default timeout
     ``base_timeout``) to ``new`` (``new_timeout``). For a name listed twice the last entry counts."""
-    expected = {e.name: e for e in new}
-    changes = [Change(name, None, False) for name in base if name not in expected]
-    default_changed = new_timeout != base_timeout
-    for name, e in expected.items():
-        old = base.get(name)
-        if old is None:
-            changes.append(Change(name, e, True))
-        elif (
-            old.labels != e.labels
-            or old.timeout != e.timeout
-            or old.address != e.address
-            or (default_changed and e.timeout is None)
-        ):
-            changes.append(Change(name, e, False))
-    return ExpectedPlan(base, base_timeout, expected, AddressBook(expected.values()), changes)
+    entries = list(new)
+    steps = plan_in_slices(base, base_timeout, entries, new_timeout, max(1, len(entries), len(base)))
+    while True:  # one slice holds everything: the same plan, made in one go
+        try:
+            next(steps)
+        except StopIteration as done:
+            plan: ExpectedPlan = done.value
+            return plan
 
 
 PLAN_SLICE = 2000  # entries compared per step of plan_in_slices (about a µs each)
