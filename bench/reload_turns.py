@@ -23,26 +23,13 @@ ROOT = Path(__file__).resolve().parent.parent
 _at = sys.argv.index("--root") + 1 if "--root" in sys.argv else 0
 sys.path.insert(0, sys.argv[_at] if _at else str(ROOT))
 
+from bench.fleet import fleet  # noqa: E402
 from hbd.config import load_server_config  # noqa: E402
 from hbd.heap import Heap  # noqa: E402
 from hbd.logs import Logging  # noqa: E402
 from hbd.loop import EventLoop  # noqa: E402
 from hbd.notify import Notifier  # noqa: E402
 from hbd.server import Server  # noqa: E402
-
-
-def fleet(path: Path, n: int, generation: int) -> None:
-    """bench.reload_big's fleet (not imported from there: that would import this checkout's hbd)."""
-    lines = []
-    for i in range(n):
-        if i % 2:
-            lines.append(f"- host{i:05d}\n")
-            continue
-        a, b = divmod(i, 250)
-        labels = ([f"site: s{i % 7}"] + ([f"rev: r{generation}"] if generation else [])) if i % 10 == 0 else []
-        text = f", labels: {{{', '.join(labels)}}}" if labels else ""
-        lines.append(f"- {{name: host{i:05d}, address: 10.{a // 250}.{a % 250}.{b}{text}}}\n")
-    path.write_text("".join(lines))
 
 
 def free_port() -> int:
