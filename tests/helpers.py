@@ -103,6 +103,23 @@ def wait_until(predicate: Callable[[], T], timeout: float = 10.0) -> T:
     raise AssertionError("condition not met in time")
 
 
+def drain(loop, sock: socket.socket, step: float, clock: Callable[[], float], limit: float = 60.0) -> bytes:
+    """Turn ``loop`` (``run_once(step)``) and read a non-blocking ``sock`` until its end of file or
+    ``limit`` on ``clock``; what was read."""
+    t0 = clock()
+    data = b""
+    while clock() - t0 < limit:
+        loop.run_once(step)
+        try:
+            chunk = sock.recv(1 << 16)
+        except BlockingIOError:
+            continue
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 @dataclass(frozen=True)
 class Exp:
     """An expected peer as the registry reads one from the configuration (hbd.peers_config.ExpectedPeer's shape)."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from daemons import connect, recv_exactly, start_client, start_server
-from helpers import status_of, wait_until
+from helpers import drain, status_of, wait_until
 
 from hbd.cli import main
 from hbd.control import BindError, RequestServer, UnixListener
@@ -67,16 +67,7 @@ def test_large_reply_is_written_in_slices_without_stalling_the_loop(tmp_path: Pa
     while time.monotonic() < end:  # the client does not read yet: only buffers' worth is produced
         loop.run_once(0.01)
     assert len(produced) < 100
-    data = b""
-    while True:
-        loop.run_once(0.01)
-        try:
-            chunk = client.recv(1 << 16)
-        except BlockingIOError:
-            continue
-        if not chunk:
-            break
-        data += chunk
+    data = drain(loop, client, 0.01, time.monotonic)
     assert len(data) == 4_000_000 and data[:10_000] == b"A" * 10_000
     gaps = [b - a for a, b in itertools.pairwise(ticks)]
     assert max(gaps) < 0.1, max(gaps)

@@ -6,6 +6,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from helpers import drain
 
 from hbd.control import RequestServer, UnixListener
 from hbd.pacing import BURST, FRACTION, MAX_DEBT, MIN_PAUSE, Duty, Pacer
@@ -98,16 +99,7 @@ def _serve(tmp_path: Path, vclock, vloop, slices: int, work: float, size: int) -
 
     tick()
     t0 = vclock()
-    data = b""
-    while vclock() - t0 < 60:
-        vloop.run_once(1.0)
-        try:
-            chunk = client.recv(1 << 16)
-        except BlockingIOError:
-            continue
-        if not chunk:
-            break
-        data += chunk
+    data = drain(vloop, client, 1.0, vclock)
     duration = vclock() - t0
     gaps = max(b - a for a, b in itertools.pairwise(ticks))
     assert not server.conns and server.pacer.big == 0
