@@ -88,6 +88,28 @@ def clients(port: int, first: int, count: int, proc: int, ready: int) -> None:
                 pass
 
 
+def fork_clients(port: int, n: int, procs: int) -> list[int]:
+    """``n`` clients (host00000 on) spread over ``procs`` forked processes; returns their pids once
+    every process has connected its share."""
+    r, w = os.pipe()
+    per = -(-n // procs)
+    pids = []
+    for k in range(procs):
+        pid = os.fork()
+        if pid == 0:  # a client process: never returns
+            try:
+                os.close(r)
+                clients(port, k * per, min(per, n - k * per), k, w)
+            finally:
+                os._exit(0)
+        pids.append(pid)
+    os.close(w)
+    for _ in range(procs):
+        os.read(r, 1)
+    os.close(r)
+    return pids
+
+
 def probe(port: int, m: int, ready: int, control: int, out: int) -> None:
     """A forked probe: ``m`` connections that ping every PROBE_EVERY s, each as soon as the previous
     pong is back and its time has come. Each byte read from ``control`` closes a phase: the pong RTTs
@@ -274,23 +296,7 @@ def run(
             return json.loads(rtt_lines.readline())
 
         def start_clients() -> list[int]:
-            r, w = os.pipe()
-            per = -(-n // procs)
-            pids = []
-            for k in range(procs):
-                pid = os.fork()
-                if pid == 0:  # a client process: never returns
-                    try:
-                        os.close(r)
-                        clients(port, k * per, min(per, n - k * per), k, w)
-                    finally:
-                        os._exit(0)
-                pids.append(pid)
-            os.close(w)
-            for _ in range(procs):
-                os.read(r, 1)
-            os.close(r)
-            return pids
+            return fork_clients(port, n, procs)
 
         def reading() -> dict[str, dict]:
             time.sleep(2.0)  # the workers report their numbers every second

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout
 
 from bench.fleet import fleet  # noqa: E402
-from bench.mass_down import clients, free_port, head, over, wait  # noqa: E402
+from bench.mass_down import fork_clients, free_port, head, over, wait  # noqa: E402
 
 PROBES = 20
 PROBE_EVERY = 0.02  # seconds between one probe connection's pings
@@ -113,21 +113,7 @@ def run(n: int, m: int, procs: int, change: str, quiet: float, root: Path, direc
     kids: list[int] = []
     try:
         wait("the status socket", lambda: os.path.exists(sock), 120)
-        r, w = os.pipe()
-        per = -(-m // procs)
-        for k in range(procs):
-            pid = os.fork()
-            if pid == 0:  # a client process: never returns
-                try:
-                    os.close(r)
-                    clients(port, k * per, min(per, m - k * per), k, w)
-                finally:
-                    os._exit(0)
-            kids.append(pid)
-        os.close(w)
-        for _ in range(procs):
-            os.read(r, 1)
-        os.close(r)
+        kids = fork_clients(port, m, procs)
         connected = _wait_up(sock, m + 0)  # (mass_down's clients: host%05d, the first m expected peers)
         before = turns(sock)
         time.sleep(2.0)
