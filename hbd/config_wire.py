@@ -13,11 +13,16 @@ be cheap to read on the loop and read a slice at a time. The output is:
 
 Only data crosses (JSON: never a pickle); ``decode`` rebuilds the configuration's own types from it and
 nothing else, and refuses anything it does not expect (WireError: the reload fails, cleanly).
+
+A reload mostly changes a setting, not the fleet: when the peer lines are byte for byte those of the
+last decode, that decode's peers are taken again (a digest of the lines, one hash call) instead of
+being rebuilt 1,000 a turn (0.7 s of the loop's CPU at 100,000 peers).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import ipaddress
 import json
 from collections.abc import Generator, Iterator
@@ -35,6 +40,8 @@ MAX_ERROR_LINE = 600
 END = b'"end"'
 CLASSES: dict[str, type[ServerConfig] | type[ClientConfig]] = {"server": ServerConfig, "client": ClientConfig}
 _OBJECTS: dict[str, type[TLSConfig] | type[ServerEntry]] = {"tls": TLSConfig, "server": ServerEntry}
+# The last peers decoded, by the digest of their lines: (role, digest, peers)
+_last_peers: tuple[str, bytes, tuple[ExpectedPeer, ...]] | None = None
 
 
 class WireError(HbdError):
@@ -100,6 +107,9 @@ def decode(data: bytes, role: str, slice_: int = DECODE_SLICE) -> Generator[None
     if not set(values) <= names - {"peers"} or (count and "peers" not in names):
         raise WireError(f"the loader's output has unknown keys for a {role}: {sorted(set(values) - names)[:5]}")
     fields: dict[str, Any] = {k: _dec(v) for k, v in values.items()}
+    if "peers" in names and (same := _same_peers(data, end + 1, role, count)) is not None:
+        fields["peers"] = same
+        return _config(cls, fields)
     peers: list[ExpectedPeer] = []
     pos = end + 1
     while len(peers) < count:
@@ -114,10 +124,37 @@ def decode(data: bytes, role: str, slice_: int = DECODE_SLICE) -> Generator[None
         raise WireError(f"the loader's output {'is cut short' if pos >= len(data) else 'does not end where it should'}")
     if "peers" in names:
         fields["peers"] = tuple(peers)
+        _remember(data, end + 1, role, fields["peers"])
+    return _config(cls, fields)
+
+
+def _config(cls: type[ServerConfig] | type[ClientConfig], fields: dict[str, Any]) -> ServerConfig | ClientConfig:
     try:
         return cls(**fields)
     except (TypeError, ValueError) as exc:
         raise WireError(f"the loader's output does not make a configuration: {exc}") from None
+
+
+def _digest(data: bytes, start: int) -> bytes | None:
+    """The digest of the peer lines from ``start`` to the "end" line; None if there is no such line."""
+    stop = len(data) - len(END) - 1
+    if stop < start or not data.endswith(b"\n" + END + b"\n"):
+        return None
+    return hashlib.blake2b(memoryview(data)[start:stop], digest_size=16).digest()
+
+
+def _same_peers(data: bytes, start: int, role: str, count: int) -> tuple[ExpectedPeer, ...] | None:
+    """The last decode's peers if these lines are the ones it decoded."""
+    last = _last_peers
+    if last is None or last[0] != role or len(last[2]) != count or count == 0:
+        return None
+    return last[2] if _digest(data, start) == last[1] else None
+
+
+def _remember(data: bytes, start: int, role: str, peers: tuple[ExpectedPeer, ...]) -> None:
+    global _last_peers
+    digest = _digest(data, start)
+    _last_peers = (role, digest, peers) if digest is not None and peers else None
 
 
 _DECODER = json.JSONDecoder()

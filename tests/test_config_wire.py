@@ -106,3 +106,27 @@ def test_what_is_not_refused_decodes() -> None:
     cfg, _ = run(decode(b"".join([*good(), END + b"\n"]), "server"))
     assert [p.name for p in cfg.peers] == ["a", "b"] and cfg.peers[1].labels == (("k", "v"),)
     assert str(cfg.peers[1].address) == "10.0.0.5/32" and cfg.peers[1].timeout == 2.5
+
+
+def test_the_same_peer_lines_again_are_not_decoded_again(tmp_path: Path) -> None:
+    """A reload that changes a setting but not the fleet takes the last decode's peers (the same
+    tuple, no slice of work); a changed peer, or another role, decodes afresh."""
+    (tmp_path / "fleet.yaml").write_text("".join(f"- p{i}\n" for i in range(5)))
+    (tmp_path / "s.yaml").write_text("peers_file: fleet.yaml\nlog_file: null\ncontrol_socket: null\n")
+    first, steps = run(decode(wire(load_server_config(tmp_path / "s.yaml")), "server", slice_=2))
+    assert steps == 3
+    (tmp_path / "s.yaml").write_text("peers_file: fleet.yaml\nlog_file: null\ncontrol_socket: null\nport: 6001\n")
+    again, steps = run(decode(wire(load_server_config(tmp_path / "s.yaml")), "server", slice_=2))
+    assert steps == 0 and again.peers is first.peers and again.port == 6001
+    (tmp_path / "fleet.yaml").write_text("".join(f"- p{i}\n" for i in range(4)) + "- {name: p4, timeout: 9}\n")
+    changed, steps = run(decode(wire(load_server_config(tmp_path / "s.yaml")), "server", slice_=2))
+    assert steps == 3 and changed.peers is not first.peers and changed.peers[4].timeout == 9.0
+    assert changed.peers[:4] == first.peers[:4]
+
+
+def test_a_cut_short_output_is_refused_even_with_the_last_peer_lines(tmp_path: Path) -> None:
+    (tmp_path / "s.yaml").write_text("peers: [a, b]\nlog_file: null\ncontrol_socket: null\n")
+    data = wire(load_server_config(tmp_path / "s.yaml"))
+    run(decode(data, "server"))
+    with pytest.raises(WireError, match="cut short"):
+        run(decode(data[: -len(END) - 1], "server"))
