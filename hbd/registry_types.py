@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from hbd.access import Network
 from hbd.config import ServerConfig
+from hbd.peer_address import Packed, pack, unpack
 from hbd.protocol import NAME_PATTERN
 from hbd.store_records import PeerRecord, SilenceRecord
 
@@ -151,23 +152,28 @@ class Live(NamedTuple):
 NEVER = math.inf
 
 
+# Peer._bits: its flags, and how many on-time pings it counted while rising (above them)
+_NAMED, _EXPECTED, _FLAPPING, _RISING = 1, 2, 4, 8
+
+
 class Peer:
+    """One known peer. Slotted, and as few slots as it needs (8 B each, for each of 100,000 peers):
+    the booleans and the rising count share one int (``_bits``), the address is kept packed
+    (hbd.peer_address); the attributes read and set as plain ones."""
+
     __slots__ = (
+        "_address",
+        "_bits",
         "account",
-        "address",
         "changes",
-        "expected",
         "filed",
         "first_ping",
-        "flapping",
         "grace",
         "key",
         "labels",
         "last_ping",
         "name",
-        "named",
         "reason",
-        "rising",
         "since",
         "status",
         "timeout",
@@ -176,27 +182,64 @@ class Peer:
 
     def __init__(self, name: str, address: str, status: PeerStatus, now: float, timeout: float, named: bool) -> None:
         self.name = name
-        self.named = named  # False: an unnamed legacy client, known by its address
-        self.address = address
+        self._bits = _NAMED if named else 0  # named False: an unnamed legacy client, known by its address
+        self._address: Packed = pack(address)
         self.status = status
         self.since = now
         self.last_ping: float | None = None
         self.reason = ""
-        self.expected = False
         self.labels: tuple[tuple[str, str], ...] = ()
         self.timeout = timeout
         self.key: Key | None = None  # its connection, once it pinged on one
-        self.rising = 0  # on-time pings counted while it rises from DOWN (0: not rising)
-        self.flapping = False
         # recent state changes (flap detection): the one time alone, else a tuple (hbd.registry_flapping)
         self.changes: float | tuple[float, ...] | None = None
         self.grace = NEVER  # NEW: DOWN "never connected" at this time
         self.filed = NEVER  # when its live entry in the deadline heap is due
         self.first_ping = NEVER  # with workers: when its connection first pinged (a hook's standing)
-        self.told = 0  # with workers: the hash of the mark its worker was last sent (hbd.supervisor_registry)
+        # with workers: a hash of the mark its worker was last sent (hbd.supervisor_registry), as a float
+        self.told = 0.0
         # This process's accounting of it (hbd.peer_uptime: outages, down time, 24 h uptime), kept here
         # rather than in a table by name (~150 B less per peer); None until its first change.
         self.account: Held = None
+
+    @property
+    def address(self) -> str:
+        """Its last connection's address ("ip:port"), or an expected peer's until it connects."""
+        return unpack(self._address)
+
+    @address.setter
+    def address(self, address: str) -> None:
+        self._address = pack(address)
+
+    @property
+    def named(self) -> bool:
+        """False: an unnamed legacy client, known by its address."""
+        return bool(self._bits & _NAMED)
+
+    @property
+    def expected(self) -> bool:
+        return bool(self._bits & _EXPECTED)
+
+    @expected.setter
+    def expected(self, on: bool) -> None:
+        self._bits = self._bits | _EXPECTED if on else self._bits & ~_EXPECTED
+
+    @property
+    def flapping(self) -> bool:
+        return bool(self._bits & _FLAPPING)
+
+    @flapping.setter
+    def flapping(self, on: bool) -> None:
+        self._bits = self._bits | _FLAPPING if on else self._bits & ~_FLAPPING
+
+    @property
+    def rising(self) -> int:
+        """On-time pings counted while it rises from DOWN (0: not rising)."""
+        return self._bits // _RISING
+
+    @rising.setter
+    def rising(self, count: int) -> None:
+        self._bits = self._bits % _RISING + count * _RISING
 
 
 def notice(

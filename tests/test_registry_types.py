@@ -58,3 +58,30 @@ def test_no_piece_imports_the_registry(piece: str) -> None:
             assert not (node.module == "hbd" and any(a.name == "registry" for a in node.names)), path.name
         elif isinstance(node, ast.Import):
             assert all(a.name != "hbd.registry" for a in node.names), f"{path.name} imports hbd.registry"
+
+
+def test_a_peers_flags_and_rising_count_share_one_int_and_read_as_attributes() -> None:
+    """Peer keeps named, expected, flapping and the rising count in one slot (8 B each saved on
+    100,000 peers), and its address packed: each reads and sets as a plain attribute, independently."""
+    peer = Peer("web1", "10.0.0.5:4000", PeerStatus.NEW, 0.0, 10.0, True)
+    assert (peer.named, peer.expected, peer.flapping, peer.rising) == (True, False, False, 0)
+    assert peer.address == "10.0.0.5:4000"
+    peer.rising += 1
+    peer.rising += 1
+    peer.expected = True
+    assert (peer.named, peer.expected, peer.flapping, peer.rising) == (True, True, False, 2)
+    peer.flapping = True
+    peer.rising = 1000  # rise: has no small bound
+    assert (peer.named, peer.expected, peer.flapping, peer.rising) == (True, True, True, 1000)
+    peer.expected = False
+    peer.rising = 0
+    assert (peer.named, peer.expected, peer.flapping, peer.rising) == (True, False, True, 0)
+    peer.flapping = False
+    assert (peer.named, peer.expected, peer.flapping, peer.rising) == (True, False, False, 0)
+    legacy = Peer("10.0.0.6:4001", "10.0.0.6:4001", PeerStatus.NEW, 0.0, 10.0, False)
+    legacy.expected = True
+    assert (legacy.named, legacy.expected) == (False, True)
+    for address in ("", "10.0.0.0/24", "[::1]:4000", "10.0.0.7:1"):
+        peer.address = address
+        assert peer.address == address
+    assert len(Peer.__slots__) <= 16  # 19 before: 184 B a peer, now 160
