@@ -9,27 +9,29 @@ network, "") is kept as it came: only an address that reads back exactly as it w
 
 from __future__ import annotations
 
+from socket import inet_aton, inet_ntoa
+
 Packed = str | int
 
 
 def pack(address: str) -> Packed:
-    """``address`` as kept: an int when it is a plain IPv4 ``a.b.c.d:port``, else itself."""
+    """``address`` as kept: an int when it is a plain IPv4 ``a.b.c.d:port``, else itself. About 1 us:
+    once per connection's first ping."""
     host, sep, port = address.rpartition(":")
-    parts = host.split(".")
-    if not sep or len(parts) != 4 or not (port.isascii() and port.isdigit()) or len(port) > 5:
+    if not (sep and port.isascii() and port.isdigit() and len(port) <= 5):
         return address
     try:
-        a, b, c, d = (int(p) for p in parts)
-    except ValueError:
+        raw = inet_aton(host)  # it also takes "1.2", "01.2.3.4" (octal), "1.2.3.4 x": the round trip below
+    except (OSError, ValueError):  # not an address; a NUL or a character that is not ASCII
         return address
-    if not (0 <= a <= 255 and 0 <= b <= 255 and 0 <= c <= 255 and 0 <= d <= 255 and int(port) <= 65535):
-        return address
-    packed = (a << 40) | (b << 32) | (c << 24) | (d << 16) | int(port)
-    return packed if unpack(packed) == address else address  # "01.2.3.4", " 1.2.3.4", "+1": kept as they are
+    number = int(port)
+    if number > 65535 or str(number) != port or inet_ntoa(raw) != host:
+        return address  # it would read back otherwise: kept as it came
+    return int.from_bytes(raw, "big") << 16 | number
 
 
 def unpack(packed: Packed) -> str:
     """The address that ``pack`` was given."""
     if isinstance(packed, str):
         return packed
-    return f"{packed >> 40}.{packed >> 32 & 255}.{packed >> 24 & 255}.{packed >> 16 & 255}:{packed & 65535}"
+    return f"{inet_ntoa((packed >> 16).to_bytes(4, 'big'))}:{packed & 65535}"

@@ -35,6 +35,10 @@ def test_anything_else_is_kept_as_it_came() -> None:
         "1.2.3.4:65536",
         "1.2.3.4:",
         "1.2.3.4",
+        "1.2.3.4 x:5",
+        "1.2:5",
+        "1.2.3.4\x00:5",
+        "1.2.3.4:5\x00",
         "1.2.3.4:99999999999",
         "\u0661.2.3.4:5",  # an Arabic-Indic 1: a digit int() reads, not ASCII
         "1.2.3.4:\u00b2",  # a superscript 2: isdigit(), and no int
