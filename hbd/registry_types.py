@@ -152,39 +152,40 @@ class Live(NamedTuple):
 NEVER = math.inf
 
 
-# Peer._bits: its flags, and how many on-time pings it counted while rising (above them)
-_NAMED, _EXPECTED, _FLAPPING, _RISING = 1, 2, 4, 8
+# Peer._bits: its flags (bits 0-2), its state (bits 3-4: an index into _STATES), and above them how
+# many on-time pings it counted while rising. Small ints (up to 256) are shared objects: nothing per peer.
+_NAMED, _EXPECTED, _FLAPPING, _STATE, _RISING = 1, 2, 4, 8, 32
+_STATES = tuple(PeerStatus)
+_STATE_BITS = {state: i * _STATE for i, state in enumerate(_STATES)}
 
 
 class Peer:
     """One known peer. Slotted, and as few slots as it needs (8 B each, for each of 100,000 peers):
-    the booleans and the rising count share one int (``_bits``), the address is kept packed
-    (hbd.peer_address); the attributes read and set as plain ones."""
+    its state, its flags and its rising count share one int (``_bits``); its grace and its
+    connection's first ping one float (``_when``: never both at once); its address is kept packed
+    (hbd.peer_address). Each reads and sets as a plain attribute."""
 
     __slots__ = (
         "_address",
         "_bits",
+        "_when",
         "account",
         "changes",
         "filed",
-        "first_ping",
-        "grace",
         "key",
         "labels",
         "last_ping",
         "name",
         "reason",
         "since",
-        "status",
         "timeout",
         "told",
     )
 
     def __init__(self, name: str, address: str, status: PeerStatus, now: float, timeout: float, named: bool) -> None:
         self.name = name
-        self._bits = _NAMED if named else 0  # named False: an unnamed legacy client, known by its address
+        self._bits = (_NAMED if named else 0) | _STATE_BITS[status]
         self._address: Packed = pack(address)
-        self.status = status
         self.since = now
         self.last_ping: float | None = None
         self.reason = ""
@@ -193,14 +194,42 @@ class Peer:
         self.key: Key | None = None  # its connection, once it pinged on one
         # recent state changes (flap detection): the one time alone, else a tuple (hbd.registry_flapping)
         self.changes: float | tuple[float, ...] | None = None
-        self.grace = NEVER  # NEW: DOWN "never connected" at this time
+        self._when = NEVER  # grace until it first connects, then first_ping
         self.filed = NEVER  # when its live entry in the deadline heap is due
-        self.first_ping = NEVER  # with workers: when its connection first pinged (a hook's standing)
         # with workers: a hash of the mark its worker was last sent (hbd.supervisor_registry), as a float
         self.told = 0.0
         # This process's accounting of it (hbd.peer_uptime: outages, down time, 24 h uptime), kept here
         # rather than in a table by name (~150 B less per peer); None until its first change.
         self.account: Held = None
+
+    @property
+    def status(self) -> PeerStatus:
+        return _STATES[self._bits // _STATE % 4]
+
+    @status.setter
+    def status(self, status: PeerStatus) -> None:
+        bits = self._bits
+        self._bits = bits - bits % _RISING + bits % _STATE + _STATE_BITS[status]
+
+    @property
+    def grace(self) -> float:
+        """NEW and never connected: DOWN "never connected" at this time. A peer that had a connection
+        never is NEW again, so its grace is over for good once it has one (NEVER while it has)."""
+        return self._when if self.key is None else NEVER
+
+    @grace.setter
+    def grace(self, when: float) -> None:
+        if self.key is None:
+            self._when = when
+
+    @property
+    def first_ping(self) -> float:
+        """With workers: when its connection first pinged (a hook's standing); NEVER without one."""
+        return self._when if self.key is not None else NEVER
+
+    @first_ping.setter
+    def first_ping(self, when: float) -> None:
+        self._when = when
 
     @property
     def address(self) -> str:

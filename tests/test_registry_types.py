@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from hbd import registry
-from hbd.registry_types import Notice, Peer, PeerStatus, notice
+from hbd.registry_types import NEVER, Notice, Peer, PeerStatus, notice
 
 PACKAGE = Path(__file__).resolve().parent.parent / "hbd"
 PIECES = ("types", "table", "identity", "states", "flapping", "deadlines", "silences", "records")
@@ -84,4 +84,27 @@ def test_a_peers_flags_and_rising_count_share_one_int_and_read_as_attributes() -
     for address in ("", "10.0.0.0/24", "[::1]:4000", "10.0.0.7:1"):
         peer.address = address
         assert peer.address == address
-    assert len(Peer.__slots__) <= 16  # 19 before: 184 B a peer, now 160
+    for state in PeerStatus:  # its state shares that int too
+        peer.status = state
+        assert peer.status is state
+        assert (peer.named, peer.expected, peer.flapping, peer.rising) == (True, False, False, 0)
+    peer.rising, peer.flapping = 3, True
+    peer.status = PeerStatus.LATE
+    assert (peer.status, peer.rising, peer.flapping) == (PeerStatus.LATE, 3, True)
+    assert len(Peer.__slots__) <= 14  # 19 before: 184 B a peer, now 144
+
+
+def test_a_peers_grace_and_its_connections_first_ping_share_one_slot() -> None:
+    """A peer has a grace (NEW, never connected) or a connection's first ping, never both: one slot
+    holds either, and each reads NEVER when it is the other's."""
+    peer = Peer("web1", "", PeerStatus.NEW, 0.0, 10.0, True)
+    assert peer.grace == peer.first_ping == NEVER
+    peer.grace = 30.0
+    assert (peer.grace, peer.first_ping) == (30.0, NEVER)
+    peer.key = 7  # it connects (hbd.registry_states: its grace is over)
+    peer.grace = NEVER
+    assert peer.grace == NEVER
+    peer.first_ping = 12.0
+    assert (peer.grace, peer.first_ping) == (NEVER, 12.0)
+    peer.key = None  # its connection ended: it is DOWN, never NEW again
+    assert peer.first_ping == NEVER
