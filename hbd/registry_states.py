@@ -56,6 +56,7 @@ class PeerStates:
             return [refused]
         actions: list[Action] = []
         peer = self.peers.get(identity)
+        known = peer is not None
         if peer is None:
             if self.settings.unexpected == "warn":
                 actions.append(Log(logging.WARNING, identity, address, f"{identity} is not an expected peer"))
@@ -72,7 +73,8 @@ class PeerStates:
             )
         peer.key = key
         self.by_key[key] = peer
-        peer.address = address
+        if known:
+            peer.address = address  # (a new peer has it: it is packed once, hbd.peer_address)
         peer.timeout = timeout
         peer.last_ping = now
         peer.grace = NEVER

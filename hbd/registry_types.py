@@ -152,18 +152,18 @@ class Live(NamedTuple):
 NEVER = math.inf
 
 
-# Peer._bits: its flags (bits 0-2), its state (bits 3-4: an index into _STATES), and above them how
-# many on-time pings it counted while rising. Small ints (up to 256) are shared objects: nothing per peer.
-_NAMED, _EXPECTED, _FLAPPING, _STATE, _RISING = 1, 2, 4, 8, 32
-_STATES = tuple(PeerStatus)
-_STATE_BITS = {state: i * _STATE for i, state in enumerate(_STATES)}
+# Peer._bits: named and expected (bits 0-1), and above them how many on-time pings it counted while
+# rising. Small ints (up to 256) are shared objects: nothing per peer.
+_NAMED, _EXPECTED, _RISING = 1, 2, 4
 
 
 class Peer:
     """One known peer. Slotted, and as few slots as it needs (8 B each, for each of 100,000 peers):
-    its state, its flags and its rising count share one int (``_bits``); its grace and its
+    its flags named and expected and its rising count share one int (``_bits``); its grace and its
     connection's first ping one float (``_when``: never both at once); its address is kept packed
-    (hbd.peer_address). Each reads and sets as a plain attribute."""
+    (hbd.peer_address). Each reads and sets as a plain attribute. The state machine's own fields
+    (status, flapping: read several times on every event) stay plain slots, as a property costs
+    a Python call on each read."""
 
     __slots__ = (
         "_address",
@@ -172,26 +172,30 @@ class Peer:
         "account",
         "changes",
         "filed",
+        "flapping",
         "key",
         "labels",
         "last_ping",
         "name",
         "reason",
         "since",
+        "status",
         "timeout",
         "told",
     )
 
     def __init__(self, name: str, address: str, status: PeerStatus, now: float, timeout: float, named: bool) -> None:
         self.name = name
-        self._bits = (_NAMED if named else 0) | _STATE_BITS[status]
+        self._bits = _NAMED if named else 0
         self._address: Packed = pack(address)
+        self.status = status
         self.since = now
         self.last_ping: float | None = None
         self.reason = ""
         self.labels: tuple[tuple[str, str], ...] = ()
         self.timeout = timeout
         self.key: Key | None = None  # its connection, once it pinged on one
+        self.flapping = False
         # recent state changes (flap detection): the one time alone, else a tuple (hbd.registry_flapping)
         self.changes: float | tuple[float, ...] | None = None
         self._when = NEVER  # grace until it first connects, then first_ping
@@ -201,15 +205,6 @@ class Peer:
         # This process's accounting of it (hbd.peer_uptime: outages, down time, 24 h uptime), kept here
         # rather than in a table by name (~150 B less per peer); None until its first change.
         self.account: Held = None
-
-    @property
-    def status(self) -> PeerStatus:
-        return _STATES[self._bits // _STATE % 4]
-
-    @status.setter
-    def status(self, status: PeerStatus) -> None:
-        bits = self._bits
-        self._bits = bits - bits % _RISING + bits % _STATE + _STATE_BITS[status]
 
     @property
     def grace(self) -> float:
@@ -254,14 +249,6 @@ class Peer:
         self._bits = self._bits | _EXPECTED if on else self._bits & ~_EXPECTED
 
     @property
-    def flapping(self) -> bool:
-        return bool(self._bits & _FLAPPING)
-
-    @flapping.setter
-    def flapping(self, on: bool) -> None:
-        self._bits = self._bits | _FLAPPING if on else self._bits & ~_FLAPPING
-
-    @property
     def rising(self) -> int:
         """On-time pings counted while it rises from DOWN (0: not rising)."""
         return self._bits // _RISING
@@ -283,6 +270,7 @@ def notice(
     now: float,
 ) -> Notice:
     """A Notice about this peer (its address, expected, labels and named as they are now)."""
+    bits = peer._bits  # Peer's own int (this module's): two property calls less on every change
     return Notice(
         peer.name,
         event,
@@ -292,9 +280,9 @@ def notice(
         silenced,
         level,
         hook,
-        peer.address,
-        peer.expected,
+        unpack(peer._address),
+        bits & _EXPECTED != 0,
         now,
         peer.labels,
-        peer.named,
+        bits & _NAMED != 0,
     )

@@ -163,18 +163,26 @@ class SupervisorRegistry(ServerRegistry):
         # 64-bit int was 36 B, 48 as allocated). The connection's key is in it: a peer on a new
         # connection is marked. Equal marks hash equal; two different ones hash equal once in 2**53
         # changes, and then the next change's mark corrects the worker's row.
+        # each read once: the state and flags are properties over one int (hbd.registry_types.Peer)
+        named, status, expected, flapping, rising = (
+            peer.named,
+            peer.status,
+            peer.expected,
+            peer.flapping,
+            peer.rising > 0,
+        )
         said = float(
             hash(
                 (
                     key,
                     peer.name,
-                    peer.named,
-                    peer.status,
+                    named,
+                    status,
                     peer.since,
                     peer.reason,
-                    peer.expected,
-                    peer.flapping,
-                    peer.rising > 0,
+                    expected,
+                    flapping,
+                    rising,
                     peer.labels,
                     until,
                     outages,
@@ -187,15 +195,15 @@ class SupervisorRegistry(ServerRegistry):
         if peer.told == said:
             return
         peer.told = said
-        flags = [f for f, on in (("flapping", peer.flapping), ("rising", peer.rising > 0)) if on]
+        flags = [f for f, on in (("flapping", flapping), ("rising", rising)) if on]
         mark = PeerMark(
             conn_of(key),
             peer.name,
-            peer.named,
-            peer.status.value,
+            named,
+            status.value,
             peer.since,
             peer.reason,
-            peer.expected,
+            expected,
             flags,
             [[k, v] for k, v in peer.labels],
             until,
