@@ -49,8 +49,11 @@ MAX_OUTBUF = 1 << 20  # bytes queued for one worker past which the registry's or
 # least MIN_READ): with 24 workers a turn read 24 x 16 KB, about 4,000 reports, and the registry's
 # work on them made one turn of 12 s on a loaded machine at 400,000 clients, so the status socket
 # (three turns: accept, request, reply) took a minute to answer. What a turn leaves stays in the
-# pipes (the workers queue it: workers_codec.MAX_PENDING) for the next turns.
-TURN_READ = 64 * 1024
+# pipes (the workers queue it: workers_codec.MAX_PENDING) for the next turns. 64 KB was still about
+# 800 reports, 30-55 ms of the registry's CPU a turn (40-50 us a greeting's first ping at 100,000 peers),
+# and a turn of the 100,000-client reconnect storm took 0.4-1.3 s on the loaded 2-core machine
+# (preempted ~10x as long as it ran): 16 KB is about 200 reports, 8-10 ms.
+TURN_READ = 16 * 1024
 MIN_READ = 2048
 # The supervisor's signals (LOOP_SIGNALS) are blocked across fork() and in a new worker until its own loop
 # handles them (Daemon.run unblocks them): until then the worker still has the supervisor's handlers, whose
