@@ -8,15 +8,19 @@ the server implements, so this module (and server_tls below it) never imports hb
 from __future__ import annotations
 
 import logging
+import selectors
 import socket
 from collections.abc import Callable
 from typing import Protocol
 
-from hbd.loop import EventLoop, HangUp, Timer
+from hbd.loop import EVENT_HANGUP, EventLoop, HangUp, Timer
 from hbd.protocol import ProtocolError, ServerPeer
+from hbd.selector import ENDED, IN, OUT
 
 MAX_OUTBUF = 64 * 1024  # a peer that pings but never reads its pongs is dropped past this
 RECV_SIZE = 4096
+_WATCH = selectors.EVENT_READ | EVENT_HANGUP  # what the loop watches a plain connection for (watch())
+_WATCH_WRITE = _WATCH | selectors.EVENT_WRITE  # ... while its send buffer waits for room
 
 
 class Ends(Protocol):
@@ -69,11 +73,20 @@ class Connection:
 
     def start(self) -> None:
         """Serve it: watch the socket and file its first deadline."""
-        self.owner.loop.add_reader(self.sock, self.on_read, self.owner.ending.on_hangup)
+        self.owner.loop.watch(self.sock, self, _WATCH)  # the loop calls on_read with epoll's bits
         self.arm()
         self.owner.connected(self, "")
 
-    def on_read(self) -> None:
+    def on_read(self, events: int = IN) -> None:
+        """The socket is ready (hbd.loop.Handler): a read, the usual event, unless epoll said more."""
+        if events != IN:  # an end, room to send, an error: rare
+            if events & ENDED:  # the peer's end: handed over, read later (hbd.server_ends)
+                self.owner.ending.on_hangup(self.sock)
+                return
+            if events & OUT:
+                self.on_write()
+            if not events & IN or not self.owner.is_open(self):
+                return
         try:
             data = self.sock.recv(RECV_SIZE)
         except self.BLOCKING:
@@ -105,7 +118,7 @@ class Connection:
             return
         if sent < len(reply):
             self.outbuf = reply[sent:]
-            self.owner.loop.add_writer(self.sock, self.on_write)
+            self._write_later(True)
 
     def received(self, data: bytes) -> None:
         """Bytes from the peer (b"" at end of file), after any TLS layer."""
@@ -144,7 +157,7 @@ class Connection:
             return
         if sent < len(data):
             self.outbuf = data[sent:]
-            self.owner.loop.add_writer(self.sock, self.on_write)
+            self._write_later(True)
 
     def on_write(self) -> None:
         try:
@@ -156,7 +169,17 @@ class Connection:
             return
         self.outbuf = self.outbuf[sent:]
         if not self.outbuf:
-            self.owner.loop.remove_writer(self.sock)
+            self._write_later(False)
+
+    def _write_later(self, on: bool) -> None:
+        """Be told when the socket has room for the send buffer (on), or no longer."""
+        loop = self.owner.loop
+        if loop.watches(self.sock):
+            loop.watch(self.sock, self, _WATCH_WRITE if on else _WATCH)
+        elif on:  # read through a callback (TLS; read again after a hang-up: hbd.server_ends)
+            loop.add_writer(self.sock, self.on_write)
+        else:
+            loop.remove_writer(self.sock)
 
     def arm(self, forgiven: float = 0.0) -> None:
         """(Re)file the connection under its next deadline, pushed back by ``forgiven`` seconds of our

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import heapq
 import itertools
 import selectors
@@ -22,7 +23,15 @@ from bisect import bisect_left
 from collections.abc import Callable
 from typing import Protocol
 
-from hbd.selector import EVENT_HANGUP, MAX_EVENTS, EpollSelector, default_selector  # noqa: F401 (MAX_EVENTS: tests)
+from hbd.selector import (  # noqa: F401 (MAX_EVENTS: tests)
+    EVENT_HANGUP,
+    IN,
+    MAX_EVENTS,
+    OUT,
+    EpollSelector,
+    Handler,
+    default_selector,
+)
 from hbd.view import TURN_BUCKETS
 
 Callback = Callable[[], object]
@@ -81,6 +90,10 @@ class EventLoop:
         # CPU time of the loop's thread; with a virtual clock (tests) every second of a turn is work.
         self.cpu_clock = cpu_clock or (time.thread_time if clock is time.monotonic else clock)
         self.selector = selector if selector is not None else default_selector()
+        self._epoll = self.selector if isinstance(self.selector, EpollSelector) else None  # watch()'s
+        # Handlers forgotten during this turn's I/O: their events already returned are skipped
+        self._gone: set[Handler] = set()
+        self._in_io = False
         self._timers: list[Timer] = []
         self._cancelled = 0
         self._running = False
@@ -135,8 +148,35 @@ class EventLoop:
     def remove_writer(self, sock: FileLike) -> None:
         _set_callback(self.selector, sock, 1, None)
 
+    def watch(self, sock: FileLike, handler: Handler, events: int) -> None:
+        """Pass ``sock``'s readiness for ``events`` (EVENT_READ, EVENT_WRITE, EVENT_HANGUP) to
+        ``handler.on_read(bits)``, epoll's bits as they came (IN alone for a read): one call per event
+        and no callback list, key or bound method kept per socket (hbd.selector). Again to change the
+        events; ``forget`` ends it. Without epoll, callbacks that pass IN or OUT (a hang-up is read)."""
+        if self._epoll is not None:
+            self._epoll.watch(sock if isinstance(sock, int) else sock.fileno(), handler, events)
+            return
+        if events & _READ:
+            self.add_reader(sock, functools.partial(handler.on_read, IN))
+        else:
+            self.remove_reader(sock)
+        if events & _WRITE:
+            self.add_writer(sock, functools.partial(handler.on_read, OUT))
+        else:
+            self.remove_writer(sock)
+
+    def watches(self, sock: FileLike) -> bool:
+        """``sock`` is watched for a handler (``watch``) and not through callbacks."""
+        return self._epoll is not None and (sock if isinstance(sock, int) else sock.fileno()) in self._epoll.handlers
+
     def forget(self, sock: FileLike) -> None:
         """Drop every callback of a socket that is about to be closed."""
+        if self._epoll is not None and self._epoll.handlers:
+            handler = self._epoll.unwatch(sock if isinstance(sock, int) else sock.fileno())
+            if handler is not None:
+                if self._in_io:
+                    self._gone.add(handler)
+                return
         try:
             key = self.selector.unregister(sock)
         except (KeyError, ValueError):
@@ -214,6 +254,10 @@ class EventLoop:
         late = now - before - timeout
         if late > STALL_THRESHOLD:  # we were not running while we waited
             self._stalled(before + timeout, now)
+        gone = self._gone
+        if gone:
+            gone.clear()
+        self._in_io = True
         for key, mask in events:
             cbs = key.data
             cb = None
@@ -230,6 +274,15 @@ class EventLoop:
                         cb()
             except Exception as exc:
                 self.report_error(key.fileobj, cb, exc)
+        if (sel := self._epoll) is not None:
+            for handler, bits in sel.handled:  # (watch())
+                if gone and handler in gone:
+                    continue
+                try:
+                    handler.on_read(bits)
+                except Exception as exc:  # the bound method tells what it served (its __self__)
+                    self.report_error(None, handler.on_read, exc)
+        self._in_io = False
         if timers and timers[0].when <= (now := self.clock()):
             if now - seg > STALL_THRESHOLD:  # a stop in the middle of the I/O, before verdicts
                 cpu = self._check_turn(seg, cpu, now)

@@ -15,6 +15,7 @@ from typing import cast
 
 from hbd import tls
 from hbd.connection import RECV_SIZE, Connection, Owner
+from hbd.selector import IN
 
 
 class TlsState(Enum):
@@ -100,7 +101,7 @@ class TLSConnection(Connection):
             timeout = self.handshake_timeout
             self.owner.tls_failed(self, f"no TLS handshake within handshake_timeout ({timeout:g} s)")
 
-    def on_read(self) -> None:
+    def on_read(self, events: int = IN) -> None:  # (read through a callback: always IN)
         if self.state is not TlsState.UP:
             return  # a last-look read from the server while the handshake is still running
         sock = cast(ssl.SSLSocket, self.sock)  # wrapped once the handshake began

@@ -23,6 +23,9 @@ class FakeLoop:
     def remove_writer(self, sock: object) -> None:
         del self.writers[sock]
 
+    def watches(self, sock: object) -> bool:
+        return False  # read through a callback: writes wait through one too
+
 
 class Owner:
     """Records what a connection hands to its server."""
