@@ -5,6 +5,7 @@ buffer, a peer that does not read its pongs, the end and garbage."""
 from __future__ import annotations
 
 import socket
+import tracemalloc
 from collections.abc import Iterator
 
 import pytest
@@ -163,3 +164,32 @@ def test_the_end_and_garbage_go_to_the_owner(pair) -> None:
     theirs.shutdown(socket.SHUT_WR)
     conn.on_read()
     assert owner.calls[-1] == ("drop", "disconnected")
+
+
+def test_a_started_connection_costs_the_loop_little_memory() -> None:
+    """What serving a connection adds in the loop: the selector's entry to the connection itself
+    (hbd.loop.EventLoop.watch; with its int and the table's growth ~90 B), not a SelectorKey, its
+    entry, a callback list and a bound method (311 B before: docs/performance.md, "A leaner
+    connection layer")."""
+    from hbd.loop import EventLoop
+
+    loop = EventLoop()
+    owner = Owner()
+    owner.loop = loop  # type: ignore[assignment]
+    owner.ending = type("Ends", (), {"on_hangup": staticmethod(lambda sock: None)})()  # type: ignore[attr-defined]
+    pairs = [socket.socketpair() for _ in range(400)]
+    conns = [connection(owner, a) for a, _ in pairs]
+    try:
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        for conn in conns:
+            conn.start()
+        per = (tracemalloc.get_traced_memory()[0] - before) / len(conns)
+        tracemalloc.stop()
+        assert per < 130, f"{per:.0f} bytes per connection"
+    finally:
+        for a, b in pairs:
+            loop.forget(a)
+            a.close()
+            b.close()
+        loop.close()
