@@ -45,25 +45,35 @@ class Owner(Protocol):
     def tls_failed(self, conn: Connection, reason: str) -> None: ...  # TLS failed: close it
 
 
-class Connection:
-    __slots__ = ("addr", "outbuf", "owner", "peer", "since", "slot", "sock", "timer")
+class Connection(ServerPeer):
+    """A connection is its peer's protocol state machine (a ``ServerPeer``, which it feeds) with the
+    socket that state's bytes come and go by: one slotted object per connection, not two, and no
+    ``self.peer`` between a read and ``feed`` (docs/performance.md, "A leaner connection layer").
+    The protocol's rules stay in ``ServerPeer``: this class only moves bytes."""
+
+    __slots__ = ("addr", "outbuf", "owner", "since", "slot", "sock", "timer")
     # Errors that mean "try again later"; an except clause is evaluated only when something is
     # raised, so the TLS subclass can widen this at no cost to the plain path.
     BLOCKING: tuple[type[BaseException], ...] = (BlockingIOError, InterruptedError)
 
     def __init__(self, owner: Owner, sock: socket.socket, addr: str, now: float, timeout: float) -> None:
+        super().__init__(now, timeout)
         self.owner = owner
         self.sock = sock
         self.addr = addr
         self.since = now
-        self.peer = ServerPeer(now, timeout)
         self.outbuf = b""
         self.timer: Timer | None = None  # only for the TLS handshake timeout
         self.slot = -1  # the deadline-wheel slot this connection is filed under; -1: none
 
     @property
+    def peer(self) -> ServerPeer:
+        """Its peer's state (itself): what the server's other parts read as ``conn.peer``."""
+        return self
+
+    @property
     def label(self) -> str:
-        name = self.peer.name
+        name = self.name
         return f"{name} ({self.addr})" if name else self.addr
 
     @property
@@ -77,15 +87,15 @@ class Connection:
         self.arm()
         self.owner.connected(self, "")
 
-    def on_read(self, events: int = IN) -> None:
+    def on_read(self, bits: int = IN) -> None:
         """The socket is ready (hbd.loop.Handler): a read, the usual event, unless epoll said more."""
-        if events != IN:  # an end, room to send, an error: rare
-            if events & ENDED:  # the peer's end: handed over, read later (hbd.server_ends)
+        if bits != IN:  # an end, room to send, an error: rare
+            if bits & ENDED:  # the peer's end: handed over, read later (hbd.server_ends)
                 self.owner.ending.on_hangup(self.sock)
                 return
-            if events & OUT:
+            if bits & OUT:
                 self.on_write()
-            if not events & IN or not self.owner.is_open(self):
+            if not bits & IN or not self.owner.is_open(self):
                 return
         try:
             data = self.sock.recv(RECV_SIZE)
@@ -100,13 +110,12 @@ class Connection:
         # received() and send() inlined for the usual read, a ping answered straight into an empty
         # send buffer: a Python call costs about as much as the rest of a ping's own work here
         # (docs/performance.md, "CPU per ping with everything in")
-        peer = self.peer
         try:
-            reply = peer.feed(data, self.owner.clock())
+            reply = self.feed(data, self.owner.clock())
         except ProtocolError as exc:
             self.owner.reject(self, str(exc))
             return
-        if peer.events or not reply or self.outbuf:
+        if self.events or not reply or self.outbuf:
             self.answer(reply)
             return
         try:
@@ -126,7 +135,7 @@ class Connection:
             self.owner.drop(self, "disconnected", logging.INFO)
             return
         try:
-            reply = self.peer.feed(data, self.owner.clock())
+            reply = self.feed(data, self.owner.clock())
         except ProtocolError as exc:
             self.owner.reject(self, str(exc))
             return
@@ -134,7 +143,7 @@ class Connection:
 
     def answer(self, reply: bytes) -> None:
         """What the peer's bytes produced: its events first, then the reply."""
-        if self.peer.events:  # before the reply: a send that finds the peer gone reports its end after this
+        if self.events:  # before the reply: a send that finds the peer gone reports its end after this
             self.owner.on_events(self)
             if not self.owner.is_open(self):
                 return  # what it said closed it (a refused name)

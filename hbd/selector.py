@@ -63,7 +63,7 @@ MAX_EVENTS = 256
 
 
 class Handler(Protocol):
-    def on_read(self, events: int) -> object: ...  # its descriptor is ready: epoll's bits, IN alone for a read
+    def on_read(self, bits: int) -> object: ...  # its descriptor is ready: epoll's bits, IN alone for a read
 
 
 _NOTHING: Sequence[tuple[Handler, int]] = ()

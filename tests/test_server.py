@@ -320,15 +320,15 @@ class _Records(list):
 def test_an_exception_in_one_connection_closes_it_alone(virtual_server) -> None:
     """An unexpected error while handling one connection (read path, then deadline path) closes
     that connection with one logged traceback; the server serves the others."""
-    from hbd.protocol import ServerPeer
+    from hbd.connection import Connection
 
-    class Broken(ServerPeer):
+    class Broken(Connection):  # a connection is its peer's protocol state (a ServerPeer)
         __slots__ = ()
 
         def feed(self, data: bytes, now: float) -> bytes:
             raise RuntimeError("injected bug")
 
-    class BrokenDeadline(ServerPeer):
+    class BrokenDeadline(Connection):
         __slots__ = ()
 
         def poll(self, now: float):
@@ -336,8 +336,8 @@ def test_an_exception_in_one_connection_closes_it_alone(virtual_server) -> None:
 
     srv, clock = virtual_server(heartbeat_timeout=2.0)
     (bad, bad_b), (good, good_b), (late, late_b) = _pair(srv), _pair(srv), _pair(srv)
-    bad.peer = Broken(clock(), 2.0)
-    late.peer = BrokenDeadline(clock(), 2.0)
+    bad.__class__ = Broken
+    late.__class__ = BrokenDeadline
     records = _Records()
     with records:
         try:
