@@ -193,3 +193,17 @@ def test_a_started_connection_costs_the_loop_little_memory() -> None:
             a.close()
             b.close()
         loop.close()
+
+
+def test_a_connection_is_one_object_with_its_peers_state(pair) -> None:
+    """A connection is its ServerPeer (one slotted object: ~185 B), not a Connection and a ServerPeer
+    (~225 B) with a float of its own for the greeting bucket (24 B): 258 B before."""
+    owner = Owner()
+    ours, _ = pair
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    conns = [connection(owner, ours) for _ in range(1000)]
+    per = (tracemalloc.get_traced_memory()[0] - before) / len(conns)
+    tracemalloc.stop()
+    assert per < 210, f"{per:.0f} bytes per connection"
+    assert conns[0].peer is conns[0]
