@@ -56,7 +56,8 @@ class Connection(ServerPeer):
     # raised, so the TLS subclass can widen this at no cost to the plain path.
     BLOCKING: tuple[type[BaseException], ...] = (BlockingIOError, InterruptedError)
 
-    def __init__(self, owner: Owner, sock: socket.socket, addr: str, now: float, timeout: float) -> None:
+    # sock: a plain connection's is the C socket object alone (hbd.server: ``bare``), a TLS one's an SSLSocket
+    def __init__(self, owner: Owner, sock: socket.SocketType, addr: str, now: float, timeout: float) -> None:
         super().__init__(now, timeout)
         self.owner = owner
         self.sock = sock

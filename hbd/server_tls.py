@@ -73,7 +73,9 @@ class TLSConnection(Connection):
             return
         loop = self.owner.loop
         loop.forget(self.sock)  # wrap_socket() detaches the plain socket object
-        self.sock = self.context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
+        self.sock = self.context.wrap_socket(
+            cast(socket.socket, self.sock), server_side=True, do_handshake_on_connect=False
+        )
         self.tls_state = TlsState.HANDSHAKE
         self.handshake = tls.Handshake(loop, self.sock, self._handshake_done, self._handshake_failed)
         self.handshake.step()

@@ -1,6 +1,7 @@
 """hbd-server as a real process on 127.0.0.1, driven through real sockets."""
 
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -214,8 +215,9 @@ def virtual_server(vclock, vloop):
 def _pair(srv) -> tuple:
     a, b = socket.socketpair()
     b.setblocking(False)
-    srv.on_accept(a, ("127.0.0.1", a.fileno()))
-    return srv.conns[a.fileno()], b
+    fd = a.fileno()
+    srv.on_accept(a, ("127.0.0.1", fd))  # (a plain connection keeps the descriptor, not this object)
+    return srv.conns[fd], b
 
 
 def _drain(b: socket.socket) -> bytes:
@@ -361,3 +363,21 @@ def test_an_exception_in_one_connection_closes_it_alone(virtual_server) -> None:
             for s in (bad_b, good_b, late_b):
                 s.close()
             srv.shutdown()
+
+
+def test_a_plain_connection_keeps_the_c_socket_object_alone(virtual_server) -> None:
+    """A plain connection's socket is the C object (48 B), not socket.socket's Python layer over it
+    (88 B): non-blocking, the same descriptor, served as any (docs/performance.md, "A leaner
+    connection layer")."""
+    srv, _clock = virtual_server()
+    conn, b = _pair(srv)
+    try:
+        assert type(conn.sock) is socket.SocketType and conn.sock.gettimeout() == 0.0
+        assert sys.getsizeof(conn.sock) < 60
+        b.send(b"ping")
+        srv.loop.run_once(0)
+        assert b.recv(16) == b"pong"
+    finally:
+        srv.shutdown()
+        b.close()
+    assert conn.sock.fileno() == -1
