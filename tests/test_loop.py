@@ -570,3 +570,28 @@ def test_a_watched_socket_costs_the_loop_one_table_entry() -> None:
             a.close()
             b.close()
         loop.close()
+
+
+def test_without_epoll_a_watched_socket_is_served_through_callbacks() -> None:
+    """Another selector (not Linux): watch() sets callbacks that pass IN or OUT; the end is a read."""
+    loop = EventLoop(selector=selectors.PollSelector())
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    seen: list[tuple[str, int, bytes]] = []
+    h = Recorder(a, seen)
+    try:
+        loop.watch(a, h, selectors.EVENT_READ | EVENT_HANGUP)
+        assert not loop.watches(a)
+        b.send(b"ping")
+        loop.run_once(0)
+        loop.watch(a, h, selectors.EVENT_READ | selectors.EVENT_WRITE | EVENT_HANGUP)
+        loop.run_once(0)
+        assert seen == [("h", select.EPOLLIN, b"ping"), ("h", select.EPOLLOUT, b"")]
+        loop.watch(a, h, selectors.EVENT_READ)
+        b.close()
+        loop.run_once(0)
+        assert seen[2:] == [("h", select.EPOLLIN, b"")]
+    finally:
+        loop.forget(a)
+        a.close()
+        loop.close()
