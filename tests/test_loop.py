@@ -595,3 +595,50 @@ def test_without_epoll_a_watched_socket_is_served_through_callbacks() -> None:
         loop.forget(a)
         a.close()
         loop.close()
+
+
+def test_busy_turns_read_the_cpu_clock_once_per_cpu_every_and_still_see_a_stop() -> None:
+    """The CPU clock (a system call) is read at a turn's start only when the last reading is older
+    than CPU_EVERY: 100 busy turns of 1 ms read it twice, not 100 times; a stop in the middle of a turn
+    after a stale reading is still a stall, measured at most CPU_EVERY short."""
+    clock = FakeClock()
+    cpu = FakeClock(0.0)
+    reads = [0]
+
+    def read_cpu() -> float:
+        reads[0] += 1
+        return cpu()
+
+    loop = EventLoop(clock=clock, selector=VirtualSelector(clock), cpu_clock=read_cpu)
+    a, b = socket.socketpair()
+    stalls: list[float] = []
+    loop.stall_callbacks.append(lambda planned, woke: stalls.append(woke - planned))
+
+    def read() -> None:
+        a.recv(10)
+        cpu.advance(0.001)
+        clock.advance(0.001)
+
+    try:
+        loop.add_reader(a, read)
+        for _ in range(100):
+            b.send(b"x")
+            loop.run_once(0)
+        assert reads[0] == 2 and stalls == []  # at 0 and after 51 ms (the 100 turns span 100 ms)
+        # then a turn that works 10 ms and is stopped for 2 s, its reading 49 ms old (not re-read)
+
+        def stopped() -> None:
+            a.recv(10)
+            cpu.advance(0.01)
+            clock.advance(2.01)
+
+        loop.add_reader(a, stopped)
+        b.send(b"x")
+        loop.run_once(0)
+        assert reads[0] == 3  # (the stall's own look at the CPU clock)
+        assert len(stalls) == 1 and 2.0 - hbd.loop.CPU_EVERY <= stalls[0] < 1.96, stalls
+    finally:
+        loop.forget(a)
+        a.close()
+        b.close()
+        loop.close()
