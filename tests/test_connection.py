@@ -207,3 +207,50 @@ def test_a_connection_is_one_object_with_its_peers_state(pair) -> None:
     tracemalloc.stop()
     assert per < 210, f"{per:.0f} bytes per connection"
     assert conns[0].peer is conns[0]
+
+
+def test_a_watched_connection_waits_for_room_through_its_own_events(pair) -> None:
+    """On the loop (epoll, EventLoop.watch): a pong that does not fit is queued, the connection is
+    watched for room too, on_read(EPOLLOUT) sends the queue and the watch goes back to reads; a
+    peer that never reads is still rejected at MAX_OUTBUF."""
+    import select as select_mod
+
+    from hbd.loop import EventLoop
+
+    ours, theirs = pair
+    loop = EventLoop()
+    owner = Owner()
+    owner.loop = loop  # type: ignore[assignment]
+    owner.ending = type("Ends", (), {"on_hangup": staticmethod(lambda sock: None)})()  # type: ignore[attr-defined]
+    conn = connection(owner, ours)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    try:
+        conn.start()
+        filler = 0
+        with pytest.raises(BlockingIOError):
+            while True:
+                filler += ours.send(b"x" * 4096)
+        theirs.send(b"ping")
+        loop.run_once(0)
+        assert conn.outbuf == b"pong" and loop.watches(ours)
+        assert loop._epoll is not None and loop._epoll.handlers[ours.fileno()] is conn
+        got = b""
+        while len(got) < filler:
+            got += theirs.recv(65536)
+        for _ in range(5):
+            loop.run_once(0)
+        assert conn.outbuf == b"" and theirs.recv(16) == b"pong"
+        conn.on_read(select_mod.EPOLLOUT)  # no longer watched for room: a stray one sends nothing
+        assert owner.calls[-1] == ("connected",)
+        with pytest.raises(BlockingIOError):
+            while True:
+                ours.send(b"x" * 4096)
+        for _ in range(MAX_OUTBUF // 4 + 1):
+            theirs.send(b"ping")
+            loop.run_once(0)
+            if owner.calls[-1][0] != "connected":
+                break
+        assert owner.calls[-1][0] == "reject" and len(conn.outbuf) <= MAX_OUTBUF
+    finally:
+        loop.forget(ours)
+        loop.close()
