@@ -85,65 +85,15 @@ class Timer:
         return self.when < other.when or (self.when == other.when and self.seq < other.seq)
 
 
-class EventLoop:
-    def __init__(
-        self,
-        clock: Callable[[], float] = time.monotonic,
-        selector: selectors.BaseSelector | None = None,
-        cpu_clock: Callable[[], float] | None = None,
-    ) -> None:
-        self.clock = clock
-        # CPU time of the loop's thread; with a virtual clock (tests) every second of a turn is work.
-        self.cpu_clock = cpu_clock or (time.thread_time if clock is time.monotonic else clock)
-        self._cpu = 0.0  # the last CPU clock reading ...
-        self._cpu_at = -math.inf  # ... and when (the clock's time): see CPU_EVERY
-        self.selector = selector if selector is not None else default_selector()
-        self._epoll = self.selector if isinstance(self.selector, EpollSelector) else None  # watch()'s
-        # Handlers forgotten during this turn's I/O: their events already returned are skipped
-        self._gone: set[Handler] = set()
-        self._in_io = False
-        self._timers: list[Timer] = []
-        self._cancelled = 0
-        self._running = False
-        self._signal_handlers: dict[int, Callback] = {}
-        self._wakeup_r: socket.socket | None = None
-        self._wakeup_w: socket.socket | None = None
-        self._wakeup()  # created now, in the loop's thread: other threads may only write to it
-        self._threadsafe: collections.deque[Callback] = collections.deque()
-        self.stall_callbacks: list[Callable[[float, float], object]] = []
-        # Lag: how long something that became ready could wait for the loop to look at it, i.e. how
-        # late a wake-up was plus how long the turn after it took (busy turns count, not only late
-        # wake-ups), seconds.
-        self.last_lag = 0.0
-        self.max_lag = 0.0
-        # Turn durations, wake-up to the end of the turn's callbacks (the loop's own work, or its
-        # being preempted mid-turn): counts per TURN_BUCKETS bound, then +Inf; their sum and the
-        # longest, seconds. Kept from the timestamps the lag takes anyway: no clock call of its own.
-        self.turn_counts = [0] * (len(TURN_BUCKETS) + 1)
-        self.turn_sum = 0.0
-        self.turn_max = 0.0
-        # Called as on_error(fileobj or None, callback, exc) when a callback raises; the daemons
-        # close what the callback belonged to and carry on. None: the exception propagates.
-        self.on_error: Callable[[FileLike | None, Callback, Exception], object] | None = None
+class Registrations:
+    """The loop's I/O registrations (EventLoop's part): callbacks per socket (``add_reader`` ...,
+    kept in the selector's key) or, for the server's connections, a handler per socket (``watch``)."""
 
-    # -- timers ---------------------------------------------------------------------------------
-    def time(self) -> float:
-        return self.clock()
+    selector: selectors.BaseSelector
+    _epoll: EpollSelector | None  # the selector when it is ours (watch() needs it), else None
+    _in_io: bool  # the turn's I/O callbacks are running
+    _gone: set[Handler]  # handlers forgotten meanwhile: their events already returned are skipped
 
-    def call_at(self, when: float, callback: Callback) -> Timer:
-        timer = Timer(when, callback)
-        heapq.heappush(self._timers, timer)
-        return timer
-
-    def call_later(self, delay: float, callback: Callback) -> Timer:
-        return self.call_at(self.clock() + delay, callback)
-
-    def cancel(self, timer: Timer | None) -> None:
-        if timer is not None and not timer.cancelled:
-            timer.cancelled = True
-            self._cancelled += 1
-
-    # -- I/O ------------------------------------------------------------------------------------
     def add_reader(self, sock: FileLike, callback: Callback, hung_up: HangUp | None = None) -> None:
         _set_callback(self.selector, sock, 0, callback, hung_up)  # hung_up: see HangUp
 
@@ -190,6 +140,64 @@ class EventLoop:
         except (KeyError, ValueError):
             return
         key.data[0] = key.data[1] = key.data[2] = None  # events already returned for it in this turn are skipped
+
+
+class EventLoop(Registrations):
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        selector: selectors.BaseSelector | None = None,
+        cpu_clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.clock = clock
+        # CPU time of the loop's thread; with a virtual clock (tests) every second of a turn is work.
+        self.cpu_clock = cpu_clock or (time.thread_time if clock is time.monotonic else clock)
+        self._cpu = 0.0  # the last CPU clock reading ...
+        self._cpu_at = -math.inf  # ... and when (the clock's time): see CPU_EVERY
+        self.selector = selector if selector is not None else default_selector()
+        self._epoll = self.selector if isinstance(self.selector, EpollSelector) else None
+        self._gone = set()
+        self._in_io = False
+        self._timers: list[Timer] = []
+        self._cancelled = 0
+        self._running = False
+        self._signal_handlers: dict[int, Callback] = {}
+        self._wakeup_r: socket.socket | None = None
+        self._wakeup_w: socket.socket | None = None
+        self._wakeup()  # created now, in the loop's thread: other threads may only write to it
+        self._threadsafe: collections.deque[Callback] = collections.deque()
+        self.stall_callbacks: list[Callable[[float, float], object]] = []
+        # Lag: how long something that became ready could wait for the loop to look at it, i.e. how
+        # late a wake-up was plus how long the turn after it took (busy turns count, not only late
+        # wake-ups), seconds.
+        self.last_lag = 0.0
+        self.max_lag = 0.0
+        # Turn durations, wake-up to the end of the turn's callbacks (the loop's own work, or its
+        # being preempted mid-turn): counts per TURN_BUCKETS bound, then +Inf; their sum and the
+        # longest, seconds. Kept from the timestamps the lag takes anyway: no clock call of its own.
+        self.turn_counts = [0] * (len(TURN_BUCKETS) + 1)
+        self.turn_sum = 0.0
+        self.turn_max = 0.0
+        # Called as on_error(fileobj or None, callback, exc) when a callback raises; the daemons
+        # close what the callback belonged to and carry on. None: the exception propagates.
+        self.on_error: Callable[[FileLike | None, Callback, Exception], object] | None = None
+
+    # -- timers ---------------------------------------------------------------------------------
+    def time(self) -> float:
+        return self.clock()
+
+    def call_at(self, when: float, callback: Callback) -> Timer:
+        timer = Timer(when, callback)
+        heapq.heappush(self._timers, timer)
+        return timer
+
+    def call_later(self, delay: float, callback: Callback) -> Timer:
+        return self.call_at(self.clock() + delay, callback)
+
+    def cancel(self, timer: Timer | None) -> None:
+        if timer is not None and not timer.cancelled:
+            timer.cancelled = True
+            self._cancelled += 1
 
     # -- signals ----------------------------------------------------------------------------------
     def add_signal_handler(self, signum: int, callback: Callback) -> None:
