@@ -8,15 +8,19 @@ the server implements, so this module (and server_tls below it) never imports hb
 from __future__ import annotations
 
 import logging
+import selectors
 import socket
 from collections.abc import Callable
 from typing import Protocol
 
-from hbd.loop import EventLoop, HangUp, Timer
+from hbd.loop import EVENT_HANGUP, EventLoop, HangUp, Timer
 from hbd.protocol import ProtocolError, ServerPeer
+from hbd.selector import ENDED, IN, OUT
 
 MAX_OUTBUF = 64 * 1024  # a peer that pings but never reads its pongs is dropped past this
 RECV_SIZE = 4096
+_WATCH = selectors.EVENT_READ | EVENT_HANGUP  # what the loop watches a plain connection for (watch())
+_WATCH_WRITE = _WATCH | selectors.EVENT_WRITE  # ... while its send buffer waits for room
 
 
 class Ends(Protocol):
@@ -41,25 +45,36 @@ class Owner(Protocol):
     def tls_failed(self, conn: Connection, reason: str) -> None: ...  # TLS failed: close it
 
 
-class Connection:
-    __slots__ = ("addr", "outbuf", "owner", "peer", "since", "slot", "sock", "timer")
+class Connection(ServerPeer):
+    """A connection is its peer's protocol state machine (a ``ServerPeer``, which it feeds) with the
+    socket that state's bytes come and go by: one slotted object per connection, not two, and no
+    ``self.peer`` between a read and ``feed`` (docs/performance.md, "A leaner connection layer").
+    The protocol's rules stay in ``ServerPeer``: this class only moves bytes."""
+
+    __slots__ = ("addr", "outbuf", "owner", "since", "slot", "sock", "timer")
     # Errors that mean "try again later"; an except clause is evaluated only when something is
     # raised, so the TLS subclass can widen this at no cost to the plain path.
     BLOCKING: tuple[type[BaseException], ...] = (BlockingIOError, InterruptedError)
 
-    def __init__(self, owner: Owner, sock: socket.socket, addr: str, now: float, timeout: float) -> None:
+    # sock: a plain connection's is the C socket object alone (hbd.server: ``bare``), a TLS one's an SSLSocket
+    def __init__(self, owner: Owner, sock: socket.SocketType, addr: str, now: float, timeout: float) -> None:
+        super().__init__(now, timeout)
         self.owner = owner
         self.sock = sock
         self.addr = addr
         self.since = now
-        self.peer = ServerPeer(now, timeout)
         self.outbuf = b""
         self.timer: Timer | None = None  # only for the TLS handshake timeout
         self.slot = -1  # the deadline-wheel slot this connection is filed under; -1: none
 
     @property
+    def peer(self) -> ServerPeer:
+        """Its peer's state (itself): what the server's other parts read as ``conn.peer``."""
+        return self
+
+    @property
     def label(self) -> str:
-        name = self.peer.name
+        name = self.name
         return f"{name} ({self.addr})" if name else self.addr
 
     @property
@@ -69,11 +84,20 @@ class Connection:
 
     def start(self) -> None:
         """Serve it: watch the socket and file its first deadline."""
-        self.owner.loop.add_reader(self.sock, self.on_read, self.owner.ending.on_hangup)
+        self.owner.loop.watch(self.sock, self, _WATCH)  # the loop calls on_read with epoll's bits
         self.arm()
         self.owner.connected(self, "")
 
-    def on_read(self) -> None:
+    def on_read(self, bits: int = IN) -> None:
+        """The socket is ready (hbd.loop.Handler): a read, the usual event, unless epoll said more."""
+        if bits != IN:  # an end, room to send, an error: rare
+            if bits & ENDED:  # the peer's end: handed over, read later (hbd.server_ends)
+                self.owner.ending.on_hangup(self.sock)
+                return
+            if bits & OUT:
+                self.on_write()
+            if not bits & IN or not self.owner.is_open(self):
+                return
         try:
             data = self.sock.recv(RECV_SIZE)
         except self.BLOCKING:
@@ -87,13 +111,12 @@ class Connection:
         # received() and send() inlined for the usual read, a ping answered straight into an empty
         # send buffer: a Python call costs about as much as the rest of a ping's own work here
         # (docs/performance.md, "CPU per ping with everything in")
-        peer = self.peer
         try:
-            reply = peer.feed(data, self.owner.clock())
+            reply = self.feed(data, self.owner.clock())
         except ProtocolError as exc:
             self.owner.reject(self, str(exc))
             return
-        if peer.events or not reply or self.outbuf:
+        if self.events or not reply or self.outbuf:
             self.answer(reply)
             return
         try:
@@ -105,7 +128,7 @@ class Connection:
             return
         if sent < len(reply):
             self.outbuf = reply[sent:]
-            self.owner.loop.add_writer(self.sock, self.on_write)
+            self._write_later(True)
 
     def received(self, data: bytes) -> None:
         """Bytes from the peer (b"" at end of file), after any TLS layer."""
@@ -113,7 +136,7 @@ class Connection:
             self.owner.drop(self, "disconnected", logging.INFO)
             return
         try:
-            reply = self.peer.feed(data, self.owner.clock())
+            reply = self.feed(data, self.owner.clock())
         except ProtocolError as exc:
             self.owner.reject(self, str(exc))
             return
@@ -121,7 +144,7 @@ class Connection:
 
     def answer(self, reply: bytes) -> None:
         """What the peer's bytes produced: its events first, then the reply."""
-        if self.peer.events:  # before the reply: a send that finds the peer gone reports its end after this
+        if self.events:  # before the reply: a send that finds the peer gone reports its end after this
             self.owner.on_events(self)
             if not self.owner.is_open(self):
                 return  # what it said closed it (a refused name)
@@ -144,7 +167,7 @@ class Connection:
             return
         if sent < len(data):
             self.outbuf = data[sent:]
-            self.owner.loop.add_writer(self.sock, self.on_write)
+            self._write_later(True)
 
     def on_write(self) -> None:
         try:
@@ -156,7 +179,17 @@ class Connection:
             return
         self.outbuf = self.outbuf[sent:]
         if not self.outbuf:
-            self.owner.loop.remove_writer(self.sock)
+            self._write_later(False)
+
+    def _write_later(self, on: bool) -> None:
+        """Be told when the socket has room for the send buffer (on), or no longer."""
+        loop = self.owner.loop
+        if loop.watches(self.sock):
+            loop.watch(self.sock, self, _WATCH_WRITE if on else _WATCH)
+        elif on:  # read through a callback (TLS; read again after a hang-up: hbd.server_ends)
+            loop.add_writer(self.sock, self.on_write)
+        else:
+            loop.remove_writer(self.sock)
 
     def arm(self, forgiven: float = 0.0) -> None:
         """(Re)file the connection under its next deadline, pushed back by ``forgiven`` seconds of our

@@ -63,7 +63,7 @@ class Liveness:
         # check exactly at the deadline changes nothing and must not be re-filed for the same instant.
         # Just after now is enough: its slot is the first that ends after now (now + a whole slot
         # would make a verdict that was just short of its deadline up to two slots late).
-        when = max(conn.peer.next_deadline() + forgiven, self.clock() + AFTER_NOW)
+        when = max(conn.next_deadline() + forgiven, self.clock() + AFTER_NOW)
         if conn.slot != -1:
             if self.wheel.tick(when) >= conn.slot:
                 return
@@ -91,9 +91,10 @@ class Liveness:
         self._timer = None
         self._in_wheel = True
         now = self.clock()
-        add = self.wheel.add
+        wheel = self.wheel
+        add, slots, res = wheel.add, wheel.slots, wheel.resolution
         backlog = self._backlog
-        backlog.extend(self.wheel.pop_due(now))  # after the slots left from an earlier turn: earliest first
+        backlog.extend(wheel.pop_due(now))  # after the slots left from an earlier turn: earliest first
         checks = WHEEL_CHECKS
         try:
             while backlog and checks:
@@ -101,9 +102,16 @@ class Liveness:
                 for i, conn in enumerate(conns):
                     if conn.slot != slot:
                         continue  # closed since
-                    when = conn.peer.next_deadline()
-                    if when > now:  # it pinged since it was filed (the usual case): just re-file
-                        conn.slot = add(when, conn)
+                    when = conn.next_deadline()
+                    if when > now:  # it pinged since it was filed (the usual case): just re-file,
+                        # about once a ping: wheel.add() inlined for a slot already in use (most are)
+                        tick = -int(-when // res)
+                        filed = slots.get(tick)
+                        if filed is None:
+                            conn.slot = add(when, conn)
+                        else:
+                            filed.append(conn)
+                            conn.slot = tick
                         continue
                     if not checks:  # this turn's share is done: the rest of the slot comes next turn
                         backlog.appendleft((slot, conns[i:]))

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import heapq
 import itertools
+import math
 import selectors
 import signal
 import socket
@@ -22,7 +24,15 @@ from bisect import bisect_left
 from collections.abc import Callable
 from typing import Protocol
 
-from hbd.selector import EVENT_HANGUP, MAX_EVENTS, EpollSelector, default_selector  # noqa: F401 (MAX_EVENTS: tests)
+from hbd.selector import (  # noqa: F401 (MAX_EVENTS: tests)
+    EVENT_HANGUP,
+    IN,
+    MAX_EVENTS,
+    OUT,
+    EpollSelector,
+    Handler,
+    default_selector,
+)
 from hbd.view import TURN_BUCKETS
 
 Callback = Callable[[], object]
@@ -44,6 +54,11 @@ HangUp = Callable[[FileLike], object]
 # starvation): daemons use it to forgive peers they could not have heard. A turn that is long
 # because we were working is not a stall: that time is ours, and peers' silence still counts.
 STALL_THRESHOLD = 0.25
+# The CPU clock is read at a turn's start only when the last reading is older than this: it is a system
+# call (2-11 us on this shared machine when loaded, most of a busy turn's own cost, and under load a turn
+# handles 2-3 pings). A stale reading counts the CPU used since it (at most this much) as the turn's own,
+# so a stall is measured at most this much short; STALL_THRESHOLD stays far above it.
+CPU_EVERY = 0.05
 _READ = selectors.EVENT_READ
 _WRITE = selectors.EVENT_WRITE
 _HANGUP = EVENT_HANGUP
@@ -70,7 +85,64 @@ class Timer:
         return self.when < other.when or (self.when == other.when and self.seq < other.seq)
 
 
-class EventLoop:
+class Registrations:
+    """The loop's I/O registrations (EventLoop's part): callbacks per socket (``add_reader`` ...,
+    kept in the selector's key) or, for the server's connections, a handler per socket (``watch``)."""
+
+    selector: selectors.BaseSelector
+    _epoll: EpollSelector | None  # the selector when it is ours (watch() needs it), else None
+    _in_io: bool  # the turn's I/O callbacks are running
+    _gone: set[Handler]  # handlers forgotten meanwhile: their events already returned are skipped
+
+    def add_reader(self, sock: FileLike, callback: Callback, hung_up: HangUp | None = None) -> None:
+        _set_callback(self.selector, sock, 0, callback, hung_up)  # hung_up: see HangUp
+
+    def remove_reader(self, sock: FileLike) -> None:
+        _set_callback(self.selector, sock, 0, None)  # (and its hang-up callback: it comes with the reader)
+
+    def add_writer(self, sock: FileLike, callback: Callback) -> None:
+        _set_callback(self.selector, sock, 1, callback)
+
+    def remove_writer(self, sock: FileLike) -> None:
+        _set_callback(self.selector, sock, 1, None)
+
+    def watch(self, sock: FileLike, handler: Handler, events: int) -> None:
+        """Pass ``sock``'s readiness for ``events`` (EVENT_READ, EVENT_WRITE, EVENT_HANGUP) to
+        ``handler.on_read(bits)``, epoll's bits as they came (IN alone for a read): one call per event
+        and no callback list, key or bound method kept per socket (hbd.selector). Again to change the
+        events; ``forget`` ends it. Without epoll, callbacks that pass IN or OUT (a hang-up is read)."""
+        if self._epoll is not None:
+            self._epoll.watch(sock if isinstance(sock, int) else sock.fileno(), handler, events)
+            return
+        if events & _READ:
+            self.add_reader(sock, functools.partial(handler.on_read, IN))
+        else:
+            self.remove_reader(sock)
+        if events & _WRITE:
+            self.add_writer(sock, functools.partial(handler.on_read, OUT))
+        else:
+            self.remove_writer(sock)
+
+    def watches(self, sock: FileLike) -> bool:
+        """``sock`` is watched for a handler (``watch``) and not through callbacks."""
+        return self._epoll is not None and (sock if isinstance(sock, int) else sock.fileno()) in self._epoll.handlers
+
+    def forget(self, sock: FileLike) -> None:
+        """Drop every callback of a socket that is about to be closed."""
+        if self._epoll is not None and self._epoll.handlers:
+            handler = self._epoll.unwatch(sock if isinstance(sock, int) else sock.fileno())
+            if handler is not None:
+                if self._in_io:
+                    self._gone.add(handler)
+                return
+        try:
+            key = self.selector.unregister(sock)
+        except (KeyError, ValueError):
+            return
+        key.data[0] = key.data[1] = key.data[2] = None  # events already returned for it in this turn are skipped
+
+
+class EventLoop(Registrations):
     def __init__(
         self,
         clock: Callable[[], float] = time.monotonic,
@@ -80,7 +152,12 @@ class EventLoop:
         self.clock = clock
         # CPU time of the loop's thread; with a virtual clock (tests) every second of a turn is work.
         self.cpu_clock = cpu_clock or (time.thread_time if clock is time.monotonic else clock)
+        self._cpu = 0.0  # the last CPU clock reading ...
+        self._cpu_at = -math.inf  # ... and when (the clock's time): see CPU_EVERY
         self.selector = selector if selector is not None else default_selector()
+        self._epoll = self.selector if isinstance(self.selector, EpollSelector) else None
+        self._gone = set()
+        self._in_io = False
         self._timers: list[Timer] = []
         self._cancelled = 0
         self._running = False
@@ -121,27 +198,6 @@ class EventLoop:
         if timer is not None and not timer.cancelled:
             timer.cancelled = True
             self._cancelled += 1
-
-    # -- I/O ------------------------------------------------------------------------------------
-    def add_reader(self, sock: FileLike, callback: Callback, hung_up: HangUp | None = None) -> None:
-        _set_callback(self.selector, sock, 0, callback, hung_up)  # hung_up: see HangUp
-
-    def remove_reader(self, sock: FileLike) -> None:
-        _set_callback(self.selector, sock, 0, None)  # (and its hang-up callback: it comes with the reader)
-
-    def add_writer(self, sock: FileLike, callback: Callback) -> None:
-        _set_callback(self.selector, sock, 1, callback)
-
-    def remove_writer(self, sock: FileLike) -> None:
-        _set_callback(self.selector, sock, 1, None)
-
-    def forget(self, sock: FileLike) -> None:
-        """Drop every callback of a socket that is about to be closed."""
-        try:
-            key = self.selector.unregister(sock)
-        except (KeyError, ValueError):
-            return
-        key.data[0] = key.data[1] = key.data[2] = None  # events already returned for it in this turn are skipped
 
     # -- signals ----------------------------------------------------------------------------------
     def add_signal_handler(self, signum: int, callback: Callback) -> None:
@@ -210,10 +266,16 @@ class EventLoop:
             timeout = min(max(timers[0].when - before, 0.0), max_wait)
         events = self.selector.select(timeout)
         now = seg = woke = self.clock()
-        cpu = self.cpu_clock()
+        if woke - self._cpu_at > CPU_EVERY:
+            self._cpu, self._cpu_at = self.cpu_clock(), woke
+        cpu = self._cpu
         late = now - before - timeout
         if late > STALL_THRESHOLD:  # we were not running while we waited
             self._stalled(before + timeout, now)
+        gone = self._gone
+        if gone:
+            gone.clear()
+        self._in_io = True
         for key, mask in events:
             cbs = key.data
             cb = None
@@ -230,6 +292,15 @@ class EventLoop:
                         cb()
             except Exception as exc:
                 self.report_error(key.fileobj, cb, exc)
+        if (sel := self._epoll) is not None:
+            for handler, bits in sel.handled:  # (watch())
+                if gone and handler in gone:
+                    continue
+                try:
+                    handler.on_read(bits)
+                except Exception as exc:  # the bound method tells what it served (its __self__)
+                    self.report_error(None, handler.on_read, exc)
+        self._in_io = False
         if timers and timers[0].when <= (now := self.clock()):
             if now - seg > STALL_THRESHOLD:  # a stop in the middle of the I/O, before verdicts
                 cpu = self._check_turn(seg, cpu, now)
@@ -281,6 +352,7 @@ class EventLoop:
         """A stretch of a turn that took much longer than the CPU it used: we were stopped or starved
         in the middle of it. Returns the CPU clock now, for the next stretch."""
         cpu = self.cpu_clock()
+        self._cpu, self._cpu_at = cpu, end
         idle = (end - start) - (cpu - cpu_start)
         if idle > STALL_THRESHOLD:
             self._stalled(end - idle, end)

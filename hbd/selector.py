@@ -15,6 +15,13 @@ A descriptor registered with ``EVENT_HANGUP`` as well is watched for the peer's 
 ``EPOLLRDHUP``, and ``EPOLLHUP``/``EPOLLERR``): its event then carries ``EVENT_HANGUP``, so the
 loop can hand an end to a cheaper callback than a read (docs/performance.md, "Mass events": a
 survivor's ping waits behind every end ready before it).
+
+A descriptor can also be watched for a handler object (``watch``): its events are not returned by
+``select()`` as ``(key, mask)`` but kept in ``handled`` as ``(handler, epoll's bits)`` for the loop to
+pass to ``handler.on_read`` as they are. That is the server's connections' way (hbd.connection): per
+connection one table entry to the connection itself, where a registration keeps a ``SelectorKey``, its
+table entry and the loop's callback list with a bound method in it (about 250 bytes); and per event
+no mask to build (docs/performance.md, "A leaner connection layer").
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ from __future__ import annotations
 import math
 import select
 import selectors
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from _typeshed import FileDescriptorLike
@@ -31,6 +39,9 @@ _READ = selectors.EVENT_READ
 _WRITE = selectors.EVENT_WRITE
 EVENT_HANGUP = 4  # next to selectors' EVENT_READ (1) and EVENT_WRITE (2): the peer's end
 _ENDED = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+IN = select.EPOLLIN  # a handler's usual events: readable, and nothing else
+OUT = select.EPOLLOUT
+ENDED = _ENDED
 _BITS = select.EPOLLIN | select.EPOLLPRI | select.EPOLLOUT | _ENDED  # what epoll returns when asked for these
 
 
@@ -51,6 +62,13 @@ _MASKS = {ev: _translate(ev) for ev in range(_BITS + 1) if ev & ~_BITS == 0}
 MAX_EVENTS = 256
 
 
+class Handler(Protocol):
+    def on_read(self, bits: int) -> object: ...  # its descriptor is ready: epoll's bits, IN alone for a read
+
+
+_NOTHING: Sequence[tuple[Handler, int]] = ()
+
+
 class EpollSelector(selectors.EpollSelector):
     max_events = MAX_EVENTS
 
@@ -60,6 +78,8 @@ class EpollSelector(selectors.EpollSelector):
         # the standard library's own epoll object and key table, under names the type checker knows
         self._epoll: select.epoll = vars(self)["_selector"]
         self._keys: dict[int, selectors.SelectorKey] = vars(self)["_fd_to_key"]
+        self.handlers: dict[int, Handler] = {}  # descriptors watched for a handler (watch()), not in _keys
+        self.handled: Sequence[tuple[Handler, int]] = _NOTHING  # their events from the last select()
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         if timeout is None:
@@ -71,11 +91,46 @@ class EpollSelector(selectors.EpollSelector):
         try:
             ready = self._epoll.poll(timeout, self.max_events)
         except InterruptedError:
+            self.handled = _NOTHING
             return []
         self.full = len(ready) >= self.max_events
+        handlers = self.handlers
+        if handlers:
+            handled = self.handled = [(h, ev) for fd, ev in ready if (h := handlers.get(fd)) is not None]
+            if len(handled) == len(ready):  # the usual turn under load: connections' events only
+                return []
+        else:
+            self.handled = _NOTHING
         keys = self._keys
         masks = _MASKS
         return [(key, masks[ev & _BITS] & key.events) for fd, ev in ready if (key := keys.get(fd)) is not None]
+
+    def watch(self, fd: int, handler: Handler, events: int) -> None:
+        """Watch ``fd`` for ``events`` (EVENT_READ, EVENT_WRITE, EVENT_HANGUP) and pass what comes to
+        ``handler.on_read``; again to change the events. A descriptor has a handler or a key, not both."""
+        mask = _epoll_mask(events)
+        if self.handlers.get(fd) is handler:
+            self._epoll.modify(fd, mask)
+            return
+        if fd in self._keys:
+            raise KeyError(f"FD {fd} is already registered")
+        self._epoll.register(fd, mask)  # (a stale entry's descriptor was closed: epoll dropped it then)
+        self.handlers[fd] = handler
+
+    def unwatch(self, fd: int) -> Handler | None:
+        """Stop watching ``fd`` for its handler; returns the handler, None when it had none."""
+        handler = self.handlers.pop(fd, None)
+        if handler is not None:
+            try:
+                self._epoll.unregister(fd)
+            except OSError:  # closed since
+                pass
+        return handler
+
+    def close(self) -> None:
+        self.handlers.clear()
+        self.handled = _NOTHING
+        super().close()
 
     def register(self, fileobj: FileDescriptorLike, events: int, data: object = None) -> selectors.SelectorKey:
         if not events & EVENT_HANGUP:

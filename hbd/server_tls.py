@@ -15,6 +15,7 @@ from typing import cast
 
 from hbd import tls
 from hbd.connection import RECV_SIZE, Connection, Owner
+from hbd.selector import IN
 
 
 class TlsState(Enum):
@@ -24,7 +25,7 @@ class TlsState(Enum):
 
 
 class TLSConnection(Connection):
-    __slots__ = ("context", "handshake", "handshake_timeout", "state", "subject")
+    __slots__ = ("context", "handshake", "handshake_timeout", "subject", "tls_state")
     BLOCKING = tls.WOULD_BLOCK
 
     def __init__(
@@ -40,7 +41,7 @@ class TLSConnection(Connection):
         super().__init__(owner, sock, addr, now, timeout)
         self.context = context
         self.handshake_timeout = handshake_timeout
-        self.state: TlsState = TlsState.SNIFF
+        self.tls_state: TlsState = TlsState.SNIFF
         self.subject: str | None = None
         self.handshake: tls.Handshake | None = None
 
@@ -50,7 +51,7 @@ class TLSConnection(Connection):
         self.arm()
 
     def arm(self, forgiven: float = 0.0) -> None:
-        if self.state is TlsState.UP:
+        if self.tls_state is TlsState.UP:
             super().arm(forgiven)
             return
         self.timer = self.owner.loop.call_at(self.since + self.handshake_timeout, self._handshake_timeout)
@@ -72,18 +73,20 @@ class TLSConnection(Connection):
             return
         loop = self.owner.loop
         loop.forget(self.sock)  # wrap_socket() detaches the plain socket object
-        self.sock = self.context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
-        self.state = TlsState.HANDSHAKE
+        self.sock = self.context.wrap_socket(
+            cast(socket.socket, self.sock), server_side=True, do_handshake_on_connect=False
+        )
+        self.tls_state = TlsState.HANDSHAKE
         self.handshake = tls.Handshake(loop, self.sock, self._handshake_done, self._handshake_failed)
         self.handshake.step()
 
     def _handshake_done(self) -> None:
         owner = self.owner
         owner.loop.cancel(self.timer)
-        self.state = TlsState.UP
+        self.tls_state = TlsState.UP
         self.handshake = None
         self.subject = tls.peer_name(self.sock)  # type: ignore[arg-type]
-        self.peer.last_heard = owner.clock()  # silence is counted from when the link is usable
+        self.last_heard = owner.clock()  # silence is counted from when the link is usable
         owner.loop.add_reader(self.sock, self.on_read)
         self.arm()
         owner.connected(self, f" (TLS, certificate CN={self.subject})" if self.subject else " (TLS)")
@@ -96,12 +99,12 @@ class TLSConnection(Connection):
         self.timer = None
         if self.handshake is not None:
             self.handshake.step()  # last look: the final flight may be queued after our own stall
-        if self.state is not TlsState.UP and self.owner.is_open(self):
+        if self.tls_state is not TlsState.UP and self.owner.is_open(self):
             timeout = self.handshake_timeout
             self.owner.tls_failed(self, f"no TLS handshake within handshake_timeout ({timeout:g} s)")
 
-    def on_read(self) -> None:
-        if self.state is not TlsState.UP:
+    def on_read(self, bits: int = IN) -> None:  # (read through a callback: always IN)
+        if self.tls_state is not TlsState.UP:
             return  # a last-look read from the server while the handshake is still running
         sock = cast(ssl.SSLSocket, self.sock)  # wrapped once the handshake began
         try:

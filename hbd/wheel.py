@@ -31,6 +31,12 @@ class DeadlineWheel(Generic[T]):
         self._ticks: list[int] = []  # heap of the slots in use
         self._orphans = 0  # ticks in the heap whose slot has been emptied by discard()
 
+    @property
+    def slots(self) -> dict[int, list[T]]:
+        """The filed items by slot, for a caller's inlined ``add`` (one per ping in the server's
+        deadline wheel): appending to a slot already in use is all ``add`` does then."""
+        return self._slots
+
     def tick(self, when: float) -> int:
         """The slot ``when`` falls in."""
         return -int(-when // self.resolution)  # ceil: never fire before the deadline

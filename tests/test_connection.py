@@ -5,6 +5,7 @@ buffer, a peer that does not read its pongs, the end and garbage."""
 from __future__ import annotations
 
 import socket
+import tracemalloc
 from collections.abc import Iterator
 
 import pytest
@@ -22,6 +23,9 @@ class FakeLoop:
 
     def remove_writer(self, sock: object) -> None:
         del self.writers[sock]
+
+    def watches(self, sock: object) -> bool:
+        return False  # read through a callback: writes wait through one too
 
 
 class Owner:
@@ -160,3 +164,93 @@ def test_the_end_and_garbage_go_to_the_owner(pair) -> None:
     theirs.shutdown(socket.SHUT_WR)
     conn.on_read()
     assert owner.calls[-1] == ("drop", "disconnected")
+
+
+def test_a_started_connection_costs_the_loop_little_memory() -> None:
+    """What serving a connection adds in the loop: the selector's entry to the connection itself
+    (hbd.loop.EventLoop.watch; with its int and the table's growth ~90 B), not a SelectorKey, its
+    entry, a callback list and a bound method (311 B before: docs/performance.md, "A leaner
+    connection layer")."""
+    from hbd.loop import EventLoop
+
+    loop = EventLoop()
+    owner = Owner()
+    owner.loop = loop  # type: ignore[assignment]
+    owner.ending = type("Ends", (), {"on_hangup": staticmethod(lambda sock: None)})()  # type: ignore[attr-defined]
+    pairs = [socket.socketpair() for _ in range(400)]
+    conns = [connection(owner, a) for a, _ in pairs]
+    try:
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        for conn in conns:
+            conn.start()
+        per = (tracemalloc.get_traced_memory()[0] - before) / len(conns)
+        tracemalloc.stop()
+        assert per < 130, f"{per:.0f} bytes per connection"
+    finally:
+        for a, b in pairs:
+            loop.forget(a)
+            a.close()
+            b.close()
+        loop.close()
+
+
+def test_a_connection_is_one_object_with_its_peers_state(pair) -> None:
+    """A connection is its ServerPeer (one slotted object: ~185 B), not a Connection and a ServerPeer
+    (~225 B) with a float of its own for the greeting bucket (24 B): 258 B before."""
+    owner = Owner()
+    ours, _ = pair
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    conns = [connection(owner, ours) for _ in range(1000)]
+    per = (tracemalloc.get_traced_memory()[0] - before) / len(conns)
+    tracemalloc.stop()
+    assert per < 210, f"{per:.0f} bytes per connection"
+    assert conns[0].peer is conns[0]
+
+
+def test_a_watched_connection_waits_for_room_through_its_own_events(pair) -> None:
+    """On the loop (epoll, EventLoop.watch): a pong that does not fit is queued, the connection is
+    watched for room too, on_read(EPOLLOUT) sends the queue and the watch goes back to reads; a
+    peer that never reads is still rejected at MAX_OUTBUF."""
+    import select as select_mod
+
+    from hbd.loop import EventLoop
+
+    ours, theirs = pair
+    loop = EventLoop()
+    owner = Owner()
+    owner.loop = loop  # type: ignore[assignment]
+    owner.ending = type("Ends", (), {"on_hangup": staticmethod(lambda sock: None)})()  # type: ignore[attr-defined]
+    conn = connection(owner, ours)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    try:
+        conn.start()
+        filler = 0
+        with pytest.raises(BlockingIOError):
+            while True:
+                filler += ours.send(b"x" * 4096)
+        theirs.send(b"ping")
+        loop.run_once(0)
+        assert conn.outbuf == b"pong" and loop.watches(ours)
+        assert loop._epoll is not None and loop._epoll.handlers[ours.fileno()] is conn
+        got = b""
+        while len(got) < filler:
+            got += theirs.recv(65536)
+        for _ in range(5):
+            loop.run_once(0)
+        assert conn.outbuf == b"" and theirs.recv(16) == b"pong"
+        conn.on_read(select_mod.EPOLLOUT)  # no longer watched for room: a stray one sends nothing
+        assert owner.calls[-1] == ("connected",)
+        with pytest.raises(BlockingIOError):
+            while True:
+                ours.send(b"x" * 4096)
+        for _ in range(MAX_OUTBUF // 4 + 1):
+            theirs.send(b"ping")
+            loop.run_once(0)
+            if owner.calls[-1][0] != "connected":
+                break
+        assert owner.calls[-1][0] == "reject" and len(conn.outbuf) <= MAX_OUTBUF
+    finally:
+        loop.forget(ours)
+        loop.close()

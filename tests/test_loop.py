@@ -1,13 +1,16 @@
 import os
+import select
+import selectors
 import signal
 import socket
+import tracemalloc
 from collections.abc import Callable
 
 import pytest
 from virtual_time import FakeClock, VirtualSelector
 
 import hbd.loop
-from hbd.loop import STALL_THRESHOLD, EventLoop
+from hbd.loop import EVENT_HANGUP, STALL_THRESHOLD, EventLoop
 from hbd.selector import busy
 from hbd.view import TURN_BUCKETS, Turns
 
@@ -466,3 +469,176 @@ def test_a_timer_rearming_for_now_does_not_starve_the_other_due_timers(
     for _ in range(4):
         loop.run_once(0.0)
     assert [f for f in fired if f != "again"] == ["a", "b", "c", "d"]
+
+
+class Recorder:
+    """A handler for ``EventLoop.watch``: records epoll's bits and reads what is there."""
+
+    def __init__(self, sock: socket.socket, seen: list[tuple[str, int, bytes]], name: str = "h") -> None:
+        self.sock, self.seen, self.name = sock, seen, name
+        self.then: Callable[[], object] | None = None  # what the next event also does
+
+    def on_read(self, events: int) -> None:
+        data = self.sock.recv(64) if events & select.EPOLLIN else b""
+        self.seen.append((self.name, events, data))
+        if self.then is not None:
+            self.then()
+
+
+def test_a_watched_socket_hands_epolls_bits_to_its_handler(vloop: EventLoop, vclock: FakeClock) -> None:
+    """watch(): a read is on_read(IN) alone; room to send adds OUT once asked for; the peer's end comes
+    with EPOLLRDHUP; nothing is kept per socket but the handler in the selector's table (no key, no
+    callback list); and virtual time does not jump over a turn whose only events are handlers'."""
+    loop = vloop
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    seen: list[tuple[str, int, bytes]] = []
+    h = Recorder(a, seen)
+    loop.watch(a, h, selectors.EVENT_READ | EVENT_HANGUP)
+    assert loop.watches(a) and a not in loop.selector.get_map() and loop.selector.handlers == {a.fileno(): h}  # type: ignore[attr-defined]
+    b.send(b"ping")
+    start = vclock()
+    loop.run_once(5.0)
+    assert seen == [("h", select.EPOLLIN, b"ping")] and vclock() == start
+    loop.watch(a, h, selectors.EVENT_READ | selectors.EVENT_WRITE | EVENT_HANGUP)
+    loop.run_once(0)
+    assert seen[1:] == [("h", select.EPOLLOUT, b"")]
+    loop.watch(a, h, selectors.EVENT_READ | EVENT_HANGUP)
+    b.send(b"ping\n")
+    b.shutdown(socket.SHUT_WR)
+    loop.run_once(0)
+    assert seen[2][1] & select.EPOLLRDHUP and seen[2][2] == b"ping\n"
+    loop.forget(a)
+    assert not loop.watches(a) and not loop.selector.handlers  # type: ignore[attr-defined]
+    loop.run_once(0)
+    assert len(seen) == 3  # forgotten: no more events
+    a.close()
+    b.close()
+
+
+def test_a_handler_forgotten_in_the_turn_is_not_called_for_its_returned_event(vloop: EventLoop) -> None:
+    """Two handlers ready in the same turn: the first forgets the second (a takeover closes the old
+    connection), whose event in this turn's batch is skipped; a raising handler goes to on_error with
+    its bound method (its __self__ tells the server which connection) and the turn goes on."""
+    loop = vloop
+    errors: list[object] = []
+    loop.on_error = lambda fileobj, cb, exc: errors.append(getattr(cb, "__self__", None))
+    pairs = [socket.socketpair() for _ in range(3)]
+    seen: list[tuple[str, int, bytes]] = []
+    handlers = [Recorder(a, seen, str(i)) for i, (a, _) in enumerate(pairs)]
+
+    def forget_the_other_one() -> None:
+        first = seen[0][0]
+        loop.forget(pairs[1 - int(first)][0] if first in "01" else pairs[0][0])
+
+    def bug() -> None:
+        raise RuntimeError("bug")
+
+    for (a, b), h in zip(pairs, handlers, strict=True):
+        loop.watch(a, h, selectors.EVENT_READ)
+        b.send(b"x")
+    handlers[0].then = handlers[1].then = forget_the_other_one
+    handlers[2].then = bug
+    loop.run_once(0)
+    names = [name for name, _, _ in seen]
+    assert sorted(names) in (["0", "2"], ["1", "2"])  # one of 0 and 1, never both
+    assert errors == [handlers[2]]
+    for a, b in pairs:
+        loop.forget(a)
+        a.close()
+        b.close()
+
+
+def test_a_watched_socket_costs_the_loop_one_table_entry() -> None:
+    """What the loop keeps per socket: for a watched one only the selector's entry to the handler
+    (about 40 bytes with the table's growth), where a reader kept a SelectorKey, its table entry, a
+    callback list and the bound method in it (about 250)."""
+    loop = EventLoop()
+    pairs = [socket.socketpair() for _ in range(400)]
+    handlers = [Recorder(a, []) for a, _ in pairs]
+    try:
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        for (a, _), h in zip(pairs, handlers, strict=True):
+            loop.watch(a, h, selectors.EVENT_READ | EVENT_HANGUP)
+        per = (tracemalloc.get_traced_memory()[0] - before) / len(pairs)
+        tracemalloc.stop()
+        assert per < 130, f"{per:.0f} bytes per watched socket"
+    finally:
+        for a, b in pairs:
+            loop.forget(a)
+            a.close()
+            b.close()
+        loop.close()
+
+
+def test_without_epoll_a_watched_socket_is_served_through_callbacks() -> None:
+    """Another selector (not Linux): watch() sets callbacks that pass IN or OUT; the end is a read."""
+    loop = EventLoop(selector=selectors.PollSelector())
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    seen: list[tuple[str, int, bytes]] = []
+    h = Recorder(a, seen)
+    try:
+        loop.watch(a, h, selectors.EVENT_READ | EVENT_HANGUP)
+        assert not loop.watches(a)
+        b.send(b"ping")
+        loop.run_once(0)
+        loop.watch(a, h, selectors.EVENT_READ | selectors.EVENT_WRITE | EVENT_HANGUP)
+        loop.run_once(0)
+        assert seen == [("h", select.EPOLLIN, b"ping"), ("h", select.EPOLLOUT, b"")]
+        loop.watch(a, h, selectors.EVENT_READ)
+        b.close()
+        loop.run_once(0)
+        assert seen[2:] == [("h", select.EPOLLIN, b"")]
+    finally:
+        loop.forget(a)
+        a.close()
+        loop.close()
+
+
+def test_busy_turns_read_the_cpu_clock_once_per_cpu_every_and_still_see_a_stop() -> None:
+    """The CPU clock (a system call) is read at a turn's start only when the last reading is older
+    than CPU_EVERY: 100 busy turns of 1 ms read it twice, not 100 times; a stop in the middle of a turn
+    after a stale reading is still a stall, measured at most CPU_EVERY short."""
+    clock = FakeClock()
+    cpu = FakeClock(0.0)
+    reads = [0]
+
+    def read_cpu() -> float:
+        reads[0] += 1
+        return cpu()
+
+    loop = EventLoop(clock=clock, selector=VirtualSelector(clock), cpu_clock=read_cpu)
+    a, b = socket.socketpair()
+    stalls: list[float] = []
+    loop.stall_callbacks.append(lambda planned, woke: stalls.append(woke - planned))
+
+    def read() -> None:
+        a.recv(10)
+        cpu.advance(0.001)
+        clock.advance(0.001)
+
+    try:
+        loop.add_reader(a, read)
+        for _ in range(100):
+            b.send(b"x")
+            loop.run_once(0)
+        assert reads[0] == 2 and stalls == []  # at 0 and after 51 ms (the 100 turns span 100 ms)
+        # then a turn that works 10 ms and is stopped for 2 s, its reading 49 ms old (not re-read)
+
+        def stopped() -> None:
+            a.recv(10)
+            cpu.advance(0.01)
+            clock.advance(2.01)
+
+        loop.add_reader(a, stopped)
+        b.send(b"x")
+        loop.run_once(0)
+        assert reads[0] == 3  # (the stall's own look at the CPU clock)
+        assert len(stalls) == 1 and 2.0 - hbd.loop.CPU_EVERY <= stalls[0] < 1.96, stalls
+    finally:
+        loop.forget(a)
+        a.close()
+        b.close()
+        loop.close()

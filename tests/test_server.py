@@ -1,6 +1,7 @@
 """hbd-server as a real process on 127.0.0.1, driven through real sockets."""
 
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -214,8 +215,9 @@ def virtual_server(vclock, vloop):
 def _pair(srv) -> tuple:
     a, b = socket.socketpair()
     b.setblocking(False)
-    srv.on_accept(a, ("127.0.0.1", a.fileno()))
-    return srv.conns[a.fileno()], b
+    fd = a.fileno()
+    srv.on_accept(a, ("127.0.0.1", fd))  # (a plain connection keeps the descriptor, not this object)
+    return srv.conns[fd], b
 
 
 def _drain(b: socket.socket) -> bytes:
@@ -320,15 +322,15 @@ class _Records(list):
 def test_an_exception_in_one_connection_closes_it_alone(virtual_server) -> None:
     """An unexpected error while handling one connection (read path, then deadline path) closes
     that connection with one logged traceback; the server serves the others."""
-    from hbd.protocol import ServerPeer
+    from hbd.connection import Connection
 
-    class Broken(ServerPeer):
+    class Broken(Connection):  # a connection is its peer's protocol state (a ServerPeer)
         __slots__ = ()
 
         def feed(self, data: bytes, now: float) -> bytes:
             raise RuntimeError("injected bug")
 
-    class BrokenDeadline(ServerPeer):
+    class BrokenDeadline(Connection):
         __slots__ = ()
 
         def poll(self, now: float):
@@ -336,8 +338,8 @@ def test_an_exception_in_one_connection_closes_it_alone(virtual_server) -> None:
 
     srv, clock = virtual_server(heartbeat_timeout=2.0)
     (bad, bad_b), (good, good_b), (late, late_b) = _pair(srv), _pair(srv), _pair(srv)
-    bad.peer = Broken(clock(), 2.0)
-    late.peer = BrokenDeadline(clock(), 2.0)
+    bad.__class__ = Broken
+    late.__class__ = BrokenDeadline
     records = _Records()
     with records:
         try:
@@ -361,3 +363,21 @@ def test_an_exception_in_one_connection_closes_it_alone(virtual_server) -> None:
             for s in (bad_b, good_b, late_b):
                 s.close()
             srv.shutdown()
+
+
+def test_a_plain_connection_keeps_the_c_socket_object_alone(virtual_server) -> None:
+    """A plain connection's socket is the C object (48 B), not socket.socket's Python layer over it
+    (88 B): non-blocking, the same descriptor, served as any (docs/performance.md, "A leaner
+    connection layer")."""
+    srv, _clock = virtual_server()
+    conn, b = _pair(srv)
+    try:
+        assert type(conn.sock) is socket.SocketType and conn.sock.gettimeout() == 0.0
+        assert sys.getsizeof(conn.sock) < 60
+        b.send(b"ping")
+        srv.loop.run_once(0)
+        assert b.recv(16) == b"pong"
+    finally:
+        srv.shutdown()
+        b.close()
+    assert conn.sock.fileno() == -1

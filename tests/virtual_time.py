@@ -33,7 +33,7 @@ class VirtualSelector(EpollSelector):
 
     def select(self, timeout: float | None = None):  # type: ignore[override]
         ready = super().select(0)
-        if not ready and timeout:
+        if not ready and not self.handled and timeout:  # (handled: the events of watch()'s handlers)
             self.waits.append(timeout)
             self.clock.advance(timeout)
         return ready
