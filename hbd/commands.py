@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from itertools import islice
 from typing import Any
 
-from hbd import metrics, status, status_select, supervisor_metrics
+from hbd import metrics, ping_times, status, status_select, supervisor_metrics
 from hbd.control import Reply
 from hbd.operated import Operated
 from hbd.silencing import NO_SILENCES, Silencing, check_peer, check_reason, check_seconds
@@ -226,13 +226,9 @@ def _breathe(daemon: Operated, wake: Callable[[], None]) -> Callable[[], None]:
 
 
 def _pings(view: ServerView) -> Reply:
-    """A worker's answer to its supervisor's scrape: ``["peer", last ping]`` per line (wall clock)."""
-    if view.last_pings is None:
-        return
-    offset = time.time() - view.daemon.now
-    pairs = view.last_pings()
-    while batch := list(islice(pairs, 2000)):
-        yield "".join(f"[{json.dumps(peer)},{round(last + offset, 3)}]\n" for peer, last in batch).encode()
+    """A worker's answer to its supervisor's scrape: its peers' last pings (hbd.ping_times records)."""
+    if view.last_pings is not None:
+        yield from ping_times.chunks(view.last_pings())
 
 
 def http_metrics(daemon: Operated, control_path: str | None, request: bytes, wake: Callable[[], None]) -> Reply:

@@ -236,14 +236,14 @@ class RemotePeers:
 
         return PeerSource(len(conns), who, lambda i: self.row(conns[i], worker))
 
-    def last_pings(self, conns: list[Connection]) -> Iterator[tuple[str, float]]:
-        """(peer, last ping, monotonic) of each connection of a snapshot that is a peer and has pinged."""
+    def last_pings(self, conns: list[Connection]) -> Iterator[tuple[int, float]]:
+        """(our number for it, last ping, monotonic) of each connection of a snapshot that is a peer
+        (the supervisor has marked it) and has pinged: the supervisor knows the peer by that number."""
         marks, ids = self.marks, self.ids
         for conn in conns:
             cid = ids.get(conn)
-            mark = marks.get(cid) if cid is not None else None
-            if mark is not None and conn.peer.pings and conn.sock.fileno() >= 0:
-                yield mark.peer, conn.peer.last_heard
+            if cid is not None and cid in marks and conn.peer.pings and conn.sock.fileno() >= 0:
+                yield cid, conn.peer.last_heard
 
     def row(self, conn: Connection, worker: int | None) -> PeerRow | None:
         """A connection's row (None: closed since the snapshot, or shown by the supervisor)."""

@@ -293,7 +293,7 @@ class Server(Daemon):
         sock.close()
 
 
-LastPings = Callable[[], Iterator[tuple[str, float]]]
+LastPings = Callable[[], Iterator[tuple[int, float]]]
 
 
 def bare(sock: socket.socket) -> socket.SocketType:

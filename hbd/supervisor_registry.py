@@ -237,11 +237,12 @@ class SupervisorRegistry(ServerRegistry):
         for peer in [p for p in reg.peers.values() if p.key is None]:  # not a row for each connected one
             yield self.account(reg.row(peer, None, None))
 
-    def metric_samples(self, offset: float, last: Mapping[str, float], per: int) -> Iterator[list[PeerSample]]:
+    def metric_samples(self, offset: float, last: Mapping[Key, float], per: int) -> Iterator[list[PeerSample]]:
         """Every peer's metric values straight from the registry and the accounting, ``per`` peers a
         batch (a scrape takes one per loop turn): the same values as hbd.metrics.peer_sample of the
         peer's row, without making a row and an accounted copy of it for each of 100,000 peers.
-        ``last``: the workers' last pings (wall clock); else the registry's own (monotonic + offset)."""
+        ``last``: the workers' last pings by the key of the connection (monotonic), for a peer whose
+        connection is there; else the registry's own. ``offset`` turns them into wall clock."""
         reg = self.registry
         peers = list(reg.peers.values())
         silenced = reg.silenced
@@ -249,10 +250,11 @@ class SupervisorRegistry(ServerRegistry):
             now = self.clock()
             batch: list[PeerSample] = []
             for peer in peers[start : start + per]:
-                name = peer.name
-                last_ping = last.get(name)
-                if last_ping is None and peer.last_ping is not None:
-                    last_ping = round(peer.last_ping + offset, 3)
+                name, key = peer.name, peer.key
+                pinged = last.get(key) if isinstance(key, int) else None
+                if pinged is None:
+                    pinged = peer.last_ping
+                last_ping = round(pinged + offset, 3) if pinged is not None else None
                 acc = peer.account
                 batch.append(
                     (

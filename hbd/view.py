@@ -143,8 +143,9 @@ Who = tuple[str | None, str, str]  # how a peer would be shown: (its name or Non
 # flapping, silenced, expected, outages, seconds down. A scrape keeps these, not rows, until every
 # family is out.
 PeerSample = tuple[str, int, float | None, int, int, int, int, float]
-# (wall-clock offset, the workers' last pings by peer, peers per batch) -> batches of samples
-SampleBatches = Callable[[float, Mapping[str, float], int], Iterator[list[PeerSample]]]
+# (wall-clock offset, the workers' last pings (monotonic) by the registry's key of the connection,
+# peers per batch) -> batches of samples
+SampleBatches = Callable[[float, Mapping[int, float], int], Iterator[list[PeerSample]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,8 +235,9 @@ class ServerView:
     peers: Iterable[PeerRow]  # one pass
     counts: Mapping[str, int] | None = None  # peers by state, from the registry
     sources: tuple[PeerSource, ...] = ()  # the same peers, for a filtered status (hbd.status_select)
-    # a worker's connected peers and when each last pinged (monotonic): the supervisor's metrics ask
-    last_pings: Callable[[], Iterator[tuple[str, float]]] | None = None
+    # a worker's connected peers (its number for each connection) and when each last pinged
+    # (monotonic): the supervisor's metrics ask (hbd.ping_times)
+    last_pings: Callable[[], Iterator[tuple[int, float]]] | None = None
 
 
 @dataclass(frozen=True, slots=True)

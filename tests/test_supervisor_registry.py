@@ -312,8 +312,8 @@ def test_the_scrapes_samples_from_the_registry_are_those_of_the_rows(fleet) -> N
     f.sup.silence("m3", 600, "maintenance")
     src = f.sup.registry.source(account=f.sup.account)
     rows = [src.row(i) for i in range(src.size)]
-    offset, last = 1000.0, {"m1": 5000.5}
-    expected = [peer_sample(r, offset, last.get(r.peer)) for r in rows if r is not None]
+    offset, last = 1000.0, {f.sup.registry.peers["m1"].key: 5000.5}  # m1's worker's: by its connection's key
+    expected = [peer_sample(r, offset, 6000.5 if r.peer == "m1" else None) for r in rows if r is not None]
     batches = list(f.sup.metric_samples(offset, last, 2))
     assert [len(b) for b in batches] == [2, 2, 1]
     assert [s for b in batches for s in b] == expected
