@@ -23,6 +23,11 @@ import weakref
 # that core stays with the workers' pongs. A smaller fraction would stretch it towards the timeout.
 FRACTION = 0.5
 BURST = 0.1  # CPU seconds a reply works unpaced (a worker's scan for a filtered status: tens of ms)
+# The supervisor's (``workers: K``): it answers no pings, so its replies' latency matters little, but
+# on two cores its 0.1 s unpaced burst of a scrape took a whole core while the workers' pongs waited
+# (the slow round trips of a scrape at 100,000 peers fell in its first 0.1-0.4 s, none once it was
+# paced). Its small replies (a select's merge, silences, a reload's answer) stay under this.
+SUPERVISOR_BURST = 0.01
 MIN_PAUSE = 0.002  # shorter rests are owed, not taken: one loop turn each would cost more than that
 MAX_DEBT = 0.5  # a slice that was preempted for long owes no more than this (replies stalled for 1 s are evicted)
 

@@ -29,6 +29,7 @@ from hbd.early import catch_signals, take_hup
 from hbd.logs import Logging, log
 from hbd.names import bind_tcp
 from hbd.notify import Notifier
+from hbd.pacing import SUPERVISOR_BURST, pacer_for
 from hbd.registry import expected_peers, registry_settings
 from hbd.reload_process import ChildLoad
 from hbd.reloading import Load
@@ -52,6 +53,7 @@ class Supervisor(Daemon[ServerConfig]):
         self.pool = WorkerPool(self.loop, self._run_worker, self._to_file, lambda: self.config)
         self._hupped: set[int] = set()  # pids sent the new configuration by the latest reload
         self.registry: SupervisorRegistry | None = None  # the one peer registry (hbd.supervisor_registry)
+        pacer_for(self.loop).burst = SUPERVISOR_BURST  # its big replies yield the CPU almost at once
 
     def loader(self) -> Load:
         plan = None if self.registry is None else self.registry.reload.planner()  # its plan: in slices after

@@ -126,3 +126,24 @@ def test_a_small_reply_through_the_request_server_is_not_paced(tmp_path: Path, v
     duration, _, data = _serve(tmp_path, vclock, vloop, 20, 0.004, 4000)
     assert data.count(b",") == 20
     assert duration <= 20 * 0.004 + 0.01, duration
+
+
+def test_the_supervisors_replies_are_paced_after_a_smaller_burst(tmp_path: Path, vclock, vloop) -> None:
+    """The supervisor answers no pings: its big replies (a scrape at 100,000 peers) yield the CPU
+    after SUPERVISOR_BURST, not BURST (its 0.1 s unpaced burst took a core while the workers'
+    pongs waited). A worker's pacer keeps BURST: its filtered scans are not slowed."""
+    from hbd.config import ServerConfig
+    from hbd.pacing import SUPERVISOR_BURST, pacer_for
+    from hbd.server import Server
+    from hbd.workers import Supervisor
+
+    cfg = ServerConfig(host="127.0.0.1", port=0, workers=2, log_file=None, control_socket=None, state_dir=None)
+    Supervisor(cfg, loop=vloop)
+    assert pacer_for(vloop).burst == SUPERVISOR_BURST < BURST
+    duration, _, data = _serve(tmp_path, vclock, vloop, 20, 0.004, 4000)  # 80 ms of work: under BURST
+    assert data.count(b",") == 20
+    work = 20 * 0.004
+    assert 0.9 <= duration / (SUPERVISOR_BURST + (work - SUPERVISOR_BURST) / FRACTION) <= 1.1, duration
+    worker = Server(cfg)
+    assert pacer_for(worker.loop).burst == BURST
+    worker.loop.close()
