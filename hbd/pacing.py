@@ -25,7 +25,7 @@ FRACTION = 0.5
 BURST = 0.1  # CPU seconds a reply works unpaced (a worker's scan for a filtered status: tens of ms)
 # The supervisor's (``workers: K``): it answers no pings, so its replies' latency matters little, but
 # on two cores its 0.1 s unpaced burst of a scrape took a whole core while the workers' pongs waited
-# (the slow round trips of a scrape at 100,000 peers fell in its first 0.1-0.4 s, none once it was
+# (the slow round trips of a scrape at 100,000 peers fell in its first 0.1-0.6 s, none once it was
 # paced). Its small replies (a select's merge, silences, a reload's answer) stay under this.
 SUPERVISOR_BURST = 0.01
 MIN_PAUSE = 0.002  # shorter rests are owed, not taken: one loop turn each would cost more than that
