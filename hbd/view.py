@@ -263,7 +263,6 @@ class SupervisorView:
     # fills in the registry's accounting (uptime, outages, down time) of a row a worker relayed
     account: Callable[[PeerRow], PeerRow] | None = None
     sources: tuple[PeerSource, ...] = ()  # ``peers``, for a filtered status (hbd.status_select)
-    everyone: PeerSource | None = None  # every peer of the registry, with its accounting (the metrics)
     samples: SampleBatches | None = None  # the same peers' metric values, without a row each (the metrics)
 
 

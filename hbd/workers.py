@@ -181,7 +181,6 @@ class Supervisor(Daemon[ServerConfig]):
             reg.unconnected_rows() if reg is not None else (),
             reg.account if reg is not None else None,
             (reg.unconnected_source(),) if reg is not None else (),
-            reg.registry.source(account=reg.account) if reg is not None else None,
             reg.metric_samples if reg is not None else None,
         )
 
