@@ -8,7 +8,8 @@ import json
 import os
 import socket
 import time
-from collections.abc import Callable
+import tracemalloc
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -17,6 +18,19 @@ from hbd.access import Network
 from hbd.control import query
 
 T = TypeVar("T")
+
+
+def bytes_each(items: Iterable[T], action: Callable[[T], object]) -> float:
+    """What ``action`` keeps allocated per item, by tracemalloc (Python's own allocations)."""
+    todo = list(items)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for item in todo:
+            action(item)
+        return (tracemalloc.get_traced_memory()[0] - before) / len(todo)
+    finally:
+        tracemalloc.stop()
 
 
 def report(title: str, lines: list[str]) -> None:

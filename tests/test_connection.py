@@ -9,6 +9,7 @@ import tracemalloc
 from collections.abc import Iterator
 
 import pytest
+from helpers import bytes_each
 
 from hbd.connection import MAX_OUTBUF, Connection
 from hbd.protocol import Hello, PeerState, StateChange
@@ -180,12 +181,7 @@ def test_a_started_connection_costs_the_loop_little_memory() -> None:
     pairs = [socket.socketpair() for _ in range(400)]
     conns = [connection(owner, a) for a, _ in pairs]
     try:
-        tracemalloc.start()
-        before = tracemalloc.get_traced_memory()[0]
-        for conn in conns:
-            conn.start()
-        per = (tracemalloc.get_traced_memory()[0] - before) / len(conns)
-        tracemalloc.stop()
+        per = bytes_each(conns, Connection.start)
         assert per < 130, f"{per:.0f} bytes per connection"
     finally:
         for a, b in pairs:

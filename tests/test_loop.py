@@ -3,10 +3,10 @@ import select
 import selectors
 import signal
 import socket
-import tracemalloc
 from collections.abc import Callable
 
 import pytest
+from helpers import bytes_each
 from virtual_time import FakeClock, VirtualSelector
 
 import hbd.loop
@@ -557,12 +557,8 @@ def test_a_watched_socket_costs_the_loop_one_table_entry() -> None:
     pairs = [socket.socketpair() for _ in range(400)]
     handlers = [Recorder(a, []) for a, _ in pairs]
     try:
-        tracemalloc.start()
-        before = tracemalloc.get_traced_memory()[0]
-        for (a, _), h in zip(pairs, handlers, strict=True):
-            loop.watch(a, h, selectors.EVENT_READ | EVENT_HANGUP)
-        per = (tracemalloc.get_traced_memory()[0] - before) / len(pairs)
-        tracemalloc.stop()
+        watched = zip((a for a, _ in pairs), handlers, strict=True)
+        per = bytes_each(watched, lambda w: loop.watch(w[0], w[1], selectors.EVENT_READ | EVENT_HANGUP))
         assert per < 130, f"{per:.0f} bytes per watched socket"
     finally:
         for a, b in pairs:

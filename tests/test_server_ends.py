@@ -21,6 +21,16 @@ def config(tmp_path: Path) -> ServerConfig:
     )
 
 
+def greet(srv: Server, line: bytes) -> socket.socket:
+    """A new connection that says ``line``, served for a few turns."""
+    new = socket.create_connection(srv.address)
+    srv.loop.run_once(0)
+    new.sendall(line)
+    for _ in range(3):
+        srv.loop.run_once(0)
+    return new
+
+
 def test_a_survivors_ping_is_answered_before_the_ends_seen_with_it_are_closed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -73,11 +83,7 @@ def test_a_reconnect_of_the_same_name_sees_its_old_end_first(tmp_path: Path, mon
     for _ in range(3):
         loop.run_once(0)
     assert len(srv.ending.hung) == 1 and len(srv.conns) == 1  # off epoll, still open, its end queued
-    new = socket.create_connection(srv.address)
-    loop.run_once(0)
-    new.sendall(b"hello web1\nping\n")
-    for _ in range(3):
-        loop.run_once(0)
+    new = greet(srv, b"hello web1\nping\n")
     assert [(e[1], e[2]) for e in events if e[2] == "web1"] == [("up", "web1"), ("down", "web1"), ("up", "web1")]
     assert not srv.ending and not any(srv.is_open(conn) for conn in srv.ending.hung)  # (skipped in their turn)
     new.close()
@@ -213,20 +219,12 @@ def test_a_greeting_works_off_only_the_ends_of_its_name_unless_a_name_is_missing
         loop.run_once(0)
     assert len(srv.ending.hung) == 3 and not [e for e in events if e[1] == "down"]
 
-    def greet(line: bytes) -> socket.socket:
-        new = socket.create_connection(srv.address)
-        loop.run_once(0)
-        new.sendall(line)
-        for _ in range(3):
-            loop.run_once(0)
-        return new
-
-    d = greet(b"hello d\nping\n")
+    d = greet(srv, b"hello d\nping\n")
     assert not [e for e in events if e[1] == "down"]  # nothing of a, b, c was needed
-    b = greet(b"hello b\nping\n")
+    b = greet(srv, b"hello b\nping\n")
     assert [(e[1], e[2]) for e in events if e[2] == "b"] == [("up", "b"), ("down", "b"), ("up", "b")]
     assert [e[2] for e in events if e[1] == "down"] == ["b"]
-    legacy = greet(b"ping\n")  # no name: it may be anyone's address
+    legacy = greet(srv, b"ping\n")  # no name: it may be anyone's address
     assert sorted(e[2] for e in events if e[1] == "down") == ["a", "b", "c"]
     assert not srv.ending
     for s in (d, b, legacy):
@@ -263,19 +261,11 @@ def test_a_greeting_works_off_the_nameless_ends_but_not_the_other_names(
         loop.run_once(0)
     assert len(srv.ending.hung) == 4 and srv.ending.unnamed == 1 and not [e for e in events if e[1] == "down"]
 
-    def greet(line: bytes) -> socket.socket:
-        new = socket.create_connection(srv.address)
-        loop.run_once(0)
-        new.sendall(line)
-        for _ in range(3):
-            loop.run_once(0)
-        return new
-
-    d = greet(b"hello d\nping\n")
+    d = greet(srv, b"hello d\nping\n")
     assert [(e[1], e[2]) for e in events if e[2] == "e"] == [("up", "e")]  # the nameless one's data heard ...
     assert srv.ending.unnamed == 0  # ... its end now queued as e's
     assert not [e for e in events if e[1] == "down"]  # a, b, c, e stay queued
-    b = greet(b"hello b\nping\n")
+    b = greet(srv, b"hello b\nping\n")
     assert [(e[1], e[2]) for e in events if e[2] == "b"] == [("up", "b"), ("down", "b"), ("up", "b")]
     assert [e[2] for e in events if e[1] == "down"] == ["b"]
     for s in (d, b):
@@ -305,11 +295,7 @@ def test_a_reconnect_sees_its_old_end_first_when_that_greeting_was_unread_at_the
     for _ in range(3):
         loop.run_once(0)
     assert len(srv.ending.hung) == 2 and srv.ending.unnamed == 1
-    new = socket.create_connection(srv.address)
-    loop.run_once(0)
-    new.sendall(b"hello web1\nping\n")
-    for _ in range(3):
-        loop.run_once(0)
+    new = greet(srv, b"hello web1\nping\n")
     assert [(e[1], e[2]) for e in events if e[2] == "web1"] == [("up", "web1"), ("down", "web1"), ("up", "web1")]
     assert not [e for e in events if e[2] == "other" and e[1] == "down"]  # another name's end stays queued
     new.close()

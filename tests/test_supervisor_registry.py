@@ -458,6 +458,17 @@ def test_a_fresh_peers_mark_leaves_its_worker_no_account(vloop) -> None:
     assert Mark(msg, "web1", {}).account is None  # type: ignore[arg-type]
 
 
+def _ticking_supervisor(vloop, n: int, sent: list[PeerOrder]) -> SupervisorRegistry:
+    """A supervisor's registry for ``n`` peers whose clock moves between two readings (as a real one
+    does), the marks it sends kept in ``sent``."""
+    sup = SupervisorRegistry(
+        vloop, RegistrySettings(max_peers=2 * n), (), _peer_log(vloop), _Quiet(), lambda i, o: sent.append(o)
+    )
+    ticks = iter(range(1, 10 * n))
+    sup.clock = lambda: T0 + next(ticks) * 1e-4
+    return sup
+
+
 def test_a_connected_peer_costs_the_supervisor_little_memory(vloop) -> None:
     """Everything the supervisor keeps for a named peer on a worker's connection (the registry's Peer,
     its name, address and key, the tables' entries, its account, its flap history, what its worker was
@@ -471,11 +482,7 @@ def test_a_connected_peer_costs_the_supervisor_little_memory(vloop) -> None:
     address packed and the mark's hash a float (the third round: see the test below)."""
     n = 20000
     sent: list[PeerOrder] = []
-    sup = SupervisorRegistry(
-        vloop, RegistrySettings(max_peers=2 * n), (), _peer_log(vloop), _Quiet(), lambda i, o: sent.append(o)
-    )
-    ticks = iter(range(1, 10 * n))
-    sup.clock = lambda: T0 + next(ticks) * 1e-4  # a real clock moves between two readings
+    sup = _ticking_supervisor(vloop, n, sent)
     frames = [
         encode(m)
         for i in range(n)
@@ -509,11 +516,7 @@ def test_a_connected_peers_slots_address_and_mark_hash_cost_the_supervisor_less(
     float (24 B)."""
     n = 20000
     sent: list[PeerOrder] = []
-    sup = SupervisorRegistry(
-        vloop, RegistrySettings(max_peers=2 * n), (), _peer_log(vloop), _Quiet(), lambda i, o: sent.append(o)
-    )
-    ticks = iter(range(1, 10 * n))
-    sup.clock = lambda: T0 + next(ticks) * 1e-4  # a real clock moves between two readings
+    sup = _ticking_supervisor(vloop, n, sent)
     frames = []
     for i in range(n):
         worker, conn = i % 6 + 1, i // 6
