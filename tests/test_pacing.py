@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from helpers import drain
 
-from hbd.control import RequestServer, UnixListener
+from hbd.control import WRITE_SLICE, RequestServer, UnixListener
 from hbd.pacing import BURST, FRACTION, MAX_DEBT, MIN_PAUSE, Duty, Pacer
 
 
@@ -72,7 +72,9 @@ def test_big_replies_share_the_fraction_and_a_preempted_slice_owes_at_most_max_d
         Pacer(fraction=0)
 
 
-def _serve(tmp_path: Path, vclock, vloop, slices: int, work: float, size: int) -> tuple[float, float, bytes]:
+def _serve(
+    tmp_path: Path, vclock, vloop, slices: int, work: float, size: int, turns: bool = True
+) -> tuple[float, float, bytes]:
     """A reply of ``slices`` chunks, each ``work`` seconds of (virtual) work and ``size`` bytes more
     than its number, read as fast as it comes:
     (its duration, the longest gap between two ticks of a 1 ms timer, the bytes read)."""
@@ -81,8 +83,9 @@ def _serve(tmp_path: Path, vclock, vloop, slices: int, work: float, size: int) -
         for i in range(slices):
             vclock.advance(work)
             yield b"%d," % i + b"." * size
-            vloop.call_later(0, wake)
-            yield None  # one slice per loop turn, as the status and the scrape do
+            if turns:
+                vloop.call_later(0, wake)
+                yield None  # one slice per loop turn, as the status and the scrape do
 
     listener = UnixListener(str(tmp_path / "c.sock"))
     server = RequestServer(vloop, listener.sock, handler)
@@ -147,3 +150,12 @@ def test_the_supervisors_replies_are_paced_after_a_smaller_burst(tmp_path: Path,
     worker = Server(cfg)
     assert pacer_for(worker.loop).burst == BURST
     worker.loop.close()
+
+
+def test_a_write_callback_produces_for_at_most_write_slice(tmp_path: Path, vclock, vloop) -> None:
+    """Chunks that come without a pause (the status rows' generators) are pulled for at most
+    WRITE_SLICE of a write callback, not until 64 KB wait unsent: a 1 ms timer (a pong) waits one
+    short slice, not 60 ms of rows."""
+    duration, gap, data = _serve(tmp_path, vclock, vloop, 60, 0.001, 1000, turns=False)
+    assert data.count(b",") == 60 and duration <= 0.06 + 0.01
+    assert WRITE_SLICE <= 0.002 and gap <= 0.002 + 0.001 + 0.0011, gap
