@@ -244,9 +244,11 @@ def hbd_numbers(path: Path, timeout: float = 10.0, until: float | None = None, t
             break
     doc = doc or {}
     turns = (doc.get("loop") or {}).get("turns")
+    workers = {f"worker{w['index']}": w["loop"]["turns"]["max_ms"] for w in doc.get("workers", []) if "loop" in w}
     return {
         "counts": doc.get("counts"),
         "turns": servers.turns_summary(turns),
+        "longest_turn_ms_by_worker": workers or None,  # (which process a long turn was in)
         "status_s": took[-1] if doc else None,
         "status_tries_s": took,
         "status_done": time.monotonic(),
@@ -540,6 +542,7 @@ def derive(rec: dict[str, Any]) -> dict[str, Any]:
     end_turns = (rec.get("end") or {}).get("turns")
     if end_turns:
         d["loop_turn_max_with_teardown_ms"] = end_turns["max_ms"]
+        d["loop_turn_max_with_teardown_by_worker_ms"] = (rec.get("end") or {}).get("longest_turn_ms_by_worker")
     det = d["detect_ms"] or {}
     d["detect_over_timeout_ms"] = None if det.get("max") is None else round(det["max"] - 1000 * p["timeout"], 1)
     d["held"] = bool(
