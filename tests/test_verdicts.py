@@ -25,7 +25,7 @@ from inprocess import document, run_until, virtual
 
 from hbd.config import ServerConfig
 from hbd.control import query
-from hbd.logs import log
+from hbd.logs import PEER_BURST, log
 from hbd.server import WHEEL_RESOLUTION, Server
 
 TURN = 0.3  # a turn of the loop "takes" this long: more than the stall threshold (0.25 s)
@@ -284,7 +284,12 @@ def test_a_silent_peer_dies_on_time_under_bursts_of_pings_from_1500_connections(
         assert timeout <= decided <= timeout + 1.0 + stalled
         assert timeout <= took <= timeout + 30 and took_never <= timeout + 30
         assert srv.count("is back", after=mark) == 0  # no up without a ping
-        assert srv.count(r"silent .*is late", after=mark) == 1
+        late = srv.count(r"silent .*is late", after=mark)
+        # Peer-caused lines are rate limited per source address (hbd.logs.PEER_BURST a window), and
+        # every connection here is 127.0.0.1: on a loaded machine the bursting connections' own LATE
+        # lines can take the share before the silent peer's (a CI run saw it: 0 lines, DOWN on time).
+        others = srv.count(r"is late") - late  # (the window may have begun before the mark)
+        assert late == 1 or (late == 0 and others >= PEER_BURST), (late, others)
         assert loop["max_lag_ms"] > 10  # busy turns show (the figure used to stay at a few ms)
         silent.close()
         never.close()
