@@ -12,7 +12,7 @@ import tracemalloc
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from hbd.access import Network
 from hbd.control import query
@@ -31,6 +31,15 @@ def bytes_each(items: Iterable[T], action: Callable[[T], object]) -> float:
         return (tracemalloc.get_traced_memory()[0] - before) / len(todo)
     finally:
         tracemalloc.stop()
+
+
+def close_pairs(loop: Any, pairs: Iterable[tuple[socket.socket, socket.socket]]) -> None:
+    """Forget each pair's first socket in ``loop``, close both, then the loop."""
+    for a, b in pairs:
+        loop.forget(a)
+        a.close()
+        b.close()
+    loop.close()
 
 
 def report(title: str, lines: list[str]) -> None:

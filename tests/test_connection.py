@@ -9,7 +9,7 @@ import tracemalloc
 from collections.abc import Iterator
 
 import pytest
-from helpers import bytes_each
+from helpers import bytes_each, close_pairs
 
 from hbd.connection import MAX_OUTBUF, Connection
 from hbd.protocol import Hello, PeerState, StateChange
@@ -184,11 +184,7 @@ def test_a_started_connection_costs_the_loop_little_memory() -> None:
         per = bytes_each(conns, Connection.start)
         assert per < 130, f"{per:.0f} bytes per connection"
     finally:
-        for a, b in pairs:
-            loop.forget(a)
-            a.close()
-            b.close()
-        loop.close()
+        close_pairs(loop, pairs)
 
 
 def test_a_connection_is_one_object_with_its_peers_state(pair) -> None:

@@ -6,7 +6,7 @@ import socket
 from collections.abc import Callable
 
 import pytest
-from helpers import bytes_each
+from helpers import bytes_each, close_pairs
 from virtual_time import FakeClock, VirtualSelector
 
 import hbd.loop
@@ -561,11 +561,7 @@ def test_a_watched_socket_costs_the_loop_one_table_entry() -> None:
         per = bytes_each(watched, lambda w: loop.watch(w[0], w[1], selectors.EVENT_READ | EVENT_HANGUP))
         assert per < 130, f"{per:.0f} bytes per watched socket"
     finally:
-        for a, b in pairs:
-            loop.forget(a)
-            a.close()
-            b.close()
-        loop.close()
+        close_pairs(loop, pairs)
 
 
 def test_without_epoll_a_watched_socket_is_served_through_callbacks() -> None:

@@ -31,6 +31,12 @@ def greet(srv: Server, line: bytes) -> socket.socket:
     return new
 
 
+def stop(srv: Server) -> None:
+    srv.ops.close()
+    srv.shutdown()
+    srv.loop.close()
+
+
 def test_a_survivors_ping_is_answered_before_the_ends_seen_with_it_are_closed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -65,9 +71,7 @@ def test_a_survivors_ping_is_answered_before_the_ends_seen_with_it_are_closed(
     assert downs_after[5:] == hung  # all of them, in the order they hung up
     assert sorted(downs_after) == [f"host{i:02d}" for i in range(40)]
     survivor.close()
-    srv.ops.close()
-    srv.shutdown()
-    loop.close()
+    stop(srv)
 
 
 def test_a_reconnect_of_the_same_name_sees_its_old_end_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -87,9 +91,7 @@ def test_a_reconnect_of_the_same_name_sees_its_old_end_first(tmp_path: Path, mon
     assert [(e[1], e[2]) for e in events if e[2] == "web1"] == [("up", "web1"), ("down", "web1"), ("up", "web1")]
     assert not srv.ending and not any(srv.is_open(conn) for conn in srv.ending.hung)  # (skipped in their turn)
     new.close()
-    srv.ops.close()
-    srv.shutdown()
-    loop.close()
+    stop(srv)
 
 
 def test_what_a_peer_sent_before_its_end_is_answered_as_before(tmp_path: Path) -> None:
@@ -109,9 +111,7 @@ def test_what_a_peer_sent_before_its_end_is_answered_as_before(tmp_path: Path) -
     assert [(e[1], e[2]) for e in events if e[2] == "brief"] == [("up", "brief"), ("down", "brief")]
     assert not srv.conns and not srv.ending.hung
     last.close()
-    srv.ops.close()
-    srv.shutdown()
-    loop.close()
+    stop(srv)
 
 
 def test_while_select_returns_full_batches_a_turn_closes_only_a_small_share(
@@ -162,9 +162,7 @@ def test_while_select_returns_full_batches_a_turn_closes_only_a_small_share(
         assert before - len(srv.conns) <= 20
     assert len(srv.conns) == 1 and sum(e[1] == "down" for e in events) == 60
     survivor.close()
-    srv.ops.close()
-    srv.shutdown()
-    loop.close()
+    stop(srv)
 
 
 def test_a_peer_that_sent_more_than_a_close_reads_before_its_end_is_read_the_usual_way(
@@ -190,9 +188,7 @@ def test_a_peer_that_sent_more_than_a_close_reads_before_its_end_is_read_the_usu
     assert [(e[1], e[2]) for e in events if e[2] == "chatty"] == [("up", "chatty"), ("down", "chatty")]
     assert not srv.conns
     chatty.close()
-    srv.ops.close()
-    srv.shutdown()
-    loop.close()
+    stop(srv)
 
 
 def test_a_greeting_works_off_only_the_ends_of_its_name_unless_a_name_is_missing(
@@ -229,9 +225,7 @@ def test_a_greeting_works_off_only_the_ends_of_its_name_unless_a_name_is_missing
     assert not srv.ending
     for s in (d, b, legacy):
         s.close()
-    srv.ops.close()
-    srv.shutdown()
-    loop.close()
+    stop(srv)
 
 
 def test_a_greeting_works_off_the_nameless_ends_but_not_the_other_names(
@@ -270,9 +264,7 @@ def test_a_greeting_works_off_the_nameless_ends_but_not_the_other_names(
     assert [e[2] for e in events if e[1] == "down"] == ["b"]
     for s in (d, b):
         s.close()
-    srv.ops.close()
-    srv.shutdown()
-    loop.close()
+    stop(srv)
 
 
 def test_a_reconnect_sees_its_old_end_first_when_that_greeting_was_unread_at_the_hang_up(
@@ -299,9 +291,7 @@ def test_a_reconnect_sees_its_old_end_first_when_that_greeting_was_unread_at_the
     assert [(e[1], e[2]) for e in events if e[2] == "web1"] == [("up", "web1"), ("down", "web1"), ("up", "web1")]
     assert not [e for e in events if e[2] == "other" and e[1] == "down"]  # another name's end stays queued
     new.close()
-    srv.ops.close()
-    srv.shutdown()
-    loop.close()
+    stop(srv)
 
 
 def test_once_select_is_no_longer_full_a_turn_closes_and_reports_a_bounded_share(tmp_path: Path) -> None:
@@ -329,6 +319,4 @@ def test_once_select_is_no_longer_full_a_turn_closes_and_reports_a_bounded_share
         assert len(shares) < 20, shares
     assert max(shares) <= 64 and sum(shares) == 200, shares
     assert sum(e[1] == "down" for e in events) == 200
-    srv.ops.close()
-    srv.shutdown()
-    loop.close()
+    stop(srv)
