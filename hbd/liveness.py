@@ -8,6 +8,7 @@ What a verdict means (log lines, events, closing a dead peer) is the owner's: ``
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Iterable
 
@@ -25,6 +26,8 @@ STALLS_KEPT = 256  # recent stalls of our own loop remembered for forgiveness; o
 # due in the same slot: 19,000 verdicts in one turn took about a second. Re-filing a connection
 # that pinged since (about a microsecond) is not counted.
 WHEEL_CHECKS = 256
+_UP = PeerState.UP
+_ceil = math.ceil
 
 
 def timeout_for(peer: ServerPeer, heartbeat_timeout: float, max_interval: float) -> float:
@@ -92,7 +95,7 @@ class Liveness:
         self._in_wheel = True
         now = self.clock()
         wheel = self.wheel
-        add, slots, res = wheel.add, wheel.slots, wheel.resolution
+        add, slots, per = wheel.add, wheel.slots, wheel.per_second
         backlog = self._backlog
         backlog.extend(wheel.pop_due(now))  # after the slots left from an earlier turn: earliest first
         checks = WHEEL_CHECKS
@@ -102,10 +105,15 @@ class Liveness:
                 for i, conn in enumerate(conns):
                     if conn.slot != slot:
                         continue  # closed since
-                    when = conn.next_deadline()
-                    if when > now:  # it pinged since it was filed (the usual case): just re-file,
-                        # about once a ping: wheel.add() inlined for a slot already in use (most are)
-                        tick = -int(-when // res)
+                    # conn.next_deadline() inlined (once a ping: a Python call costs as much as the rest):
+                    # an UP peer's next verdict is LATE at half its timeout, any other's at its timeout
+                    when = conn.last_heard + (conn.timeout * 0.5 if conn.state is _UP else conn.timeout)
+                    # it pinged since it was filed (the usual case): just re-file, about once a ping:
+                    # wheel.add() inlined for a slot already in use (most are). Not within AFTER_NOW
+                    # of now: a deadline a float's last bit after its slot's end goes to check(),
+                    # which re-files it through arm(), never into a slot that is due already
+                    if when > now + AFTER_NOW:
+                        tick = _ceil(when * per)
                         filed = slots.get(tick)
                         if filed is None:
                             conn.slot = add(when, conn)
