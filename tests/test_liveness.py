@@ -4,6 +4,7 @@ to on_verdict (no Server involved: the liveness part needs only what it is given
 from __future__ import annotations
 
 import contextlib
+import math
 import socket
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -131,4 +132,35 @@ def test_a_turn_takes_at_most_wheel_checks_verdicts_the_rest_come_next_turns(mon
         for a, b in pairs:
             a.close()
             b.close()
+        loop.close()
+
+
+def test_a_deadline_a_float_bit_after_its_slots_end_neither_spins_nor_comes_early() -> None:
+    """1310.8400000000001 is one float bit after the end of slot 131084 (1310.84): the slot the wheel's
+    multiply-and-ceil files it under ends before the deadline. The check at 1310.84 finds the peer not
+    yet late; it must be filed again later, not into the slot that is due (a spin in virtual time)."""
+    start = 1308.8400000000001  # pings here: LATE after 2 s (half its 4 s timeout)
+    deadline = start + 2.0
+    assert math.ceil(deadline / WHEEL_RESOLUTION) * WHEEL_RESOLUTION < deadline  # the case itself
+    clock = FakeClock(start)
+    loop = EventLoop(clock, VirtualSelector(clock))
+    owner = Owner(loop)
+    a, b = socket.socketpair()
+    try:
+        conn = Connection(owner, a, "127.0.0.1:1", clock(), 4.0)
+        a.setblocking(False)
+        conn.start()
+        b.sendall(b"ping")
+        loop.run_once(0)
+        assert conn.state is PeerState.UP
+        turns = 0
+        while not owner.verdicts and turns < 1000:
+            loop.run_once(max_wait=5.0)
+            turns += 1
+        assert turns < 50, "the wheel spun on a slot that ended before the deadline"
+        assert owner.verdicts and owner.verdicts[0][1] is PeerState.LATE
+        assert deadline < clock.now <= deadline + 2 * WHEEL_RESOLUTION
+    finally:
+        a.close()
+        b.close()
         loop.close()
