@@ -99,6 +99,7 @@ class Liveness:
         backlog = self._backlog
         backlog.extend(wheel.pop_due(now))  # after the slots left from an earlier turn: earliest first
         checks = WHEEL_CHECKS
+        soon = now + AFTER_NOW  # (once a turn, not once a connection)
         try:
             while backlog and checks:
                 slot, conns = backlog.popleft()
@@ -112,7 +113,7 @@ class Liveness:
                     # wheel.add() inlined for a slot already in use (most are). Not within AFTER_NOW
                     # of now: a deadline a float's last bit after its slot's end goes to check(),
                     # which re-files it through arm(), never into a slot that is due already
-                    if when > now + AFTER_NOW:
+                    if when > soon:
                         tick = _ceil(when * per)
                         filed = slots.get(tick)
                         if filed is None:
