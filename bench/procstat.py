@@ -83,6 +83,20 @@ def tree_cpu_s(pids: list[int]) -> float:
     return sum(cpu_s(p) for p in pids)
 
 
+def tree_user_sys_s(pids: list[int]) -> tuple[float, float]:
+    """utime and stime (seconds, 10 ms ticks) summed over a process tree: where a server's CPU goes,
+    its own code (user) or the kernel's work for its system calls (system)."""
+    user = system = 0
+    for pid in pids:
+        try:
+            f = _stat_fields(pid)
+        except (OSError, ValueError):
+            continue
+        user += int(f[11])
+        system += int(f[12])
+    return user / CLK_TCK, system / CLK_TCK
+
+
 def tree_sched_s(pids: list[int]) -> float:
     return sum(sched_s(p) for p in pids)
 

@@ -118,10 +118,12 @@ def drive(
         pids = srv.pids()  # workers exist by now
         # schedstat (ns) is the primary; utime+stime (10 ms ticks) is kept as a cross-check
         s["cpu0"], s["tick0"], s["t0"] = procstat.tree_sched_s(pids), procstat.tree_cpu_s(pids), time.monotonic()
+        s["us0"] = procstat.tree_user_sys_s(pids)
         while time.monotonic() < sch_se:
             s["threads_max"] = max(s["threads_max"], procstat.tree_status(pids)["Threads"])
             time.sleep(min(1.0, max(0.0, sch_se - time.monotonic())))
         s["cpu1"], s["tick1"], s["t1"] = procstat.tree_sched_s(pids), procstat.tree_cpu_s(pids), time.monotonic()
+        s["us1"] = procstat.tree_user_sys_s(pids)
         # hbd's own turns up to the window's end (ramp, settle, window): which side stalled, if one did
         s["turns"] = servers.loop_turns(srv.status_path) if srv.status_path else None
         st = procstat.tree_status(pids)
@@ -188,6 +190,9 @@ def run_open(name: str, n: int, m: Mode, tmp: Path) -> dict[str, Any]:
             "cpu_us_per_ping": round(cpu / pongs * 1e6, 2) if pongs else None,
             "cpu_pct": round(100.0 * cpu / win, 1) if win > 0 else None,
             "cpu_ticks_us_per_ping": round((s["tick1"] - s["tick0"]) / pongs * 1e6, 2) if pongs else None,
+            # the same ticks split: the server's own code (user) and the kernel's work for it (system)
+            "cpu_user_us_per_ping": round((s["us1"][0] - s["us0"][0]) / pongs * 1e6, 2) if pongs else None,
+            "cpu_sys_us_per_ping": round((s["us1"][1] - s["us0"][1]) / pongs * 1e6, 2) if pongs else None,
             "rss_idle_kb": rss_idle // 1024,
             "rss_peak_kb": s["hwm"] // 1024,
             "rss_per_conn_b": round((s["hwm"] - rss_idle) / n) if n else None,

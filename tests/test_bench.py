@@ -7,8 +7,10 @@ Runs the real runner in its 'smoke' mode: the floor, hbd and thread-per-client s
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -48,6 +50,7 @@ def test_runner_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
         assert r["connected"] == 20 and r["pongs"] > 0, r
         assert r["errors"] == 0 and r["missed"] == 0, r
         assert r["cpu_us_per_ping"] > 0 and r["threads"] >= 1
+        assert r["cpu_user_us_per_ping"] >= 0 and r["cpu_sys_us_per_ping"] >= 0  # (10 ms ticks: may be 0)
         if name != "floor":  # the silent quarter is closed by the server, within timeout + checker slack
             assert r["silenced"] == 5 and r["undetected"] == 0, r
             assert r["detect_ms"]["p99"] < 1000 * (r["timeout_s"] + 1.1)
@@ -109,3 +112,16 @@ def test_ping_instructions_driver_serves_every_ping(server: str) -> None:
     cmd = [sys.executable, "-m", "bench.ping_instructions", "--drive", server, "--rounds", "8"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_procstat_splits_a_process_cpu_into_user_and_system() -> None:
+    """The open runs' user/system split: a busy loop of our own is user time, not system time."""
+    from bench import procstat
+
+    u0, s0 = procstat.tree_user_sys_s([os.getpid()])
+    end = time.monotonic() + 0.5  # (the vDSO's clock: no system call, unlike process_time())
+    while time.monotonic() < end:
+        pass
+    u1, s1 = procstat.tree_user_sys_s([os.getpid()])
+    assert u1 - u0 >= 0.05 and u1 - u0 > 2 * (s1 - s0)
+    assert procstat.tree_user_sys_s([2**22 + 7]) == (0.0, 0.0)  # gone: nothing, not an error
