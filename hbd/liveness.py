@@ -143,7 +143,9 @@ class Liveness:
         peer = conn.peer
         if now - peer.last_heard > peer.timeout / 2:
             # Last look before a verdict: pings may be waiting in our buffer if this very turn of
-            # the loop was delayed (we were stopped or starved between select() and now).
+            # the loop was delayed (we were stopped or starved between select() and now). A look of
+            # its own: what it finds was there by now, not by the turn's select() (loop.woke).
+            self.loop.woke = now
             conn.on_read()
             if not self.is_open(conn):
                 return  # that read found the end of the connection

@@ -69,6 +69,10 @@ _HANGUP = EVENT_HANGUP
 # A mass disconnect used to be one turn of 15,000 closes (about 1 s); a close costs 50-70 us, so
 # 256 of them are 13-18 ms, and a ping costs less.
 MAX_TIMERS = 256
+# WOKE: ``EventLoop.woke`` is the time of the latest look at the sockets: when this turn's select()
+# returned, a time by which the bytes of every socket it found ready had arrived. hbd.connection
+# stamps a ping with it (one clock reading a turn, not one a read: ~430 instructions a ping less);
+# a reader that looks at a socket outside the I/O phase sets it first (hbd.liveness's last look).
 _order = itertools.count()  # timers due at the same time run in the order they were set
 
 
@@ -150,6 +154,7 @@ class EventLoop(Registrations):
         cpu_clock: Callable[[], float] | None = None,
     ) -> None:
         self.clock = clock
+        self.woke = clock()  # the latest look at the sockets (see WOKE)
         # CPU time of the loop's thread; with a virtual clock (tests) every second of a turn is work.
         self.cpu_clock = cpu_clock or (time.thread_time if clock is time.monotonic else clock)
         self._cpu = 0.0  # the last CPU clock reading ...
@@ -265,7 +270,7 @@ class EventLoop(Registrations):
         if timers:
             timeout = min(max(timers[0].when - before, 0.0), max_wait)
         events = self.selector.select(timeout)
-        now = seg = woke = self.clock()
+        now = seg = woke = self.woke = self.clock()
         if woke - self._cpu_at > CPU_EVERY:
             self._cpu, self._cpu_at = self.cpu_clock(), woke
         cpu = self._cpu

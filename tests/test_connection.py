@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import socket
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from helpers import bytes_each, close_pairs
@@ -16,8 +16,13 @@ from hbd.protocol import Hello, PeerState, StateChange
 
 
 class FakeLoop:
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float]) -> None:
         self.writers: dict[object, object] = {}
+        self.clock = clock
+
+    @property
+    def woke(self) -> float:  # when "select()" found the socket ready: the owner's now
+        return self.clock()
 
     def add_writer(self, sock: object, callback: object) -> None:
         self.writers[sock] = callback
@@ -33,7 +38,7 @@ class Owner:
     """Records what a connection hands to its server."""
 
     def __init__(self) -> None:
-        self.loop = FakeLoop()
+        self.loop = FakeLoop(self.clock)
         self.now = 100.0
         self.calls: list[tuple] = []
         self.events: list[object] = []

@@ -164,3 +164,19 @@ def test_a_deadline_a_float_bit_after_its_slots_end_neither_spins_nor_comes_earl
         a.close()
         b.close()
         loop.close()
+
+
+def test_a_ping_has_the_time_its_socket_was_found_ready_and_a_last_look_its_own() -> None:
+    """A read stamps a ping with the turn's select() time (loop.woke), not a clock reading of its
+    own; the last look before a verdict, outside the I/O phase, stamps what it finds with its time."""
+    with pinged_connection() as (clock, loop, owner, b):
+        (conn,) = [c for c in loop.selector.handlers.values() if isinstance(c, Connection)]
+        assert conn.last_heard == loop.woke == 1000.0
+        b.sendall(b"ping")
+        clock.advance(0.5)
+        loop.run_once(0)  # the turn's select() found it at 1000.5
+        assert conn.last_heard == loop.woke == 1000.5
+        b.sendall(b"ping")  # arrives, but the loop is starved: no turn looks at it ...
+        clock.advance(2.5)  # ... until its LATE deadline (2 s after 1000.5) has passed
+        owner.liveness.check(conn)
+        assert conn.last_heard == 1003.0 and owner.verdicts == []  # found by the last look: not late

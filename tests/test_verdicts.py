@@ -87,8 +87,11 @@ def test_busy_turns_forgive_nothing_and_a_silent_peer_dies_on_time(tmp_path: Pat
     assert [e for _, e in seen["silent"]] == ["up", "late", "down"], seen["silent"]
     (t_up, _), (t_late, _), (t_down, _) = seen["silent"]
     margin = TURN + WHEEL_RESOLUTION + 1e-3  # the verdict waits for the turn in progress, then a wheel slot
-    assert 1.0 < t_late - t_up <= 1.0 + margin
-    assert 2.0 < t_down - t_up <= 2.0 + margin
+    # its first ping was there when the turn's select() returned (its time), TURN before the busy
+    # handler let the turn get to it and log it "up"
+    t_ping = t_up - TURN
+    assert 1.0 < t_late - t_ping <= 1.0 + margin
+    assert 2.0 < t_down - t_ping <= 2.0 + margin
     assert [e for _, e in seen["pinger"]] == ["up"]  # pinging every 0.4 s through it all: never late
     assert set(seen) == {"silent", "pinger"}  # the connection that never pinged: no event at all
     assert silent.recv(100) == b"pong" and silent.recv(100) == b""  # closed
@@ -289,7 +292,11 @@ def test_a_silent_peer_dies_on_time_under_bursts_of_pings_from_1500_connections(
         # every connection here is 127.0.0.1: on a loaded machine the bursting connections' own LATE
         # lines can take the share before the silent peer's (a CI run saw it: 0 lines, DOWN on time).
         others = srv.count(r"is late") - late  # (the window may have begun before the mark)
-        assert late == 1 or (late == 0 and others >= PEER_BURST), (late, others)
+        assert late == 1 or (late == 0 and others >= PEER_BURST), (  # the silent peer's lines, to tell why
+            late,
+            others,
+            [ln for ln in srv.output().splitlines() if "silent" in ln or "stalled" in ln][-30:],
+        )
         assert loop["max_lag_ms"] > 10  # busy turns show (the figure used to stay at a few ms)
         silent.close()
         never.close()
