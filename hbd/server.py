@@ -11,7 +11,6 @@ the peer registry (who the peers are, hbd.server_registry) hears what they do an
 from __future__ import annotations
 
 import dataclasses
-import functools
 import socket
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
@@ -32,7 +31,7 @@ from hbd.reloading import Given, Load
 from hbd.server_ends import EndQueue
 from hbd.server_registry import ServerRegistry, peer_rows, peer_sources, start_registry
 from hbd.server_report import ServerReport
-from hbd.view import PeerRow, PeerSource, ServerCounters, ServerSettings, ServerView, WorkerNumbers
+from hbd.view import LazySource, PeerRow, ServerCounters, ServerSettings, ServerView, Source, WorkerNumbers, lazy_rows
 from hbd.workers_codec import Numbers, Ready, Reloaded, Status
 
 if TYPE_CHECKING:
@@ -203,7 +202,11 @@ class Server(Daemon):
         return ServerCounters(len(self.conns), self.late, pings, **self.stats)
 
     def view(self) -> ServerView:
-        cfg, addr, conns = self.config, self.address, list(self.conns.values())
+        cfg, addr, table = self.config, self.address, self.conns
+
+        def conns() -> list[Connection]:  # the snapshot a listing reads: taken when it starts reading
+            return list(table.values())
+
         rows, counts, sources, last_pings = _peers_of(self.remote, self.registry, conns, self.worker_index)
         settings = ServerSettings(cfg.heartbeat_timeout, cfg.max_clients, cfg.workers)
         listen = f"{addr[0]}:{addr[1]}" if addr else None
@@ -306,16 +309,20 @@ def bare(sock: socket.socket) -> socket.SocketType:
 
 
 def _peers_of(
-    remote: RemotePeers | None, registry: ServerRegistry | None, conns: list[Connection], worker: int | None
-) -> tuple[Iterable[PeerRow], dict[str, int] | None, tuple[PeerSource, ...], LastPings | None]:
+    remote: RemotePeers | None,
+    registry: ServerRegistry | None,
+    conns: Callable[[], list[Connection]],
+    worker: int | None,
+) -> tuple[Iterable[PeerRow], dict[str, int] | None, tuple[Source, ...], LastPings | None]:
     """A server's peers for its view: a worker's rows carry the supervisor's marks (no counts of its
-    own); a single process's come from its registry."""
+    own); a single process's come from its registry. Nothing here looks at every peer: ``conns``
+    snapshots the connections when a reply first reads them (hbd.view.LazySource)."""
     if remote is not None:
         return (
-            remote.rows(conns, worker),
+            lazy_rows(lambda: remote.rows(conns(), worker)),
             None,
-            (remote.source(conns, worker),),
-            functools.partial(remote.last_pings, conns),
+            (LazySource(lambda: remote.source(conns(), worker)),),
+            lambda: remote.last_pings(conns()),
         )
     rows, counts = peer_rows(registry, conns, worker)
     return rows, counts, peer_sources(registry, conns, worker), None
