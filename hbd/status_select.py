@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 from hbd.control import Reply
 from hbd.loop import EventLoop
-from hbd.status import Clock, _dumps, _Relay, peer_doc, server_head, supervisor_head
+from hbd.status import Clock, _dumps, _Relay, peer_doc, peer_json, server_head, supervisor_head
 from hbd.status_filter import SortKey, StatusFilter, sort_key
 from hbd.view import PeerRow, ServerView, Source, SupervisorView
 
@@ -38,7 +38,7 @@ _ENCODE = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 
 def _rows_text(batch: list[PeerRow], clock: Clock) -> str:
     """Rows as comma-separated JSON objects."""
-    return _ENCODE([peer_doc(row, clock) for row in batch])[1:-1]
+    return ",".join([peer_json(row, clock) for row in batch])
 
 
 class Tally:
