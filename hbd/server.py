@@ -11,6 +11,7 @@ the peer registry (who the peers are, hbd.server_registry) hears what they do an
 from __future__ import annotations
 
 import dataclasses
+import functools
 import socket
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
@@ -202,11 +203,7 @@ class Server(Daemon):
         return ServerCounters(len(self.conns), self.late, pings, **self.stats)
 
     def view(self) -> ServerView:
-        cfg, addr, table = self.config, self.address, self.conns
-
-        def conns() -> list[Connection]:  # the snapshot a listing reads: taken when it starts reading
-            return list(table.values())
-
+        cfg, addr, conns = self.config, self.address, functools.partial(_listed, self.conns)
         rows, counts, sources, last_pings = _peers_of(self.remote, self.registry, conns, self.worker_index)
         settings = ServerSettings(cfg.heartbeat_timeout, cfg.max_clients, cfg.workers)
         listen = f"{addr[0]}:{addr[1]}" if addr else None
@@ -297,6 +294,11 @@ class Server(Daemon):
 
 
 LastPings = Callable[[], Iterator[tuple[int, float]]]
+
+
+def _listed(conns: dict[int, Connection]) -> list[Connection]:
+    """A snapshot of the connections, taken when a reply first reads the peers (not in ``view()``)."""
+    return list(conns.values())
 
 
 def bare(sock: socket.socket) -> socket.SocketType:
