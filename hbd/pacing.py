@@ -36,8 +36,8 @@ BURST = 0.1  # CPU seconds a reply works unpaced (a worker's scan for a filtered
 SUPERVISOR_BURST = 0.01
 # A bulk reply's share: a quarter of a core, so that the producing process never holds a core the
 # pongs need for more than one short slice (about a millisecond) in four. A full listing of 100,000
-# peers (about 2 CPU-seconds in the workers) then takes about 8 s, a scrape (0.3 CPU-seconds in the
-# supervisor) about 1.5 s.
+# peers then takes about 12 s on the shared two cores (longer when they are contended: the rest is
+# counted in wall-clock time), a scrape about 4 s (docs/performance.md, issue 14's fourth round).
 BULK_FRACTION = 0.25
 MIN_PAUSE = 0.002  # shorter rests are owed, not taken: one loop turn each would cost more than that
 MAX_DEBT = 0.5  # a slice that was preempted for long owes no more than this (replies stalled for 1 s are evicted)
