@@ -172,7 +172,20 @@ def probe(port: int, n: int, out_path: str, ready: int) -> None:
 def loop_now(sock: str) -> dict:
     """Every process's loop turns together (the supervisor's document sums them) and the counts."""
     doc = json.loads(query(sock, json.dumps({"request": "select", "limit": 1}), timeout=30))
-    return {"turns": doc["loop"]["turns"], "counts": doc["counts"]}
+    workers = {f"worker{w['index']}": w["loop"]["turns"] for w in doc.get("workers", []) if "loop" in w}
+    return {"turns": doc["loop"]["turns"], "counts": doc["counts"], "workers": workers}
+
+
+def per_process(a: dict, b: dict) -> dict:
+    """Each process's turns over 20/50/100 ms in a phase (the supervisor's: all less the workers')."""
+    out = {}
+    for name in b["workers"]:
+        if name in a["workers"]:
+            wa, wb = a["workers"][name], b["workers"][name]
+            out[name] = [over(wb, k) - over(wa, k) for k in ("20", "50", "100")] + [wb["max_ms"]]
+    total = [over(b["turns"], k) - over(a["turns"], k) for k in ("20", "50", "100")]
+    out["supervisor"] = [t - sum(v[i] for v in out.values()) for i, t in enumerate(total)]
+    return out
 
 
 def over(t: dict, bound: str) -> int:
@@ -332,7 +345,8 @@ def run(a: argparse.Namespace, directory: str) -> dict:
         phases: dict[str, dict] = {}
 
         def phase(name: str, work) -> None:
-            before = loop_now(sock)["turns"]
+            first = loop_now(sock)
+            before = first["turns"]
             BUSY.clear()
             PROGRESS.clear()
             cpu0 = cpu_seconds(server.pid)
@@ -340,7 +354,8 @@ def run(a: argparse.Namespace, directory: str) -> dict:
             info = work()
             t1 = mono()
             cpu1 = cpu_seconds(server.pid)
-            after = loop_now(sock)["turns"]
+            last = loop_now(sock)
+            after = last["turns"]
             busy = list(BUSY)
             if any(len(p) > 3 for p in PROGRESS):
                 info["progress"] = list(PROGRESS)
@@ -353,6 +368,8 @@ def run(a: argparse.Namespace, directory: str) -> dict:
                 **info,
                 "cpu_cores": cpu,
                 "loop": turns_between(before, after),
+                # per process: turns over 20, 50, 100 ms in the phase, and (workers) the longest so far
+                "loop_by_process": per_process(first, last),
             }
             print(f"{name}: {json.dumps(phases[name])}", file=sys.stderr, flush=True)
 

@@ -21,7 +21,7 @@ from itertools import islice
 from typing import Any
 
 from hbd import metrics, ping_times, status, status_select, supervisor_metrics
-from hbd.control import Reply
+from hbd.control import Bulk, Reply
 from hbd.operated import Operated
 from hbd.silencing import NO_SILENCES, Silencing, check_peer, check_reason, check_seconds
 from hbd.status_filter import FilterError, StatusFilter
@@ -127,17 +127,18 @@ def answer(
         if not isinstance(view, ServerView):
             return iter([])
         if not fields:  # the metrics' relay: every row, no trailer
-            return status.peers_fragment(view)
+            return Bulk(status.peers_fragment(view))
         try:
             flt = StatusFilter.from_request(fields)
         except FilterError as exc:
             return _error(str(exc))
-        return status_select.worker_select(view, flt, daemon.loop, wake)
+        reply = status_select.worker_select(view, flt, daemon.loop, wake)
+        return Bulk(reply) if flt.everything else reply  # a listing's rows: paced from the first (hbd.pacing)
     if command == "pings" and daemon.role == "server" and not daemon.supervises:
         view = daemon.view()
-        return _pings(view) if isinstance(view, ServerView) else iter([])
+        return Bulk(_pings(view)) if isinstance(view, ServerView) else iter([])
     if command == "metrics":
-        return BIG.counted(_metrics(daemon, control_path, wake), _busy)
+        return Bulk(BIG.counted(_metrics(daemon, control_path, wake), _busy))
     if command == "reload" and daemon.worker_index is None:
         return _reload_reply(daemon, wake, uid)
     return _error(f"unknown command {command[:40]!r}; try: status, select, metrics, reload, silences")
@@ -165,7 +166,8 @@ def _status(
         reply = status_select.supervisor_select(view, flt, daemon.loop, control_path, wake)
     else:
         reply = status_select.server_select(view, flt, daemon.loop, wake)
-    return BIG.counted(reply, _busy)
+    counted = BIG.counted(reply, _busy)
+    return Bulk(counted) if flt.everything else counted
 
 
 def _error(reason: str) -> Reply:
@@ -239,7 +241,7 @@ def http_metrics(daemon: Operated, control_path: str | None, request: bytes, wak
         reply = supervisor_metrics.http_reply(view, daemon.loop, control_path, request, wake)
     else:
         reply = metrics.http_reply(daemon.view, request, _breathe(daemon, wake))
-    return BIG.counted(reply, metrics.busy)
+    return Bulk(BIG.counted(reply, metrics.busy))
 
 
 RELOAD_KEEPALIVE = 5.0  # seconds between the spaces a reload's answer sends while it waits (IDLE_TIMEOUT: 10 s)

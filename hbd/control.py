@@ -16,6 +16,7 @@ Nothing here may stall the loop, whatever the peer does:
   process's ``hbd.pacing.Pacer``: each ``_on_write`` is a slice, timed on the loop's clock, and
   after its first ``BURST`` of CPU the reply rests between slices so that it takes at most a
   fraction of the wall-clock time (the CPU it leaves goes to the pongs of this process and others);
+  a reply the handler marks ``Bulk`` (every peer's rows or values) is paced from its first slice;
 - at most ``MAX_CONNECTIONS`` requests are served at once. When a new one comes and the table is
   full, the oldest connection that has not sent a whole request yet makes room (then one whose
   reply has stalled for a second); only when every slot is busy answering is the newcomer closed.
@@ -50,6 +51,7 @@ HIGH_WATER = 64 * 1024  # stop producing while this much output is still unsent
 # ... and after this long of producing in one write callback: a pong waits behind a whole slice
 # (64 KB of status rows were 6-8 ms, the RTT p99 of a full listing at 100,000 peers)
 WRITE_SLICE = 0.002
+BULK_SLICE = 0.001  # ... a bulk reply's (hbd.pacing): it rests three times as long after each
 MAX_CONNECTIONS = 32
 IDLE_TIMEOUT = 10.0  # a reply making no progress for this long is dropped
 REQUEST_DEADLINE = 3.0  # the whole request must have arrived this long after the accept
@@ -65,6 +67,27 @@ _DROPPED_WHY = {
     "evicted": f"all {MAX_CONNECTIONS} slots taken, this one still without a whole request",
     "refused": f"all {MAX_CONNECTIONS} slots busy answering",
 }
+
+
+class Bulk:
+    """A reply that is bulk production (every peer's rows or values): hbd.pacing paces it from its
+    first slice, at its smaller share, rather than after a burst."""
+
+    __slots__ = ("reply",)
+
+    def __init__(self, reply: Reply) -> None:
+        self.reply = reply
+
+    def __iter__(self) -> Bulk:
+        return self
+
+    def __next__(self) -> bytes | None:
+        return next(self.reply)
+
+    def close(self) -> None:
+        close = getattr(self.reply, "close", None)
+        if close is not None:
+            close()
 
 
 class _Conn:
@@ -242,6 +265,7 @@ class RequestServer:
                 log.exception("%s: cannot answer %r", self.name, request[:64] if request else request)
                 self._close(conn)
                 return
+            conn.duty.bulk = isinstance(conn.reply, Bulk)
         self.loop.add_writer(conn.sock, lambda: self._on_write(conn))
         self._on_write(conn)  # a fresh socket takes the first slice now: no turn's wait for writability
 
@@ -277,7 +301,7 @@ class RequestServer:
         buf = [conn.outbuf] if conn.outbuf else []
         size = len(conn.outbuf)
         clock = self.loop.time
-        until = clock() + WRITE_SLICE
+        until = clock() + (BULK_SLICE if conn.duty.bulk else WRITE_SLICE)
         while reply is not None and size < HIGH_WATER and (not buf or clock() < until):
             try:
                 chunk = next(reply)

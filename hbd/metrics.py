@@ -233,8 +233,8 @@ PEER_FAMILIES = (  # (name, type, help, the sample's field)
         7,
     ),
 )
-CHUNK = 2000  # samples per chunk of a streamed exposition (about 100 KB, a millisecond or two)
-ROWS_PER_TURN = 500  # peers' rows read per loop turn while a scrape gathers their values (a few ms)
+CHUNK = 1000  # samples per chunk of a streamed exposition (about 50 KB, under a millisecond)
+ROWS_PER_TURN = 250  # peers' values gathered per loop turn while a scrape reads them (about a millisecond)
 
 
 def peer_sample(row: PeerRow, offset: float, last_ping: float | None = None) -> PeerSample:

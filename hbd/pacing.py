@@ -10,6 +10,12 @@ replies this process paces at once, so that together they use at most ``FRACTION
 wall-clock time. The time is the loop's clock (monotonic, virtual in tests) read around each
 slice; the rest is a loop timer, never a sleep.
 
+A bulk reply (every peer's row or value: a full listing, a scrape, a worker's rows or last pings
+for its supervisor) is paced from its first slice, at ``BULK_FRACTION``: its size is known when it
+starts, and the CPU of its first ``BURST`` (a tenth of a second, a core each time a worker starts its
+part of a listing) was where the pongs' p99 went (issue 14: a listing or a scrape at 100,000 peers
+kept the RTT p99 within 2x the quiet figure in 2 runs of 5 with the burst).
+
 Pure bookkeeping (times in, a wait out): ``hbd.control.RequestServer`` reads the clock, asks
 ``wait`` before a slice and reports it with ``spent`` after.
 """
@@ -28,6 +34,11 @@ BURST = 0.1  # CPU seconds a reply works unpaced (a worker's scan for a filtered
 # (the slow round trips of a scrape at 100,000 peers fell in its first 0.1-0.6 s, none once it was
 # paced). Its small replies (a select's merge, silences, a reload's answer) stay under this.
 SUPERVISOR_BURST = 0.01
+# A bulk reply's share: a quarter of a core, so that the producing process never holds a core the
+# pongs need for more than one short slice (about a millisecond) in four. A full listing of 100,000
+# peers then takes about 12 s on the shared two cores (longer when they are contended: the rest is
+# counted in wall-clock time), a scrape about 4 s (docs/performance.md, issue 14's fourth round).
+BULK_FRACTION = 0.25
 MIN_PAUSE = 0.002  # shorter rests are owed, not taken: one loop turn each would cost more than that
 MAX_DEBT = 0.5  # a slice that was preempted for long owes no more than this (replies stalled for 1 s are evicted)
 
@@ -35,9 +46,10 @@ MAX_DEBT = 0.5  # a slice that was preempted for long owes no more than this (re
 class Duty:
     """One reply's account: the work it did, and the rest it owes as of ``at``."""
 
-    __slots__ = ("at", "big", "cpu", "debt", "work")
+    __slots__ = ("at", "big", "bulk", "cpu", "debt", "work")
 
-    def __init__(self) -> None:
+    def __init__(self, bulk: bool = False) -> None:
+        self.bulk = bulk  # paced from its first slice, at BULK_FRACTION
         self.work = 0.0
         self.cpu = 0.0  # CPU seconds of its slices
         self.debt = 0.0
@@ -48,10 +60,11 @@ class Duty:
 class Pacer:
     """The big replies of one process (every request server on its loop shares one)."""
 
-    def __init__(self, fraction: float = FRACTION, burst: float = BURST) -> None:
-        if not 0 < fraction <= 1:
+    def __init__(self, fraction: float = FRACTION, burst: float = BURST, bulk_fraction: float = BULK_FRACTION) -> None:
+        if not 0 < fraction <= 1 or not 0 < bulk_fraction <= 1:
             raise ValueError("fraction must be in (0, 1]")
         self.fraction = fraction
+        self.bulk_fraction = bulk_fraction
         self.burst = burst
         self.big = 0  # replies being paced now
 
@@ -68,14 +81,19 @@ class Pacer:
         duty.work += t
         duty.cpu += cpu
         if not duty.big:
-            if duty.cpu < self.burst:
+            if duty.bulk:  # paced from this first slice on
+                duty.big = True
+                self.big += 1
+                duty.debt, duty.at = 0.0, start
+            else:
+                if duty.cpu < self.burst:
+                    return
+                duty.big = True  # the burst owes nothing: the slices after it rest
+                self.big += 1
+                duty.debt, duty.at = 0.0, end
                 return
-            duty.big = True  # the burst owes nothing: the slices after it rest
-            self.big += 1
-            duty.debt, duty.at = 0.0, end
-            return
         rested = max(start - duty.at, 0.0)
-        owed = t * (self.big / self.fraction - 1)
+        owed = t * (self.big / (self.bulk_fraction if duty.bulk else self.fraction) - 1)
         duty.debt = min(max(duty.debt - rested, 0.0) + owed, MAX_DEBT)
         duty.at = end
 

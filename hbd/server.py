@@ -32,7 +32,7 @@ from hbd.reloading import Given, Load
 from hbd.server_ends import EndQueue
 from hbd.server_registry import ServerRegistry, peer_rows, peer_sources, start_registry
 from hbd.server_report import ServerReport
-from hbd.view import PeerRow, PeerSource, ServerCounters, ServerSettings, ServerView, WorkerNumbers
+from hbd.view import LazySource, PeerRow, ServerCounters, ServerSettings, ServerView, Source, WorkerNumbers, lazy_rows
 from hbd.workers_codec import Numbers, Ready, Reloaded, Status
 
 if TYPE_CHECKING:
@@ -203,7 +203,7 @@ class Server(Daemon):
         return ServerCounters(len(self.conns), self.late, pings, **self.stats)
 
     def view(self) -> ServerView:
-        cfg, addr, conns = self.config, self.address, list(self.conns.values())
+        cfg, addr, conns = self.config, self.address, functools.partial(_listed, self.conns)
         rows, counts, sources, last_pings = _peers_of(self.remote, self.registry, conns, self.worker_index)
         settings = ServerSettings(cfg.heartbeat_timeout, cfg.max_clients, cfg.workers)
         listen = f"{addr[0]}:{addr[1]}" if addr else None
@@ -296,6 +296,11 @@ class Server(Daemon):
 LastPings = Callable[[], Iterator[tuple[int, float]]]
 
 
+def _listed(conns: dict[int, Connection]) -> list[Connection]:
+    """A snapshot of the connections, taken when a reply first reads the peers (not in ``view()``)."""
+    return list(conns.values())
+
+
 def bare(sock: socket.socket) -> socket.SocketType:
     """The C socket object alone, non-blocking (48 bytes): ``socket.socket`` adds a Python layer of
     40 bytes a connection that a plain connection never uses (it calls recv, send, fileno, shutdown
@@ -306,16 +311,20 @@ def bare(sock: socket.socket) -> socket.SocketType:
 
 
 def _peers_of(
-    remote: RemotePeers | None, registry: ServerRegistry | None, conns: list[Connection], worker: int | None
-) -> tuple[Iterable[PeerRow], dict[str, int] | None, tuple[PeerSource, ...], LastPings | None]:
+    remote: RemotePeers | None,
+    registry: ServerRegistry | None,
+    conns: Callable[[], list[Connection]],
+    worker: int | None,
+) -> tuple[Iterable[PeerRow], dict[str, int] | None, tuple[Source, ...], LastPings | None]:
     """A server's peers for its view: a worker's rows carry the supervisor's marks (no counts of its
-    own); a single process's come from its registry."""
+    own); a single process's come from its registry. Nothing here looks at every peer: ``conns``
+    snapshots the connections when a reply first reads them (hbd.view.LazySource)."""
     if remote is not None:
         return (
-            remote.rows(conns, worker),
+            lazy_rows(lambda: remote.rows(conns(), worker)),
             None,
-            (remote.source(conns, worker),),
-            functools.partial(remote.last_pings, conns),
+            (LazySource(lambda: remote.source(conns(), worker)),),
+            lambda: remote.last_pings(conns()),
         )
     rows, counts = peer_rows(registry, conns, worker)
     return rows, counts, peer_sources(registry, conns, worker), None

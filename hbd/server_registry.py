@@ -41,7 +41,7 @@ from hbd.silencing import Silence
 from hbd.state_store import PeerRecord, SilenceRecord
 from hbd.store_writer import Store as Store
 from hbd.store_writer import StoreWriter, open_store
-from hbd.view import PeerRow, PeerSource, Who
+from hbd.view import LazySource, PeerRow, PeerSource, Source, Who, lazy_rows
 
 if TYPE_CHECKING:
     from hbd.loop import EventLoop, Timer
@@ -349,20 +349,28 @@ def start_registry(
 
 
 def peer_rows(
-    reg: ServerRegistry | None, conns: list[Connection], worker: int | None
+    reg: ServerRegistry | None, conns: Callable[[], list[Connection]], worker: int | None
 ) -> tuple[Iterable[PeerRow], dict[str, int] | None]:
     """What a server shows (rows made as they are read) and its counts: the registry's peers, then
-    the connections that are no peer yet; without a registry, its connections."""
+    the connections that are no peer yet; without a registry, its connections. ``conns`` snapshots
+    the connections: called when the rows are first read, not now (hbd.view.lazy_rows)."""
     if reg is None:
-        return connection_rows(conns, worker), None
-    return chain(reg.rows(worker), connection_rows(reg.unknown(conns), worker, PENDING)), reg.counts()
+        return lazy_rows(lambda: connection_rows(conns(), worker)), None
+    unknown = lazy_rows(lambda: connection_rows(reg.unknown(conns()), worker, PENDING))
+    return chain(lazy_rows(lambda: reg.rows(worker)), unknown), reg.counts()
 
 
-def peer_sources(reg: ServerRegistry | None, conns: list[Connection], worker: int | None) -> tuple[PeerSource, ...]:
-    """The same peers as ``peer_rows``, for a filtered status (the filter is applied before a row is made)."""
+def peer_sources(
+    reg: ServerRegistry | None, conns: Callable[[], list[Connection]], worker: int | None
+) -> tuple[Source, ...]:
+    """The same peers as ``peer_rows``, for a filtered status (the filter is applied before a row is
+    made); each snapshot is taken when a scan first looks at it (hbd.view.LazySource)."""
     if reg is None:
-        return (connection_source(conns, worker),)
-    return (reg.registry.source(reg.live, worker, reg.account), connection_source(reg.unknown(conns), worker, PENDING))
+        return (LazySource(lambda: connection_source(conns(), worker)),)
+    return (
+        LazySource(lambda: reg.registry.source(reg.live, worker, reg.account)),
+        LazySource(lambda: connection_source(reg.unknown(conns()), worker, PENDING)),
+    )
 
 
 PENDING = frozenset({"pending"})  # a connection that has not pinged yet: shown, but no peer (no metrics)

@@ -22,12 +22,12 @@ from collections.abc import Callable, Iterator, Sequence
 
 from hbd.control import Reply
 from hbd.loop import EventLoop
-from hbd.status import Clock, _dumps, _Relay, peer_doc, server_head, supervisor_head
+from hbd.status import Clock, _dumps, _Relay, peer_doc, peer_json, server_head, supervisor_head
 from hbd.status_filter import SortKey, StatusFilter, sort_key
-from hbd.view import PeerRow, PeerSource, ServerView, SupervisorView
+from hbd.view import PeerRow, ServerView, Source, SupervisorView
 
 SCAN = 2000  # peers looked at per loop turn (a few milliseconds)
-ROWS = 100  # rows made and serialised per loop turn (about a millisecond)
+ROWS = 50  # rows made and serialised per loop turn (about a millisecond: a paced listing's slice)
 MAX_FRAGMENT = 16 << 20  # a worker's limited answer larger than this is a broken worker: dropped
 MAX_TRAILER = 1024
 
@@ -38,7 +38,7 @@ _ENCODE = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 
 def _rows_text(batch: list[PeerRow], clock: Clock) -> str:
     """Rows as comma-separated JSON objects."""
-    return _ENCODE([peer_doc(row, clock) for row in batch])[1:-1]
+    return ",".join([peer_json(row, clock) for row in batch])
 
 
 class Tally:
@@ -50,7 +50,7 @@ class Tally:
         self.states: dict[str, int] = {}
 
 
-def scan(sources: Sequence[PeerSource], flt: StatusFilter, tally: Tally) -> Iterator[list[PeerRow] | None]:
+def scan(sources: Sequence[Source], flt: StatusFilter, tally: Tally) -> Iterator[list[PeerRow] | None]:
     """The rows ``flt`` keeps, in batches of at most ROWS; None after every SCAN peers looked at and
     after each batch (the caller lets the loop turn: pings are served between batches, so a
     listing delays a pong by about one batch). With a limit, the first ``limit`` in the table's

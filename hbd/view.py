@@ -159,6 +159,44 @@ class PeerSource:
     row: Callable[[int], PeerRow | None]
 
 
+class LazySource:
+    """A ``PeerSource`` made when a scan first looks at it, not when the view is: a view then costs
+    nothing per peer (a snapshot of 100,000 peers is milliseconds) until a status reads its peers,
+    and a request that never does (the counts, a worker's last pings, a scrape's head) never pays."""
+
+    __slots__ = ("_made", "_make")
+
+    def __init__(self, make: Callable[[], PeerSource]) -> None:
+        self._make: Callable[[], PeerSource] | None = make
+        self._made: PeerSource | None = None
+
+    def get(self) -> PeerSource:
+        if self._made is None:
+            assert self._make is not None
+            self._made, self._make = self._make(), None
+        return self._made
+
+    @property
+    def size(self) -> int:
+        return self.get().size
+
+    @property
+    def who(self) -> Callable[[int], Who | None]:
+        return self.get().who
+
+    @property
+    def row(self) -> Callable[[int], PeerRow | None]:
+        return self.get().row
+
+
+Source = PeerSource | LazySource
+
+
+def lazy_rows(make: Callable[[], Iterable[PeerRow]]) -> Iterator[PeerRow]:
+    """Rows whose snapshot is taken at the first one read (``make``), not when the view is made."""
+    yield from make()
+
+
 class ServerCounters(NamedTuple):
     """One server process's counters; a worker sends them to its supervisor, which sums them."""
 
@@ -234,7 +272,7 @@ class ServerView:
     counters: ServerCounters
     peers: Iterable[PeerRow]  # one pass
     counts: Mapping[str, int] | None = None  # peers by state, from the registry
-    sources: tuple[PeerSource, ...] = ()  # the same peers, for a filtered status (hbd.status_select)
+    sources: tuple[Source, ...] = ()  # the same peers, for a filtered status (hbd.status_select)
     # a worker's connected peers (its number for each connection) and when each last pinged
     # (monotonic): the supervisor's metrics ask (hbd.ping_times)
     last_pings: Callable[[], Iterator[tuple[int, float]]] | None = None
@@ -262,7 +300,7 @@ class SupervisorView:
     peers: Iterable[PeerRow] = ()  # the registry's peers no worker holds a connection of (one pass)
     # fills in the registry's accounting (uptime, outages, down time) of a row a worker relayed
     account: Callable[[PeerRow], PeerRow] | None = None
-    sources: tuple[PeerSource, ...] = ()  # ``peers``, for a filtered status (hbd.status_select)
+    sources: tuple[Source, ...] = ()  # ``peers``, for a filtered status (hbd.status_select)
     samples: SampleBatches | None = None  # the same peers' metric values, without a row each (the metrics)
 
 

@@ -35,7 +35,7 @@ from hbd.reload_process import ChildLoad
 from hbd.reloading import Load
 from hbd.server_registry import open_store
 from hbd.supervisor_registry import SupervisorRegistry
-from hbd.view import ServerSettings, SupervisorView, WorkerNumbers, WorkerRow
+from hbd.view import LazySource, ServerSettings, SupervisorView, WorkerNumbers, WorkerRow
 from hbd.worker_pool import WorkerPool, kill
 from hbd.workers_codec import PipeLogHandler, Reload, WorkerChannel
 
@@ -180,7 +180,7 @@ class Supervisor(Daemon[ServerConfig]):
             reg.counts() if reg is not None else None,
             reg.unconnected_rows() if reg is not None else (),
             reg.account if reg is not None else None,
-            (reg.unconnected_source(),) if reg is not None else (),
+            (LazySource(reg.unconnected_source),) if reg is not None else (),  # its snapshot: when scanned
             reg.metric_samples if reg is not None else None,
         )
 

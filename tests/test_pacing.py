@@ -159,3 +159,112 @@ def test_a_write_callback_produces_for_at_most_write_slice(tmp_path: Path, vcloc
     duration, gap, data = _serve(tmp_path, vclock, vloop, 60, 0.001, 1000, turns=False)
     assert data.count(b",") == 60 and duration <= 0.06 + 0.01
     assert WRITE_SLICE <= 0.002 and gap <= 0.002 + 0.001 + 0.0011, gap
+
+
+# -- bulk replies: every peer's rows or values, paced from the first slice ---------------------------------
+ROW_COST = 0.00002  # 20 us of (virtual) work per status row: about what a worker's costs
+PING_COST = 0.000001  # 1 us per last ping (a 16-byte record: hbd.ping_times)
+
+
+def _worker(vloop, vclock, peers: int, calls: list[float]):
+    """A stand-in for a worker (hbd.operated.Operated, as hbd.commands reads it) of ``peers``
+    connected peers whose every row costs ROW_COST of the virtual clock, every last ping PING_COST;
+    ``calls``: when each was made."""
+    from types import SimpleNamespace
+
+    from hbd.view import DaemonView, LoopNumbers, PeerRow, PeerSource, ServerCounters, ServerSettings, ServerView
+
+    def row(i: int) -> PeerRow:
+        calls.append(vclock())
+        vclock.advance(ROW_COST)
+        return PeerRow(f"host{i:06d}", f"host{i:06d}", f"10.0.0.1:{i}", "UP", 1.0, 2.0, 3, 30.0, 10.0, 0)
+
+    def pings():
+        for i in range(peers):
+            calls.append(vclock())
+            vclock.advance(PING_COST)
+            yield i, 2.0
+
+    def view() -> ServerView:
+        daemon = DaemonView("server", vclock(), 1.7e9, "", 0, 0, None, LoopNumbers(0.0, 0.0, 0), {}, {}, ())
+        source = PeerSource(peers, lambda i: (f"host{i:06d}", f"10.0.0.1:{i}", "UP"), row)
+        return ServerView(
+            daemon, None, ServerSettings(30.0, 100, 6), ServerCounters(), [], None, (source,), last_pings=pings
+        )
+
+    return SimpleNamespace(role="server", supervises=False, worker_index=0, loop=vloop, view=view)
+
+
+def _ask_worker(tmp_path: Path, vclock, vloop, request: bytes, peers: int) -> tuple[float, float, list[float], bytes]:
+    """``request`` to a worker's status socket (hbd.commands.answer), read as fast as it comes:
+    (its duration, the longest gap between two ticks of a 1 ms timer, when each row was made, the reply)."""
+    from hbd import commands
+
+    calls: list[float] = []
+    daemon = _worker(vloop, vclock, peers, calls)
+    listener = UnixListener(str(tmp_path / "w.sock"))
+    server = RequestServer(vloop, listener.sock, lambda req, wake: commands.answer(daemon, None, req, wake))
+    client = socket.socket(socket.AF_UNIX)
+    client.connect(listener.path)
+    client.sendall(request)
+    client.setblocking(False)
+    ticks: list[float] = []
+
+    def tick() -> None:
+        ticks.append(vclock())
+        vloop.call_later(0.001, tick)
+
+    tick()
+    t0 = vclock()
+    data = drain(vloop, client, 1.0, vclock)
+    duration = vclock() - t0
+    gap = max(b - a for a, b in itertools.pairwise(ticks))
+    assert not server.conns and server.pacer.big == 0
+    client.close()
+    server.close()
+    listener.remove()
+    return duration, gap, calls, data
+
+
+def _busiest(calls: list[float], window: float, cost: float) -> float:
+    """The most work (``cost`` per call) done in any ``window`` of the clock."""
+    most, first = 0, 0
+    for last, t in enumerate(calls):
+        while calls[first] < t - window:
+            first += 1
+        most = max(most, last - first + 1)
+    return most * cost
+
+
+@pytest.mark.parametrize(
+    ("request_line", "peers", "cost"),
+    [(b'{"request": "peers", "limit": 0}\n', 4000, ROW_COST), (b"pings\n", 80000, PING_COST)],
+)
+def test_a_workers_bulk_reply_is_paced_from_its_first_slice(
+    tmp_path: Path, vclock, vloop, request_line: bytes, peers: int, cost: float
+) -> None:
+    """A worker's part of a full listing (its every row) and of a scrape (its every last ping) take
+    at most BULK_FRACTION of the loop's time in every 20 ms from their first slice, and a timer (a
+    pong) waits at most one short slice. 80 ms of work (4,000 peers) is under BURST: before bulk
+    replies were paced from the start, it went unpaced, a core for 80 ms while the pongs waited
+    (80,000 last pings likewise: 80 ms)."""
+    from hbd.control import BULK_SLICE
+    from hbd.pacing import BULK_FRACTION
+
+    duration, gap, calls, data = _ask_worker(tmp_path, vclock, vloop, request_line, peers)
+    assert len(calls) == peers and data  # every row (or record) made and sent
+    work = peers * cost
+    assert duration >= 0.9 * work / BULK_FRACTION, duration
+    assert duration <= 1.3 * work / BULK_FRACTION, duration  # and not slower than its share
+    window = 0.02
+    assert _busiest(calls, window, cost) <= BULK_FRACTION * window + 2 * BULK_SLICE
+    assert gap <= 2 * BULK_SLICE + 0.0011, gap
+
+
+def test_a_filtered_status_is_not_paced(tmp_path: Path, vclock, vloop) -> None:
+    """A worker's part of a filtered status (a name glob) looks at every peer but makes few rows: it
+    is no bulk reply and goes at full speed (hbd.status_select.SCAN peers per turn)."""
+    request = b'{"request": "peers", "peer": "host0000*", "limit": 100}\n'
+    duration, _, calls, data = _ask_worker(tmp_path, vclock, vloop, request, 4000)
+    assert len(calls) == 100 and b'"matched":100' in data
+    assert duration <= 100 * ROW_COST + 0.01, duration

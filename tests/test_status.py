@@ -7,11 +7,16 @@ The daemons run in this process on a loop whose clock only moves when it would o
 import socket
 from pathlib import Path
 
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from inprocess import document, run_until, virtual
 
+from hbd import status
 from hbd.client import Client
 from hbd.config import ClientConfig, ServerConfig
 from hbd.server import WHEEL_RESOLUTION, Server
+from hbd.view import PeerRow
 
 
 def test_server_up_late_up_down_in_virtual_time(tmp_path: Path) -> None:
@@ -133,3 +138,49 @@ def test_client_up_late_up_down_in_virtual_time() -> None:
     listener.close()
     cli.shutdown()
     loop.close()
+
+
+_times = st.none() | st.floats(-1e6, 1e6, allow_nan=False)
+_text = st.text(max_size=12)  # any text: quotes, backslashes, control characters, non-ASCII
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    row=st.builds(
+        PeerRow,
+        peer=_text,
+        name=st.none() | _text,
+        address=_text,
+        state=st.sampled_from(["NEW", "UP", "LATE", "DOWN"]),
+        connected=_times,
+        last_ping=_times,
+        pings=st.integers(0, 10**12),
+        timeout=st.floats(0.1, 1e5) | st.integers(1, 10**5),
+        interval=st.none() | st.floats(0.1, 1e5) | st.integers(1, 10**5),
+        worker=st.none() | st.integers(0, 64),
+        since=_times,
+        reason=st.none() | _text,
+        expected=st.none() | st.booleans(),
+        silenced_until=_times,
+        flags=st.frozensets(st.sampled_from(["flapping", "pending"])),
+        labels=st.lists(st.tuples(_text, _text), max_size=3).map(tuple),
+        uptime_24h=st.none() | st.floats(0, 100),
+        outages=st.none() | st.integers(0, 10**6),
+        down_seconds=st.none() | st.floats(0, 1e7),
+    ),
+    now=st.floats(0, 1e6),
+)
+def test_a_rows_json_is_the_documents_text(row: PeerRow, now: float) -> None:
+    """status.peer_json writes a row's JSON itself (the listing's hot path): the same text as
+    json.dumps of status.peer_doc, for any row."""
+    clock = status.Clock(now)
+    assert status.peer_json(row, clock) == status._dumps(status.peer_doc(row, clock))
+
+
+def test_a_rows_json_refuses_what_json_refuses() -> None:
+    clock = status.Clock(0.0)
+    row = PeerRow("a", "a", "1.2.3.4:5", "UP", None, None, 0, float("inf"), None)
+    with pytest.raises(ValueError):
+        status._dumps(status.peer_doc(row, clock))
+    with pytest.raises(ValueError):
+        status.peer_json(row, clock)
