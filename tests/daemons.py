@@ -132,7 +132,7 @@ def start_server(
     name: str = "server",
     env: dict | None = None,
     wrap: list[str] | None = None,
-    ready_timeout: float = 5.0,
+    ready_timeout: float = 20.0,  # generous: a loaded machine starts Python slowly; a failed start ends sooner
     **cfg,
 ) -> HbdProcess:
     config = {

@@ -428,13 +428,13 @@ def test_events_cost_does_not_grow_with_the_number_of_peers() -> None:
         reg = Registry(settings(), [Exp(f"e{i}") for i in range(n)], T0)
         for i in range(n):
             reg.connected(i, f"e{i}", None, "a:1", 10.0, T0)
-        start = time.perf_counter()
+        start = time.thread_time()  # this thread's CPU: time it was preempted on a loaded machine is not its cost
         for i in range(1000):
             reg.late(i, T0 + 6)
             reg.back(i, T0 + 7)
-        return time.perf_counter() - start
+        return time.thread_time() - start
 
-    small, large = min(per_event(1000) for _ in range(2)), min(per_event(20000) for _ in range(2))
+    small, large = min(per_event(1000) for _ in range(3)), min(per_event(20000) for _ in range(3))
     assert large < small * 3  # generous: O(1) per event, whatever the machine's load
 
 
