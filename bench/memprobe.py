@@ -22,6 +22,7 @@ import signal
 import sys
 import tempfile
 import time
+import tracemalloc
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,8 @@ def dump(out: Path) -> None:
     rec["pymalloc"] = pymalloc()
     rec["types"] = types()
     rec["list_holders"] = TYPES_NOTE.pop() if TYPES_NOTE else ""
+    if tracemalloc.is_tracing():  # PYTHONTRACEMALLOC=N (memrig --trace): the allocations by line
+        tracemalloc.take_snapshot().dump(str(out / f"{pid}-{tag}.snap"))
     if (out / "trim").exists():
         _libc().malloc_trim(0)
         rec["vmrss_after_trim"] = vmrss(pid)

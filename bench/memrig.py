@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,22 @@ def report(pids: list[int], a: dict[int, dict[str, Any]], b: dict[int, dict[str,
             print(f"   small lists held by: {y['list_holders']}")
 
 
+def traced(out: Path, pids: list[int], a: str, b: str, n: int, top: int = 25) -> None:
+    """What tracemalloc saw allocated between two probes, by line, per connection (--trace)."""
+    for i, pid in enumerate(pids):
+        x, y = out / f"{pid}-{a}.snap", out / f"{pid}-{b}.snap"
+        if not x.exists() or not y.exists():
+            continue
+        per = n if i == 0 else n / (len(pids) - 1)
+        diff = tracemalloc.Snapshot.load(str(y)).compare_to(tracemalloc.Snapshot.load(str(x)), "lineno")
+        total = sum(d.size_diff for d in diff)
+        who = "supervisor" if i == 0 else f"worker {i}"
+        print(f"\n{who} (pid {pid}): tracemalloc {total / per:.0f} B per connection")
+        for d in diff[:top]:
+            frame = d.traceback[0]
+            print(f"  {d.size_diff / per:7.1f} B {d.count_diff / per:6.2f}x  {frame.filename}:{frame.lineno}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("-n", type=int, default=16_000)
@@ -112,6 +129,7 @@ def main() -> None:
     ap.add_argument("--interval", type=float, default=10.0)
     ap.add_argument("--hold", type=float, default=15.0, help="seconds after the ramp before the probe")
     ap.add_argument("--trim", action="store_true", help="malloc_trim(0) after the loaded probe, and probe again")
+    ap.add_argument("--trace", action="store_true", help="tracemalloc in every hbd process: bytes by line")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="hbd-memrig-"))
     (tmp / "state").mkdir()
@@ -119,10 +137,11 @@ def main() -> None:
     port = servers.free_port()
     (tmp / "hbd.yaml").write_text(config(port, tmp, args.n, args.workers))
     env = {**os.environ, "PYTHONPATH": str(servers.REPO), "PYTHONDONTWRITEBYTECODE": "1"}
+    hbd_env = {**env, "PYTHONTRACEMALLOC": "1"} if args.trace else env
     hbd = subprocess.Popen(
         [servers.PYTHON, "-m", "bench.memprobe", str(out), "server", "-c", str(tmp / "hbd.yaml")],
         cwd=servers.REPO,
-        env=env,
+        env=hbd_env,
         stdout=open(tmp / "hbd.out", "wb"),  # noqa: SIM115
         stderr=subprocess.STDOUT,
         preexec_fn=lambda: servers._preexec(None),
@@ -178,6 +197,8 @@ def main() -> None:
         print("probing loaded", file=sys.stderr, flush=True)
         loaded = probe(out, pids, "loaded")
         report(pids, idle, loaded, args.n, "idle -> loaded")
+        if args.trace:
+            traced(out, pids, "idle", "loaded", args.n)
         if args.trim:
             (out / "trim").write_text("")
             trimmed = probe(out, pids, "trimmed")

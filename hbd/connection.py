@@ -11,11 +11,16 @@ import logging
 import selectors
 import socket
 from collections.abc import Callable
-from typing import Protocol
+from socket import inet_ntoa
+from typing import TYPE_CHECKING, Protocol
 
 from hbd.loop import EVENT_HANGUP, EventLoop, HangUp, Timer
+from hbd.peer_address import Packed, pack, unpack
 from hbd.protocol import ProtocolError, ServerPeer
 from hbd.selector import ENDED, IN, OUT
+
+if TYPE_CHECKING:
+    from hbd.worker_marks import Mark
 
 MAX_OUTBUF = 64 * 1024  # a peer that pings but never reads its pongs is dropped past this
 RECV_SIZE = 4096
@@ -51,21 +56,28 @@ class Connection(ServerPeer):
     ``self.peer`` between a read and ``feed`` (docs/performance.md, "A leaner connection layer").
     The protocol's rules stay in ``ServerPeer``: this class only moves bytes."""
 
-    __slots__ = ("addr", "outbuf", "owner", "since", "slot", "sock", "timer")
+    # 20 slots with ServerPeer's: 192 B, pymalloc's size class for them (docs/performance.md, "A
+    # connection's bytes"). A worker's registry keeps its number for the connection and the
+    # supervisor's mark of its peer here (hbd.registry_remote), not in two tables keyed by it.
+    __slots__ = ("_addr", "cid", "mark", "outbuf", "owner", "since", "slot", "sock")
     # Errors that mean "try again later"; an except clause is evaluated only when something is
     # raised, so the TLS subclass can widen this at no cost to the plain path.
     BLOCKING: tuple[type[BaseException], ...] = (BlockingIOError, InterruptedError)
+    timer: Timer | None = None  # the TLS handshake's timeout (a slot of hbd.server_tls's connections only)
 
-    # sock: a plain connection's is the C socket object alone (hbd.server: ``bare``), a TLS one's an SSLSocket
-    def __init__(self, owner: Owner, sock: socket.SocketType, addr: str, now: float, timeout: float) -> None:
+    # sock: a plain connection's is the C socket object alone (hbd.server: ``bare``), a TLS one's an SSLSocket;
+    # addr: "ip:port", or an IPv4 one already packed (hbd.peer_address.of)
+    def __init__(self, owner: Owner, sock: socket.SocketType, addr: Packed, now: float, timeout: float) -> None:
         super().__init__(now, timeout)
         self.owner = owner
         self.sock = sock
-        self.addr = addr
+        # the packed form (32 B; the string is 80 B as allocated): read on events and rows, never per ping
+        self._addr = pack(addr) if isinstance(addr, str) else addr
         self.since = now
         self.outbuf = b""
-        self.timer: Timer | None = None  # only for the TLS handshake timeout
         self.slot = -1  # the deadline-wheel slot this connection is filed under; -1: none
+        self.cid = 0  # a worker's number for it (hbd.registry_remote); 0: none yet
+        self.mark: Mark | None = None  # the supervisor's view of its peer, in a worker (hbd.registry_remote)
 
     @property
     def peer(self) -> ServerPeer:
@@ -73,18 +85,27 @@ class Connection(ServerPeer):
         return self
 
     @property
+    def addr(self) -> str:
+        """The peer's address, ``ip:port``."""
+        return unpack(self._addr)
+
+    @property
     def label(self) -> str:
-        name = self.name
-        return f"{name} ({self.addr})" if name else self.addr
+        name, addr = self.name, self.addr
+        return f"{name} ({addr})" if name else addr
 
     @property
     def source(self) -> str:
         """The peer's address without the port (the unit of per-source log rate limits)."""
-        return self.addr.rsplit(":", 1)[0]
+        packed = self._addr
+        if isinstance(packed, int):
+            return inet_ntoa((packed >> 16).to_bytes(4, "big"))
+        return packed.rsplit(":", 1)[0]
 
-    def start(self) -> None:
-        """Serve it: watch the socket and file its first deadline."""
-        self.owner.loop.watch(self.sock, self, _WATCH)  # the loop calls on_read with epoll's bits
+    def start(self, fd: int | None = None) -> None:
+        """Serve it: watch the socket and file its first deadline. ``fd``: its descriptor as the owner
+        keys it, so that the loop's table keys it by the same int (32 B a connection less)."""
+        self.owner.loop.watch(self.sock if fd is None else fd, self, _WATCH)  # the loop calls on_read with epoll's bits
         self.arm()
         self.owner.connected(self, "")
 

@@ -35,3 +35,14 @@ def unpack(packed: Packed) -> str:
     if isinstance(packed, str):
         return packed
     return f"{inet_ntoa((packed >> 16).to_bytes(4, 'big'))}:{packed & 65535}"
+
+
+def of(host: str, port: int) -> Packed:
+    """An accepted connection's address as ``pack(f"{host}:{port}")`` gives it, without the string
+    in between (the kernel's IPv4 form reads back as it came; anything else is the string)."""
+    if "." in host and ":" not in host:
+        try:
+            return int.from_bytes(inet_aton(host), "big") << 16 | port
+        except (OSError, ValueError):
+            pass
+    return f"{host}:{port}"

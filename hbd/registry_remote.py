@@ -13,18 +13,18 @@ supervisor's; the connection's own lines (timed out, late, back) are logged here
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import TypeVar
 
 from hbd import tls
 from hbd.connection import Connection
 from hbd.logs import PeerLog
-from hbd.peer_uptime import Account
 from hbd.protocol import Hello, PeerState, StateChange
 from hbd.server_registry import PENDING, log_refused
 from hbd.view import PeerRow, PeerSource, Who
+from hbd.worker_marks import MAX_SHARED as MAX_SHARED  # re-exported: where the tests import them from
+from hbd.worker_marks import Mark as Mark
+from hbd.worker_marks import Said as Said
 from hbd.workers_codec import (
     MAX_REASON,
     Message,
@@ -40,62 +40,6 @@ from hbd.workers_codec import (
     PeerPinged,
     PeerWatch,
 )
-
-
-class Mark:
-    """What a worker keeps of a PeerMark: what its rows show, and the peer's account. One per
-    connection (100,000 of them): the flags and labels are shared between equal marks, the name
-    with the connection's own when they are equal, and the message's lists are not kept."""
-
-    __slots__ = (
-        "account",
-        "expected",
-        "flags",
-        "labels",
-        "named",
-        "peer",
-        "reason",
-        "silenced_until",
-        "since",
-        "state",
-    )
-
-    def __init__(self, msg: PeerMark, name: str | None, shared: dict[object, object]) -> None:
-        self.peer = name if name == msg.peer and name is not None else msg.peer
-        self.named = msg.named
-        self.state = sys.intern(msg.state)
-        self.since = msg.since
-        self.reason: str = _shared(shared, msg.reason)  # a few reasons ("first ping"...) for all
-        self.expected = msg.expected
-        self.silenced_until = msg.silenced_until
-        self.flags: frozenset[str] = _shared(shared, frozenset(msg.flags))
-        self.labels: tuple[tuple[str, str], ...] = _shared(shared, tuple((k, v) for k, v in msg.labels))
-        spans = msg.spans
-        if msg.outages == 0 and msg.down == 0 and len(spans) == 1 and list(spans[0]) == [msg.since, msg.state]:
-            self.account: Account | None = None  # nothing but its state since then: made when a row is
-        else:
-            self.account = Account.of(msg.outages, msg.down, spans)
-
-    def accounted(self) -> Account:
-        """The peer's account (one the mark itself tells is made here, ~200 B not kept per connection)."""
-        if self.account is not None:
-            return self.account
-        return Account.of(0, 0.0, [(self.since, self.state)])
-
-
-_T = TypeVar("_T")
-MAX_SHARED = 4096  # distinct flag sets and label tuples kept for sharing (the config's: few)
-
-
-def _shared(shared: dict[object, object], value: _T) -> _T:
-    """The one copy of ``value`` kept (equal marks' flags and labels are one object)."""
-    kept = shared.get(value)
-    if kept is not None:
-        return kept  # type: ignore[return-value]  # equal values are of one type here
-    if len(shared) >= MAX_SHARED:
-        shared.clear()
-    shared[value] = value
-    return value
 
 
 class RemotePeers:
@@ -118,21 +62,31 @@ class RemotePeers:
         self.name_from = name_from  # the setting tls.name_from, as configured now
         self.clock = clock  # the loop's (monotonic: the supervisor's times in the marks are on it too)
         self._next = 0
-        self.ids: dict[Connection, int] = {}
+        # Our number for a connection and the registry's mark of its peer (with its accounting) are
+        # the connection's own (``conn.cid``, ``conn.mark``): not two more tables keyed by it.
         self.conns: dict[int, Connection] = {}
-        self.reported: set[int] = set()  # connections the registry was told of (their first ping)
-        self.marks: dict[int, Mark] = {}  # with the registry's accounting of each marked peer
-        self.shared: dict[object, object] = {}  # the marks' flags and labels, one copy of each
+        # Numbered connections the registry has not been told of (greeted, no ping yet) or has let
+        # go: the few, rather than a set of all the others (~40 B a connection).
+        self.unreported: set[int] = set()
+        self.shared: dict[object, object] = {}  # what the marks say (hbd.worker_marks.Said), one copy of each
         self.watched: set[int] = set()
         self.known: set[int] = set()  # greeted as a known peer, not pinged yet: the registry's row shows it
 
     def _id(self, conn: Connection) -> int:
-        cid = self.ids.get(conn)
-        if cid is None:
+        cid = conn.cid
+        if not cid:
             self._next += 1
-            cid = self.ids[conn] = self._next
+            cid = conn.cid = self._next
             self.conns[cid] = conn
+            self.unreported.add(cid)
         return cid
+
+    def _told(self, cid: int) -> None:
+        """``cid`` is no longer one the registry was not told of (told now, or forgotten)."""
+        unreported = self.unreported
+        unreported.discard(cid)
+        if not unreported:  # a set keeps its table when emptied: a ramp's greeted peers would stay in it
+            self.unreported = set()
 
     def certificate(self, conn: Connection) -> str | None:
         """The certificate's name, when that is the peer's identity (``tls.name_from: certificate``)."""
@@ -149,7 +103,7 @@ class RemotePeers:
         if new is PeerState.UP:
             if change.old is PeerState.NEW:
                 peer = conn.peer
-                self.reported.add(cid)
+                self._told(cid)
                 self.send(PeerConnected(cid, peer.name, self.certificate(conn), conn.addr, peer.timeout))
             elif change.old is PeerState.RISING:
                 self.send(PeerPinged(cid, change.silent_for))
@@ -163,26 +117,26 @@ class RemotePeers:
             self.gone(conn, "timeout")
 
     def gone(self, conn: Connection, reason: str) -> None:
-        cid = self.ids.get(conn)
-        if cid is None or cid not in self.reported:
+        cid = conn.cid
+        if not cid or cid in self.unreported:
             return  # it never pinged: the registry never heard of it
-        self.reported.discard(cid)
+        self.unreported.add(cid)
         peer = conn.peer
         self.send(PeerGone(cid, reason[:MAX_REASON], peer.last_heard if peer.pings else None))
 
     def quiet(self, conn: Connection) -> bool:
         """Its lines are logged at info (a silenced peer, as the supervisor's mark says)."""
-        cid = self.ids.get(conn)
-        mark = self.marks.get(cid) if cid is not None else None
-        return mark is not None and mark.silenced_until is not None
+        mark = conn.mark
+        return mark is not None and mark.said.silenced_until is not None
 
     def closed(self, conn: Connection) -> None:
         """The worker closed it (whatever the reason): forget it."""
-        cid = self.ids.pop(conn, None)
-        if cid is not None:
+        cid = conn.cid
+        if cid:
+            conn.cid = 0
+            conn.mark = None
             del self.conns[cid]
-            self.reported.discard(cid)
-            self.marks.pop(cid, None)
+            self._told(cid)
             self.watched.discard(cid)
             self.known.discard(cid)
 
@@ -193,7 +147,7 @@ class RemotePeers:
             return  # closed meanwhile
         if isinstance(msg, PeerMark):
             peer = getattr(conn, "peer", None)
-            self.marks[msg.conn] = Mark(msg, peer.name if peer is not None else None, self.shared)
+            conn.mark = Mark(msg, peer.name if peer is not None else None, self.shared)
         elif isinstance(msg, PeerKnown):
             self.known.add(msg.conn)
         elif isinstance(msg, PeerWatch):
@@ -205,7 +159,7 @@ class RemotePeers:
                 if conn.peer.state is PeerState.RISING:
                     conn.peer.state = PeerState.UP
         elif isinstance(msg, PeerClose):
-            self.reported.discard(msg.conn)  # the registry has let it go already
+            self.unreported.add(msg.conn)  # the registry has let it go already
             log_refused(self.peer_log, msg.level, conn, msg.reason, peer_address=conn.addr)
             self.close_conn(conn)
 
@@ -225,12 +179,11 @@ class RemotePeers:
             conn = conns[i]
             if conn.sock.fileno() < 0:
                 return None
-            cid = self.ids.get(conn)
-            mark = self.marks.get(cid) if cid is not None else None
+            mark = conn.mark
             if mark is not None:
-                return (mark.peer if mark.named else None, conn.addr, mark.state)
+                return (mark.peer if mark.said.named else None, conn.addr, mark.state)
             peer = conn.peer
-            if cid in self.known and not peer.pings:
+            if conn.cid in self.known and not peer.pings:
                 return None
             return (peer.name, conn.addr, peer.state.value if peer.state is not PeerState.RISING else "UP")
 
@@ -239,22 +192,19 @@ class RemotePeers:
     def last_pings(self, conns: list[Connection]) -> Iterator[tuple[int, float]]:
         """(our number for it, last ping, monotonic) of each connection of a snapshot that is a peer
         (the supervisor has marked it) and has pinged: the supervisor knows the peer by that number."""
-        marks, ids = self.marks, self.ids
         for conn in conns:
-            cid = ids.get(conn)
-            if cid is not None and cid in marks and conn.peer.pings and conn.sock.fileno() >= 0:
-                yield cid, conn.peer.last_heard
+            if conn.mark is not None and conn.peer.pings and conn.sock.fileno() >= 0:
+                yield conn.cid, conn.peer.last_heard
 
     def row(self, conn: Connection, worker: int | None) -> PeerRow | None:
         """A connection's row (None: closed since the snapshot, or shown by the supervisor)."""
         if conn.sock.fileno() < 0:
             return None  # closed since the snapshot
         peer = conn.peer
-        cid = self.ids.get(conn)
-        mark = self.marks.get(cid) if cid is not None else None
+        mark = conn.mark
         last_ping = peer.last_heard if peer.pings else None
         if mark is None:
-            if cid in self.known and not peer.pings:
+            if conn.cid in self.known and not peer.pings:
                 return None  # the supervisor shows the peer it claims to be
             state = peer.state.value if peer.state is not PeerState.RISING else "UP"
             return PeerRow(
@@ -272,9 +222,10 @@ class RemotePeers:
             )
         acc = mark.accounted()
         now = self.clock()
+        said = mark.said
         return PeerRow(
             mark.peer,
-            mark.peer if mark.named else None,
+            mark.peer if said.named else None,
             conn.addr,
             mark.state,
             conn.since,
@@ -284,11 +235,11 @@ class RemotePeers:
             peer.interval,
             worker,
             since=mark.since,
-            reason=mark.reason,
-            expected=mark.expected,
-            silenced_until=mark.silenced_until,
-            flags=mark.flags,
-            labels=mark.labels,
+            reason=said.reason,
+            expected=said.expected,
+            silenced_until=said.silenced_until,
+            flags=said.flags,
+            labels=said.labels,
             uptime_24h=acc.uptime(now),
             outages=acc.outages,
             down_seconds=acc.down_seconds(now),

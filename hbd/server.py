@@ -16,6 +16,7 @@ import socket
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
+from hbd import peer_address
 from hbd.access import AllowList
 from hbd.admission import load_security, shut_out
 from hbd.config import ServerConfig
@@ -181,7 +182,7 @@ class Server(Daemon):
             return
         sock.setblocking(False)
         self.report.stats["accepted"] += 1
-        address, now, timeout = f"{addr[0]}:{addr[1]}", self.clock(), self.config.heartbeat_timeout
+        address, now, timeout = peer_address.of(addr[0], addr[1]), self.clock(), self.config.heartbeat_timeout
         if self.tls_context is not None:
             from hbd.server_tls import TLSConnection
 
@@ -191,8 +192,9 @@ class Server(Daemon):
             )
         else:
             conn = Connection(self, bare(sock), address, now, timeout)
-        self.conns[conn.sock.fileno()] = conn
-        conn.start()  # calls connected() once the link is usable (TLS: after the handshake)
+        fd = conn.sock.fileno()
+        self.conns[fd] = conn
+        conn.start(fd)  # calls connected() once the link is usable (TLS: after the handshake)
 
     # -- the connections' owner (hbd.connection.Owner) -------------------------------------------------
     def is_open(self, conn: Connection) -> bool:
@@ -279,8 +281,7 @@ class Server(Daemon):
         sock = conn.sock
         if self.conns.pop(sock.fileno(), None) is None:
             return
-        self.loop.cancel(conn.timer)
-        conn.timer = None
+        self.loop.cancel(conn.timer)  # a TLS handshake's timeout (a plain connection has none)
         conn.slot = -1
         self.report.closed(conn)
         if self.remote is not None and reported:  # else once its end is reported (hbd.server_ends)

@@ -15,6 +15,8 @@ from typing import cast
 
 from hbd import tls
 from hbd.connection import RECV_SIZE, Connection, Owner
+from hbd.loop import Timer
+from hbd.peer_address import Packed
 from hbd.selector import IN
 
 
@@ -25,27 +27,28 @@ class TlsState(Enum):
 
 
 class TLSConnection(Connection):
-    __slots__ = ("context", "handshake", "handshake_timeout", "subject", "tls_state")
+    __slots__ = ("context", "handshake", "handshake_timeout", "subject", "timer", "tls_state")
     BLOCKING = tls.WOULD_BLOCK
 
     def __init__(
         self,
         owner: Owner,
         sock: socket.socket,
-        addr: str,
+        addr: Packed,
         now: float,
         timeout: float,
         context: ssl.SSLContext,
         handshake_timeout: float,
     ) -> None:
         super().__init__(owner, sock, addr, now, timeout)
+        self.timer: Timer | None = None  # the handshake's timeout
         self.context = context
         self.handshake_timeout = handshake_timeout
         self.tls_state: TlsState = TlsState.SNIFF
         self.subject: str | None = None
         self.handshake: tls.Handshake | None = None
 
-    def start(self) -> None:
+    def start(self, fd: int | None = None) -> None:
         """Serve it: sniff, then handshake; the owner hears ``connected`` once that is done."""
         self.owner.loop.add_reader(self.sock, self._sniff)
         self.arm()
