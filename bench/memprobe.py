@@ -140,7 +140,9 @@ def dump(out: Path) -> None:
     if tracemalloc.is_tracing():  # PYTHONTRACEMALLOC=N (memrig --trace): the allocations by line
         tracemalloc.take_snapshot().dump(str(out / f"{pid}-{tag}.snap"))
     if (out / "trim").exists():
+        start = time.perf_counter()
         _libc().malloc_trim(0)
+        rec["trim_ms"] = (time.perf_counter() - start) * 1000
         rec["vmrss_after_trim"] = vmrss(pid)
         rec["mallinfo_after_trim"] = mallinfo()
     (out / f"{pid}-{tag}.json").write_text(json.dumps(rec) + "\n")

@@ -93,7 +93,8 @@ def report(pids: list[int], a: dict[int, dict[str, Any]], b: dict[int, dict[str,
         keys = [k for k in y["pymalloc"] if "bytes" in k or "arenas" in k]
         print("   pymalloc: " + ", ".join(f"{k} {_per(x, y, ('pymalloc', k), per):.0f}" for k in keys))
         if "vmrss_after_trim" in y:
-            print(f"   after malloc_trim: RSS {(y['vmrss_after_trim'] - x['vmrss']) / per:.0f} B")
+            took = f" (the trim took {y['trim_ms']:.1f} ms)" if "trim_ms" in y else ""
+            print(f"   after malloc_trim: RSS {(y['vmrss_after_trim'] - x['vmrss']) / per:.0f} B{took}")
         tx = {t: (c, s) for t, c, s in x["types"]}
         rows = []
         for t, c, s in y["types"]:

@@ -64,6 +64,22 @@ def test_garbage_cycles_are_collected_and_what_lives_is_frozen_every_interval(
     assert h.freezes == 2
 
 
+def test_malloc_gives_its_free_pages_back_every_trim_every_freezes(
+    vloop: EventLoop, vclock: FakeClock, unfrozen: None
+) -> None:
+    """Every ``trim_every`` freezes malloc_trim(0) returns what malloc holds free (what a ramp freed
+    stays in RSS otherwise); it stops with the heap's timer."""
+    calls: list[int] = []
+    h = Heap(vloop, trim=calls.append, trim_every=3).start()
+    run_to(vloop, vclock, vclock.now + 6 * FREEZE_INTERVAL + 0.01)
+    assert h.freezes == 7 and calls == [0, 0] and h.trims == 2
+    h.close()
+    run_to(vloop, vclock, vclock.now + 10 * FREEZE_INTERVAL)
+    assert calls == [0, 0]
+    trim = heap.malloc_trim()  # glibc's, on Linux
+    assert trim is not None and trim(0) in (0, 1)
+
+
 def test_a_connections_whole_life_leaves_no_reference_cycle(tmp_path: Path) -> None:
     """Named peers with the registry and the state store; ended every way a connection ends (the client
     closes, garbage, silence, a second connection taking its name over): the collector then finds
