@@ -22,7 +22,7 @@ from hbd.config import ServerConfig
 from hbd.early import LOOP_SIGNALS
 from hbd.errors import StartError
 from hbd.logs import fields, log
-from hbd.loop import EventLoop
+from hbd.loop import EventLoop, Timer
 from hbd.workers_codec import (
     PIPE_READ,
     REPORTS,
@@ -75,6 +75,7 @@ class Worker:
     __slots__ = (
         "clients",
         "decoder",
+        "due",
         "index",
         "last_seen",
         "late",
@@ -95,6 +96,7 @@ class Worker:
         self.wfd = wfd  # ours to it (Reload)
         self.outbuf = bytearray()  # what the pipe to it did not take yet (appended in place: O(1) a frame)
         self.writing = False  # a writer callback is registered for wfd (set and dropped once, not per message)
+        self.due = False  # its flush is due at the end of this loop turn (WorkerPool.send)
         self.decoder = Decoder()
         self.last_seen = now
         self.ready = False
@@ -121,6 +123,8 @@ class WorkerPool:
         self.peers: Peers | None = None  # the peer registry the workers report to
         self.orders_dropped = 0  # orders to a worker whose pipe was full (it is hung: it will be restarted)
         self._checked_at: float | None = None  # our own last hang check (its gap: how long we stalled)
+        self._due: list[Worker] = []  # workers sent something this turn: flushed once, by one timer
+        self._due_timer: Timer | None = None
 
     def by_index(self) -> list[Worker]:
         return sorted(self.workers.values(), key=lambda w: w.index)
@@ -244,11 +248,24 @@ class WorkerPool:
         return max((len(w.outbuf) for w in self.workers.values()), default=0)
 
     def send(self, w: Worker, msg: Message) -> None:
-        """To a worker, never blocking: what its pipe does not take now is written when it can."""
-        waiting = bool(w.outbuf)
+        """To a worker, never blocking: queued, and written once this loop turn's callbacks are done
+        (one write() of all that is queued for it, not one per order: a storm's turn sends hundreds);
+        what its pipe does not take then is written when it can."""
         w.outbuf += encode(msg)
-        if not waiting:  # else the pipe is full and _flush runs when it takes more
-            self._flush(w)
+        if w.writing or w.due:  # the pipe is full (its writer callback flushes), or a flush is due
+            return
+        w.due = True
+        self._due.append(w)
+        if self._due_timer is None:  # one timer for every worker's flush: after this turn's I/O
+            self._due_timer = self.loop.call_at(self.loop.time(), self._flush_due)
+
+    def _flush_due(self) -> None:
+        due, self._due, self._due_timer = self._due, [], None
+        workers = self.workers
+        for w in due:
+            w.due = False
+            if workers.get(w.pid) is w:  # (one that exited meanwhile: its descriptor is closed, maybe reused)
+                self._flush(w)
 
     def _flush(self, w: Worker) -> None:
         try:
