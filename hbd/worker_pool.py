@@ -26,7 +26,6 @@ from hbd.loop import EventLoop, Timer
 from hbd.workers_codec import (
     PIPE_READ,
     REPORTS,
-    CodecError,
     Decoder,
     LogLine,
     Message,
@@ -52,9 +51,10 @@ MAX_OUTBUF = 1 << 20  # bytes queued for one worker past which the registry's or
 # pipes (the workers queue it: workers_codec.MAX_PENDING) for the next turns. 64 KB was still about
 # 800 reports, 30-55 ms of the registry's CPU a turn (40-50 us a greeting's first ping at 100,000 peers),
 # and a turn of the 100,000-client reconnect storm took 0.4-1.3 s on the loaded 2-core machine
-# (preempted ~10x as long as it ran): 16 KB is about 200 reports, 8-10 ms.
-TURN_READ = 16 * 1024
-MIN_READ = 2048
+# (preempted ~10x as long as it ran): 16 KB was about 200 reports, 8-10 ms. Packed (hbd.workers_codec)
+# a report is half as long (a greeting ~45 bytes, its first ping ~50): 8 KB is those 200 reports.
+TURN_READ = 8 * 1024
+MIN_READ = 1024
 # The supervisor's signals (LOOP_SIGNALS) are blocked across fork() and in a new worker until its own loop
 # handles them (Daemon.run unblocks them): until then the worker still has the supervisor's handlers, whose
 # wakeup fd is the supervisor's (a SIGHUP meant for the worker would reload the supervisor). A signal sent
@@ -205,13 +205,16 @@ class WorkerPool:
             self.loop.forget(w.rfd)
             return False
         w.last_seen = self.loop.time()
-        try:
-            messages = w.decoder.feed(data)
-        except CodecError as exc:  # a bug (the other end is ours): say so, carry on with the next frames
-            log.error("worker %d: %s", w.index, exc)
-            return True
-        for msg in messages:
+        decoder = w.decoder
+        for msg in decoder.feed(data):
             self._on_message(w, msg)
+        if decoder.errors:  # a bug (the other end is ours): say so; the frames after them were good
+            for error in decoder.take_errors():
+                log.error("worker %d: %s", w.index, error)
+        if decoder.broken is not None:  # where its next frame starts is lost: nothing more can be read
+            log.error("worker %d (pid %d): %s; restarting it", w.index, w.pid, decoder.broken)
+            self.loop.forget(w.rfd)
+            kill(w.pid, signal.SIGKILL)  # reap() forgets it, its connections are gone, and it is restarted
         return True
 
     def read_size(self) -> int:
