@@ -16,7 +16,7 @@ import select
 import signal
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, cast
 
 from hbd.config import ServerConfig
 from hbd.early import LOOP_SIGNALS
@@ -54,6 +54,7 @@ MAX_OUTBUF = 1 << 20  # bytes queued for one worker past which the registry's or
 # (preempted ~10x as long as it ran): 16 KB was about 200 reports, 8-10 ms. Packed (hbd.workers_codec)
 # a report is half as long (a greeting ~45 bytes, its first ping ~50): 8 KB is those 200 reports.
 TURN_READ = 8 * 1024
+_REPORTS = frozenset(REPORTS)
 MIN_READ = 1024
 # The supervisor's signals (LOOP_SIGNALS) are blocked across fork() and in a new worker until its own loop
 # handles them (Daemon.run unblocks them): until then the worker still has the supervisor's handlers, whose
@@ -222,7 +223,10 @@ class WorkerPool:
         return max(MIN_READ, min(PIPE_READ, TURN_READ // max(1, len(self.workers))))
 
     def _on_message(self, w: Worker, msg: Message) -> None:
-        if isinstance(msg, Ready):
+        if type(msg) in _REPORTS:  # first: a storm's turn hands the registry hundreds (one set lookup)
+            if self.peers is not None:
+                self.peers.report(w.index, cast(PeerReport, msg))
+        elif isinstance(msg, Ready):
             w.ready = True
         elif isinstance(msg, Status):
             w.clients, w.late = msg.clients, msg.late
@@ -232,8 +236,6 @@ class WorkerPool:
             w.numbers = msg.values
         elif isinstance(msg, LogLine):
             self._to_file(w.index, msg.level, msg.message)
-        elif isinstance(msg, REPORTS) and self.peers is not None:
-            self.peers.report(w.index, msg)
 
     def order(self, index: int, msg: PeerOrder) -> None:
         """The registry's order to the worker holding that connection; dropped (counted) if that
