@@ -242,3 +242,34 @@ def test_a_garbled_pipe_restarts_its_worker_once_and_a_bad_frame_is_only_skipped
         os.close(r)
         os.close(w)
         loop.close()
+
+
+def test_a_supervisor_turn_of_a_teardown_is_a_bounded_share_of_ends() -> None:
+    """workers: 6, every pipe full of ends (bench.scale's teardown: 99,000 hang up at once): one turn
+    hands the registry at most about 250 of them (~25 us each: ~6 ms of CPU), as the workers' own
+    share of ends is bounded (hbd.server_ends.ENDS_PER_TURN); the rest waits in the pipes."""
+    from hbd.workers_codec import PIPE_READ, PeerGone, encode
+
+    loop = EventLoop()
+    pool = WorkerPool(loop, None, lambda *a: None, lambda: None)  # type: ignore[arg-type]
+    got: list[object] = []
+    pool.peers = _Reports(got)  # type: ignore[assignment]
+    pipes = [os.pipe() for _ in range(6)]
+    each = PIPE_READ // 30
+    try:
+        for i, (r, w) in enumerate(pipes):
+            os.set_blocking(r, False)
+            os.write(w, b"".join(encode(PeerGone(c, "disconnected", 1000.0 + c)) for c in range(each)))
+            pool.workers[1000 + i] = Worker(i + 1, 1000 + i, r, -1, 0.0)
+        for wk in list(pool.workers.values()):  # one turn
+            pool._on_pipe(wk)
+        assert 100 <= len(got) <= 260, len(got)
+        for _ in range(100):
+            for wk in pool.workers.values():
+                pool._on_pipe(wk)
+        assert len(got) == 6 * each
+    finally:
+        for r, w in pipes:
+            os.close(r)
+            os.close(w)
+        loop.close()
