@@ -17,7 +17,7 @@ their clients reconnect to the other workers.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, cast
 
 from hbd.connection import Connection
@@ -119,8 +119,10 @@ class SupervisorRegistry(ServerRegistry):
             actions = reg.back(key, now)
         else:
             actions = reg.gone(key, msg.reason, now, msg.last_ping)
-        self.apply(actions, cast(Connection, _Held(since)))  # its own lines were logged by its worker
-        self._mark(reg.by_key.get(key))
+        marked = self._apply(actions, cast(Connection, _Held(since)))  # its own lines were logged by its worker
+        peer = reg.by_key.get(key)
+        if peer is not None and peer.name not in marked:  # (a second look found the mark unchanged)
+            self._mark(peer)
 
     def worker_died(self, index: int, reason: str = WORKER_DIED) -> None:
         """All the connections of that worker are gone (their clients will reconnect to the others)."""
@@ -132,6 +134,14 @@ class SupervisorRegistry(ServerRegistry):
     def apply(self, actions: list[Action], conn: Connection | None = None) -> None:
         """As in one process; closing and watching are the worker's, and the marks of the peers
         these actions are about follow."""
+        self._apply(actions, conn)
+
+    def _apply(self, actions: list[Action], conn: Connection | None) -> Container[str]:
+        """apply(); the names of the peers marked."""
+        if not actions:  # (a greeting, most reports of a storm: nothing to carry out)
+            for peer in self.registry.take_reconfigured():
+                self._mark(peer)
+            return ()
         names: set[str] = set()
         for action in actions:
             if isinstance(action, Close | Watch):
@@ -149,6 +159,7 @@ class SupervisorRegistry(ServerRegistry):
             self._mark(peers.get(name))
         for peer in self.registry.take_reconfigured():  # a reload changed its expected flag or labels
             self._mark(peer)
+        return names
 
     def _mark(self, peer: Peer | None) -> None:
         """Tell the peer's worker what the registry says of it, if that changed."""
@@ -164,9 +175,10 @@ class SupervisorRegistry(ServerRegistry):
         # connection is marked. Equal marks hash equal; two different ones hash equal once in 2**53
         # changes, and then the next change's mark corrects the worker's row.
         # each read once: the state and flags are properties over one int (hbd.registry_types.Peer)
-        named, status, expected, flapping, rising = (
+        # (the state as its str: hashing the enum member is a Python-level call)
+        named, state, expected, flapping, rising = (
             peer.named,
-            peer.status,
+            peer.status._value_,
             peer.expected,
             peer.flapping,
             peer.rising > 0,
@@ -177,7 +189,7 @@ class SupervisorRegistry(ServerRegistry):
                     key,
                     peer.name,
                     named,
-                    status,
+                    state,
                     peer.since,
                     peer.reason,
                     expected,
@@ -200,7 +212,7 @@ class SupervisorRegistry(ServerRegistry):
             conn_of(key),
             peer.name,
             named,
-            status.value,
+            state,
             peer.since,
             peer.reason,
             expected,

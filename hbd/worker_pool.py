@@ -16,17 +16,16 @@ import select
 import signal
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, cast
 
 from hbd.config import ServerConfig
 from hbd.early import LOOP_SIGNALS
 from hbd.errors import StartError
 from hbd.logs import fields, log
-from hbd.loop import EventLoop
+from hbd.loop import EventLoop, Timer
 from hbd.workers_codec import (
     PIPE_READ,
     REPORTS,
-    CodecError,
     Decoder,
     LogLine,
     Message,
@@ -52,9 +51,11 @@ MAX_OUTBUF = 1 << 20  # bytes queued for one worker past which the registry's or
 # pipes (the workers queue it: workers_codec.MAX_PENDING) for the next turns. 64 KB was still about
 # 800 reports, 30-55 ms of the registry's CPU a turn (40-50 us a greeting's first ping at 100,000 peers),
 # and a turn of the 100,000-client reconnect storm took 0.4-1.3 s on the loaded 2-core machine
-# (preempted ~10x as long as it ran): 16 KB is about 200 reports, 8-10 ms.
-TURN_READ = 16 * 1024
-MIN_READ = 2048
+# (preempted ~10x as long as it ran): 16 KB was about 200 reports, 8-10 ms. Packed (hbd.workers_codec)
+# a report is half as long (a greeting ~45 bytes, its first ping ~50): 8 KB is those 200 reports.
+TURN_READ = 8 * 1024
+_REPORTS = frozenset(REPORTS)
+MIN_READ = 1024
 # The supervisor's signals (LOOP_SIGNALS) are blocked across fork() and in a new worker until its own loop
 # handles them (Daemon.run unblocks them): until then the worker still has the supervisor's handlers, whose
 # wakeup fd is the supervisor's (a SIGHUP meant for the worker would reload the supervisor). A signal sent
@@ -75,6 +76,7 @@ class Worker:
     __slots__ = (
         "clients",
         "decoder",
+        "due",
         "index",
         "last_seen",
         "late",
@@ -95,6 +97,7 @@ class Worker:
         self.wfd = wfd  # ours to it (Reload)
         self.outbuf = bytearray()  # what the pipe to it did not take yet (appended in place: O(1) a frame)
         self.writing = False  # a writer callback is registered for wfd (set and dropped once, not per message)
+        self.due = False  # its flush is due at the end of this loop turn (WorkerPool.send)
         self.decoder = Decoder()
         self.last_seen = now
         self.ready = False
@@ -121,6 +124,8 @@ class WorkerPool:
         self.peers: Peers | None = None  # the peer registry the workers report to
         self.orders_dropped = 0  # orders to a worker whose pipe was full (it is hung: it will be restarted)
         self._checked_at: float | None = None  # our own last hang check (its gap: how long we stalled)
+        self._due: list[Worker] = []  # workers sent something this turn: flushed once, by one timer
+        self._due_timer: Timer | None = None
 
     def by_index(self) -> list[Worker]:
         return sorted(self.workers.values(), key=lambda w: w.index)
@@ -201,13 +206,16 @@ class WorkerPool:
             self.loop.forget(w.rfd)
             return False
         w.last_seen = self.loop.time()
-        try:
-            messages = w.decoder.feed(data)
-        except CodecError as exc:  # a bug (the other end is ours): say so, carry on with the next frames
-            log.error("worker %d: %s", w.index, exc)
-            return True
-        for msg in messages:
+        decoder = w.decoder
+        for msg in decoder.feed(data):
             self._on_message(w, msg)
+        if decoder.errors:  # a bug (the other end is ours): say so; the frames after them were good
+            for error in decoder.take_errors():
+                log.error("worker %d: %s", w.index, error)
+        if decoder.broken is not None:  # where its next frame starts is lost: nothing more can be read
+            log.error("worker %d (pid %d): %s; restarting it", w.index, w.pid, decoder.broken)
+            self.loop.forget(w.rfd)
+            kill(w.pid, signal.SIGKILL)  # reap() forgets it, its connections are gone, and it is restarted
         return True
 
     def read_size(self) -> int:
@@ -215,7 +223,10 @@ class WorkerPool:
         return max(MIN_READ, min(PIPE_READ, TURN_READ // max(1, len(self.workers))))
 
     def _on_message(self, w: Worker, msg: Message) -> None:
-        if isinstance(msg, Ready):
+        if type(msg) in _REPORTS:  # first: a storm's turn hands the registry hundreds (one set lookup)
+            if self.peers is not None:
+                self.peers.report(w.index, cast(PeerReport, msg))
+        elif isinstance(msg, Ready):
             w.ready = True
         elif isinstance(msg, Status):
             w.clients, w.late = msg.clients, msg.late
@@ -225,8 +236,6 @@ class WorkerPool:
             w.numbers = msg.values
         elif isinstance(msg, LogLine):
             self._to_file(w.index, msg.level, msg.message)
-        elif isinstance(msg, REPORTS) and self.peers is not None:
-            self.peers.report(w.index, msg)
 
     def order(self, index: int, msg: PeerOrder) -> None:
         """The registry's order to the worker holding that connection; dropped (counted) if that
@@ -244,11 +253,24 @@ class WorkerPool:
         return max((len(w.outbuf) for w in self.workers.values()), default=0)
 
     def send(self, w: Worker, msg: Message) -> None:
-        """To a worker, never blocking: what its pipe does not take now is written when it can."""
-        waiting = bool(w.outbuf)
+        """To a worker, never blocking: queued, and written once this loop turn's callbacks are done
+        (one write() of all that is queued for it, not one per order: a storm's turn sends hundreds);
+        what its pipe does not take then is written when it can."""
         w.outbuf += encode(msg)
-        if not waiting:  # else the pipe is full and _flush runs when it takes more
-            self._flush(w)
+        if w.writing or w.due:  # the pipe is full (its writer callback flushes), or a flush is due
+            return
+        w.due = True
+        self._due.append(w)
+        if self._due_timer is None:  # one timer for every worker's flush: after this turn's I/O
+            self._due_timer = self.loop.call_at(self.loop.time(), self._flush_due)
+
+    def _flush_due(self) -> None:
+        due, self._due, self._due_timer = self._due, [], None
+        workers = self.workers
+        for w in due:
+            w.due = False
+            if workers.get(w.pid) is w:  # (one that exited meanwhile: its descriptor is closed, maybe reused)
+                self._flush(w)
 
     def _flush(self, w: Worker) -> None:
         try:
