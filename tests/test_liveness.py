@@ -60,9 +60,9 @@ def run_until(loop: EventLoop, clock: FakeClock, t: float) -> None:
 
 
 @contextlib.contextmanager
-def pinged_connection() -> Iterator[tuple[FakeClock, EventLoop, Owner, socket.socket]]:
+def pinged_connection(start: float = 1000.0) -> Iterator[tuple[FakeClock, EventLoop, Owner, socket.socket]]:
     """A connection (4 s timeout) on virtual time whose peer has just pinged once; the peer's end too."""
-    clock = FakeClock()
+    clock = FakeClock(start)
     loop = EventLoop(clock, VirtualSelector(clock))
     owner = Owner(loop)
     a, b = socket.socketpair()
@@ -142,17 +142,9 @@ def test_a_deadline_a_float_bit_after_its_slots_end_neither_spins_nor_comes_earl
     start = 1308.8400000000001  # pings here: LATE after 2 s (half its 4 s timeout)
     deadline = start + 2.0
     assert math.ceil(deadline / WHEEL_RESOLUTION) * WHEEL_RESOLUTION < deadline  # the case itself
-    clock = FakeClock(start)
-    loop = EventLoop(clock, VirtualSelector(clock))
-    owner = Owner(loop)
-    a, b = socket.socketpair()
-    try:
-        conn = Connection(owner, a, "127.0.0.1:1", clock(), 4.0)
-        a.setblocking(False)
-        conn.start()
-        b.sendall(b"ping")
-        loop.run_once(0)
-        assert conn.state is PeerState.UP
+    with pinged_connection(start) as (clock, loop, owner, _):
+        (conn,) = loop.selector.handlers.values()
+        assert isinstance(conn, Connection) and conn.state is PeerState.UP
         turns = 0
         while not owner.verdicts and turns < 1000:
             loop.run_once(max_wait=5.0)
@@ -160,10 +152,6 @@ def test_a_deadline_a_float_bit_after_its_slots_end_neither_spins_nor_comes_earl
         assert turns < 50, "the wheel spun on a slot that ended before the deadline"
         assert owner.verdicts and owner.verdicts[0][1] is PeerState.LATE
         assert deadline < clock.now <= deadline + 2 * WHEEL_RESOLUTION
-    finally:
-        a.close()
-        b.close()
-        loop.close()
 
 
 def test_a_ping_has_the_time_its_socket_was_found_ready_and_a_last_look_its_own() -> None:

@@ -7,9 +7,35 @@ from pathlib import Path
 
 import pytest
 from helpers import drain
+from virtual_time import FakeClock
 
 from hbd.control import WRITE_SLICE, RequestServer, UnixListener
+from hbd.loop import EventLoop
 from hbd.pacing import BURST, FRACTION, MAX_DEBT, MIN_PAUSE, Duty, Pacer
+
+
+def timed_reply(
+    vloop: EventLoop, vclock: FakeClock, client: socket.socket, server: RequestServer, listener: UnixListener
+) -> tuple[float, float, bytes]:
+    """Read the whole reply while a 1 ms timer ticks: how long it took, the longest gap between ticks
+    (how long the loop was held), the bytes; then close everything."""
+    client.setblocking(False)
+    ticks: list[float] = []
+
+    def tick() -> None:
+        ticks.append(vclock())
+        vloop.call_later(0.001, tick)
+
+    tick()
+    t0 = vclock()
+    data = drain(vloop, client, 1.0, vclock)
+    duration = vclock() - t0
+    gap = max(b - a for a, b in itertools.pairwise(ticks))
+    assert not server.conns and server.pacer.big == 0
+    client.close()
+    server.close()
+    listener.remove()
+    return duration, gap, data
 
 
 def test_a_small_reply_is_never_paced() -> None:
@@ -93,23 +119,7 @@ def _serve(
     client = socket.socket(socket.AF_UNIX)
     client.connect(listener.path)
     client.sendall(b"status\n")
-    client.setblocking(False)
-    ticks: list[float] = []
-
-    def tick() -> None:
-        ticks.append(vclock())
-        vloop.call_later(0.001, tick)
-
-    tick()
-    t0 = vclock()
-    data = drain(vloop, client, 1.0, vclock)
-    duration = vclock() - t0
-    gaps = max(b - a for a, b in itertools.pairwise(ticks))
-    assert not server.conns and server.pacer.big == 0
-    client.close()
-    server.close()
-    listener.remove()
-    return duration, gaps, data
+    return timed_reply(vloop, vclock, client, server, listener)
 
 
 def test_a_big_reply_through_the_request_server_takes_work_over_fraction(tmp_path: Path, vclock, vloop) -> None:
@@ -207,22 +217,7 @@ def _ask_worker(tmp_path: Path, vclock, vloop, request: bytes, peers: int) -> tu
     client = socket.socket(socket.AF_UNIX)
     client.connect(listener.path)
     client.sendall(request)
-    client.setblocking(False)
-    ticks: list[float] = []
-
-    def tick() -> None:
-        ticks.append(vclock())
-        vloop.call_later(0.001, tick)
-
-    tick()
-    t0 = vclock()
-    data = drain(vloop, client, 1.0, vclock)
-    duration = vclock() - t0
-    gap = max(b - a for a, b in itertools.pairwise(ticks))
-    assert not server.conns and server.pacer.big == 0
-    client.close()
-    server.close()
-    listener.remove()
+    duration, gap, data = timed_reply(vloop, vclock, client, server, listener)
     return duration, gap, calls, data
 
 
