@@ -11,11 +11,10 @@ import logging
 import selectors
 import socket
 from collections.abc import Callable
-from socket import inet_ntoa
 from typing import TYPE_CHECKING, Protocol
 
 from hbd.loop import EVENT_HANGUP, EventLoop, HangUp, Timer
-from hbd.peer_address import Packed, pack, unpack
+from hbd.peer_address import Packed, host_of, pack, unpack
 from hbd.protocol import ProtocolError, ServerPeer
 from hbd.selector import ENDED, IN, OUT
 
@@ -97,10 +96,7 @@ class Connection(ServerPeer):
     @property
     def source(self) -> str:
         """The peer's address without the port (the unit of per-source log rate limits)."""
-        packed = self._addr
-        if isinstance(packed, int):
-            return inet_ntoa((packed >> 16).to_bytes(4, "big"))
-        return packed.rsplit(":", 1)[0]
+        return host_of(self._addr)
 
     def start(self, fd: int | None = None) -> None:
         """Serve it: watch the socket and file its first deadline. ``fd``: its descriptor as the owner

@@ -37,6 +37,13 @@ def unpack(packed: Packed) -> str:
     return f"{inet_ntoa((packed >> 16).to_bytes(4, 'big'))}:{packed & 65535}"
 
 
+def host_of(packed: Packed) -> str:
+    """The host part of the address that ``pack`` was given (everything before its last ``:``)."""
+    if isinstance(packed, str):
+        return packed.rsplit(":", 1)[0]
+    return inet_ntoa((packed >> 16).to_bytes(4, "big"))
+
+
 def of(host: str, port: int) -> Packed:
     """An accepted connection's address as ``pack(f"{host}:{port}")`` gives it, without the string
     in between (the kernel's IPv4 form reads back as it came; anything else is the string)."""

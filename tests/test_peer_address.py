@@ -7,7 +7,7 @@ import sys
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hbd.peer_address import pack, unpack
+from hbd.peer_address import host_of, of, pack, unpack
 
 
 def test_a_plain_ipv4_address_is_one_small_int_and_reads_back() -> None:
@@ -51,6 +51,7 @@ def test_anything_else_is_kept_as_it_came() -> None:
 @given(st.text(alphabet="0123456789.:[]abf \u00b2\u0661+-", max_size=24))
 def test_every_address_reads_back_as_it_came(address: str) -> None:
     assert unpack(pack(address)) == address
+    assert host_of(pack(address)) == address.rsplit(":", 1)[0]  # its host: all before the last ":"
 
 
 @given(st.ip_addresses(v=4), st.integers(0, 65535))
@@ -58,3 +59,4 @@ def test_every_ipv4_address_and_port_packs(ip: object, port: int) -> None:
     address = f"{ip}:{port}"
     assert isinstance(pack(address), int)
     assert unpack(pack(address)) == address
+    assert host_of(pack(address)) == host_of(of(str(ip), port)) == str(ip)
