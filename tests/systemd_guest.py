@@ -9,6 +9,7 @@ import contextlib
 import fcntl
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -168,10 +169,28 @@ def _try_lock(f: Any) -> bool:
 
 
 def free_port() -> int:
-    """A TCP port free on the host, and so in the guest, which shares our network namespace."""
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+    """A TCP port free on the host, and so in the guest, which shares our network namespace; below
+    the kernel's ephemeral range, so that no connection the other tests (run beside these) open can
+    take it as its local port while the guest's daemon is to listen there (one such collision failed
+    every hbd-server start of a guest in a parallel `make test`). Chosen at random, tried by binding."""
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = random.randrange(20000, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port in 20000-{low}")
+
+
+def _ephemeral_low() -> int:
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return max(low, 20001)
 
 
 @contextlib.contextmanager
