@@ -96,7 +96,7 @@ class Registrations:
     selector: selectors.BaseSelector
     _epoll: EpollSelector | None  # the selector when it is ours (watch() needs it), else None
     _in_io: bool  # the turn's I/O callbacks are running
-    _gone: set[Handler]  # handlers forgotten meanwhile: their events already returned are skipped
+    _gone: set[int]  # descriptors forgotten meanwhile: their events already returned are skipped
 
     def add_reader(self, sock: FileLike, callback: Callback, hung_up: HangUp | None = None) -> None:
         _set_callback(self.selector, sock, 0, callback, hung_up)  # hung_up: see HangUp
@@ -134,15 +134,17 @@ class Registrations:
     def forget(self, sock: FileLike) -> None:
         """Drop every callback of a socket that is about to be closed."""
         if self._epoll is not None and self._epoll.handlers:
-            handler = self._epoll.unwatch(sock if isinstance(sock, int) else sock.fileno())
-            if handler is not None:
+            fd = sock if isinstance(sock, int) else sock.fileno()
+            if self._epoll.unwatch(fd) is not None:
                 if self._in_io:
-                    self._gone.add(handler)
+                    self._gone.add(fd)  # its events of this turn are skipped, even if the number is reused
                 return
         try:
             key = self.selector.unregister(sock)
         except (KeyError, ValueError):
             return
+        if self._in_io:
+            self._gone.add(key.fd)
         key.data[0] = key.data[1] = key.data[2] = None  # events already returned for it in this turn are skipped
 
 
@@ -269,7 +271,11 @@ class EventLoop(Registrations):
         timeout = max_wait
         if timers:
             timeout = min(max(timers[0].when - before, 0.0), max_wait)
-        events = self.selector.select(timeout)
+        if (sel := self._epoll) is not None:
+            ready = sel.poll(timeout)  # epoll's own (fd, bits): dispatched below, no list or tuple of ours
+            events: list[tuple[selectors.SelectorKey, int]] = []
+        else:
+            ready, events = [], self.selector.select(timeout)
         now = seg = woke = self.woke = self.clock()
         if woke - self._cpu_at > CPU_EVERY:
             self._cpu, self._cpu_at = self.cpu_clock(), woke
@@ -281,25 +287,16 @@ class EventLoop(Registrations):
         if gone:
             gone.clear()
         self._in_io = True
-        for key, mask in events:
-            cbs = key.data
-            cb = None
-            try:  # free unless something raises (3.11): no cost per event on the normal path
-                if mask & _HANGUP and (cb := cbs[2]) is not None:  # only a socket with one is told (HangUp)
-                    cb(key.fileobj)
-                elif mask & _READ:
-                    cb = cbs[0]
-                    if cb is not None:
-                        cb()
-                if mask & _WRITE:
-                    cb = cbs[1]
-                    if cb is not None:
-                        cb()
-            except Exception as exc:
-                self.report_error(key.fileobj, cb, exc)
-        if (sel := self._epoll) is not None:
-            for handler, bits in sel.handled:  # (watch())
-                if gone and handler in gone:
+        for key, mask in events:  # (a selector other than ours)
+            self._run_key(key, mask)
+        if ready:
+            assert sel is not None
+            handlers = sel.handlers
+            for fd, bits in ready:
+                handler = handlers.get(fd)  # looked up now: a handler forgotten earlier in the turn has none
+                if handler is None or gone:  # a callback's descriptor, or something was forgotten this turn
+                    if not (gone and fd in gone):
+                        self._run_other(sel, fd, bits, handler)
                     continue
                 try:
                     handler.on_read(bits)
@@ -345,6 +342,37 @@ class EventLoop(Registrations):
             self.max_lag = lag
         if self._cancelled > 4096 and self._cancelled * 2 > len(timers):
             self._compact()
+
+    def _run_key(self, key: selectors.SelectorKey, mask: int) -> None:
+        """A socket's callbacks (add_reader ...) for the selector's events."""
+        cbs = key.data
+        cb = None
+        try:  # free unless something raises (3.11): no cost per event on the normal path
+            if mask & _HANGUP and (cb := cbs[2]) is not None:  # only a socket with one is told (HangUp)
+                cb(key.fileobj)
+            elif mask & _READ:
+                cb = cbs[0]
+                if cb is not None:
+                    cb()
+            if mask & _WRITE:
+                cb = cbs[1]
+                if cb is not None:
+                    cb()
+        except Exception as exc:
+            self.report_error(key.fileobj, cb, exc)
+
+    def _run_other(self, sel: EpollSelector, fd: int, bits: int, handler: Handler | None) -> None:
+        """An event the loop's usual path does not take: a descriptor with callbacks (a key), or any
+        while something forgotten this turn has been skipped (watch()'s handler, still watched)."""
+        if handler is None:
+            event = sel.key_event(fd, bits)
+            if event is not None:
+                self._run_key(*event)
+            return
+        try:
+            handler.on_read(bits)
+        except Exception as exc:
+            self.report_error(None, handler.on_read, exc)
 
     def report_error(self, fileobj: FileLike | None, callback: Callable[..., object] | None, exc: Exception) -> None:
         """One callback raised: the others of this turn still run (one bad connection must not

@@ -17,11 +17,11 @@ loop can hand an end to a cheaper callback than a read (docs/performance.md, "Ma
 survivor's ping waits behind every end ready before it).
 
 A descriptor can also be watched for a handler object (``watch``): its events are not returned by
-``select()`` as ``(key, mask)`` but kept in ``handled`` as ``(handler, epoll's bits)`` for the loop to
-pass to ``handler.on_read`` as they are. That is the server's connections' way (hbd.connection): per
-connection one table entry to the connection itself, where a registration keeps a ``SelectorKey``, its
-table entry and the loop's callback list with a bound method in it (about 250 bytes); and per event
-no mask to build (docs/performance.md, "A leaner connection layer").
+``select()`` as ``(key, mask)``; the loop takes epoll's ``(fd, bits)`` from ``poll()`` and passes the
+bits to ``handlers[fd].on_read`` as they are. That is the server's connections' way (hbd.connection):
+per connection one table entry to the connection itself, where a registration keeps a ``SelectorKey``,
+its table entry and the loop's callback list with a bound method in it (about 250 bytes); and per event
+no mask, tuple or list entry of ours (docs/performance.md, "A leaner connection layer").
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 import select
 import selectors
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -66,9 +65,6 @@ class Handler(Protocol):
     def on_read(self, bits: int) -> object: ...  # its descriptor is ready: epoll's bits, IN alone for a read
 
 
-_NOTHING: Sequence[tuple[Handler, int]] = ()
-
-
 class EpollSelector(selectors.EpollSelector):
     max_events = MAX_EVENTS
 
@@ -79,9 +75,11 @@ class EpollSelector(selectors.EpollSelector):
         self._epoll: select.epoll = vars(self)["_selector"]
         self._keys: dict[int, selectors.SelectorKey] = vars(self)["_fd_to_key"]
         self.handlers: dict[int, Handler] = {}  # descriptors watched for a handler (watch()), not in _keys
-        self.handled: Sequence[tuple[Handler, int]] = _NOTHING  # their events from the last select()
 
-    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+    def poll(self, timeout: float | None = None) -> list[tuple[int, int]]:
+        """Wait up to ``timeout`` seconds (None: no limit) and return epoll's ready descriptors as it gives
+        them, ``(fd, bits)``, at most ``max_events``: the loop passes a handler's (``handlers[fd]``) its bits
+        and makes a key's event with ``key_event``; no list or tuple of ours per event."""
         if timeout is None:
             timeout = -1
         elif timeout <= 0:
@@ -91,19 +89,21 @@ class EpollSelector(selectors.EpollSelector):
         try:
             ready = self._epoll.poll(timeout, self.max_events)
         except InterruptedError:
-            self.handled = _NOTHING
             return []
         self.full = len(ready) >= self.max_events
-        handlers = self.handlers
-        if handlers:
-            handled = self.handled = [(h, ev) for fd, ev in ready if (h := handlers.get(fd)) is not None]
-            if len(handled) == len(ready):  # the usual turn under load: connections' events only
-                return []
-        else:
-            self.handled = _NOTHING
+        return ready
+
+    def key_event(self, fd: int, bits: int) -> tuple[selectors.SelectorKey, int] | None:
+        """A registered (not watched) descriptor's ready ``bits`` as ``select()`` reports them."""
+        key = self._keys.get(fd)
+        return None if key is None else (key, _MASKS[bits & _BITS] & key.events)
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        """The standard library's interface, for registered descriptors only: a watched one's events
+        go to its handler, which only ``EventLoop`` (through ``poll``) calls."""
         keys = self._keys
         masks = _MASKS
-        return [(key, masks[ev & _BITS] & key.events) for fd, ev in ready if (key := keys.get(fd)) is not None]
+        return [(key, masks[ev & _BITS] & key.events) for fd, ev in self.poll(timeout) if (key := keys.get(fd)) is not None]
 
     def watch(self, fd: int, handler: Handler, events: int) -> None:
         """Watch ``fd`` for ``events`` (EVENT_READ, EVENT_WRITE, EVENT_HANGUP) and pass what comes to
@@ -129,7 +129,6 @@ class EpollSelector(selectors.EpollSelector):
 
     def close(self) -> None:
         self.handlers.clear()
-        self.handled = _NOTHING
         super().close()
 
     def register(self, fileobj: FileDescriptorLike, events: int, data: object = None) -> selectors.SelectorKey:

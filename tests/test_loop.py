@@ -136,14 +136,14 @@ def test_stall_is_reported(vloop: EventLoop, vclock: FakeClock) -> None:
     loop.stall_callbacks.append(lambda planned, woke: stalls.append((planned, woke)))
     loop.call_later(1.0, lambda: clock.advance(0))
 
-    real_select = loop.selector.select
+    real_poll = loop.selector.poll  # type: ignore[attr-defined]
 
-    def slow_select(timeout):  # the process was stopped while waiting
-        ready = real_select(timeout)
+    def slow_poll(timeout):  # the process was stopped while waiting
+        ready = real_poll(timeout)
         clock.advance(STALL_THRESHOLD + 5)
         return ready
 
-    loop.selector.select = slow_select  # type: ignore[method-assign]
+    loop.selector.poll = slow_poll  # type: ignore[attr-defined]
     loop.run_once()
     assert stalls == [(1001.0, 1001.0 + STALL_THRESHOLD + 5)]
 

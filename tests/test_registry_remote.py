@@ -137,7 +137,7 @@ def test_a_greeted_pinging_marked_connection_costs_its_worker_little_memory() ->
     def serve() -> None:  # until every connection's bytes are read (256 ready sockets a turn)
         for _ in range(4 * n // 256 + 4):
             vloop.run_once(0)
-            if not vloop.selector.handled:  # type: ignore[attr-defined]
+            if not vloop.selector.last_ready:  # type: ignore[attr-defined]
                 return
 
     try:

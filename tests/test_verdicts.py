@@ -120,15 +120,15 @@ def test_only_the_time_we_did_not_run_is_forgiven_and_never_as_an_up(tmp_path: P
     t_up = events[0][0]
     run_until(loop, clock, t_up + 1.5)  # LATE since 1.0
     assert srv.late == 1
-    real_select = loop.selector.select
+    real_poll = loop.selector.poll  # type: ignore[attr-defined]
 
-    def stopped_select(timeout=None):  # the process is SIGSTOPped for 1 s while it waits
-        loop.selector.select = real_select
-        ready = real_select(timeout)
+    def stopped_poll(timeout=None):  # the process is SIGSTOPped for 1 s while it waits
+        loop.selector.poll = real_poll  # type: ignore[attr-defined]
+        ready = real_poll(timeout)
         clock.advance(1.0)
         return ready
 
-    loop.selector.select = stopped_select
+    loop.selector.poll = stopped_poll  # type: ignore[attr-defined]
     run_until(loop, clock, t_up + 4.0)
     assert [e[1] for e in events] == ["up", "late", "down"]
     assert srv.ops.stalls == 1

@@ -30,10 +30,11 @@ class VirtualSelector(EpollSelector):
         super().__init__()
         self.clock = clock
         self.waits: list[float] = []
+        self.last_ready: list[tuple[int, int]] = []  # what the latest poll() found
 
-    def select(self, timeout: float | None = None):  # type: ignore[override]
-        ready = super().select(0)
-        if not ready and not self.handled and timeout:  # (handled: the events of watch()'s handlers)
+    def poll(self, timeout: float | None = None) -> list[tuple[int, int]]:
+        ready = self.last_ready = super().poll(0)
+        if not ready and timeout:
             self.waits.append(timeout)
             self.clock.advance(timeout)
         return ready
