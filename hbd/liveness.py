@@ -100,6 +100,9 @@ class Liveness:
         backlog.extend(wheel.pop_due(now))  # after the slots left from an earlier turn: earliest first
         checks = WHEEL_CHECKS
         soon = now + AFTER_NOW  # (once a turn, not once a connection)
+        # The last re-filing's deadline, slot and list: peers that pinged in the same turn have the same
+        # deadline and sit next to each other in a slot (filed together), so most re-filings reuse it
+        last_when, last_tick, last_filed = -1.0, 0, None
         try:
             while backlog and checks:
                 slot, conns = backlog.popleft()
@@ -109,6 +112,10 @@ class Liveness:
                     # conn.next_deadline() inlined (once a ping: a Python call costs as much as the rest):
                     # an UP peer's next verdict is LATE at half its timeout, any other's at its timeout
                     when = conn.last_heard + (conn.timeout * 0.5 if conn.state is _UP else conn.timeout)
+                    if when == last_when:
+                        last_filed.append(conn)  # type: ignore[union-attr]
+                        conn.slot = last_tick
+                        continue
                     # it pinged since it was filed (the usual case): just re-file, about once a ping:
                     # wheel.add() inlined for a slot already in use (most are). Not within AFTER_NOW
                     # of now: a deadline a float's last bit after its slot's end goes to check(),
@@ -117,16 +124,19 @@ class Liveness:
                         tick = _ceil(when * per)
                         filed = slots.get(tick)
                         if filed is None:
-                            conn.slot = add(when, conn)
+                            tick = conn.slot = add(when, conn)
+                            filed = slots[tick]
                         else:
                             filed.append(conn)
                             conn.slot = tick
+                        last_when, last_tick, last_filed = when, tick, filed
                         continue
                     if not checks:  # this turn's share is done: the rest of the slot comes next turn
                         backlog.appendleft((slot, conns[i:]))
                         break
                     checks -= 1
                     conn.slot = -1
+                    last_when = -1.0  # a verdict may close connections and so empty (drop) that slot's list
                     try:
                         self.check(conn)
                     except Exception as exc:  # that connection only: the others are still due
