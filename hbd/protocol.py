@@ -26,6 +26,8 @@ PING = b"ping"
 PONG = b"pong"
 PING_LINE = b"ping\n"
 PONG_LINE = b"pong\n"
+# A read that is exactly one ping, bare or a line, and its answer: the usual read of a connection
+ANSWERS = {PING: PONG, PING_LINE: PONG_LINE}
 HELLO = b"hello "
 # Longest greeting line we accept; also bounds how much a peer can make us buffer.
 MAX_LINE = 256
@@ -123,19 +125,7 @@ class ServerPeer:
 
         Raises ProtocolError on garbage or when the peer exceeds the input bounds.
         """
-        if not self._buf and self.state is _UP:  # the steady state: one whole ping per read, as clients send
-            if data == PING:  # them; what _alive() does for an UP peer, inlined: this is most of the reads
-                self._echo = True
-                self.last_heard = now
-                self.pings += 1
-                self._junk = 0
-                return PONG
-            if data == PING_LINE:
-                self._echo = False
-                self.last_heard = now
-                self.pings += 1
-                self._junk = 0
-                return PONG_LINE
+        # (A plain connection answers the usual read, one whole ping from an UP peer, itself: hbd.connection)
         buf = self._buf + data if self._buf else data
         out: list[bytes] = []
         pings = 0

@@ -10,9 +10,11 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from helpers import bytes_each, close_pairs
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hbd.connection import MAX_OUTBUF, Connection
-from hbd.protocol import Hello, PeerState, StateChange
+from hbd.protocol import Hello, PeerState, ProtocolError, ServerPeer, StateChange
 
 
 class FakeLoop:
@@ -258,3 +260,56 @@ def test_a_watched_connection_waits_for_room_through_its_own_events(pair) -> Non
     finally:
         loop.forget(ours)
         loop.close()
+
+
+class ScriptedSocket:
+    """recv() returns the given bytes once; send() takes everything."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.sent = b""
+
+    def recv(self, size: int) -> bytes:
+        data, self.data = self.data, b""
+        return data
+
+    def send(self, data: bytes) -> int:
+        self.sent += data
+        return len(data)
+
+
+_PEER_FIELDS = ("state", "last_heard", "pings", "_buf", "_echo", "_junk", "name", "interval", "timeout")
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    state=st.sampled_from(list(PeerState)),
+    buf=st.sampled_from([b"", b"p", b"pin", b"ping\r", b"hello ab"]),
+    echo=st.booleans(),
+    junk=st.integers(0, 1024),
+    pings=st.integers(0, 300),
+    data=st.sampled_from([b"ping", b"ping\n", b"ping\r\n", b"pingping", b"\n", b"pong", b"hello a\n", b"p", b"x"]),
+)
+def test_a_reads_inlined_answer_is_exactly_what_feed_does(state, buf, echo, junk, pings, data) -> None:
+    """on_read answers the usual read (one whole ping from an UP peer, nothing buffered) itself rather
+    than through feed(): for every state and input the peer ends as feed() leaves it and the bytes sent
+    are feed()'s reply, so the inlined form cannot drift from the protocol's rule."""
+    owner = Owner()
+    sock = ScriptedSocket(data)
+    conn = Connection(owner, sock, "127.0.0.1:5000", 50.0, 3.0)  # type: ignore[arg-type]
+    twin = ServerPeer(50.0, 3.0)
+    for peer in (conn, twin):
+        peer.state, peer._buf, peer._echo, peer._junk, peer.pings = state, buf, echo, junk, pings
+    try:
+        reply = twin.feed(data, owner.now)
+    except ProtocolError as exc:
+        reply, refused = b"", str(exc)
+    else:
+        refused = None
+    conn.on_read()
+    assert [getattr(conn, f) for f in _PEER_FIELDS] == [getattr(twin, f) for f in _PEER_FIELDS]
+    assert owner.events + (conn.events or []) == (twin.events or [])
+    if refused is None:
+        assert sock.sent == reply and owner.calls == []
+    else:
+        assert sock.sent == b"" and owner.calls == [("reject", refused)]
