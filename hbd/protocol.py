@@ -26,8 +26,6 @@ PING = b"ping"
 PONG = b"pong"
 PING_LINE = b"ping\n"
 PONG_LINE = b"pong\n"
-# A read that is exactly one ping, bare or a line, and its answer: the usual read of a connection
-ANSWERS = {PING: PONG, PING_LINE: PONG_LINE}
 HELLO = b"hello "
 # Longest greeting line we accept; also bounds how much a peer can make us buffer.
 MAX_LINE = 256
