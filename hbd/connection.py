@@ -153,8 +153,11 @@ class Connection(ServerPeer):
             except ProtocolError as exc:
                 self.owner.reject(self, str(exc))
                 return
-        if self.events or not reply or self.outbuf:
-            self.answer(reply)
+            if self.events or not reply:
+                self.answer(reply)
+                return
+        if self.outbuf:  # behind what is queued (a ping above has no events and a reply)
+            self.send(reply)
             return
         try:
             sent = self.sock.send(reply)

@@ -293,7 +293,10 @@ class EventLoop(Registrations):
             assert sel is not None
             handlers = sel.handlers
             for fd, bits in ready:
-                handler = handlers.get(fd)  # looked up now: a handler forgotten earlier in the turn has none
+                try:  # looked up now: a handler forgotten earlier in the turn has none
+                    handler = handlers[fd]  # (a subscript, not .get(): no method call per event)
+                except KeyError:
+                    handler = None
                 if handler is None or gone:  # a callback's descriptor, or something was forgotten this turn
                     if not (gone and fd in gone):
                         self._run_other(sel, fd, bits, handler)
