@@ -106,7 +106,7 @@ class Liveness:
         try:
             while backlog and checks:
                 slot, conns = backlog.popleft()
-                for i, conn in enumerate(conns):
+                for conn in conns:  # (no enumerate(): where it stopped is looked up when it stops)
                     if conn.slot != slot:
                         continue  # closed since
                     # conn.next_deadline() inlined (once a ping: a Python call costs as much as the rest):
@@ -132,7 +132,7 @@ class Liveness:
                         last_when, last_tick, last_filed = when, tick, filed
                         continue
                     if not checks:  # this turn's share is done: the rest of the slot comes next turn
-                        backlog.appendleft((slot, conns[i:]))
+                        backlog.appendleft((slot, conns[conns.index(conn) :]))  # (a connection is filed once)
                         break
                     checks -= 1
                     conn.slot = -1

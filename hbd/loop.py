@@ -21,7 +21,7 @@ import signal
 import socket
 import time
 from bisect import bisect_left
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from hbd.selector import (  # noqa: F401 (MAX_EVENTS: tests)
@@ -269,11 +269,15 @@ class EventLoop(Registrations):
             self._cancelled -= 1
         before = self.clock()
         timeout = max_wait
-        if timers:
-            timeout = min(max(timers[0].when - before, 0.0), max_wait)
+        if timers:  # (min()/max() cost two builtin calls a turn)
+            timeout = timers[0].when - before
+            if timeout > max_wait:
+                timeout = max_wait
+            elif timeout < 0.0:
+                timeout = 0.0
         if (sel := self._epoll) is not None:
             ready = sel.poll(timeout)  # epoll's own (fd, bits): dispatched below, no list or tuple of ours
-            events: list[tuple[selectors.SelectorKey, int]] = []
+            events: Sequence[tuple[selectors.SelectorKey, int]] = ()
         else:
             ready, events = [], self.selector.select(timeout)
         now = seg = woke = self.woke = self.clock()
@@ -289,16 +293,17 @@ class EventLoop(Registrations):
         self._in_io = True
         for key, mask in events:  # (a selector other than ours)
             self._run_key(key, mask)
-        if ready:
-            assert sel is not None
+        if sel is not None:
             handlers = sel.handlers
             for fd, bits in ready:
                 try:  # looked up now: a handler forgotten earlier in the turn has none
                     handler = handlers[fd]  # (a subscript, not .get(): no method call per event)
-                except KeyError:
-                    handler = None
-                if handler is None or gone:  # a callback's descriptor, or something was forgotten this turn
+                except KeyError:  # a callback's descriptor (a key), or one forgotten this turn
                     if not (gone and fd in gone):
+                        self._run_other(sel, fd, bits, None)
+                    continue
+                if gone:  # something was forgotten this turn: its number may be another's by now
+                    if fd not in gone:
                         self._run_other(sel, fd, bits, handler)
                     continue
                 try:

@@ -4,6 +4,7 @@ buffer, a peer that does not read its pongs, the end and garbage."""
 
 from __future__ import annotations
 
+import inspect
 import socket
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -13,7 +14,8 @@ from helpers import bytes_each, close_pairs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hbd.connection import MAX_OUTBUF, Connection
+from hbd.connection import MAX_OUTBUF, RECV_SIZE, Connection
+from hbd.selector import IN
 from hbd.protocol import Hello, PeerState, ProtocolError, ServerPeer, StateChange
 
 
@@ -313,3 +315,8 @@ def test_a_reads_inlined_answer_is_exactly_what_feed_does(state, buf, echo, junk
         assert sock.sent == reply and owner.calls == []
     else:
         assert sock.sent == b"" and owner.calls == [("reject", refused)]
+
+
+def test_the_constants_the_read_is_written_with_are_the_modules() -> None:
+    assert inspect.getsource(Connection.on_read).count("bits != 1") == 1 and IN == 1
+    assert inspect.getsource(Connection.on_read).count("recv(4096)") == 1 and RECV_SIZE == 4096
