@@ -101,9 +101,9 @@ class EpollSelector(selectors.EpollSelector):
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         """The standard library's interface, for registered descriptors only: a watched one's events
         go to its handler, which only ``EventLoop`` (through ``poll``) calls."""
-        keys = self._keys
-        masks = _MASKS
-        return [(key, masks[ev & _BITS] & key.events) for fd, ev in self.poll(timeout) if (key := keys.get(fd)) is not None]
+        keys, masks = self._keys, _MASKS
+        ready = self.poll(timeout)
+        return [(key, masks[ev & _BITS] & key.events) for fd, ev in ready if (key := keys.get(fd)) is not None]
 
     def watch(self, fd: int, handler: Handler, events: int) -> None:
         """Watch ``fd`` for ``events`` (EVENT_READ, EVENT_WRITE, EVENT_HANGUP) and pass what comes to

@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hbd.connection import MAX_OUTBUF, RECV_SIZE, Connection
-from hbd.selector import IN
 from hbd.protocol import Hello, PeerState, ProtocolError, ServerPeer, StateChange
+from hbd.selector import IN
 
 
 class FakeLoop:
