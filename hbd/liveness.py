@@ -102,7 +102,8 @@ class Liveness:
         soon = now + AFTER_NOW  # (once a turn, not once a connection)
         # The last re-filing's deadline, slot and list: peers that pinged in the same turn have the same
         # deadline and sit next to each other in a slot (filed together), so most re-filings reuse it
-        last_when, last_tick, last_filed = -1.0, 0, None
+        last_when, last_tick = -1.0, 0  # (no deadline is negative)
+        last_filed: list[Connection] = []
         try:
             while backlog and checks:
                 slot, conns = backlog.popleft()
@@ -113,7 +114,7 @@ class Liveness:
                     # an UP peer's next verdict is LATE at half its timeout, any other's at its timeout
                     when = conn.last_heard + (conn.timeout * 0.5 if conn.state is _UP else conn.timeout)
                     if when == last_when:
-                        last_filed.append(conn)  # type: ignore[union-attr]
+                        last_filed.append(conn)
                         conn.slot = last_tick
                         continue
                     # it pinged since it was filed (the usual case): just re-file, about once a ping:
