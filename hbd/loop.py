@@ -97,6 +97,7 @@ class Registrations:
     _epoll: EpollSelector | None  # the selector when it is ours (watch() needs it), else None
     _in_io: bool  # the turn's I/O callbacks are running
     _gone: set[int]  # descriptors forgotten meanwhile: their events already returned are skipped
+    report_error: Callable[[FileLike | None, Callable[..., object] | None, Exception], None]  # (EventLoop's)
 
     def add_reader(self, sock: FileLike, callback: Callback, hung_up: HangUp | None = None) -> None:
         _set_callback(self.selector, sock, 0, callback, hung_up)  # hung_up: see HangUp
@@ -147,8 +148,62 @@ class Registrations:
             self._gone.add(key.fd)
         key.data[0] = key.data[1] = key.data[2] = None  # events already returned for it in this turn are skipped
 
+    def _run_key(self, key: selectors.SelectorKey, mask: int) -> None:
+        """A socket's callbacks (add_reader ...) for the selector's events."""
+        cbs = key.data
+        cb = None
+        try:  # free unless something raises (3.11): no cost per event on the normal path
+            if mask & _HANGUP and (cb := cbs[2]) is not None:  # only a socket with one is told (HangUp)
+                cb(key.fileobj)
+            elif mask & _READ:
+                cb = cbs[0]
+                if cb is not None:
+                    cb()
+            if mask & _WRITE:
+                cb = cbs[1]
+                if cb is not None:
+                    cb()
+        except Exception as exc:
+            self.report_error(key.fileobj, cb, exc)
 
-class EventLoop(Registrations):
+    def _run_other(self, sel: EpollSelector, fd: int, bits: int, handler: Handler | None) -> None:
+        """An event the loop's usual path does not take: a descriptor with callbacks (a key), or any
+        while something forgotten this turn has been skipped (watch()'s handler, still watched)."""
+        if handler is None:
+            event = sel.key_event(fd, bits)
+            if event is not None:
+                self._run_key(*event)
+            return
+        try:
+            handler.on_read(bits)
+        except Exception as exc:
+            self.report_error(None, handler.on_read, exc)
+
+
+class Stalls:
+    """EventLoop's part that tells a stall (our process stopped or starved) from a long turn of work."""
+
+    cpu_clock: Callable[[], float]
+    _cpu: float
+    _cpu_at: float
+    stall_callbacks: list[Callable[[float, float], object]]
+
+    def _check_turn(self, start: float, cpu_start: float, end: float) -> float:
+        """A stretch of a turn that took much longer than the CPU it used: we were stopped or starved
+        in the middle of it. Returns the CPU clock now, for the next stretch."""
+        cpu = self.cpu_clock()
+        self._cpu, self._cpu_at = cpu, end
+        idle = (end - start) - (cpu - cpu_start)
+        if idle > STALL_THRESHOLD:
+            self._stalled(end - idle, end)
+        return cpu
+
+    def _stalled(self, planned: float, woke: float) -> None:
+        for cb in self.stall_callbacks:
+            cb(planned, woke)
+
+
+class EventLoop(Registrations, Stalls):
     def __init__(
         self,
         clock: Callable[[], float] = time.monotonic,
@@ -268,13 +323,11 @@ class EventLoop(Registrations):
             heapq.heappop(timers)
             self._cancelled -= 1
         before = self.clock()
-        timeout = max_wait
-        if timers:  # (min()/max() cost two builtin calls a turn)
-            timeout = timers[0].when - before
-            if timeout > max_wait:
-                timeout = max_wait
-            elif timeout < 0.0:
-                timeout = 0.0
+        timeout = timers[0].when - before if timers else max_wait  # (min()/max(): two builtin calls a turn)
+        if timeout > max_wait:
+            timeout = max_wait
+        elif timeout < 0.0:
+            timeout = 0.0
         if (sel := self._epoll) is not None:
             ready = sel.poll(timeout)  # epoll's own (fd, bits): dispatched below, no list or tuple of ours
             events: Sequence[tuple[selectors.SelectorKey, int]] = ()
@@ -351,57 +404,12 @@ class EventLoop(Registrations):
         if self._cancelled > 4096 and self._cancelled * 2 > len(timers):
             self._compact()
 
-    def _run_key(self, key: selectors.SelectorKey, mask: int) -> None:
-        """A socket's callbacks (add_reader ...) for the selector's events."""
-        cbs = key.data
-        cb = None
-        try:  # free unless something raises (3.11): no cost per event on the normal path
-            if mask & _HANGUP and (cb := cbs[2]) is not None:  # only a socket with one is told (HangUp)
-                cb(key.fileobj)
-            elif mask & _READ:
-                cb = cbs[0]
-                if cb is not None:
-                    cb()
-            if mask & _WRITE:
-                cb = cbs[1]
-                if cb is not None:
-                    cb()
-        except Exception as exc:
-            self.report_error(key.fileobj, cb, exc)
-
-    def _run_other(self, sel: EpollSelector, fd: int, bits: int, handler: Handler | None) -> None:
-        """An event the loop's usual path does not take: a descriptor with callbacks (a key), or any
-        while something forgotten this turn has been skipped (watch()'s handler, still watched)."""
-        if handler is None:
-            event = sel.key_event(fd, bits)
-            if event is not None:
-                self._run_key(*event)
-            return
-        try:
-            handler.on_read(bits)
-        except Exception as exc:
-            self.report_error(None, handler.on_read, exc)
-
     def report_error(self, fileobj: FileLike | None, callback: Callable[..., object] | None, exc: Exception) -> None:
         """One callback raised: the others of this turn still run (one bad connection must not
         take the process, or the peers served after it in this turn, down with it)."""
         if self.on_error is None:
             raise exc
         self.on_error(fileobj, callback, exc)  # type: ignore[arg-type]
-
-    def _check_turn(self, start: float, cpu_start: float, end: float) -> float:
-        """A stretch of a turn that took much longer than the CPU it used: we were stopped or starved
-        in the middle of it. Returns the CPU clock now, for the next stretch."""
-        cpu = self.cpu_clock()
-        self._cpu, self._cpu_at = cpu, end
-        idle = (end - start) - (cpu - cpu_start)
-        if idle > STALL_THRESHOLD:
-            self._stalled(end - idle, end)
-        return cpu
-
-    def _stalled(self, planned: float, woke: float) -> None:
-        for cb in self.stall_callbacks:
-            cb(planned, woke)
 
     def _compact(self) -> None:
         self._timers = [t for t in self._timers if not t.cancelled]
