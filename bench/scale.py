@@ -306,6 +306,13 @@ def gen_command(p: Plan, port: int, start_at: float) -> list[str]:
     ]
 
 
+def _hbd_module() -> list[str]:
+    """``-m hbd``, or hbd under bench/turntrace.py when HBD_BENCH_TURNTRACE names a file (the
+    supervisor's long turns taken apart: its callbacks, their CPU, the collector's passes)."""
+    trace = os.environ.get("HBD_BENCH_TURNTRACE")
+    return ["-m", "bench.turntrace", trace] if trace else ["-m", "hbd"]
+
+
 def run(p: Plan, tmp: Path, min_free: int, log: Any = sys.stderr) -> dict[str, Any]:
     """One measured run; the raw record (derive() makes the figures)."""
     (tmp / "state").mkdir()
@@ -317,7 +324,7 @@ def run(p: Plan, tmp: Path, min_free: int, log: Any = sys.stderr) -> dict[str, A
     out = tmp / "hbd.out"
     with open(out, "wb") as f:
         proc = subprocess.Popen(
-            [servers.PYTHON, "-m", "hbd", "server", "-c", str(cfg)],
+            [servers.PYTHON, *_hbd_module(), "server", "-c", str(cfg)],
             cwd=servers.REPO,
             env=env,
             stdin=subprocess.DEVNULL,

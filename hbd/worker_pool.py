@@ -53,9 +53,13 @@ MAX_OUTBUF = 1 << 20  # bytes queued for one worker past which the registry's or
 # and a turn of the 100,000-client reconnect storm took 0.4-1.3 s on the loaded 2-core machine
 # (preempted ~10x as long as it ran): 16 KB was about 200 reports, 8-10 ms. Packed (hbd.workers_codec)
 # a report is half as long (a greeting ~45 bytes, its first ping ~50): 8 KB is those 200 reports.
-TURN_READ = 8 * 1024
+# In bench.scale's teardown (99,000 ends at once, the state store on: 30-38 us an end) that was 7-9 ms
+# of CPU a turn, and the turns took 60-210 ms: 17 tasks runnable on 2 cores, the supervisor's wait in
+# the run queue 8-23x the CPU it used (so the wall time of a turn grows with its CPU). 2 KB is ~56 ends
+# or ~45 reports of a storm, ~2 ms; a turn's own cost (a select, a read per pipe) is a few percent of it.
+TURN_READ = 2 * 1024
 _REPORTS = frozenset(REPORTS)
-MIN_READ = 1024
+MIN_READ = 256  # a few reports: with more than TURN_READ / MIN_READ workers (8) a turn reads more
 # The supervisor's signals (LOOP_SIGNALS) are blocked across fork() and in a new worker until its own loop
 # handles them (Daemon.run unblocks them): until then the worker still has the supervisor's handlers, whose
 # wakeup fd is the supervisor's (a SIGHUP meant for the worker would reload the supervisor). A signal sent
