@@ -8,6 +8,7 @@ turn longer than MS (default 40): its
 monotonic end, wall / thread CPU / process CPU (ms), the GC passes in it (generation, ms) and the
 callbacks that ran, by name (name, how many, wall, CPU, process CPU, ms), and at exit a summary line. A
 measuring tool: two clock reads per callback of the supervisor's loop; the workers are not traced.
+HBD_TURNTRACE_WORKER_NICE=N (an experiment): each worker runs N nicer than the supervisor.
 """
 
 from __future__ import annotations
@@ -159,6 +160,17 @@ def trace(path: str, over_ms: float) -> None:
             instrument(self)
 
     EventLoop.__init__ = traced_init  # type: ignore[method-assign]
+    nice = int(os.environ.get("HBD_TURNTRACE_WORKER_NICE", "0"))
+    if nice:  # an experiment: the workers this much nicer than the supervisor (its share of the cores)
+        from hbd.workers import Supervisor
+
+        run_worker = Supervisor._run_worker
+
+        def niced(self: Supervisor, *args: Any) -> int:
+            os.nice(nice)
+            return run_worker(self, *args)
+
+        Supervisor._run_worker = niced  # type: ignore[method-assign]
     gc.callbacks.append(on_gc)
 
     def summary() -> None:

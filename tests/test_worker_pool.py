@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import time
@@ -202,6 +203,46 @@ def test_a_turns_orders_to_a_worker_are_one_write(monkeypatch) -> None:
             os.close(r)
             os.close(w)
         loop.close()
+
+
+def test_a_storms_orders_are_written_at_most_every_flush_gap(monkeypatch, vloop, vclock) -> None:
+    """Turns of a storm 2 ms apart, each ordering marks to two workers: their orders are written once
+    per FLUSH_GAP (one write per worker), not once per turn (a write wakes a worker, and the woken
+    worker may take the supervisor's core); after a quiet FLUSH_GAP an order is written in its turn."""
+    import hbd.worker_pool as worker_pool
+
+    writes: list[tuple[float, int]] = []
+    real_write = os.write
+    monkeypatch.setattr(worker_pool.os, "write", lambda fd, data: writes.append((vclock(), fd)) or real_write(fd, data))
+    pool = WorkerPool(vloop, None, lambda *a: None, lambda: None)  # type: ignore[arg-type]
+    pipes = [os.pipe() for _ in range(2)]
+    try:
+        for i, (_, w) in enumerate(pipes):
+            os.set_blocking(w, False)
+            pool.workers[1000 + i] = Worker(i + 1, 1000 + i, -1, w, 0.0)
+        start = vclock()
+        for turn in range(20):  # 40 ms of turns, 2 ms apart
+            for c in range(10):
+                pool.order(c % 2 + 1, mark(turn * 10 + c))
+            vloop.run_once(0)
+            vclock.advance(0.002)
+        vloop.run_once(1.0)  # the last orders: FLUSH_GAP after the previous write
+        flushes = sorted({t for t, _ in writes})
+        assert len(writes) == 2 * len(flushes)  # one write per worker each time
+        assert flushes[0] == start  # the first at once
+        assert all(b - a >= worker_pool.FLUSH_GAP - 1e-9 for a, b in itertools.pairwise(flushes))
+        assert len(flushes) <= 0.040 / worker_pool.FLUSH_GAP + 2  # not 20
+        for i, (r, _) in enumerate(pipes):  # every order arrived, in order
+            assert [m.conn for m in Decoder(down=True).feed(os.read(r, 1 << 20))] == list(range(i, 200, 2))
+        vclock.advance(1.0)  # quiet: the next order goes out in its own turn
+        writes.clear()
+        pool.order(1, mark(999))
+        vloop.run_once(0)
+        assert writes == [(vclock(), pipes[0][1])]
+    finally:
+        for r, w in pipes:
+            os.close(r)
+            os.close(w)
 
 
 def test_a_garbled_pipe_restarts_its_worker_once_and_a_bad_frame_is_only_skipped(monkeypatch, caplog) -> None:
