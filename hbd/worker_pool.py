@@ -264,9 +264,8 @@ class WorkerPool:
 
     def send(self, w: Worker, msg: Message) -> None:
         """To a worker, never blocking: queued, and written once this loop turn's callbacks are done
-        (one write() of all that is queued for it, not one per order: a storm's turn sends hundreds),
-        FLUSH_GAP after the previous such write at the soonest; what its pipe does not take then is
-        written when it can."""
+        (one write() of all that is queued for it, not one per order: a storm's turn sends hundreds;
+        FLUSH_GAP after the last at the soonest); what its pipe does not take then is written when it can."""
         w.outbuf += encode(msg)
         if w.writing or w.due:  # the pipe is full (its writer callback flushes), or a flush is due
             return
@@ -276,8 +275,7 @@ class WorkerPool:
             self._due_timer = self.loop.call_at(max(self.loop.time(), self._flushed_at + FLUSH_GAP), self._flush_due)
 
     def _flush_due(self) -> None:
-        due, self._due, self._due_timer = self._due, [], None
-        self._flushed_at = self.loop.time()
+        due, self._due, self._due_timer, self._flushed_at = self._due, [], None, self.loop.time()
         workers = self.workers
         for w in due:
             w.due = False
