@@ -245,13 +245,30 @@ def hbd_numbers(path: Path, timeout: float = 10.0, until: float | None = None, t
     doc = doc or {}
     turns = (doc.get("loop") or {}).get("turns")
     workers = {f"worker{w['index']}": w["loop"]["turns"]["max_ms"] for w in doc.get("workers", []) if "loop" in w}
+    worker_turns = [w["loop"]["turns"] for w in doc.get("workers", []) if "loop" in w]
     return {
         "counts": doc.get("counts"),
         "turns": servers.turns_summary(turns),
         "longest_turn_ms_by_worker": workers or None,  # (which process a long turn was in)
+        "supervisor_turns": supervisor_turns(turns, worker_turns),
         "status_s": took[-1] if doc else None,
         "status_tries_s": took,
         "status_done": time.monotonic(),
+    }
+
+
+def supervisor_turns(total: dict[str, Any] | None, workers: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The supervisor's own turns: the status's ``loop.turns`` are every process's together, each
+    worker's are its own. Their difference: how many, how many over 100 ms, and the bucket bound its
+    longest fell under (``max_le_ms``; None: over the last bound)."""
+    if not total or not workers or any("le_ms" not in w for w in workers):
+        return None
+    le = {b: n - sum(w["le_ms"].get(b, 0) for w in workers) for b, n in total["le_ms"].items()}
+    count = total["count"] - sum(w["count"] for w in workers)
+    return {
+        "count": count,
+        "over_100ms": total["over_100ms"] - sum(w["over_100ms"] for w in workers),
+        "max_le_ms": next((float(b) for b, n in le.items() if n >= count and b != "+Inf"), None),
     }
 
 
@@ -306,6 +323,13 @@ def gen_command(p: Plan, port: int, start_at: float) -> list[str]:
     ]
 
 
+def _hbd_module() -> list[str]:
+    """``-m hbd``, or hbd under bench/turntrace.py when HBD_BENCH_TURNTRACE names a file (the
+    supervisor's long turns taken apart: its callbacks, their CPU, the collector's passes)."""
+    trace = os.environ.get("HBD_BENCH_TURNTRACE")
+    return ["-m", "bench.turntrace", trace] if trace else ["-m", "hbd"]
+
+
 def run(p: Plan, tmp: Path, min_free: int, log: Any = sys.stderr) -> dict[str, Any]:
     """One measured run; the raw record (derive() makes the figures)."""
     (tmp / "state").mkdir()
@@ -317,7 +341,7 @@ def run(p: Plan, tmp: Path, min_free: int, log: Any = sys.stderr) -> dict[str, A
     out = tmp / "hbd.out"
     with open(out, "wb") as f:
         proc = subprocess.Popen(
-            [servers.PYTHON, "-m", "hbd", "server", "-c", str(cfg)],
+            [servers.PYTHON, *_hbd_module(), "server", "-c", str(cfg)],
             cwd=servers.REPO,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -543,6 +567,10 @@ def derive(rec: dict[str, Any]) -> dict[str, Any]:
     if end_turns:
         d["loop_turn_max_with_teardown_ms"] = end_turns["max_ms"]
         d["loop_turn_max_with_teardown_by_worker_ms"] = (rec.get("end") or {}).get("longest_turn_ms_by_worker")
+        sup = (rec.get("end") or {}).get("supervisor_turns")
+        if sup:  # (the supervisor's own longest is known only as its bucket, unless it is the longest of all)
+            d["loop_turns_over_100ms_with_teardown_supervisor"] = sup["over_100ms"]
+            d["loop_turn_max_with_teardown_supervisor_le_ms"] = sup["max_le_ms"]
     det = d["detect_ms"] or {}
     d["detect_over_timeout_ms"] = None if det.get("max") is None else round(det["max"] - 1000 * p["timeout"], 1)
     d["held"] = bool(

@@ -12,7 +12,10 @@ from hbd.registry_table import PeerTable
 from hbd.registry_types import NAME_RE, NEVER, Dirty, Key, Live, Peer, PeerStatus, RegistrySettings
 from hbd.store_records import PeerRecord
 
-DIRTY_BATCH = 500  # peer records take_dirty() returns per call (the store writes 500 rows per flush)
+# Peer records take_dirty() returns per call (the store's writer takes 500 rows a transaction): the
+# hand-over runs in the loop, every turn while more wait; 500 were 2-3.5 ms of the supervisor's CPU in a
+# teardown turn, 128 are under 1 ms (hbd.worker_pool.TURN_READ: why a turn's CPU is kept to ~2 ms).
+DIRTY_BATCH = 128
 
 
 class Records:

@@ -53,9 +53,18 @@ MAX_OUTBUF = 1 << 20  # bytes queued for one worker past which the registry's or
 # and a turn of the 100,000-client reconnect storm took 0.4-1.3 s on the loaded 2-core machine
 # (preempted ~10x as long as it ran): 16 KB was about 200 reports, 8-10 ms. Packed (hbd.workers_codec)
 # a report is half as long (a greeting ~45 bytes, its first ping ~50): 8 KB is those 200 reports.
-TURN_READ = 8 * 1024
+# In bench.scale's teardown (99,000 ends at once, the state store on: 30-38 us an end) that was 7-9 ms
+# of CPU a turn, and the turns took 60-210 ms: 17 tasks runnable on 2 cores, the supervisor's wait in
+# the run queue 8-23x the CPU it used (so the wall time of a turn grows with its CPU). 2 KB is ~56 ends
+# or ~45 reports of a storm, ~2 ms; a turn's own cost (a select, a read per pipe) is a few percent of it.
+TURN_READ = 2 * 1024
 _REPORTS = frozenset(REPORTS)
-MIN_READ = 1024
+MIN_READ = 256  # a few reports: with more than TURN_READ / MIN_READ workers (8) a turn reads more
+# The registry's orders to the workers are written at most this often (one write per worker: a write
+# wakes a worker waiting in select(), and a woken task may take the supervisor's core from it). With
+# turns of TURN_READ 2 KB a storm's orders went out every ~2.5 ms, 4x as often as with 8 KB, and its
+# phases took 1.2-1.6x as long (bench.mass_down); an order waits at most this long more.
+FLUSH_GAP = 0.008
 # The supervisor's signals (LOOP_SIGNALS) are blocked across fork() and in a new worker until its own loop
 # handles them (Daemon.run unblocks them): until then the worker still has the supervisor's handlers, whose
 # wakeup fd is the supervisor's (a SIGHUP meant for the worker would reload the supervisor). A signal sent
@@ -126,6 +135,7 @@ class WorkerPool:
         self._checked_at: float | None = None  # our own last hang check (its gap: how long we stalled)
         self._due: list[Worker] = []  # workers sent something this turn: flushed once, by one timer
         self._due_timer: Timer | None = None
+        self._flushed_at = -FLUSH_GAP  # (loop time) the latest flush of the orders: the next one FLUSH_GAP later
 
     def by_index(self) -> list[Worker]:
         return sorted(self.workers.values(), key=lambda w: w.index)
@@ -254,18 +264,18 @@ class WorkerPool:
 
     def send(self, w: Worker, msg: Message) -> None:
         """To a worker, never blocking: queued, and written once this loop turn's callbacks are done
-        (one write() of all that is queued for it, not one per order: a storm's turn sends hundreds);
-        what its pipe does not take then is written when it can."""
+        (one write() of all that is queued for it, not one per order: a storm's turn sends hundreds;
+        FLUSH_GAP after the last at the soonest); what its pipe does not take then is written when it can."""
         w.outbuf += encode(msg)
         if w.writing or w.due:  # the pipe is full (its writer callback flushes), or a flush is due
             return
         w.due = True
         self._due.append(w)
-        if self._due_timer is None:  # one timer for every worker's flush: after this turn's I/O
-            self._due_timer = self.loop.call_at(self.loop.time(), self._flush_due)
+        if self._due_timer is None:  # one timer for every worker's flush: after this turn's I/O (FLUSH_GAP)
+            self._due_timer = self.loop.call_at(max(self.loop.time(), self._flushed_at + FLUSH_GAP), self._flush_due)
 
     def _flush_due(self) -> None:
-        due, self._due, self._due_timer = self._due, [], None
+        due, self._due, self._due_timer, self._flushed_at = self._due, [], None, self.loop.time()
         workers = self.workers
         for w in due:
             w.due = False

@@ -241,7 +241,8 @@ def test_an_expected_peer_never_seen_is_down_and_its_hook_runs_once(tmp_path: Pa
     with connect(srv.config["port"]) as s:
         s.sendall(b"hello web1\nping\n")
         assert recv_exactly(s, 5) == b"pong\n"
-        wait_until(lambda: peers_of(sock)["web1"]["state"] == "UP")
+        # (its worker's row shows the registry's view once the mark arrived: orders go at most every FLUSH_GAP)
+        wait_until(lambda: (p := peers_of(sock)["web1"])["state"] == "UP" and p.get("expected") is True)
         db1 = wait_until(lambda: (p := peers_of(sock)["db1"]) and p["state"] == "DOWN" and p)
         assert (db1["reason"], db1["expected"], db1["labels"]) == ("never connected", True, {"rack": "r1"})
         web1 = peers_of(sock)["web1"]
