@@ -114,6 +114,16 @@ def test_ping_instructions_driver_serves_every_ping(server: str) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+def test_ping_instructions_counts_the_bytecode_of_the_open_runs_mix() -> None:
+    """--mix open --opcodes: the open run's mix (2,000 peers, 11 pings a turn) served, and the bytecode
+    a ping runs counted by function, the connection's read among them."""
+    cmd = [sys.executable, "-m", "bench.ping_instructions", "--mix", "open", "--opcodes"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, timeout=120, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    per_ping = float(done.stdout.split()[0])
+    assert 20 < per_ping < 1000 and "Connection.on_read" in done.stdout
+
+
 def test_procstat_splits_a_process_cpu_into_user_and_system() -> None:
     """The open runs' user/system split: a busy loop of our own is user time, not system time."""
     from bench import procstat
