@@ -101,6 +101,26 @@ def tree_sched_s(pids: list[int]) -> float:
     return sum(sched_s(p) for p in pids)
 
 
+def tree_wakeups(pids: list[int]) -> int:
+    """Voluntary context switches over a process tree's threads: how often they slept and were woken
+    (the load generator's, in an open run: each wake-up by a pong is charged to the server's send)."""
+    total = 0
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/status") as f:
+                    for line in f:
+                        if line.startswith("voluntary_ctxt_switches:"):
+                            total += int(line.split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    return total
+
+
 def tree_status(pids: list[int]) -> dict[str, int]:
     """Sum of VmRSS/VmHWM/Threads over a process tree (workers count as one server)."""
     tot: dict[str, int] = {"VmRSS": 0, "VmHWM": 0, "Threads": 0}

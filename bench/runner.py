@@ -119,11 +119,14 @@ def drive(
         # schedstat (ns) is the primary; utime+stime (10 ms ticks) is kept as a cross-check
         s["cpu0"], s["tick0"], s["t0"] = procstat.tree_sched_s(pids), procstat.tree_cpu_s(pids), time.monotonic()
         s["us0"] = procstat.tree_user_sys_s(pids)
+        gens = procstat.tree(gen.pid)  # (its worker processes are forked by now)
+        s["wake0"] = procstat.tree_wakeups(gens)
         while time.monotonic() < sch_se:
             s["threads_max"] = max(s["threads_max"], procstat.tree_status(pids)["Threads"])
             time.sleep(min(1.0, max(0.0, sch_se - time.monotonic())))
         s["cpu1"], s["tick1"], s["t1"] = procstat.tree_sched_s(pids), procstat.tree_cpu_s(pids), time.monotonic()
         s["us1"] = procstat.tree_user_sys_s(pids)
+        s["wake1"] = procstat.tree_wakeups(gens)
         # hbd's own turns up to the window's end (ramp, settle, window): which side stalled, if one did
         s["turns"] = servers.loop_turns(srv.status_path) if srv.status_path else None
         st = procstat.tree_status(pids)
@@ -193,6 +196,10 @@ def run_open(name: str, n: int, m: Mode, tmp: Path) -> dict[str, Any]:
             # the same ticks split: the server's own code (user) and the kernel's work for it (system)
             "cpu_user_us_per_ping": round((s["us1"][0] - s["us0"][0]) / pongs * 1e6, 2) if pongs else None,
             "cpu_sys_us_per_ping": round((s["us1"][1] - s["us0"][1]) / pongs * 1e6, 2) if pongs else None,
+            # the generator's wake-ups a pong in the window: when the server answers slower than the
+            # generator reads, it sleeps before each pong and the wake-up is charged to the server's send
+            # (docs/performance.md, "The noise, explained")
+            "gen_wakeups_per_pong": round((s["wake1"] - s["wake0"]) / pongs, 3) if pongs else None,
             "rss_idle_kb": rss_idle // 1024,
             "rss_peak_kb": s["hwm"] // 1024,
             "rss_per_conn_b": round((s["hwm"] - rss_idle) / n) if n else None,

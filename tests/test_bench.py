@@ -51,6 +51,7 @@ def test_runner_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
         assert r["errors"] == 0 and r["missed"] == 0, (name, r["errors"], r["missed"], r["error_kinds"], r["rtt_ms"])
         assert r["cpu_us_per_ping"] > 0 and r["threads"] >= 1
         assert r["cpu_user_us_per_ping"] >= 0 and r["cpu_sys_us_per_ping"] >= 0  # (10 ms ticks: may be 0)
+        assert r["gen_wakeups_per_pong"] is not None and r["gen_wakeups_per_pong"] >= 0
         if name != "floor":  # the silent quarter is closed by the server, within timeout + checker slack
             assert r["silenced"] == 5 and r["undetected"] == 0, r
             assert r["detect_ms"]["p99"] < 1000 * (r["timeout_s"] + 1.1)
