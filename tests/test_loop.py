@@ -1,3 +1,4 @@
+import contextlib
 import os
 import select
 import selectors
@@ -545,6 +546,42 @@ def test_a_handler_forgotten_in_the_turn_is_not_called_for_its_returned_event(vl
     assert errors == [handlers[2]]
     for a, b in pairs:
         loop.forget(a)
+        a.close()
+        b.close()
+
+
+def test_a_descriptor_number_reused_in_the_turn_does_not_get_the_old_sockets_event(vloop: EventLoop) -> None:
+    """The loop looks a handler up when it dispatches an event, by descriptor number: a socket forgotten
+    and closed in a turn whose number the kernel hands to a new socket watched in the same turn must not
+    pass the old socket's already returned event to the new handler (skipped by number until the turn ends)."""
+    loop = vloop
+    pairs = [socket.socketpair() for _ in range(2)]
+    seen: list[tuple[str, int, bytes]] = []
+    handlers = [Recorder(a, seen, str(i)) for i, (a, _) in enumerate(pairs)]
+    fresh: list[tuple[socket.socket, socket.socket]] = []
+
+    def replace_the_other_one() -> None:
+        old = pairs[1 - int(seen[0][0])][0]
+        number = old.fileno()
+        loop.forget(old)
+        old.close()
+        a, b = socket.socketpair()  # the lowest free number: the one just closed
+        fresh.append((a, b))
+        assert number in (a.fileno(), b.fileno())
+        mine = a if a.fileno() == number else b
+        mine.setblocking(False)  # (a stale IN passed to it would find nothing to read)
+        loop.watch(mine, Recorder(mine, seen, "new"), selectors.EVENT_READ)
+
+    for (a, b), h in zip(pairs, handlers, strict=True):
+        loop.watch(a, h, selectors.EVENT_READ)
+        b.send(b"x")
+        h.then = replace_the_other_one
+    loop.run_once(0)
+    assert [name for name, _, _ in seen] in (["0"], ["1"])  # not "new" with the old socket's event
+    for a, b in [*pairs, *fresh]:
+        with contextlib.suppress(OSError, KeyError, ValueError):
+            loop.forget(a)
+            loop.forget(b)
         a.close()
         b.close()
 
