@@ -22,7 +22,13 @@ if TYPE_CHECKING:
     from hbd.worker_marks import Mark
 
 MAX_OUTBUF = 64 * 1024  # a peer that pings but never reads its pongs is dropped past this
-RECV_SIZE = 4096  # (Connection.on_read has it as a constant, and IN as 1: tests/test_connection.py)
+# A read's size: a ping is 4-5 bytes and a line at most MAX_LINE (256). 448 keeps the bytes object recv()
+# makes (its size plus a 33-byte header) within the allocator's small-object limit (512 bytes): 4096
+# went to malloc() and a shrinking realloc() a read, ~0.1 us of a ~5.5 us ping (docs/performance.md,
+# "CPU per ping ... sixth round"). A peer's bytes beyond it wait for the next turn, as they would past
+# 4096: one read a peer a turn either way, and a smaller share for one peer a turn.
+# (Connection.on_read has it as a constant, and IN as 1: tests/test_connection.py)
+RECV_SIZE = 448
 _WATCH = selectors.EVENT_READ | EVENT_HANGUP  # what the loop watches a plain connection for (watch())
 _WATCH_WRITE = _WATCH | selectors.EVENT_WRITE  # ... while its send buffer waits for room
 _UP = PeerState.UP  # a module global: an Enum member through its class costs about 0.1 us
@@ -117,14 +123,11 @@ class Connection(ServerPeer):
             if not bits & IN or not self.owner.is_open(self):
                 return
         try:
-            data = self.sock.recv(4096)  # RECV_SIZE, as a constant
+            data = self.sock.recv(448)  # RECV_SIZE, as a constant
         except self.BLOCKING:
             return
         except OSError as exc:
             self.owner.drop(self, f"connection error: {exc.strerror or exc}", logging.WARNING)
-            return
-        if not data:
-            self.owner.drop(self, "disconnected", logging.INFO)
             return
         # received(), feed() and send() inlined for the usual read: one whole ping from an UP peer with
         # nothing buffered, answered straight into an empty send buffer. A Python call costs about as
@@ -135,19 +138,22 @@ class Connection(ServerPeer):
         # the loop found the socket ready (the bytes were there by then; a later look only makes it
         # look older), one clock reading a turn rather than one a read: ~500 instructions a ping less.
         # The wire's bytes as constants (hbd.protocol's PING, PONG ...): cheaper to load than globals
-        if data == b"ping" and self.state is _UP and not self._buf:
+        if data == b"ping" and self._state is _UP and not self._buf:
             self._echo = True  # a bare ping: a line terminator that follows is its
             self.last_heard = self.owner.loop.woke
             self.pings += 1
             self._junk = 0
             reply = b"pong"
-        elif data == b"ping\n" and self.state is _UP and not self._buf:
+        elif data == b"ping\n" and self._state is _UP and not self._buf:
             self._echo = False
             self.last_heard = self.owner.loop.woke
             self.pings += 1
             self._junk = 0
             reply = b"pong\n"
         else:
+            if not data:  # (here, not before the usual read's tests: b"" is neither ping)
+                self.owner.drop(self, "disconnected", logging.INFO)
+                return
             try:
                 reply = self.feed(data, self.owner.loop.woke)
             except ProtocolError as exc:

@@ -26,7 +26,6 @@ STALLS_KEPT = 256  # recent stalls of our own loop remembered for forgiveness; o
 # due in the same slot: 19,000 verdicts in one turn took about a second. Re-filing a connection
 # that pinged since (about a microsecond) is not counted.
 WHEEL_CHECKS = 256
-_UP = PeerState.UP
 _ceil = math.ceil
 
 
@@ -112,7 +111,7 @@ class Liveness:
                         continue  # closed since
                     # conn.next_deadline() inlined (once a ping: a Python call costs as much as the rest):
                     # an UP peer's next verdict is LATE at half its timeout, any other's at its timeout
-                    when = conn.last_heard + (conn.timeout * 0.5 if conn.state is _UP else conn.timeout)
+                    when = conn.last_heard + conn.due_in
                     if when == last_when:
                         last_filed.append(conn)
                         conn.slot = last_tick

@@ -93,20 +93,20 @@ class ServerPeer:
         "_greeted",
         "_greetings",
         "_junk",
+        "_state",
+        "due_in",
         "events",
         "interval",
         "last_heard",
         "name",
         "pings",
-        "state",
-        "timeout",
     )
 
     def __init__(self, now: float, timeout: float) -> None:
-        self.timeout = timeout
+        self._state = PeerState.NEW
+        self.due_in = timeout  # (the timeout, while not UP: see the setters below)
         self.last_heard = now
         self.pings = 0
-        self.state = PeerState.NEW
         self.name: str | None = None
         self.interval: float | None = None  # announced in the greeting
         # Rare events (greetings, state changes) for the caller to drain; None rather than an empty
@@ -117,6 +117,29 @@ class ServerPeer:
         self._junk = 0
         self._greeted = 0.0  # when the last greeting came
         self._greetings = _BURST  # greetings allowed now (a token bucket)
+
+    # The state and the timeout are kept as the state and the seconds after ``last_heard`` that its next
+    # verdict is due (``due_in``: half the timeout while UP, when it would be LATE; else the timeout),
+    # which the deadline wheel reads once a ping (hbd.liveness): one attribute, not a product, a test and
+    # two attributes. Both are set through these setters only; halving and doubling are exact in
+    # binary floating point, so ``timeout`` reads back exactly what was set.
+    @property
+    def state(self) -> PeerState:
+        return self._state
+
+    @state.setter
+    def state(self, new: PeerState) -> None:
+        timeout = self.timeout
+        self._state = new
+        self.due_in = timeout * 0.5 if new is _UP else timeout
+
+    @property
+    def timeout(self) -> float:
+        return self.due_in * 2.0 if self._state is _UP else self.due_in
+
+    @timeout.setter
+    def timeout(self, timeout: float) -> None:
+        self.due_in = timeout * 0.5 if self._state is _UP else timeout
 
     def feed(self, data: bytes, now: float) -> bytes:
         """Consume received bytes; return the reply to send (may be empty).
@@ -169,8 +192,8 @@ class ServerPeer:
         return b"".join(out)
 
     def _alive(self, now: float, pings: int) -> None:
-        if self.state is not _UP:
-            self._event(StateChange(self.state, PeerState.UP, now - self.last_heard))
+        if self._state is not _UP:
+            self._event(StateChange(self._state, PeerState.UP, now - self.last_heard))
             self.state = PeerState.UP
         self.last_heard = now
         self.pings += pings
@@ -215,10 +238,9 @@ class ServerPeer:
         self._event(Hello(self.name, interval))
 
     def next_deadline(self) -> float:
-        """When poll() may next change this peer's state."""
-        if self.state is _UP:
-            return self.last_heard + self.timeout / 2
-        return self.last_heard + self.timeout  # LATE, or NEW: never LATE, closed at its timeout
+        """When poll() may next change this peer's state: LATE at half its timeout while UP; LATE, or
+        NEW (never LATE), closed at its timeout."""
+        return self.last_heard + self.due_in
 
     def poll(self, now: float) -> StateChange | None:
         """Apply the silence rule at ``now``; return the state change, if any."""

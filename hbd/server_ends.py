@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 # turn of its workers; the same work in more turns.)
 ENDS_PER_TURN = 64
 ENDS_WHEN_BUSY = 16
-# Reads of a hung-up connection's last data at its close (4 KB each): a peer that sent more before its
+# Reads of a hung-up connection's last data at its close (connection.RECV_SIZE each): a peer that sent more before its
 # end is then read the usual way, from the loop.
 READS_AT_END = 16
 

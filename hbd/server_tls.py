@@ -14,10 +14,13 @@ from enum import Enum
 from typing import cast
 
 from hbd import tls
-from hbd.connection import RECV_SIZE, Connection, Owner
+from hbd.connection import Connection, Owner
 from hbd.loop import Timer
 from hbd.peer_address import Packed
 from hbd.selector import IN
+
+# A TLS read: records are up to 16 KB and what one decrypts is drained from the SSL object at once
+TLS_RECV_SIZE = 4096
 
 
 class TlsState(Enum):
@@ -111,9 +114,9 @@ class TLSConnection(Connection):
             return  # a last-look read from the server while the handshake is still running
         sock = cast(ssl.SSLSocket, self.sock)  # wrapped once the handshake began
         try:
-            data = sock.recv(RECV_SIZE)
+            data = sock.recv(TLS_RECV_SIZE)
             while sock.pending():  # decrypted bytes the selector cannot see
-                data += sock.recv(RECV_SIZE)
+                data += sock.recv(TLS_RECV_SIZE)
         except self.BLOCKING:
             return
         except ssl.SSLError as exc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import socket
+import sys
 import tracemalloc
 from collections.abc import Callable, Iterator
 
@@ -15,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hbd.connection import MAX_OUTBUF, RECV_SIZE, Connection
-from hbd.protocol import Hello, PeerState, ProtocolError, ServerPeer, StateChange
+from hbd.protocol import MAX_LINE, Hello, PeerState, ProtocolError, ServerPeer, StateChange
 from hbd.selector import IN
 
 
@@ -319,4 +320,11 @@ def test_a_reads_inlined_answer_is_exactly_what_feed_does(state, buf, echo, junk
 
 def test_the_constants_the_read_is_written_with_are_the_modules() -> None:
     assert inspect.getsource(Connection.on_read).count("bits != 1") == 1 and IN == 1
-    assert inspect.getsource(Connection.on_read).count("recv(4096)") == 1 and RECV_SIZE == 4096
+    assert inspect.getsource(Connection.on_read).count("recv(448)") == 1 and RECV_SIZE == 448
+
+
+def test_a_reads_bytes_object_is_a_small_object_and_holds_a_whole_line() -> None:
+    """The read's size is chosen for CPython's small-object allocator (requests up to 512 bytes):
+    a bigger one costs a malloc() and a shrinking realloc() a ping. It still holds a line."""
+    assert sys.getsizeof(b"x" * RECV_SIZE) <= 512
+    assert MAX_LINE + len(b"\n") < RECV_SIZE

@@ -8,7 +8,7 @@ import itertools
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hbd.protocol import MAX_LINE, ClientLink, Hello, ProtocolError, ServerPeer
+from hbd.protocol import MAX_LINE, ClientLink, Hello, PeerState, ProtocolError, ServerPeer
 
 SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -159,3 +159,38 @@ def test_server_steady_state_fast_path_is_the_generic_parser(reads: list[tuple[b
         assert peer_state(fast) == peer_state(slow)
         fast.poll(now)  # verdicts too (LATE, DEAD): the path is taken only while UP
         slow.poll(now)
+
+
+_TIMEOUTS = st.floats(min_value=1e-3, max_value=1e6, allow_nan=False, allow_infinity=False)
+_CHANGES = st.lists(st.one_of(st.sampled_from(list(PeerState)), _TIMEOUTS), max_size=12)
+
+
+@SETTINGS
+@given(first=_TIMEOUTS, changes=_CHANGES, now=st.floats(0, 1e6))
+def test_the_verdicts_offset_follows_every_change_of_state_and_timeout(
+    first: float, changes: list[PeerState | float], now: float
+) -> None:
+    """The wheel files a peer ``due_in`` after its last ping (hbd.liveness): half its timeout while UP,
+    its timeout otherwise, whatever was set in whatever order; and the timeout reads back exactly."""
+    peer = ServerPeer(now, first)
+    timeout = first
+    for change in [*changes, PeerState.UP]:
+        if isinstance(change, PeerState):
+            peer.state = change
+        else:
+            peer.timeout = timeout = change
+        assert peer.timeout == timeout
+        assert peer.due_in == (timeout / 2 if peer.state is PeerState.UP else timeout)
+        assert peer.next_deadline() == peer.last_heard + peer.due_in
+
+
+def test_a_first_ping_and_a_silence_move_the_offset_with_the_state() -> None:
+    """The state changes the protocol itself makes (a ping: UP; silence: LATE, DEAD) go through the same
+    setter: the wheel's next look moves from the timeout to half of it and back."""
+    peer = ServerPeer(0.0, 10.0)
+    assert peer.due_in == 10.0
+    peer.feed(b"ping", 1.0)
+    assert peer.state is PeerState.UP and peer.due_in == 5.0 and peer.next_deadline() == 6.0
+    assert peer.poll(6.5) is not None and peer.state is PeerState.LATE and peer.due_in == 10.0
+    peer.feed(b"ping", 7.0)
+    assert peer.state is PeerState.UP and peer.due_in == 5.0

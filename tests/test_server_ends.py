@@ -12,6 +12,7 @@ from inprocess import virtual
 
 from hbd import server_ends
 from hbd.config import ServerConfig
+from hbd.connection import RECV_SIZE
 from hbd.server import Server
 
 
@@ -171,12 +172,12 @@ def test_a_peer_that_sent_more_than_a_close_reads_before_its_end_is_read_the_usu
     """More data before the end than READS_AT_END reads take: the rest is read from the loop again,
     every ping answered, then the end."""
     monkeypatch.setattr(server_ends, "READS_AT_END", 1)
-    monkeypatch.setattr("hbd.connection.RECV_SIZE", 50)
+    pings = 3 * RECV_SIZE // 5  # three reads' worth (a read's size is a constant in on_read: RECV_SIZE)
     srv, _clock, events = virtual(Server, config(tmp_path))
     loop = srv.loop
     chatty = socket.create_connection(srv.address)
     loop.run_once(0)
-    chatty.sendall(b"hello chatty\n" + b"ping\n" * 40)
+    chatty.sendall(b"hello chatty\n" + b"ping\n" * pings)
     chatty.shutdown(socket.SHUT_WR)
     for _ in range(10):
         loop.run_once(0)
@@ -184,7 +185,7 @@ def test_a_peer_that_sent_more_than_a_close_reads_before_its_end_is_read_the_usu
     got = b""
     while data := chatty.recv(1000):
         got += data
-    assert got == b"pong\n" * 40
+    assert got == b"pong\n" * pings
     assert [(e[1], e[2]) for e in events if e[2] == "chatty"] == [("up", "chatty"), ("down", "chatty")]
     assert not srv.conns
     chatty.close()
