@@ -54,6 +54,26 @@ class PeerState(Enum):
 
 
 _UP = PeerState.UP  # a module global: reading an Enum member through its class costs about 0.1 us
+
+# Halves of timeouts, and the timeouts they are halves of, as shared float objects: peers with the same
+# timeout (most: the config's) share one object for its half and read back the config's own, where a
+# product per peer would be a float (24 bytes) per connection, twice over where others keep what they
+# read. Bounded (timeouts come from the config and from greetings): past the bound, plain products.
+_HALF: dict[float, float] = {}
+_WHOLE: dict[float, float] = {}
+HALVES_KEPT = 256
+
+
+def _half(timeout: float) -> float:
+    half = _HALF.get(timeout)
+    if half is None:
+        half = timeout * 0.5
+        if len(_HALF) < HALVES_KEPT:
+            _HALF[timeout] = half
+            _WHOLE[half] = timeout
+    return half
+
+
 _BURST = float(GREETING_BURST)  # one float for every peer's full bucket, not 24 bytes each
 
 
@@ -131,15 +151,19 @@ class ServerPeer:
     def state(self, new: PeerState) -> None:
         timeout = self.timeout
         self._state = new
-        self.due_in = timeout * 0.5 if new is _UP else timeout
+        self.due_in = _half(timeout) if new is _UP else timeout
 
     @property
     def timeout(self) -> float:
-        return self.due_in * 2.0 if self._state is _UP else self.due_in
+        due_in = self.due_in
+        if self._state is not _UP:
+            return due_in
+        timeout = _WHOLE.get(due_in)
+        return due_in * 2.0 if timeout is None else timeout
 
     @timeout.setter
     def timeout(self, timeout: float) -> None:
-        self.due_in = timeout * 0.5 if self._state is _UP else timeout
+        self.due_in = _half(timeout) if self._state is _UP else timeout
 
     def feed(self, data: bytes, now: float) -> bytes:
         """Consume received bytes; return the reply to send (may be empty).

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hbd import protocol
 from hbd.protocol import MAX_LINE, ClientLink, Hello, PeerState, ProtocolError, ServerPeer
 
 SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -194,3 +196,21 @@ def test_a_first_ping_and_a_silence_move_the_offset_with_the_state() -> None:
     assert peer.poll(6.5) is not None and peer.state is PeerState.LATE and peer.due_in == 10.0
     peer.feed(b"ping", 7.0)
     assert peer.state is PeerState.UP and peer.due_in == 5.0
+
+
+def test_peers_with_one_timeout_share_its_half_and_the_memo_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A product per peer would be a float per connection (24 bytes at 100,000 peers: 2.4 MB), twice
+    where others keep the timeout they read; distinct timeouts (greetings' intervals are anyone's) keep
+    the memo within its bound (emptied first: other tests' timeouts may have filled it)."""
+    monkeypatch.setattr(protocol, "_HALF", {})
+    monkeypatch.setattr(protocol, "_WHOLE", {})
+    timeout = 31.25
+    a, b = ServerPeer(0.0, timeout), ServerPeer(0.0, timeout)
+    a.feed(b"ping", 1.0)
+    b.feed(b"ping", 1.0)
+    assert a.due_in is b.due_in and a.timeout is timeout and b.timeout is timeout
+    for k in range(3 * protocol.HALVES_KEPT):
+        peer = ServerPeer(0.0, 1000.0 + k / 7)
+        peer.state = PeerState.UP
+        assert peer.timeout == 1000.0 + k / 7 and peer.due_in == (1000.0 + k / 7) / 2
+    assert len(protocol._HALF) <= protocol.HALVES_KEPT and len(protocol._WHOLE) <= protocol.HALVES_KEPT
