@@ -38,9 +38,13 @@ def coped(r: dict[str, Any]) -> str | None:
 
 
 def estimate_s(m: Mode, servers: list[str]) -> float:
-    per = sum((m.hold_duration if n == max(m.ns) else m.duration) + n / m.rate + m.settle + m.timeout + 7 for n in m.ns)
+    def one(n: int) -> float:
+        return (m.hold_duration if n == max(m.ns) else m.duration) + n / m.rate + m.settle + m.timeout + 7
+
+    per = sum(one(n) for n in m.ns)
+    pairs = 2 * (m.cpu_pairs - 1) * one(m.cpu_n) if m.cpu_n in m.ns and {"floor", "hbd"} <= set(servers) else 0.0
     closed = len(m.closed_depths) * len(m.closed_workers) * 2 * (m.closed_duration + m.settle + 4)
-    return per * len(servers) + closed + m.client_idle_s + 5
+    return per * len(servers) + pairs + closed + m.client_idle_s + 5
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
                             thread_gave_up = f"could not cope at N={n} ({why})"
                     recs.append(r)
                     _progress(r)
+            if m.cpu_n in m.ns and {"floor", "hbd"} <= set(names):
+                for k in range(1, m.cpu_pairs):  # ABBA: hbd first in odd pairs, so a drift cancels
+                    for name in ("hbd", "floor") if k % 2 else ("floor", "hbd"):
+                        r = {**runner.run_open(name, m.cpu_n, m, tmp), "kind": "cpu_pair", "pair": k}
+                        recs.append(r)
+                        print(f"  pair {k} {name:>6} n={m.cpu_n}: {r.get('cpu_us_per_ping')} us/ping", flush=True)
         if a.only in (None, "closed"):
             for d in m.closed_depths:
                 for w in m.closed_workers:

@@ -30,6 +30,11 @@ class Mode:
     client_idle_s: float = 30.0  # 0: skip the hbd-client idle measurement
     lead: float = 1.0  # s from launching the generator to its first connect (imports, fork)
     detect_extra: float = 1.5  # detection wait beyond timeout: the thread checker adds up to 1 s
+    # CPU per ping against the floor at cpu_n, in this many pairs (the first is the open run's own; the
+    # others after every open run, in the order hbd-floor, floor-hbd, ...): one 15 s window of each
+    # varied 0.99-1.54x on the same code in one hour (docs/performance.md, "... sixth round")
+    cpu_pairs: int = 1
+    cpu_n: int = 10000
 
 
 FULL = Mode(
@@ -41,6 +46,7 @@ FULL = Mode(
     timeout=3.0,
     silent_frac=0.05,
     closed_duration=8.0,
+    cpu_pairs=3,
 )
 QUICK = Mode(
     "quick",
@@ -70,5 +76,7 @@ SMOKE = Mode(
     client_idle_s=0.0,
     lead=0.4,
     detect_extra=1.1,
+    cpu_pairs=2,
+    cpu_n=20,
 )
 MODES = {m.name: m for m in (FULL, QUICK, SMOKE)}

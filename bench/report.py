@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import statistics
 import subprocess
 from typing import Any
 
@@ -71,6 +72,35 @@ def _open(recs: list[Rec], server: str) -> dict[int, Rec]:
     return {r["n"]: r for r in recs if r.get("kind") == "open" and r["server"] == server and r.get("ok")}
 
 
+def cpu_pairs(recs: list[Rec]) -> Rec | None:
+    """CPU per ping of hbd over the floor's in each pair at one N: the open runs' own (pair 0) and the
+    ``cpu_pair`` runs after them (bench.__main__); the median of the pairs' ratios is the estimate."""
+    pairs: dict[int, dict[str, Rec]] = {}
+    for r in recs:
+        if r.get("kind") == "cpu_pair" and r.get("ok"):
+            pairs.setdefault(r["pair"], {})[r["server"]] = r
+    if not pairs:
+        return None
+    n = next(iter(next(iter(pairs.values())).values()))["n"]
+    first = {r["server"]: r for r in recs if r.get("kind") == "open" and r.get("n") == n and r.get("ok")}
+    rows = [first] + [pairs[k] for k in sorted(pairs)]
+    done = [p for p in rows if "floor" in p and "hbd" in p]
+    if not done:
+        return None
+    xs = [_ratio(p["hbd"]["cpu_us_per_ping"], p["floor"]["cpu_us_per_ping"]) for p in done]
+    known = [x for x in xs if x is not None]
+    if not known:
+        return None
+    return {
+        "n": n,
+        "x": xs,
+        "median": round(statistics.median(known), 2),
+        "floor_us": [p["floor"]["cpu_us_per_ping"] for p in done],
+        "hbd_us": [p["hbd"]["cpu_us_per_ping"] for p in done],
+        "gen_wakeups_per_pong": [[p[s].get("gen_wakeups_per_pong") for s in ("floor", "hbd")] for p in done],
+    }
+
+
 def targets(recs: list[Rec]) -> list[Rec]:
     """The issue's targets, each with the measured value and a verdict (None: not measured)."""
     hbd = _open(recs, "hbd")
@@ -83,6 +113,9 @@ def targets(recs: list[Rec]) -> list[Rec]:
     r = hbd.get(n10) if n10 else None
     x = r.get("cpu_x_floor") if r else None
     add("cpu_per_ping_vs_floor", x, "<= 1.3x", None if x is None else x <= 1.3, f"N={n10}")
+    if (pairs := cpu_pairs(recs)) is not None:
+        med = pairs["median"]
+        add("cpu_per_ping_vs_floor_pairs", pairs, "<= 1.2x, median of the pairs", med <= 1.2, f"N={pairs['n']}")
     b = r.get("rss_per_conn_b") if r else None
     add("rss_per_conn", b, "<= 1024 B", None if b is None else b <= 1024, f"N={n10}")
     if hbd:

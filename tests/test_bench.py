@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # bench/ is not an installed package
 
 from bench import __main__ as bench_main  # noqa: E402
+from bench import report  # noqa: E402
 from bench.floor_server import reply  # noqa: E402
 from bench.loadgen import loopback_addr  # noqa: E402
 
@@ -67,6 +68,25 @@ def test_runner_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
         if r["kind"] == "closed":
             assert r["ok"] and r["throughput"] > 0 and r["errors"] == 0, r
     assert "targets:" in out and "us/ping" in out
+    # a second pair at the CPU target's N, hbd first (ABBA), and the median of the pairs' ratios
+    paired = [(r["server"], r["pair"], r["n"]) for r in recs if r["kind"] == "cpu_pair"]
+    assert paired == [("hbd", 1, 20), ("floor", 1, 20)]
+    target = next(r for r in recs if r["kind"] == "target" and r["name"] == "cpu_per_ping_vs_floor_pairs")
+    assert len(target["value"]["x"]) == 2 and target["value"]["median"] > 0
+
+
+def test_cpu_pairs_take_the_median_of_the_pairs_ratios() -> None:
+    def rec(kind: str, server: str, cpu: float, pair: int = 0) -> dict[str, object]:
+        return {"kind": kind, "server": server, "n": 10000, "ok": True, "cpu_us_per_ping": cpu, "pair": pair}
+
+    recs = [rec("open", "floor", 10.0), rec("open", "hbd", 15.0), rec("open", "hbd", 1.0) | {"n": 19000}]
+    recs += [rec("cpu_pair", "hbd", 11.0, 1), rec("cpu_pair", "floor", 10.0, 1)]
+    recs += [rec("cpu_pair", "floor", 10.0, 2), rec("cpu_pair", "hbd", 11.5, 2)]
+    recs += [rec("cpu_pair", "floor", 9.0, 3)]  # its hbd run failed: not a pair
+    pairs = report.cpu_pairs(recs)
+    assert pairs is not None and pairs["n"] == 10000
+    assert pairs["x"] == [1.5, 1.1, 1.15] and pairs["median"] == 1.15
+    assert report.cpu_pairs([rec("open", "floor", 10.0), rec("open", "hbd", 15.0)]) is None
 
 
 def test_history_read_smoke() -> None:
