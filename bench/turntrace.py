@@ -9,6 +9,8 @@ monotonic end, wall / thread CPU / process CPU (ms), the GC passes in it (genera
 callbacks that ran, by name (name, how many, wall, CPU, process CPU, ms), and at exit a summary line. A
 measuring tool: two clock reads per callback of the supervisor's loop; the workers are not traced.
 HBD_TURNTRACE_WORKER_NICE=N (an experiment): each worker runs N nicer than the supervisor.
+HBD_TURNTRACE_SLICE_US=N, HBD_TURNTRACE_WORKER_SLICE_US=M (an experiment, before hbd's own
+``cpu_slice_us``): the supervisor's CPU slice (inherited by the workers), and the workers' (0: the kernel's).
 """
 
 from __future__ import annotations
@@ -171,6 +173,20 @@ def trace(path: str, over_ms: float) -> None:
             return run_worker(self, *args)
 
         Supervisor._run_worker = niced  # type: ignore[method-assign]
+    slice_us = int(os.environ.get("HBD_TURNTRACE_SLICE_US", "0"))
+    if slice_us:  # an experiment: the supervisor's (and, inherited, its workers') EEVDF slice
+        _set_slice(slice_us * 1000)
+    worker_slice = os.environ.get("HBD_TURNTRACE_WORKER_SLICE_US")
+    if worker_slice is not None:
+        from hbd.workers import Supervisor
+
+        run_worker_sliced = Supervisor._run_worker
+
+        def sliced(self: Supervisor, *args: Any) -> int:
+            _set_slice(int(worker_slice) * 1000)  # 0: the kernel's default
+            return run_worker_sliced(self, *args)
+
+        Supervisor._run_worker = sliced  # type: ignore[method-assign]
     gc.callbacks.append(on_gc)
 
     def summary() -> None:
@@ -178,6 +194,15 @@ def trace(path: str, over_ms: float) -> None:
             out.write(json.dumps({"summary": True, "turns": state["turns"], "logged": state["logged"]}) + "\n")
 
     atexit.register(summary)
+
+
+def _set_slice(ns: int) -> None:
+    import ctypes
+    import struct
+
+    attr = struct.pack("IIQiIQQQII", 56, 0, 0, os.getpriority(os.PRIO_PROCESS, 0), 0, ns, 0, 0, 0, 0)
+    if ctypes.CDLL(None, use_errno=True).syscall(314, 0, ctypes.c_char_p(attr), 0):  # sched_setattr (x86_64)
+        raise OSError(ctypes.get_errno(), "sched_setattr")
 
 
 def main() -> None:

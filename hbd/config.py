@@ -69,6 +69,14 @@ def _integer(lo: int, hi: int) -> Callable[[Any], int]:
     return convert
 
 
+def _slice_us(value: Any) -> int:
+    """Microseconds of CPU slice to ask the kernel for (hbd.cpu_slice), or 0 for its default."""
+    us = _integer(0, 100_000)(value)
+    if 0 < us < 100:
+        raise ValueError(f"must be 0 (the kernel's default) or between 100 and 100000, got {quote(value)}")
+    return us
+
+
 def _seconds(value: Any) -> float:
     """Seconds (a number or a duration such as ``90s``, ``2h``), positive, at most a day."""
     return seconds_value(value)
@@ -264,6 +272,7 @@ class _DaemonConfig:
     hook_timeout: float = field(default=10.0, metadata={"conv": _seconds})
     hook_max_concurrent: int = field(default=4, metadata={"conv": _integer(1, 1000)})
     hook_max_queued: int = field(default=100, metadata={"conv": _integer(0, 100_000)})
+    cpu_slice_us: int = field(default=300, metadata={"conv": _slice_us})  # hbd.cpu_slice; 0: the kernel's
     path: str = field(default="", metadata={"internal": True})
 
 

@@ -12,6 +12,7 @@ import signal
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from hbd import cpu_slice
 from hbd.early import LOOP_SIGNALS, STRAY_SIGNALS, take_hup
 from hbd.errors import HbdError
 from hbd.errors import StartError as StartError  # re-exported: where callers import it from
@@ -168,6 +169,7 @@ class Daemon(Generic[C]):
             loop.call_later(0, self.reload)
         try:
             self.logs.configure(self.config.log_level, self.config.log_file)
+            cpu_slice.ask(self.config.cpu_slice_us)  # before any thread or worker starts: they inherit it
             self.ops.start()
             self.start()
         except HbdError as exc:
@@ -245,6 +247,8 @@ class Daemon(Generic[C]):
             self.logs.commit(new.log_level, new.log_file, handler)
             commit()
             ops_commit()
+            if new.cpu_slice_us != self.config.cpu_slice_us:
+                cpu_slice.ask(new.cpu_slice_us)
             self.config = new
 
         return commit_all
@@ -271,13 +275,8 @@ class Daemon(Generic[C]):
         reloads = f"{self.reloads_ok} reloads ok, {self.reloads_failed} failed"
         if self.last_reload_error:
             reloads += f" (last: {self.last_reload_error})"
-        log.info(
-            "status: %s; %s; loop lag max %.1f ms",
-            text,
-            reloads,
-            self.loop.max_lag * 1000,
-            extra={"fields": {"EVENT": "status"}},
-        )
+        lag = self.loop.max_lag * 1000
+        log.info("status: %s; %s; loop lag max %.1f ms", text, reloads, lag, extra={"fields": {"EVENT": "status"}})
 
     def reopen_logs(self) -> None:
         """SIGUSR2: reopen the log file (after logrotate moved it away)."""

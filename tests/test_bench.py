@@ -156,3 +156,13 @@ def test_procstat_splits_a_process_cpu_into_user_and_system() -> None:
     u1, s1 = procstat.tree_user_sys_s([os.getpid()])
     assert u1 - u0 >= 0.05 and u1 - u0 > 2 * (s1 - s0)
     assert procstat.tree_user_sys_s([2**22 + 7]) == (0.0, 0.0)  # gone: nothing, not an error
+
+
+def test_slice_hog_runs_hbd_with_the_slice_it_names(tmp_path: Path) -> None:
+    from bench import servers, slice_hog
+    from hbd.config import load_server_config
+
+    yaml = slice_hog.with_slice(servers.hbd_server_yaml, 0)
+    text = yaml(1234, 3.0, tmp_path / "log", None, 100, tmp_path / "s.sock", tmp_path / "state")
+    (tmp_path / "c.yaml").write_text(text)
+    assert load_server_config(tmp_path / "c.yaml").cpu_slice_us == 0

@@ -54,8 +54,16 @@ def test_fractions_are_accepted(tmp_path: Path) -> None:
         ("max_clients: 0", "max_clients: must be between 1 and 1000000, got 0"),
         ("log_level: loud", "log_level: must be one of debug, info, warning, error, got str 'loud'"),
         ("log_file: 3", "log_file: must be a file path or null, got int 3"),
-        ("prot: 1", "line 1: prot: unknown key (known keys: allow, backlog, control_socket, flap_threshold"),
+        (
+            "prot: 1",
+            "line 1: prot: unknown key (known keys: allow, backlog, control_socket, cpu_slice_us, flap_threshold",
+        ),
         ("host: ''", "host: must be a host name or IP address"),
+        (
+            "cpu_slice_us: 50",
+            "line 1: cpu_slice_us: must be 0 (the kernel's default) or between 100 and 100000, got 50",
+        ),
+        ("cpu_slice_us: 0.3", "cpu_slice_us: must be an integer, got float 0.3"),
     ],
 )
 def test_server_errors_name_file_line_key_and_reason(tmp_path: Path, text: str, expected: str) -> None:
@@ -98,6 +106,7 @@ def test_server_errors_name_file_line_key_and_reason(tmp_path: Path, text: str, 
         ("on_change: []", "on_change: must name a program"),
         ("on_change: 'sh -c \"unclosed'", "on_change: cannot split"),
         ("hook_max_concurrent: 0", "hook_max_concurrent: must be between 1 and 1000, got 0"),
+        ("cpu_slice_us: 100001", "cpu_slice_us: must be between 0 and 100000, got 100001"),
         ("control_socket: /run/hbd/", "control_socket: must be a socket file path or null"),
         ("control_socket: /" + "x" * 100, "control_socket: must be at most 96 bytes long"),
     ],
