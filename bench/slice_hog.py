@@ -1,7 +1,7 @@
 """hbd beside a CPU hog on its core, with and without a short CPU slice (``python3 -m bench.slice_hog``).
 
 The open run (bench.runner) at N clients, one hbd process pinned to the first CPU, and a busy loop
-pinned there too; ``cpu_slice_us`` 0 (the kernel's slice) and 300 (the default) alternate, ``--reps``
+pinned there too; ``cpu_slice_us`` 0 (the kernel's slice, the default) and 300 alternate, ``--reps``
 pairs. Prints one JSON line a run: hbd's loop turns (from its status socket), the pongs' RTT, CPU per
 ping. Run it under ``flock /tmp/hbd-bench.lock``.
 """

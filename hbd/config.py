@@ -272,7 +272,7 @@ class _DaemonConfig:
     hook_timeout: float = field(default=10.0, metadata={"conv": _seconds})
     hook_max_concurrent: int = field(default=4, metadata={"conv": _integer(1, 1000)})
     hook_max_queued: int = field(default=100, metadata={"conv": _integer(0, 100_000)})
-    cpu_slice_us: int = field(default=300, metadata={"conv": _slice_us})  # hbd.cpu_slice; 0: the kernel's
+    cpu_slice_us: int = field(default=0, metadata={"conv": _slice_us})  # hbd.cpu_slice; 0: the kernel's
     path: str = field(default="", metadata={"internal": True})
 
 

@@ -74,8 +74,11 @@ def request(seconds: float) -> float | None:
     return current()
 
 
-def ask(us: int) -> None:
-    """The configuration's ``cpu_slice_us`` for this process's threads: one info line when it cannot be had."""
+def ask(us: int, was: int = 0) -> None:
+    """The configuration's ``cpu_slice_us`` (``was`` before a reload) for this process's threads: one info
+    line when it cannot be had. 0 at start asks nothing (a slice set from outside stays)."""
+    if us == was:
+        return
     got = request(us / 1e6)
     if got is None:
         if us:

@@ -247,8 +247,7 @@ class Daemon(Generic[C]):
             self.logs.commit(new.log_level, new.log_file, handler)
             commit()
             ops_commit()
-            if new.cpu_slice_us != self.config.cpu_slice_us:
-                cpu_slice.ask(new.cpu_slice_us)
+            cpu_slice.ask(new.cpu_slice_us, self.config.cpu_slice_us)
             self.config = new
 
         return commit_all

@@ -126,3 +126,14 @@ def test_a_server_and_its_workers_run_with_the_configured_slice_and_a_reload_cha
     srv.wait_for(r"hbd-server INFO +reloaded ", after=mark, timeout=10)
     for pid in pids:
         assert 250_000 not in set(slices_of(pid).values()), (pid, slices_of(pid))
+
+
+@needs_custom_slices
+def test_the_default_asks_nothing_and_a_reload_to_it_asks_for_the_kernels(kernel_default: None) -> None:
+    """cpu_slice_us 0 at start leaves a slice set from outside alone; a reload from a value back to 0
+    asks for the kernel's own again."""
+    cpu_slice.request(0.0004)
+    cpu_slice.ask(0)
+    assert cpu_slice.current() == 0.0004
+    cpu_slice.ask(0, 400)
+    assert cpu_slice.current() not in (None, 0.0004)
