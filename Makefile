@@ -30,7 +30,7 @@ help:
 	@echo "make deb         the Debian package: dist/hbd_<version>_all.deb"
 	@echo "make deb-lint    lintian on the binary and source packages (fails on any error or warning)"
 	@echo "make systemd-test  only the real-systemd tests (root)"
-	@echo "make bench       full benchmark, about 11 min; make bench-quick: about 2 min"
+	@echo "make bench       full benchmark, about 14 min; make bench-quick: about 2 min"
 	@echo "make bench-scale N=100000 [INTERVAL=10]  named clients against hbd with store and history, about 3 min"
 	@echo "make clean       remove demo-logs, build, dist and caches"
 
