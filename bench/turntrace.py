@@ -173,9 +173,11 @@ def trace(path: str, over_ms: float) -> None:
             return run_worker(self, *args)
 
         Supervisor._run_worker = niced  # type: ignore[method-assign]
+    from hbd import cpu_slice
+
     slice_us = int(os.environ.get("HBD_TURNTRACE_SLICE_US", "0"))
     if slice_us:  # an experiment: the supervisor's (and, inherited, its workers') EEVDF slice
-        _set_slice(slice_us * 1000)
+        cpu_slice.request(slice_us / 1e6)
     worker_slice = os.environ.get("HBD_TURNTRACE_WORKER_SLICE_US")
     if worker_slice is not None:
         from hbd.workers import Supervisor
@@ -183,7 +185,7 @@ def trace(path: str, over_ms: float) -> None:
         run_worker_sliced = Supervisor._run_worker
 
         def sliced(self: Supervisor, *args: Any) -> int:
-            _set_slice(int(worker_slice) * 1000)  # 0: the kernel's default
+            cpu_slice.request(int(worker_slice) / 1e6)  # 0: the kernel's default
             return run_worker_sliced(self, *args)
 
         Supervisor._run_worker = sliced  # type: ignore[method-assign]
@@ -194,15 +196,6 @@ def trace(path: str, over_ms: float) -> None:
             out.write(json.dumps({"summary": True, "turns": state["turns"], "logged": state["logged"]}) + "\n")
 
     atexit.register(summary)
-
-
-def _set_slice(ns: int) -> None:
-    import ctypes
-    import struct
-
-    attr = struct.pack("IIQiIQQQII", 56, 0, 0, os.getpriority(os.PRIO_PROCESS, 0), 0, ns, 0, 0, 0, 0)
-    if ctypes.CDLL(None, use_errno=True).syscall(314, 0, ctypes.c_char_p(attr), 0):  # sched_setattr (x86_64)
-        raise OSError(ctypes.get_errno(), "sched_setattr")
 
 
 def main() -> None:

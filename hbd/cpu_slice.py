@@ -14,12 +14,15 @@ nothing changes.
 
 from __future__ import annotations
 
-import ctypes
 import os
-import platform
 import struct
+import threading
+from typing import TYPE_CHECKING
 
 from hbd.logs import log
+
+if TYPE_CHECKING:
+    import ctypes
 
 # sched_setattr, sched_getattr: the system call numbers by architecture (no libc wrapper for either)
 _SYSCALLS = {"x86_64": (314, 315), "aarch64": (274, 275), "riscv64": (274, 275), "i686": (351, 352)}
@@ -29,17 +32,22 @@ MAX_SLICE = 0.1
 
 
 def _calls() -> tuple[ctypes.CDLL, int, int] | None:
-    numbers = _SYSCALLS.get(platform.machine())
+    numbers = _SYSCALLS.get(os.uname().machine)
     if numbers is None:
         return None
+    import ctypes  # (here: a daemon that asks nothing, the default, never loads it)
+
     return ctypes.CDLL(None, use_errno=True), *numbers
 
 
 def current() -> float | None:
-    """This thread's custom slice in seconds, None when it has none (or the kernel knows none)."""
+    """This thread's slice in seconds as the kernel reports it (its own default when none was asked for, on
+    Linux 6.18), None when the kernel reports none (before 6.12, or no such system call here)."""
     calls = _calls()
     if calls is None:
         return None
+    import ctypes
+
     libc, _, get = calls
     buf = ctypes.create_string_buffer(_ATTR.size)
     if libc.syscall(get, 0, buf, _ATTR.size, 0) != 0:
@@ -56,6 +64,8 @@ def request(seconds: float) -> float | None:
     calls = _calls()
     if calls is None:
         return None
+    import ctypes
+
     libc, set_, _ = calls
     policy = os.sched_getscheduler(0)
     if policy not in (os.SCHED_OTHER, os.SCHED_BATCH):  # a real-time (or idle) policy an operator chose: keep it
@@ -63,13 +73,14 @@ def request(seconds: float) -> float | None:
     runtime = 0 if seconds <= 0 else round(min(max(seconds, MIN_SLICE), MAX_SLICE) * 1e9)
     nice = os.getpriority(os.PRIO_PROCESS, 0)  # (sched_setattr sets the nice value too: keep ours)
     attr = ctypes.c_char_p(_ATTR.pack(_ATTR.size, policy, 0, nice, 0, runtime, 0, 0, 0, 0))
-    try:
-        threads = [int(tid) for tid in os.listdir("/proc/self/task")]
-    except OSError:
-        threads = [0]
-    if libc.syscall(set_, 0, attr, 0) != 0:
+    if libc.syscall(set_, 0, attr, 0) != 0:  # this thread first: whether the kernel takes it at all
         return None
-    for tid in threads:  # (a thread that ended meanwhile: ESRCH, nothing to do)
+    me = str(threading.get_native_id())
+    try:
+        others = [int(tid) for tid in os.listdir("/proc/self/task") if tid != me]
+    except OSError:
+        others = []
+    for tid in others:  # (a thread that ended meanwhile: ESRCH, nothing to do)
         libc.syscall(set_, tid, attr, 0)
     return current()
 
