@@ -58,7 +58,8 @@ _UP = PeerState.UP  # a module global: reading an Enum member through its class 
 # Halves of timeouts, and the timeouts they are halves of, as shared float objects: peers with the same
 # timeout (most: the config's) share one object for its half and read back the config's own, where a
 # product per peer would be a float (24 bytes) per connection, twice over where others keep what they
-# read. Bounded (timeouts come from the config and from greetings): past the bound, plain products.
+# read. Bounded (timeouts come from the config and from greetings, whose intervals are anyone's): a full
+# memo starts over, so strangers' timeouts cannot keep out one every peer has (a reload's) for good.
 _HALF: dict[float, float] = {}
 _WHOLE: dict[float, float] = {}
 HALVES_KEPT = 256
@@ -67,10 +68,11 @@ HALVES_KEPT = 256
 def _half(timeout: float) -> float:
     half = _HALF.get(timeout)
     if half is None:
-        half = timeout * 0.5
-        if len(_HALF) < HALVES_KEPT:
-            _HALF[timeout] = half
-            _WHOLE[half] = timeout
+        if len(_HALF) >= HALVES_KEPT:
+            _HALF.clear()
+            _WHOLE.clear()
+        half = _HALF[timeout] = timeout * 0.5
+        _WHOLE[half] = timeout
     return half
 
 

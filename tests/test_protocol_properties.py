@@ -214,3 +214,18 @@ def test_peers_with_one_timeout_share_its_half_and_the_memo_is_bounded(monkeypat
         peer.state = PeerState.UP
         assert peer.timeout == 1000.0 + k / 7 and peer.due_in == (1000.0 + k / 7) / 2
     assert len(protocol._HALF) <= protocol.HALVES_KEPT and len(protocol._WHOLE) <= protocol.HALVES_KEPT
+
+
+def test_a_memo_filled_by_strangers_timeouts_still_shares_a_new_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Greetings' intervals are anyone's: 256 strangers with distinct intervals must not leave the memo
+    full for good, so that a timeout a reload brings (every peer's) would cost a float per peer again."""
+    monkeypatch.setattr(protocol, "_HALF", {})
+    monkeypatch.setattr(protocol, "_WHOLE", {})
+    for k in range(protocol.HALVES_KEPT + 5):
+        stranger = ServerPeer(0.0, 500.0 + k / 3)
+        stranger.state = PeerState.UP
+    assert len(protocol._HALF) <= protocol.HALVES_KEPT and len(protocol._WHOLE) <= protocol.HALVES_KEPT
+    timeout = 42.5  # the new heartbeat_timeout
+    a, b = ServerPeer(0.0, timeout), ServerPeer(0.0, timeout)
+    a.state = b.state = PeerState.UP
+    assert a.due_in is b.due_in and a.timeout is timeout and b.timeout is timeout
