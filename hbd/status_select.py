@@ -103,8 +103,11 @@ def scan(sources: Sequence[Source], flt: StatusFilter, tally: Tally) -> Iterator
         yield batch
 
 
-def _tail(flt: StatusFilter, tally: Tally, counts: bool) -> bytes:
-    tail: dict[str, object] = {"filter": flt.to_json(), "matched": tally.matched, "registry": not counts}
+def _tail(flt: StatusFilter, tally: Tally, counts: bool, now: float | None) -> bytes:
+    """What follows the rows: the filter, how many matched, and ``now``, taken when the last row has
+    been read: a row is read when the scan reaches it, so a peer heard after the head was made
+    shows a time after the head's; every time in the document is at or before this ``now``."""
+    tail: dict[str, object] = {"filter": flt.to_json(), "matched": tally.matched, "registry": not counts, "now": now}
     if counts:  # no registry's counts in the head: the connections this scan saw, by state
         tail["counts"] = tally.states
     return b"]," + _dumps(tail)[1:].encode() + b"\n"
@@ -129,10 +132,11 @@ def server_select(view: ServerView, flt: StatusFilter, loop: EventLoop, wake: Ca
     """One process's document: its head, the rows ``flt`` keeps, then how many matched."""
     clock = Clock(view.daemon.now)
     head = server_head(view, clock)
+    del head["now"]  # it ends the document (``_tail``)
     yield _dumps(head)[:-1].encode() + b',"peers":['
     tally = Tally()
     yield from _kept_rows(view, flt, loop, wake, clock, tally)
-    yield _tail(flt, tally, "counts" not in head)
+    yield _tail(flt, tally, "counts" not in head, clock.wall(loop.clock()))
 
 
 def worker_select(view: ServerView, flt: StatusFilter, loop: EventLoop, wake: Callable[[], None]) -> Reply:
@@ -159,6 +163,7 @@ def supervisor_select(
     holds), one worker at a time, never waiting on one."""
     clock = Clock(view.daemon.now)
     doc = supervisor_head(view, clock)
+    del doc["now"]  # it ends the document, after every worker's rows (``_tail``)
     yield _dumps(doc)[:-1].encode() + b',"peers":['
     tally = Tally()
     request = worker_request(flt)
@@ -183,7 +188,7 @@ def supervisor_select(
             text = _rows_text(batch, clock)
             yield ("," + text if wrote else text).encode()
             wrote = True
-    yield _tail(flt, tally, "counts" not in doc)
+    yield _tail(flt, tally, "counts" not in doc, clock.wall(loop.clock()))
 
 
 def _relayed(

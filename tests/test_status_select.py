@@ -8,13 +8,26 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from daemons import connect, recv_exactly, start_server
 from helpers import wait_until
 
-from hbd import commands
+from hbd import commands, status_select
 from hbd.cli import main
 from hbd.control import HIGH_WATER, RequestServer, UnixListener, query
 from hbd.loop import EventLoop
+from hbd.status_doc import parse_document
+from hbd.status_filter import StatusFilter
+from hbd.view import (
+    DaemonView,
+    LoopNumbers,
+    PeerRow,
+    PeerSource,
+    ServerCounters,
+    ServerSettings,
+    ServerView,
+    SupervisorView,
+)
 
 
 def _select(sock: Path, **fields: object) -> dict:
@@ -222,3 +235,35 @@ def test_big_replies_are_bounded_in_number_and_unread_ones_in_memory(tmp_path: P
         s.close()
     listener.remove()
     loop.close()
+
+
+def _view_heard_after_its_head(supervises: bool) -> ServerView | SupervisorView:
+    """A view made at loop time 1000 whose one peer pinged at 1000.5, after the view (a row is read
+    when a scan reaches it, turns later at 100,000 peers)."""
+    daemon = DaemonView("server", 1000.0, 1_700_000_000.0, "", 0, 0, None, LoopNumbers(0.0, 0.0, 0), {}, {}, ())
+    row = PeerRow("web1", "web1", "10.0.0.7:4000", "UP", 990.0, 1000.5, 12, 10.0, 2.0)
+    source = PeerSource(1, lambda i: ("web1", "10.0.0.7:4000", "UP"), lambda i: row)
+    settings = ServerSettings(10.0, 100, 2 if supervises else 1)
+    if supervises:
+        return SupervisorView(daemon, "0.0.0.0:7000", settings, (), sources=(source,))
+    return ServerView(daemon, "0.0.0.0:7000", settings, ServerCounters(), [row], sources=(source,))
+
+
+def test_every_time_in_a_document_is_at_or_before_its_now() -> None:
+    """``now`` ends a server's document, taken once every row has been read: a peer heard while the
+    document was being made never shows a ping after it (an age below zero)."""
+    loop = EventLoop(clock=lambda: 1000.6)
+    try:
+        for supervises in (False, True):
+            view = _view_heard_after_its_head(supervises)
+            if isinstance(view, SupervisorView):
+                reply = status_select.supervisor_select(view, StatusFilter(), loop, None, lambda: None)
+            else:
+                reply = status_select.server_select(view, StatusFilter(), loop, lambda: None)
+            doc = json.loads(b"".join(c for c in reply if c))
+            [peer] = doc["peers"]
+            assert peer["connected"] < peer["last_ping"] <= doc["now"]
+            assert doc["now"] - peer["last_ping"] == pytest.approx(0.1, abs=0.002)
+            assert doc["now"] - doc["started"] > 0 and parse_document(doc)["peers"][0]["name"] == "web1"
+    finally:
+        loop.close()
