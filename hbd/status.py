@@ -1,9 +1,10 @@
 """What the status socket answers: one JSON document per request, produced a slice at a time.
 
-The daemon side (``document``) only snapshots and serialises; ``hbd status`` turns the JSON into a
-table (``render``). Times in the document are wall-clock epoch seconds (converted from the
-monotonic clock liveness runs on), with the daemon's own ``now`` so ages need no synchronised
-clocks. The layout is documented in docs/operations.md.
+The daemon side (the head and the rows here; which rows, in what order, and the tail in
+hbd.status_select) only snapshots and serialises; ``hbd status`` turns the JSON into a table
+(``render``). Times in the document are wall-clock epoch seconds (converted from the monotonic
+clock liveness runs on), with the daemon's own ``now`` so ages need no synchronised clocks. The
+layout is documented in docs/operations.md.
 
 With ``workers: K`` the supervisor has no peers of its own: it relays the ``peers`` reply of each
 worker's private socket (``<control_socket>.<index>``, mode 0600) into one document.
@@ -198,16 +199,6 @@ def _rows_chunks(peers: Iterable[PeerRow], clock: Clock) -> Iterator[str]:
         yield ",".join(chunk)
 
 
-def server_document(view: ServerView) -> Reply:
-    clock = Clock(view.daemon.now)
-    yield _dumps(server_head(view, clock))[:-1].encode() + b',"peers":['
-    first = True
-    for chunk in server_peers(view, clock):
-        yield (chunk if first else "," + chunk).encode()
-        first = False
-    yield b"]}\n"
-
-
 def peers_fragment(view: ServerView) -> Reply:
     """A worker's answer to the supervisor: just its peers, comma-separated."""
     clock = Clock(view.daemon.now)
@@ -232,43 +223,6 @@ def supervisor_head(view: SupervisorView, clock: Clock) -> dict[str, object]:
             turns = turns.plus(w.numbers.loop.turns)
     doc["loop"] = loop_doc(view.daemon.loop, turns)
     return doc
-
-
-def supervisor_document(
-    view: SupervisorView, loop: EventLoop, control_path: str | None, wake: Callable[[], None]
-) -> Reply:
-    """Relay every worker's peers into one document, one worker at a time, without blocking; then
-    the registry's peers that no worker holds."""
-    clock = Clock(view.daemon.now)
-    doc = supervisor_head(view, clock)
-    yield _dumps(doc)[:-1].encode() + b',"peers":['
-    wrote = False
-    for chunk in relay_peers(view, loop, control_path, wake):
-        if chunk:
-            wrote = True
-        yield chunk
-    for text in _rows_chunks(view.peers, clock):
-        yield ("," + text if wrote else text).encode()
-        wrote = True
-    yield b"]}\n"
-
-
-def relay_peers(
-    view: SupervisorView, loop: EventLoop, control_path: str | None, wake: Callable[[], None]
-) -> Iterator[bytes | None]:
-    """The workers' peer objects, comma-separated across workers (None: waiting for one)."""
-    wrote = False
-    for w in view.workers:
-        first = True
-        for chunk in _Relay(loop, f"{control_path}.{w.index}", wake).chunks():
-            if chunk is None:
-                yield None
-                continue
-            if first and wrote:
-                chunk = b"," + chunk
-            first = False
-            wrote = True
-            yield chunk
 
 
 class _Relay:

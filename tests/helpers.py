@@ -151,3 +151,38 @@ class Exp:
     address: Network | None = None
     timeout: float | None = None
     labels: tuple[tuple[str, str], ...] = ()
+
+
+class _StillLoop:
+    """What a status document needs of a loop when nothing runs: its clock, and wake-ups never taken."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def clock(self) -> float:
+        return self.now
+
+    def call_later(self, delay: float, callback: Callable[[], object]) -> None:
+        pass
+
+
+def status_document(view: Any, loop: Any = None) -> dict[str, Any]:
+    """The document a server answers ``status`` with (hbd.status_select, the empty filter), whole;
+    ``loop``: the daemon's, else one standing still at the view's time. A view made of rows alone
+    (a test's) gets them as its source, as a daemon's view has them."""
+    from dataclasses import replace
+
+    from hbd import status_select
+    from hbd.status_filter import StatusFilter
+    from hbd.view import PeerSource, SupervisorView
+
+    if not view.sources:
+        rows = list(view.peers)
+        source = PeerSource(len(rows), lambda i: (rows[i].name, rows[i].address, rows[i].state), rows.__getitem__)
+        view = replace(view, peers=rows, sources=(source,))
+    loop = loop or _StillLoop(view.daemon.now)
+    if isinstance(view, SupervisorView):
+        reply = status_select.supervisor_select(view, StatusFilter(), loop, None, lambda: None)
+    else:
+        reply = status_select.server_select(view, StatusFilter(), loop, lambda: None)
+    return json.loads(b"".join(chunk for chunk in reply if chunk))

@@ -4,6 +4,7 @@ would otherwise wait, ``document()`` is its status document, ``run_until()`` adv
 
 import json
 
+from helpers import status_document
 from virtual_time import FakeClock, VirtualSelector
 
 from hbd import status
@@ -40,8 +41,9 @@ def virtual(cls, config):
 
 
 def document(daemon) -> dict:
-    producer = status.server_document if daemon.ops.role == "server" else status.client_document
-    return json.loads(b"".join(producer(daemon.view())))
+    if daemon.ops.role == "server":
+        return status_document(daemon.view(), daemon.loop)
+    return json.loads(b"".join(status.client_document(daemon.view())))
 
 
 def run_until(loop, clock, t: float) -> None:

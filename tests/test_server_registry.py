@@ -8,7 +8,7 @@ import logging
 import socket
 
 import pytest
-from helpers import Exp
+from helpers import Exp, status_document
 from virtual_time import run_until
 
 from hbd.config import ServerConfig
@@ -334,7 +334,6 @@ def test_a_flapping_peer_gets_one_flapping_hook_then_none_until_one_stable(serve
 
 def test_status_and_metrics_show_each_peers_outages_down_time_and_uptime(server, vclock, vloop) -> None:
     """From the changes applied in this process (hbd.peer_uptime), never from the store: none here."""
-    import json
 
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -349,7 +348,7 @@ def test_status_and_metrics_show_each_peers_outages_down_time_and_uptime(server,
     [row] = srv.view().peers
     assert row.state == "DOWN" and row.outages == 1 and row.down_seconds == pytest.approx(3.0, abs=0.2)
     assert row.uptime_24h == pytest.approx(100 * 2 / 5, abs=5)  # UP and LATE 2 s of the 5 known
-    doc = json.loads(b"".join(status.server_document(srv.view())))
+    doc = status_document(srv.view(), vloop)
     assert doc["peers"][0]["outages"] == 1 and doc["peers"][0]["uptime_24h"] == pytest.approx(40, abs=5)
     text = status.render(parse_document(doc))
     header = next(line for line in text.splitlines() if line.startswith("PEER"))

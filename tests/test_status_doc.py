@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from helpers import status_document
 
 from hbd import status
 from hbd.cli import main
@@ -47,7 +48,7 @@ def _daemon(role: str) -> DaemonView:
 def server_doc() -> dict:
     row = PeerRow("web1", "web1", "10.0.0.7:4000", "UP", 990.0, 999.0, 12, 10.0, 2.0)
     view = ServerView(_daemon("server"), "0.0.0.0:7000", ServerSettings(10.0, 100, 1), ServerCounters(), [row])
-    return json.loads(b"".join(status.server_document(view)))
+    return status_document(view)
 
 
 def client_doc() -> dict:

@@ -5,10 +5,12 @@ import dataclasses
 import json
 from pathlib import Path
 
+from helpers import status_document
 from prometheus_client.parser import text_string_to_metric_families
 
-from hbd import metrics, status
+from hbd import metrics, status, status_select
 from hbd.status_doc import parse_document
+from hbd.status_filter import StatusFilter
 from hbd.view import (
     DaemonView,
     LoopNumbers,
@@ -111,7 +113,7 @@ def test_a_registry_shaped_view_renders_without_changing_status_or_metrics() -> 
         rows,
         counts={"NEW": 0, "UP": 1, "LATE": 0, "DOWN": 1},
     )
-    doc = json.loads(b"".join(status.server_document(view)))
+    doc = status_document(view)
     assert doc["counts"] == {"NEW": 0, "UP": 1, "LATE": 0, "DOWN": 1}
     web1, web2 = doc["peers"]
     assert web1["expected"] is True and web1["labels"] == {"rack": "a1"} and web1["flapping"] is False
@@ -142,7 +144,7 @@ def test_a_registry_shaped_view_renders_without_changing_status_or_metrics() -> 
 def test_todays_rows_keep_todays_document() -> None:
     rows = [PeerRow("10.0.0.1:4000", None, "10.0.0.1:4000", "NEW", 999.0, None, 0, 10.0, None)]
     view = ServerView(_daemon(), None, ServerSettings(10.0, 100, 1), _counters(), rows)
-    doc = json.loads(b"".join(status.server_document(view)))
+    doc = status_document(view)
     assert list(doc["peers"][0]) == [
         "peer",
         "name",
@@ -154,7 +156,9 @@ def test_todays_rows_keep_todays_document() -> None:
         "timeout",
         "interval",
     ]
-    assert "counts" not in doc and doc["recent"][0]["reason"] == "silent for 10 s"
+    # no registry: the counts are the connections the scan saw (the tail's), not a registry's
+    assert doc["registry"] is False and doc["counts"] == {"NEW": 1}
+    assert doc["recent"][0]["reason"] == "silent for 10 s"
     exposition = metrics.collect(view).render().decode()
     assert "hbd_peers" not in exposition and "hbd_peer_up" not in exposition
 
@@ -168,10 +172,10 @@ def test_peers_are_serialised_a_slice_at_a_time_in_one_pass() -> None:
             yield PeerRow(f"p{i}", f"p{i}", f"10.0.0.1:{i}", "UP", 999.0, 999.0, 1, 10.0, None)
 
     view = ServerView(_daemon(), None, ServerSettings(10.0, 100, 1), _counters(), rows())
-    chunks = status.server_document(view)
-    next(chunks)  # the head
-    next(chunks)
+    chunks = status.peers_fragment(view)  # a worker's rows for its supervisor's scrape
+    first = next(chunks)
     assert len(made) <= status.SLICE + 1  # rows are made as they are serialised, not all up front
+    assert len(json.loads(b"[" + first + b"]")) == status.SLICE
     assert len(json.loads(next(chunks).lstrip(b",").join((b"[", b"]")))) == status.SLICE
 
 
@@ -216,7 +220,7 @@ def test_loop_turns_cross_the_pipe_per_worker_and_sum_in_status_and_metrics() ->
         ServerSettings(10.0, 100, 2),
         (WorkerRow(1, 11, 2, 0, n), WorkerRow(2, 12, 2, 0, n), WorkerRow(3, 13, 0, 0, None)),
     )
-    head = next(status.supervisor_document(view, None, None, lambda: None))  # type: ignore[arg-type]
+    head = next(status_select.supervisor_select(view, StatusFilter(), None, None, lambda: None))  # type: ignore[arg-type]
     doc = json.loads(head + b"]}")
     turns = doc["loop"]["turns"]
     assert turns["count"] == 95 + 2 * 55 and turns["over_100ms"] == 2 * 2 and turns["max_ms"] == 2400.0
@@ -236,7 +240,7 @@ def test_loop_turns_cross_the_pipe_per_worker_and_sum_in_status_and_metrics() ->
 
 def test_a_server_shows_its_own_turns() -> None:
     view = ServerView(_daemon(), None, ServerSettings(10.0, 100, 1), _counters(), [])
-    doc = json.loads(b"".join(status.server_document(view)))
+    doc = status_document(view)
     assert doc["loop"]["turns"] == {
         "count": 0,
         "sum_ms": 0.0,
