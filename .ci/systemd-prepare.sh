@@ -6,6 +6,10 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source .ci/sd-container.sh
+# Test modules on several pytest-xdist workers call this at once (a stale .deb after a commit, when
+# pytest is run without `make test`): one builds, the others wait here and find it in place.
+exec 8>"$SD_WORK/prepare.lock"
+flock 8
 t0=$SECONDS
 sd_tools
 # debootstrap (network-bound) and the package build (CPU-bound) do not depend on each other: overlap them.
