@@ -19,11 +19,12 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 4
 XDIST := -n $(TEST_WORKERS) --dist loadgroup
 
-.PHONY: help deps demo-deps demo run-server run-client test test-fast lint clean
+.PHONY: help deps demo-deps demo run-server run-client test test-fast test-random lint clean
 help:
 	@echo "make demo        server + client on 127.0.0.1:$(PORT) in this terminal (Ctrl-C stops both); PORT=N for another port"
 	@echo "make test        the whole test suite; as root also the real-systemd tests (it installs and prepares them)"
 	@echo "make test-fast   unit and integration tests only (no systemd, no slow tests)"
+	@echo "make test-random the tests (no systemd) with new random cases for the property tests"
 	@echo "make deps        install the test suite's Debian packages"
 	@echo "make run-server  / make run-client   one daemon in the foreground with the repo's configs (logs in demo-logs/)"
 	@echo "make lint        ruff check, ruff format --check and mypy (pinned, in a local venv .venv-lint/)"
@@ -62,6 +63,10 @@ test: deps
 
 test-fast: deps
 	$(PY) -m pytest -q $(XDIST) -m "not systemd and not slow" $(PYTEST_ARGS)
+
+# The property tests with new random cases each run (make test's are fixed, so its verdict is not luck).
+test-random: deps
+	HBD_TEST_RANDOM=1 $(PY) -m pytest -q $(XDIST) -m "not systemd" $(PYTEST_ARGS)
 
 # Quality gates, run by .ci/run: pinned versions in a local venv (python3-venv from apt), so a new ruff or
 # mypy release can never turn CI red on its own.
