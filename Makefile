@@ -66,7 +66,7 @@ test-fast: deps
 
 # The property tests with new random cases each run (make test's are fixed, so its verdict is not luck).
 test-random: deps
-	HBD_TEST_RANDOM=1 $(PY) -m pytest -q $(XDIST) -m "not systemd" $(PYTEST_ARGS)
+	TEST_RANDOM=1 $(PY) -m pytest -q $(XDIST) -m "not systemd" $(PYTEST_ARGS)
 
 # Quality gates, run by .ci/run: pinned versions in a local venv (python3-venv from apt), so a new ruff or
 # mypy release can never turn CI red on its own.

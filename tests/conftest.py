@@ -15,11 +15,11 @@ from virtual_time import vclock, vloop, vselector  # noqa: F401  (fixtures: virt
 from hbd.logs import log
 
 # The property tests run on a fixed seed, so a run's verdict does not depend on luck: CI's, `make test`'s
-# (the README's second command) and the package build's own test run. HBD_TEST_RANDOM=1 (`make
+# (the README's second command) and the package build's own test run. TEST_RANDOM=1 (`make
 # test-random`) lets hypothesis look for new cases: a developer's run, before a change lands (add each
 # case found as a test of its own).
 settings.register_profile("fixed", derandomize=True)
-if not os.environ.get("HBD_TEST_RANDOM"):
+if not os.environ.get("TEST_RANDOM"):
     settings.load_profile("fixed")
 
 
