@@ -14,6 +14,7 @@ nothing changes.
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 import threading
@@ -31,6 +32,7 @@ MIN_SLICE = 0.0001  # the kernel's bounds for a custom slice (it clamps to them)
 MAX_SLICE = 0.1
 
 
+@functools.cache  # (request() reads the slice back through current(): one libc handle, not one a call)
 def _calls() -> tuple[ctypes.CDLL, int, int] | None:
     numbers = _SYSCALLS.get(os.uname().machine)
     if numbers is None:
