@@ -164,16 +164,10 @@ class RemotePeers:
             self.close_conn(conn)
 
     # -- status rows ---------------------------------------------------------------------------------------
-    def rows(self, conns: list[Connection], worker: int | None) -> Iterator[PeerRow]:
-        """Rows of a snapshot of connections, made as they are read: a connection whose peer the
-        registry knows carries the registry's view of it (the mark); the others are no peer yet."""
-        for conn in conns:
-            row = self.row(conn, worker)
-            if row is not None:
-                yield row
-
     def source(self, conns: list[Connection], worker: int | None) -> PeerSource:
-        """The same rows for a filtered status: how each is shown is read first, the row made only if kept."""
+        """Rows of a snapshot of connections, each made only when read, and for a filtered status only
+        if kept (how each is shown is read first): a connection whose peer the registry knows carries
+        the registry's view of it (the mark); the others are no peer yet."""
 
         def who(i: int) -> Who | None:
             conn = conns[i]

@@ -31,9 +31,9 @@ from hbd.registry_remote import RemotePeers
 from hbd.reload_process import ChildLoad
 from hbd.reloading import Given, Load
 from hbd.server_ends import EndQueue
-from hbd.server_registry import ServerRegistry, peer_rows, peer_sources, start_registry
+from hbd.server_registry import ServerRegistry, peer_sources, start_registry
 from hbd.server_report import ServerReport
-from hbd.view import LazySource, PeerRow, ServerCounters, ServerSettings, ServerView, Source, WorkerNumbers, lazy_rows
+from hbd.view import LazySource, PeerRow, ServerCounters, ServerSettings, ServerView, Source, WorkerNumbers, source_rows
 from hbd.workers_codec import Numbers, Ready, Reloaded, Status
 
 if TYPE_CHECKING:
@@ -319,13 +319,10 @@ def _peers_of(
 ) -> tuple[Iterable[PeerRow], dict[str, int] | None, tuple[Source, ...], LastPings | None]:
     """A server's peers for its view: a worker's rows carry the supervisor's marks (no counts of its
     own); a single process's come from its registry. Nothing here looks at every peer: ``conns``
-    snapshots the connections when a reply first reads them (hbd.view.LazySource)."""
+    snapshots the connections when a reply first reads them (hbd.view.LazySource). The rows are the
+    sources' own (hbd.view.source_rows): one producer for a listing, a scrape and a filtered status."""
     if remote is not None:
-        return (
-            lazy_rows(lambda: remote.rows(conns(), worker)),
-            None,
-            (LazySource(lambda: remote.source(conns(), worker)),),
-            lambda: remote.last_pings(conns()),
-        )
-    rows, counts = peer_rows(registry, conns, worker)
-    return rows, counts, peer_sources(registry, conns, worker), None
+        sources: tuple[Source, ...] = (LazySource(lambda: remote.source(conns(), worker)),)
+        return source_rows(sources), None, sources, lambda: remote.last_pings(conns())
+    sources = peer_sources(registry, conns, worker)
+    return source_rows(sources), registry.counts() if registry is not None else None, sources, None

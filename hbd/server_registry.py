@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
-from itertools import chain
 from typing import TYPE_CHECKING, Protocol
 
 from hbd import tls
@@ -41,7 +40,7 @@ from hbd.silencing import Silence
 from hbd.state_store import PeerRecord, SilenceRecord
 from hbd.store_writer import Store as Store
 from hbd.store_writer import StoreWriter, open_store
-from hbd.view import LazySource, PeerRow, PeerSource, Source, Who, lazy_rows
+from hbd.view import LazySource, PeerRow, PeerSource, Source, Who
 
 if TYPE_CHECKING:
     from hbd.loop import EventLoop, Timer
@@ -283,10 +282,6 @@ class ServerRegistry:
         self._rearm()
 
     # -- what status and metrics read ----------------------------------------------------------------------
-    def rows(self, worker: int | None = None) -> Iterator[PeerRow]:
-        """The registry's rows with this process's accounting of each peer (hbd.peer_uptime)."""
-        return map(self.account, self.registry.rows(self.live, worker))
-
     def account(self, row: PeerRow) -> PeerRow:
         """``row`` with this process's accounting of its peer: 24 h uptime, outages, seconds down."""
         acc = self.uptime.account(row.peer)
@@ -348,23 +343,12 @@ def start_registry(
     return reg
 
 
-def peer_rows(
-    reg: ServerRegistry | None, conns: Callable[[], list[Connection]], worker: int | None
-) -> tuple[Iterable[PeerRow], dict[str, int] | None]:
-    """What a server shows (rows made as they are read) and its counts: the registry's peers, then
-    the connections that are no peer yet; without a registry, its connections. ``conns`` snapshots
-    the connections: called when the rows are first read, not now (hbd.view.lazy_rows)."""
-    if reg is None:
-        return lazy_rows(lambda: connection_rows(conns(), worker)), None
-    unknown = lazy_rows(lambda: connection_rows(reg.unknown(conns()), worker, PENDING))
-    return chain(lazy_rows(lambda: reg.rows(worker)), unknown), reg.counts()
-
-
 def peer_sources(
     reg: ServerRegistry | None, conns: Callable[[], list[Connection]], worker: int | None
 ) -> tuple[Source, ...]:
-    """The same peers as ``peer_rows``, for a filtered status (the filter is applied before a row is
-    made); each snapshot is taken when a scan first looks at it (hbd.view.LazySource)."""
+    """What a server shows: the registry's peers, then the connections that are no peer yet; without a
+    registry, its connections. A filtered status applies its filter before a row is made, and each
+    snapshot is taken when something first reads it (hbd.view.LazySource)."""
     if reg is None:
         return (LazySource(lambda: connection_source(conns(), worker)),)
     return (
@@ -374,18 +358,6 @@ def peer_sources(
 
 
 PENDING = frozenset({"pending"})  # a connection that has not pinged yet: shown, but no peer (no metrics)
-
-
-def connection_rows(
-    conns: list[Connection], worker: int | None, flags: frozenset[str] = frozenset()
-) -> Iterator[PeerRow]:
-    """Rows of a snapshot of connections, made as they are read (the status reply slices them):
-    a server without a registry shows its connections so; one with a registry, those that are
-    no peer yet."""
-    for conn in conns:
-        row = connection_row(conn, worker, flags)
-        if row is not None:
-            yield row
 
 
 def connection_source(conns: list[Connection], worker: int | None, flags: frozenset[str] = frozenset()) -> PeerSource:

@@ -27,7 +27,7 @@ from hbd.peer_uptime import Account, parts
 from hbd.registry import Action, Close, Expected, Log, Notice, Peer, RegistrySettings, Watch
 from hbd.server_registry import Events, ServerRegistry
 from hbd.silencing import Silence
-from hbd.view import PeerRow, PeerSample, PeerSource
+from hbd.view import PeerSample, PeerSource
 from hbd.workers_codec import (
     PeerBack,
     PeerClose,
@@ -242,13 +242,6 @@ class SupervisorRegistry(ServerRegistry):
         return done
 
     # -- what status and metrics read ------------------------------------------------------------------------
-    def unconnected_rows(self) -> Iterator[PeerRow]:
-        """The registry's peers that no worker holds a connection of (DOWN, NEW): the workers show
-        the others, with their marks."""
-        reg = self.registry
-        for peer in [p for p in reg.peers.values() if p.key is None]:  # not a row for each connected one
-            yield self.account(reg.row(peer, None, None))
-
     def metric_samples(self, offset: float, last: Mapping[Key, float], per: int) -> Iterator[list[PeerSample]]:
         """Every peer's metric values straight from the registry and the accounting, ``per`` peers a
         batch (a scrape takes one per loop turn): the same values as hbd.metrics.peer_sample of the
@@ -283,7 +276,9 @@ class SupervisorRegistry(ServerRegistry):
             yield batch
 
     def unconnected_source(self) -> PeerSource:
-        """The same peers for a filtered status: a snapshot of them, each row made only if kept."""
+        """The registry's peers that no worker holds a connection of (DOWN, NEW): the workers show the
+        others, with their marks. A snapshot of them, each row made only when read (a filtered
+        status: only if kept)."""
         return self.registry.source(account=self.account, unconnected=True)
 
 

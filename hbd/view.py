@@ -192,9 +192,16 @@ class LazySource:
 Source = PeerSource | LazySource
 
 
-def lazy_rows(make: Callable[[], Iterable[PeerRow]]) -> Iterator[PeerRow]:
-    """Rows whose snapshot is taken at the first one read (``make``), not when the view is made."""
-    yield from make()
+def source_rows(sources: Iterable[Source]) -> Iterator[PeerRow]:
+    """Every row of ``sources`` in order, made as they are read (a ``LazySource`` takes its snapshot
+    at its first row): the peers a view's ``peers`` streams (metrics, a worker's relay) are so the
+    very ones a filtered status scans, from one producer."""
+    for source in sources:
+        row = source.row
+        for i in range(source.size):
+            made = row(i)
+            if made is not None:
+                yield made
 
 
 class ServerCounters(NamedTuple):

@@ -35,7 +35,7 @@ from hbd.reload_process import ChildLoad
 from hbd.reloading import Load
 from hbd.server_registry import open_store
 from hbd.supervisor_registry import SupervisorRegistry
-from hbd.view import LazySource, ServerSettings, SupervisorView, WorkerNumbers, WorkerRow
+from hbd.view import LazySource, ServerSettings, Source, SupervisorView, WorkerNumbers, WorkerRow, source_rows
 from hbd.worker_pool import WorkerPool, kill
 from hbd.workers_codec import PipeLogHandler, Reload, WorkerChannel
 
@@ -172,15 +172,17 @@ class Supervisor(Daemon[ServerConfig]):
             for w in self.pool.by_index()
         )
         reg = self.registry
+        # the registry's peers no worker holds; its snapshot is taken when something reads it
+        unconnected: tuple[Source, ...] = (LazySource(reg.unconnected_source),) if reg is not None else ()
         return SupervisorView(
             self.daemon_view(),
             f"{cfg.host}:{cfg.port}",
             ServerSettings(cfg.heartbeat_timeout, cfg.max_clients, cfg.workers),
             workers,
             reg.counts() if reg is not None else None,
-            reg.unconnected_rows() if reg is not None else (),
+            source_rows(unconnected),  # the same rows, for a listing (one producer: hbd.view.source_rows)
             reg.account if reg is not None else None,
-            (LazySource(reg.unconnected_source),) if reg is not None else (),  # its snapshot: when scanned
+            unconnected,
             reg.metric_samples if reg is not None else None,
         )
 

@@ -545,7 +545,6 @@ def test_a_view_looks_at_no_peer_until_a_reply_reads_them(server, monkeypatch) -
 
     monkeypatch.setattr(reg, "unknown", counted("unknown", reg.unknown))
     monkeypatch.setattr(reg.registry, "source", counted("source", reg.registry.source))
-    monkeypatch.setattr(reg, "rows", counted("rows", reg.rows))
     view = srv.view()
     assert view.counts is not None and view.counts["UP"] == 1
     assert made == []
@@ -556,7 +555,9 @@ def test_a_view_looks_at_no_peer_until_a_reply_reads_them(server, monkeypatch) -
     rows = [r for batch in scan(view.sources, StatusFilter(), tally) if batch for r in batch]
     assert sorted(r.peer for r in rows) == ["new1", "web1", "web2"]
     assert sorted(made) == ["source", "unknown"]
+    # the listing (metrics, a worker's relay) reads the same snapshots: no second one is taken
     assert sorted(r.peer for r in view.peers) == ["new1", "web1", "web2"]
+    assert sorted(made) == ["source", "unknown"]
 
 
 def test_a_supervisors_view_looks_at_no_peer_until_a_reply_reads_them(vloop, monkeypatch) -> None:
@@ -576,4 +577,5 @@ def test_a_supervisors_view_looks_at_no_peer_until_a_reply_reads_them(vloop, mon
     assert made == []
     assert view.sources[0].size == 1 and made == ["source"]
     assert view.sources[0].row(0).peer == "db1"  # type: ignore[union-attr]
+    assert [r.peer for r in view.peers] == ["db1"] and made == ["source"]  # the listing: the same snapshot
     sup.registry.close()

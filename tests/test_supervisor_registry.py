@@ -19,6 +19,7 @@ from hbd.protocol import NAME_PATTERN
 from hbd.registry import RegistrySettings
 from hbd.server import Server
 from hbd.supervisor_registry import SupervisorRegistry
+from hbd.view import PeerRow, source_rows
 from hbd.worker_pool import MAX_OUTBUF, WorkerPool
 from hbd.workers_codec import (
     MAX_REASON,
@@ -127,7 +128,7 @@ class Fleet:
             for r in srv.view().peers:
                 assert r.peer not in out, r.peer  # a name is never shown twice
                 out[r.peer] = (r.state, r.reason, r.worker, r.silenced_until is not None, tuple(sorted(r.flags)))
-        for r in self.sup.unconnected_rows():
+        for r in unconnected_rows(self.sup):
             assert r.peer not in out, r.peer
             out[r.peer] = (r.state, r.reason, None, r.silenced_until is not None, tuple(sorted(r.flags)))
         return out
@@ -136,6 +137,11 @@ class Fleet:
         for srv in self.workers.values():
             srv.shutdown()
         self.sup.close()
+
+
+def unconnected_rows(sup: SupervisorRegistry) -> list[PeerRow]:
+    """The supervisor's own rows (peers no worker holds), as its view lists them."""
+    return list(source_rows((sup.unconnected_source(),)))
 
 
 def _peer_log(vloop):
@@ -254,12 +260,12 @@ def test_a_dead_workers_connections_are_gone_and_reconnect_elsewhere(fleet) -> N
     f.say(a, b"hello w1\nping\n")
     f.say(b, b"hello w2\nping\n")
     f.sup.worker_died(1)
-    rows = {r.peer: r for r in f.sup.unconnected_rows()}
+    rows = {r.peer: r for r in unconnected_rows(f.sup)}
     assert (rows["w1"].state, rows["w1"].reason) == ("DOWN", "worker died")
     assert "w2" not in rows
     c = f.connect(2, 40003)
     f.say(c, b"hello w1\nping\n")
-    assert [r.peer for r in f.sup.unconnected_rows()] == []
+    assert [r.peer for r in unconnected_rows(f.sup)] == []
     assert [e[:3] for e in f.events][-2:] == [("down", "w1", "worker died"), ("up", "w1", "ping")]
 
 

@@ -13,8 +13,10 @@ from hbd.status_doc import parse_document
 from hbd.status_filter import StatusFilter
 from hbd.view import (
     DaemonView,
+    LazySource,
     LoopNumbers,
     PeerRow,
+    PeerSource,
     RecentEvent,
     ServerCounters,
     ServerSettings,
@@ -23,6 +25,7 @@ from hbd.view import (
     Turns,
     WorkerNumbers,
     WorkerRow,
+    source_rows,
 )
 
 HBD = Path(__file__).resolve().parent.parent / "hbd"
@@ -177,6 +180,29 @@ def test_peers_are_serialised_a_slice_at_a_time_in_one_pass() -> None:
     assert len(made) <= status.SLICE + 1  # rows are made as they are serialised, not all up front
     assert len(json.loads(b"[" + first + b"]")) == status.SLICE
     assert len(json.loads(next(chunks).lstrip(b",").join((b"[", b"]")))) == status.SLICE
+
+
+def test_a_views_listing_is_its_sources_rows_in_order_each_snapshot_at_its_first_row() -> None:
+    """``source_rows``: what metrics and a worker's relay stream is what a filtered status scans (one
+    producer). Gone items (None) are left out; a lazy source is made only when the listing reaches it."""
+    made: list[str] = []
+
+    def row(name: str) -> PeerRow:
+        return PeerRow(name, name, "10.0.0.1:1", "UP", 999.0, 999.0, 1, 10.0, None)
+
+    def lazy(tag: str, names: list[str | None]) -> LazySource:
+        def make() -> PeerSource:
+            made.append(tag)
+            return PeerSource(len(names), lambda i: None, lambda i: None if names[i] is None else row(names[i]))
+
+        return LazySource(make)
+
+    rows = source_rows((lazy("peers", ["a", None, "b"]), lazy("new", ["c"])))
+    assert made == []
+    assert next(rows).peer == "a" and made == ["peers"]
+    assert next(rows).peer == "b" and made == ["peers"]  # the gone one is skipped
+    assert next(rows).peer == "c" and made == ["peers", "new"]
+    assert next(rows, None) is None
 
 
 def test_worker_numbers_cross_the_pipe_and_sum() -> None:
