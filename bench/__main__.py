@@ -106,7 +106,10 @@ def main(argv: list[str] | None = None) -> int:
                     for name in ("hbd", "floor") if k % 2 else ("floor", "hbd"):
                         r = {**runner.run_open(name, m.cpu_n, m, tmp), "kind": "cpu_pair", "pair": k}
                         recs.append(r)
-                        print(f"  pair {k} {name:>6} n={m.cpu_n}: {r.get('cpu_us_per_ping')} us/ping", flush=True)
+                        print(
+                            f"  pair {k} {name:>6} n={m.cpu_n}: {r.get('cpu_us_per_ping')} us/ping{_host(r)}",
+                            flush=True,
+                        )
         if a.only in (None, "closed"):
             for d in m.closed_depths:
                 for w in m.closed_workers:
@@ -138,6 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _host(r: dict[str, Any]) -> str:
+    """The host's share of the server's core in the window: a noisy window shows here first."""
+    h = r.get("server_core_pct")
+    return f", server core: steal {h['steal']} %, softirq {h['softirq']} %" if h else ""
+
+
 def _progress(r: dict[str, Any]) -> None:
     if not r.get("ok"):
         print(
@@ -149,7 +158,7 @@ def _progress(r: dict[str, Any]) -> None:
             f"  open   {r['server']:>6} n={r['n']:<6} {r['cpu_us_per_ping']} us/ping, "
             f"{r['rss_per_conn_b']} B/conn, err {r['errors']}, missed {r['missed']}, "
             f"conn p99 {r['connect_ms']['p99']} ms, detect p99 {r['detect_ms']['p99']} ms, "
-            f"gen {r['gen_cpu_pct']} %",
+            f"gen {r['gen_cpu_pct']} %" + _host(r),
             flush=True,
         )
         t = r.get("turns")

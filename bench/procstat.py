@@ -23,6 +23,25 @@ def cpu_s(pid: int) -> float:
     return (int(f[11]) + int(f[12])) / CLK_TCK
 
 
+# /proc/stat's per-CPU columns after the name, in clock ticks (proc(5))
+CPU_COLUMNS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+
+
+def cpu_times(cpus: set[int] | None) -> dict[str, float]:
+    """Seconds the given CPUs (None: all) spent in each of /proc/stat's columns since boot. A window's
+    difference tells what the host did with the server's core besides running it: ``steal`` is time
+    the hypervisor ran someone else, ``softirq`` network work that no process is charged for."""
+    out = dict.fromkeys(CPU_COLUMNS, 0.0)
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *cols = line.split()
+            if not name.startswith("cpu") or name == "cpu" or (cpus is not None and int(name[3:]) not in cpus):
+                continue
+            for key, v in zip(CPU_COLUMNS, cols, strict=False):
+                out[key] += int(v) / CLK_TCK
+    return out
+
+
 def sched_s(pid: int) -> float:
     """On-CPU time from schedstat summed over threads: ns precision, for tiny loads like an idle client."""
     total = 0

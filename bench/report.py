@@ -98,6 +98,7 @@ def cpu_pairs(recs: list[Rec]) -> Rec | None:
         "floor_us": [p["floor"]["cpu_us_per_ping"] for p in done],
         "hbd_us": [p["hbd"]["cpu_us_per_ping"] for p in done],
         "gen_wakeups_per_pong": [[p[s].get("gen_wakeups_per_pong") for s in ("floor", "hbd")] for p in done],
+        "steal_pct": [[(p[s].get("server_core_pct") or {}).get("steal") for s in ("floor", "hbd")] for p in done],
     }
 
 

@@ -107,9 +107,16 @@ def hello_for(server: str) -> str | None:
 
 
 def drive(
-    srv: servers.Running, cmd: list[str], start_at: float, sch_ss: float, sch_se: float, hard_end: float
+    srv: servers.Running,
+    cmd: list[str],
+    start_at: float,
+    sch_ss: float,
+    sch_se: float,
+    hard_end: float,
+    cpus: set[int] | None = None,
 ) -> dict[str, Any]:
-    """Run the generator; sample the server's CPU at the window edges and its peak threads in between."""
+    """Run the generator; sample the server's CPU at the window edges and its peak threads in between;
+    ``cpus``: the server's own (its core's steal and softirq time in the window, the host's share)."""
     env = {**os.environ, "PYTHONPATH": str(servers.REPO)}
     gen = subprocess.Popen(cmd, cwd=servers.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     s: dict[str, Any] = {"threads_max": 0}
@@ -121,12 +128,14 @@ def drive(
         s["us0"] = procstat.tree_user_sys_s(pids)
         gens = procstat.tree(gen.pid)  # (its worker processes are forked by now)
         s["wake0"] = procstat.tree_wakeups(gens)
+        s["host0"] = procstat.cpu_times(cpus)
         while time.monotonic() < sch_se:
             s["threads_max"] = max(s["threads_max"], procstat.tree_status(pids)["Threads"])
             time.sleep(min(1.0, max(0.0, sch_se - time.monotonic())))
         s["cpu1"], s["tick1"], s["t1"] = procstat.tree_sched_s(pids), procstat.tree_cpu_s(pids), time.monotonic()
         s["us1"] = procstat.tree_user_sys_s(pids)
         s["wake1"] = procstat.tree_wakeups(gens)
+        s["host1"] = procstat.cpu_times(cpus)
         # hbd's own turns up to the window's end (ramp, settle, window): which side stalled, if one did
         s["turns"] = servers.loop_turns(srv.status_path) if srv.status_path else None
         st = procstat.tree_status(pids)
@@ -171,7 +180,7 @@ def run_open(name: str, n: int, m: Mode, tmp: Path) -> dict[str, Any]:
         cmd = gen_command(
             srv.port, n, procs, "open", start_at, m, duration, detect_wait, silent, gcpu, m.rate, hello_for(name)
         )
-        s = drive(srv, cmd, start_at, sch.ss, sch.se, sch.hard_end)
+        s = drive(srv, cmd, start_at, sch.ss, sch.se, sch.hard_end, scpu)
     finally:
         srv.stop()
     g, win, cpu = _window(s)
@@ -200,6 +209,10 @@ def run_open(name: str, n: int, m: Mode, tmp: Path) -> dict[str, Any]:
             # generator reads, it sleeps before each pong and the wake-up is charged to the server's send
             # (docs/performance.md, "The noise, explained")
             "gen_wakeups_per_pong": round((s["wake1"] - s["wake0"]) / pongs, 3) if pongs else None,
+            # what the host did with the server's core in the window (% of the window, 10 ms ticks): time
+            # the hypervisor gave to another guest (steal) and network work in softirq context, which
+            # the schedstat figure above may not charge to the server; both move between runs
+            "server_core_pct": _host_pct(s, win),
             "rss_idle_kb": rss_idle // 1024,
             "rss_peak_kb": s["hwm"] // 1024,
             "rss_per_conn_b": round((s["hwm"] - rss_idle) / n) if n else None,
@@ -221,6 +234,13 @@ def run_open(name: str, n: int, m: Mode, tmp: Path) -> dict[str, Any]:
         }
     )
     return rec
+
+
+def _host_pct(s: dict[str, Any], win: float) -> dict[str, float] | None:
+    """The server core's steal and softirq time over the window, in per cent of the window."""
+    if win <= 0 or "host0" not in s or "host1" not in s:
+        return None
+    return {k: round(100.0 * (s["host1"][k] - s["host0"][k]) / win, 1) for k in ("steal", "softirq")}
 
 
 def _window(s: dict[str, Any]) -> tuple[dict[str, Any] | None, float, float]:

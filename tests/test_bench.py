@@ -53,6 +53,8 @@ def test_runner_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
         assert r["cpu_us_per_ping"] > 0 and r["threads"] >= 1
         assert r["cpu_user_us_per_ping"] >= 0 and r["cpu_sys_us_per_ping"] >= 0  # (10 ms ticks: may be 0)
         assert r["gen_wakeups_per_pong"] is not None and r["gen_wakeups_per_pong"] >= 0
+        host = r["server_core_pct"]  # the host's share of the server's core in the window
+        assert set(host) == {"steal", "softirq"} and all(0 <= v <= 100 for v in host.values()), host
         if name != "floor":  # the silent quarter is closed by the server, within timeout + checker slack
             assert r["silenced"] == 5 and r["undetected"] == 0, r
             assert r["detect_ms"]["p99"] < 1000 * (r["timeout_s"] + 1.1)
