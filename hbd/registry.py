@@ -31,7 +31,7 @@ registry_flapping (flap detection), registry_deadlines (the deadline heap), regi
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 from hbd.registry_deadlines import Deadlines
 from hbd.registry_identity import AddressBook, Admission
@@ -268,11 +268,6 @@ class Registry:
 
     def __len__(self) -> int:
         return len(self.peers)
-
-    def rows(self, live: Callable[[Key], Live | None] | None = None, worker: int | None = None) -> Iterator[PeerRow]:
-        """One row per known peer, made as they are read (from a snapshot of the peers)."""
-        for peer in list(self.peers.values()):
-            yield self.row(peer, live, worker)
 
     def source(
         self,
