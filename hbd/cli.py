@@ -265,10 +265,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _enable_faulthandler() -> None:
-    """A fatal signal (the watchdog's SIGABRT, SIGSEGV...) dumps every thread's Python stack to stderr,
-    which is the journal under systemd: a hung loop shows where it hung."""
+    """A fatal signal (the watchdog's SIGABRT, SIGSEGV...) dumps the Python stack of the thread it hit to
+    stderr, which is the journal under systemd: a hung loop shows where it hung. That thread is the
+    loop's for a signal sent to the process, since every helper thread blocks those (hbd.early.start_quiet), and the
+    faulting one for a fault. Only that thread's stack: systemd sends SIGCONT right after the
+    watchdog's SIGABRT, so the other threads run again while the handler would walk their frames. A
+    dump of the store's writer first (the newer thread) once crashed that way before the loop's stack
+    was written ("Fatal Python error: Segmentation fault" after the writer's first frame)."""
     try:
-        faulthandler.enable(file=sys.stderr, all_threads=True)
+        faulthandler.enable(file=sys.stderr, all_threads=False)
     except (AttributeError, ValueError, OSError):  # stderr is not a real file (tests capture it)
         pass
 

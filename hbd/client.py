@@ -22,6 +22,7 @@ from hbd import tls
 from hbd.client_session import Session, close_socket
 from hbd.config import ClientConfig
 from hbd.daemon import EXIT_GAVE_UP, Daemon, StartError
+from hbd.early import start_quiet
 from hbd.link import GaveUp, HealthChange, Lifecycle, LinkState, Retry
 from hbd.logs import fields, log
 from hbd.loop import EventLoop, Timer
@@ -76,7 +77,7 @@ def resolve(loop: EventLoop, host: str, port: int, done: Callable[[list[tuple], 
             infos, err = [], f"cannot resolve {host}: {_why(exc)}"
         loop.call_soon_threadsafe(lambda: done(infos, err))
 
-    threading.Thread(target=work, name=f"resolve {host}", daemon=True).start()
+    start_quiet(threading.Thread(target=work, name=f"resolve {host}", daemon=True))  # signals are the loop's
 
 
 def _why(exc: BaseException) -> str:

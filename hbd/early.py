@@ -10,6 +10,7 @@ Apart from hbd.entry so that the daemons can ask ``take_hup()`` without importin
 from __future__ import annotations
 
 import signal
+import threading
 
 # Signals that mean nothing to hbd (or nothing before the loop runs) but would kill it by default.
 # They are caught with a Python handler, not SIG_IGN: an exec'd hook then gets the default back.
@@ -48,3 +49,20 @@ def take_hup() -> bool:
     global _hup_pending
     pending, _hup_pending = _hup_pending, False
     return pending
+
+
+# Faults a thread causes itself (its own bad access or arithmetic): left unblocked in helper threads,
+# so the fault handler (hbd.cli) reports the thread that faulted instead of the process dying mute
+FAULTS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL})
+
+
+def start_quiet(thread: threading.Thread) -> None:
+    """Start a helper thread (the store's writer, a name lookup) with every signal but FAULTS blocked
+    (a thread inherits its creator's mask): signals are the loop's. A signal sent to the process
+    (SIGTERM, SIGHUP, the watchdog's SIGABRT) is then always taken by the loop's own thread. A
+    fault dump then shows where the loop hung, and not a helper thread that had nothing to do with it."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals() - FAULTS)
+    try:
+        thread.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)

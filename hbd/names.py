@@ -13,6 +13,7 @@ import ipaddress
 import socket
 import threading
 
+from hbd.early import start_quiet
 from hbd.errors import BindError as BindError  # re-exported: where callers import it from
 
 RESOLVE_TIMEOUT = 0.1  # seconds a listen host name may take to resolve; an IP address takes none
@@ -70,7 +71,7 @@ def listen_info(host: str, port: int, timeout: float = RESOLVE_TIMEOUT) -> tuple
             raise OSError(errno.EAGAIN, f"cannot resolve {host}: earlier lookups have not answered yet")
         _pending += 1
     thread = threading.Thread(target=work, name=f"resolve {host}", daemon=True)
-    thread.start()
+    start_quiet(thread)  # signals are the loop's
     thread.join(timeout)  # /etc/hosts or a cache answers in ~1 ms
     if not result:
         raise OSError(errno.ETIMEDOUT, f"resolving {host} took more than {timeout:g} s (an IP address needs no lookup)")

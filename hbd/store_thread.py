@@ -22,10 +22,10 @@ are the loop's, and an interrupted fsync is nobody's business.
 
 from __future__ import annotations
 
-import signal
 import threading
 import time
 
+from hbd.early import start_quiet
 from hbd.state_store import CLOSE_SECONDS, MAX_ROWS, StateStore
 from hbd.store_file import StoreFile
 
@@ -80,12 +80,7 @@ class StoreThread(StateStore):
 
     def _start(self) -> None:
         thread = threading.Thread(target=self._run, name="hbd state store", daemon=True)
-        # Signals are the loop's: the writer starts with them all blocked (it inherits the mask).
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
-        try:
-            thread.start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        start_quiet(thread)  # signals are the loop's
         self._thread = thread
 
     def _run(self) -> None:

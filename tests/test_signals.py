@@ -164,3 +164,57 @@ def test_a_hup_during_start_up_reloads_once_the_loop_runs(tmp_path: Path) -> Non
     d = Probe(load_server_config(path), loop=EventLoop(), notifier=Notifier({}), logs=Logging("t", journald=False))
     assert d.run() == 0
     assert Probe.reloads == 1 and not early.take_hup()
+
+
+def _blocked(tid: int) -> int:
+    status = Path(f"/proc/self/task/{tid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("SigBlk:")).split()[1], 16)
+
+
+def test_a_quiet_helper_thread_leaves_every_signal_but_its_own_faults_to_the_loop() -> None:
+    """hbd.early.start_quiet: a helper thread blocks what is sent to the process (so the loop's thread
+    takes a TERM, a HUP, the watchdog's ABRT), not the faults it may cause itself (so the fault handler
+    names it); the caller's mask is as it was."""
+    import threading
+
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    seen: list[int] = []
+    go = threading.Event()
+    thread = threading.Thread(target=lambda: (seen.append(threading.get_native_id()), go.wait(5)))
+    early.start_quiet(thread)
+    try:
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+        wait_for_thread = time.monotonic() + 5
+        while not seen and time.monotonic() < wait_for_thread:
+            time.sleep(0.01)
+        blocked = _blocked(seen[0])
+        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGABRT, signal.SIGUSR1, signal.SIGCHLD):
+            assert blocked & (1 << (signum - 1)), f"{signal.Signals(signum).name} not blocked in a helper"
+        for signum in early.FAULTS:
+            assert not blocked & (1 << (signum - 1)), f"{signal.Signals(signum).name} blocked in a helper"
+    finally:
+        go.set()
+        thread.join(5)
+
+
+def test_the_watchdogs_abort_dumps_the_loops_stack_and_no_other_threads(tmp_path: Path, procs) -> None:
+    """systemd's watchdog kills a hung daemon with SIGABRT, then SIGCONT: faulthandler writes the stack
+    of the thread that took it, the loop's (every helper blocks it), and no other thread's (walking the
+    store writer's frames while it runs again once crashed the dump before the loop's stack: seen in a
+    real systemd, tests/test_systemd.py's watchdog test)."""
+    state = tmp_path / "state"
+    state.mkdir()
+    srv = start_server(tmp_path, state_dir=str(state))
+    procs.append(srv)
+    deadline = time.monotonic() + 10
+    while len(os.listdir(f"/proc/{srv.pid}/task")) < 2:  # the store's writer runs beside the loop
+        assert time.monotonic() < deadline, "no writer thread"
+        time.sleep(0.05)
+    assert serves(srv.config["port"])  # the loop runs (it answered)
+    time.sleep(0.2)  # and waits in select() again
+    srv.signal(signal.SIGABRT)
+    assert srv.proc.wait(10) == -signal.SIGABRT
+    srv.wait_for(r'File ".*/hbd/loop\.py", line \d+')  # where the loop was: waiting in run_once
+    out = srv.output()
+    assert "Fatal Python error: Aborted" in out and "Stack (most recent call first)" in out, out
+    assert "Thread 0x" not in out and "store_thread.py" not in out, out  # no other thread walked

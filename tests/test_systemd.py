@@ -346,8 +346,8 @@ def test_frozen_main_loop_is_killed_by_watchdog_and_restarted(guest):
         ),
         timeout=15,
     )
-    # faulthandler writes the hung loop's thread last (after the store's writer thread): journald may
-    # still be taking in the dump when the restart is done, so wait for its last lines too
+    # faulthandler writes the stack of the hung loop's thread alone (hbd.cli): journald may still be
+    # taking in the dump when the restart is done, so wait for its lines too
     loop_frame = re.compile(r'File ".*/hbd/loop\.py", line \d+')
 
     def messages_of_the_hang() -> list[str]:
